@@ -1,0 +1,106 @@
+//! The picoprocess loader: the small program the monitor execs inside new
+//! namespaces. It receives its configuration and the image descriptor from
+//! the monitor, maps the image, confines itself for good (Landlock, then
+//! seccomp), and calls the image's entry (LibOsInitialize) with the
+//! start-up block and the PAL function table.
+pub mod image;
+pub mod objects;
+pub mod pal;
+pub mod sandbox;
+pub mod signals;
+pub mod sys;
+
+use crate::protocol::{self, Config, ReportKind};
+use moat_pal::memory::RegionKind;
+use moat_pal::{prot, PalTable, StartupBlock};
+use pal::LinuxPal;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::sync::OnceLock;
+
+static PAL: OnceLock<LinuxPal> = OnceLock::new();
+static TABLE: OnceLock<PalTable> = OnceLock::new();
+
+pub fn pal() -> &'static LinuxPal {
+    PAL.get().expect("PAL not initialised")
+}
+
+pub fn pal_opt() -> Option<&'static LinuxPal> {
+    PAL.get()
+}
+
+fn fail(msg: &str) -> ! {
+    signals::report(ReportKind::Startup, msg);
+    sys::exit_process(crate::EXIT_HOST_FAILURE)
+}
+
+/// The loader's `main`.
+pub fn main() -> ! {
+    // SAFETY: descriptor 3 is the monitor socket the monitor set up for us;
+    // nothing else in this process owns it.
+    let sock = unsafe { OwnedFd::from_raw_fd(protocol::MONITOR_FD) };
+    let (cfg, mut fds) = match protocol::recv::<Config>(sys::borrow(&sock)) {
+        Ok(v) => v,
+        Err(e) => fail(&format!("loader: no configuration from the monitor: {e}")),
+    };
+    let Some(image_fd) = fds.pop() else { fail("loader: the monitor sent no image descriptor") };
+    let mem_limit = cfg.limits.memory_mib << 20;
+    let p = LinuxPal::new(sock, cfg.limits.threads, cfg.limits.handles, mem_limit);
+    if PAL.set(p).is_err() {
+        fail("loader: initialised twice");
+    }
+    let pal = pal();
+
+    if let Err(e) = signals::install_all() {
+        fail(&format!("loader: {e}"));
+    }
+    let bytes = match image::read_all(std::os::fd::AsRawFd::as_raw_fd(&image_fd)) {
+        Ok(b) => b,
+        Err(e) => fail(&format!("cannot read the image: {e}")),
+    };
+    drop(image_fd);
+    let img = match image::map(pal, &bytes) {
+        Ok(i) => i,
+        Err(e) => fail(&format!("cannot load the image: {e}")),
+    };
+    drop(bytes);
+
+    // The start-up block and the argument bytes live in one page of guest
+    // memory (readable and writable: the guest stores its upcall there).
+    let argbytes = moat_pal::validate::join_args(&cfg.args);
+    let need = std::mem::size_of::<StartupBlock>() as u64 + argbytes.len() as u64;
+    let len = need.div_ceil(4096) * 4096;
+    let page = match sys::mmap_anon(0, len, prot::READ | prot::WRITE) {
+        Ok(a) => a,
+        Err(_) => fail("cannot allocate the start-up block"),
+    };
+    if pal.regions.write().unwrap().insert(page, len, prot::READ | prot::WRITE, RegionKind::Host).is_err() {
+        fail("start-up block overlaps the image");
+    }
+    let table = TABLE.get_or_init(|| moat_pal::table_from(pal));
+    let args_addr = page + std::mem::size_of::<StartupBlock>() as u64;
+    sys::copy_out(args_addr, &argbytes);
+    let sb = StartupBlock {
+        magic: moat_pal::STARTUP_MAGIC,
+        abi_version: moat_pal::ABI_VERSION,
+        host_kind: moat_pal::host_kind::LINUX,
+        table: table as *const PalTable,
+        args: args_addr,
+        args_len: argbytes.len() as u64,
+        argc: cfg.args.len() as u64,
+        exception_upcall: 0,
+        process_handle: 0,
+    };
+    sys::put(page, sb);
+    pal.startup.store(page, std::sync::atomic::Ordering::Release);
+
+    // Confine. From here on, no path is reachable and only the allow-listed
+    // system calls, made from the PAL's own code, are.
+    let ranges = sys::pal_code_ranges();
+    if ranges.is_empty() {
+        fail("loader: cannot find its own code ranges");
+    }
+    if let Err(e) = sandbox::install(&ranges) {
+        fail(&e);
+    }
+    pal.start_main_thread(img.entry, page)
+}

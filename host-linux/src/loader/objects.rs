@@ -1,0 +1,162 @@
+//! Kernel objects of the Linux PAL. Every waitable object has a
+//! descriptor that is readable exactly while the object is signalled, so
+//! DkObjectsWaitAny is one poll() over any mix of kinds.
+use super::sys;
+use moat_pal::{stream_kind, Error, PalResult};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::Mutex;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncKind {
+    Notification,
+    Synchronization,
+    Semaphore,
+}
+
+/// Events and semaphores: the count lives under a lock; the eventfd holds
+/// 1 while the count is positive, 0 otherwise.
+pub struct SyncObj {
+    pub kind: SyncKind,
+    pub fd: OwnedFd,
+    state: Mutex<(u32, u32)>, // (count, max)
+}
+
+impl SyncObj {
+    pub fn new(kind: SyncKind, initial: u32, max: u32) -> PalResult<SyncObj> {
+        let fd = sys::eventfd().map_err(|_| Error::LimitExceeded)?;
+        if initial > 0 {
+            sys::eventfd_signal(fd.as_raw_fd());
+        }
+        Ok(SyncObj { kind, fd, state: Mutex::new((initial, max)) })
+    }
+
+    pub fn set(&self) {
+        let mut s = self.state.lock().unwrap();
+        if s.0 == 0 {
+            s.0 = 1;
+            sys::eventfd_signal(self.fd.as_raw_fd());
+        }
+    }
+
+    pub fn clear(&self) {
+        let mut s = self.state.lock().unwrap();
+        if s.0 > 0 {
+            s.0 = 0;
+            sys::eventfd_drain(self.fd.as_raw_fd());
+        }
+    }
+
+    pub fn count(&self) -> u32 {
+        self.state.lock().unwrap().0
+    }
+
+    /// Semaphore release: the count before, or LimitExceeded (unchanged).
+    pub fn release(&self, n: u32) -> PalResult<u32> {
+        let mut s = self.state.lock().unwrap();
+        let prev = s.0;
+        let new = prev.checked_add(n).ok_or(Error::LimitExceeded)?;
+        if new > s.1 {
+            return Err(Error::LimitExceeded);
+        }
+        s.0 = new;
+        if prev == 0 {
+            sys::eventfd_signal(self.fd.as_raw_fd());
+        }
+        Ok(prev)
+    }
+
+    /// A wait saw the descriptor readable: take the object as its kind
+    /// says. False if another waiter got there first.
+    pub fn try_acquire(&self) -> bool {
+        let mut s = self.state.lock().unwrap();
+        if s.0 == 0 {
+            return false;
+        }
+        match self.kind {
+            SyncKind::Notification => {}
+            SyncKind::Synchronization | SyncKind::Semaphore => {
+                s.0 -= 1;
+                if s.0 == 0 {
+                    sys::eventfd_drain(self.fd.as_raw_fd());
+                }
+            }
+        }
+        true
+    }
+}
+
+/// A stream: a descriptor the monitor brokered (or accepted locally).
+pub struct StreamObj {
+    pub fd: OwnedFd,
+    pub kind: u32,
+    pub uri: Mutex<String>,
+    pub readable: bool,
+    pub writable: bool,
+    pub append: bool,
+}
+
+impl StreamObj {
+    pub fn seekable(&self) -> bool {
+        self.kind == stream_kind::FILE
+    }
+}
+
+/// Threads and child processes: the descriptor becomes readable when they end.
+pub struct ThreadObj {
+    pub done: OwnedFd,
+}
+
+pub struct ProcessObj {
+    /// Read end of the monitor's exit-code pipe (non-blocking).
+    pub pipe: OwnedFd,
+    pub code: Mutex<Option<i32>>,
+}
+
+impl ProcessObj {
+    pub fn exit_code(&self) -> PalResult<i32> {
+        let mut c = self.code.lock().unwrap();
+        if let Some(v) = *c {
+            return Ok(v);
+        }
+        let mut b = [0u8; 4];
+        let addr = b.as_mut_ptr() as u64;
+        match sys::read(self.pipe.as_raw_fd(), addr, 4) {
+            Ok(4) => {
+                let v = i32::from_le_bytes(b);
+                *c = Some(v);
+                Ok(v)
+            }
+            Ok(0) => {
+                // The monitor closed without a code: it was killed with us.
+                *c = Some(137);
+                Ok(137)
+            }
+            Ok(_) => Err(Error::Io),
+            Err(e) if e == libc::EAGAIN => Err(Error::WouldBlock),
+            Err(_) => Err(Error::Io),
+        }
+    }
+}
+
+pub enum Object {
+    Stream(StreamObj),
+    Sync(SyncObj),
+    Thread(ThreadObj),
+    Process(ProcessObj),
+    /// DkStreamGetEvent: signalled while the stream's descriptor is readable.
+    Readiness(OwnedFd),
+}
+
+impl Object {
+    /// The descriptor poll() watches for this object, and whether a ready
+    /// result must still be taken (events and semaphores).
+    pub fn wait_fd(&self) -> RawFd {
+        match self {
+            Object::Stream(s) => s.fd.as_raw_fd(),
+            Object::Sync(s) => s.fd.as_raw_fd(),
+            Object::Thread(t) => t.done.as_raw_fd(),
+            Object::Process(p) => p.pipe.as_raw_fd(),
+            Object::Readiness(fd) => fd.as_raw_fd(),
+        }
+    }
+}

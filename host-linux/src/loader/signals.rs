@@ -1,0 +1,282 @@
+//! Signals in the sandboxed loader: hardware exceptions become
+//! LibOsExceptionDispatch upcalls; SIGSYS (a refused system call) becomes a
+//! one-line report to the monitor and the violation exit code; SIGTERM
+//! (the host's stop request) sets the registered abort event.
+//!
+//! Handlers never allocate: reports are formatted into a stack buffer and
+//! encoded by hand into one protocol packet.
+use super::sys;
+use crate::protocol::ReportKind;
+use moat_pal::{exception_disposition, exception_kind, prot, ExceptionInfo, LibOsExceptionDispatchFn};
+use std::fmt::Write as _;
+use std::os::fd::AsRawFd;
+
+/// A fixed buffer implementing fmt::Write, truncating on overflow.
+pub struct StackBuf<const N: usize> {
+    buf: [u8; N],
+    len: usize,
+}
+
+impl<const N: usize> StackBuf<N> {
+    pub fn new() -> Self {
+        StackBuf { buf: [0; N], len: 0 }
+    }
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.buf[..self.len]).unwrap_or("(report not UTF-8)")
+    }
+}
+
+impl<const N: usize> Default for StackBuf<N> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<const N: usize> std::fmt::Write for StackBuf<N> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let mut take = s.len().min(N - self.len);
+        while take > 0 && !s.is_char_boundary(take) {
+            take -= 1;
+        }
+        self.buf[self.len..self.len + take].copy_from_slice(&s.as_bytes()[..take]);
+        self.len += take;
+        Ok(())
+    }
+}
+
+fn push_varint(out: &mut [u8], at: &mut usize, mut v: u64) {
+    loop {
+        let b = (v & 0x7f) as u8;
+        v >>= 7;
+        if *at < out.len() {
+            out[*at] = if v == 0 { b } else { b | 0x80 };
+            *at += 1;
+        }
+        if v == 0 {
+            break;
+        }
+    }
+}
+
+/// Encode `Request::Report { kind, text }` exactly as postcard does,
+/// without allocating. Returns the packet length.
+pub fn encode_report(kind: ReportKind, text: &str, out: &mut [u8]) -> usize {
+    const REPORT_VARIANT: u64 = 7; // index of Request::Report
+    let k = match kind {
+        ReportKind::Violation => 0,
+        ReportKind::Exception => 1,
+        ReportKind::Startup => 2,
+    };
+    let mut at = 0;
+    push_varint(out, &mut at, REPORT_VARIANT);
+    push_varint(out, &mut at, k);
+    let t = &text.as_bytes()[..text.len().min(out.len().saturating_sub(16))];
+    push_varint(out, &mut at, t.len() as u64);
+    out[at..at + t.len()].copy_from_slice(t);
+    at + t.len()
+}
+
+/// Send a report to the monitor without allocating or locking.
+pub fn report(kind: ReportKind, text: &str) {
+    let mut pkt = [0u8; 1024];
+    let n = encode_report(kind, text, &mut pkt);
+    let fd = super::pal_opt().map(|p| p.monitor_fd).unwrap_or(crate::protocol::MONITOR_FD);
+    // SAFETY: pkt is a valid buffer of n bytes; MSG_NOSIGNAL avoids SIGPIPE.
+    unsafe { libc::send(fd, pkt.as_ptr() as *const _, n, libc::MSG_NOSIGNAL) };
+}
+
+/// Report and end the picoprocess.
+pub fn die(kind: ReportKind, msg: std::fmt::Arguments<'_>, code: i32) -> ! {
+    let mut b = StackBuf::<900>::new();
+    let _ = b.write_fmt(msg);
+    report(kind, b.as_str());
+    sys::exit_process(code)
+}
+
+/// Call the guest's registered exception upcall, if any and if it points
+/// into executable guest memory. Returns its disposition.
+pub fn call_upcall(info: &mut ExceptionInfo) -> Option<i64> {
+    let pal = super::pal_opt()?;
+    let sb = pal.startup.load(std::sync::atomic::Ordering::Acquire);
+    if sb == 0 {
+        return None;
+    }
+    let field = sb + std::mem::offset_of!(moat_pal::StartupBlock, exception_upcall) as u64;
+    let upcall: u64 = sys::get(field);
+    if upcall == 0 {
+        return None;
+    }
+    let ok = pal.regions.try_read().map(|r| r.check(upcall, 1, prot::EXEC).is_ok()).unwrap_or(false);
+    if !ok {
+        return None;
+    }
+    // SAFETY: the address lies in executable guest memory; the guest
+    // declared it as its LibOsExceptionDispatch. `info` is valid for the call.
+    let f: LibOsExceptionDispatchFn = unsafe { std::mem::transmute::<u64, LibOsExceptionDispatchFn>(upcall) };
+    // SAFETY: see above.
+    Some(unsafe { f(info) })
+}
+
+fn in_guest_code(rip: u64) -> bool {
+    super::pal_opt()
+        .and_then(|p| p.regions.try_read().ok().map(|r| r.check(rip, 1, prot::EXEC).is_ok()))
+        .unwrap_or(false)
+}
+
+extern "C" fn on_fault(sig: i32, info: *mut libc::siginfo_t, uc: *mut libc::c_void) {
+    // SAFETY: the kernel passes valid siginfo and ucontext to an SA_SIGINFO handler.
+    let (ctx, addr) = unsafe { (&mut *(uc as *mut libc::ucontext_t), (*info).si_addr() as u64) };
+    let rip = ctx.uc_mcontext.gregs[libc::REG_RIP as usize] as u64;
+    let rsp = ctx.uc_mcontext.gregs[libc::REG_RSP as usize] as u64;
+    let (kind, what) = match sig {
+        libc::SIGSEGV | libc::SIGBUS => (exception_kind::MEMORY_FAULT, "memory fault"),
+        libc::SIGILL => (exception_kind::ILLEGAL_INSTRUCTION, "illegal instruction"),
+        libc::SIGFPE => (exception_kind::ARITHMETIC, "arithmetic exception"),
+        _ => (exception_kind::BREAKPOINT, "breakpoint"),
+    };
+    if in_guest_code(rip) {
+        let mut ei = ExceptionInfo {
+            kind,
+            code: sig as u32,
+            fault_addr: if kind == exception_kind::MEMORY_FAULT { addr } else { 0 },
+            arg: 0,
+            rip,
+            rsp,
+        };
+        if let Some(d) = call_upcall(&mut ei) {
+            if d == exception_disposition::RESUME as i64 {
+                ctx.uc_mcontext.gregs[libc::REG_RIP as usize] = ei.rip as i64;
+                ctx.uc_mcontext.gregs[libc::REG_RSP as usize] = ei.rsp as i64;
+                return;
+            }
+        }
+        die(
+            ReportKind::Exception,
+            format_args!("unhandled {what} in the picoprocess at address {addr:#x} (instruction {rip:#x})"),
+            128 + sig,
+        );
+    }
+    die(
+        ReportKind::Exception,
+        format_args!(
+            "{what} inside the PAL at address {addr:#x} (instruction {rip:#x}); the picoprocess passed memory it changed or freed during the call"
+        ),
+        128 + sig,
+    );
+}
+
+extern "C" fn on_sigsys(_sig: i32, info: *mut libc::siginfo_t, uc: *mut libc::c_void) {
+    // siginfo for SIGSYS: si_call_addr at offset 16, si_syscall at 24.
+    // SAFETY: the kernel passed a valid siginfo of at least 128 bytes.
+    let (call_addr, nr) = unsafe {
+        let p = info as *const u8;
+        (std::ptr::read_unaligned(p.add(16) as *const u64), std::ptr::read_unaligned(p.add(24) as *const i32))
+    };
+    // SAFETY: valid ucontext from the kernel.
+    let ctx = unsafe { &*(uc as *const libc::ucontext_t) };
+    let rip = ctx.uc_mcontext.gregs[libc::REG_RIP as usize] as u64;
+    let name = syscall_name_static(nr as i64);
+    let whence = if in_guest_code(rip.wrapping_sub(2)) { "guest code" } else { "the PAL" };
+    match name {
+        Some(n) => die(
+            ReportKind::Violation,
+            format_args!("sandbox violation: system call `{n}` ({nr}) from {whence} at {call_addr:#x} is not allowed"),
+            crate::EXIT_SANDBOX_VIOLATION,
+        ),
+        None => die(
+            ReportKind::Violation,
+            format_args!("sandbox violation: system call {nr} from {whence} at {call_addr:#x} is not allowed"),
+            crate::EXIT_SANDBOX_VIOLATION,
+        ),
+    }
+}
+
+fn syscall_name_static(nr: i64) -> Option<&'static str> {
+    let t = sys::SYSCALL_NAMES;
+    match t.binary_search_by_key(&(nr as u32), |(n, _)| *n) {
+        Ok(i) if nr >= 0 => Some(t[i].1),
+        _ => None,
+    }
+}
+
+static TERM_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+extern "C" fn on_term(_sig: i32) {
+    let fd = TERM_FD.load(std::sync::atomic::Ordering::Relaxed);
+    if fd >= 0 {
+        sys::eventfd_signal(fd);
+    } else {
+        sys::exit_process(128 + libc::SIGTERM);
+    }
+}
+
+fn install(sig: i32, handler: usize, siginfo: bool) -> Result<(), String> {
+    // SAFETY: a zeroed sigaction is valid; we fill in the handler and flags.
+    let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+    sa.sa_sigaction = handler;
+    sa.sa_flags = libc::SA_ONSTACK | libc::SA_RESTART | if siginfo { libc::SA_SIGINFO } else { 0 };
+    // SAFETY: installing a handler for a signal we own; sa is valid.
+    if unsafe { libc::sigaction(sig, &sa, std::ptr::null_mut()) } != 0 {
+        return Err(format!("sigaction({sig}) failed"));
+    }
+    Ok(())
+}
+
+/// Install all handlers, and start the thread that turns SIGTERM into the
+/// registered abort event (a handler cannot take the event's lock).
+pub fn install_all() -> Result<(), String> {
+    for s in [libc::SIGSEGV, libc::SIGBUS, libc::SIGILL, libc::SIGFPE, libc::SIGTRAP] {
+        install(s, on_fault as *const () as usize, true)?;
+    }
+    install(libc::SIGSYS, on_sigsys as *const () as usize, true)?;
+    // SAFETY: ignoring SIGPIPE so writes to closed pipes return EPIPE.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+    let efd = sys::eventfd().map_err(|e| format!("eventfd: {e}"))?;
+    // Blocking reads on this one.
+    // SAFETY: fcntl on our own descriptor.
+    unsafe { libc::fcntl(efd.as_raw_fd(), libc::F_SETFL, 0) };
+    TERM_FD.store(efd.as_raw_fd(), std::sync::atomic::Ordering::Relaxed);
+    std::thread::Builder::new()
+        .stack_size(64 << 10)
+        .spawn(move || loop {
+            sys::eventfd_drain(efd.as_raw_fd());
+            let ev = super::pal_opt().and_then(|p| p.abort_event.lock().unwrap().clone());
+            match ev.as_deref() {
+                Some(super::objects::Object::Sync(s)) => s.set(),
+                _ => sys::exit_process(128 + libc::SIGTERM),
+            }
+        })
+        .map_err(|e| format!("cannot start the abort thread: {e}"))?;
+    install(libc::SIGTERM, on_term as *const () as usize, false)?;
+    Ok(())
+}
+
+pub fn set_altstack(base: u64, size: u64) {
+    let ss = libc::stack_t { ss_sp: base as *mut _, ss_flags: 0, ss_size: size as usize };
+    // SAFETY: [base, base+size) is a mapping owned by this thread's lifetime.
+    unsafe { libc::sigaltstack(&ss, std::ptr::null_mut()) };
+}
+
+pub fn disable_altstack() {
+    let ss = libc::stack_t { ss_sp: std::ptr::null_mut(), ss_flags: libc::SS_DISABLE, ss_size: 0 };
+    // SAFETY: disabling the alternate stack has no memory preconditions.
+    unsafe { libc::sigaltstack(&ss, std::ptr::null_mut()) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[test]
+    fn report_encoding_matches_postcard() {
+        let mut b = [0u8; 1024];
+        let n = encode_report(ReportKind::Exception, "héllo", &mut b);
+        let r: crate::protocol::Request = postcard::from_bytes(&b[..n]).unwrap();
+        match r {
+            crate::protocol::Request::Report { kind, text } => {
+                assert_eq!(kind, ReportKind::Exception);
+                assert_eq!(text, "héllo");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -1,0 +1,139 @@
+//! The wire between a picoprocess's loader and its monitor.
+//!
+//! One `SOCK_SEQPACKET` socket (descriptor 3 in the loader): each message
+//! is one packet of at most [`MAX_MSG`] bytes, `postcard`-encoded, with up
+//! to [`MAX_FDS`] descriptors attached as `SCM_RIGHTS`. The monitor sends
+//! one [`Config`] first; then the loader sends [`Request`]s and the monitor
+//! answers each (but `Debug` and `Report`) with one [`Response`]. The monitor treats everything it
+//! receives as hostile: a malformed packet ends the picoprocess.
+use moat_policy::Limits;
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+pub const MAX_MSG: usize = 64 * 1024;
+pub const MAX_FDS: usize = 4;
+/// The loader's descriptor for the monitor socket.
+pub const MONITOR_FD: RawFd = 3;
+
+/// Sent once by the monitor, with the image descriptor attached.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Config {
+    /// Arguments, the image name first.
+    pub args: Vec<String>,
+    pub limits: Limits,
+    /// Print a line per ABI call to the monitor's log (`--trace`).
+    pub trace: bool,
+}
+
+/// What the loader asks of the monitor.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Request {
+    /// Open a stream (not servers). Answer: `Fd` with one descriptor.
+    Open { uri: String, access: u32, create: u32, options: u32 },
+    /// Create (or join) a `pipe.server:`/`tcp.server:` listener. Answer:
+    /// `Fd` with the listening socket.
+    Listen { uri: String },
+    /// Attributes of a URI. Answer: `Attrs`.
+    Stat { uri: String },
+    /// Rename `from` to `to` (both `file:`). Answer: `Ok`.
+    Rename { from: String, to: String },
+    /// Delete a `file:` object. Answer: `Ok`.
+    Delete { uri: String },
+    /// Start a child picoprocess from a `file:` image with the caller's
+    /// grants. Answer: `Fd` with the read end of a pipe that receives the
+    /// child's exit code (4 bytes, i32 little-endian) when it ends.
+    ProcessCreate { uri: String, args: Vec<String> },
+    /// DkDebugStringPrint. No answer.
+    Debug { text: String },
+    /// The picoprocess is about to end abnormally; `text` says why. No
+    /// answer: the loader exits right after sending it.
+    Report { kind: ReportKind, text: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReportKind {
+    /// A refused system call (seccomp).
+    Violation,
+    /// An exception no handler took.
+    Exception,
+    /// The loader could not start the image.
+    Startup,
+}
+
+/// What the monitor answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Response {
+    Ok,
+    /// Descriptor(s) attached; `kind` is a `stream_kind` value.
+    Fd { kind: u32 },
+    Attrs { kind: u32, size: u64, readable: bool, writable: bool, executable: bool },
+    /// A `moat_pal::Error` code (positive).
+    Err { code: u32 },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("peer closed the connection")]
+    Closed,
+    #[error("socket error: {0}")]
+    Io(#[from] nix::Error),
+    #[error("malformed message: {0}")]
+    Decode(String),
+    #[error("message too large")]
+    TooLarge,
+}
+
+/// Send `msg` with `fds` attached.
+pub fn send<T: Serialize>(sock: BorrowedFd<'_>, msg: &T, fds: &[RawFd]) -> Result<(), WireError> {
+    let buf = postcard::to_allocvec(msg).map_err(|e| WireError::Decode(e.to_string()))?;
+    if buf.len() > MAX_MSG || fds.len() > MAX_FDS {
+        return Err(WireError::TooLarge);
+    }
+    let iov = [IoSlice::new(&buf)];
+    let cmsg = [ControlMessage::ScmRights(fds)];
+    let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &cmsg };
+    loop {
+        match sendmsg::<()>(sock.as_raw_fd(), &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
+            Err(nix::Error::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+            Ok(_) => return Ok(()),
+        }
+    }
+}
+
+/// Receive one message and the descriptors attached to it. Descriptors
+/// come with close-on-exec set.
+pub fn recv<T: DeserializeOwned>(sock: BorrowedFd<'_>) -> Result<(T, Vec<OwnedFd>), WireError> {
+    let mut buf = vec![0u8; MAX_MSG];
+    let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
+    let (n, fds, truncated) = loop {
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        match recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC) {
+            Err(nix::Error::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+            Ok(m) => {
+                let mut fds = Vec::new();
+                for c in m.cmsgs()? {
+                    if let ControlMessageOwned::ScmRights(v) = c {
+                        for fd in v {
+                            // SAFETY: the kernel just installed this descriptor for us; nobody else owns it.
+                            fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+                        }
+                    }
+                }
+                let trunc = m.flags.intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
+                break (m.bytes, fds, trunc);
+            }
+        }
+    };
+    if n == 0 {
+        return Err(WireError::Closed);
+    }
+    if truncated {
+        return Err(WireError::TooLarge);
+    }
+    let msg = postcard::from_bytes(&buf[..n]).map_err(|e| WireError::Decode(e.to_string()))?;
+    Ok((msg, fds))
+}

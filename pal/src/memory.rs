@@ -1,0 +1,167 @@
+//! The guest memory map: which address ranges belong to the picoprocess and
+//! with what access. Every host checks every guest pointer against it
+//! before touching the memory, so a bad pointer is an error code, never a
+//! fault in the host.
+use crate::{prot, Error, PalResult};
+use alloc::collections::BTreeMap;
+
+/// What a region is, for reports and for which call may free it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegionKind {
+    Image,
+    Alloc,
+    Stack,
+    Mapped,
+    Host,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Region {
+    pub end: u64,
+    pub prot: u32,
+    pub kind: RegionKind,
+}
+
+#[derive(Default, Debug)]
+pub struct RegionMap {
+    // start -> region; regions never overlap.
+    map: BTreeMap<u64, Region>,
+    total: u64,
+}
+
+impl RegionMap {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Bytes covered by regions.
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+
+    /// Whether any byte of [start, end) is covered.
+    pub fn overlaps(&self, start: u64, end: u64) -> bool {
+        if let Some((_, r)) = self.map.range(..end).next_back() {
+            if r.end > start {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Add a region; it must not overlap an existing one.
+    pub fn insert(&mut self, start: u64, len: u64, prot: u32, kind: RegionKind) -> PalResult<()> {
+        let end = start.checked_add(len).ok_or(Error::InvalidArgument)?;
+        if len == 0 {
+            return Err(Error::InvalidArgument);
+        }
+        if self.overlaps(start, end) {
+            return Err(Error::AlreadyExists);
+        }
+        self.map.insert(start, Region { end, prot, kind });
+        self.total += len;
+        Ok(())
+    }
+
+    /// Whether [start, start+len) is entirely covered by regions of `kind`.
+    pub fn covered_by(&self, start: u64, len: u64, kind: RegionKind) -> bool {
+        let Some(end) = start.checked_add(len) else { return false };
+        let mut at = start;
+        while at < end {
+            match self.map.range(..=at).next_back() {
+                Some((_, r)) if r.end > at && r.kind == kind => at = r.end,
+                _ => return false,
+            }
+        }
+        true
+    }
+
+    /// Remove [start, start+len), splitting regions at the edges.
+    pub fn remove(&mut self, start: u64, len: u64) {
+        let end = start.saturating_add(len);
+        self.split_at(start);
+        self.split_at(end);
+        let keys: alloc::vec::Vec<u64> = self.map.range(start..end).map(|(k, _)| *k).collect();
+        for k in keys {
+            let r = self.map.remove(&k).unwrap();
+            self.total -= r.end - k;
+        }
+    }
+
+    /// Change the protection of [start, start+len).
+    pub fn protect(&mut self, start: u64, len: u64, prot: u32) {
+        let end = start.saturating_add(len);
+        self.split_at(start);
+        self.split_at(end);
+        for (_, r) in self.map.range_mut(start..end) {
+            r.prot = prot;
+        }
+    }
+
+    fn split_at(&mut self, at: u64) {
+        if let Some((&s, &r)) = self.map.range(..at).next_back() {
+            if r.end > at {
+                self.map.insert(s, Region { end: at, ..r });
+                self.map.insert(at, r);
+            }
+        }
+    }
+
+    /// Check that [addr, addr+len) lies in guest memory with `need` access.
+    /// A zero length is always fine (no byte is touched), except that a
+    /// null pointer is refused anyway so that callers see one behaviour.
+    pub fn check(&self, addr: u64, len: u64, need: u32) -> PalResult<()> {
+        if len == 0 {
+            return if addr == 0 { Err(Error::BadAddress) } else { Ok(()) };
+        }
+        let end = addr.checked_add(len).ok_or(Error::BadAddress)?;
+        let mut at = addr;
+        while at < end {
+            match self.map.range(..=at).next_back() {
+                Some((_, r)) if r.end > at && r.prot & need == need => at = r.end,
+                _ => return Err(Error::BadAddress),
+            }
+        }
+        Ok(())
+    }
+
+    pub fn check_read(&self, addr: u64, len: u64) -> PalResult<()> {
+        self.check(addr, len, prot::READ)
+    }
+
+    pub fn check_write(&self, addr: u64, len: u64) -> PalResult<()> {
+        self.check(addr, len, prot::READ | prot::WRITE)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (u64, &Region)> {
+        self.map.iter().map(|(k, v)| (*k, v))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    const RW: u32 = prot::READ | prot::WRITE;
+    #[test]
+    fn checks() {
+        let mut m = RegionMap::new();
+        m.insert(0x1000, 0x2000, RW, RegionKind::Alloc).unwrap();
+        m.insert(0x3000, 0x1000, prot::READ, RegionKind::Image).unwrap();
+        assert!(m.check_write(0x1000, 0x2000).is_ok());
+        assert!(m.check_read(0x1000, 0x3000).is_ok());
+        assert_eq!(m.check_write(0x1000, 0x3000), Err(Error::BadAddress));
+        assert_eq!(m.check_read(0x0, 1), Err(Error::BadAddress));
+        assert_eq!(m.check_read(u64::MAX, 2), Err(Error::BadAddress));
+        assert_eq!(m.check_read(0, 0), Err(Error::BadAddress));
+        assert_eq!(m.insert(0x2000, 0x1000, RW, RegionKind::Alloc), Err(Error::AlreadyExists));
+        m.remove(0x1800, 0x800);
+        assert_eq!(m.check_read(0x1800, 1), Err(Error::BadAddress));
+        assert!(m.check_read(0x1000, 0x800).is_ok());
+        assert!(m.check_read(0x2000, 0x100).is_ok());
+        m.protect(0x2000, 0x1000, prot::READ);
+        assert_eq!(m.check_write(0x2000, 1), Err(Error::BadAddress));
+        assert!(m.covered_by(0x2000, 0x1000, RegionKind::Alloc));
+        assert!(!m.covered_by(0x2000, 0x2000, RegionKind::Alloc));
+        assert_eq!(m.total(), 0x800 + 0x1000 + 0x1000);
+    }
+}
