@@ -168,13 +168,25 @@ extern "C" fn on_fault(sig: i32, info: *mut libc::siginfo_t, uc: *mut libc::c_vo
 extern "C" fn on_sigsys(_sig: i32, info: *mut libc::siginfo_t, uc: *mut libc::c_void) {
     // siginfo for SIGSYS: si_call_addr at offset 16, si_syscall at 24.
     // SAFETY: the kernel passed a valid siginfo of at least 128 bytes.
-    let (call_addr, nr) = unsafe {
+    let (call_addr, nr, arch) = unsafe {
         let p = info as *const u8;
-        (std::ptr::read_unaligned(p.add(16) as *const u64), std::ptr::read_unaligned(p.add(24) as *const i32))
+        (
+            std::ptr::read_unaligned(p.add(16) as *const u64),
+            std::ptr::read_unaligned(p.add(24) as *const i32),
+            std::ptr::read_unaligned(p.add(28) as *const u32),
+        )
     };
     // SAFETY: valid ucontext from the kernel.
     let ctx = unsafe { &*(uc as *const libc::ucontext_t) };
     let rip = ctx.uc_mcontext.gregs[libc::REG_RIP as usize] as u64;
+    const AUDIT_ARCH_X86_64: u32 = 0xC000_003E;
+    if arch != AUDIT_ARCH_X86_64 {
+        die(
+            ReportKind::Violation,
+            format_args!("sandbox violation: 32-bit system call {nr} (int 0x80) at {call_addr:#x} is not allowed"),
+            crate::EXIT_SANDBOX_VIOLATION,
+        );
+    }
     let name = syscall_name_static(nr as i64);
     let whence = if in_guest_code(rip.wrapping_sub(2)) { "guest code" } else { "the PAL" };
     match name {

@@ -1,0 +1,225 @@
+//! `moat-bench [--quick] [spawn|calls|pipe|all]`
+//!
+//! Every benchmark measures the raw floor (the same operation without
+//! moat) in the same run, on the same core, and prints moat / floor. The
+//! whole process is pinned to CPU 0 (children inherit it), so process
+//! pairs ping-pong on one core in both the floor and the moat case.
+//! Results are medians of repeated samples; `--quick` runs a short
+//! version (used by the test suite to keep the harness working).
+use moat_host_linux::monitor::{Sandbox, Stdio};
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().to_path_buf()
+}
+
+fn image(name: &str) -> PathBuf {
+    let p = target_dir().join(name);
+    if !p.exists() {
+        eprintln!("moat-bench: {} is missing; run `cargo build --workspace --release` first", p.display());
+        std::process::exit(2);
+    }
+    p
+}
+
+fn pin_cpu0() {
+    // SAFETY: a zeroed cpu_set_t is valid; we set one bit and apply it to ourselves.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn p99(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[((v.len() as f64 * 0.99) as usize).min(v.len() - 1)]
+}
+
+fn row(name: &str, moat: f64, floor: f64, unit: &str, target: &str) {
+    println!("| {name} | {moat:.2} {unit} | {floor:.2} {unit} | {:.2}x | {target} |", moat / floor);
+}
+
+fn header() {
+    println!("| benchmark | moat | raw floor | ratio | target |");
+    println!("|---|---|---|---|---|");
+}
+
+fn run_sandbox(img: &PathBuf, args: &[String]) -> (i32, String) {
+    let mut p = Sandbox::new(img).args(args.iter().cloned()).stdout(Stdio::Piped).stderr(Stdio::Inherit);
+    let me = format!("file:{}", img.display());
+    p = p.allow_ro(&me).unwrap();
+    p = p.allow("pipe.server:bench").unwrap().allow("pipe.client:bench").unwrap();
+    let mut pp = p.spawn().unwrap_or_else(|e| panic!("spawn {}: {e}", img.display()));
+    let mut out = String::new();
+    if let Some(mut o) = pp.stdout.take() {
+        o.read_to_string(&mut out).unwrap();
+    }
+    let exit = pp.wait().unwrap();
+    (exit.code, out)
+}
+
+fn spawn_bench(quick: bool) {
+    let n = if quick { 20 } else { 300 };
+    let floor_img = image("floor-exit");
+    let first = image("bench-first-call");
+    let mut floor = Vec::new();
+    let mut ns = Vec::new();
+    let mut moat = Vec::new();
+    for _ in 0..n {
+        let t = Instant::now();
+        let s = Command::new(&floor_img).status().unwrap();
+        assert!(s.success());
+        floor.push(t.elapsed().as_secs_f64() * 1e6);
+
+        // Breakdown: the same floor binary started in the new namespaces
+        // moat uses (user, net, ipc, mount, uts; pid via the child).
+        let t = Instant::now();
+        let s = unsafe_ns_spawn(&floor_img);
+        assert_eq!(s, 0);
+        ns.push(t.elapsed().as_secs_f64() * 1e6);
+
+        let t = Instant::now();
+        let mut p = Sandbox::new(&first).stdout(Stdio::Null).spawn().unwrap();
+        let e = p.wait().unwrap();
+        assert_eq!(e.code, 0, "{:?}", e.report);
+        moat.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    let (f, nsm, m) = (median(&mut floor), median(&mut ns), median(&mut moat));
+    row("spawn to first ABI call (median)", m, f, "µs", "≤ 1.5x");
+    row("  breakdown: floor in new namespaces", nsm, f, "µs", "-");
+    row("spawn to first ABI call (p99)", p99(&mut moat), p99(&mut floor), "µs", "-");
+}
+
+/// fork + unshare(namespaces) + exec + wait of the floor binary.
+fn unsafe_ns_spawn(img: &PathBuf) -> i32 {
+    use std::os::unix::process::CommandExt;
+    let mut c = Command::new(img);
+    // SAFETY: unshare is async-signal-safe and only affects the child.
+    unsafe {
+        c.pre_exec(|| {
+            let flags = libc::CLONE_NEWUSER | libc::CLONE_NEWNET | libc::CLONE_NEWIPC | libc::CLONE_NEWNS | libc::CLONE_NEWUTS;
+            if libc::unshare(flags) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    c.status().unwrap().code().unwrap_or(-1)
+}
+
+fn parse(out: &str, key: &str) -> f64 {
+    out.lines()
+        .find_map(|l| l.strip_prefix(key).map(|v| v.trim().parse::<f64>().unwrap()))
+        .unwrap_or_else(|| panic!("no `{key}` in output:\n{out}"))
+}
+
+fn calls_bench(quick: bool) {
+    let n: u64 = if quick { 100_000 } else { 2_000_000 };
+    let reps = if quick { 1 } else { 5 };
+    let img = image("bench-calls");
+    let (mut tq, mut nw, mut ftq, mut fnw) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..reps {
+        let (code, out) = run_sandbox(&img, &[n.to_string()]);
+        assert_eq!(code, 0, "{out}");
+        tq.push(parse(&out, "time_query"));
+        nw.push(parse(&out, "null_write_4k"));
+        // Floors: the same operations as raw system calls from this process.
+        let t = Instant::now();
+        for _ in 0..n {
+            std::hint::black_box(std::time::SystemTime::now());
+        }
+        ftq.push(t.elapsed().as_secs_f64() * 1e9 / n as f64);
+        let f = std::fs::OpenOptions::new().write(true).open("/dev/null").unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
+        let buf = [0x5au8; 4096];
+        let m = n / 4;
+        let t = Instant::now();
+        for _ in 0..m {
+            // SAFETY: writing a local buffer to our own descriptor.
+            let r = unsafe { libc::write(fd, buf.as_ptr() as *const _, 4096) };
+            assert_eq!(r, 4096);
+        }
+        fnw.push(t.elapsed().as_secs_f64() * 1e9 / m as f64);
+    }
+    row("DkSystemTimeQuery vs clock_gettime", median(&mut tq), median(&mut ftq), "ns", "≤ 1.2x");
+    row("DkStreamWrite 4 KiB to null: vs write(/dev/null)", median(&mut nw), median(&mut fnw), "ns", "≤ 1.2x");
+}
+
+fn pipe_bench(quick: bool) {
+    let n: u64 = if quick { 2_000 } else { 50_000 };
+    let reps = if quick { 1 } else { 5 };
+    let img = image("bench-pipe");
+    let me = format!("file:{}", img.display());
+    let (mut m, mut f) = (vec![], vec![]);
+    for _ in 0..reps {
+        let (code, out) = run_sandbox(&img, &["server".into(), n.to_string(), me.clone()]);
+        assert_eq!(code, 0, "{out}");
+        m.push(parse(&out, "pipe_round_trip"));
+        f.push(raw_pipe_ping_pong(n));
+    }
+    row("pipe round trip, two picoprocesses vs two processes", median(&mut m) / 1000.0, median(&mut f) / 1000.0, "µs", "-");
+}
+
+/// Raw floor: parent and forked child bounce one byte over two pipes.
+fn raw_pipe_ping_pong(n: u64) -> f64 {
+    let mut a = [0i32; 2];
+    let mut b = [0i32; 2];
+    // SAFETY: plain pipe/fork/read/write on our own descriptors; the child
+    // only makes system calls and _exits.
+    unsafe {
+        libc::pipe(a.as_mut_ptr());
+        libc::pipe(b.as_mut_ptr());
+        let pid = libc::fork();
+        let mut c = [0u8; 1];
+        if pid == 0 {
+            for _ in 0..n {
+                if libc::read(a[0], c.as_mut_ptr() as *mut _, 1) != 1 || libc::write(b[1], c.as_ptr() as *const _, 1) != 1 {
+                    libc::_exit(1);
+                }
+            }
+            libc::_exit(0);
+        }
+        let t = Instant::now();
+        for _ in 0..n {
+            libc::write(a[1], c.as_ptr() as *const _, 1);
+            libc::read(b[0], c.as_mut_ptr() as *mut _, 1);
+        }
+        let el = t.elapsed();
+        let mut st = 0;
+        libc::waitpid(pid, &mut st, 0);
+        for fd in [a[0], a[1], b[0], b[1]] {
+            libc::close(fd);
+        }
+        el.as_secs_f64() * 1e9 / n as f64
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let which: Vec<&str> = args.iter().filter(|a| !a.starts_with("--")).map(|s| s.as_str()).collect();
+    let all = which.is_empty() || which.contains(&"all");
+    pin_cpu0();
+    let start = Instant::now();
+    header();
+    if all || which.contains(&"spawn") {
+        spawn_bench(quick);
+    }
+    if all || which.contains(&"calls") {
+        calls_bench(quick);
+    }
+    if all || which.contains(&"pipe") {
+        pipe_bench(quick);
+    }
+    eprintln!("moat-bench: done in {:.1?}", start.elapsed().max(Duration::from_millis(1)));
+}

@@ -1,0 +1,130 @@
+//! Support for moat's integration tests: they run the real `moat` binary,
+//! the real loader and real guest images, built by `cargo build --workspace`.
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// `target/<profile>`, found from the test executable (`target/<profile>/deps/...`).
+pub fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let deps = exe.parent().expect("deps dir");
+    let dir = if deps.file_name().is_some_and(|n| n == "deps") { deps.parent().unwrap() } else { deps };
+    dir.to_path_buf()
+}
+
+/// Path of a built artefact (binary or guest image); panics with the fix if missing.
+pub fn built(name: &str) -> PathBuf {
+    let p = target_dir().join(name);
+    assert!(p.exists(), "{} is missing: run `cargo build --workspace` before `cargo test`", p.display());
+    p
+}
+
+pub fn image(name: &str) -> PathBuf {
+    built(name)
+}
+
+/// The hosts every conformance and hostile test runs on.
+pub fn hosts() -> Vec<&'static str> {
+    vec!["linux"]
+}
+
+/// Whether this machine can run the host-linux sandbox (user namespaces
+/// and Landlock). With `MOAT_REQUIRE_SANDBOX` set (CI), a machine that
+/// cannot is a failure, not a skip.
+pub fn sandbox_available() -> bool {
+    let ok = Command::new("unshare")
+        .args(["-U", "-p", "-n", "-i", "-m", "-f", "true"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        if std::env::var_os("MOAT_REQUIRE_SANDBOX").is_some() {
+            panic!("user namespaces are not available, and MOAT_REQUIRE_SANDBOX is set");
+        }
+        eprintln!("skipping: this machine cannot create user namespaces (set MOAT_REQUIRE_SANDBOX=1 to fail instead)");
+    }
+    ok
+}
+
+/// What a run printed and how it ended.
+#[derive(Debug)]
+pub struct Output {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Output {
+    pub fn assert_code(&self, code: i32) -> &Self {
+        assert_eq!(self.code, code, "exit code {} (wanted {code})\nstdout:\n{}\nstderr:\n{}", self.code, self.stdout, self.stderr);
+        self
+    }
+}
+
+/// Run a command with a deadline; a hang is a test failure, not a hung suite.
+pub fn run_cmd(mut cmd: Command, stdin: Option<&[u8]>, timeout: Duration) -> Output {
+    cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    if let Some(data) = stdin {
+        use std::io::Write;
+        let mut si = child.stdin.take().unwrap();
+        let data = data.to_vec();
+        std::thread::spawn(move || {
+            let _ = si.write_all(&data);
+        });
+    }
+    let mut so = child.stdout.take().unwrap();
+    let mut se = child.stderr.take().unwrap();
+    let t_out = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = so.read_to_string(&mut s);
+        s
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = se.read_to_string(&mut s);
+        s
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd:?} did not finish within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    use std::os::unix::process::ExitStatusExt;
+    let code = status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+    Output { code, stdout: t_out.join().unwrap(), stderr: t_err.join().unwrap() }
+}
+
+/// `moat ARGS...`
+pub fn moat(args: &[&str]) -> Output {
+    moat_in(args, None)
+}
+
+pub fn moat_in(args: &[&str], stdin: Option<&[u8]>) -> Output {
+    let mut c = Command::new(built("moat"));
+    c.args(args);
+    run_cmd(c, stdin, Duration::from_secs(120))
+}
+
+/// `moat run --host HOST ARGS...`
+pub fn run_on(host: &str, args: &[&str]) -> Output {
+    let mut a = vec!["run", "--host", host];
+    a.extend_from_slice(args);
+    moat(&a)
+}
+
+pub fn file_uri(p: &Path) -> String {
+    format!("file:{}", p.display())
+}
