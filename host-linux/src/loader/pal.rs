@@ -215,7 +215,7 @@ impl LinuxPal {
 
     /// Run a guest thread on the calling OS thread until it calls
     /// DkThreadExit; then clean up, and end the process if it was the last.
-    pub fn run_guest_thread(&self, entry: u64, param: u64, done: Option<Arc<Object>>) {
+    pub fn run_guest_thread(&self, entry: u64, arg: u64, param: u64, done: Option<Arc<Object>>) {
         let (stack, alt) = match self.alloc_stacks() {
             Ok(s) => s,
             Err(_) => {
@@ -231,7 +231,7 @@ impl LinuxPal {
         // SAFETY: entry was checked to lie in executable guest memory; top
         // is 16-byte aligned inside the stack we just mapped; `saved`
         // outlives the call, which returns only through leave_guest.
-        unsafe { sys::run_on_stack(entry, param, top, &mut saved) };
+        unsafe { sys::run_on_stack(entry, arg, top, &mut saved) };
         EXIT_SLOT.with(|s| s.set(std::ptr::null_mut()));
         signals::disable_altstack();
         self.free_stacks(stack, alt);
@@ -252,7 +252,8 @@ impl LinuxPal {
 
     pub fn start_main_thread(&self, entry: u64, startup: u64) -> ! {
         self.threads_live.fetch_add(1, Ordering::AcqRel);
-        self.run_guest_thread(entry, startup, None);
+        // The first thread's entry gets the start-up block; its parameter is 0.
+        self.run_guest_thread(entry, startup, 0, None);
         // Other threads still run; the last one to end exits the process.
         loop {
             std::thread::park();
@@ -388,7 +389,7 @@ impl Pal for LinuxPal {
         let me: &'static LinuxPal = super::pal();
         let spawned = std::thread::Builder::new()
             .stack_size(256 << 10)
-            .spawn(move || me.run_guest_thread(entry, param, Some(done)));
+            .spawn(move || me.run_guest_thread(entry, param, param, Some(done)));
         if spawned.is_err() {
             let _ = self.handles.lock().unwrap().close(h);
             return undo(Error::NoMemory);
@@ -904,7 +905,8 @@ impl Pal for LinuxPal {
 
     fn dk_system_time_query(&self) -> i64 {
         let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        ok(d.as_micros() as u64)
+        // (Not as_micros(): a u128 division costs as much as the clock read.)
+        ok(d.as_secs() * 1_000_000 + d.subsec_micros() as u64)
     }
 
     fn dk_random_bits_read(&self, buf: *mut u8, len: u64) -> i64 {

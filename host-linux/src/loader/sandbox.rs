@@ -68,6 +68,7 @@ pub fn allow_list(my_pid: i64) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String
         libc::SYS_sendto,
         libc::SYS_recvfrom,
         libc::SYS_restart_syscall,
+        libc::SYS_sched_getaffinity,
     ] {
         m.insert(nr, vec![]);
     }
@@ -83,10 +84,10 @@ pub fn allow_list(my_pid: i64) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String
     // clone: threads only (the C library's pthread_create).
     let thread = (libc::CLONE_VM | libc::CLONE_THREAD | libc::CLONE_SIGHAND) as u64;
     m.insert(libc::SYS_clone, vec![rule(vec![c(0, Op::MaskedEq(thread), thread)?])?]);
-    // fcntl: descriptor flags only.
+    // fcntl: descriptor flags, and duplication (bounded by RLIMIT_NOFILE).
     m.insert(
         libc::SYS_fcntl,
-        [libc::F_GETFL, libc::F_SETFL, libc::F_GETFD, libc::F_SETFD]
+        [libc::F_GETFL, libc::F_SETFL, libc::F_GETFD, libc::F_SETFD, libc::F_DUPFD_CLOEXEC]
             .into_iter()
             .map(|cmd| rule(vec![cd(1, Op::Eq, cmd as u64)?]))
             .collect::<Result<_, _>>()?,

@@ -11,6 +11,8 @@ use moat_libos::moat_pal::Error;
 use moat_libos::{pal, println, Pal};
 
 fn main() -> i32 {
+    // Print first: stdout's own handle must exist before the table is full.
+    println!("creating handles");
     let mut n = 0u64;
     loop {
         let mut h = 0u64;

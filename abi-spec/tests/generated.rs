@@ -1,0 +1,107 @@
+//! The committed generated files are what the renderers produce.
+//!
+//! `MOAT_BLESS=1 cargo test -p moat-abi-spec` rewrites them.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+fn root() -> PathBuf {
+    // abi-spec/ -> workspace root
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn bless() -> bool {
+    std::env::var("MOAT_BLESS").is_ok_and(|v| v == "1")
+}
+
+fn check(rel: &str, expected: &str) {
+    let path = root().join(rel);
+    if bless() {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let current = std::fs::read_to_string(&path).unwrap_or_default();
+        if current != expected {
+            std::fs::write(&path, expected).unwrap();
+            eprintln!("blessed {rel}");
+        }
+        return;
+    }
+    let current = std::fs::read_to_string(&path).unwrap_or_default();
+    if current != expected {
+        let line = current
+            .lines()
+            .zip(expected.lines())
+            .position(|(a, b)| a != b)
+            .map(|i| i + 1)
+            .unwrap_or_else(|| current.lines().count().min(expected.lines().count()) + 1);
+        panic!(
+            "{rel} is out of date with abi-spec/abi.toml (first difference at line {line}); \
+             run `MOAT_BLESS=1 cargo test -p moat-abi-spec` to regenerate it"
+        );
+    }
+}
+
+#[test]
+fn abi_md_is_up_to_date() {
+    check("abi-spec/ABI.md", &moat_abi_spec::render("md").unwrap());
+}
+
+#[test]
+fn c_header_is_up_to_date() {
+    check(
+        "abi-spec/include/moat_abi.h",
+        &moat_abi_spec::render("c").unwrap(),
+    );
+}
+
+#[test]
+fn pal_abi_rs_is_up_to_date() {
+    check(
+        "pal/src/abi.rs",
+        &moat_abi_spec::render_rust(moat_abi_spec::spec()),
+    );
+}
+
+/// The generated Rust is already rustfmt-clean, so `cargo fmt` never fights
+/// the generator.
+#[test]
+fn generated_rust_is_rustfmt_clean() {
+    let src = moat_abi_spec::render_rust(moat_abi_spec::spec());
+    let child = Command::new("rustfmt")
+        .args(["--edition", "2021", "--emit", "stdout"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => {
+            println!("skipped: rustfmt not available ({e})");
+            return;
+        }
+    };
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(src.as_bytes()).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "rustfmt failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let formatted = String::from_utf8(out.stdout).unwrap();
+    if formatted != src {
+        let (i, (a, b)) = src
+            .lines()
+            .zip(formatted.lines())
+            .enumerate()
+            .find(|(_, (a, b))| a != b)
+            .map(|(i, (a, b))| (i + 1, (a.to_string(), b.to_string())))
+            .unwrap_or((0, (String::new(), String::new())));
+        panic!("render_rust output is not rustfmt-clean; first difference at line {i}:\n  generated: {a}\n  rustfmt:   {b}");
+    }
+}

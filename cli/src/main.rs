@@ -1,0 +1,53 @@
+//! `moat`: run picoprocess images in a sandbox.
+//!
+//! Every problem with the input (image, manifest, argument) ends with one
+//! line `moat: <problem>` on standard error and exit code 2; moat never
+//! panics on bad input.
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+mod abi;
+mod images;
+mod inspect;
+mod resolve;
+mod run;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "moat",
+    version,
+    about = "Run untrusted extensions and drivers in picoprocesses"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run a picoprocess image in a sandbox.
+    Run(run::RunArgs),
+    /// Show the picoprocess ABI.
+    Abi(abi::AbiArgs),
+    /// Check an image and report on it.
+    Inspect(inspect::InspectArgs),
+    /// List the built images `moat run` finds by name.
+    Images(images::ImagesArgs),
+}
+
+/// Print `moat: <msg>` and return the bad-input exit code.
+pub fn bad_input(msg: impl std::fmt::Display) -> i32 {
+    eprintln!("moat: {msg}");
+    moat_host_linux::EXIT_BAD_INPUT
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let code = match cli.cmd {
+        Cmd::Run(a) => run::main(a),
+        Cmd::Abi(a) => abi::main(a),
+        Cmd::Inspect(a) => inspect::main(a),
+        Cmd::Images(a) => images::main(a),
+    };
+    ExitCode::from((code & 0xff) as u8)
+}

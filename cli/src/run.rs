@@ -1,0 +1,134 @@
+//! `moat run`: run one picoprocess image in the sandbox.
+use crate::bad_input;
+use clap::{Args, ValueEnum};
+use moat_host_linux::{Sandbox, EXIT_HOST_FAILURE};
+use moat_policy::{Access, Manifest, Policy};
+use std::path::{Path, PathBuf};
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  N        the picoprocess's own exit code (0 to 255)
+  2        bad input: missing or malformed image, manifest or argument
+  125      moat failed to start the sandbox
+  128+N    the picoprocess was killed by signal N, or ended on an exception
+           no handler took (the report on standard error says which)
+  159      sandbox violation: the picoprocess made a system call outside the
+           allow-list (the report on standard error names it)
+
+Grants: nothing is reachable but the console (stdin:, stdout:, stderr:) and
+null: unless granted. `--allow-ro file:/srv/data` grants reading everything
+below /srv/data; `--allow` also grants writing, creating, renaming and
+deleting there; `--allow tcp.client:127.0.0.1:` grants connecting to every
+port of that address. A refused open prints the grant that would allow it.";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Host {
+    /// A Linux process confined by namespaces, rlimits, Landlock and seccomp.
+    Linux,
+    /// A KVM micro-VM (the only host that grants devices).
+    Kvm,
+}
+
+#[derive(Args, Debug)]
+#[command(after_help = EXIT_CODES)]
+pub struct RunArgs {
+    /// The host to run on.
+    #[arg(long, value_enum, default_value_t = Host::Linux)]
+    pub host: Host,
+    /// A manifest (TOML) with grants, limits, and optionally image and args.
+    #[arg(long, value_name = "FILE")]
+    pub manifest: Option<PathBuf>,
+    /// Grant reading and writing below URI_PREFIX (repeatable).
+    #[arg(long, value_name = "URI_PREFIX")]
+    pub allow: Vec<String>,
+    /// Grant reading below URI_PREFIX (repeatable).
+    #[arg(long = "allow-ro", value_name = "URI_PREFIX")]
+    pub allow_ro: Vec<String>,
+    /// Log every brokered request and ABI call to standard error.
+    #[arg(long)]
+    pub trace: bool,
+    /// The image: a path, or the name of a built image (see `moat images`).
+    #[arg(value_name = "IMAGE")]
+    pub image: Option<String>,
+    /// Arguments for the picoprocess (after `--`, or after IMAGE).
+    #[arg(
+        value_name = "ARGS",
+        trailing_var_arg = true,
+        allow_hyphen_values = true
+    )]
+    pub args: Vec<String>,
+}
+
+/// Turn the command line into a sandbox to start, or a bad-input message.
+fn prepare(a: RunArgs) -> Result<Sandbox, String> {
+    if a.host == Host::Kvm {
+        return Err("host kvm is not available in this build".into());
+    }
+    let manifest = match &a.manifest {
+        Some(p) => Some(Manifest::load(p).map_err(|e| e.to_string())?),
+        None => None,
+    };
+    let mut policy = Policy::default();
+    let mut image = a.image.clone();
+    let mut args = a.args.clone();
+    if let (Some(m), Some(mpath)) = (&manifest, &a.manifest) {
+        if let Some(d) = m.devices.first() {
+            return Err(format!(
+                "manifest `{}` declares device `{}`: devices are granted only by --host kvm",
+                mpath.display(),
+                d.name
+            ));
+        }
+        policy = Policy::from_manifest(m).map_err(|e| e.to_string())?;
+        if image.is_none() {
+            // A relative path in the manifest is relative to the manifest.
+            image = m.image.as_ref().map(|i| {
+                if i.contains('/') && !i.starts_with('/') {
+                    let base = mpath.parent().unwrap_or(Path::new("."));
+                    base.join(i).display().to_string()
+                } else {
+                    i.clone()
+                }
+            });
+        }
+        if args.is_empty() {
+            args = m.args.clone().unwrap_or_default();
+        }
+    }
+    for g in &a.allow {
+        policy.allow(g, Access::Rw).map_err(|e| e.to_string())?;
+    }
+    for g in &a.allow_ro {
+        policy.allow(g, Access::Ro).map_err(|e| e.to_string())?;
+    }
+    let image =
+        image.ok_or("no image given: `moat run IMAGE` (or `image = \"...\"` in the manifest)")?;
+    let path = crate::resolve::resolve(&image)?;
+    Ok(Sandbox::new(path).args(args).policy(policy).trace(a.trace))
+}
+
+pub fn main(a: RunArgs) -> i32 {
+    let sandbox = match prepare(a) {
+        Ok(s) => s,
+        Err(msg) => return bad_input(msg),
+    };
+    let mut p = match sandbox.spawn() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("moat: {e}");
+            return e.exit_code();
+        }
+    };
+    match p.wait() {
+        Ok(exit) => {
+            if let Some((_, text)) = &exit.report {
+                eprintln!("moat: {}", text.trim_end());
+            }
+            exit.code
+        }
+        Err(e) => {
+            eprintln!("moat: {e}");
+            EXIT_HOST_FAILURE
+        }
+    }
+}

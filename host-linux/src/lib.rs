@@ -1,0 +1,24 @@
+//! moat's Linux host.
+//!
+//! - [`Sandbox`] / [`Picoprocess`]: the embedding API (what the `moat` CLI
+//!   uses): start a picoprocess image under a [`Policy`](moat_policy::Policy),
+//!   feed its console, wait for its [`Exit`].
+//! - [`monitor`], [`broker`], [`spawn`]: the host side. The monitor starts
+//!   the sandboxed loader ([`spawn`]), then answers its requests with the
+//!   policy as the only authority ([`broker`]).
+//! - [`loader`]: the sandboxed process (binary `moat-loader`) that maps the
+//!   image and implements the ABI in-process; [`protocol`] is the wire
+//!   between the two; [`elf`] checks images.
+pub mod broker;
+pub mod elf;
+pub mod loader;
+pub mod monitor;
+pub mod protocol;
+pub mod spawn;
+
+pub use broker::LogSink;
+pub use monitor::{
+    Error, Exit, Picoprocess, Sandbox, Stdio, EXIT_BAD_INPUT, EXIT_HOST_FAILURE,
+    EXIT_SANDBOX_VIOLATION,
+};
+pub use protocol::ReportKind;

@@ -1,0 +1,466 @@
+//! Starting one sandboxed loader process.
+//!
+//! The monitor never forks a copy of itself into the sandbox: it `clone`s a
+//! child into fresh user, pid, mount, net, ipc, uts and cgroup namespaces
+//! that only rearranges descriptors, sets rlimits and `execve`s the small
+//! `moat-loader` binary. Everything the child touches is prepared before
+//! `clone`; the child runs raw, async-signal-safe system calls only (the
+//! parent may have other threads holding locks) and `_exit(125)`s on any
+//! failure.
+//!
+//! Every `unsafe` block of the monitor that is about processes lives here.
+use moat_policy::Limits;
+use std::ffi::{CString, OsStr};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, OnceLock};
+
+use crate::protocol::MONITOR_FD;
+
+/// Exit status of the cloned child when it could not set itself up.
+pub const CHILD_SETUP_FAILED: i32 = 125;
+
+/// Namespaces every loader runs in, with their names for error messages.
+const NAMESPACES: [(libc::c_int, &str); 7] = [
+    (libc::CLONE_NEWUSER, "user"),
+    (libc::CLONE_NEWPID, "pid"),
+    (libc::CLONE_NEWNS, "mount"),
+    (libc::CLONE_NEWNET, "network"),
+    (libc::CLONE_NEWIPC, "ipc"),
+    (libc::CLONE_NEWUTS, "uts"),
+    (libc::CLONE_NEWCGROUP, "cgroup"),
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("cannot find the loader `moat-loader` (looked in {0}); build it with `cargo build` or set MOAT_LOADER")]
+    NoLoader(String),
+    #[error("cannot create {what}: {err}")]
+    Setup {
+        what: &'static str,
+        err: std::io::Error,
+    },
+    #[error("cannot create {ns} namespace: {errno}{hint}")]
+    Namespace {
+        ns: &'static str,
+        errno: String,
+        hint: String,
+    },
+    #[error("cannot start the sandbox process: {0}")]
+    Clone(std::io::Error),
+}
+
+/// A freshly started loader.
+#[derive(Debug)]
+pub struct Spawned {
+    /// Its pid (in the monitor's pid namespace).
+    pub pid: libc::pid_t,
+    /// A pidfd for it: signals and waits through it never hit a reused pid.
+    pub pidfd: OwnedFd,
+    /// The monitor's end of the `SOCK_SEQPACKET` socket (the loader's is
+    /// [`MONITOR_FD`]).
+    pub sock: OwnedFd,
+}
+
+/// Where the loader binary is: `$MOAT_LOADER`, else `moat-loader` next to
+/// the running executable, else in its parent directory (tests run from
+/// `target/debug/deps`).
+pub fn loader_path() -> Result<PathBuf, SpawnError> {
+    if let Some(p) = std::env::var_os("MOAT_LOADER") {
+        let p = PathBuf::from(p);
+        if p.is_file() {
+            return Ok(p);
+        }
+        return Err(SpawnError::NoLoader(format!("MOAT_LOADER={}", p.display())));
+    }
+    let exe = std::env::current_exe()
+        .map_err(|e| SpawnError::NoLoader(format!("(current executable unknown: {e})")))?;
+    let mut looked = Vec::new();
+    let mut dir = exe.parent();
+    for _ in 0..2 {
+        let Some(d) = dir else { break };
+        let cand = d.join("moat-loader");
+        if cand.is_file() {
+            return Ok(cand);
+        }
+        looked.push(d.display().to_string());
+        dir = d.parent();
+    }
+    Err(SpawnError::NoLoader(looked.join(", ")))
+}
+
+/// What the child reads after `clone`: plain data and pointers into
+/// allocations the parent keeps alive until `clone` returns.
+struct ChildArgs {
+    devnull: RawFd,
+    sock: RawFd,
+    path: *const libc::c_char,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+    rlimits: [(libc::__rlimit_resource_t, libc::rlimit); 4],
+    n_rlimits: usize,
+}
+
+fn cstring(s: &OsStr) -> Result<CString, SpawnError> {
+    CString::new(s.as_bytes()).map_err(|_| SpawnError::Setup {
+        what: "loader path",
+        err: std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL byte in path"),
+    })
+}
+
+fn last_err() -> std::io::Error {
+    std::io::Error::last_os_error()
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Run `f` on the process-wide spawner thread. Loaders are cloned from
+/// that one thread, which lives as long as the host process, because the
+/// parent-death signal they get (SIGKILL) fires when the *thread* that
+/// cloned them ends: so sandboxes die with the host process, and never
+/// earlier.
+fn on_spawner_thread<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, SpawnError> {
+    static SPAWNER: OnceLock<Result<mpsc::Sender<Job>, String>> = OnceLock::new();
+    let tx = SPAWNER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("moat-spawner".into())
+            .spawn(move || {
+                for job in rx {
+                    job();
+                }
+            })
+            .map(|_| tx)
+            .map_err(|e| e.to_string())
+    });
+    let gone = || SpawnError::Setup {
+        what: "the spawner thread",
+        err: std::io::Error::other("it is not running"),
+    };
+    let tx = tx.as_ref().map_err(|e| SpawnError::Setup {
+        what: "the spawner thread",
+        err: std::io::Error::other(e.clone()),
+    })?;
+    let (rtx, rrx) = mpsc::sync_channel(1);
+    tx.send(Box::new(move || {
+        let _ = rtx.send(f());
+    }))
+    .map_err(|_| gone())?;
+    rrx.recv().map_err(|_| gone())
+}
+
+/// Start `loader` in new namespaces with `limits` applied as rlimits.
+pub fn spawn_loader(loader: &Path, limits: &Limits) -> Result<Spawned, SpawnError> {
+    let (loader, limits) = (loader.to_path_buf(), *limits);
+    on_spawner_thread(move || spawn_here(&loader, &limits))?
+}
+
+fn spawn_here(loader: &Path, limits: &Limits) -> Result<Spawned, SpawnError> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: `fds` is a valid array of two ints for the kernel to fill.
+    let r = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    if r != 0 {
+        return Err(SpawnError::Setup {
+            what: "the monitor socket",
+            err: last_err(),
+        });
+    }
+    // SAFETY: socketpair just created both descriptors; we are their only owner.
+    let (mon, child_end) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let devnull = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .map_err(|err| SpawnError::Setup {
+            what: "/dev/null",
+            err,
+        })?;
+
+    let path = cstring(loader.as_os_str())?;
+    let arg0 = CString::new("moat-loader").expect("no NUL");
+    let env0 = CString::new("MALLOC_ARENA_MAX=1").expect("no NUL");
+    let argv: [*const libc::c_char; 2] = [arg0.as_ptr(), std::ptr::null()];
+    let envp: [*const libc::c_char; 2] = [env0.as_ptr(), std::ptr::null()];
+
+    let mib = |m: u64| m.saturating_mul(1 << 20);
+    let lim = |v: u64| libc::rlimit {
+        rlim_cur: v,
+        rlim_max: v,
+    };
+    let mut rlimits = [(libc::RLIMIT_CORE, lim(0)); 4];
+    rlimits[1] = (libc::RLIMIT_NOFILE, lim(limits.handles.saturating_add(64)));
+    rlimits[2] = (
+        libc::RLIMIT_AS,
+        lim(mib(limits.memory_mib.saturating_add(768))),
+    );
+    let mut n_rlimits = 3;
+    if limits.cpu_seconds != 0 {
+        rlimits[3] = (libc::RLIMIT_CPU, lim(limits.cpu_seconds));
+        n_rlimits = 4;
+    }
+    let args = ChildArgs {
+        devnull: devnull.as_raw_fd(),
+        sock: child_end.as_raw_fd(),
+        path: path.as_ptr(),
+        argv: argv.as_ptr(),
+        envp: envp.as_ptr(),
+        rlimits,
+        n_rlimits,
+    };
+
+    let ns_flags = NAMESPACES.iter().fold(0, |a, (f, _)| a | f);
+    let (pid, pidfd) = match clone_child(ns_flags, &args) {
+        Ok(v) => v,
+        Err(e) => return Err(diagnose(e)),
+    };
+    // The child has its copies; ours of its end and /dev/null close here.
+    drop(child_end);
+    drop(devnull);
+    Ok(Spawned {
+        pid,
+        pidfd,
+        sock: mon,
+    })
+}
+
+const STACK_SIZE: usize = 64 * 1024;
+
+/// `clone` a child running [`child_main`] with `args`; returns its pid and
+/// pidfd.
+fn clone_child(
+    ns_flags: libc::c_int,
+    args: &ChildArgs,
+) -> Result<(libc::pid_t, OwnedFd), std::io::Error> {
+    let mut stack = vec![0u8; STACK_SIZE];
+    // Stacks grow down on x86-64; 16-byte aligned top.
+    let top = ((stack.as_mut_ptr() as usize + STACK_SIZE) & !15) as *mut libc::c_void;
+    let mut pidfd: libc::c_int = -1;
+    let flags = ns_flags | libc::CLONE_PIDFD | libc::SIGCHLD;
+    // SAFETY: without CLONE_VM the child runs on its own copy of the address
+    // space, on the copy of `stack`; `args` and everything it points to stay
+    // alive in this frame until clone has returned, and the child only
+    // reads them. With CLONE_PIDFD the kernel writes the pidfd to `pidfd`
+    // (the parent_tid argument).
+    let pid = unsafe {
+        libc::clone(
+            child_main,
+            top,
+            flags,
+            args as *const ChildArgs as *mut libc::c_void,
+            &mut pidfd as *mut libc::c_int,
+        )
+    };
+    if pid < 0 {
+        return Err(last_err());
+    }
+    drop(stack);
+    // SAFETY: CLONE_PIDFD installed this descriptor for us (close-on-exec).
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    Ok((pid, pidfd))
+}
+
+/// The cloned child: raw system calls only, then `execve`.
+extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the `ChildArgs` the parent passed to clone, in our
+    // copy of its memory; all the calls below are plain system calls that
+    // touch only memory prepared before clone.
+    unsafe {
+        let a = &*(arg as *const ChildArgs);
+        // Die with the spawner thread (the host process).
+        if libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGKILL as libc::c_ulong,
+            0,
+            0,
+            0,
+        ) != 0
+        {
+            libc::_exit(CHILD_SETUP_FAILED);
+        }
+        // Move both descriptors above the ones we are about to overwrite, so
+        // that each dup2 below really duplicates (and so clears close-on-exec).
+        let s = libc::fcntl(a.sock, libc::F_DUPFD_CLOEXEC, 10);
+        let n = libc::fcntl(a.devnull, libc::F_DUPFD_CLOEXEC, 10);
+        if s < 0 || n < 0 {
+            libc::_exit(CHILD_SETUP_FAILED);
+        }
+        for fd in 0..3 {
+            if libc::dup2(n, fd) != fd {
+                libc::_exit(CHILD_SETUP_FAILED);
+            }
+        }
+        if libc::dup2(s, MONITOR_FD) != MONITOR_FD {
+            libc::_exit(CHILD_SETUP_FAILED);
+        }
+        if libc::syscall(
+            libc::SYS_close_range,
+            MONITOR_FD as libc::c_uint + 1,
+            libc::c_uint::MAX,
+            0,
+        ) != 0
+        {
+            // Kernels before 5.9: close them one by one.
+            for fd in (MONITOR_FD + 1)..65536 {
+                libc::close(fd);
+            }
+        }
+        for (res, lim) in &a.rlimits[..a.n_rlimits] {
+            if libc::setrlimit(*res, lim) != 0 {
+                libc::_exit(CHILD_SETUP_FAILED);
+            }
+        }
+        libc::execve(a.path, a.argv, a.envp);
+        libc::_exit(CHILD_SETUP_FAILED)
+    }
+}
+
+fn errno_name(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(libc::EPERM) => "EPERM".into(),
+        Some(libc::EINVAL) => "EINVAL".into(),
+        Some(libc::ENOSPC) => "ENOSPC (too many namespaces)".into(),
+        Some(libc::EUSERS) => "EUSERS (namespaces nested too deep)".into(),
+        Some(libc::ENOMEM) => "ENOMEM".into(),
+        Some(libc::EACCES) => "EACCES".into(),
+        _ => e.to_string(),
+    }
+}
+
+fn read_sysctl(path: &str) -> Option<String> {
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+fn userns_hint() -> String {
+    if read_sysctl("/proc/sys/kernel/unprivileged_userns_clone").as_deref() == Some("0") {
+        return "; kernel.unprivileged_userns_clone is 0: enable it with `sysctl kernel.unprivileged_userns_clone=1`".into();
+    }
+    if read_sysctl("/proc/sys/user/max_user_namespaces").as_deref() == Some("0") {
+        return "; user.max_user_namespaces is 0: raise it with `sysctl user.max_user_namespaces=10000`".into();
+    }
+    if read_sysctl("/proc/sys/kernel/apparmor_restrict_unprivileged_userns").as_deref() == Some("1")
+    {
+        return "; AppArmor restricts unprivileged user namespaces (kernel.apparmor_restrict_unprivileged_userns=1): allow them for moat with an AppArmor profile or set it to 0".into();
+    }
+    "; is kernel.unprivileged_userns_clone enabled? (in a container, is it allowed to create user namespaces?)".into()
+}
+
+/// `clone` with all namespaces failed: find out which namespace the kernel
+/// refuses by cloning trivial children, so the error can say which and why.
+fn diagnose(err: std::io::Error) -> SpawnError {
+    let ns_err = matches!(
+        err.raw_os_error(),
+        Some(libc::EPERM | libc::EINVAL | libc::ENOSPC | libc::EUSERS | libc::EACCES)
+    );
+    if !ns_err {
+        return SpawnError::Clone(err);
+    }
+    let mut flags = 0;
+    for (f, name) in NAMESPACES {
+        flags |= f;
+        if let Err(e) = probe(flags) {
+            let hint = if f == libc::CLONE_NEWUSER {
+                userns_hint()
+            } else {
+                String::new()
+            };
+            return SpawnError::Namespace {
+                ns: name,
+                errno: errno_name(&e),
+                hint,
+            };
+        }
+    }
+    SpawnError::Clone(err)
+}
+
+extern "C" fn probe_main(_: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: _exit is a plain system call.
+    unsafe { libc::_exit(0) }
+}
+
+/// Clone a child with `flags` that exits at once; reap it.
+fn probe(flags: libc::c_int) -> Result<(), std::io::Error> {
+    let mut stack = vec![0u8; 16 * 1024];
+    let top = ((stack.as_mut_ptr() as usize + stack.len()) & !15) as *mut libc::c_void;
+    // SAFETY: as in clone_child; the child only calls _exit.
+    let pid = unsafe { libc::clone(probe_main, top, flags | libc::SIGCHLD, std::ptr::null_mut()) };
+    if pid < 0 {
+        return Err(last_err());
+    }
+    let mut st = 0;
+    // SAFETY: reaping our own child; `st` is a valid int.
+    unsafe { libc::waitpid(pid, &mut st, 0) };
+    drop(stack);
+    Ok(())
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Exited(i32),
+    Signaled(i32),
+}
+
+/// Wait for (and reap) the process behind `pidfd`.
+pub fn wait_pidfd(pidfd: &OwnedFd) -> Result<Status, std::io::Error> {
+    loop {
+        // SAFETY: siginfo_t is plain data; zeroed is a valid value.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: waitid on our own pidfd; `info` is valid for writes.
+        let r = unsafe {
+            libc::waitid(
+                libc::P_PIDFD,
+                pidfd.as_raw_fd() as libc::id_t,
+                &mut info,
+                libc::WEXITED,
+            )
+        };
+        if r != 0 {
+            let e = last_err();
+            if e.raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return Err(e);
+        }
+        // SAFETY: waitid with WEXITED filled in a SIGCHLD siginfo.
+        let status = unsafe { info.si_status() };
+        return Ok(match info.si_code {
+            libc::CLD_EXITED => Status::Exited(status),
+            _ => Status::Signaled(status),
+        });
+    }
+}
+
+/// Send `sig` to the process behind `pidfd` (a no-op once it is reaped).
+pub fn signal_pidfd(pidfd: &OwnedFd, sig: libc::c_int) -> Result<(), std::io::Error> {
+    // SAFETY: pidfd_send_signal on our own pidfd with no siginfo.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            sig,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if r != 0 {
+        let e = last_err();
+        if e.raw_os_error() == Some(libc::ESRCH) {
+            return Ok(());
+        }
+        return Err(e);
+    }
+    Ok(())
+}

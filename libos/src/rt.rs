@@ -1,0 +1,96 @@
+//! Start-up: LibOsInitialize.
+use core::sync::atomic::{AtomicPtr, Ordering};
+
+use moat_pal::{PalTable, StartupBlock, ABI_VERSION, STARTUP_MAGIC};
+
+static TABLE: AtomicPtr<PalTable> = AtomicPtr::new(core::ptr::null_mut());
+static STARTUP: AtomicPtr<StartupBlock> = AtomicPtr::new(core::ptr::null_mut());
+
+/// Exit code when the host's start-up block or ABI version does not fit.
+pub const EXIT_ABI_MISMATCH: i32 = 126;
+
+/// The function table stored at start-up.
+#[inline]
+pub fn table() -> *const PalTable {
+    TABLE.load(Ordering::Relaxed)
+}
+
+/// The start-up block (null before start-up).
+#[inline]
+pub fn startup_ptr() -> *mut StartupBlock {
+    STARTUP.load(Ordering::Relaxed)
+}
+
+/// The start-up block.
+pub fn startup() -> &'static StartupBlock {
+    let p = startup_ptr();
+    assert!(!p.is_null(), "moat-libos: start-up block not set");
+    // SAFETY: set once by `start` from the host's block, valid for the
+    // process lifetime.
+    unsafe { &*p }
+}
+
+/// Whether a host ABI version `host` can run an image built for `ours`:
+/// same major, and the host's minor at least ours.
+pub const fn version_compatible(host: u32, ours: u32) -> bool {
+    host >> 16 == ours >> 16 && (host & 0xffff) >= (ours & 0xffff)
+}
+
+/// Number of calls this libos uses (the table must have at least these).
+const NEEDED_CALLS: u64 = 45;
+
+fn stop() -> ! {
+    // No usable table: nothing to exit through. Fault; the host reports it.
+    loop {
+        // SAFETY: `ud2` raises an illegal-instruction exception and nothing else.
+        unsafe { core::arch::asm!("ud2", options(nomem, nostack)) };
+    }
+}
+
+/// The body of `_start` (see [`crate::entry!`]).
+///
+/// # Safety
+/// `startup` is the start-up block the host passed, or garbage the checks
+/// below reject as far as they can.
+pub unsafe fn start(startup: *const StartupBlock, main: fn() -> i32) -> ! {
+    if startup.is_null() {
+        stop();
+    }
+    // SAFETY: non-null block handed to us by the host.
+    let sb = unsafe { &*startup };
+    let table = sb.table;
+    let table_usable = !table.is_null() && {
+        // SAFETY: non-null table pointer from the host.
+        let t = unsafe { &*table };
+        version_compatible(t.abi_version, ABI_VERSION) && u64::from(t.num_calls) >= NEEDED_CALLS
+    };
+    let why = if sb.magic != STARTUP_MAGIC {
+        Some("moat-libos: bad start-up block magic; is this a moat host?")
+    } else if !version_compatible(sb.abi_version, ABI_VERSION) {
+        Some("moat-libos: the host's ABI version does not fit this image's")
+    } else if !table_usable {
+        Some("moat-libos: the host's function table is missing, too old or too short")
+    } else {
+        None
+    };
+    if let Some(why) = why {
+        if !table_usable {
+            stop();
+        }
+        TABLE.store(table as *mut PalTable, Ordering::Relaxed);
+        crate::debug::print(why);
+        crate::debug::print_fmt(format_args!(
+            " (image ABI {}.{}, host {}.{})\n",
+            ABI_VERSION >> 16,
+            ABI_VERSION & 0xffff,
+            sb.abi_version >> 16,
+            sb.abi_version & 0xffff
+        ));
+        crate::process::exit_now(EXIT_ABI_MISMATCH);
+    }
+    TABLE.store(table as *mut PalTable, Ordering::SeqCst);
+    STARTUP.store(startup as *mut StartupBlock, Ordering::SeqCst);
+    crate::exception::register_upcall();
+    let code = main();
+    crate::process::exit(code)
+}
