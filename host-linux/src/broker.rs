@@ -486,7 +486,7 @@ impl Broker {
         let grant = self.file_grant(u, write)?;
         let t = Target::resolve(grant, path)?;
         if options & open_option::DIRECTORY != 0 && disp != create::OPEN_EXISTING {
-            let (parent, name) = t.parent()?;
+            let (parent, name, resolve) = t.parent()?;
             match sys::mkdirat(parent.as_fd(), &name, 0o755) {
                 Ok(()) => {}
                 Err(libc::EEXIST) if disp != create::CREATE_NEW => {}
@@ -497,7 +497,7 @@ impl Broker {
                 &name,
                 libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC | libc::O_NOCTTY,
                 0,
-                sys::RESOLVE_BENEATH | sys::RESOLVE_NO_MAGICLINKS,
+                resolve,
             )
             .map_err(map_errno)?;
             return Ok((fd, stream_kind::DIRECTORY));
@@ -615,7 +615,8 @@ impl Broker {
             return Err(Error::NotSupported);
         };
         let grant = self.file_grant(&u, true)?;
-        Target::resolve(grant, path)?.parent()
+        let (parent, name, _) = Target::resolve(grant, path)?.parent()?;
+        Ok((parent, name))
     }
 
     fn rename(&self, from: &str, to: &str) -> R<()> {
@@ -777,10 +778,12 @@ fn io_err(e: std::io::Error) -> Error {
 /// A `file:` path resolved to where the kernel resolves it.
 enum Target {
     /// `rel` (non-empty; `.` for the grant itself) beneath the grant's
-    /// directory `base` (whose absolute path is `base_path`).
+    /// directory `base` (whose absolute path is `base_path`, opened with
+    /// `base_resolve`).
     Beneath {
         base: OwnedFd,
         base_path: String,
+        base_resolve: u64,
         rel: String,
     },
     /// The grant names a file (or something not there yet): only `name` in
@@ -799,14 +802,27 @@ impl Target {
     fn resolve(grant: &Grant, path: &str) -> R<Target> {
         let (base, rel) = grant.split_file(path).ok_or(Error::PermissionDenied)?;
         // A grant's real path had its symlinks resolved when it was made:
-        // none may have appeared in it since.
+        // none may have appeared in it since. A grant of a path that did
+        // not exist then: its directory as the host has it, and its own
+        // name not a symlink.
         let base_resolve = if grant.real_path.is_some() {
             sys::RESOLVE_NO_SYMLINKS | sys::RESOLVE_NO_MAGICLINKS
         } else {
             sys::RESOLVE_NO_MAGICLINKS
         };
         let dir_flags = libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC;
-        match sys::openat2_abs(base, dir_flags, base_resolve) {
+        let opened = if grant.real_path.is_some() || base == "/" {
+            sys::openat2_abs(base, dir_flags, base_resolve)
+        } else {
+            let (dir, name) = split_last(base);
+            let dir = if dir.is_empty() { "/" } else { dir };
+            sys::openat2_abs(dir, dir_flags, base_resolve).and_then(|parent| {
+                let no_links =
+                    sys::RESOLVE_BENEATH | sys::RESOLVE_NO_SYMLINKS | sys::RESOLVE_NO_MAGICLINKS;
+                sys::openat2(parent.as_fd(), name, dir_flags, 0, no_links)
+            })
+        };
+        match opened {
             Ok(fd) => Ok(Target::Beneath {
                 base: fd,
                 base_path: base.to_string(),
@@ -855,7 +871,9 @@ impl Target {
         let beneath = sys::RESOLVE_BENEATH | sys::RESOLVE_NO_MAGICLINKS;
         match self {
             // The name is all the grant covers: never follow it elsewhere.
-            Target::Single { parent, name } => Ok((parent, name, beneath | sys::RESOLVE_NO_SYMLINKS)),
+            Target::Single { parent, name } => {
+                Ok((parent, name, beneath | sys::RESOLVE_NO_SYMLINKS))
+            }
             Target::Beneath {
                 base_path,
                 base_resolve,
@@ -944,9 +962,27 @@ mod sys {
         owned(unsafe { libc::open(p.as_ptr(), flags, 0) })
     }
 
+    /// `openat2` of an absolute path (a grant's base, or its parent).
+    pub fn openat2_abs(path: &str, flags: libc::c_int, resolve: u64) -> Result<OwnedFd, i32> {
+        if !path.starts_with('/') {
+            return Err(libc::EINVAL);
+        }
+        openat2_raw(libc::AT_FDCWD, path, flags, 0, resolve)
+    }
+
     /// `openat2(dir, path, {flags, mode, resolve})`.
     pub fn openat2(
         dir: BorrowedFd<'_>,
+        path: &str,
+        flags: libc::c_int,
+        mode: u32,
+        resolve: u64,
+    ) -> Result<OwnedFd, i32> {
+        openat2_raw(dir.as_raw_fd(), path, flags, mode, resolve)
+    }
+
+    fn openat2_raw(
+        dir: RawFd,
         path: &str,
         flags: libc::c_int,
         mode: u32,
@@ -963,12 +999,13 @@ mod sys {
             resolve,
         };
         loop {
-            // SAFETY: `p` and `how` are valid for the call; the kernel reads
+            // SAFETY: `dir` is AT_FDCWD or a descriptor borrowed for the
+            // call; `p` and `how` are valid for the call; the kernel reads
             // `size_of::<OpenHow>()` bytes of `how`.
             let r = unsafe {
                 libc::syscall(
                     libc::SYS_openat2,
-                    dir.as_raw_fd(),
+                    dir,
                     p.as_ptr(),
                     &how as *const OpenHow,
                     std::mem::size_of::<OpenHow>(),

@@ -25,7 +25,7 @@
 //! the `moat-loader` binary in new namespaces (see [`crate::spawn`]),
 //! sends it the [`Config`] with the image descriptor, and runs a monitor
 //! thread that answers the loader's requests through the
-//! [`Broker`](crate::broker::Broker) until the loader's socket closes. A
+//! [`Broker`] until the loader's socket closes. A
 //! waiter thread reaps the loader and turns its status into an [`Exit`].
 use crate::broker::{Broker, Console, LogSink, ReportSlot, Session};
 use crate::protocol::{self, Config, ReportKind, Request, WireError};

@@ -11,6 +11,7 @@
 //! Every `unsafe` block of the monitor that is about processes lives here.
 use moat_policy::Limits;
 use std::ffi::{CString, OsStr};
+use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -49,6 +50,12 @@ pub enum SpawnError {
     },
     #[error("cannot start the sandbox process: {0}")]
     Clone(std::io::Error),
+    #[error("cannot start the loader `{path}`: cannot {stage}: {err}")]
+    Child {
+        path: String,
+        stage: &'static str,
+        err: std::io::Error,
+    },
 }
 
 /// A freshly started loader.
@@ -93,6 +100,9 @@ pub fn loader_path() -> Result<PathBuf, SpawnError> {
 /// What the child reads after `clone`: plain data and pointers into
 /// allocations the parent keeps alive until `clone` returns.
 struct ChildArgs {
+    /// Write end of a close-on-exec pipe: the child writes why it failed;
+    /// the parent reads end-of-file once `execve` succeeded.
+    err_pipe: RawFd,
     devnull: RawFd,
     sock: RawFd,
     path: *const libc::c_char,
@@ -208,7 +218,13 @@ fn spawn_here(loader: &Path, limits: &Limits) -> Result<Spawned, SpawnError> {
         rlimits[3] = (libc::RLIMIT_CPU, lim(limits.cpu_seconds));
         n_rlimits = 4;
     }
+    let (err_r, err_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| SpawnError::Setup {
+            what: "a pipe",
+            err: e.into(),
+        })?;
     let args = ChildArgs {
+        err_pipe: err_w.as_raw_fd(),
         devnull: devnull.as_raw_fd(),
         sock: child_end.as_raw_fd(),
         path: path.as_ptr(),
@@ -226,6 +242,28 @@ fn spawn_here(loader: &Path, limits: &Limits) -> Result<Spawned, SpawnError> {
     // The child has its copies; ours of its end and /dev/null close here.
     drop(child_end);
     drop(devnull);
+    drop(err_w);
+    // End-of-file: the child's execve closed its end. Five bytes: it failed.
+    let mut msg = [0u8; 5];
+    let mut got = 0;
+    let mut err_r = std::fs::File::from(err_r);
+    while got < msg.len() {
+        match err_r.read(&mut msg[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        }
+    }
+    if got == msg.len() {
+        let _ = wait_pidfd(&pidfd);
+        let errno = i32::from_ne_bytes([msg[1], msg[2], msg[3], msg[4]]);
+        return Err(SpawnError::Child {
+            path: loader.display().to_string(),
+            stage: STAGES[(msg[0] as usize).min(STAGES.len() - 1)],
+            err: std::io::Error::from_raw_os_error(errno),
+        });
+    }
     Ok(Spawned {
         pid,
         pidfd,
@@ -270,12 +308,33 @@ fn clone_child(
 }
 
 /// The cloned child: raw system calls only, then `execve`.
+/// What the child was doing when it failed (first byte on the error pipe).
+const STAGES: [&str; 6] = [
+    "set the parent-death signal",
+    "arrange descriptors",
+    "close inherited descriptors",
+    "set resource limits",
+    "execute the loader",
+    "?",
+];
+
+/// The cloned child: raw system calls only, then `execve`.
 extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     // SAFETY: `arg` is the `ChildArgs` the parent passed to clone, in our
     // copy of its memory; all the calls below are plain system calls that
     // touch only memory prepared before clone.
     unsafe {
         let a = &*(arg as *const ChildArgs);
+        // Tell the parent which stage failed and why, then exit.
+        let fail = |stage: u8, e: RawFd| -> ! {
+            let errno = *libc::__errno_location();
+            let mut msg = [stage, 0, 0, 0, 0];
+            msg[1..].copy_from_slice(&errno.to_ne_bytes());
+            if e >= 0 {
+                libc::write(e, msg.as_ptr() as *const libc::c_void, msg.len());
+            }
+            libc::_exit(CHILD_SETUP_FAILED)
+        };
         // Die with the spawner thread (the host process).
         if libc::prctl(
             libc::PR_SET_PDEATHSIG,
@@ -285,42 +344,47 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
             0,
         ) != 0
         {
-            libc::_exit(CHILD_SETUP_FAILED);
+            fail(0, a.err_pipe);
         }
-        // Move both descriptors above the ones we are about to overwrite, so
-        // that each dup2 below really duplicates (and so clears close-on-exec).
+        // Move the descriptors we keep above the ones we are about to
+        // overwrite, so that each dup2 below really duplicates (and so
+        // clears close-on-exec).
+        let e = libc::fcntl(a.err_pipe, libc::F_DUPFD_CLOEXEC, 10);
         let s = libc::fcntl(a.sock, libc::F_DUPFD_CLOEXEC, 10);
         let n = libc::fcntl(a.devnull, libc::F_DUPFD_CLOEXEC, 10);
-        if s < 0 || n < 0 {
-            libc::_exit(CHILD_SETUP_FAILED);
+        if e < 0 || s < 0 || n < 0 {
+            fail(1, if e >= 0 { e } else { a.err_pipe });
         }
         for fd in 0..3 {
             if libc::dup2(n, fd) != fd {
-                libc::_exit(CHILD_SETUP_FAILED);
+                fail(1, e);
             }
         }
         if libc::dup2(s, MONITOR_FD) != MONITOR_FD {
-            libc::_exit(CHILD_SETUP_FAILED);
+            fail(1, e);
         }
-        if libc::syscall(
-            libc::SYS_close_range,
-            MONITOR_FD as libc::c_uint + 1,
-            libc::c_uint::MAX,
-            0,
-        ) != 0
-        {
+        // Close everything above, but the error pipe (close-on-exec).
+        let close = |lo: RawFd, hi: libc::c_uint| -> bool {
+            libc::syscall(libc::SYS_close_range, lo as libc::c_uint, hi, 0) == 0
+        };
+        if !(close(MONITOR_FD + 1, (e - 1) as libc::c_uint) && close(e + 1, libc::c_uint::MAX)) {
+            if *libc::__errno_location() != libc::ENOSYS {
+                fail(2, e);
+            }
             // Kernels before 5.9: close them one by one.
             for fd in (MONITOR_FD + 1)..65536 {
-                libc::close(fd);
+                if fd != e {
+                    libc::close(fd);
+                }
             }
         }
         for (res, lim) in &a.rlimits[..a.n_rlimits] {
             if libc::setrlimit(*res, lim) != 0 {
-                libc::_exit(CHILD_SETUP_FAILED);
+                fail(3, e);
             }
         }
         libc::execve(a.path, a.argv, a.envp);
-        libc::_exit(CHILD_SETUP_FAILED)
+        fail(4, e)
     }
 }
 

@@ -888,3 +888,39 @@ fn tiny_elf() -> Vec<u8> {
 fn tiny_elf_is_an_image() {
     moat_host_linux::elf::parse(&tiny_elf(), 1 << 30).unwrap();
 }
+
+#[test]
+fn symlinks_planted_after_the_grant_are_not_followed() {
+    let outside = TempDir::new();
+    fs::write(outside.path("secret"), "secret").unwrap();
+    let d = TempDir::new();
+    fs::create_dir(d.path("g")).unwrap();
+    let (mut b, _) = broker(policy(&[
+        (&d.uri("g"), Access::Rw),
+        (&d.uri("newdir"), Access::Rw),
+    ]));
+    // The granted directory itself is swapped for a symlink.
+    fs::remove_dir(d.path("g")).unwrap();
+    symlink(&outside.0, d.path("g")).unwrap();
+    assert_eq!(
+        read_file(&mut b, &d.uri("g/secret")).map(|x| x.0),
+        Err(Error::PermissionDenied)
+    );
+    // A grant of a directory not made yet, planted as a symlink.
+    symlink(&outside.0, d.path("newdir")).unwrap();
+    assert_eq!(
+        open(
+            &mut b,
+            &d.uri("newdir"),
+            access::READ,
+            create::OPEN_ALWAYS,
+            open_option::DIRECTORY
+        )
+        .map(|x| x.0),
+        Err(Error::PermissionDenied)
+    );
+    assert_eq!(
+        read_file(&mut b, &d.uri("newdir")).map(|x| x.0),
+        Err(Error::PermissionDenied)
+    );
+}

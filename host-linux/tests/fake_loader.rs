@@ -153,6 +153,15 @@ fn misbehaving_loaders() {
     }
     assert!(!running(&spawner), "the child outlived the root's wait");
 
+    // A loader that cannot be executed: the error says which step failed.
+    let noexec = dir.join("noexec");
+    std::fs::write(&noexec, "#!/bin/sh\nexit 0\n").unwrap();
+    std::env::set_var("MOAT_LOADER", &noexec);
+    let e = Sandbox::new(&img).spawn().unwrap_err();
+    assert!(e.to_string().contains("cannot execute the loader"), "{e}");
+    assert!(e.to_string().contains("ermission denied"), "{e}");
+    assert_eq!(e.exit_code(), moat_host_linux::EXIT_HOST_FAILURE);
+
     // No loader at all.
     std::env::set_var("MOAT_LOADER", dir.join("missing"));
     let e = Sandbox::new(&img).spawn().unwrap_err();

@@ -220,6 +220,12 @@ fn landlock_restrict() -> Result<(), String> {
 mod tests {
     use super::*;
     #[test]
+    fn allow_list_size_is_documented() {
+        // README.md and the security model state this number.
+        assert_eq!(allow_list(1).unwrap().len(), 49);
+    }
+
+    #[test]
     fn prefix_shape() {
         let p = ip_prefix(&[(0x5555_0000_1000, 0x5555_0000_9000), (0x7fff_f000_0000, 0x8000_0001_0000)]).unwrap();
         // 6 header + 5 per range (the second range spans two blocks) + trap.
