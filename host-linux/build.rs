@@ -16,7 +16,9 @@ fn main() {
         }
     }
     names.sort();
-    let mut out = String::from("/// x86-64 system call names by number.\npub static SYSCALL_NAMES: &[(u32, &str)] = &[\n");
+    let mut out = String::from(
+        "/// x86-64 system call names by number.\npub static SYSCALL_NAMES: &[(u32, &str)] = &[\n",
+    );
     for (n, s) in &names {
         writeln!(out, "    ({n}, {s:?}),").unwrap();
     }

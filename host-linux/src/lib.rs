@@ -15,6 +15,7 @@ pub mod loader;
 pub mod monitor;
 pub mod protocol;
 pub mod spawn;
+pub(crate) mod zygote;
 
 pub use broker::LogSink;
 pub use monitor::{

@@ -376,7 +376,7 @@ pub(crate) fn start(
     };
     if let Err(e) = protocol::send(sp.sock.as_fd(), &config, &[image.as_raw_fd()]) {
         let _ = proc.signal(libc::SIGKILL);
-        let _ = spawn::wait_pidfd(&proc.pidfd);
+        let _ = spawn::wait_process(&proc.pidfd, proc.pid);
         return Err(Error::io(
             "cannot configure the sandbox",
             std::io::Error::other(e.to_string()),
@@ -470,7 +470,7 @@ fn reap(
     notify: Option<OwnedFd>,
     child: bool,
 ) {
-    let status = spawn::wait_pidfd(&proc.pidfd);
+    let status = spawn::wait_process(&proc.pidfd, proc.pid);
     // Let the monitor thread read what the loader sent before it died
     // (its report); it ends once the socket is drained.
     let _ = done.recv_timeout(Duration::from_secs(2));

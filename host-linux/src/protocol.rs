@@ -31,7 +31,12 @@ pub struct Config {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Request {
     /// Open a stream (not servers). Answer: `Fd` with one descriptor.
-    Open { uri: String, access: u32, create: u32, options: u32 },
+    Open {
+        uri: String,
+        access: u32,
+        create: u32,
+        options: u32,
+    },
     /// Create (or join) a `pipe.server:`/`tcp.server:` listener. Answer:
     /// `Fd` with the listening socket.
     Listen { uri: String },
@@ -67,10 +72,20 @@ pub enum ReportKind {
 pub enum Response {
     Ok,
     /// Descriptor(s) attached; `kind` is a `stream_kind` value.
-    Fd { kind: u32 },
-    Attrs { kind: u32, size: u64, readable: bool, writable: bool, executable: bool },
+    Fd {
+        kind: u32,
+    },
+    Attrs {
+        kind: u32,
+        size: u64,
+        readable: bool,
+        writable: bool,
+        executable: bool,
+    },
     /// A `moat_pal::Error` code (positive).
-    Err { code: u32 },
+    Err {
+        code: u32,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -110,7 +125,12 @@ pub fn recv<T: DeserializeOwned>(sock: BorrowedFd<'_>) -> Result<(T, Vec<OwnedFd
     let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
     let (n, fds, truncated) = loop {
         let mut iov = [IoSliceMut::new(&mut buf)];
-        match recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC) {
+        match recvmsg::<()>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
             Err(nix::Error::EINTR) => continue,
             Err(e) => return Err(e.into()),
             Ok(m) => {
@@ -123,7 +143,9 @@ pub fn recv<T: DeserializeOwned>(sock: BorrowedFd<'_>) -> Result<(T, Vec<OwnedFd
                         }
                     }
                 }
-                let trunc = m.flags.intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
+                let trunc = m
+                    .flags
+                    .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
                 break (m.bytes, fds, trunc);
             }
         }
@@ -136,4 +158,24 @@ pub fn recv<T: DeserializeOwned>(sock: BorrowedFd<'_>) -> Result<(T, Vec<OwnedFd
     }
     let msg = postcard::from_bytes(&buf[..n]).map_err(|e| WireError::Decode(e.to_string()))?;
     Ok((msg, fds))
+}
+
+/// Monitor -> zygote (descriptor 3 of `moat-loader --zygote`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ZygoteRequest {
+    /// Hand out a loader with these limits (a warm one if it has one).
+    Spawn { id: u64, limits: Limits },
+}
+
+/// Zygote -> monitor.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ZygoteEvent {
+    /// The loader runs, sandboxed, waiting for its [`Config`]; attached:
+    /// its pidfd, then the monitor's end of its socket. `pid` is in the
+    /// zygote's pid namespace.
+    Spawned { id: u64, pid: i32 },
+    /// The loader could not be started: what the child was doing, and errno.
+    Failed { id: u64, stage: u8, errno: i32 },
+    /// A loader ended (`signal` 0: exited with `code`).
+    Exited { pid: i32, code: i32, signal: i32 },
 }

@@ -97,19 +97,59 @@ pub fn loader_path() -> Result<PathBuf, SpawnError> {
     Err(SpawnError::NoLoader(looked.join(", ")))
 }
 
-/// What the child reads after `clone`: plain data and pointers into
-/// allocations the parent keeps alive until `clone` returns.
-struct ChildArgs {
+/// What the child reads after `clone` (or the zygote's `fork`): plain data
+/// and a pointer to the loader path, which the caller keeps alive.
+pub(crate) struct ChildArgs {
     /// Write end of a close-on-exec pipe: the child writes why it failed;
     /// the parent reads end-of-file once `execve` succeeded.
     err_pipe: RawFd,
     devnull: RawFd,
     sock: RawFd,
     path: *const libc::c_char,
-    argv: *const *const libc::c_char,
-    envp: *const *const libc::c_char,
+    /// `--zygote`: start the zygote instead of a loader.
+    zygote: bool,
     rlimits: [(libc::__rlimit_resource_t, libc::rlimit); 4],
     n_rlimits: usize,
+}
+
+const ARG0: &std::ffi::CStr = c"moat-loader";
+const ZYGOTE_FLAG: &std::ffi::CStr = c"--zygote";
+const ENV0: &std::ffi::CStr = c"MALLOC_ARENA_MAX=1";
+
+impl ChildArgs {
+    pub(crate) fn new(
+        err_pipe: RawFd,
+        devnull: RawFd,
+        sock: RawFd,
+        path: &CString,
+        limits: &Limits,
+    ) -> ChildArgs {
+        let mib = |m: u64| m.saturating_mul(1 << 20);
+        let lim = |v: u64| libc::rlimit {
+            rlim_cur: v,
+            rlim_max: v,
+        };
+        let mut rlimits = [(libc::RLIMIT_CORE, lim(0)); 4];
+        rlimits[1] = (libc::RLIMIT_NOFILE, lim(limits.handles.saturating_add(64)));
+        rlimits[2] = (
+            libc::RLIMIT_AS,
+            lim(mib(limits.memory_mib.saturating_add(768))),
+        );
+        let mut n_rlimits = 3;
+        if limits.cpu_seconds != 0 {
+            rlimits[3] = (libc::RLIMIT_CPU, lim(limits.cpu_seconds));
+            n_rlimits = 4;
+        }
+        ChildArgs {
+            err_pipe,
+            devnull,
+            sock,
+            path: path.as_ptr(),
+            zygote: false,
+            rlimits,
+            n_rlimits,
+        }
+    }
 }
 
 fn cstring(s: &OsStr) -> Result<CString, SpawnError> {
@@ -163,12 +203,26 @@ fn on_spawner_thread<T: Send + 'static>(
 }
 
 /// Start `loader` in new namespaces with `limits` applied as rlimits.
+///
+/// Loaders start from the zygote (one per host process, in the sandbox
+/// namespaces; see `loader::zygote`), which saves creating namespaces per
+/// picoprocess. `MOAT_NO_ZYGOTE=1` creates fresh namespaces for every
+/// loader instead.
 pub fn spawn_loader(loader: &Path, limits: &Limits) -> Result<Spawned, SpawnError> {
-    let (loader, limits) = (loader.to_path_buf(), *limits);
-    on_spawner_thread(move || spawn_here(&loader, &limits))?
+    if std::env::var_os("MOAT_NO_ZYGOTE").is_some() {
+        let (loader, limits) = (loader.to_path_buf(), *limits);
+        return on_spawner_thread(move || spawn_here(&loader, &limits, false))?;
+    }
+    crate::zygote::spawn(loader, limits)
 }
 
-fn spawn_here(loader: &Path, limits: &Limits) -> Result<Spawned, SpawnError> {
+/// Start the zygote itself: `moat-loader --zygote` in new namespaces.
+pub(crate) fn spawn_zygote(loader: &Path) -> Result<Spawned, SpawnError> {
+    let loader = loader.to_path_buf();
+    on_spawner_thread(move || spawn_here(&loader, &Limits::default(), true))?
+}
+
+fn spawn_here(loader: &Path, limits: &Limits, zygote: bool) -> Result<Spawned, SpawnError> {
     let mut fds = [0 as RawFd; 2];
     // SAFETY: `fds` is a valid array of two ints for the kernel to fill.
     let r = unsafe {
@@ -197,42 +251,19 @@ fn spawn_here(loader: &Path, limits: &Limits) -> Result<Spawned, SpawnError> {
         })?;
 
     let path = cstring(loader.as_os_str())?;
-    let arg0 = CString::new("moat-loader").expect("no NUL");
-    let env0 = CString::new("MALLOC_ARENA_MAX=1").expect("no NUL");
-    let argv: [*const libc::c_char; 2] = [arg0.as_ptr(), std::ptr::null()];
-    let envp: [*const libc::c_char; 2] = [env0.as_ptr(), std::ptr::null()];
-
-    let mib = |m: u64| m.saturating_mul(1 << 20);
-    let lim = |v: u64| libc::rlimit {
-        rlim_cur: v,
-        rlim_max: v,
-    };
-    let mut rlimits = [(libc::RLIMIT_CORE, lim(0)); 4];
-    rlimits[1] = (libc::RLIMIT_NOFILE, lim(limits.handles.saturating_add(64)));
-    rlimits[2] = (
-        libc::RLIMIT_AS,
-        lim(mib(limits.memory_mib.saturating_add(768))),
-    );
-    let mut n_rlimits = 3;
-    if limits.cpu_seconds != 0 {
-        rlimits[3] = (libc::RLIMIT_CPU, lim(limits.cpu_seconds));
-        n_rlimits = 4;
-    }
     let (err_r, err_w) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| SpawnError::Setup {
             what: "a pipe",
             err: e.into(),
         })?;
-    let args = ChildArgs {
-        err_pipe: err_w.as_raw_fd(),
-        devnull: devnull.as_raw_fd(),
-        sock: child_end.as_raw_fd(),
-        path: path.as_ptr(),
-        argv: argv.as_ptr(),
-        envp: envp.as_ptr(),
-        rlimits,
-        n_rlimits,
-    };
+    let mut args = ChildArgs::new(
+        err_w.as_raw_fd(),
+        devnull.as_raw_fd(),
+        child_end.as_raw_fd(),
+        &path,
+        limits,
+    );
+    args.zygote = zygote;
 
     let ns_flags = NAMESPACES.iter().fold(0, |a, (f, _)| a | f);
     let (pid, pidfd) = match clone_child(ns_flags, &args) {
@@ -321,20 +352,69 @@ const STAGES: [&str; 6] = [
 /// The cloned child: raw system calls only, then `execve`.
 extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
     // SAFETY: `arg` is the `ChildArgs` the parent passed to clone, in our
-    // copy of its memory; all the calls below are plain system calls that
-    // touch only memory prepared before clone.
+    // copy of its memory.
+    unsafe { exec_loader_child(&*(arg as *const ChildArgs)) }
+}
+
+/// In a fresh child (of clone or of the zygote's fork): arrange the
+/// descriptors and limits and exec the loader (or the zygote). Never
+/// returns; on failure writes the stage and errno to the error pipe.
+///
+/// # Safety
+/// Only in a child process; every call below is a plain system call that
+/// touches only memory prepared before the child was made.
+pub(crate) unsafe fn exec_loader_child(a: &ChildArgs) -> ! {
+    // SAFETY: see the function contract.
     unsafe {
-        let a = &*(arg as *const ChildArgs);
-        // Tell the parent which stage failed and why, then exit.
-        let fail = |stage: u8, e: RawFd| -> ! {
-            let errno = *libc::__errno_location();
-            let mut msg = [stage, 0, 0, 0, 0];
-            msg[1..].copy_from_slice(&errno.to_ne_bytes());
-            if e >= 0 {
-                libc::write(e, msg.as_ptr() as *const libc::c_void, msg.len());
-            }
-            libc::_exit(CHILD_SETUP_FAILED)
+        let e = setup_child(a);
+        let argv: [*const libc::c_char; 4] = if a.zygote {
+            [
+                ARG0.as_ptr(),
+                ZYGOTE_FLAG.as_ptr(),
+                a.path,
+                std::ptr::null(),
+            ]
+        } else {
+            [
+                ARG0.as_ptr(),
+                std::ptr::null(),
+                std::ptr::null(),
+                std::ptr::null(),
+            ]
         };
+        let envp: [*const libc::c_char; 2] = [ENV0.as_ptr(), std::ptr::null()];
+        libc::execve(a.path, argv.as_ptr(), envp.as_ptr());
+        child_fail(4, e)
+    }
+}
+
+/// Tell the parent which stage failed and why (on the error pipe `e`), then exit.
+///
+/// # Safety
+/// Only in a child process.
+unsafe fn child_fail(stage: u8, e: RawFd) -> ! {
+    // SAFETY: plain system calls on a local buffer.
+    unsafe {
+        let errno = *libc::__errno_location();
+        let mut msg = [stage, 0, 0, 0, 0];
+        msg[1..].copy_from_slice(&errno.to_ne_bytes());
+        if e >= 0 {
+            libc::write(e, msg.as_ptr() as *const libc::c_void, msg.len());
+        }
+        libc::_exit(CHILD_SETUP_FAILED)
+    }
+}
+
+/// In a fresh child: parent-death signal, descriptors 0-2 on /dev/null,
+/// the monitor socket on 3, everything else closed but the error pipe
+/// (returned, close-on-exec), rlimits. On failure: reports and exits.
+///
+/// # Safety
+/// Only in a child process, with `a` prepared before it was made.
+pub(crate) unsafe fn setup_child(a: &ChildArgs) -> RawFd {
+    // SAFETY: see the function contract.
+    unsafe {
+        let fail = |stage: u8, e: RawFd| -> ! { child_fail(stage, e) };
         // Die with the spawner thread (the host process).
         if libc::prctl(
             libc::PR_SET_PDEATHSIG,
@@ -383,8 +463,7 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
                 fail(3, e);
             }
         }
-        libc::execve(a.path, a.argv, a.envp);
-        fail(4, e)
+        e
     }
 }
 
@@ -475,6 +554,22 @@ fn probe(flags: libc::c_int) -> Result<(), std::io::Error> {
 pub enum Status {
     Exited(i32),
     Signaled(i32),
+}
+
+/// The name of a child set-up stage reported on the error pipe.
+pub(crate) fn stage_name(stage: u8) -> &'static str {
+    STAGES[(stage as usize).min(STAGES.len() - 1)]
+}
+
+/// Wait for a loader: our own child (reaped here), or one the zygote
+/// started (whose status the zygote reports).
+pub fn wait_process(pidfd: &OwnedFd, pid: u32) -> Result<Status, std::io::Error> {
+    match wait_pidfd(pidfd) {
+        Err(e) if e.raw_os_error() == Some(libc::ECHILD) => {
+            Ok(crate::zygote::wait_exit(pid as i32))
+        }
+        r => r,
+    }
 }
 
 /// Wait for (and reap) the process behind `pidfd`.

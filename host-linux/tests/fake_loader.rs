@@ -14,7 +14,9 @@ fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
 }
 
 fn run_with(loader: &Path, img: &Path) -> (moat_host_linux::Exit, Vec<String>) {
-    // Process-wide, but this is the only test of this binary.
+    // Process-wide, but this is the only test of this binary. Fresh
+    // namespaces per loader: the zygote is the real loader binary.
+    std::env::set_var("MOAT_NO_ZYGOTE", "1");
     std::env::set_var("MOAT_LOADER", loader);
     let (sink, lines) = LogSink::buffer();
     let mut p = Sandbox::new(img)

@@ -27,7 +27,12 @@ pub struct HandleTable<T> {
 impl<T> HandleTable<T> {
     /// A table holding at most `capacity` live handles.
     pub fn new(capacity: usize) -> Self {
-        HandleTable { slots: Vec::new(), free: Vec::new(), live: 0, capacity }
+        HandleTable {
+            slots: Vec::new(),
+            free: Vec::new(),
+            live: 0,
+            capacity,
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -45,7 +50,11 @@ impl<T> HandleTable<T> {
         let idx = if let Some(i) = self.free.pop() {
             i
         } else {
-            self.slots.push(Slot { generation: 0, refs: 0, object: None });
+            self.slots.push(Slot {
+                generation: 0,
+                refs: 0,
+                object: None,
+            });
             (self.slots.len() - 1) as u32
         };
         let slot = &mut self.slots[idx as usize];

@@ -65,7 +65,9 @@ impl RegionMap {
 
     /// Whether [start, start+len) is entirely covered by regions of `kind`.
     pub fn covered_by(&self, start: u64, len: u64, kind: RegionKind) -> bool {
-        let Some(end) = start.checked_add(len) else { return false };
+        let Some(end) = start.checked_add(len) else {
+            return false;
+        };
         let mut at = start;
         while at < end {
             match self.map.range(..=at).next_back() {
@@ -112,7 +114,11 @@ impl RegionMap {
     /// null pointer is refused anyway so that callers see one behaviour.
     pub fn check(&self, addr: u64, len: u64, need: u32) -> PalResult<()> {
         if len == 0 {
-            return if addr == 0 { Err(Error::BadAddress) } else { Ok(()) };
+            return if addr == 0 {
+                Err(Error::BadAddress)
+            } else {
+                Ok(())
+            };
         }
         let end = addr.checked_add(len).ok_or(Error::BadAddress)?;
         let mut at = addr;
@@ -146,14 +152,18 @@ mod tests {
     fn checks() {
         let mut m = RegionMap::new();
         m.insert(0x1000, 0x2000, RW, RegionKind::Alloc).unwrap();
-        m.insert(0x3000, 0x1000, prot::READ, RegionKind::Image).unwrap();
+        m.insert(0x3000, 0x1000, prot::READ, RegionKind::Image)
+            .unwrap();
         assert!(m.check_write(0x1000, 0x2000).is_ok());
         assert!(m.check_read(0x1000, 0x3000).is_ok());
         assert_eq!(m.check_write(0x1000, 0x3000), Err(Error::BadAddress));
         assert_eq!(m.check_read(0x0, 1), Err(Error::BadAddress));
         assert_eq!(m.check_read(u64::MAX, 2), Err(Error::BadAddress));
         assert_eq!(m.check_read(0, 0), Err(Error::BadAddress));
-        assert_eq!(m.insert(0x2000, 0x1000, RW, RegionKind::Alloc), Err(Error::AlreadyExists));
+        assert_eq!(
+            m.insert(0x2000, 0x1000, RW, RegionKind::Alloc),
+            Err(Error::AlreadyExists)
+        );
         m.remove(0x1800, 0x800);
         assert_eq!(m.check_read(0x1800, 1), Err(Error::BadAddress));
         assert!(m.check_read(0x1000, 0x800).is_ok());

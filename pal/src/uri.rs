@@ -41,7 +41,13 @@ impl Uri {
             return Err(Error::InvalidUri);
         }
         let (scheme, rest) = s.split_once(':').ok_or(Error::InvalidUri)?;
-        let empty = |u: Uri| if rest.is_empty() { Ok(u) } else { Err(Error::InvalidUri) };
+        let empty = |u: Uri| {
+            if rest.is_empty() {
+                Ok(u)
+            } else {
+                Err(Error::InvalidUri)
+            }
+        };
         match scheme {
             "file" => Ok(Uri::File(normalize_path(rest)?)),
             "null" => empty(Uri::Null),
@@ -121,8 +127,7 @@ pub fn path_within(path: &str, prefix: &str) -> bool {
     if prefix == "/" {
         return path.starts_with('/');
     }
-    path == prefix
-        || (path.starts_with(prefix) && path.as_bytes().get(prefix.len()) == Some(&b'/'))
+    path == prefix || (path.starts_with(prefix) && path.as_bytes().get(prefix.len()) == Some(&b'/'))
 }
 
 fn check_name(n: &str) -> PalResult<String> {
@@ -158,7 +163,10 @@ mod tests {
     use super::*;
     #[test]
     fn files() {
-        assert_eq!(Uri::parse("file:/a//b/./c/").unwrap(), Uri::File("/a/b/c".into()));
+        assert_eq!(
+            Uri::parse("file:/a//b/./c/").unwrap(),
+            Uri::File("/a/b/c".into())
+        );
         assert_eq!(Uri::parse("file:/").unwrap(), Uri::File("/".into()));
         assert_eq!(Uri::parse("file:/a/../b"), Err(Error::InvalidUri));
         assert_eq!(Uri::parse("file:a/b"), Err(Error::InvalidUri));
@@ -171,11 +179,23 @@ mod tests {
         assert_eq!(Uri::parse("null:x"), Err(Error::InvalidUri));
         assert_eq!(Uri::parse("http://x"), Err(Error::InvalidUri));
         assert_eq!(Uri::parse("nothing"), Err(Error::InvalidUri));
-        assert!(matches!(Uri::parse("tcp:127.0.0.1:80").unwrap(), Uri::TcpClient(_)));
-        assert!(matches!(Uri::parse("tcp.server:[::1]:80").unwrap(), Uri::TcpServer(_)));
-        assert_eq!(Uri::parse("tcp.client:localhost:80"), Err(Error::InvalidUri));
+        assert!(matches!(
+            Uri::parse("tcp:127.0.0.1:80").unwrap(),
+            Uri::TcpClient(_)
+        ));
+        assert!(matches!(
+            Uri::parse("tcp.server:[::1]:80").unwrap(),
+            Uri::TcpServer(_)
+        ));
+        assert_eq!(
+            Uri::parse("tcp.client:localhost:80"),
+            Err(Error::InvalidUri)
+        );
         assert_eq!(Uri::parse("pipe.server:a/b"), Err(Error::InvalidUri));
-        assert_eq!(Uri::parse("pipe.client:ok-1.x").unwrap(), Uri::PipeClient("ok-1.x".into()));
+        assert_eq!(
+            Uri::parse("pipe.client:ok-1.x").unwrap(),
+            Uri::PipeClient("ok-1.x".into())
+        );
         assert_eq!(
             Uri::parse("tcp:127.0.0.1:80").unwrap().canonical(),
             "tcp.client:127.0.0.1:80"

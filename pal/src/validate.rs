@@ -16,7 +16,8 @@ pub fn check_prot(p: u32) -> PalResult<u32> {
 
 /// A page-aligned, non-empty, non-wrapping range below the 47-bit user limit.
 pub fn check_page_range(addr: u64, size: u64) -> PalResult<()> {
-    if size == 0 || addr % PAGE != 0 || size % PAGE != 0 {
+    // PAGE is a power of two (a mask, not `is_multiple_of`: that needs Rust 1.87).
+    if size == 0 || addr & (PAGE - 1) != 0 || size & (PAGE - 1) != 0 {
         return Err(Error::InvalidArgument);
     }
     let end = addr.checked_add(size).ok_or(Error::InvalidArgument)?;
@@ -109,7 +110,10 @@ mod tests {
     fn prot_rules() {
         assert!(check_prot(prot::READ | prot::WRITE).is_ok());
         assert!(check_prot(prot::READ | prot::EXEC).is_ok());
-        assert_eq!(check_prot(prot::WRITE | prot::EXEC), Err(Error::InvalidArgument));
+        assert_eq!(
+            check_prot(prot::WRITE | prot::EXEC),
+            Err(Error::InvalidArgument)
+        );
         assert_eq!(check_prot(8), Err(Error::InvalidArgument));
     }
     #[test]

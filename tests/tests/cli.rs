@@ -10,8 +10,16 @@ fn hello_runs_by_bare_name() {
     }
     let out = moat(&["run", "hello", "--", "a", "b c"]);
     out.assert_code(0);
-    assert!(out.stdout.contains("hello from a moat picoprocess"), "{}", out.stdout);
-    assert!(out.stdout.contains("\na\n") && out.stdout.contains("b c"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("hello from a moat picoprocess"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("\na\n") && out.stdout.contains("b c"),
+        "{}",
+        out.stdout
+    );
 }
 
 #[test]
@@ -42,7 +50,11 @@ fn refused_uri_is_reported() {
     }
     let out = moat(&["run", "hostile-network", "--", "1"]);
     out.assert_code(0);
-    assert!(out.stderr.contains("tcp.client:127.0.0.1:1"), "refusals are logged: {}", out.stderr);
+    assert!(
+        out.stderr.contains("tcp.client:127.0.0.1:1"),
+        "refusals are logged: {}",
+        out.stderr
+    );
 }
 
 #[test]
@@ -58,25 +70,83 @@ fn bad_input_is_one_line_and_exit_2() {
     fs::write(&bad_limits, "[limits]\nthreads = 0\n").unwrap();
     let cases: Vec<(Vec<String>, &str)> = vec![
         (vec!["run".into(), "no-such-image".into()], "no-such-image"),
-        (vec!["run".into(), "/nonexistent/image".into()], "/nonexistent/image"),
+        (
+            vec!["run".into(), "/nonexistent/image".into()],
+            "/nonexistent/image",
+        ),
         (vec!["run".into(), garbage.display().to_string()], "ELF"),
         (vec!["run".into(), text.display().to_string()], "ELF"),
         (vec!["run".into(), "/bin/true".into()], "static"),
-        (vec!["run".into(), "--manifest".into(), bad_manifest.display().to_string(), "hello".into()], "imgae"),
-        (vec!["run".into(), "--manifest".into(), bad_limits.display().to_string(), "hello".into()], "threads"),
-        (vec!["run".into(), "--manifest".into(), "/nonexistent.toml".into(), "hello".into()], "nonexistent.toml"),
-        (vec!["run".into(), "--allow".into(), "file:relative".into(), "hello".into()], "file:relative"),
-        (vec!["run".into(), "--allow".into(), "gopher:x".into(), "hello".into()], "gopher:x"),
-        (vec!["run".into(), "--host".into(), "vax".into(), "hello".into()], "vax"),
+        (
+            vec![
+                "run".into(),
+                "--manifest".into(),
+                bad_manifest.display().to_string(),
+                "hello".into(),
+            ],
+            "imgae",
+        ),
+        (
+            vec![
+                "run".into(),
+                "--manifest".into(),
+                bad_limits.display().to_string(),
+                "hello".into(),
+            ],
+            "threads",
+        ),
+        (
+            vec![
+                "run".into(),
+                "--manifest".into(),
+                "/nonexistent.toml".into(),
+                "hello".into(),
+            ],
+            "nonexistent.toml",
+        ),
+        (
+            vec![
+                "run".into(),
+                "--allow".into(),
+                "file:relative".into(),
+                "hello".into(),
+            ],
+            "file:relative",
+        ),
+        (
+            vec![
+                "run".into(),
+                "--allow".into(),
+                "gopher:x".into(),
+                "hello".into(),
+            ],
+            "gopher:x",
+        ),
+        (
+            vec!["run".into(), "--host".into(), "vax".into(), "hello".into()],
+            "vax",
+        ),
         (vec!["inspect".into(), garbage.display().to_string()], "ELF"),
         (vec!["abi".into(), "--format".into(), "yaml".into()], "yaml"),
     ];
     for (args, needle) in cases {
         let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
         let out = moat(&a);
-        assert_eq!(out.code, 2, "{a:?}: exit {} stderr {}", out.code, out.stderr);
-        assert!(out.stderr.contains(needle), "{a:?}: stderr does not name `{needle}`: {}", out.stderr);
-        assert!(!out.stderr.contains("panicked"), "{a:?} panicked: {}", out.stderr);
+        assert_eq!(
+            out.code, 2,
+            "{a:?}: exit {} stderr {}",
+            out.code, out.stderr
+        );
+        assert!(
+            out.stderr.contains(needle),
+            "{a:?}: stderr does not name `{needle}`: {}",
+            out.stderr
+        );
+        assert!(
+            !out.stderr.contains("panicked"),
+            "{a:?} panicked: {}",
+            out.stderr
+        );
     }
 }
 
@@ -85,7 +155,11 @@ fn run_help_documents_exit_codes() {
     let out = moat(&["run", "--help"]);
     out.assert_code(0);
     for needle in ["159", "125", "2"] {
-        assert!(out.stdout.contains(needle), "--help lacks {needle}: {}", out.stdout);
+        assert!(
+            out.stdout.contains(needle),
+            "--help lacks {needle}: {}",
+            out.stdout
+        );
     }
 }
 
@@ -93,8 +167,17 @@ fn run_help_documents_exit_codes() {
 fn abi_json_has_every_call() {
     let out = moat(&["abi", "--format", "json"]);
     out.assert_code(0);
-    for name in ["DkStreamOpen", "DkVirtualMemoryAlloc", "DkObjectsWaitAny", "DkDebugStringPrint", "LibOsExceptionDispatch"] {
-        assert!(out.stdout.contains(&format!("\"{name}\"")), "missing {name}");
+    for name in [
+        "DkStreamOpen",
+        "DkVirtualMemoryAlloc",
+        "DkObjectsWaitAny",
+        "DkDebugStringPrint",
+        "LibOsExceptionDispatch",
+    ] {
+        assert!(
+            out.stdout.contains(&format!("\"{name}\"")),
+            "missing {name}"
+        );
     }
     assert!(out.stdout.contains("\"version\""));
     let md = moat(&["abi", "--format", "md"]);
@@ -109,10 +192,22 @@ fn abi_json_has_every_call() {
 fn inspect_accepts_images_and_explains_rejections() {
     let out = moat(&["inspect", &image("hello").display().to_string()]);
     out.assert_code(0);
-    assert!(out.stdout.contains("W^X") || out.stdout.contains("ok"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("W^X") || out.stdout.contains("ok"),
+        "{}",
+        out.stdout
+    );
     let out = moat(&["inspect", &image("hostile-raw-open").display().to_string()]);
-    assert_ne!(out.code, 0, "an image with a syscall instruction is flagged: {}", out.stdout);
-    assert!(format!("{}{}", out.stdout, out.stderr).contains("syscall"), "{}", out.stdout);
+    assert_ne!(
+        out.code, 0,
+        "an image with a syscall instruction is flagged: {}",
+        out.stdout
+    );
+    assert!(
+        format!("{}{}", out.stdout, out.stderr).contains("syscall"),
+        "{}",
+        out.stdout
+    );
     let out = moat(&["inspect", "/bin/true"]);
     assert_ne!(out.code, 0);
 }
@@ -122,7 +217,13 @@ fn images_lists_built_images() {
     let out = moat(&["images"]);
     out.assert_code(0);
     for name in ["hello", "conformance", "echo"] {
-        assert!(out.stdout.lines().any(|l| l.split_whitespace().next() == Some(name)), "{name} not listed:\n{}", out.stdout);
+        assert!(
+            out.stdout
+                .lines()
+                .any(|l| l.split_whitespace().next() == Some(name)),
+            "{name} not listed:\n{}",
+            out.stdout
+        );
     }
     assert!(out.stdout.contains(&target_dir().display().to_string()));
 }

@@ -16,21 +16,51 @@ fn conformance_suite_passes() {
         let out = run_on(
             h,
             &[
-                "--allow", &s,
-                "--allow-ro", &exit_img,
-                "--allow", "tcp.server:127.0.0.1:",
-                "--allow", "tcp.client:127.0.0.1:",
-                "--allow", "pipe.server:",
-                "--allow", "pipe.client:",
-                &conf, "--", &s, &exit_img,
+                "--allow",
+                &s,
+                "--allow-ro",
+                &exit_img,
+                "--allow",
+                "tcp.server:127.0.0.1:",
+                "--allow",
+                "tcp.client:127.0.0.1:",
+                "--allow",
+                "pipe.server:",
+                "--allow",
+                "pipe.client:",
+                &conf,
+                "--",
+                &s,
+                &exit_img,
             ],
         );
-        let fails: Vec<&str> = out.stdout.lines().filter(|l| l.starts_with("FAIL")).collect();
-        assert!(fails.is_empty(), "host {h}: failing cases:\n{}\nstderr:\n{}", fails.join("\n"), out.stderr);
-        let skips: Vec<&str> = out.stdout.lines().filter(|l| l.starts_with("skip")).collect();
-        assert!(skips.is_empty(), "host {h}: skipped cases (everything is granted):\n{}", skips.join("\n"));
+        let fails: Vec<&str> = out
+            .stdout
+            .lines()
+            .filter(|l| l.starts_with("FAIL"))
+            .collect();
+        assert!(
+            fails.is_empty(),
+            "host {h}: failing cases:\n{}\nstderr:\n{}",
+            fails.join("\n"),
+            out.stderr
+        );
+        let skips: Vec<&str> = out
+            .stdout
+            .lines()
+            .filter(|l| l.starts_with("skip"))
+            .collect();
+        assert!(
+            skips.is_empty(),
+            "host {h}: skipped cases (everything is granted):\n{}",
+            skips.join("\n")
+        );
         out.assert_code(0);
-        let summary = out.stdout.lines().find(|l| l.starts_with("conformance:")).expect("summary line");
+        let summary = out
+            .stdout
+            .lines()
+            .find(|l| l.starts_with("conformance:"))
+            .expect("summary line");
         let passed: usize = summary.split_whitespace().nth(1).unwrap().parse().unwrap();
         assert!(passed >= 40, "host {h}: only {passed} cases ran: {summary}");
     }

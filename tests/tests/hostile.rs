@@ -25,18 +25,39 @@ fn arena() -> Arena {
     std::os::unix::fs::symlink(outside.join("secret"), grant.join("abs")).unwrap();
     std::os::unix::fs::symlink("loop", grant.join("loop")).unwrap();
     std::os::unix::fs::symlink("/proc/self/root", grant.join("proclink")).unwrap();
-    Arena { _tmp: tmp, grant, outside }
+    Arena {
+        _tmp: tmp,
+        grant,
+        outside,
+    }
 }
 
 impl Arena {
     fn untouched(&self) {
         let parent = self.outside.parent().unwrap();
-        assert_eq!(fs::read_to_string(self.outside.join("secret")).unwrap(), "TOPSECRET");
-        assert_eq!(fs::read_to_string(parent.join("secret")).unwrap(), "TOPSECRET");
-        for p in [self.outside.join("created-by-guest"), self.outside.join("moved-by-guest"), parent.join("created-by-guest")] {
-            assert!(!p.exists(), "{} was created by a hostile guest", p.display());
+        assert_eq!(
+            fs::read_to_string(self.outside.join("secret")).unwrap(),
+            "TOPSECRET"
+        );
+        assert_eq!(
+            fs::read_to_string(parent.join("secret")).unwrap(),
+            "TOPSECRET"
+        );
+        for p in [
+            self.outside.join("created-by-guest"),
+            self.outside.join("moved-by-guest"),
+            parent.join("created-by-guest"),
+        ] {
+            assert!(
+                !p.exists(),
+                "{} was created by a hostile guest",
+                p.display()
+            );
         }
-        let mut names: Vec<_> = fs::read_dir(&self.outside).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let mut names: Vec<_> = fs::read_dir(&self.outside)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         names.sort();
         assert_eq!(names, ["secret"]);
     }
@@ -51,9 +72,18 @@ fn refused(host: &str, image: &str, extra: &[&str], args: &[&str]) -> Output {
         a.extend_from_slice(args);
     }
     let out = run_on(host, &a);
-    assert!(!out.stdout.contains("ESCAPED"), "{image} escaped:\n{}\n{}", out.stdout, out.stderr);
+    assert!(
+        !out.stdout.contains("ESCAPED"),
+        "{image} escaped:\n{}\n{}",
+        out.stdout,
+        out.stderr
+    );
     out.assert_code(0);
-    assert!(out.stdout.contains("REFUSED"), "{image} printed no REFUSED line:\n{}", out.stdout);
+    assert!(
+        out.stdout.contains("REFUSED"),
+        "{image} printed no REFUSED line:\n{}",
+        out.stdout
+    );
     out
 }
 
@@ -63,11 +93,30 @@ fn image_path(name: &str) -> String {
 
 fn killed(host: &str, image: &str, syscall: &str) {
     let out = run_on(host, &[&image_path(image)]);
-    assert!(!out.stdout.contains("ESCAPED"), "{image} escaped:\n{}", out.stdout);
+    assert!(
+        !out.stdout.contains("ESCAPED"),
+        "{image} escaped:\n{}",
+        out.stdout
+    );
     out.assert_code(159);
-    assert!(out.stderr.contains("sandbox violation"), "{image}: no violation report:\n{}", out.stderr);
-    assert!(out.stderr.contains(syscall), "{image}: report does not name `{syscall}`:\n{}", out.stderr);
-    assert_eq!(out.stderr.lines().filter(|l| l.contains("sandbox violation")).count(), 1, "one report line");
+    assert!(
+        out.stderr.contains("sandbox violation"),
+        "{image}: no violation report:\n{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains(syscall),
+        "{image}: report does not name `{syscall}`:\n{}",
+        out.stderr
+    );
+    assert_eq!(
+        out.stderr
+            .lines()
+            .filter(|l| l.contains("sandbox violation"))
+            .count(),
+        1,
+        "one report line"
+    );
 }
 
 macro_rules! raw_syscall_tests {
@@ -93,7 +142,9 @@ raw_syscall_tests! {
 
 #[test]
 fn descriptor_numbers_are_not_handles() {
-    if !sandbox_available() { return; }
+    if !sandbox_available() {
+        return;
+    }
     for h in hosts() {
         refused(h, "hostile-fd-handles", &[], &[]);
     }
@@ -101,7 +152,9 @@ fn descriptor_numbers_are_not_handles() {
 
 #[test]
 fn proc_self_tricks_are_refused() {
-    if !sandbox_available() { return; }
+    if !sandbox_available() {
+        return;
+    }
     for h in hosts() {
         let a = arena();
         let g = file_uri(&a.grant);
@@ -113,7 +166,9 @@ fn proc_self_tricks_are_refused() {
 
 #[test]
 fn writable_executable_memory_is_refused() {
-    if !sandbox_available() { return; }
+    if !sandbox_available() {
+        return;
+    }
     for h in hosts() {
         refused(h, "hostile-wx-memory", &[], &[]);
     }
@@ -121,7 +176,9 @@ fn writable_executable_memory_is_refused() {
 
 #[test]
 fn dotdot_paths_are_refused() {
-    if !sandbox_available() { return; }
+    if !sandbox_available() {
+        return;
+    }
     for h in hosts() {
         let a = arena();
         let g = file_uri(&a.grant);
@@ -133,7 +190,9 @@ fn dotdot_paths_are_refused() {
 
 #[test]
 fn symlinks_out_of_the_grant_are_refused() {
-    if !sandbox_available() { return; }
+    if !sandbox_available() {
+        return;
+    }
     for h in hosts() {
         let a = arena();
         let g = file_uri(&a.grant);
@@ -146,7 +205,9 @@ fn symlinks_out_of_the_grant_are_refused() {
 
 #[test]
 fn racing_uri_rewrite_never_opens_the_other_uri() {
-    if !sandbox_available() { return; }
+    if !sandbox_available() {
+        return;
+    }
     for h in hosts() {
         let a = arena();
         let tmp = a.grant.parent().unwrap();
@@ -164,7 +225,12 @@ fn racing_uri_rewrite_never_opens_the_other_uri() {
             (file_uri(&a.grant.join(&name)), bad)
         };
         assert_eq!(good.len(), bad.len());
-        let out = refused(h, "hostile-uri-race", &["--allow-ro", &file_uri(&a.grant)], &[&good, &bad]);
+        let out = refused(
+            h,
+            "hostile-uri-race",
+            &["--allow-ro", &file_uri(&a.grant)],
+            &[&good, &bad],
+        );
         assert!(out.stdout.contains("REFUSED racing URI"), "{}", out.stdout);
         a.untouched();
     }
@@ -172,7 +238,9 @@ fn racing_uri_rewrite_never_opens_the_other_uri() {
 
 #[test]
 fn fork_bomb_hits_the_process_limit() {
-    if !sandbox_available() { return; }
+    if !sandbox_available() {
+        return;
+    }
     for h in hosts() {
         let img = image_path("hostile-fork-bomb");
         let me = format!("file:{img}");
@@ -188,40 +256,60 @@ fn manifest(dir: &Path, body: &str) -> String {
 
 #[test]
 fn memory_exhaustion_is_refused() {
-    if !sandbox_available() { return; }
+    if !sandbox_available() {
+        return;
+    }
     for h in hosts() {
         let t = tempfile::tempdir().unwrap();
         let m = manifest(t.path(), "[limits]\nmemory_mib = 128\n");
         let out = refused(h, "hostile-memory", &["--manifest", &m], &[]);
-        assert!(out.stdout.contains("REFUSED memory after"), "{}", out.stdout);
+        assert!(
+            out.stdout.contains("REFUSED memory after"),
+            "{}",
+            out.stdout
+        );
     }
 }
 
 #[test]
 fn handle_exhaustion_is_refused() {
-    if !sandbox_available() { return; }
+    if !sandbox_available() {
+        return;
+    }
     for h in hosts() {
         let t = tempfile::tempdir().unwrap();
         let m = manifest(t.path(), "[limits]\nhandles = 100\n");
         let out = refused(h, "hostile-handles", &["--manifest", &m], &[]);
-        assert!(out.stdout.contains("REFUSED handles after"), "{}", out.stdout);
+        assert!(
+            out.stdout.contains("REFUSED handles after"),
+            "{}",
+            out.stdout
+        );
     }
 }
 
 #[test]
 fn thread_exhaustion_is_refused() {
-    if !sandbox_available() { return; }
+    if !sandbox_available() {
+        return;
+    }
     for h in hosts() {
         let t = tempfile::tempdir().unwrap();
         let m = manifest(t.path(), "[limits]\nthreads = 8\n");
         let out = refused(h, "hostile-threads", &["--manifest", &m], &[]);
-        assert!(out.stdout.contains("REFUSED threads after 7"), "{}", out.stdout);
+        assert!(
+            out.stdout.contains("REFUSED threads after 7"),
+            "{}",
+            out.stdout
+        );
     }
 }
 
 #[test]
 fn bad_pointers_are_refused() {
-    if !sandbox_available() { return; }
+    if !sandbox_available() {
+        return;
+    }
     for h in hosts() {
         refused(h, "hostile-bad-pointers", &[], &[]);
     }
@@ -229,19 +317,26 @@ fn bad_pointers_are_refused() {
 
 #[test]
 fn network_without_grant_is_refused() {
-    if !sandbox_available() { return; }
+    if !sandbox_available() {
+        return;
+    }
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port().to_string();
     l.set_nonblocking(true).unwrap();
     for h in hosts() {
         refused(h, "hostile-network", &[], &[&port]);
-        assert!(l.accept().is_err(), "a connection reached the host listener");
+        assert!(
+            l.accept().is_err(),
+            "a connection reached the host listener"
+        );
     }
 }
 
 #[test]
 fn stack_overflow_ends_the_picoprocess_only() {
-    if !sandbox_available() { return; }
+    if !sandbox_available() {
+        return;
+    }
     for h in hosts() {
         let out = run_on(h, &[&image_path("hostile-stack-overflow")]);
         assert!(!out.stdout.contains("ESCAPED"));

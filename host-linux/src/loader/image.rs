@@ -29,11 +29,16 @@ pub fn read_all(fd: RawFd) -> PalResult<Vec<u8>> {
 /// Check and map an image: each segment becomes fresh memory filled from
 /// the file, then gets its final protection (never writable and executable).
 pub fn map(pal: &LinuxPal, bytes: &[u8]) -> Result<Image, String> {
-    let limit = pal.mem_limit.saturating_sub(pal.regions.read().unwrap().total());
+    let limit = pal
+        .mem_limit
+        .saturating_sub(pal.regions.read().unwrap().total());
     let img = elf::parse(bytes, limit).map_err(|e| e.to_string())?;
     let mut regions = pal.regions.write().unwrap();
     if regions.overlaps(img.base, img.end) {
-        return Err(format!("image range {:#x}..{:#x} overlaps memory already in use", img.base, img.end));
+        return Err(format!(
+            "image range {:#x}..{:#x} overlaps memory already in use",
+            img.base, img.end
+        ));
     }
     let mut mapped: Vec<(u64, u64)> = Vec::new();
     let undo = |mapped: &[(u64, u64)]| {
@@ -57,7 +62,10 @@ pub fn map(pal: &LinuxPal, bytes: &[u8]) -> Result<Image, String> {
         sys::copy_out(s.vaddr, src);
         if let Err(e) = sys::mprotect(start, len, s.prot) {
             undo(&mapped);
-            return Err(format!("cannot protect image segment: {}", std::io::Error::from_raw_os_error(e)));
+            return Err(format!(
+                "cannot protect image segment: {}",
+                std::io::Error::from_raw_os_error(e)
+            ));
         }
     }
     for s in &img.segments {

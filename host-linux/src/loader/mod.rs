@@ -1,7 +1,7 @@
 //! The picoprocess loader: the small program the monitor execs inside new
-//! namespaces. It receives its configuration and the image descriptor from
-//! the monitor, maps the image, confines itself for good (Landlock, then
-//! seccomp), and calls the image's entry (LibOsInitialize) with the
+//! namespaces. It confines itself for good (Landlock, then seccomp),
+//! receives its configuration and the image descriptor from the monitor,
+//! maps the image, and calls the image's entry (LibOsInitialize) with the
 //! start-up block and the PAL function table.
 pub mod image;
 pub mod objects;
@@ -9,6 +9,7 @@ pub mod pal;
 pub mod sandbox;
 pub mod signals;
 pub mod sys;
+pub mod zygote;
 
 use crate::protocol::{self, Config, ReportKind};
 use moat_pal::memory::RegionKind;
@@ -35,24 +36,47 @@ fn fail(msg: &str) -> ! {
 
 /// The loader's `main`.
 pub fn main() -> ! {
+    let args: Vec<String> = std::env::args().collect();
+    if args.len() == 3 && args[1] == "--zygote" {
+        zygote::main(&args[2]);
+    }
+    run()
+}
+
+/// Run one picoprocess: descriptor 3 is its monitor socket.
+pub fn run() -> ! {
     // SAFETY: descriptor 3 is the monitor socket the monitor set up for us;
     // nothing else in this process owns it.
     let sock = unsafe { OwnedFd::from_raw_fd(protocol::MONITOR_FD) };
+
+    // Confine first: from here on no path is reachable and only the
+    // allow-listed system calls, made from the PAL's own code, are. The
+    // image comes later, as a descriptor, so a loader can wait sandboxed
+    // for work (the zygote keeps one warm).
+    if let Err(e) = signals::install_all() {
+        fail(&format!("loader: {e}"));
+    }
+    let ranges = sys::pal_code_ranges();
+    if ranges.is_empty() {
+        fail("loader: cannot find its own code ranges");
+    }
+    if let Err(e) = sandbox::install(&ranges) {
+        fail(&e);
+    }
+
     let (cfg, mut fds) = match protocol::recv::<Config>(sys::borrow(&sock)) {
         Ok(v) => v,
         Err(e) => fail(&format!("loader: no configuration from the monitor: {e}")),
     };
-    let Some(image_fd) = fds.pop() else { fail("loader: the monitor sent no image descriptor") };
+    let Some(image_fd) = fds.pop() else {
+        fail("loader: the monitor sent no image descriptor")
+    };
     let mem_limit = cfg.limits.memory_mib << 20;
     let p = LinuxPal::new(sock, cfg.limits.threads, cfg.limits.handles, mem_limit);
     if PAL.set(p).is_err() {
         fail("loader: initialised twice");
     }
     let pal = pal();
-
-    if let Err(e) = signals::install_all() {
-        fail(&format!("loader: {e}"));
-    }
     let bytes = match image::read_all(std::os::fd::AsRawFd::as_raw_fd(&image_fd)) {
         Ok(b) => b,
         Err(e) => fail(&format!("cannot read the image: {e}")),
@@ -73,7 +97,13 @@ pub fn main() -> ! {
         Ok(a) => a,
         Err(_) => fail("cannot allocate the start-up block"),
     };
-    if pal.regions.write().unwrap().insert(page, len, prot::READ | prot::WRITE, RegionKind::Host).is_err() {
+    if pal
+        .regions
+        .write()
+        .unwrap()
+        .insert(page, len, prot::READ | prot::WRITE, RegionKind::Host)
+        .is_err()
+    {
         fail("start-up block overlaps the image");
     }
     let table = TABLE.get_or_init(|| moat_pal::table_from(pal));
@@ -91,16 +121,8 @@ pub fn main() -> ! {
         process_handle: 0,
     };
     sys::put(page, sb);
-    pal.startup.store(page, std::sync::atomic::Ordering::Release);
+    pal.startup
+        .store(page, std::sync::atomic::Ordering::Release);
 
-    // Confine. From here on, no path is reachable and only the allow-listed
-    // system calls, made from the PAL's own code, are.
-    let ranges = sys::pal_code_ranges();
-    if ranges.is_empty() {
-        fail("loader: cannot find its own code ranges");
-    }
-    if let Err(e) = sandbox::install(&ranges) {
-        fail(&e);
-    }
     pal.start_main_thread(img.entry, page)
 }

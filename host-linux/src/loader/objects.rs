@@ -27,7 +27,11 @@ impl SyncObj {
         if initial > 0 {
             sys::eventfd_signal(fd.as_raw_fd());
         }
-        Ok(SyncObj { kind, fd, state: Mutex::new((initial, max)) })
+        Ok(SyncObj {
+            kind,
+            fd,
+            state: Mutex::new((initial, max)),
+        })
     }
 
     pub fn set(&self) {

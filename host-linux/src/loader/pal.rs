@@ -113,7 +113,6 @@ impl LinuxPal {
         self.regions.read().unwrap().check_write(addr, len)
     }
 
-
     /// Copy a guest URI in and parse it.
     fn uri_in(&self, addr: u64, len: u64) -> PalResult<Uri> {
         let n = validate::check_uri_len(len)?;
@@ -164,7 +163,9 @@ impl LinuxPal {
             sys::exit_process(crate::EXIT_HOST_FAILURE);
         }
         match protocol::recv::<Response>(fd) {
-            Ok((Response::Err { code }, _)) => Err(Error::from_code(-(code as i64)).unwrap_or(Error::Io)),
+            Ok((Response::Err { code }, _)) => {
+                Err(Error::from_code(-(code as i64)).unwrap_or(Error::Io))
+            }
             Ok(r) => Ok(r),
             Err(_) => sys::exit_process(crate::EXIT_HOST_FAILURE),
         }
@@ -188,7 +189,8 @@ impl LinuxPal {
     /// Allocate a guest stack (with a guard page) and a signal stack.
     fn alloc_stacks(&self) -> PalResult<((u64, u64), (u64, u64))> {
         let total = STACK_SIZE + PAGE;
-        let base = sys::mmap_anon(0, total, prot::READ | prot::WRITE).map_err(|_| Error::NoMemory)?;
+        let base =
+            sys::mmap_anon(0, total, prot::READ | prot::WRITE).map_err(|_| Error::NoMemory)?;
         let _ = sys::mprotect(base, PAGE, 0);
         let alt = match sys::mmap_anon(0, ALTSTACK_SIZE, prot::READ | prot::WRITE) {
             Ok(a) => a,
@@ -288,14 +290,22 @@ impl LinuxPal {
                 }
             }
         };
-        let kind = if matches!(uri, Uri::TcpServer(_)) { stream_kind::TCP } else { stream_kind::PIPE };
+        let kind = if matches!(uri, Uri::TcpServer(_)) {
+            stream_kind::TCP
+        } else {
+            stream_kind::PIPE
+        };
         let fd = sys::accept(listener.as_raw_fd(), nonblock).map_err(map_errno)?;
         Ok((fd, kind))
     }
 }
 
 fn exec_region(pal: &LinuxPal, addr: u64) -> bool {
-    pal.regions.read().unwrap().check(addr, 1, prot::EXEC).is_ok()
+    pal.regions
+        .read()
+        .unwrap()
+        .check(addr, 1, prot::EXEC)
+        .is_ok()
 }
 
 impl Pal for LinuxPal {
@@ -303,7 +313,7 @@ impl Pal for LinuxPal {
 
     fn dk_virtual_memory_alloc(&self, addr: u64, size: u64, p: u32) -> i64 {
         tri!(validate::check_prot(p));
-        if size == 0 || size % PAGE != 0 || addr % PAGE != 0 {
+        if size == 0 || !size.is_multiple_of(PAGE) || !addr.is_multiple_of(PAGE) {
             return err(Error::InvalidArgument);
         }
         if size > self.mem_limit {
@@ -521,7 +531,8 @@ impl Pal for LinuxPal {
             let o = tri!(self.obj(h));
             objs.push(o);
         }
-        let deadline = (timeout_micros >= 0).then(|| Instant::now() + Duration::from_micros(timeout_micros as u64));
+        let deadline = (timeout_micros >= 0)
+            .then(|| Instant::now() + Duration::from_micros(timeout_micros as u64));
         let fds: Vec<(RawFd, i16)> = objs.iter().map(|o| (o.wait_fd(), libc::POLLIN)).collect();
         loop {
             let ms = match deadline {
@@ -569,7 +580,14 @@ impl Pal for LinuxPal {
 
     // ------------------------------------------------------------ processes
 
-    fn dk_process_create(&self, uri: *const u8, uri_len: u64, args: *const u8, args_len: u64, process: *mut u64) -> i64 {
+    fn dk_process_create(
+        &self,
+        uri: *const u8,
+        uri_len: u64,
+        args: *const u8,
+        args_len: u64,
+        process: *mut u64,
+    ) -> i64 {
         let u = tri!(self.uri_in(uri as u64, uri_len));
         if !matches!(u, Uri::File(_)) {
             return err(Error::InvalidUri);
@@ -581,17 +599,31 @@ impl Pal for LinuxPal {
             Vec::new()
         } else {
             tri!(self.check_r(args as u64, args_len));
-            tri!(validate::split_args(&sys::copy_in(args as u64, args_len as usize)))
+            tri!(validate::split_args(&sys::copy_in(
+                args as u64,
+                args_len as usize
+            )))
         };
         tri!(self.check_w(process as u64, 8));
-        let (fd, _) = tri!(self.ask_fd(&Request::ProcessCreate { uri: u.canonical(), args: argv }));
+        let (fd, _) = tri!(self.ask_fd(&Request::ProcessCreate {
+            uri: u.canonical(),
+            args: argv
+        }));
         sys::set_nonblock(fd.as_raw_fd());
-        self.insert_out(Object::Process(ProcessObj { pipe: fd, code: Mutex::new(None) }), process as u64)
+        self.insert_out(
+            Object::Process(ProcessObj {
+                pipe: fd,
+                code: Mutex::new(None),
+            }),
+            process as u64,
+        )
     }
 
     fn dk_process_get_exit_code(&self, process: u64, code: *mut i32) -> i64 {
         let o = tri!(self.obj(process));
-        let Object::Process(p) = &*o else { return err(Error::WrongHandleKind) };
+        let Object::Process(p) = &*o else {
+            return err(Error::WrongHandleKind);
+        };
         tri!(self.check_w(code as u64, 4));
         let c = tri!(p.exit_code());
         sys::put(code as u64, c);
@@ -604,7 +636,15 @@ impl Pal for LinuxPal {
 
     // ------------------------------------------------------------ streams
 
-    fn dk_stream_open(&self, uri: *const u8, uri_len: u64, acc: u32, cr: u32, options: u32, stream: *mut u64) -> i64 {
+    fn dk_stream_open(
+        &self,
+        uri: *const u8,
+        uri_len: u64,
+        acc: u32,
+        cr: u32,
+        options: u32,
+        stream: *mut u64,
+    ) -> i64 {
         let u = tri!(self.uri_in(uri as u64, uri_len));
         tri!(validate::check_access(acc));
         tri!(validate::check_create(cr));
@@ -615,7 +655,12 @@ impl Pal for LinuxPal {
             Uri::Dev(_) => return err(Error::NotSupported),
             Uri::Dns(_) => return err(Error::NotSupported),
             Uri::PipeServer(_) | Uri::TcpServer(_) => tri!(self.open_server(&u, nonblock)),
-            _ => tri!(self.ask_fd(&Request::Open { uri: u.canonical(), access: acc, create: cr, options })),
+            _ => tri!(self.ask_fd(&Request::Open {
+                uri: u.canonical(),
+                access: acc,
+                create: cr,
+                options
+            })),
         };
         let s = StreamObj {
             fd,
@@ -630,7 +675,9 @@ impl Pal for LinuxPal {
 
     fn dk_stream_read(&self, stream: u64, offset: u64, buf: *mut u8, len: u64) -> i64 {
         let o = tri!(self.stream(stream));
-        let Object::Stream(s) = &*o else { unreachable!() };
+        let Object::Stream(s) = &*o else {
+            unreachable!()
+        };
         let n = tri!(validate::check_io_len(len));
         tri!(self.check_w(buf as u64, len));
         if s.kind == stream_kind::DIRECTORY {
@@ -663,7 +710,9 @@ impl Pal for LinuxPal {
 
     fn dk_stream_write(&self, stream: u64, offset: u64, buf: *const u8, len: u64) -> i64 {
         let o = tri!(self.stream(stream));
-        let Object::Stream(s) = &*o else { unreachable!() };
+        let Object::Stream(s) = &*o else {
+            unreachable!()
+        };
         let n = tri!(validate::check_io_len(len));
         tri!(self.check_r(buf as u64, len));
         if s.kind == stream_kind::DIRECTORY {
@@ -695,9 +744,16 @@ impl Pal for LinuxPal {
 
     fn dk_stream_map(&self, stream: u64, addr: u64, p: u32, offset: u64, size: u64) -> i64 {
         let o = tri!(self.stream(stream));
-        let Object::Stream(s) = &*o else { unreachable!() };
+        let Object::Stream(s) = &*o else {
+            unreachable!()
+        };
         tri!(validate::check_prot(p));
-        if p == 0 || size == 0 || size % PAGE != 0 || offset % PAGE != 0 || addr % PAGE != 0 {
+        if p == 0
+            || size == 0
+            || !size.is_multiple_of(PAGE)
+            || !offset.is_multiple_of(PAGE)
+            || !addr.is_multiple_of(PAGE)
+        {
             return err(Error::InvalidArgument);
         }
         if s.kind != stream_kind::FILE {
@@ -735,7 +791,9 @@ impl Pal for LinuxPal {
 
     fn dk_stream_map_pe_binary(&self, stream: u64, info: *mut ImageInfo) -> i64 {
         let o = tri!(self.stream(stream));
-        let Object::Stream(s) = &*o else { unreachable!() };
+        let Object::Stream(s) = &*o else {
+            unreachable!()
+        };
         if s.kind != stream_kind::FILE {
             return err(Error::WrongHandleKind);
         }
@@ -744,14 +802,23 @@ impl Pal for LinuxPal {
         }
         tri!(self.check_w(info as u64, std::mem::size_of::<ImageInfo>() as u64));
         let img = tri!(super::image::load_from_fd(self, s.fd.as_raw_fd()));
-        sys::put(info as u64, ImageInfo { base: img.base, size: img.end - img.base, entry: img.entry });
+        sys::put(
+            info as u64,
+            ImageInfo {
+                base: img.base,
+                size: img.end - img.base,
+                entry: img.entry,
+            },
+        );
         0
     }
 
     fn dk_stream_unmap(&self, addr: u64, size: u64) -> i64 {
         tri!(validate::check_page_range(addr, size));
         let mut r = self.regions.write().unwrap();
-        if !r.covered_by(addr, size, RegionKind::Mapped) && !r.covered_by(addr, size, RegionKind::Image) {
+        if !r.covered_by(addr, size, RegionKind::Mapped)
+            && !r.covered_by(addr, size, RegionKind::Image)
+        {
             return err(Error::BadAddress);
         }
         if sys::munmap(addr, size).is_err() {
@@ -763,7 +830,9 @@ impl Pal for LinuxPal {
 
     fn dk_stream_set_length(&self, stream: u64, length: u64) -> i64 {
         let o = tri!(self.stream(stream));
-        let Object::Stream(s) = &*o else { unreachable!() };
+        let Object::Stream(s) = &*o else {
+            unreachable!()
+        };
         if s.kind != stream_kind::FILE {
             return err(Error::WrongHandleKind);
         }
@@ -779,7 +848,9 @@ impl Pal for LinuxPal {
 
     fn dk_stream_flush(&self, stream: u64) -> i64 {
         let o = tri!(self.stream(stream));
-        let Object::Stream(s) = &*o else { unreachable!() };
+        let Object::Stream(s) = &*o else {
+            unreachable!()
+        };
         if s.kind == stream_kind::FILE && s.writable {
             tri!(sys::fsync(s.fd.as_raw_fd()).map_err(map_errno));
         }
@@ -788,7 +859,9 @@ impl Pal for LinuxPal {
 
     fn dk_stream_delete(&self, stream: u64, which: u32) -> i64 {
         let o = tri!(self.stream(stream));
-        let Object::Stream(s) = &*o else { unreachable!() };
+        let Object::Stream(s) = &*o else {
+            unreachable!()
+        };
         match s.kind {
             stream_kind::FILE | stream_kind::DIRECTORY => {
                 if which != delete::ALL {
@@ -814,7 +887,9 @@ impl Pal for LinuxPal {
 
     fn dk_stream_get_event(&self, stream: u64, event: *mut u64) -> i64 {
         let o = tri!(self.stream(stream));
-        let Object::Stream(s) = &*o else { unreachable!() };
+        let Object::Stream(s) = &*o else {
+            unreachable!()
+        };
         tri!(self.check_w(event as u64, 8));
         let dup = tri!(s.fd.try_clone().map_err(|_| Error::LimitExceeded));
         self.insert_out(Object::Readiness(dup), event as u64)
@@ -822,7 +897,9 @@ impl Pal for LinuxPal {
 
     fn dk_stream_rename(&self, stream: u64, new_uri: *const u8, new_uri_len: u64) -> i64 {
         let o = tri!(self.stream(stream));
-        let Object::Stream(s) = &*o else { unreachable!() };
+        let Object::Stream(s) = &*o else {
+            unreachable!()
+        };
         if s.kind != stream_kind::FILE && s.kind != stream_kind::DIRECTORY {
             return err(Error::WrongHandleKind);
         }
@@ -832,14 +909,25 @@ impl Pal for LinuxPal {
         }
         let to = to.canonical();
         let mut cur = s.uri.lock().unwrap();
-        tri!(self.ask(&Request::Rename { from: cur.clone(), to: to.clone() }));
+        tri!(self.ask(&Request::Rename {
+            from: cur.clone(),
+            to: to.clone()
+        }));
         *cur = to;
         0
     }
 
-    fn dk_stream_enumerate_children(&self, stream: u64, buf: *mut u8, len: u64, cursor: *mut u64) -> i64 {
+    fn dk_stream_enumerate_children(
+        &self,
+        stream: u64,
+        buf: *mut u8,
+        len: u64,
+        cursor: *mut u64,
+    ) -> i64 {
         let o = tri!(self.stream(stream));
-        let Object::Stream(s) = &*o else { unreachable!() };
+        let Object::Stream(s) = &*o else {
+            unreachable!()
+        };
         if s.kind != stream_kind::DIRECTORY {
             return err(Error::NotDirectory);
         }
@@ -869,14 +957,28 @@ impl Pal for LinuxPal {
         ok(out.len() as u64)
     }
 
-    fn dk_stream_attributes_query(&self, uri: *const u8, uri_len: u64, attrs: *mut StreamAttributes) -> i64 {
+    fn dk_stream_attributes_query(
+        &self,
+        uri: *const u8,
+        uri_len: u64,
+        attrs: *mut StreamAttributes,
+    ) -> i64 {
         let u = tri!(self.uri_in(uri as u64, uri_len));
         tri!(self.check_w(attrs as u64, std::mem::size_of::<StreamAttributes>() as u64));
         if matches!(u, Uri::Dev(_) | Uri::Dns(_)) {
             return err(Error::NotSupported);
         }
         match tri!(self.ask(&Request::Stat { uri: u.canonical() })) {
-            (Response::Attrs { kind, size, readable, writable, executable }, _) => {
+            (
+                Response::Attrs {
+                    kind,
+                    size,
+                    readable,
+                    writable,
+                    executable,
+                },
+                _,
+            ) => {
                 let a = StreamAttributes {
                     kind,
                     size,
@@ -892,9 +994,15 @@ impl Pal for LinuxPal {
         }
     }
 
-    fn dk_stream_attributes_query_by_handle(&self, stream: u64, attrs: *mut StreamAttributes) -> i64 {
+    fn dk_stream_attributes_query_by_handle(
+        &self,
+        stream: u64,
+        attrs: *mut StreamAttributes,
+    ) -> i64 {
         let o = tri!(self.stream(stream));
-        let Object::Stream(s) = &*o else { unreachable!() };
+        let Object::Stream(s) = &*o else {
+            unreachable!()
+        };
         tri!(self.check_w(attrs as u64, std::mem::size_of::<StreamAttributes>() as u64));
         let a = tri!(self.stream_attrs(s));
         sys::put(attrs as u64, a);
@@ -904,7 +1012,9 @@ impl Pal for LinuxPal {
     // ------------------------------------------------------------ other
 
     fn dk_system_time_query(&self) -> i64 {
-        let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let d = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
         // (Not as_micros(): a u128 division costs as much as the clock read.)
         ok(d.as_secs() * 1_000_000 + d.subsec_micros() as u64)
     }

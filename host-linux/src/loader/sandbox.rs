@@ -11,8 +11,8 @@
 //!    ourselves). Everything else traps (SIGSYS) and the loader reports the
 //!    call by name, then exits with [`crate::EXIT_SANDBOX_VIOLATION`].
 use seccompiler::{
-    BpfProgram, SeccompAction, SeccompCmpArgLen as Len, SeccompCmpOp as Op, SeccompCondition as Cond, SeccompFilter,
-    SeccompRule, TargetArch,
+    BpfProgram, SeccompAction, SeccompCmpArgLen as Len, SeccompCmpOp as Op,
+    SeccompCondition as Cond, SeccompFilter, SeccompRule, TargetArch,
 };
 use std::collections::BTreeMap;
 
@@ -83,40 +83,48 @@ pub fn allow_list(my_pid: i64) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String
     m.insert(libc::SYS_mprotect, wx(2)?);
     // clone: threads only (the C library's pthread_create).
     let thread = (libc::CLONE_VM | libc::CLONE_THREAD | libc::CLONE_SIGHAND) as u64;
-    m.insert(libc::SYS_clone, vec![rule(vec![c(0, Op::MaskedEq(thread), thread)?])?]);
+    m.insert(
+        libc::SYS_clone,
+        vec![rule(vec![c(0, Op::MaskedEq(thread), thread)?])?],
+    );
     // fcntl: descriptor flags, and duplication (bounded by RLIMIT_NOFILE).
     m.insert(
         libc::SYS_fcntl,
-        [libc::F_GETFL, libc::F_SETFL, libc::F_GETFD, libc::F_SETFD, libc::F_DUPFD_CLOEXEC]
-            .into_iter()
-            .map(|cmd| rule(vec![cd(1, Op::Eq, cmd as u64)?]))
-            .collect::<Result<_, _>>()?,
+        [
+            libc::F_GETFL,
+            libc::F_SETFL,
+            libc::F_GETFD,
+            libc::F_SETFD,
+            libc::F_DUPFD_CLOEXEC,
+        ]
+        .into_iter()
+        .map(|cmd| rule(vec![cd(1, Op::Eq, cmd as u64)?]))
+        .collect::<Result<_, _>>()?,
     );
     // tgkill: only this process (abort() signals itself).
-    m.insert(libc::SYS_tgkill, vec![rule(vec![cd(0, Op::Eq, my_pid as u64)?])?]);
+    m.insert(
+        libc::SYS_tgkill,
+        vec![rule(vec![cd(0, Op::Eq, my_pid as u64)?])?],
+    );
     Ok(m)
 }
-
-/// clone3 passes its flags in memory seccomp cannot read: answer ENOSYS so
-/// the C library falls back to clone, whose flags are checked.
-const ERRNO_SYSCALLS: [i64; 1] = [libc::SYS_clone3];
 
 /// Build the whole program: the instruction-pointer prefix, then the
 /// allow-list.
 pub fn build_filter(pal_ranges: &[(u64, u64)], my_pid: i64) -> Result<BpfProgram, String> {
-    let mut rules = allow_list(my_pid)?;
-    for nr in ERRNO_SYSCALLS {
-        rules.insert(nr, vec![]);
-    }
-    // seccompiler applies one match action to all rules; build clone3 as a
-    // separate filter? Simpler: a second filter layer. Here clone3 is
-    // removed again and handled in the prefix.
-    for nr in ERRNO_SYSCALLS {
-        rules.remove(&nr);
-    }
-    let filter = SeccompFilter::new(rules, SeccompAction::Trap, SeccompAction::Allow, TargetArch::x86_64)
-        .map_err(|e| e.to_string())?;
-    let main: BpfProgram = filter.try_into().map_err(|e: seccompiler::BackendError| e.to_string())?;
+    // clone3 (ENOSYS) is answered by the prefix: seccompiler gives all of
+    // its rules one match action.
+    let rules = allow_list(my_pid)?;
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Trap,
+        SeccompAction::Allow,
+        TargetArch::x86_64,
+    )
+    .map_err(|e| e.to_string())?;
+    let main: BpfProgram = filter
+        .try_into()
+        .map_err(|e: seccompiler::BackendError| e.to_string())?;
     let mut prog = ip_prefix(pal_ranges)?;
     prog.extend(main);
     Ok(prog)
@@ -140,7 +148,9 @@ fn ins(code: u16, jt: u8, jf: u8, k: u32) -> seccompiler::sock_filter {
     seccompiler::sock_filter { code, jt, jf, k }
 }
 
-/// The prefix: wrong architecture -> trap; clone3 -> ENOSYS; instruction
+/// The prefix: wrong architecture -> trap; clone3 -> ENOSYS (its flags are
+/// in memory seccomp cannot read; the C library then falls back to clone,
+/// whose flags are checked); instruction
 /// pointer in one of `ranges` -> continue with the next program; else trap.
 pub fn ip_prefix(ranges: &[(u64, u64)]) -> Result<BpfProgram, String> {
     // Split ranges at 4 GiB boundaries so each has one high word.
@@ -156,24 +166,28 @@ pub fn ip_prefix(ranges: &[(u64, u64)]) -> Result<BpfProgram, String> {
         }
     }
     if rs.len() > 40 {
-        return Err(format!("too many code ranges for the PAL filter ({})", rs.len()));
+        return Err(format!(
+            "too many code ranges for the PAL filter ({})",
+            rs.len()
+        ));
     }
-    let mut p = Vec::new();
-    p.push(ins(LD_W_ABS, 0, 0, OFF_ARCH));
-    p.push(ins(JEQ_K, 1, 0, AUDIT_ARCH_X86_64));
-    p.push(ins(RET_K, 0, 0, SECCOMP_RET_TRAP));
-    p.push(ins(LD_W_ABS, 0, 0, OFF_NR));
-    p.push(ins(JEQ_K, 0, 1, libc::SYS_clone3 as u32));
-    p.push(ins(RET_K, 0, 0, SECCOMP_RET_ERRNO | libc::ENOSYS as u32));
+    let mut p = vec![
+        ins(LD_W_ABS, 0, 0, OFF_ARCH),
+        ins(JEQ_K, 1, 0, AUDIT_ARCH_X86_64),
+        ins(RET_K, 0, 0, SECCOMP_RET_TRAP),
+        ins(LD_W_ABS, 0, 0, OFF_NR),
+        ins(JEQ_K, 0, 1, libc::SYS_clone3 as u32),
+        ins(RET_K, 0, 0, SECCOMP_RET_ERRNO | libc::ENOSYS as u32),
+    ];
     // Each range block: 5 instructions.
     //   ld hi; jeq HI ? 0 : next; ld lo; jge START ? 0 : next; jge END ? next : ok
     // "ok" jumps to the instruction after the final trap.
     let n = rs.len();
     for (i, &(hi, lo_s, lo_e)) in rs.iter().enumerate() {
         let remaining_after = (n - i - 1) * 5; // instructions in later blocks
-        // distance from an instruction at offset `k` within this block to the
-        // first instruction of the next block is (5 - k - 1); to "ok" it is
-        // (5 - k - 1) + remaining_after + 1 (skip the final trap).
+                                               // distance from an instruction at offset `k` within this block to the
+                                               // first instruction of the next block is (5 - k - 1); to "ok" it is
+                                               // (5 - k - 1) + remaining_after + 1 (skip the final trap).
         let to_next = |k: usize| (5 - k - 1) as u8;
         let to_ok = |k: usize| ((5 - k - 1) + remaining_after + 1) as u8;
         p.push(ins(LD_W_ABS, 0, 0, OFF_IP_HI));
@@ -197,7 +211,8 @@ pub fn install(pal_ranges: &[(u64, u64)]) -> Result<(), String> {
     // SAFETY: getpid has no preconditions.
     let pid = unsafe { libc::getpid() } as i64;
     let prog = build_filter(pal_ranges, pid)?;
-    seccompiler::apply_filter_all_threads(&prog).map_err(|e| format!("cannot install the seccomp filter: {e}"))?;
+    seccompiler::apply_filter_all_threads(&prog)
+        .map_err(|e| format!("cannot install the seccomp filter: {e}"))?;
     Ok(())
 }
 
@@ -227,7 +242,11 @@ mod tests {
 
     #[test]
     fn prefix_shape() {
-        let p = ip_prefix(&[(0x5555_0000_1000, 0x5555_0000_9000), (0x7fff_f000_0000, 0x8000_0001_0000)]).unwrap();
+        let p = ip_prefix(&[
+            (0x5555_0000_1000, 0x5555_0000_9000),
+            (0x7fff_f000_0000, 0x8000_0001_0000),
+        ])
+        .unwrap();
         // 6 header + 5 per range (the second range spans two blocks) + trap.
         assert_eq!(p.len(), 6 + 5 * 3 + 1);
         assert!(ip_prefix(&[(0, 1 << 40)]).is_err());

@@ -7,7 +7,9 @@
 //! encoded by hand into one protocol packet.
 use super::sys;
 use crate::protocol::ReportKind;
-use moat_pal::{exception_disposition, exception_kind, prot, ExceptionInfo, LibOsExceptionDispatchFn};
+use moat_pal::{
+    exception_disposition, exception_kind, prot, ExceptionInfo, LibOsExceptionDispatchFn,
+};
 use std::fmt::Write as _;
 use std::os::fd::AsRawFd;
 
@@ -19,7 +21,10 @@ pub struct StackBuf<const N: usize> {
 
 impl<const N: usize> StackBuf<N> {
     pub fn new() -> Self {
-        StackBuf { buf: [0; N], len: 0 }
+        StackBuf {
+            buf: [0; N],
+            len: 0,
+        }
     }
     pub fn as_str(&self) -> &str {
         std::str::from_utf8(&self.buf[..self.len]).unwrap_or("(report not UTF-8)")
@@ -80,7 +85,9 @@ pub fn encode_report(kind: ReportKind, text: &str, out: &mut [u8]) -> usize {
 pub fn report(kind: ReportKind, text: &str) {
     let mut pkt = [0u8; 1024];
     let n = encode_report(kind, text, &mut pkt);
-    let fd = super::pal_opt().map(|p| p.monitor_fd).unwrap_or(crate::protocol::MONITOR_FD);
+    let fd = super::pal_opt()
+        .map(|p| p.monitor_fd)
+        .unwrap_or(crate::protocol::MONITOR_FD);
     // SAFETY: pkt is a valid buffer of n bytes; MSG_NOSIGNAL avoids SIGPIPE.
     unsafe { libc::send(fd, pkt.as_ptr() as *const _, n, libc::MSG_NOSIGNAL) };
 }
@@ -106,26 +113,41 @@ pub fn call_upcall(info: &mut ExceptionInfo) -> Option<i64> {
     if upcall == 0 {
         return None;
     }
-    let ok = pal.regions.try_read().map(|r| r.check(upcall, 1, prot::EXEC).is_ok()).unwrap_or(false);
+    let ok = pal
+        .regions
+        .try_read()
+        .map(|r| r.check(upcall, 1, prot::EXEC).is_ok())
+        .unwrap_or(false);
     if !ok {
         return None;
     }
     // SAFETY: the address lies in executable guest memory; the guest
     // declared it as its LibOsExceptionDispatch. `info` is valid for the call.
-    let f: LibOsExceptionDispatchFn = unsafe { std::mem::transmute::<u64, LibOsExceptionDispatchFn>(upcall) };
+    let f: LibOsExceptionDispatchFn =
+        unsafe { std::mem::transmute::<u64, LibOsExceptionDispatchFn>(upcall) };
     // SAFETY: see above.
     Some(unsafe { f(info) })
 }
 
 fn in_guest_code(rip: u64) -> bool {
     super::pal_opt()
-        .and_then(|p| p.regions.try_read().ok().map(|r| r.check(rip, 1, prot::EXEC).is_ok()))
+        .and_then(|p| {
+            p.regions
+                .try_read()
+                .ok()
+                .map(|r| r.check(rip, 1, prot::EXEC).is_ok())
+        })
         .unwrap_or(false)
 }
 
 extern "C" fn on_fault(sig: i32, info: *mut libc::siginfo_t, uc: *mut libc::c_void) {
     // SAFETY: the kernel passes valid siginfo and ucontext to an SA_SIGINFO handler.
-    let (ctx, addr) = unsafe { (&mut *(uc as *mut libc::ucontext_t), (*info).si_addr() as u64) };
+    let (ctx, addr) = unsafe {
+        (
+            &mut *(uc as *mut libc::ucontext_t),
+            (*info).si_addr() as u64,
+        )
+    };
     let rip = ctx.uc_mcontext.gregs[libc::REG_RIP as usize] as u64;
     let rsp = ctx.uc_mcontext.gregs[libc::REG_RSP as usize] as u64;
     let (kind, what) = match sig {
@@ -138,7 +160,11 @@ extern "C" fn on_fault(sig: i32, info: *mut libc::siginfo_t, uc: *mut libc::c_vo
         let mut ei = ExceptionInfo {
             kind,
             code: sig as u32,
-            fault_addr: if kind == exception_kind::MEMORY_FAULT { addr } else { 0 },
+            fault_addr: if kind == exception_kind::MEMORY_FAULT {
+                addr
+            } else {
+                0
+            },
             arg: 0,
             rip,
             rsp,
@@ -152,7 +178,9 @@ extern "C" fn on_fault(sig: i32, info: *mut libc::siginfo_t, uc: *mut libc::c_vo
         }
         die(
             ReportKind::Exception,
-            format_args!("unhandled {what} in the picoprocess at address {addr:#x} (instruction {rip:#x})"),
+            format_args!(
+                "unhandled {what} in the picoprocess at address {addr:#x} (instruction {rip:#x})"
+            ),
             128 + sig,
         );
     }
@@ -188,7 +216,11 @@ extern "C" fn on_sigsys(_sig: i32, info: *mut libc::siginfo_t, uc: *mut libc::c_
         );
     }
     let name = syscall_name_static(nr as i64);
-    let whence = if in_guest_code(rip.wrapping_sub(2)) { "guest code" } else { "the PAL" };
+    let whence = if in_guest_code(rip.wrapping_sub(2)) {
+        "guest code"
+    } else {
+        "the PAL"
+    };
     match name {
         Some(n) => die(
             ReportKind::Violation,
@@ -237,7 +269,13 @@ fn install(sig: i32, handler: usize, siginfo: bool) -> Result<(), String> {
 /// Install all handlers, and start the thread that turns SIGTERM into the
 /// registered abort event (a handler cannot take the event's lock).
 pub fn install_all() -> Result<(), String> {
-    for s in [libc::SIGSEGV, libc::SIGBUS, libc::SIGILL, libc::SIGFPE, libc::SIGTRAP] {
+    for s in [
+        libc::SIGSEGV,
+        libc::SIGBUS,
+        libc::SIGILL,
+        libc::SIGFPE,
+        libc::SIGTRAP,
+    ] {
         install(s, on_fault as *const () as usize, true)?;
     }
     install(libc::SIGSYS, on_sigsys as *const () as usize, true)?;
@@ -264,13 +302,21 @@ pub fn install_all() -> Result<(), String> {
 }
 
 pub fn set_altstack(base: u64, size: u64) {
-    let ss = libc::stack_t { ss_sp: base as *mut _, ss_flags: 0, ss_size: size as usize };
+    let ss = libc::stack_t {
+        ss_sp: base as *mut _,
+        ss_flags: 0,
+        ss_size: size as usize,
+    };
     // SAFETY: [base, base+size) is a mapping owned by this thread's lifetime.
     unsafe { libc::sigaltstack(&ss, std::ptr::null_mut()) };
 }
 
 pub fn disable_altstack() {
-    let ss = libc::stack_t { ss_sp: std::ptr::null_mut(), ss_flags: libc::SS_DISABLE, ss_size: 0 };
+    let ss = libc::stack_t {
+        ss_sp: std::ptr::null_mut(),
+        ss_flags: libc::SS_DISABLE,
+        ss_size: 0,
+    };
     // SAFETY: disabling the alternate stack has no memory preconditions.
     unsafe { libc::sigaltstack(&ss, std::ptr::null_mut()) };
 }

@@ -12,7 +12,9 @@ pub fn syscall_name(nr: i64) -> String {
 }
 
 pub fn errno() -> i32 {
-    std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
+    std::io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
 }
 
 fn host_prot(p: u32) -> i32 {
@@ -52,13 +54,33 @@ pub fn mmap_anon(addr: u64, len: u64, prot: u32) -> Result<u64, i32> {
 }
 
 /// Map `len` bytes of `fd` at `off`.
-pub fn mmap_fd(addr: u64, len: u64, prot: u32, fd: RawFd, off: u64, shared: bool) -> Result<u64, i32> {
-    let mut flags = if shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE };
+pub fn mmap_fd(
+    addr: u64,
+    len: u64,
+    prot: u32,
+    fd: RawFd,
+    off: u64,
+    shared: bool,
+) -> Result<u64, i32> {
+    let mut flags = if shared {
+        libc::MAP_SHARED
+    } else {
+        libc::MAP_PRIVATE
+    };
     if addr != 0 {
         flags |= libc::MAP_FIXED_NOREPLACE;
     }
     // SAFETY: as in mmap_anon: never replaces existing memory.
-    let p = unsafe { libc::mmap(addr as *mut _, len as usize, host_prot(prot), flags, fd, off as i64) };
+    let p = unsafe {
+        libc::mmap(
+            addr as *mut _,
+            len as usize,
+            host_prot(prot),
+            flags,
+            fd,
+            off as i64,
+        )
+    };
     if p == libc::MAP_FAILED {
         return Err(errno());
     }
@@ -169,7 +191,14 @@ pub fn eventfd_drain(fd: RawFd) {
 
 /// poll() on (fd, events) pairs; returns revents per entry.
 pub fn poll(fds: &[(RawFd, i16)], timeout_ms: i32) -> Result<Vec<i16>, i32> {
-    let mut p: Vec<libc::pollfd> = fds.iter().map(|&(fd, events)| libc::pollfd { fd, events, revents: 0 }).collect();
+    let mut p: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&(fd, events)| libc::pollfd {
+            fd,
+            events,
+            revents: 0,
+        })
+        .collect();
     // SAFETY: p is a valid array of p.len() pollfds.
     let r = unsafe { libc::poll(p.as_mut_ptr(), p.len() as _, timeout_ms) };
     if r < 0 {
@@ -315,7 +344,11 @@ pub fn borrow(fd: &OwnedFd) -> BorrowedFd<'_> {
 /// The executable ranges of every object loaded in this process (the
 /// loader, its libraries and the vDSO), from the dynamic linker's list.
 pub fn pal_code_ranges() -> Vec<(u64, u64)> {
-    unsafe extern "C" fn cb(info: *mut libc::dl_phdr_info, _size: usize, data: *mut libc::c_void) -> i32 {
+    unsafe extern "C" fn cb(
+        info: *mut libc::dl_phdr_info,
+        _size: usize,
+        data: *mut libc::c_void,
+    ) -> i32 {
         // SAFETY: the dynamic linker passes a valid info for the duration of
         // the call, and `data` is the Vec we passed below.
         unsafe {

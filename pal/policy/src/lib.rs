@@ -77,7 +77,13 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { memory_mib: 1024, threads: 64, handles: 1024, processes: 16, cpu_seconds: 0 }
+        Limits {
+            memory_mib: 1024,
+            threads: 64,
+            handles: 1024,
+            processes: 16,
+            cpu_seconds: 0,
+        }
     }
 }
 
@@ -145,7 +151,10 @@ impl Manifest {
 
     pub fn load(path: &Path) -> Result<Manifest, PolicyError> {
         let p = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|err| PolicyError::Read { path: p.clone(), err })?;
+        let text = std::fs::read_to_string(path).map_err(|err| PolicyError::Read {
+            path: p.clone(),
+            err,
+        })?;
         Self::parse(&text, &p)
     }
 }
@@ -169,17 +178,34 @@ impl Grant {
         let (scheme, rest) = uri.split_once(':').ok_or_else(|| bad("no `scheme:`"))?;
         match scheme {
             "file" => {
-                let path = normalize_path(rest).map_err(|_| bad("file: grants need an absolute path without `..`"))?;
-                let real_path = std::fs::canonicalize(&path).ok().map(|p| p.display().to_string());
-                Ok(Grant { prefix: format!("file:{path}"), path: Some(path), real_path, access })
+                let path = normalize_path(rest)
+                    .map_err(|_| bad("file: grants need an absolute path without `..`"))?;
+                let real_path = std::fs::canonicalize(&path)
+                    .ok()
+                    .map(|p| p.display().to_string());
+                Ok(Grant {
+                    prefix: format!("file:{path}"),
+                    path: Some(path),
+                    real_path,
+                    access,
+                })
             }
-            "tcp" | "tcp.client" | "tcp.server" | "pipe.server" | "pipe.client" | "dns" | "dev" | "null"
-            | "stdin" | "stdout" | "stderr" => {
-                let scheme = if scheme == "tcp" { "tcp.client" } else { scheme };
+            "tcp" | "tcp.client" | "tcp.server" | "pipe.server" | "pipe.client" | "dns" | "dev"
+            | "null" | "stdin" | "stdout" | "stderr" => {
+                let scheme = if scheme == "tcp" {
+                    "tcp.client"
+                } else {
+                    scheme
+                };
                 if rest.bytes().any(|c| c == 0 || c == b'/') && scheme != "dns" {
                     return Err(bad("unexpected character"));
                 }
-                Ok(Grant { prefix: format!("{scheme}:{rest}"), path: None, real_path: None, access })
+                Ok(Grant {
+                    prefix: format!("{scheme}:{rest}"),
+                    path: None,
+                    real_path: None,
+                    access,
+                })
             }
             _ => Err(bad("unknown scheme")),
         }
@@ -189,7 +215,11 @@ impl Grant {
     pub fn covers(&self, uri: &Uri) -> bool {
         match (uri, &self.path) {
             (Uri::File(p), Some(gp)) => {
-                path_within(p, gp) || self.real_path.as_deref().is_some_and(|rp| path_within(p, rp))
+                path_within(p, gp)
+                    || self
+                        .real_path
+                        .as_deref()
+                        .is_some_and(|rp| path_within(p, rp))
             }
             (Uri::File(_), None) => false,
             (_, Some(_)) => false,
@@ -228,14 +258,31 @@ pub struct Refusal {
 
 impl std::fmt::Display for Refusal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let how = if self.wanted_write { "--allow" } else { "--allow-ro" };
-        write!(f, "`{}` is not granted{}; grant it with `{how} {}`", self.uri, if self.wanted_write { " for writing" } else { "" }, self.uri)
+        let how = if self.wanted_write {
+            "--allow"
+        } else {
+            "--allow-ro"
+        };
+        write!(
+            f,
+            "`{}` is not granted{}; grant it with `{how} {}`",
+            self.uri,
+            if self.wanted_write {
+                " for writing"
+            } else {
+                ""
+            },
+            self.uri
+        )
     }
 }
 
 impl Policy {
     pub fn from_manifest(m: &Manifest) -> Result<Policy, PolicyError> {
-        let mut p = Policy { grants: Vec::new(), limits: m.limits };
+        let mut p = Policy {
+            grants: Vec::new(),
+            limits: m.limits,
+        };
         for g in &m.grants {
             p.grants.push(Grant::new(&g.uri, g.access)?);
         }
@@ -263,7 +310,10 @@ impl Policy {
                 best = Some(g);
             }
         }
-        best.map(Some).ok_or_else(|| Refusal { uri: uri.canonical(), wanted_write: write })
+        best.map(Some).ok_or_else(|| Refusal {
+            uri: uri.canonical(),
+            wanted_write: write,
+        })
     }
 }
 
@@ -273,9 +323,13 @@ mod tests {
 
     #[test]
     fn manifest_unknown_key_named() {
-        let e = Manifest::parse("imag = \"x\"\n", "m.toml").unwrap_err().to_string();
+        let e = Manifest::parse("imag = \"x\"\n", "m.toml")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("imag"), "{e}");
-        let e = Manifest::parse("[limits]\nmemory = 3\n", "m.toml").unwrap_err().to_string();
+        let e = Manifest::parse("[limits]\nmemory = 3\n", "m.toml")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("memory"), "{e}");
     }
 

@@ -22,7 +22,10 @@ fn per_call(n: u64, f: impl Fn()) -> f64 {
 }
 
 fn main() -> i32 {
-    let n: u64 = moat_libos::env::args().get(1).and_then(|s| s.parse().ok()).unwrap_or(1_000_000);
+    let n: u64 = moat_libos::env::args()
+        .get(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1_000_000);
     let p = pal();
     let t = per_call(n, || {
         core::hint::black_box(p.dk_system_time_query());

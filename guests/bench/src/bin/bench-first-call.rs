@@ -1,4 +1,5 @@
-//! Spawn benchmark: the picoprocess's first ABI call ends it.
+//! Spawn benchmark: the picoprocess's first ABI call is a debug print the
+//! host times; the second ends it.
 #![no_std]
 #![no_main]
 use moat_libos::moat_pal::{ExceptionInfo, PalTable, StartupBlock};
@@ -17,8 +18,12 @@ pub unsafe extern "C" fn _start(startup: *const StartupBlock) -> ! {
     let _ = unsafe { core::ptr::read_volatile(&MARKER) };
     // SAFETY: the host passes a valid block and table.
     let t: &PalTable = unsafe { &*(*startup).table };
+    let msg = b"first";
     // SAFETY: calling the host's table as the ABI says.
-    unsafe { (t.dk_process_exit)(t.ctx, 0) }
+    unsafe {
+        (t.dk_debug_string_print)(t.ctx, msg.as_ptr(), msg.len() as u64);
+        (t.dk_process_exit)(t.ctx, 0)
+    }
 }
 
 #[allow(dead_code)]

@@ -16,7 +16,8 @@ fn main() -> i32 {
     let rw = access::READ | access::WRITE;
     let mut b = [0u8; 1];
     if role == "client" {
-        let mut s = Stream::open("pipe.client:bench", rw, create::OPEN_EXISTING, 0).expect("client");
+        let mut s =
+            Stream::open("pipe.client:bench", rw, create::OPEN_EXISTING, 0).expect("client");
         for _ in 0..n {
             if s.read(&mut b) != Ok(1) || s.write(&b) != Ok(1) {
                 return 1;
@@ -39,7 +40,10 @@ fn main() -> i32 {
     if child.wait() != Ok(0) {
         return 2;
     }
-    println!("pipe_round_trip {:.1}", (t1 - t0) as f64 * 1000.0 / n as f64);
+    println!(
+        "pipe_round_trip {:.1}",
+        (t1 - t0) as f64 * 1000.0 / n as f64
+    );
     0
 }
 

@@ -33,7 +33,11 @@ fn main() -> i32 {
             println!("handle out to {addr:#x}: {r}");
             fails += 1;
         }
-        let r = p.dk_stream_attributes_query(c"null:".as_ptr() as *const u8, 5, addr as *mut StreamAttributes);
+        let r = p.dk_stream_attributes_query(
+            c"null:".as_ptr() as *const u8,
+            5,
+            addr as *mut StreamAttributes,
+        );
         if r != Error::BadAddress.code() {
             println!("attributes out to {addr:#x}: {r}");
             fails += 1;

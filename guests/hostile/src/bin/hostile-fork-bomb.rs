@@ -48,5 +48,9 @@ fn main() -> i32 {
         }
         return escaped("no process limit was reached");
     }
-    if refused || child_refused { 0 } else { 1 }
+    if refused || child_refused {
+        0
+    } else {
+        1
+    }
 }

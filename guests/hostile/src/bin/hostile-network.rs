@@ -14,7 +14,7 @@ fn main() -> i32 {
     for u in [
         alloc::format!("tcp.client:127.0.0.1:{port}"),
         alloc::format!("tcp:127.0.0.1:{port}"),
-        alloc::format!("tcp.server:127.0.0.1:0"),
+        alloc::string::String::from("tcp.server:127.0.0.1:0"),
         alloc::string::String::from("tcp.client:[::1]:22"),
         alloc::string::String::from("pipe.client:someone-elses-pipe"),
     ] {

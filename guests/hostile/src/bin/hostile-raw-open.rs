@@ -7,5 +7,11 @@ mod common;
 moat_libos::entry!(main);
 
 fn main() -> i32 {
-    common::raw(257, (-100i64) as u64, c"/etc/passwd".as_ptr() as u64, 0, "openat(/etc/passwd)")
+    common::raw(
+        257,
+        (-100i64) as u64,
+        c"/etc/passwd".as_ptr() as u64,
+        0,
+        "openat(/etc/passwd)",
+    )
 }

@@ -27,7 +27,8 @@ fn main() -> i32 {
     // Renaming a granted file out through the link.
     if let Ok(h) = open(&alloc::format!("{grant}/inside"), WR, OPEN, 0) {
         let to = alloc::format!("{grant}/escape/moved-by-guest");
-        let r = moat_libos::Pal::dk_stream_rename(&moat_libos::pal(), h, to.as_ptr(), to.len() as u64);
+        let r =
+            moat_libos::Pal::dk_stream_rename(&moat_libos::pal(), h, to.as_ptr(), to.len() as u64);
         if r >= 0 {
             return escaped("renamed a file out through a symlink");
         }

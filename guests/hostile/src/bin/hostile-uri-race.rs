@@ -28,7 +28,7 @@ fn main() -> i32 {
     let flipper = moat_libos::thread::spawn(move || {
         let mut i = 0u64;
         while !STOP.load(Ordering::Relaxed) {
-            let src = if i % 2 == 0 { bad_b } else { good_b };
+            let src = if i.is_multiple_of(2) { bad_b } else { good_b };
             for (d, s) in buf.iter().zip(src) {
                 d.store(*s, Ordering::Relaxed);
             }
@@ -38,7 +38,14 @@ fn main() -> i32 {
     let mut opened = 0;
     for _ in 0..3000 {
         let mut h = 0u64;
-        let r = pal().dk_stream_open(buf.as_ptr() as *const u8, buf.len() as u64, RD, OPEN, 0, &mut h);
+        let r = pal().dk_stream_open(
+            buf.as_ptr() as *const u8,
+            buf.len() as u64,
+            RD,
+            OPEN,
+            0,
+            &mut h,
+        );
         if r >= 0 {
             opened += 1;
             let mut data = [0u8; 64];

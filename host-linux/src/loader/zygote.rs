@@ -1,0 +1,251 @@
+//! The zygote: `moat-loader --zygote LOADER_PATH`, started once per host
+//! process inside the sandbox namespaces (user, pid, mount, net, ipc, uts,
+//! cgroup). Creating namespaces costs over a millisecond, and exec'ing and
+//! linking a loader and installing its sandbox most of another; the zygote
+//! pays both once. It keeps one *warm* loader: forked from the zygote (it
+//! is the loader binary, already linked and initialised), its rlimits set,
+//! already confined by Landlock and seccomp, waiting on its monitor socket
+//! for a configuration and an image. A spawn hands that loader out and
+//! forks the next.
+//!
+//! Every picoprocess of the host process shares the (empty) namespaces;
+//! the seccomp allow-list gives none of them a call that could reach
+//! another through them (no sockets, no SysV IPC, no signals to others, no
+//! ptrace). Loaders share the zygote's address-space layout (as Android's
+//! zygote children do); they hold nothing of the host's, and none of the
+//! zygote's descriptors.
+//!
+//! The zygote is the namespace's init: when it ends (its control socket
+//! closed because the host process is gone), the kernel kills every
+//! loader in the namespace.
+use crate::protocol::{self, ZygoteEvent, ZygoteRequest};
+use crate::spawn::{setup_child, ChildArgs};
+use moat_policy::Limits;
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+
+fn ctl() -> BorrowedFd<'static> {
+    // SAFETY: descriptor 3 is the control socket for the life of the zygote.
+    unsafe { BorrowedFd::borrow_raw(protocol::MONITOR_FD) }
+}
+
+fn send(ev: &ZygoteEvent, fds: &[i32]) {
+    if protocol::send(ctl(), ev, fds).is_err() {
+        // The monitor is gone: end the namespace.
+        std::process::exit(0);
+    }
+}
+
+/// A loader forked ahead of need.
+struct Warm {
+    limits: Limits,
+    pid: i32,
+    /// The monitor's end of its socket.
+    sock: OwnedFd,
+}
+
+struct State {
+    path: CString,
+    devnull: OwnedFd,
+    warm: Option<Warm>,
+}
+
+pub fn main(loader: &str) -> ! {
+    let path = CString::new(loader).unwrap_or_else(|_| std::process::exit(125));
+    // SIGCHLD arrives through a signalfd, so the loop is one poll().
+    // SAFETY: plain signal-mask and signalfd calls on this single thread.
+    let sfd = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGCHLD);
+        libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        let fd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK);
+        if fd < 0 {
+            std::process::exit(125);
+        }
+        OwnedFd::from_raw_fd(fd)
+    };
+    let devnull = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
+        Ok(f) => OwnedFd::from(f),
+        Err(_) => std::process::exit(125),
+    };
+    let mut st = State {
+        path,
+        devnull,
+        warm: None,
+    };
+    // Warm one with the default limits before the first request.
+    st.warm = fork_loader(&st, &Limits::default()).ok();
+    loop {
+        let mut p = [
+            libc::pollfd {
+                fd: protocol::MONITOR_FD,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: sfd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: p is a valid array of two pollfds.
+        if unsafe { libc::poll(p.as_mut_ptr(), 2, -1) } < 0 {
+            continue;
+        }
+        if p[1].revents != 0 {
+            reap(&sfd, &mut st);
+        }
+        if p[0].revents != 0 {
+            match protocol::recv::<ZygoteRequest>(ctl()) {
+                Ok((ZygoteRequest::Spawn { id, limits }, _)) => serve(id, &limits, &mut st),
+                Err(_) => std::process::exit(0),
+            }
+        }
+    }
+}
+
+fn serve(id: u64, limits: &Limits, st: &mut State) {
+    let warm = match st.warm.take() {
+        Some(w) if w.limits == *limits => Ok(w),
+        stale => {
+            if let Some(w) = stale {
+                // Other limits: it cannot be reused (rlimits only go down).
+                // SAFETY: killing our own idle child.
+                unsafe { libc::kill(w.pid, libc::SIGKILL) };
+            }
+            fork_loader(st, limits)
+        }
+    };
+    match warm {
+        Ok(w) => {
+            // SAFETY: pidfd_open of our own child.
+            let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, w.pid, 0) } as i32;
+            if pidfd < 0 {
+                let errno = crate::loader::sys::errno();
+                // SAFETY: killing our own child that we cannot hand over.
+                unsafe { libc::kill(w.pid, libc::SIGKILL) };
+                send(
+                    &ZygoteEvent::Failed {
+                        id,
+                        stage: 0,
+                        errno,
+                    },
+                    &[],
+                );
+            } else {
+                // SAFETY: a fresh descriptor we own.
+                let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+                send(
+                    &ZygoteEvent::Spawned { id, pid: w.pid },
+                    &[pidfd.as_raw_fd(), w.sock.as_raw_fd()],
+                );
+            }
+        }
+        Err((stage, errno)) => send(&ZygoteEvent::Failed { id, stage, errno }, &[]),
+    }
+    // Warm the next one while the monitor configures this one.
+    st.warm = fork_loader(st, limits).ok();
+}
+
+fn reap(sfd: &OwnedFd, st: &mut State) {
+    let mut buf = [0u8; 128];
+    // SAFETY: draining the signalfd into a local buffer.
+    while unsafe { libc::read(sfd.as_raw_fd(), buf.as_mut_ptr() as *mut _, buf.len()) } > 0 {}
+    loop {
+        let mut status = 0;
+        // SAFETY: reaping our own children.
+        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+        if pid <= 0 {
+            return;
+        }
+        if st.warm.as_ref().is_some_and(|w| w.pid == pid) {
+            st.warm = None; // died idle (killed from outside): not a picoprocess
+            continue;
+        }
+        let (code, signal) = if libc::WIFEXITED(status) {
+            (libc::WEXITSTATUS(status), 0)
+        } else {
+            (0, libc::WTERMSIG(status))
+        };
+        send(&ZygoteEvent::Exited { pid, code, signal }, &[]);
+    }
+}
+
+/// Fork a loader that sets itself up, confines itself and waits for its
+/// configuration. Errors: (stage, errno) as the child reported them.
+fn fork_loader(st: &State, limits: &Limits) -> Result<Warm, (u8, i32)> {
+    let errno = crate::loader::sys::errno;
+    let mut fds = [0i32; 2];
+    // SAFETY: fds is a valid array of two ints.
+    if unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    } != 0
+    {
+        return Err((1, errno()));
+    }
+    // SAFETY: socketpair created both; we own them.
+    let (mon, child_end) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let (err_r, err_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| (1, e as i32))?;
+    let args = ChildArgs::new(
+        err_w.as_raw_fd(),
+        st.devnull.as_raw_fd(),
+        child_end.as_raw_fd(),
+        &st.path,
+        limits,
+    );
+    // SAFETY: the zygote is single-threaded, so the child may run any code.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // In the child: restore the signal mask, arrange descriptors and
+        // limits, and become the loader without an exec.
+        // SAFETY: single-threaded child of fork; see setup_child.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+            let e = setup_child(&args);
+            libc::close(e);
+        }
+        super::run()
+    }
+    drop(err_w);
+    drop(child_end);
+    if pid < 0 {
+        return Err((0, errno()));
+    }
+    let mut msg = [0u8; 5];
+    let mut got = 0;
+    while got < 5 {
+        // SAFETY: reading into the unfilled part of a local buffer.
+        let n = unsafe {
+            libc::read(
+                err_r.as_raw_fd(),
+                msg[got..].as_mut_ptr() as *mut _,
+                5 - got,
+            )
+        };
+        if n <= 0 {
+            break;
+        }
+        got += n as usize;
+    }
+    if got == 5 {
+        return Err((msg[0], i32::from_ne_bytes([msg[1], msg[2], msg[3], msg[4]])));
+    }
+    Ok(Warm {
+        limits: *limits,
+        pid,
+        sock: mon,
+    })
+}
