@@ -554,13 +554,16 @@ fn file_map_pe_binary(ctx: &Ctx) -> R {
     }
     let f = open(image, access::READ, create::OPEN_EXISTING, 0)?;
     let mut info = moat_libos::ImageInfo::default();
+    // The exit-code image is linked at 0x40000000, away from this one.
     let r = p().dk_stream_map_pe_binary(f.0, &mut info);
-    if r == Error::AlreadyExists.code() {
-        // Both images are linked at the same fixed address, so the child
-        // image overlaps this one: AlreadyExists is the right answer.
-        return Ok(());
-    }
     ok(r, "DkStreamMapPeBinary")?;
+    // Mapping it a second time overlaps the first mapping.
+    let mut again = moat_libos::ImageInfo::default();
+    err(
+        p().dk_stream_map_pe_binary(f.0, &mut again),
+        Error::AlreadyExists,
+        "DkStreamMapPeBinary over a mapped image",
+    )?;
     ensure!(
         info.base != 0 && info.size != 0,
         "base {:#x} size {:#x}",

@@ -1,0 +1,108 @@
+//! The embedding API (`moat_host_linux::Sandbox`) used as a library: the
+//! documented example, console pipes, stop requests, host pipes, policy.
+use moat_host_linux::{Sandbox, Stdio};
+use moat_tests::*;
+use std::io::{BufRead, BufReader, Read, Write};
+
+#[test]
+fn documented_example_runs() {
+    if !sandbox_available() {
+        return;
+    }
+    let ex = target_dir().join("examples").join("embed");
+    assert!(ex.exists(), "{} is built by `cargo test`", ex.display());
+    let out = run_cmd(
+        std::process::Command::new(ex),
+        None,
+        std::time::Duration::from_secs(60),
+    );
+    out.assert_code(0);
+    assert!(
+        out.stdout
+            .contains("echoed back: hello through the sandbox"),
+        "{}",
+        out.stdout
+    );
+}
+
+#[test]
+fn stdin_stdout_and_exit_code() {
+    if !sandbox_available() {
+        return;
+    }
+    let mut p = Sandbox::new(image("echo"))
+        .stdin(Stdio::Piped)
+        .stdout(Stdio::Piped)
+        .spawn()
+        .unwrap();
+    let mut i = p.stdin.take().unwrap();
+    let data: Vec<u8> = (0..200_000u32).map(|x| (x % 251) as u8).collect();
+    let d2 = data.clone();
+    let w = std::thread::spawn(move || {
+        i.write_all(&d2).unwrap();
+    });
+    let mut got = Vec::new();
+    p.stdout.take().unwrap().read_to_end(&mut got).unwrap();
+    w.join().unwrap();
+    assert_eq!(got.len(), data.len());
+    assert!(got == data, "echo returned different bytes");
+    assert_eq!(p.wait().unwrap().code, 0);
+}
+
+#[test]
+fn stop_request_sets_the_abort_event() {
+    if !sandbox_available() {
+        return;
+    }
+    let mut p = Sandbox::new(image("stoppable"))
+        .stdout(Stdio::Piped)
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(p.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+    p.request_stop().unwrap();
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "stopping");
+    assert_eq!(p.wait().unwrap().code, 7);
+}
+
+#[test]
+fn host_connects_to_a_picoprocess_pipe() {
+    if !sandbox_available() {
+        return;
+    }
+    let mut p = Sandbox::new(image("pipe-echo"))
+        .args(["svc", "2"])
+        .allow("pipe.server:svc")
+        .unwrap()
+        .spawn()
+        .unwrap();
+    for msg in ["first client", "second client"] {
+        let mut c = p.connect_pipe("svc").unwrap();
+        c.write_all(msg.as_bytes()).unwrap();
+        c.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut back = String::new();
+        c.read_to_string(&mut back).unwrap();
+        assert_eq!(back, msg);
+    }
+    assert_eq!(p.wait().unwrap().code, 0);
+}
+
+#[test]
+fn ungranted_pipe_is_refused_and_logged() {
+    if !sandbox_available() {
+        return;
+    }
+    let (sink, lines) = moat_host_linux::LogSink::buffer();
+    let mut p = Sandbox::new(image("pipe-echo"))
+        .args(["svc"])
+        .log(sink)
+        .spawn()
+        .unwrap();
+    assert_eq!(p.wait().unwrap().code, 1, "the open fails without a grant");
+    let l = lines.lock().unwrap();
+    assert!(l.iter().any(|x| x.contains("pipe.server:svc")), "{l:?}");
+}
