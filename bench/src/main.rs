@@ -197,16 +197,21 @@ fn calls_bench(quick: bool) {
     let n: u64 = if quick { 100_000 } else { 2_000_000 };
     let reps = if quick { 1 } else { 5 };
     let img = image("bench-calls");
-    let (mut tq, mut nw, mut ftq, mut fnw) = (vec![], vec![], vec![], vec![]);
+    let (mut tq, mut nw, mut ftq, mut fnw, mut pal0) = (vec![], vec![], vec![], vec![], vec![]);
     for _ in 0..reps {
         let (code, out) = run_sandbox(&img, &[n.to_string()]);
         assert_eq!(code, 0, "{out}");
         tq.push(parse(&out, "time_query"));
         nw.push(parse(&out, "null_write_4k"));
+        pal0.push(parse(&out, "pal_only_write_0"));
         // Floors: the same operations as raw system calls from this process.
         let t = Instant::now();
         for _ in 0..n {
-            std::hint::black_box(std::time::SystemTime::now());
+            // The same operation: wall-clock time in microseconds.
+            let d = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap();
+            std::hint::black_box(d.as_secs() * 1_000_000 + d.subsec_micros() as u64);
         }
         ftq.push(t.elapsed().as_secs_f64() * 1e9 / n as f64);
         let f = std::fs::OpenOptions::new()
@@ -238,6 +243,66 @@ fn calls_bench(quick: bool) {
         "ns",
         "≤ 1.2x",
     );
+    println!(
+        "|   breakdown: PAL path alone (0-byte write, no system call) | {:.2} ns | - | - | - |",
+        median(&mut pal0)
+    );
+    let mut sc: Vec<f64> = (0..reps)
+        .map(|_| write_under_allow_all_seccomp(n / 4))
+        .collect();
+    row(
+        "  breakdown: write(/dev/null) under a 1-instruction allow-all seccomp filter",
+        median(&mut sc),
+        median(&mut fnw),
+        "ns",
+        "-",
+    );
+}
+
+/// The cost of having any seccomp filter at all: a forked child installs
+/// `return ALLOW` and times the same write loop.
+fn write_under_allow_all_seccomp(m: u64) -> f64 {
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe/fork/prctl/write/read on our own descriptors; the child
+    // makes only system calls and _exits.
+    unsafe {
+        libc::pipe(fds.as_mut_ptr());
+        let pid = libc::fork();
+        if pid == 0 {
+            let mut allow = [libc::sock_filter {
+                code: 0x06,
+                jt: 0,
+                jf: 0,
+                k: 0x7fff_0000,
+            }];
+            let prog = libc::sock_fprog {
+                len: 1,
+                filter: allow.as_mut_ptr(),
+            };
+            libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+            libc::prctl(
+                libc::PR_SET_SECCOMP,
+                libc::SECCOMP_MODE_FILTER,
+                &prog as *const _ as usize,
+            );
+            let f = libc::open(c"/dev/null".as_ptr(), libc::O_WRONLY);
+            let buf = [0x5au8; 4096];
+            let t = Instant::now();
+            for _ in 0..m {
+                libc::write(f, buf.as_ptr() as *const _, 4096);
+            }
+            let ns = t.elapsed().as_secs_f64() * 1e9 / m as f64;
+            libc::write(fds[1], &ns as *const f64 as *const _, 8);
+            libc::_exit(0);
+        }
+        let mut ns = 0f64;
+        libc::read(fds[0], &mut ns as *mut f64 as *mut _, 8);
+        let mut st = 0;
+        libc::waitpid(pid, &mut st, 0);
+        libc::close(fds[0]);
+        libc::close(fds[1]);
+        ns
+    }
 }
 
 fn pipe_bench(quick: bool) {
@@ -259,17 +324,44 @@ fn pipe_bench(quick: bool) {
         "µs",
         "-",
     );
+    let mut u: Vec<f64> = (0..reps).map(|_| raw_unix_ping_pong(n)).collect();
+    row(
+        "  breakdown: raw AF_UNIX stream ping-pong (what pipe.* uses)",
+        median(&mut u) / 1000.0,
+        median(&mut f) / 1000.0,
+        "µs",
+        "-",
+    );
 }
 
 /// Raw floor: parent and forked child bounce one byte over two pipes.
 fn raw_pipe_ping_pong(n: u64) -> f64 {
     let mut a = [0i32; 2];
     let mut b = [0i32; 2];
-    // SAFETY: plain pipe/fork/read/write on our own descriptors; the child
-    // only makes system calls and _exits.
+    // SAFETY: plain pipe calls into local arrays.
     unsafe {
         libc::pipe(a.as_mut_ptr());
         libc::pipe(b.as_mut_ptr());
+    }
+    ping_pong(n, a, b)
+}
+
+/// The same over one AF_UNIX stream socket pair.
+fn raw_unix_ping_pong(n: u64) -> f64 {
+    let mut s = [0i32; 2];
+    // SAFETY: socketpair into a local array.
+    unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, s.as_mut_ptr()) };
+    // Parent writes s[0] and reads s[0]; child reads s[1] and writes s[1].
+    // SAFETY: dup of our own descriptors.
+    let (s0, s1) = unsafe { (libc::dup(s[0]), libc::dup(s[1])) };
+    ping_pong(n, [s1, s0], [s1, s0])
+}
+
+/// a: parent writes a[1], child reads a[0]; b: child writes b[1], parent reads b[0].
+fn ping_pong(n: u64, a: [i32; 2], b: [i32; 2]) -> f64 {
+    // SAFETY: plain fork/read/write on our own descriptors; the child only
+    // makes system calls and _exits.
+    unsafe {
         let pid = libc::fork();
         let mut c = [0u8; 1];
         if pid == 0 {

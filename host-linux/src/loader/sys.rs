@@ -330,6 +330,17 @@ pub fn getrandom(buf: &mut [u8]) -> Result<(), i32> {
     Ok(())
 }
 
+/// Wall-clock time in microseconds (the vDSO's clock_gettime).
+pub fn realtime_micros() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid out-parameter.
+    unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000
+}
+
 pub fn exit_process(code: i32) -> ! {
     // SAFETY: ends the process at once; nothing needs unwinding.
     unsafe { libc::_exit(code) }
@@ -367,6 +378,10 @@ pub fn pal_code_ranges() -> Vec<(u64, u64)> {
     let mut v: Vec<(u64, u64)> = Vec::new();
     // SAFETY: cb only touches `v` through the pointer we pass.
     unsafe { libc::dl_iterate_phdr(Some(cb), &mut v as *mut _ as *mut _) };
+    // The filter tries ranges in order: the C library's first, since the
+    // PAL's system calls go through its wrappers.
+    let libc_addr = libc::write as *const () as u64;
+    v.sort_by_key(|&(s, e)| !(s <= libc_addr && libc_addr < e));
     v
 }
 

@@ -39,5 +39,11 @@ fn main() -> i32 {
         assert_eq!(r, 4096);
     });
     println!("null_write_4k {w:.1}");
+    // The PAL's own share: the same call with nothing for the kernel to do.
+    let z = per_call(n, || {
+        let r = p.dk_stream_write(h, 0, buf.as_ptr(), 0);
+        assert_eq!(r, 0);
+    });
+    println!("pal_only_write_0 {z:.1}");
     0
 }
