@@ -1,9 +1,10 @@
 //! `moat-bench [--quick] [spawn|calls|pipe|all]`
 //!
 //! Every benchmark measures the raw floor (the same operation without
-//! moat) in the same run, on the same core, and prints moat / floor. The
-//! whole process is pinned to CPU 0 (children inherit it), so process
-//! pairs ping-pong on one core in both the floor and the moat case.
+//! moat) in the same run and prints moat / floor. Each group runs in its
+//! own process. `calls` and `pipe` pin that process to CPU 0 (children
+//! inherit it), so process pairs ping-pong on one core in both the floor
+//! and the moat case; `spawn` runs unpinned, floor and moat alike.
 //! Results are medians of repeated samples; `--quick` runs a short
 //! version (used by the test suite to keep the harness working).
 use moat_host_linux::monitor::{Sandbox, Stdio};
@@ -351,10 +352,10 @@ fn raw_unix_ping_pong(n: u64) -> f64 {
     let mut s = [0i32; 2];
     // SAFETY: socketpair into a local array.
     unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, s.as_mut_ptr()) };
-    // Parent writes s[0] and reads s[0]; child reads s[1] and writes s[1].
-    // SAFETY: dup of our own descriptors.
+    // The parent writes and reads s[0]; the child reads and writes s[1].
+    // SAFETY: dup of our own descriptors (ping_pong closes four).
     let (s0, s1) = unsafe { (libc::dup(s[0]), libc::dup(s[1])) };
-    ping_pong(n, [s1, s0], [s1, s0])
+    ping_pong(n, [s[1], s[0]], [s0, s1])
 }
 
 /// a: parent writes a[1], child reads a[0]; b: child writes b[1], parent reads b[0].
@@ -397,18 +398,52 @@ fn main() {
         .filter(|a| !a.starts_with("--"))
         .map(|s| s.as_str())
         .collect();
-    let all = which.is_empty() || which.contains(&"all");
-    pin_cpu0();
     let start = Instant::now();
-    header();
-    if all || which.contains(&"spawn") {
-        spawn_bench(quick);
-    }
-    if all || which.contains(&"calls") {
-        calls_bench(quick);
-    }
-    if all || which.contains(&"pipe") {
-        pipe_bench(quick);
+    match which.as_slice() {
+        // Each group runs in its own process: the picoprocess host (and its
+        // zygote) is per process, and so is the CPU pinning.
+        [] | ["all"] => {
+            header();
+            let me = std::env::current_exe().unwrap();
+            for group in ["spawn", "calls", "pipe"] {
+                let mut c = Command::new(&me);
+                c.arg("--no-header").arg(group);
+                if quick {
+                    c.arg("--quick");
+                }
+                let s = c.status().unwrap();
+                if !s.success() {
+                    eprintln!("moat-bench: `{group}` failed");
+                    std::process::exit(1);
+                }
+            }
+        }
+        groups => {
+            if !args.iter().any(|a| a == "--no-header") {
+                header();
+            }
+            for g in groups {
+                match *g {
+                    // Spawning is measured unpinned, floor and moat alike:
+                    // the zygote keeps a loader warm on the other core.
+                    "spawn" => spawn_bench(quick),
+                    "calls" => {
+                        pin_cpu0();
+                        calls_bench(quick)
+                    }
+                    "pipe" => {
+                        pin_cpu0();
+                        pipe_bench(quick)
+                    }
+                    other => {
+                        eprintln!(
+                            "moat-bench: unknown benchmark `{other}` (spawn, calls, pipe, all)"
+                        );
+                        std::process::exit(2);
+                    }
+                }
+            }
+        }
     }
     eprintln!(
         "moat-bench: done in {:.1?}",

@@ -227,6 +227,9 @@ impl Session {
         if let Some(l) = pipes.get(name) {
             return Ok(l.clone());
         }
+        if pipes.len() >= MAX_LISTENERS {
+            return Err(std::io::Error::from_raw_os_error(libc::EMFILE));
+        }
         let addr =
             std::os::unix::net::SocketAddr::from_abstract_name(format!("{}{name}", self.tag))?;
         let l = Arc::new(UnixListener::bind_addr(&addr)?);
@@ -245,6 +248,9 @@ impl Session {
         let mut tcp = self.tcp.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(l) = tcp.get(&addr) {
             return Ok(l.clone());
+        }
+        if tcp.len() >= MAX_LISTENERS {
+            return Err(std::io::Error::from_raw_os_error(libc::EMFILE));
         }
         // std sets SO_REUSEADDR on Unix listeners.
         let l = Arc::new(TcpListener::bind(addr)?);
@@ -294,7 +300,16 @@ pub struct Broker {
     session: Arc<Session>,
     name: String,
     report: ReportSlot,
+    /// DkDebugStringPrint bytes logged so far.
+    debug_bytes: u64,
 }
+
+/// Most pipe names, and most TCP listening addresses, one session (a
+/// picoprocess tree) may have at once: each is a descriptor of the host.
+pub const MAX_LISTENERS: usize = 64;
+
+/// Most debug output one picoprocess may put in the host's log.
+pub const DEBUG_BUDGET: u64 = 1 << 20;
 
 type R<T> = Result<T, Error>;
 
@@ -302,6 +317,7 @@ impl Broker {
     /// A broker for the picoprocess `name` in `session`.
     pub fn new(session: Arc<Session>, name: impl Into<String>) -> Broker {
         Broker {
+            debug_bytes: 0,
             session,
             name: sanitize(&name.into()),
             report: Arc::new(Mutex::new(None)),
@@ -349,7 +365,18 @@ impl Broker {
             Request::Delete { uri } => self.delete(&uri).map(|()| Reply::ok()),
             Request::ProcessCreate { uri, args } => self.process_create(&uri, args),
             Request::Debug { text } => {
-                self.log(&format!("[picoprocess {}] {}", self.name, sanitize(&text)));
+                // Bounded: a picoprocess cannot flood the host's log.
+                if self.debug_bytes < DEBUG_BUDGET {
+                    self.debug_bytes += text.len() as u64;
+                    self.log(&format!("[picoprocess {}] {}", self.name, sanitize(&text)));
+                    if self.debug_bytes >= DEBUG_BUDGET {
+                        self.log(&format!(
+                            "[picoprocess {}] (debug output over {} MiB; the rest is dropped)",
+                            self.name,
+                            DEBUG_BUDGET >> 20
+                        ));
+                    }
+                }
                 return None;
             }
             Request::Report { kind, text } => {
@@ -691,8 +718,11 @@ impl Broker {
         let mut all = Vec::with_capacity(args.len() + 1);
         all.push(name.clone());
         all.extend(args);
+        // Non-blocking from the start: the picoprocess may not change
+        // descriptor flags itself (F_SETFL is not on its allow-list).
         let (r, w) =
-            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| map_errno(e as i32))?;
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
+                .map_err(|e| map_errno(e as i32))?;
         match crate::monitor::start(&self.session, image, name, all, Some(w), true) {
             Ok(_) => Ok(Reply::fd(0, r)),
             Err(e) => {

@@ -36,8 +36,7 @@ use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex};
 
 /// Exit code: the command line, manifest or image was not usable.
 pub const EXIT_BAD_INPUT: i32 = 2;
@@ -259,6 +258,15 @@ pub(crate) fn check_image(image: &File, limits: &Limits) -> Result<(), String> {
     if meta.len() > crate::elf::MAX_IMAGE_BYTES as u64 {
         return Err(crate::elf::ImageError::TooLarge(meta.len() as usize).to_string());
     }
+    // Refuse before reading: a file larger than the picoprocess's memory
+    // cannot be an image it can run.
+    if meta.len() > limits.memory_mib << 20 {
+        return Err(format!(
+            "image is {} bytes; the memory limit is {} MiB",
+            meta.len(),
+            limits.memory_mib
+        ));
+    }
     let mut bytes = Vec::with_capacity(meta.len() as usize);
     image
         .take(crate::elf::MAX_IMAGE_BYTES as u64 + 1)
@@ -394,10 +402,11 @@ pub(crate) fn start(
     }
     let mut broker = Broker::new(session.clone(), name);
     let report = broker.report_slot();
-    let (done_tx, done_rx) = mpsc::channel::<()>();
     let sess = session.clone();
     let p = proc.clone();
     let sock = sp.sock;
+    // One thread per picoprocess: it answers the loader until the socket
+    // closes (the loader ended), then reaps it.
     let monitor = std::thread::Builder::new()
         .name(format!("moat-monitor-{}", proc.pid))
         .spawn(move || {
@@ -410,20 +419,11 @@ pub(crate) fn start(
             if last {
                 sess.close_console();
             }
-            let _ = done_tx.send(());
+            reap(&sess, &p, report, notify, child);
         });
     if let Err(e) = monitor {
         let _ = proc.signal(libc::SIGKILL);
         return Err(Error::io("cannot start the monitor thread", e));
-    }
-    let sess = session.clone();
-    let p = proc.clone();
-    let waiter = std::thread::Builder::new()
-        .name(format!("moat-wait-{}", proc.pid))
-        .spawn(move || reap(&sess, &p, report, done_rx, notify, child));
-    if let Err(e) = waiter {
-        let _ = proc.signal(libc::SIGKILL);
-        return Err(Error::io("cannot start the waiter thread", e));
     }
     Ok(proc)
 }
@@ -466,14 +466,11 @@ fn reap(
     session: &Arc<Session>,
     proc: &Arc<Proc>,
     report: ReportSlot,
-    done: mpsc::Receiver<()>,
     notify: Option<OwnedFd>,
     child: bool,
 ) {
+    // The socket is drained (the report, if any, was read): now the status.
     let status = spawn::wait_process(&proc.pidfd, proc.pid);
-    // Let the monitor thread read what the loader sent before it died
-    // (its report); it ends once the socket is drained.
-    let _ = done.recv_timeout(Duration::from_secs(2));
     let mut report = report.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let code = match status {
         Ok(Status::Exited(c)) => c,

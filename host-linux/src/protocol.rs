@@ -121,10 +121,21 @@ pub fn send<T: Serialize>(sock: BorrowedFd<'_>, msg: &T, fds: &[RawFd]) -> Resul
 /// Receive one message and the descriptors attached to it. Descriptors
 /// come with close-on-exec set.
 pub fn recv<T: DeserializeOwned>(sock: BorrowedFd<'_>) -> Result<(T, Vec<OwnedFd>), WireError> {
-    let mut buf = vec![0u8; MAX_MSG];
+    // One receive buffer per thread, allocated (and its pages touched) once:
+    // a warm loader pays for it before it is handed out.
+    thread_local! {
+        static BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; MAX_MSG]);
+    }
+    BUF.with(|b| recv_into(sock, &mut b.borrow_mut()))
+}
+
+fn recv_into<T: DeserializeOwned>(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+) -> Result<(T, Vec<OwnedFd>), WireError> {
     let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
     let (n, fds, truncated) = loop {
-        let mut iov = [IoSliceMut::new(&mut buf)];
+        let mut iov = [IoSliceMut::new(buf)];
         match recvmsg::<()>(
             sock.as_raw_fd(),
             &mut iov,

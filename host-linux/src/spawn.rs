@@ -108,6 +108,10 @@ pub(crate) struct ChildArgs {
     path: *const libc::c_char,
     /// `--zygote`: start the zygote instead of a loader.
     zygote: bool,
+    /// With `zygote`: read end of a pipe; the child waits for one byte on
+    /// it (the parent has written its uid/gid maps), then takes uid and
+    /// gid 0 inside its user namespace (an unprivileged id outside).
+    id_sync: RawFd,
     rlimits: [(libc::__rlimit_resource_t, libc::rlimit); 4],
     n_rlimits: usize,
 }
@@ -146,6 +150,7 @@ impl ChildArgs {
             sock,
             path: path.as_ptr(),
             zygote: false,
+            id_sync: -1,
             rlimits,
             n_rlimits,
         }
@@ -264,12 +269,51 @@ fn spawn_here(loader: &Path, limits: &Limits, zygote: bool) -> Result<Spawned, S
         limits,
     );
     args.zygote = zygote;
+    let mut id_pipe = None;
+    if zygote {
+        // The zygote keeps the host's limits but one: its loaders lower
+        // theirs, and an unprivileged process can lower a hard limit but
+        // never raise it. RLIMIT_NPROC caps the tasks of all its loaders
+        // together (they share its namespace and identity).
+        args.rlimits[0] = (
+            libc::RLIMIT_NPROC,
+            libc::rlimit {
+                rlim_cur: crate::zygote::MAX_TASKS,
+                rlim_max: crate::zygote::MAX_TASKS,
+            },
+        );
+        args.n_rlimits = 1;
+        let (r, w) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| SpawnError::Setup {
+                what: "a pipe",
+                err: e.into(),
+            })?;
+        args.id_sync = r.as_raw_fd();
+        id_pipe = Some((r, w));
+    }
 
     let ns_flags = NAMESPACES.iter().fold(0, |a, (f, _)| a | f);
     let (pid, pidfd) = match clone_child(ns_flags, &args) {
         Ok(v) => v,
         Err(e) => return Err(diagnose(e)),
     };
+    if let Some((r, w)) = id_pipe {
+        drop(r);
+        // Map uid/gid 0 inside to an unprivileged identity outside, then
+        // let the child take it. On failure the child sees end-of-file
+        // and exits.
+        if let Err(err) = crate::zygote::map_identity(pid) {
+            drop(w);
+            let _ = signal_pidfd(&pidfd, libc::SIGKILL);
+            let _ = wait_pidfd(&pidfd);
+            return Err(SpawnError::Setup {
+                what: "the sandbox user namespace's id maps",
+                err,
+            });
+        }
+        let mut w = std::fs::File::from(w);
+        let _ = std::io::Write::write_all(&mut w, b"1");
+    }
     // The child has its copies; ours of its end and /dev/null close here.
     drop(child_end);
     drop(devnull);
@@ -340,12 +384,13 @@ fn clone_child(
 
 /// The cloned child: raw system calls only, then `execve`.
 /// What the child was doing when it failed (first byte on the error pipe).
-const STAGES: [&str; 6] = [
+const STAGES: [&str; 7] = [
     "set the parent-death signal",
     "arrange descriptors",
     "close inherited descriptors",
     "set resource limits",
     "execute the loader",
+    "take its unprivileged identity",
     "?",
 ];
 
@@ -415,6 +460,15 @@ pub(crate) unsafe fn setup_child(a: &ChildArgs) -> RawFd {
     // SAFETY: see the function contract.
     unsafe {
         let fail = |stage: u8, e: RawFd| -> ! { child_fail(stage, e) };
+        if a.id_sync >= 0 {
+            let mut b = 0u8;
+            if libc::read(a.id_sync, &mut b as *mut u8 as *mut libc::c_void, 1) != 1 {
+                fail(5, a.err_pipe);
+            }
+            if libc::setresgid(0, 0, 0) != 0 || libc::setresuid(0, 0, 0) != 0 {
+                fail(5, a.err_pipe);
+            }
+        }
         // Die with the spawner thread (the host process).
         if libc::prctl(
             libc::PR_SET_PDEATHSIG,

@@ -24,6 +24,12 @@ struct Zygote {
     alive: AtomicBool,
 }
 
+/// Tasks (threads included) all loaders of one host process may have at
+/// once (RLIMIT_NPROC of the zygote's identity): the kernel's backstop
+/// behind each picoprocess's `threads` limit, which the in-process PAL
+/// enforces and a hostile guest could bypass.
+pub(crate) const MAX_TASKS: u64 = 8192;
+
 static CURRENT: Mutex<Option<Arc<Zygote>>> = Mutex::new(None);
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 static EXITS: Mutex<Option<HashMap<i32, Status>>> = Mutex::new(None);
@@ -119,6 +125,19 @@ fn read_events(z: Arc<Zygote>, zpidfd: OwnedFd) {
         record_exit(host, Status::Signaled(libc::SIGKILL));
     }
     let _ = spawn::wait_pidfd(&zpidfd);
+}
+
+/// Map uid and gid 0 of the zygote's user namespace to an unprivileged
+/// identity outside: `nobody` (65534) when the host runs as root, else the
+/// host's own ids. Picoprocesses then never run as the host's root.
+pub(crate) fn map_identity(pid: i32) -> std::io::Result<()> {
+    // SAFETY: getuid/getgid have no preconditions.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let (ou, og) = if uid == 0 { (65534, 65534) } else { (uid, gid) };
+    std::fs::write(format!("/proc/{pid}/setgroups"), "deny")?;
+    std::fs::write(format!("/proc/{pid}/uid_map"), format!("0 {ou} 1"))?;
+    std::fs::write(format!("/proc/{pid}/gid_map"), format!("0 {og} 1"))?;
+    Ok(())
 }
 
 /// The pid (in our namespace) of the process behind a pidfd.

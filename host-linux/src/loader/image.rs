@@ -8,8 +8,15 @@ use std::os::fd::RawFd;
 
 /// Read a whole image file from a descriptor (bounded).
 pub fn read_all(fd: RawFd) -> PalResult<Vec<u8>> {
-    let mut out = Vec::new();
-    let mut chunk = vec![0u8; 1 << 20];
+    let size = sys::fstat(fd)
+        .map(|st| st.st_size.max(0) as usize)
+        .unwrap_or(0);
+    if size > elf::MAX_IMAGE_BYTES {
+        return Err(Error::InvalidArgument);
+    }
+    let mut out = Vec::with_capacity(size);
+    // One byte more than the size, so the end of the file shows as a short read.
+    let mut chunk = vec![0u8; (size + 1).clamp(4096, 1 << 20)];
     loop {
         let off = out.len() as u64;
         match sys::pread(fd, chunk.as_mut_ptr() as u64, chunk.len(), off) {

@@ -609,7 +609,6 @@ impl Pal for LinuxPal {
             uri: u.canonical(),
             args: argv
         }));
-        sys::set_nonblock(fd.as_raw_fd());
         self.insert_out(
             Object::Process(ProcessObj {
                 pipe: fd,

@@ -87,19 +87,15 @@ pub fn allow_list(my_pid: i64) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String
         libc::SYS_clone,
         vec![rule(vec![c(0, Op::MaskedEq(thread), thread)?])?],
     );
-    // fcntl: descriptor flags, and duplication (bounded by RLIMIT_NOFILE).
+    // fcntl: reading flags, and duplication (bounded by RLIMIT_NOFILE).
+    // Never F_SETFL: open file descriptions may be shared with the host
+    // (the console), whose O_NONBLOCK must not change under it.
     m.insert(
         libc::SYS_fcntl,
-        [
-            libc::F_GETFL,
-            libc::F_SETFL,
-            libc::F_GETFD,
-            libc::F_SETFD,
-            libc::F_DUPFD_CLOEXEC,
-        ]
-        .into_iter()
-        .map(|cmd| rule(vec![cd(1, Op::Eq, cmd as u64)?]))
-        .collect::<Result<_, _>>()?,
+        [libc::F_GETFL, libc::F_GETFD, libc::F_DUPFD_CLOEXEC]
+            .into_iter()
+            .map(|cmd| rule(vec![cd(1, Op::Eq, cmd as u64)?]))
+            .collect::<Result<_, _>>()?,
     );
     // tgkill: only this process (abort() signals itself).
     m.insert(

@@ -263,14 +263,6 @@ pub fn fstat(fd: RawFd) -> Result<libc::stat, i32> {
     Ok(st)
 }
 
-pub fn set_nonblock(fd: RawFd) {
-    // SAFETY: fcntl on our own descriptor.
-    unsafe {
-        let fl = libc::fcntl(fd, libc::F_GETFL);
-        libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK);
-    }
-}
-
 /// Read all directory entry names of `fd` (a directory), skipping `.` and
 /// `..`; directories get a trailing `/`.
 pub fn read_dir(fd: RawFd) -> Result<Vec<String>, i32> {

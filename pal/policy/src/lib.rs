@@ -223,7 +223,17 @@ impl Grant {
             }
             (Uri::File(_), None) => false,
             (_, Some(_)) => false,
-            (u, None) => u.canonical().starts_with(&self.prefix),
+            // Non-file grants: a grant ending in `:` covers every URI it
+            // prefixes (`pipe.server:` any name, `tcp.client:127.0.0.1:`
+            // any port); any other grant covers exactly its own URI.
+            (u, None) => {
+                let c = u.canonical();
+                if self.prefix.ends_with(':') {
+                    c.starts_with(&self.prefix)
+                } else {
+                    c == self.prefix
+                }
+            }
         }
     }
 
@@ -362,6 +372,14 @@ mod tests {
         assert!(p.check(&u("tcp.client:127.0.0.1:80"), false).is_ok());
         assert!(p.check(&u("tcp.server:127.0.0.1:80"), false).is_err());
         assert!(p.check(&u("stdout:"), true).is_ok());
+        // Exact grants are exact: no name or port extends them.
+        let mut q = Policy::default();
+        q.allow("pipe.server:svc", Access::Rw).unwrap();
+        q.allow("tcp.server:127.0.0.1:80", Access::Rw).unwrap();
+        assert!(q.check(&u("pipe.server:svc"), true).is_ok());
+        assert!(q.check(&u("pipe.server:svc2"), true).is_err());
+        assert!(q.check(&u("tcp.server:127.0.0.1:80"), true).is_ok());
+        assert!(q.check(&u("tcp.server:127.0.0.1:8080"), true).is_err());
         let r = p.check(&u("file:/etc/passwd"), false).unwrap_err();
         assert!(r.to_string().contains("--allow-ro file:/etc/passwd"));
         assert!(Grant::new("file:rel", Access::Ro).is_err());
