@@ -215,20 +215,9 @@ fn calls_bench(quick: bool) {
             std::hint::black_box(d.as_secs() * 1_000_000 + d.subsec_micros() as u64);
         }
         ftq.push(t.elapsed().as_secs_f64() * 1e9 / n as f64);
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open("/dev/null")
-            .unwrap();
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
-        let buf = [0x5au8; 4096];
-        let m = n / 4;
-        let t = Instant::now();
-        for _ in 0..m {
-            // SAFETY: writing a local buffer to our own descriptor.
-            let r = unsafe { libc::write(fd, buf.as_ptr() as *const _, 4096) };
-            assert_eq!(r, 4096);
-        }
-        fnw.push(t.elapsed().as_secs_f64() * 1e9 / m as f64);
+        // In a fresh child, like the filter breakdowns below (a process
+        // with the host's threads measures differently).
+        fnw.push(write_under_seccomp(n / 4, Filter::None));
     }
     row(
         "DkSystemTimeQuery vs clock_gettime",
@@ -249,20 +238,38 @@ fn calls_bench(quick: bool) {
         median(&mut pal0)
     );
     let mut sc: Vec<f64> = (0..reps)
-        .map(|_| write_under_allow_all_seccomp(n / 4))
+        .map(|_| write_under_seccomp(n / 4, Filter::AllowAll))
+        .collect();
+    let mut mf: Vec<f64> = (0..reps)
+        .map(|_| write_under_seccomp(n / 4, Filter::Moat))
         .collect();
     row(
-        "  breakdown: write(/dev/null) under a 1-instruction allow-all seccomp filter",
+        "  breakdown: write(/dev/null) under an allow-all seccomp filter",
         median(&mut sc),
+        median(&mut fnw),
+        "ns",
+        "-",
+    );
+    row(
+        "  breakdown: write(/dev/null) under moat's loader filter, no PAL",
+        median(&mut mf),
         median(&mut fnw),
         "ns",
         "-",
     );
 }
 
-/// The cost of having any seccomp filter at all: a forked child installs
-/// `return ALLOW` and times the same write loop.
-fn write_under_allow_all_seccomp(m: u64) -> f64 {
+#[derive(Clone, Copy, PartialEq)]
+enum Filter {
+    None,
+    AllowAll,
+    Moat,
+}
+
+/// Raw 4 KiB writes to /dev/null in a forked child, with no filter, with
+/// `return ALLOW`, or with moat's own loader filter: the filters' cost
+/// alone, with no PAL in the way.
+fn write_under_seccomp(m: u64, which: Filter) -> f64 {
     let mut fds = [0i32; 2];
     // SAFETY: pipe/fork/prctl/write/read on our own descriptors; the child
     // makes only system calls and _exits.
@@ -270,15 +277,30 @@ fn write_under_allow_all_seccomp(m: u64) -> f64 {
         libc::pipe(fds.as_mut_ptr());
         let pid = libc::fork();
         if pid == 0 {
-            let mut allow = [libc::sock_filter {
+            let f = libc::open(c"/dev/null".as_ptr(), libc::O_WRONLY);
+            let mut filter = vec![libc::sock_filter {
                 code: 0x06,
                 jt: 0,
                 jf: 0,
                 k: 0x7fff_0000,
             }];
+            if which == Filter::Moat {
+                use moat_host_linux::loader::{sandbox, sys};
+                let p =
+                    sandbox::build_filter(&sys::pal_code_ranges(), libc::getpid() as i64).unwrap();
+                filter = p
+                    .iter()
+                    .map(|i| libc::sock_filter {
+                        code: i.code,
+                        jt: i.jt,
+                        jf: i.jf,
+                        k: i.k,
+                    })
+                    .collect();
+            }
             let prog = libc::sock_fprog {
-                len: 1,
-                filter: allow.as_mut_ptr(),
+                len: filter.len() as u16,
+                filter: filter.as_mut_ptr(),
             };
             libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
             libc::prctl(
@@ -286,7 +308,6 @@ fn write_under_allow_all_seccomp(m: u64) -> f64 {
                 libc::SECCOMP_MODE_FILTER,
                 &prog as *const _ as usize,
             );
-            let f = libc::open(c"/dev/null".as_ptr(), libc::O_WRONLY);
             let buf = [0x5au8; 4096];
             let t = Instant::now();
             for _ in 0..m {

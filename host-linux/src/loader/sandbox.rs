@@ -212,7 +212,7 @@ pub fn install(pal_ranges: &[(u64, u64)]) -> Result<(), String> {
     Ok(())
 }
 
-fn landlock_restrict() -> Result<(), String> {
+pub fn landlock_restrict() -> Result<(), String> {
     use landlock::{Access, AccessFs, AccessNet, Ruleset, RulesetAttr, RulesetStatus, ABI};
     let abi = ABI::V4;
     let status = Ruleset::default()
