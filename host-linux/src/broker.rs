@@ -545,7 +545,36 @@ impl Broker {
         if options & open_option::DIRECTORY != 0 {
             flags |= libc::O_DIRECTORY;
         }
-        let fd = t.open(flags, 0o644)?;
+        // Look before opening: an O_PATH descriptor runs no driver code, so
+        // a device node in a granted directory is refused without its
+        // open (tape rewind, tty, watchdog) ever running; an existing
+        // regular file or directory is then reopened through that very
+        // descriptor, so nothing can be swapped in between.
+        let fd = match t.open(
+            libc::O_PATH | libc::O_CLOEXEC | (flags & libc::O_DIRECTORY),
+            0,
+        ) {
+            Ok(p) => {
+                match sys::file_type(p.as_fd()).map_err(map_errno)? {
+                    libc::S_IFREG | libc::S_IFDIR => {}
+                    _ => {
+                        self.log(&format!(
+                            "moat: refused {} (not a regular file or directory)",
+                            sanitize(&u.canonical())
+                        ));
+                        return Err(Error::NotSupported);
+                    }
+                }
+                if disp == create::CREATE_NEW {
+                    return Err(Error::AlreadyExists);
+                }
+                sys::reopen(p.as_fd(), flags & !(libc::O_CREAT | libc::O_EXCL))
+                    .map_err(map_errno)?
+            }
+            // Not there yet: create it (it can only be a regular file).
+            Err(Error::NotFound) if disp != create::OPEN_EXISTING => t.open(flags, 0o644)?,
+            Err(e) => return Err(e),
+        };
         let kind = match sys::file_type(fd.as_fd()).map_err(map_errno)? {
             libc::S_IFREG => stream_kind::FILE,
             libc::S_IFDIR => stream_kind::DIRECTORY,
@@ -1001,6 +1030,22 @@ mod sys {
     }
 
     /// `openat2(dir, path, {flags, mode, resolve})`.
+    /// Open again, with `flags`, the file an `O_PATH` descriptor names
+    /// (through its /proc/self/fd magic link, which the monitor may follow).
+    pub fn reopen(p: BorrowedFd<'_>, flags: libc::c_int) -> Result<OwnedFd, i32> {
+        let path =
+            std::ffi::CString::new(format!("/proc/self/fd/{}", p.as_raw_fd())).expect("no NUL");
+        // SAFETY: open of a NUL-terminated path; we own the result.
+        let fd = unsafe { libc::open(path.as_ptr(), flags | libc::O_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO));
+        }
+        // SAFETY: a fresh descriptor nobody else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
     pub fn openat2(
         dir: BorrowedFd<'_>,
         path: &str,

@@ -134,6 +134,7 @@ fn recv_into<T: DeserializeOwned>(
     buf: &mut [u8],
 ) -> Result<(T, Vec<OwnedFd>), WireError> {
     let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
+    let mut resets = 0;
     let (n, fds, truncated) = loop {
         let mut iov = [IoSliceMut::new(buf)];
         match recvmsg::<()>(
@@ -143,6 +144,13 @@ fn recv_into<T: DeserializeOwned>(
             MsgFlags::MSG_CMSG_CLOEXEC,
         ) {
             Err(nix::Error::EINTR) => continue,
+            // A peer that closed with our messages unread leaves a one-shot
+            // ECONNRESET ahead of the messages it sent before closing (its
+            // last report): read on, to those and then end-of-file.
+            Err(nix::Error::ECONNRESET) if resets < 2 => {
+                resets += 1;
+                continue;
+            }
             Err(e) => return Err(e.into()),
             Ok(m) => {
                 let mut fds = Vec::new();
