@@ -407,25 +407,60 @@ pub(crate) fn start(
     let sock = sp.sock;
     // One thread per picoprocess: it answers the loader until the socket
     // closes (the loader ended), then reaps it.
-    let monitor = std::thread::Builder::new()
-        .name(format!("moat-monitor-{}", proc.pid))
-        .spawn(move || {
-            serve(sock, &mut broker, &p);
-            let last = {
-                let mut t = sess.procs.lock().unwrap_or_else(|e| e.into_inner());
-                t.serving -= 1;
-                t.serving == 0
-            };
-            if last {
-                sess.close_console();
-            }
-            reap(&sess, &p, report, notify, child);
-        });
+    let monitor = run_monitor_thread(Box::new(move || {
+        serve(sock, &mut broker, &p);
+        let last = {
+            let mut t = sess.procs.lock().unwrap_or_else(|e| e.into_inner());
+            t.serving -= 1;
+            t.serving == 0
+        };
+        if last {
+            sess.close_console();
+        }
+        reap(&sess, &p, report, notify, child);
+    }));
     if let Err(e) = monitor {
         let _ = proc.signal(libc::SIGKILL);
         return Err(Error::io("cannot start the monitor thread", e));
     }
     Ok(proc)
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// A monitor thread started ahead of need: starting a thread costs tens of
+/// microseconds, which a spawn should not wait for.
+static SPARE: Mutex<Option<std::sync::mpsc::Sender<Job>>> = Mutex::new(None);
+
+fn spare_thread() -> std::io::Result<std::sync::mpsc::Sender<Job>> {
+    let (tx, rx) = std::sync::mpsc::channel::<Job>();
+    std::thread::Builder::new()
+        .name("moat-monitor".into())
+        .spawn(move || {
+            if let Ok(job) = rx.recv() {
+                job();
+            }
+        })?;
+    Ok(tx)
+}
+
+/// Run `job` on the spare monitor thread (or a new one), then start the
+/// next spare.
+fn run_monitor_thread(job: Job) -> std::io::Result<()> {
+    let spare = SPARE.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let job = match spare {
+        Some(tx) => tx.send(job).err().map(|e| e.0),
+        None => Some(job),
+    };
+    if let Some(j) = job {
+        std::thread::Builder::new()
+            .name("moat-monitor".into())
+            .spawn(j)?;
+    }
+    if let Ok(tx) = spare_thread() {
+        *SPARE.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+    }
+    Ok(())
 }
 
 /// Answer the loader's requests until its socket closes. A malformed

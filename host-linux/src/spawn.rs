@@ -465,7 +465,12 @@ pub(crate) unsafe fn setup_child(a: &ChildArgs) -> RawFd {
             if libc::read(a.id_sync, &mut b as *mut u8 as *mut libc::c_void, 1) != 1 {
                 fail(5, a.err_pipe);
             }
-            if libc::setresgid(0, 0, 0) != 0 || libc::setresuid(0, 0, 0) != 0 {
+            // Raw system calls: the C library's setresuid would try to
+            // change the credentials of every thread the parent had, and
+            // wait for threads that do not exist in this child.
+            if libc::syscall(libc::SYS_setresgid, 0, 0, 0) != 0
+                || libc::syscall(libc::SYS_setresuid, 0, 0, 0) != 0
+            {
                 fail(5, a.err_pipe);
             }
         }

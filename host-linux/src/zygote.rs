@@ -140,12 +140,39 @@ pub(crate) fn map_identity(pid: i32) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The pid (in our namespace) of the process behind a pidfd.
+/// The pid (in our namespace) of the process behind a pidfd: the
+/// PIDFD_GET_INFO ioctl (Linux 6.13), else the pidfd's /proc fdinfo.
 fn host_pid(pidfd: RawFd) -> Option<i32> {
+    #[repr(C)]
+    #[derive(Default)]
+    struct PidfdInfo {
+        mask: u64,
+        cgroupid: u64,
+        pid: u32,
+        tgid: u32,
+        ppid: u32,
+        ids: [u32; 8],
+        exit_code: i32,
+    }
+    const _: () = assert!(std::mem::size_of::<PidfdInfo>() == 64);
+    const PIDFD_GET_INFO: libc::c_ulong = 0xC040_FF0B; // _IOWR(0xFF, 11, 64 bytes)
+    const PIDFD_INFO_PID: u64 = 1;
+    let mut info = PidfdInfo {
+        mask: PIDFD_INFO_PID,
+        ..Default::default()
+    };
+    // SAFETY: the ioctl writes at most the 64 bytes its number encodes,
+    // the size of `info`.
+    let r = unsafe { libc::ioctl(pidfd, PIDFD_GET_INFO, &mut info as *mut PidfdInfo) };
+    if r == 0 && info.mask & PIDFD_INFO_PID != 0 && info.pid > 0 {
+        return Some(info.pid as i32);
+    }
     let s = std::fs::read_to_string(format!("/proc/self/fdinfo/{pidfd}")).ok()?;
+    // "Pid: -1" once the process is reaped (and 0 outside our namespace).
     s.lines()
         .find_map(|l| l.strip_prefix("Pid:"))
         .and_then(|v| v.trim().parse().ok())
+        .filter(|p: &i32| *p > 0)
 }
 
 /// Start a loader through the zygote.
@@ -204,4 +231,23 @@ pub(crate) fn spawn(loader: &Path, limits: &Limits) -> Result<Spawned, SpawnErro
         };
     }
     unreachable!("the loop returns")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn host_pid_of_a_child() {
+        let child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        // SAFETY: pidfd_open of our own live child.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id() as i32, 0) } as i32;
+        assert!(fd >= 0);
+        assert_eq!(super::host_pid(fd), Some(child.id() as i32));
+        // SAFETY: our own descriptor.
+        unsafe { libc::close(fd) };
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
 }

@@ -48,7 +48,13 @@ struct State {
     path: CString,
     devnull: OwnedFd,
     warm: Option<Warm>,
+    /// Fork the next warm loader (with these limits) at this time.
+    refill: Option<(Limits, std::time::Instant)>,
 }
+
+/// How long after a hand-off the zygote waits before warming the next
+/// loader.
+const REFILL_DELAY: std::time::Duration = std::time::Duration::from_micros(300);
 
 pub fn main(loader: &str) -> ! {
     let path = CString::new(loader).unwrap_or_else(|_| std::process::exit(125));
@@ -77,6 +83,7 @@ pub fn main(loader: &str) -> ! {
         path,
         devnull,
         warm: None,
+        refill: None,
     };
     // Warm one with the default limits before the first request.
     st.warm = fork_loader(&st, &Limits::default()).ok();
@@ -93,9 +100,29 @@ pub fn main(loader: &str) -> ! {
                 revents: 0,
             },
         ];
-        // SAFETY: p is a valid array of two pollfds.
-        if unsafe { libc::poll(p.as_mut_ptr(), 2, -1) } < 0 {
+        let timeout = st.refill.map(|(_, at)| {
+            let d = at.saturating_duration_since(std::time::Instant::now());
+            libc::timespec {
+                tv_sec: d.as_secs() as i64,
+                tv_nsec: d.subsec_nanos() as i64,
+            }
+        });
+        let tp = timeout
+            .as_ref()
+            .map_or(std::ptr::null(), |t| t as *const libc::timespec);
+        // SAFETY: p is a valid array of two pollfds; tp is null or points
+        // at a live timespec.
+        let n = unsafe { libc::ppoll(p.as_mut_ptr(), 2, tp, std::ptr::null()) };
+        if n < 0 {
             continue;
+        }
+        if let Some((limits, at)) = st.refill {
+            if std::time::Instant::now() >= at && p[0].revents == 0 {
+                st.refill = None;
+                if st.warm.is_none() {
+                    st.warm = fork_loader(&st, &limits).ok();
+                }
+            }
         }
         if p[1].revents != 0 {
             reap(&sfd, &mut st);
@@ -148,8 +175,9 @@ fn serve(id: u64, limits: &Limits, st: &mut State) {
         }
         Err((stage, errno)) => send(&ZygoteEvent::Failed { id, stage, errno }, &[]),
     }
-    // Warm the next one while the monitor configures this one.
-    st.warm = fork_loader(st, limits).ok();
+    // Warm the next one a little later, not while this one starts: on
+    // two cores the warm-up would compete with the spawn in progress.
+    st.refill = Some((*limits, std::time::Instant::now() + REFILL_DELAY));
 }
 
 fn reap(sfd: &OwnedFd, st: &mut State) {
