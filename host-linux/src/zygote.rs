@@ -237,7 +237,7 @@ pub(crate) fn spawn(loader: &Path, limits: &Limits) -> Result<Spawned, SpawnErro
 mod tests {
     #[test]
     fn host_pid_of_a_child() {
-        let child = std::process::Command::new("sleep")
+        let mut child = std::process::Command::new("sleep")
             .arg("5")
             .spawn()
             .unwrap();
