@@ -53,6 +53,17 @@ pub fn run() -> ! {
     // allow-listed system calls, made from the PAL's own code, are. The
     // image comes later, as a descriptor, so a loader can wait sandboxed
     // for work (the zygote keeps one warm).
+    // The Rust runtime sets up its thread machinery (and signal handlers,
+    // which ours then replace) on the first thread it starts; do that now,
+    // while sigaction is still allowed, and return to a single thread.
+    if std::thread::Builder::new()
+        .stack_size(64 << 10)
+        .spawn(|| {})
+        .map(|t| t.join())
+        .is_err()
+    {
+        fail("loader: cannot start a thread");
+    }
     if let Err(e) = signals::install_all() {
         fail(&format!("loader: {e}"));
     }

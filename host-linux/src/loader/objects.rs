@@ -19,6 +19,9 @@ pub struct SyncObj {
     pub kind: SyncKind,
     pub fd: OwnedFd,
     state: Mutex<(u32, u32)>, // (count, max)
+    /// Set by a signal handler (which cannot take the lock): the next
+    /// locked operation applies it as a set.
+    pending_set: std::sync::atomic::AtomicBool,
 }
 
 impl SyncObj {
@@ -31,11 +34,34 @@ impl SyncObj {
             kind,
             fd,
             state: Mutex::new((initial, max)),
+            pending_set: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
-    pub fn set(&self) {
+    /// Async-signal-safe set: mark it and wake waiters; whoever next takes
+    /// the lock applies it (see `state`).
+    pub fn set_from_signal(&self) {
+        self.pending_set
+            .store(true, std::sync::atomic::Ordering::Release);
+        sys::eventfd_signal(self.fd.as_raw_fd());
+    }
+
+    /// The locked state, with a set made by a signal handler applied.
+    fn state(&self) -> std::sync::MutexGuard<'_, (u32, u32)> {
         let mut s = self.state.lock().unwrap();
+        if self
+            .pending_set
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
+            && s.0 == 0
+        {
+            // The handler already made the descriptor readable.
+            s.0 = 1;
+        }
+        s
+    }
+
+    pub fn set(&self) {
+        let mut s = self.state();
         if s.0 == 0 {
             s.0 = 1;
             sys::eventfd_signal(self.fd.as_raw_fd());
@@ -43,7 +69,7 @@ impl SyncObj {
     }
 
     pub fn clear(&self) {
-        let mut s = self.state.lock().unwrap();
+        let mut s = self.state();
         if s.0 > 0 {
             s.0 = 0;
             sys::eventfd_drain(self.fd.as_raw_fd());
@@ -51,12 +77,12 @@ impl SyncObj {
     }
 
     pub fn count(&self) -> u32 {
-        self.state.lock().unwrap().0
+        self.state().0
     }
 
     /// Semaphore release: the count before, or LimitExceeded (unchanged).
     pub fn release(&self, n: u32) -> PalResult<u32> {
-        let mut s = self.state.lock().unwrap();
+        let mut s = self.state();
         let prev = s.0;
         let new = prev.checked_add(n).ok_or(Error::LimitExceeded)?;
         if new > s.1 {
@@ -72,7 +98,7 @@ impl SyncObj {
     /// A wait saw the descriptor readable: take the object as its kind
     /// says. False if another waiter got there first.
     pub fn try_acquire(&self) -> bool {
-        let mut s = self.state.lock().unwrap();
+        let mut s = self.state();
         if s.0 == 0 {
             return false;
         }

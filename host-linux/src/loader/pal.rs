@@ -26,6 +26,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+/// How many times a picoprocess may call DkAbortEventRegister with an event.
+pub const MAX_ABORT_REGISTRATIONS: usize = 64;
+
 /// Guest thread stacks (plus one guard page below).
 pub const STACK_SIZE: u64 = 1 << 20;
 /// Signal stacks, where exception upcalls run.
@@ -42,7 +45,8 @@ pub struct LinuxPal {
     pub mem_limit: u64,
     /// Address of the StartupBlock (guest-writable memory).
     pub startup: AtomicU64,
-    pub abort_event: Mutex<Option<Arc<Object>>>,
+    /// Every event ever registered with DkAbortEventRegister (see there).
+    pub abort_event: Mutex<Vec<Arc<Object>>>,
 }
 
 thread_local! {
@@ -99,7 +103,7 @@ impl LinuxPal {
             max_threads,
             mem_limit,
             startup: AtomicU64::new(0),
-            abort_event: Mutex::new(None),
+            abort_event: Mutex::new(Vec::new()),
         }
     }
 
@@ -569,12 +573,22 @@ impl Pal for LinuxPal {
     }
 
     fn dk_abort_event_register(&self, event: u64) -> i64 {
+        use std::sync::atomic::Ordering::Release;
+        let mut kept = self.abort_event.lock().unwrap();
         if event == 0 {
-            *self.abort_event.lock().unwrap() = None;
+            signals::ABORT_EVENT.store(std::ptr::null_mut(), Release);
             return 0;
         }
         let o = tri!(self.sync(event, &[SyncKind::Notification, SyncKind::Synchronization]));
-        *self.abort_event.lock().unwrap() = Some(o);
+        // The signal handler may hold a pointer to any event ever
+        // registered, so they are kept for the life of the process
+        // (bounded: a guest re-registering without end is refused).
+        if kept.len() >= MAX_ABORT_REGISTRATIONS {
+            return err(Error::LimitExceeded);
+        }
+        let Object::Sync(s) = &*o else { unreachable!() };
+        signals::ABORT_EVENT.store(s as *const SyncObj as *mut SyncObj, Release);
+        kept.push(o);
         0
     }
 

@@ -11,7 +11,6 @@ use moat_pal::{
     exception_disposition, exception_kind, prot, ExceptionInfo, LibOsExceptionDispatchFn,
 };
 use std::fmt::Write as _;
-use std::os::fd::AsRawFd;
 
 /// A fixed buffer implementing fmt::Write, truncating on overflow.
 pub struct StackBuf<const N: usize> {
@@ -243,15 +242,18 @@ fn syscall_name_static(nr: i64) -> Option<&'static str> {
     }
 }
 
-static TERM_FD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+/// The registered abort event (a `SyncObj` kept alive by the PAL for the
+/// life of the process), or null.
+pub static ABORT_EVENT: std::sync::atomic::AtomicPtr<super::objects::SyncObj> =
+    std::sync::atomic::AtomicPtr::new(std::ptr::null_mut());
 
 extern "C" fn on_term(_sig: i32) {
-    let fd = TERM_FD.load(std::sync::atomic::Ordering::Relaxed);
-    if fd >= 0 {
-        sys::eventfd_signal(fd);
-    } else {
+    let p = ABORT_EVENT.load(std::sync::atomic::Ordering::Acquire);
+    if p.is_null() {
         sys::exit_process(128 + libc::SIGTERM);
     }
+    // SAFETY: registered events are never freed (see dk_abort_event_register).
+    unsafe { (*p).set_from_signal() };
 }
 
 fn install(sig: i32, handler: usize, siginfo: bool) -> Result<(), String> {
@@ -266,8 +268,9 @@ fn install(sig: i32, handler: usize, siginfo: bool) -> Result<(), String> {
     Ok(())
 }
 
-/// Install all handlers, and start the thread that turns SIGTERM into the
-/// registered abort event (a handler cannot take the event's lock).
+/// Install all handlers. No helper thread: a loader stays single-threaded
+/// until its guest makes threads (a multi-threaded process pays a
+/// reference count on every descriptor it uses in a system call).
 pub fn install_all() -> Result<(), String> {
     for s in [
         libc::SIGSEGV,
@@ -281,22 +284,6 @@ pub fn install_all() -> Result<(), String> {
     install(libc::SIGSYS, on_sigsys as *const () as usize, true)?;
     // SAFETY: ignoring SIGPIPE so writes to closed pipes return EPIPE.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
-    let efd = sys::eventfd().map_err(|e| format!("eventfd: {e}"))?;
-    // Blocking reads on this one.
-    // SAFETY: fcntl on our own descriptor.
-    unsafe { libc::fcntl(efd.as_raw_fd(), libc::F_SETFL, 0) };
-    TERM_FD.store(efd.as_raw_fd(), std::sync::atomic::Ordering::Relaxed);
-    std::thread::Builder::new()
-        .stack_size(64 << 10)
-        .spawn(move || loop {
-            sys::eventfd_drain(efd.as_raw_fd());
-            let ev = super::pal_opt().and_then(|p| p.abort_event.lock().unwrap().clone());
-            match ev.as_deref() {
-                Some(super::objects::Object::Sync(s)) => s.set(),
-                _ => sys::exit_process(128 + libc::SIGTERM),
-            }
-        })
-        .map_err(|e| format!("cannot start the abort thread: {e}"))?;
     install(libc::SIGTERM, on_term as *const () as usize, false)?;
     Ok(())
 }
