@@ -183,10 +183,13 @@ fn recv_into<T: DeserializeOwned>(
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum ZygoteRequest {
     /// Hand out a loader with these limits (a warm one if it has one).
+    /// Attached: the socket to send the answer (`Spawned` or `Failed`) on,
+    /// so it goes straight to the thread that asked.
     Spawn { id: u64, limits: Limits },
 }
 
-/// Zygote -> monitor.
+/// Zygote -> monitor: `Exited` on the control socket, the others on a
+/// request's reply socket.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum ZygoteEvent {
     /// The loader runs, sandboxed, waiting for its [`Config`]; attached:

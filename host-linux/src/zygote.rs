@@ -9,18 +9,14 @@ use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Condvar, Mutex};
-use std::time::Duration;
-
-/// (host pid, pidfd, monitor socket), or (stage, errno).
-type Reply = Result<(Option<i32>, OwnedFd, OwnedFd), (u8, i32)>;
+use std::sync::{Arc, Condvar, Mutex};
 
 struct Zygote {
     ctl: OwnedFd,
     send_lock: Mutex<()>,
-    pending: Mutex<HashMap<u64, mpsc::SyncSender<Reply>>>,
-    /// Zygote-namespace pid -> host pid of its live loaders.
-    ns_to_host: Mutex<HashMap<i32, i32>>,
+    /// Zygote-namespace pid -> host pid of its live loaders; and exits
+    /// that arrived before the spawning thread recorded the mapping.
+    ns_to_host: Mutex<(HashMap<i32, i32>, HashMap<i32, Status>)>,
     alive: AtomicBool,
 }
 
@@ -63,8 +59,7 @@ fn get_or_start(loader: &Path) -> Result<Arc<Zygote>, SpawnError> {
     let z = Arc::new(Zygote {
         ctl: sp.sock,
         send_lock: Mutex::new(()),
-        pending: Mutex::new(HashMap::new()),
-        ns_to_host: Mutex::new(HashMap::new()),
+        ns_to_host: Mutex::new((HashMap::new(), HashMap::new())),
         alive: AtomicBool::new(true),
     });
     let zr = z.clone();
@@ -83,34 +78,19 @@ fn get_or_start(loader: &Path) -> Result<Arc<Zygote>, SpawnError> {
 fn read_events(z: Arc<Zygote>, zpidfd: OwnedFd) {
     loop {
         match protocol::recv::<ZygoteEvent>(z.ctl.as_fd()) {
-            Ok((ZygoteEvent::Spawned { id, pid }, mut fds)) if fds.len() == 2 => {
-                // Map the pid before reading the next event, which may be
-                // this loader's exit. (Not yet reaped, so fdinfo has it.)
-                let sock = fds.pop().unwrap();
-                let pidfd = fds.pop().unwrap();
-                let host = host_pid(pidfd.as_raw_fd());
-                if let Some(h) = host {
-                    z.ns_to_host.lock().unwrap().insert(pid, h);
-                }
-                if let Some(tx) = z.pending.lock().unwrap().remove(&id) {
-                    let _ = tx.send(Ok((host, pidfd, sock)));
-                }
-            }
-            Ok((ZygoteEvent::Failed { id, stage, errno }, _)) => {
-                if let Some(tx) = z.pending.lock().unwrap().remove(&id) {
-                    let _ = tx.send(Err((stage, errno)));
-                }
-            }
             Ok((ZygoteEvent::Exited { pid, code, signal }, _)) => {
-                if let Some(host) = z.ns_to_host.lock().unwrap().remove(&pid) {
-                    record_exit(
-                        host,
-                        if signal == 0 {
-                            Status::Exited(code)
-                        } else {
-                            Status::Signaled(signal)
-                        },
-                    );
+                let st = if signal == 0 {
+                    Status::Exited(code)
+                } else {
+                    Status::Signaled(signal)
+                };
+                let mut m = z.ns_to_host.lock().unwrap();
+                match m.0.remove(&pid) {
+                    Some(host) => record_exit(host, st),
+                    // Its spawner has not recorded the mapping yet.
+                    None => {
+                        m.1.insert(pid, st);
+                    }
                 }
             }
             Ok(_) => {}
@@ -120,8 +100,7 @@ fn read_events(z: Arc<Zygote>, zpidfd: OwnedFd) {
     // The zygote is gone, and with it (as init of their pid namespace)
     // every loader it started.
     z.alive.store(false, Ordering::Release);
-    z.pending.lock().unwrap().clear();
-    for (_, host) in z.ns_to_host.lock().unwrap().drain() {
+    for (_, host) in z.ns_to_host.lock().unwrap().0.drain() {
         record_exit(host, Status::Signaled(libc::SIGKILL));
     }
     let _ = spawn::wait_pidfd(&zpidfd);
@@ -175,13 +154,13 @@ fn host_pid(pidfd: RawFd) -> Option<i32> {
         .filter(|p: &i32| *p > 0)
 }
 
-/// Start a loader through the zygote.
+/// Start a loader through the zygote. The answer comes on a socket of
+/// this request's own, straight to this thread.
 pub(crate) fn spawn(loader: &Path, limits: &Limits) -> Result<Spawned, SpawnError> {
     for attempt in 0..2 {
         let z = get_or_start(loader)?;
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = mpsc::sync_channel(1);
-        z.pending.lock().unwrap().insert(id, tx);
+        let (mine, theirs) = socketpair()?;
         let sent = {
             let _g = z.send_lock.lock().unwrap();
             protocol::send(
@@ -190,12 +169,12 @@ pub(crate) fn spawn(loader: &Path, limits: &Limits) -> Result<Spawned, SpawnErro
                     id,
                     limits: *limits,
                 },
-                &[],
+                &[theirs.as_raw_fd()],
             )
         };
+        drop(theirs);
         if sent.is_err() {
             z.alive.store(false, Ordering::Release);
-            z.pending.lock().unwrap().remove(&id);
             if attempt == 0 {
                 continue;
             }
@@ -204,22 +183,53 @@ pub(crate) fn spawn(loader: &Path, limits: &Limits) -> Result<Spawned, SpawnErro
                 err: std::io::Error::other("it is not running"),
             });
         }
-        return match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(Ok((Some(pid), pidfd, sock))) => Ok(Spawned { pid, pidfd, sock }),
-            Ok(Ok((None, pidfd, _))) => {
-                let _ = spawn::signal_pidfd(&pidfd, libc::SIGKILL);
-                Err(SpawnError::Setup {
-                    what: "the loader's pid",
-                    err: std::io::Error::other("not in /proc"),
-                })
+        // The zygote answers at once (it forks only when it has no warm
+        // loader); a dead zygote closes the socket.
+        let mut p = libc::pollfd {
+            fd: mine.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let ready = unsafe { libc::poll(&mut p, 1, 30_000) } > 0;
+        let answer = if ready {
+            protocol::recv::<ZygoteEvent>(mine.as_fd()).ok()
+        } else {
+            None
+        };
+        return match answer {
+            Some((
+                ZygoteEvent::Spawned {
+                    id: rid,
+                    pid: nspid,
+                },
+                mut fds,
+            )) if rid == id && fds.len() == 2 => {
+                let sock = fds.pop().unwrap();
+                let pidfd = fds.pop().unwrap();
+                let Some(pid) = host_pid(pidfd.as_raw_fd()) else {
+                    let _ = spawn::signal_pidfd(&pidfd, libc::SIGKILL);
+                    return Err(SpawnError::Setup {
+                        what: "the loader's pid",
+                        err: std::io::Error::other("unknown"),
+                    });
+                };
+                // Record the mapping, or the exit that already came.
+                let mut m = z.ns_to_host.lock().unwrap();
+                match m.1.remove(&nspid) {
+                    Some(st) => record_exit(pid, st),
+                    None => {
+                        m.0.insert(nspid, pid);
+                    }
+                }
+                Ok(Spawned { pid, pidfd, sock })
             }
-            Ok(Err((stage, errno))) => Err(SpawnError::Child {
+            Some((ZygoteEvent::Failed { stage, errno, .. }, _)) => Err(SpawnError::Child {
                 path: loader.display().to_string(),
                 stage: spawn::stage_name(stage),
                 err: std::io::Error::from_raw_os_error(errno),
             }),
-            Err(_) => {
-                z.pending.lock().unwrap().remove(&id);
+            _ => {
                 if attempt == 0 && !z.alive.load(Ordering::Acquire) {
                     continue;
                 }
@@ -231,6 +241,32 @@ pub(crate) fn spawn(loader: &Path, limits: &Limits) -> Result<Spawned, SpawnErro
         };
     }
     unreachable!("the loop returns")
+}
+
+fn socketpair() -> Result<(OwnedFd, OwnedFd), SpawnError> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: `fds` is a valid array of two ints for the kernel to fill.
+    let r = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    if r != 0 {
+        return Err(SpawnError::Setup {
+            what: "a reply socket",
+            err: std::io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: socketpair just created both descriptors; we own them.
+    Ok(unsafe {
+        (
+            std::os::fd::FromRawFd::from_raw_fd(fds[0]),
+            std::os::fd::FromRawFd::from_raw_fd(fds[1]),
+        )
+    })
 }
 
 #[cfg(test)]

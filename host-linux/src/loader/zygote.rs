@@ -22,7 +22,7 @@ use crate::protocol::{self, ZygoteEvent, ZygoteRequest};
 use crate::spawn::{setup_child, ChildArgs};
 use moat_policy::Limits;
 use std::ffi::CString;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 fn ctl() -> BorrowedFd<'static> {
     // SAFETY: descriptor 3 is the control socket for the life of the zygote.
@@ -129,14 +129,21 @@ pub fn main(loader: &str) -> ! {
         }
         if p[0].revents != 0 {
             match protocol::recv::<ZygoteRequest>(ctl()) {
-                Ok((ZygoteRequest::Spawn { id, limits }, _)) => serve(id, &limits, &mut st),
+                Ok((ZygoteRequest::Spawn { id, limits }, fds)) if fds.len() == 1 => {
+                    serve(id, &limits, &fds[0], &mut st)
+                }
+                Ok(_) => {}
                 Err(_) => std::process::exit(0),
             }
         }
     }
 }
 
-fn serve(id: u64, limits: &Limits, st: &mut State) {
+/// Answer a spawn request on its own reply socket.
+fn serve(id: u64, limits: &Limits, reply: &OwnedFd, st: &mut State) {
+    let send = |ev: &ZygoteEvent, fds: &[i32]| {
+        let _ = protocol::send(reply.as_fd(), ev, fds);
+    };
     let warm = match st.warm.take() {
         Some(w) if w.limits == *limits => Ok(w),
         stale => {
