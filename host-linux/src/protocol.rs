@@ -100,6 +100,26 @@ pub enum WireError {
     TooLarge,
 }
 
+/// A connected `SOCK_SEQPACKET` pair, both ends close-on-exec: the
+/// monitor socket of a loader, or a zygote reply socket.
+pub fn seqpacket_pair() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: `fds` is a valid array of two ints for the kernel to fill.
+    let r = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: socketpair just created both descriptors; we are their only owner.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
 /// Send `msg` with `fds` attached.
 pub fn send<T: Serialize>(sock: BorrowedFd<'_>, msg: &T, fds: &[RawFd]) -> Result<(), WireError> {
     let buf = postcard::to_allocvec(msg).map_err(|e| WireError::Decode(e.to_string()))?;

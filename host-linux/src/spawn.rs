@@ -228,24 +228,10 @@ pub(crate) fn spawn_zygote(loader: &Path) -> Result<Spawned, SpawnError> {
 }
 
 fn spawn_here(loader: &Path, limits: &Limits, zygote: bool) -> Result<Spawned, SpawnError> {
-    let mut fds = [0 as RawFd; 2];
-    // SAFETY: `fds` is a valid array of two ints for the kernel to fill.
-    let r = unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
-            0,
-            fds.as_mut_ptr(),
-        )
-    };
-    if r != 0 {
-        return Err(SpawnError::Setup {
-            what: "the monitor socket",
-            err: last_err(),
-        });
-    }
-    // SAFETY: socketpair just created both descriptors; we are their only owner.
-    let (mon, child_end) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let (mon, child_end) = crate::protocol::seqpacket_pair().map_err(|err| SpawnError::Setup {
+        what: "the monitor socket",
+        err,
+    })?;
     let devnull = std::fs::OpenOptions::new()
         .read(true)
         .write(true)

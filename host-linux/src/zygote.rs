@@ -160,7 +160,10 @@ pub(crate) fn spawn(loader: &Path, limits: &Limits) -> Result<Spawned, SpawnErro
     for attempt in 0..2 {
         let z = get_or_start(loader)?;
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-        let (mine, theirs) = socketpair()?;
+        let (mine, theirs) = protocol::seqpacket_pair().map_err(|err| SpawnError::Setup {
+            what: "a reply socket",
+            err,
+        })?;
         let sent = {
             let _g = z.send_lock.lock().unwrap();
             protocol::send(
@@ -241,32 +244,6 @@ pub(crate) fn spawn(loader: &Path, limits: &Limits) -> Result<Spawned, SpawnErro
         };
     }
     unreachable!("the loop returns")
-}
-
-fn socketpair() -> Result<(OwnedFd, OwnedFd), SpawnError> {
-    let mut fds = [0 as RawFd; 2];
-    // SAFETY: `fds` is a valid array of two ints for the kernel to fill.
-    let r = unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
-            0,
-            fds.as_mut_ptr(),
-        )
-    };
-    if r != 0 {
-        return Err(SpawnError::Setup {
-            what: "a reply socket",
-            err: std::io::Error::last_os_error(),
-        });
-    }
-    // SAFETY: socketpair just created both descriptors; we own them.
-    Ok(unsafe {
-        (
-            std::os::fd::FromRawFd::from_raw_fd(fds[0]),
-            std::os::fd::FromRawFd::from_raw_fd(fds[1]),
-        )
-    })
 }
 
 #[cfg(test)]

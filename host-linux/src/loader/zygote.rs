@@ -215,21 +215,8 @@ fn reap(sfd: &OwnedFd, st: &mut State) {
 /// configuration. Errors: (stage, errno) as the child reported them.
 fn fork_loader(st: &State, limits: &Limits) -> Result<Warm, (u8, i32)> {
     let errno = crate::loader::sys::errno;
-    let mut fds = [0i32; 2];
-    // SAFETY: fds is a valid array of two ints.
-    if unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
-            0,
-            fds.as_mut_ptr(),
-        )
-    } != 0
-    {
-        return Err((1, errno()));
-    }
-    // SAFETY: socketpair created both; we own them.
-    let (mon, child_end) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let (mon, child_end) =
+        protocol::seqpacket_pair().map_err(|e| (1, e.raw_os_error().unwrap_or(libc::EIO)))?;
     let (err_r, err_w) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| (1, e as i32))?;
     let args = ChildArgs::new(
