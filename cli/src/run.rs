@@ -44,7 +44,8 @@ pub struct RunArgs {
     /// Grant reading below URI_PREFIX (repeatable).
     #[arg(long = "allow-ro", value_name = "URI_PREFIX")]
     pub allow_ro: Vec<String>,
-    /// Log every brokered request and ABI call to standard error.
+    /// Log every request the monitor brokers (opens, attributes, renames,
+    /// deletes, servers, child processes) to standard error.
     #[arg(long)]
     pub trace: bool,
     /// The image: a path, or the name of a built image (see `moat images`).
