@@ -571,8 +571,15 @@ impl Broker {
                 sys::reopen(p.as_fd(), flags & !(libc::O_CREAT | libc::O_EXCL))
                     .map_err(map_errno)?
             }
-            // Not there yet: create it (it can only be a regular file).
-            Err(Error::NotFound) if disp != create::OPEN_EXISTING => t.open(flags, 0o644)?,
+            // Not there yet: create it, exclusively, so that what we open is
+            // the regular file we made (a name that appeared meanwhile is
+            // refused: the picoprocess may retry).
+            Err(Error::NotFound) if disp != create::OPEN_EXISTING => match t
+                .open(flags | libc::O_EXCL, 0o644)
+            {
+                Err(Error::AlreadyExists) if disp != create::CREATE_NEW => return Err(Error::Io),
+                r => r?,
+            },
             Err(e) => return Err(e),
         };
         let kind = match sys::file_type(fd.as_fd()).map_err(map_errno)? {

@@ -219,5 +219,7 @@ pub enum ZygoteEvent {
     /// The loader could not be started: what the child was doing, and errno.
     Failed { id: u64, stage: u8, errno: i32 },
     /// A loader ended (`signal` 0: exited with `code`).
-    Exited { pid: i32, code: i32, signal: i32 },
+    /// A loader handed out for request `id` ended (`signal` 0: exited
+    /// with `code`). Only handed-out loaders are reported.
+    Exited { id: u64, code: i32, signal: i32 },
 }

@@ -112,6 +112,9 @@ pub(crate) struct ChildArgs {
     /// it (the parent has written its uid/gid maps), then takes uid and
     /// gid 0 inside its user namespace (an unprivileged id outside).
     id_sync: RawFd,
+    /// The write end of that pipe, closed first thing in the child, so a
+    /// parent that dies before writing leaves it end-of-file, not a hang.
+    id_sync_w: RawFd,
     rlimits: [(libc::__rlimit_resource_t, libc::rlimit); 4],
     n_rlimits: usize,
 }
@@ -151,6 +154,7 @@ impl ChildArgs {
             path: path.as_ptr(),
             zygote: false,
             id_sync: -1,
+            id_sync_w: -1,
             rlimits,
             n_rlimits,
         }
@@ -275,6 +279,7 @@ fn spawn_here(loader: &Path, limits: &Limits, zygote: bool) -> Result<Spawned, S
                 err: e.into(),
             })?;
         args.id_sync = r.as_raw_fd();
+        args.id_sync_w = w.as_raw_fd();
         id_pipe = Some((r, w));
     }
 
@@ -447,6 +452,7 @@ pub(crate) unsafe fn setup_child(a: &ChildArgs) -> RawFd {
     unsafe {
         let fail = |stage: u8, e: RawFd| -> ! { child_fail(stage, e) };
         if a.id_sync >= 0 {
+            libc::close(a.id_sync_w);
             let mut b = 0u8;
             if libc::read(a.id_sync, &mut b as *mut u8 as *mut libc::c_void, 1) != 1 {
                 fail(5, a.err_pipe);

@@ -14,9 +14,8 @@ use std::sync::{Arc, Condvar, Mutex};
 struct Zygote {
     ctl: OwnedFd,
     send_lock: Mutex<()>,
-    /// Zygote-namespace pid -> host pid of its live loaders; and exits
-    /// that arrived before the spawning thread recorded the mapping.
-    ns_to_host: Mutex<(HashMap<i32, i32>, HashMap<i32, Status>)>,
+    /// Exit bookkeeping, by request id (never reused).
+    exits: Mutex<Exits>,
     alive: AtomicBool,
 }
 
@@ -25,6 +24,40 @@ struct Zygote {
 /// behind each picoprocess's `threads` limit, which the in-process PAL
 /// enforces and a hostile guest could bypass.
 pub(crate) const MAX_TASKS: u64 = 8192;
+
+/// What the reader thread and the spawning threads share about exits.
+#[derive(Default)]
+struct Exits {
+    /// Request id -> host pid of a loader handed out (None: the spawner
+    /// gave up on it; its exit is discarded).
+    live: HashMap<u64, Option<i32>>,
+    /// Exits that arrived before their spawner recorded the loader.
+    early: HashMap<u64, Status>,
+    /// The zygote is gone: every loader it started is dead.
+    dead: bool,
+}
+
+impl Exits {
+    /// The spawner of request `id` records its loader (or gives up on it).
+    fn record(&mut self, id: u64, pid: Option<i32>) {
+        if self.dead {
+            if let Some(p) = pid {
+                record_exit(p, Status::Signaled(libc::SIGKILL));
+            }
+            return;
+        }
+        match self.early.remove(&id) {
+            Some(st) => {
+                if let Some(p) = pid {
+                    record_exit(p, st);
+                }
+            }
+            None => {
+                self.live.insert(id, pid);
+            }
+        }
+    }
+}
 
 static CURRENT: Mutex<Option<Arc<Zygote>>> = Mutex::new(None);
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -59,7 +92,7 @@ fn get_or_start(loader: &Path) -> Result<Arc<Zygote>, SpawnError> {
     let z = Arc::new(Zygote {
         ctl: sp.sock,
         send_lock: Mutex::new(()),
-        ns_to_host: Mutex::new((HashMap::new(), HashMap::new())),
+        exits: Mutex::new(Exits::default()),
         alive: AtomicBool::new(true),
     });
     let zr = z.clone();
@@ -78,18 +111,19 @@ fn get_or_start(loader: &Path) -> Result<Arc<Zygote>, SpawnError> {
 fn read_events(z: Arc<Zygote>, zpidfd: OwnedFd) {
     loop {
         match protocol::recv::<ZygoteEvent>(z.ctl.as_fd()) {
-            Ok((ZygoteEvent::Exited { pid, code, signal }, _)) => {
+            Ok((ZygoteEvent::Exited { id, code, signal }, _)) => {
                 let st = if signal == 0 {
                     Status::Exited(code)
                 } else {
                     Status::Signaled(signal)
                 };
-                let mut m = z.ns_to_host.lock().unwrap();
-                match m.0.remove(&pid) {
-                    Some(host) => record_exit(host, st),
-                    // Its spawner has not recorded the mapping yet.
+                let mut m = z.exits.lock().unwrap();
+                match m.live.remove(&id) {
+                    Some(Some(host)) => record_exit(host, st),
+                    Some(None) => {}
+                    // Its spawner has not recorded the loader yet.
                     None => {
-                        m.1.insert(pid, st);
+                        m.early.insert(id, st);
                     }
                 }
             }
@@ -100,8 +134,14 @@ fn read_events(z: Arc<Zygote>, zpidfd: OwnedFd) {
     // The zygote is gone, and with it (as init of their pid namespace)
     // every loader it started.
     z.alive.store(false, Ordering::Release);
-    for (_, host) in z.ns_to_host.lock().unwrap().0.drain() {
-        record_exit(host, Status::Signaled(libc::SIGKILL));
+    {
+        let mut m = z.exits.lock().unwrap();
+        m.dead = true;
+        for (_, host) in m.live.drain() {
+            if let Some(h) = host {
+                record_exit(h, Status::Signaled(libc::SIGKILL));
+            }
+        }
     }
     let _ = spawn::wait_pidfd(&zpidfd);
 }
@@ -201,30 +241,20 @@ pub(crate) fn spawn(loader: &Path, limits: &Limits) -> Result<Spawned, SpawnErro
             None
         };
         return match answer {
-            Some((
-                ZygoteEvent::Spawned {
-                    id: rid,
-                    pid: nspid,
-                },
-                mut fds,
-            )) if rid == id && fds.len() == 2 => {
+            Some((ZygoteEvent::Spawned { id: rid, .. }, mut fds))
+                if rid == id && fds.len() == 2 =>
+            {
                 let sock = fds.pop().unwrap();
                 let pidfd = fds.pop().unwrap();
                 let Some(pid) = host_pid(pidfd.as_raw_fd()) else {
+                    z.exits.lock().unwrap().record(id, None);
                     let _ = spawn::signal_pidfd(&pidfd, libc::SIGKILL);
                     return Err(SpawnError::Setup {
                         what: "the loader's pid",
                         err: std::io::Error::other("unknown"),
                     });
                 };
-                // Record the mapping, or the exit that already came.
-                let mut m = z.ns_to_host.lock().unwrap();
-                match m.1.remove(&nspid) {
-                    Some(st) => record_exit(pid, st),
-                    None => {
-                        m.0.insert(nspid, pid);
-                    }
-                }
+                z.exits.lock().unwrap().record(id, Some(pid));
                 Ok(Spawned { pid, pidfd, sock })
             }
             Some((ZygoteEvent::Failed { stage, errno, .. }, _)) => Err(SpawnError::Child {

@@ -49,15 +49,28 @@ impl SyncObj {
     /// The locked state, with a set made by a signal handler applied.
     fn state(&self) -> std::sync::MutexGuard<'_, (u32, u32)> {
         let mut s = self.state.lock().unwrap();
+        self.apply_pending(&mut s);
+        s
+    }
+
+    fn apply_pending(&self, s: &mut (u32, u32)) {
         if self
             .pending_set
             .swap(false, std::sync::atomic::Ordering::AcqRel)
-            && s.0 == 0
         {
-            // The handler already made the descriptor readable.
-            s.0 = 1;
+            if s.0 == 0 {
+                s.0 = 1;
+            }
+            // Readable again, even if a drain raced with the handler.
+            sys::eventfd_signal(self.fd.as_raw_fd());
         }
-        s
+    }
+
+    /// Drain the descriptor (the count went to 0), keeping a set that a
+    /// signal handler made meanwhile.
+    fn drain(&self, s: &mut (u32, u32)) {
+        sys::eventfd_drain(self.fd.as_raw_fd());
+        self.apply_pending(s);
     }
 
     pub fn set(&self) {
@@ -72,7 +85,7 @@ impl SyncObj {
         let mut s = self.state();
         if s.0 > 0 {
             s.0 = 0;
-            sys::eventfd_drain(self.fd.as_raw_fd());
+            self.drain(&mut s);
         }
     }
 
@@ -107,7 +120,7 @@ impl SyncObj {
             SyncKind::Synchronization | SyncKind::Semaphore => {
                 s.0 -= 1;
                 if s.0 == 0 {
-                    sys::eventfd_drain(self.fd.as_raw_fd());
+                    self.drain(&mut s);
                 }
             }
         }

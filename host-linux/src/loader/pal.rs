@@ -583,12 +583,15 @@ impl Pal for LinuxPal {
         // The signal handler may hold a pointer to any event ever
         // registered, so they are kept for the life of the process
         // (bounded: a guest re-registering without end is refused).
-        if kept.len() >= MAX_ABORT_REGISTRATIONS {
+        let known = kept.iter().any(|k| Arc::ptr_eq(k, &o));
+        if !known && kept.len() >= MAX_ABORT_REGISTRATIONS {
             return err(Error::LimitExceeded);
         }
         let Object::Sync(s) = &*o else { unreachable!() };
         signals::ABORT_EVENT.store(s as *const SyncObj as *mut SyncObj, Release);
-        kept.push(o);
+        if !known {
+            kept.push(o);
+        }
         0
     }
 

@@ -45,6 +45,8 @@ struct Warm {
 }
 
 struct State {
+    /// Loaders handed out, by pid: the request id their exit is reported under.
+    handed: std::collections::HashMap<i32, u64>,
     path: CString,
     devnull: OwnedFd,
     warm: Option<Warm>,
@@ -80,6 +82,7 @@ pub fn main(loader: &str) -> ! {
         Err(_) => std::process::exit(125),
     };
     let mut st = State {
+        handed: std::collections::HashMap::new(),
         path,
         devnull,
         warm: None,
@@ -141,9 +144,7 @@ pub fn main(loader: &str) -> ! {
 
 /// Answer a spawn request on its own reply socket.
 fn serve(id: u64, limits: &Limits, reply: &OwnedFd, st: &mut State) {
-    let send = |ev: &ZygoteEvent, fds: &[i32]| {
-        let _ = protocol::send(reply.as_fd(), ev, fds);
-    };
+    let send = |ev: &ZygoteEvent, fds: &[i32]| protocol::send(reply.as_fd(), ev, fds).is_ok();
     let warm = match st.warm.take() {
         Some(w) if w.limits == *limits => Ok(w),
         stale => {
@@ -174,13 +175,21 @@ fn serve(id: u64, limits: &Limits, reply: &OwnedFd, st: &mut State) {
             } else {
                 // SAFETY: a fresh descriptor we own.
                 let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
-                send(
+                if send(
                     &ZygoteEvent::Spawned { id, pid: w.pid },
                     &[pidfd.as_raw_fd(), w.sock.as_raw_fd()],
-                );
+                ) {
+                    st.handed.insert(w.pid, id);
+                } else {
+                    // Nobody took it (the requester gave up).
+                    // SAFETY: killing our own child.
+                    unsafe { libc::kill(w.pid, libc::SIGKILL) };
+                }
             }
         }
-        Err((stage, errno)) => send(&ZygoteEvent::Failed { id, stage, errno }, &[]),
+        Err((stage, errno)) => {
+            send(&ZygoteEvent::Failed { id, stage, errno }, &[]);
+        }
     }
     // Warm the next one a little later, not while this one starts: on
     // two cores the warm-up would compete with the spawn in progress.
@@ -202,12 +211,17 @@ fn reap(sfd: &OwnedFd, st: &mut State) {
             st.warm = None; // died idle (killed from outside): not a picoprocess
             continue;
         }
+        // Only loaders handed out are reported (not stale warm ones or
+        // failed forks), under their request id, which is never reused.
+        let Some(id) = st.handed.remove(&pid) else {
+            continue;
+        };
         let (code, signal) = if libc::WIFEXITED(status) {
             (libc::WEXITSTATUS(status), 0)
         } else {
             (0, libc::WTERMSIG(status))
         };
-        send(&ZygoteEvent::Exited { pid, code, signal }, &[]);
+        send(&ZygoteEvent::Exited { id, code, signal }, &[]);
     }
 }
 
