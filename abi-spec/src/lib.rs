@@ -23,11 +23,13 @@ mod c;
 mod json;
 mod markdown;
 mod rust;
+mod trace;
 
 pub use c::render_c_header;
 pub use json::render_json;
 pub use markdown::render_markdown;
 pub use rust::render_rust;
+pub use trace::{render_rust_trace, TRACE_HEADER};
 
 /// The text of the embedded `abi.toml`.
 pub const SPEC_TOML: &str = include_str!("../abi.toml");

@@ -105,3 +105,35 @@ fn generated_rust_is_rustfmt_clean() {
         panic!("render_rust output is not rustfmt-clean; first difference at line {i}:\n  generated: {a}\n  rustfmt:   {b}");
     }
 }
+
+/// rustfmt (edition 2021) applied to `src`.
+fn rustfmt(src: &str) -> String {
+    use std::io::Write;
+    let mut child = Command::new("rustfmt")
+        .args(["--edition", "2021", "--emit", "stdout"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("rustfmt (installed with the Rust toolchain)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(src.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "rustfmt failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The tracing layer, laid out by rustfmt (as `cargo fmt` keeps it).
+#[test]
+fn pal_trace_rs_is_up_to_date() {
+    let src = moat_abi_spec::render_rust_trace(moat_abi_spec::spec());
+    check("pal/src/trace.rs", &rustfmt(&src));
+}

@@ -44,8 +44,8 @@ pub struct RunArgs {
     /// Grant reading below URI_PREFIX (repeatable).
     #[arg(long = "allow-ro", value_name = "URI_PREFIX")]
     pub allow_ro: Vec<String>,
-    /// Log every request the monitor brokers (opens, attributes, renames,
-    /// deletes, servers, child processes) to standard error.
+    /// Log every ABI call (through the tracing layer) and every request the
+    /// monitor brokers to standard error.
     #[arg(long)]
     pub trace: bool,
     /// The image: a path, or the name of a built image (see `moat images`).

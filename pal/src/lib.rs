@@ -4,6 +4,7 @@
 //!   [`PalTable`], the start-up block, errors, flags, the [`Pal`] trait and
 //!   the adapters [`table_from`] (trait -> table) and [`TablePal`]
 //!   (table -> trait). Hosts and layers plug in through these two.
+//! - [`trace`] (generated): a tracing layer, `TracePal`, over any `Pal`.
 //! - What every host shares: [`uri`] parsing, the [`handles`] table, the
 //!   guest [`memory`] region map that every guest pointer is checked
 //!   against, and argument [`validate`]ion.
@@ -15,6 +16,7 @@ extern crate alloc;
 pub mod abi;
 pub mod handles;
 pub mod memory;
+pub mod trace;
 pub mod uri;
 pub mod validate;
 

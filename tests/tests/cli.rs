@@ -227,3 +227,39 @@ fn images_lists_built_images() {
     }
     assert!(out.stdout.contains(&target_dir().display().to_string()));
 }
+
+#[test]
+fn trace_reports_every_abi_call_through_the_tracing_layer() {
+    if !sandbox_available() {
+        return;
+    }
+    let out = moat(&["run", "--trace", "hello", "--", "x"]);
+    out.assert_code(0);
+    let traced: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.contains("] trace: "))
+        .collect();
+    assert!(
+        traced
+            .iter()
+            .any(|l| l.contains("DkStreamOpen(") && l.ends_with("= 0")),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        traced.iter().any(|l| l.contains("DkStreamWrite(")),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        traced
+            .last()
+            .is_some_and(|l| l.contains("DkProcessExit(code=0)")),
+        "{}",
+        out.stderr
+    );
+    // Without --trace, no call is reported.
+    let quiet = moat(&["run", "hello"]);
+    assert!(!quiet.stderr.contains("trace:"), "{}", quiet.stderr);
+}

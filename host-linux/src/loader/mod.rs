@@ -20,6 +20,13 @@ use std::sync::OnceLock;
 
 static PAL: OnceLock<LinuxPal> = OnceLock::new();
 static TABLE: OnceLock<PalTable> = OnceLock::new();
+static TRACER: OnceLock<moat_pal::trace::TracePal<'static>> = OnceLock::new();
+
+fn trace_line(line: std::fmt::Arguments<'_>) {
+    pal().tell(&protocol::Request::Debug {
+        text: format!("trace: {line}"),
+    });
+}
 
 pub fn pal() -> &'static LinuxPal {
     PAL.get().expect("PAL not initialised")
@@ -117,7 +124,17 @@ pub fn run() -> ! {
     {
         fail("start-up block overlaps the image");
     }
-    let table = TABLE.get_or_init(|| moat_pal::table_from(pal));
+    // `--trace`: the tracing layer between the image and the PAL, reporting
+    // every call to the monitor's log.
+    let table = if cfg.trace {
+        let tracer = TRACER.get_or_init(|| moat_pal::trace::TracePal {
+            inner: pal,
+            sink: trace_line,
+        });
+        TABLE.get_or_init(|| moat_pal::table_from(tracer))
+    } else {
+        TABLE.get_or_init(|| moat_pal::table_from(pal))
+    };
     let args_addr = page + std::mem::size_of::<StartupBlock>() as u64;
     sys::copy_out(args_addr, &argbytes);
     let sb = StartupBlock {

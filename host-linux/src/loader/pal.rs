@@ -176,7 +176,7 @@ impl LinuxPal {
     }
 
     /// Send without an answer (debug strings).
-    fn tell(&self, req: &Request) {
+    pub fn tell(&self, req: &Request) {
         let g = self.monitor.lock().unwrap();
         let _ = protocol::send(sys::borrow(&g), req, &[]);
     }
