@@ -1,0 +1,29 @@
+//! moat's KVM host, first part: a micro-VM with no guest kernel.
+//!
+//! [`MicroVm`] creates a VM with identity-mapped memory (guest physical ==
+//! guest virtual, so an address a driver hands a device is its DMA
+//! address), puts one vCPU straight into 64-bit long mode (flat GDT, 2 MiB
+//! pages), and runs it until an exit the host must handle. Hypercalls are
+//! `out` to an I/O port (on this nested PVM host `vmcall` never returns);
+//! every run has a watchdog that ends a runaway vCPU. Guest memory is only
+//! touched through bounds- and overflow-checked copies.
+//!
+//! Still to come (issue 3): the guest-side PAL stubs and hypercall
+//! dispatch, device models and grants, the confined VMM.
+mod vm;
+
+pub use vm::{Exit, MicroVm, VmError, GUEST_BASE_RESERVED};
+
+/// Whether this machine offers KVM. With `MOAT_REQUIRE_KVM` set (CI), a
+/// machine without it is a failure, not a skip.
+pub fn kvm_available() -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !ok && std::env::var_os("MOAT_REQUIRE_KVM").is_some() {
+        panic!("/dev/kvm is not usable here, and MOAT_REQUIRE_KVM is set");
+    }
+    ok
+}

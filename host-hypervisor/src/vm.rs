@@ -1,0 +1,368 @@
+//! The micro-VM. `unsafe` here is confined to mapping guest memory into
+//! KVM (the memory region outlives the VM) and the watchdog's signal.
+use kvm_bindings::{kvm_segment, kvm_userspace_memory_region};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
+
+/// Low guest memory the VMM keeps for itself: GDT (0x500), page tables
+/// (0x1000-0x3fff). Guest images and stacks go above.
+pub const GUEST_BASE_RESERVED: u64 = 0x4000;
+
+const GDT: u64 = 0x500;
+const PML4: u64 = 0x1000;
+const PDPT: u64 = 0x2000;
+const PD: u64 = 0x3000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("cannot open /dev/kvm: {0}; KVM is needed for --host kvm")]
+    NoKvm(kvm_ioctls::Error),
+    #[error("KVM refused {what}: {err}")]
+    Kvm {
+        what: &'static str,
+        err: kvm_ioctls::Error,
+    },
+    #[error("guest memory of {0} bytes is not allowed (2 MiB to 1 GiB, a multiple of 2 MiB)")]
+    BadSize(u64),
+    #[error("cannot allocate {0} bytes of guest memory")]
+    NoMemory(u64),
+    #[error("guest range {addr:#x}+{len:#x} is outside guest memory")]
+    OutOfRange { addr: u64, len: u64 },
+}
+
+/// Why a run stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exit {
+    /// `out` to `port` (the value zero-extended from 1, 2 or 4 bytes).
+    IoOut {
+        port: u16,
+        value: u32,
+        size: u8,
+    },
+    /// `in` from `port`: answer with [`MicroVm::set_io_in`] before running on.
+    IoIn {
+        port: u16,
+        size: u8,
+    },
+    /// A memory-mapped access outside guest RAM.
+    MmioWrite {
+        addr: u64,
+        data: Vec<u8>,
+    },
+    MmioRead {
+        addr: u64,
+        size: u8,
+    },
+    Hlt,
+    /// The vCPU cannot run on: a triple fault (KVM reports it as a
+    /// shutdown, or under nested PVM as an internal error).
+    Crashed(String),
+    /// The watchdog ended a run that took longer than its deadline.
+    Watchdog,
+    /// Anything else KVM reported.
+    Other(String),
+}
+
+pub struct MicroVm {
+    // Field order: the watchdog, vCPU and VM go before the memory they map.
+    dog: Watchdog,
+    vcpu: VcpuFd,
+    _vm: VmFd,
+    mem: GuestMemoryMmap<()>,
+    size: u64,
+}
+
+impl MicroVm {
+    /// A VM with `size` bytes of identity-mapped memory and one vCPU in
+    /// long mode, about to run at `GUEST_BASE_RESERVED` (set it with
+    /// [`MicroVm::set_entry`]).
+    pub fn new(size: u64) -> Result<MicroVm, VmError> {
+        if !(2 << 20..=1 << 30).contains(&size) || !size.is_multiple_of(2 << 20) {
+            return Err(VmError::BadSize(size));
+        }
+        let kvm = Kvm::new().map_err(VmError::NoKvm)?;
+        let vm = kvm.create_vm().map_err(|err| VmError::Kvm {
+            what: "creating a VM",
+            err,
+        })?;
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size as usize)])
+            .map_err(|_| VmError::NoMemory(size))?;
+        let host = mem
+            .get_host_address(GuestAddress(0))
+            .map_err(|_| VmError::NoMemory(size))?;
+        let region = kvm_userspace_memory_region {
+            slot: 0,
+            guest_phys_addr: 0,
+            memory_size: size,
+            userspace_addr: host as u64,
+            flags: 0,
+        };
+        // SAFETY: `mem` maps `size` bytes at `host` and is owned by the
+        // MicroVm, whose VM and vCPU fields are dropped before it.
+        unsafe { vm.set_user_memory_region(region) }.map_err(|err| VmError::Kvm {
+            what: "the guest memory region",
+            err,
+        })?;
+        let vcpu = vm.create_vcpu(0).map_err(|err| VmError::Kvm {
+            what: "creating a vCPU",
+            err,
+        })?;
+        let dog = Watchdog::new().map_err(|_| VmError::NoMemory(0))?;
+        let mut m = MicroVm {
+            dog,
+            vcpu,
+            _vm: vm,
+            mem,
+            size,
+        };
+        m.setup_long_mode()?;
+        Ok(m)
+    }
+
+    fn w64(&self, addr: u64, v: u64) -> Result<(), VmError> {
+        self.write(addr, &v.to_le_bytes())
+    }
+
+    fn setup_long_mode(&mut self) -> Result<(), VmError> {
+        // Flat GDT: null, 64-bit code, data.
+        self.w64(GDT, 0)?;
+        self.w64(GDT + 8, 0x00af_9a00_0000_ffff)?;
+        self.w64(GDT + 16, 0x00cf_9200_0000_ffff)?;
+        // Identity map of all guest memory with 2 MiB pages.
+        self.w64(PML4, PDPT | 3)?;
+        self.w64(PDPT, PD | 3)?;
+        for i in 0..self.size / (2 << 20) {
+            self.w64(PD + i * 8, (i * (2 << 20)) | 0x83)?;
+        }
+        let kvm_err = |what| move |err| VmError::Kvm { what, err };
+        let mut s = self.vcpu.get_sregs().map_err(kvm_err("reading sregs"))?;
+        let seg = |selector: u16, type_: u8, l: u8| kvm_segment {
+            base: 0,
+            limit: 0xffff_ffff,
+            selector,
+            type_,
+            present: 1,
+            dpl: 0,
+            db: if l == 1 { 0 } else { 1 },
+            s: 1,
+            l,
+            g: 1,
+            avl: 0,
+            unusable: 0,
+            padding: 0,
+        };
+        s.cs = seg(8, 11, 1);
+        let d = seg(0x10, 3, 0);
+        (s.ds, s.es, s.fs, s.gs, s.ss) = (d, d, d, d, d);
+        s.gdt.base = GDT;
+        s.gdt.limit = 23;
+        s.cr3 = PML4;
+        s.cr4 = 0x20; // PAE
+        s.cr0 = 0x8000_0011; // PG | ET | PE
+        s.efer = 0x500; // LME | LMA
+        self.vcpu.set_sregs(&s).map_err(kvm_err("setting sregs"))?;
+        self.set_entry(GUEST_BASE_RESERVED, 0, 0)
+    }
+
+    /// Where the vCPU starts: `rip`, `rsp`, and `rdi` (the first argument).
+    pub fn set_entry(&mut self, rip: u64, rsp: u64, rdi: u64) -> Result<(), VmError> {
+        let mut r = self.vcpu.get_regs().map_err(|err| VmError::Kvm {
+            what: "reading registers",
+            err,
+        })?;
+        r.rip = rip;
+        r.rsp = rsp;
+        r.rdi = rdi;
+        r.rflags = 2;
+        self.vcpu.set_regs(&r).map_err(|err| VmError::Kvm {
+            what: "setting registers",
+            err,
+        })
+    }
+
+    pub fn memory_size(&self) -> u64 {
+        self.size
+    }
+
+    fn check(&self, addr: u64, len: u64) -> Result<(), VmError> {
+        match addr.checked_add(len) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(VmError::OutOfRange { addr, len }),
+        }
+    }
+
+    /// Copy `data` into guest memory at `addr` (bounds- and overflow-checked).
+    pub fn write(&self, addr: u64, data: &[u8]) -> Result<(), VmError> {
+        self.check(addr, data.len() as u64)?;
+        self.mem
+            .write_slice(data, GuestAddress(addr))
+            .map_err(|_| VmError::OutOfRange {
+                addr,
+                len: data.len() as u64,
+            })
+    }
+
+    /// Copy `len` bytes of guest memory at `addr` out (checked): what the
+    /// host validates is this copy, never memory the guest can still change.
+    pub fn read(&self, addr: u64, len: u64) -> Result<Vec<u8>, VmError> {
+        self.check(addr, len)?;
+        let mut v = vec![0u8; len as usize];
+        self.mem
+            .read_slice(&mut v, GuestAddress(addr))
+            .map_err(|_| VmError::OutOfRange { addr, len })?;
+        Ok(v)
+    }
+
+    /// Run until an exit the host must handle, or until `deadline` passes
+    /// (then [`Exit::Watchdog`]; the vCPU can be run again).
+    pub fn run(&mut self, deadline: Duration) -> Result<Exit, VmError> {
+        self.dog.arm(deadline);
+        let r = self.vcpu.run();
+        let fired = self.dog.disarm();
+        let exit = match r {
+            Ok(VcpuExit::IoOut(port, data)) => {
+                let mut b = [0u8; 4];
+                let n = data.len().min(4);
+                b[..n].copy_from_slice(&data[..n]);
+                Exit::IoOut {
+                    port,
+                    value: u32::from_le_bytes(b),
+                    size: n as u8,
+                }
+            }
+            Ok(VcpuExit::IoIn(port, data)) => {
+                // No device answers yet: an open bus reads all ones.
+                data.fill(0xff);
+                Exit::IoIn {
+                    port,
+                    size: data.len().min(4) as u8,
+                }
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => Exit::MmioWrite {
+                addr,
+                data: data.to_vec(),
+            },
+            Ok(VcpuExit::MmioRead(addr, data)) => Exit::MmioRead {
+                addr,
+                size: data.len() as u8,
+            },
+            Ok(VcpuExit::Hlt) => Exit::Hlt,
+            Ok(VcpuExit::Shutdown) => Exit::Crashed("shutdown (triple fault)".into()),
+            Ok(VcpuExit::InternalError) => Exit::Crashed(
+                "KVM internal error (triple fault under nested virtualisation)".into(),
+            ),
+            Ok(other) => Exit::Other(format!("{other:?}")),
+            Err(e) if e.errno() == libc::EINTR && fired => Exit::Watchdog,
+            Err(e) if e.errno() == libc::EINTR => Exit::Other("interrupted".into()),
+            Err(err) => {
+                return Err(VmError::Kvm {
+                    what: "running the vCPU",
+                    err,
+                })
+            }
+        };
+        Ok(exit)
+    }
+}
+
+/// Ends a vCPU run that passes its deadline: a thread per VM that, while a
+/// run is armed and late, signals the running thread (a no-op handler, so
+/// KVM_RUN returns EINTR), again every 10 ms until the run is disarmed (a
+/// signal that lands just before KVM_RUN would otherwise be lost).
+struct Watchdog {
+    shared: Arc<(Mutex<DogState>, Condvar)>,
+    fired: Arc<AtomicBool>,
+}
+
+struct DogState {
+    until: Option<Instant>,
+    target: libc::pthread_t,
+    quit: bool,
+}
+
+fn kick_signal() -> libc::c_int {
+    libc::SIGRTMIN() + 4
+}
+
+extern "C" fn kick(_: libc::c_int) {}
+
+impl Watchdog {
+    fn new() -> std::io::Result<Watchdog> {
+        static HANDLER: std::sync::Once = std::sync::Once::new();
+        HANDLER.call_once(|| {
+            // SAFETY: a no-op handler, installed once for the process.
+            unsafe {
+                let mut sa: libc::sigaction = std::mem::zeroed();
+                sa.sa_sigaction = kick as *const () as usize;
+                libc::sigaction(kick_signal(), &sa, std::ptr::null_mut());
+            }
+        });
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        let shared = Arc::new((
+            Mutex::new(DogState {
+                until: None,
+                target: me,
+                quit: false,
+            }),
+            Condvar::new(),
+        ));
+        let fired = Arc::new(AtomicBool::new(false));
+        let (s2, f2) = (shared.clone(), fired.clone());
+        std::thread::Builder::new()
+            .name("moat-vcpu-watchdog".into())
+            .spawn(move || {
+                let (m, cv) = &*s2;
+                let mut st = m.lock().unwrap();
+                loop {
+                    if st.quit {
+                        return;
+                    }
+                    match st.until {
+                        None => st = cv.wait(st).unwrap(),
+                        Some(t) => {
+                            let now = Instant::now();
+                            if now >= t {
+                                f2.store(true, Ordering::Release);
+                                // SAFETY: signalling the thread running the vCPU;
+                                // its handler does nothing.
+                                unsafe { libc::pthread_kill(st.target, kick_signal()) };
+                                st = cv.wait_timeout(st, Duration::from_millis(10)).unwrap().0;
+                            } else {
+                                st = cv.wait_timeout(st, t - now).unwrap().0;
+                            }
+                        }
+                    }
+                }
+            })?;
+        Ok(Watchdog { shared, fired })
+    }
+
+    fn arm(&self, deadline: Duration) {
+        let (m, cv) = &*self.shared;
+        let mut st = m.lock().unwrap();
+        // SAFETY: pthread_self has no preconditions.
+        st.target = unsafe { libc::pthread_self() };
+        st.until = Some(Instant::now() + deadline);
+        self.fired.store(false, Ordering::Release);
+        cv.notify_one();
+    }
+
+    /// Whether it fired during the run.
+    fn disarm(&self) -> bool {
+        let (m, _) = &*self.shared;
+        m.lock().unwrap().until = None;
+        self.fired.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        let (m, cv) = &*self.shared;
+        m.lock().unwrap().quit = true;
+        cv.notify_one();
+    }
+}
