@@ -412,13 +412,19 @@ pub(crate) fn start(
         limits,
         trace: session.trace(),
     };
-    if let Err(e) = protocol::send(sp.sock.as_fd(), &config, &[image.as_raw_fd()]) {
-        let _ = proc.signal(libc::SIGKILL);
-        let _ = spawn::wait_process(&proc.pidfd, proc.pid);
-        return Err(Error::io(
-            "cannot configure the sandbox",
-            std::io::Error::other(e.to_string()),
-        ));
+    match protocol::send(sp.sock.as_fd(), &config, &[image.as_raw_fd()]) {
+        Ok(()) => {}
+        // The loader already ended (it failed to set itself up): its
+        // report and exit status come through the monitor thread as usual.
+        Err(protocol::WireError::Io(nix::Error::EPIPE | nix::Error::ECONNRESET)) => {}
+        Err(e) => {
+            let _ = proc.signal(libc::SIGKILL);
+            let _ = spawn::wait_process(&proc.pidfd, proc.pid);
+            return Err(Error::io(
+                "cannot configure the sandbox",
+                std::io::Error::other(e.to_string()),
+            ));
+        }
     }
     drop(image);
 
