@@ -8,9 +8,14 @@
 //! every run has a watchdog that ends a runaway vCPU. Guest memory is only
 //! touched through bounds- and overflow-checked copies.
 //!
-//! Still to come (issue 3): the guest-side PAL stubs and hypercall
-//! dispatch, device models and grants, the confined VMM.
+//! [`run_image`] runs a picoprocess image in it: a first cut of the KVM PAL
+//! (guest stubs, hypercalls by `out`, a handful of calls). Still to come
+//! (issue 3): every call, threads as vCPUs, exceptions, policy, device
+//! models and grants, the confined VMM, `--host kvm`.
+mod image;
 mod vm;
+
+pub use image::{run_image, RunError, HYPERCALL_PORT};
 
 pub use vm::{Exit, MicroVm, VmError, GUEST_BASE_RESERVED};
 
