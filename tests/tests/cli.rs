@@ -263,3 +263,23 @@ fn trace_reports_every_abi_call_through_the_tracing_layer() {
     let quiet = moat(&["run", "hello"]);
     assert!(!quiet.stderr.contains("trace:"), "{}", quiet.stderr);
 }
+
+#[test]
+fn hello_runs_unmodified_on_the_kvm_host() {
+    if !moat_host_hypervisor::kvm_available() {
+        eprintln!("skipping: no /dev/kvm (set MOAT_REQUIRE_KVM=1 to fail instead)");
+        return;
+    }
+    let out = moat(&["run", "--host", "kvm", "hello", "--", "a", "b c"]);
+    out.assert_code(0);
+    assert_eq!(out.stdout, "hello from a moat picoprocess\na\nb c\n");
+    // The same image, the same output, on host-linux.
+    if sandbox_available() {
+        let linux = moat(&["run", "--host", "linux", "hello", "--", "a", "b c"]);
+        linux.assert_code(0);
+        assert_eq!(linux.stdout, out.stdout);
+    }
+    let p = moat(&["run", "--host", "kvm", "panic"]);
+    p.assert_code(101);
+    assert!(p.stderr.contains("deliberate panic"), "{}", p.stderr);
+}
