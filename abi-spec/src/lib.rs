@@ -20,12 +20,14 @@ use serde::de::{MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 mod c;
+mod dispatch;
 mod json;
 mod markdown;
 mod rust;
 mod trace;
 
 pub use c::render_c_header;
+pub use dispatch::render_rust_dispatch;
 pub use json::render_json;
 pub use markdown::render_markdown;
 pub use rust::render_rust;

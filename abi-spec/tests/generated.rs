@@ -137,3 +137,10 @@ fn pal_trace_rs_is_up_to_date() {
     let src = moat_abi_spec::render_rust_trace(moat_abi_spec::spec());
     check("pal/src/trace.rs", &rustfmt(&src));
 }
+
+/// The dispatcher, laid out by rustfmt.
+#[test]
+fn pal_dispatch_rs_is_up_to_date() {
+    let src = moat_abi_spec::render_rust_dispatch(moat_abi_spec::spec());
+    check("pal/src/dispatch.rs", &rustfmt(&src));
+}

@@ -108,9 +108,9 @@ fn prepare(a: RunArgs) -> Result<Sandbox, String> {
 /// `--host kvm`: the micro-VM and the first cut of the KVM PAL, which
 /// serves console-only images so far (no grants, no manifest yet).
 fn run_kvm(a: RunArgs) -> i32 {
-    if !a.allow.is_empty() || !a.allow_ro.is_empty() || a.manifest.is_some() || a.trace {
+    if !a.allow.is_empty() || !a.allow_ro.is_empty() || a.manifest.is_some() {
         return bad_input(
-            "--host kvm runs console-only images so far: --allow, --allow-ro, --manifest and --trace are not supported on it yet",
+            "--host kvm runs console-only images so far: --allow, --allow-ro and --manifest are not supported on it yet",
         );
     }
     let Some(image) = a.image else {
@@ -130,8 +130,8 @@ fn run_kvm(a: RunArgs) -> i32 {
         .unwrap_or_default();
     let mut args: Vec<&str> = vec![&name];
     args.extend(a.args.iter().map(|s| s.as_str()));
-    let (mut out, mut err) = (std::io::stdout().lock(), std::io::stderr());
-    match moat_host_hypervisor::run_image(&bytes, &args, 256 << 20, &mut out, &mut err) {
+    let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
+    match moat_host_hypervisor::run_image(&bytes, &args, 256 << 20, a.trace, &mut out, &mut err) {
         Ok(code) => code & 0xff,
         Err(moat_host_hypervisor::RunError::Image(msg)) => bad_input(msg),
         Err(e) => {

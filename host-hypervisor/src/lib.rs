@@ -17,7 +17,7 @@ mod vm;
 
 pub use image::{run_image, RunError, HYPERCALL_PORT};
 
-pub use vm::{Exit, MicroVm, VmError, GUEST_BASE_RESERVED};
+pub use vm::{Exit, GuestMem, MicroVm, VmError, GUEST_BASE_RESERVED};
 
 /// Whether this machine offers KVM. With `MOAT_REQUIRE_KVM` set (CI), a
 /// machine without it is a failure, not a skip.

@@ -71,8 +71,48 @@ pub struct MicroVm {
     dog: Watchdog,
     vcpu: VcpuFd,
     _vm: VmFd,
+    mem: GuestMem,
+}
+
+/// Guest memory, identity-mapped: every access is a bounds- and
+/// overflow-checked copy, so what the host validates is its own copy,
+/// never memory the guest can still change.
+#[derive(Clone)]
+pub struct GuestMem {
     mem: GuestMemoryMmap<()>,
     size: u64,
+}
+
+impl GuestMem {
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn check(&self, addr: u64, len: u64) -> Result<(), VmError> {
+        match addr.checked_add(len) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(VmError::OutOfRange { addr, len }),
+        }
+    }
+
+    pub fn write(&self, addr: u64, data: &[u8]) -> Result<(), VmError> {
+        self.check(addr, data.len() as u64)?;
+        self.mem
+            .write_slice(data, GuestAddress(addr))
+            .map_err(|_| VmError::OutOfRange {
+                addr,
+                len: data.len() as u64,
+            })
+    }
+
+    pub fn read(&self, addr: u64, len: u64) -> Result<Vec<u8>, VmError> {
+        self.check(addr, len)?;
+        let mut v = vec![0u8; len as usize];
+        self.mem
+            .read_slice(&mut v, GuestAddress(addr))
+            .map_err(|_| VmError::OutOfRange { addr, len })?;
+        Ok(v)
+    }
 }
 
 impl MicroVm {
@@ -115,8 +155,7 @@ impl MicroVm {
             dog,
             vcpu,
             _vm: vm,
-            mem,
-            size,
+            mem: GuestMem { mem, size },
         };
         m.setup_long_mode()?;
         Ok(m)
@@ -134,7 +173,7 @@ impl MicroVm {
         // Identity map of all guest memory with 2 MiB pages.
         self.w64(PML4, PDPT | 3)?;
         self.w64(PDPT, PD | 3)?;
-        for i in 0..self.size / (2 << 20) {
+        for i in 0..self.mem.size / (2 << 20) {
             self.w64(PD + i * 8, (i * (2 << 20)) | 0x83)?;
         }
         let kvm_err = |what| move |err| VmError::Kvm { what, err };
@@ -184,36 +223,22 @@ impl MicroVm {
     }
 
     pub fn memory_size(&self) -> u64 {
-        self.size
+        self.mem.size
     }
 
-    fn check(&self, addr: u64, len: u64) -> Result<(), VmError> {
-        match addr.checked_add(len) {
-            Some(end) if end <= self.size => Ok(()),
-            _ => Err(VmError::OutOfRange { addr, len }),
-        }
+    /// A handle on the guest memory (shared, checked access).
+    pub fn memory(&self) -> GuestMem {
+        self.mem.clone()
     }
 
     /// Copy `data` into guest memory at `addr` (bounds- and overflow-checked).
     pub fn write(&self, addr: u64, data: &[u8]) -> Result<(), VmError> {
-        self.check(addr, data.len() as u64)?;
-        self.mem
-            .write_slice(data, GuestAddress(addr))
-            .map_err(|_| VmError::OutOfRange {
-                addr,
-                len: data.len() as u64,
-            })
+        self.mem.write(addr, data)
     }
 
-    /// Copy `len` bytes of guest memory at `addr` out (checked): what the
-    /// host validates is this copy, never memory the guest can still change.
+    /// Copy `len` bytes of guest memory at `addr` out (checked).
     pub fn read(&self, addr: u64, len: u64) -> Result<Vec<u8>, VmError> {
-        self.check(addr, len)?;
-        let mut v = vec![0u8; len as usize];
-        self.mem
-            .read_slice(&mut v, GuestAddress(addr))
-            .map_err(|_| VmError::OutOfRange { addr, len })?;
-        Ok(v)
+        self.mem.read(addr, len)
     }
 
     /// Run until an exit the host must handle, or until `deadline` passes

@@ -26,6 +26,7 @@ fn hello_runs_unmodified_in_the_micro_vm() {
         &img,
         &["hello", "from", "kvm"],
         64 << 20,
+        false,
         &mut out,
         &mut err,
     )
@@ -44,7 +45,7 @@ fn hello_runs_unmodified_in_the_micro_vm() {
 fn a_panic_ends_with_101_and_its_message() {
     let Some(img) = image("panic") else { return };
     let (mut out, mut err) = (Vec::new(), Vec::new());
-    let code = run_image(&img, &["panic"], 64 << 20, &mut out, &mut err).unwrap();
+    let code = run_image(&img, &["panic"], 64 << 20, false, &mut out, &mut err).unwrap();
     assert_eq!(code, 101);
     assert!(String::from_utf8_lossy(&err).contains("deliberate panic"));
 }
@@ -57,7 +58,14 @@ fn a_raw_syscall_does_not_reach_the_host() {
         return;
     };
     let (mut out, mut err) = (Vec::new(), Vec::new());
-    let r = run_image(&img, &["hostile-raw-open"], 64 << 20, &mut out, &mut err);
+    let r = run_image(
+        &img,
+        &["hostile-raw-open"],
+        64 << 20,
+        false,
+        &mut out,
+        &mut err,
+    );
     assert!(!String::from_utf8_lossy(&out).contains("ESCAPED"), "{r:?}");
     assert!(r.is_err() || r.as_ref().is_ok_and(|c| *c != 42), "{r:?}");
 }

@@ -14,6 +14,7 @@
 extern crate alloc;
 
 pub mod abi;
+pub mod dispatch;
 pub mod handles;
 pub mod memory;
 pub mod trace;

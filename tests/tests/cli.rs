@@ -283,3 +283,23 @@ fn hello_runs_unmodified_on_the_kvm_host() {
     p.assert_code(101);
     assert!(p.stderr.contains("deliberate panic"), "{}", p.stderr);
 }
+
+#[test]
+fn the_tracing_layer_works_on_the_kvm_host_too() {
+    if !moat_host_hypervisor::kvm_available() {
+        eprintln!("skipping: no /dev/kvm (set MOAT_REQUIRE_KVM=1 to fail instead)");
+        return;
+    }
+    let out = moat(&["run", "--host", "kvm", "--trace", "hello"]);
+    out.assert_code(0);
+    assert!(
+        out.stderr.contains("trace: DkStreamOpen("),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains("trace: DkProcessExit(code=0)"),
+        "{}",
+        out.stderr
+    );
+}
