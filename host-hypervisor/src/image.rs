@@ -129,10 +129,7 @@ impl<O: Write + Send, E: Write + Send> Pal for KvmPal<'_, O, E> {
         }
     }
     fn dk_system_time_query(&self) -> i64 {
-        let d = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        (d.as_secs() * 1_000_000 + d.subsec_micros() as u64) as i64
+        moat_host_linux::loader::sys::realtime_micros() as i64
     }
     fn dk_stream_open(
         &self,
@@ -191,8 +188,9 @@ impl<O: Write + Send, E: Write + Send> Pal for KvmPal<'_, O, E> {
             return Error::InvalidArgument.code();
         }
         let mut b = vec![0u8; len as usize];
-        // SAFETY: b is writable for len bytes.
-        unsafe { libc::getrandom(b.as_mut_ptr() as *mut _, b.len(), 0) };
+        if moat_host_linux::loader::sys::getrandom(&mut b).is_err() {
+            return Error::Io.code();
+        }
         self.mem
             .write(buf as u64, &b)
             .map_or(Error::BadAddress.code(), |_| len as i64)

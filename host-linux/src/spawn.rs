@@ -309,24 +309,11 @@ fn spawn_here(loader: &Path, limits: &Limits, zygote: bool) -> Result<Spawned, S
     drop(child_end);
     drop(devnull);
     drop(err_w);
-    // End-of-file: the child's execve closed its end. Five bytes: it failed.
-    let mut msg = [0u8; 5];
-    let mut got = 0;
-    let mut err_r = std::fs::File::from(err_r);
-    while got < msg.len() {
-        match err_r.read(&mut msg[got..]) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(_) => break,
-        }
-    }
-    if got == msg.len() {
+    if let Some((stage, errno)) = read_child_failure(err_r) {
         let _ = wait_pidfd(&pidfd);
-        let errno = i32::from_ne_bytes([msg[1], msg[2], msg[3], msg[4]]);
         return Err(SpawnError::Child {
             path: loader.display().to_string(),
-            stage: STAGES[(msg[0] as usize).min(STAGES.len() - 1)],
+            stage: stage_name(stage),
             err: std::io::Error::from_raw_os_error(errno),
         });
     }
@@ -605,6 +592,24 @@ fn probe(flags: libc::c_int) -> Result<(), std::io::Error> {
 pub enum Status {
     Exited(i32),
     Signaled(i32),
+}
+
+/// Read a child's error pipe to its end: end-of-file alone means it got
+/// through its set-up (exec, or for a zygote fork, `setup_child`); five
+/// bytes are the failed stage and errno it wrote.
+pub(crate) fn read_child_failure(err_r: OwnedFd) -> Option<(u8, i32)> {
+    let mut msg = [0u8; 5];
+    let mut got = 0;
+    let mut f = std::fs::File::from(err_r);
+    while got < msg.len() {
+        match f.read(&mut msg[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        }
+    }
+    (got == msg.len()).then(|| (msg[0], i32::from_ne_bytes([msg[1], msg[2], msg[3], msg[4]])))
 }
 
 /// The name of a child set-up stage reported on the error pipe.

@@ -583,6 +583,12 @@ fn special_files_are_not_passed_on() {
         read_file(&mut b, &d.uri("fifo")).map(|x| x.0),
         Err(Error::NotSupported)
     );
+    // Refused by its type before any open runs: opening a FIFO for writing
+    // with no reader would fail in the open itself (ENXIO, an I/O error).
+    assert_eq!(
+        open(&mut b, &d.uri("fifo"), access::WRITE, 0, 0).map(|x| x.0),
+        Err(Error::NotSupported)
+    );
 }
 
 #[test]

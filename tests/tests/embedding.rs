@@ -106,3 +106,21 @@ fn ungranted_pipe_is_refused_and_logged() {
     let l = lines.lock().unwrap();
     assert!(l.iter().any(|x| x.contains("pipe.server:svc")), "{l:?}");
 }
+
+#[test]
+fn a_changed_image_is_checked_again() {
+    if !sandbox_available() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let img = t.path().join("img");
+    std::fs::copy(image("exit-code"), &img).unwrap();
+    let mut p = Sandbox::new(&img).arg("4").spawn().unwrap();
+    assert_eq!(p.wait().unwrap().code, 4);
+    // Same path, new contents: the monitor's check is not skipped.
+    std::fs::write(&img, b"\x7fELF\x02\x01\x01not an image").unwrap();
+    let e = Sandbox::new(&img)
+        .spawn()
+        .expect_err("a broken image is refused");
+    assert!(e.to_string().contains("ELF"), "{e}");
+}

@@ -4,13 +4,6 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 include!(concat!(env!("OUT_DIR"), "/syscall_names.rs"));
 
-pub fn syscall_name(nr: i64) -> String {
-    match SYSCALL_NAMES.binary_search_by_key(&(nr as u32), |(n, _)| *n) {
-        Ok(i) if nr >= 0 => SYSCALL_NAMES[i].1.to_string(),
-        _ => format!("syscall {nr}"),
-    }
-}
-
 pub fn errno() -> i32 {
     std::io::Error::last_os_error()
         .raw_os_error()

@@ -260,24 +260,8 @@ fn fork_loader(st: &State, limits: &Limits) -> Result<Warm, (u8, i32)> {
     if pid < 0 {
         return Err((0, errno()));
     }
-    let mut msg = [0u8; 5];
-    let mut got = 0;
-    while got < 5 {
-        // SAFETY: reading into the unfilled part of a local buffer.
-        let n = unsafe {
-            libc::read(
-                err_r.as_raw_fd(),
-                msg[got..].as_mut_ptr() as *mut _,
-                5 - got,
-            )
-        };
-        if n <= 0 {
-            break;
-        }
-        got += n as usize;
-    }
-    if got == 5 {
-        return Err((msg[0], i32::from_ne_bytes([msg[1], msg[2], msg[3], msg[4]])));
+    if let Some(failure) = crate::spawn::read_child_failure(err_r) {
+        return Err(failure);
     }
     Ok(Warm {
         limits: *limits,
