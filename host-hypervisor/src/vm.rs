@@ -222,6 +222,14 @@ impl MicroVm {
         })
     }
 
+    pub fn edit_sregs(&mut self, f: impl FnOnce(&mut kvm_bindings::kvm_sregs)) {
+        let mut s = self.vcpu.get_sregs().unwrap();
+        f(&mut s);
+        self.vcpu.set_sregs(&s).unwrap();
+    }
+    pub fn regs(&self) -> kvm_bindings::kvm_regs { self.vcpu.get_regs().unwrap() }
+    pub fn sregs(&self) -> kvm_bindings::kvm_sregs { self.vcpu.get_sregs().unwrap() }
+
     pub fn memory_size(&self) -> u64 {
         self.mem.size
     }

@@ -1,0 +1,2 @@
+//! Shared code of the driver images (in progress).
+#![no_std]

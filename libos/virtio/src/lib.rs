@@ -1,0 +1,2 @@
+//! virtio-drivers Hal (in progress).
+#![no_std]
