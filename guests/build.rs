@@ -8,7 +8,7 @@ fn main() {
     // conformance suite can map it next to itself (DkStreamMapPeBinary).
     // Only for this package: the hostile and bench guests share this script.
     if std::env::var("CARGO_PKG_NAME").as_deref() == Ok("moat-guests") {
-        println!("cargo:rustc-link-arg-bin=exit-code=-Wl,--image-base=0x40000000");
+        println!("cargo:rustc-link-arg-bin=exit-code=-Wl,--image-base=0x10000000");
     }
     println!("cargo:rerun-if-changed=build.rs");
 }

@@ -70,7 +70,7 @@ fn prepare(a: RunArgs) -> Result<Sandbox, String> {
     let mut image = a.image.clone();
     let mut args = a.args.clone();
     if let (Some(m), Some(mpath)) = (&manifest, &a.manifest) {
-        if let Some(d) = m.devices.first() {
+        if let (Host::Linux, Some(d)) = (a.host, m.devices.first()) {
             return Err(format!(
                 "manifest `{}` declares device `{}`: devices are granted only by --host kvm",
                 mpath.display(),
@@ -102,49 +102,18 @@ fn prepare(a: RunArgs) -> Result<Sandbox, String> {
     let image =
         image.ok_or("no image given: `moat run IMAGE` (or `image = \"...\"` in the manifest)")?;
     let path = crate::resolve::resolve(&image)?;
-    Ok(Sandbox::new(path).args(args).policy(policy).trace(a.trace))
-}
-
-/// `--host kvm`: the micro-VM and the first cut of the KVM PAL, which
-/// serves console-only images so far (no grants, no manifest yet).
-fn run_kvm(a: RunArgs) -> i32 {
-    if !a.allow.is_empty() || !a.allow_ro.is_empty() || a.manifest.is_some() {
-        return bad_input(
-            "--host kvm runs console-only images so far: --allow, --allow-ro and --manifest are not supported on it yet",
-        );
-    }
-    let Some(image) = a.image else {
-        return bad_input("no image given: `moat run --host kvm IMAGE`");
+    let host = match a.host {
+        Host::Linux => moat_host_linux::Host::Linux,
+        Host::Kvm => moat_host_linux::Host::Kvm,
     };
-    let path = match crate::resolve::resolve(&image) {
-        Ok(p) => p,
-        Err(msg) => return bad_input(msg),
-    };
-    let bytes = match std::fs::read(&path) {
-        Ok(b) => b,
-        Err(e) => return bad_input(format!("cannot read image `{}`: {e}", path.display())),
-    };
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let mut args: Vec<&str> = vec![&name];
-    args.extend(a.args.iter().map(|s| s.as_str()));
-    let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
-    match moat_host_hypervisor::run_image(&bytes, &args, 256 << 20, a.trace, &mut out, &mut err) {
-        Ok(code) => code & 0xff,
-        Err(moat_host_hypervisor::RunError::Image(msg)) => bad_input(msg),
-        Err(e) => {
-            eprintln!("moat: {e}");
-            EXIT_HOST_FAILURE
-        }
-    }
+    Ok(Sandbox::new(path)
+        .args(args)
+        .policy(policy)
+        .trace(a.trace)
+        .host(host))
 }
 
 pub fn main(a: RunArgs) -> i32 {
-    if a.host == Host::Kvm {
-        return run_kvm(a);
-    }
     let sandbox = match prepare(a) {
         Ok(s) => s,
         Err(msg) => return bad_input(msg),

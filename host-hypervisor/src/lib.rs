@@ -12,8 +12,14 @@
 //! (guest stubs, hypercalls by `out`, a handful of calls). Still to come
 //! (issue 3): every call, threads as vCPUs, exceptions, policy, device
 //! models and grants, the confined VMM, `--host kvm`.
+pub mod devices;
 mod image;
+pub mod layout;
+pub mod pal;
+pub mod pico;
 mod vm;
+pub mod vmm;
+mod watchdog;
 
 pub use image::{run_image, RunError, HYPERCALL_PORT};
 

@@ -2,9 +2,8 @@
 //! KVM (the memory region outlives the VM) and the watchdog's signal.
 use kvm_bindings::{kvm_segment, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
+use crate::watchdog::Watchdog;
+use std::time::Duration;
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
 
 /// Low guest memory the VMM keeps for itself: GDT (0x500), page tables
@@ -178,30 +177,7 @@ impl MicroVm {
         }
         let kvm_err = |what| move |err| VmError::Kvm { what, err };
         let mut s = self.vcpu.get_sregs().map_err(kvm_err("reading sregs"))?;
-        let seg = |selector: u16, type_: u8, l: u8| kvm_segment {
-            base: 0,
-            limit: 0xffff_ffff,
-            selector,
-            type_,
-            present: 1,
-            dpl: 0,
-            db: if l == 1 { 0 } else { 1 },
-            s: 1,
-            l,
-            g: 1,
-            avl: 0,
-            unusable: 0,
-            padding: 0,
-        };
-        s.cs = seg(8, 11, 1);
-        let d = seg(0x10, 3, 0);
-        (s.ds, s.es, s.fs, s.gs, s.ss) = (d, d, d, d, d);
-        s.gdt.base = GDT;
-        s.gdt.limit = 23;
-        s.cr3 = PML4;
-        s.cr4 = 0x20; // PAE
-        s.cr0 = 0x8000_0011; // PG | ET | PE
-        s.efer = 0x500; // LME | LMA
+        long_mode(&mut s, GDT, PML4);
         self.vcpu.set_sregs(&s).map_err(kvm_err("setting sregs"))?;
         self.set_entry(GUEST_BASE_RESERVED, 0, 0)
     }
@@ -221,14 +197,6 @@ impl MicroVm {
             err,
         })
     }
-
-    pub fn edit_sregs(&mut self, f: impl FnOnce(&mut kvm_bindings::kvm_sregs)) {
-        let mut s = self.vcpu.get_sregs().unwrap();
-        f(&mut s);
-        self.vcpu.set_sregs(&s).unwrap();
-    }
-    pub fn regs(&self) -> kvm_bindings::kvm_regs { self.vcpu.get_regs().unwrap() }
-    pub fn sregs(&self) -> kvm_bindings::kvm_sregs { self.vcpu.get_sregs().unwrap() }
 
     pub fn memory_size(&self) -> u64 {
         self.mem.size
@@ -252,9 +220,9 @@ impl MicroVm {
     /// Run until an exit the host must handle, or until `deadline` passes
     /// (then [`Exit::Watchdog`]; the vCPU can be run again).
     pub fn run(&mut self, deadline: Duration) -> Result<Exit, VmError> {
-        self.dog.arm(deadline);
+        let armed = self.dog.arm(0, deadline);
         let r = self.vcpu.run();
-        let fired = self.dog.disarm();
+        let fired = armed.disarm();
         let exit = match r {
             Ok(VcpuExit::IoOut(port, data)) => {
                 let mut b = [0u8; 4];
@@ -301,101 +269,32 @@ impl MicroVm {
     }
 }
 
-/// Ends a vCPU run that passes its deadline: a thread per VM that, while a
-/// run is armed and late, signals the running thread (a no-op handler, so
-/// KVM_RUN returns EINTR), again every 10 ms until the run is disarmed (a
-/// signal that lands just before KVM_RUN would otherwise be lost).
-struct Watchdog {
-    shared: Arc<(Mutex<DogState>, Condvar)>,
-    fired: Arc<AtomicBool>,
-}
 
-struct DogState {
-    until: Option<Instant>,
-    target: libc::pthread_t,
-    quit: bool,
-}
-
-fn kick_signal() -> libc::c_int {
-    libc::SIGRTMIN() + 4
-}
-
-extern "C" fn kick(_: libc::c_int) {}
-
-impl Watchdog {
-    fn new() -> std::io::Result<Watchdog> {
-        static HANDLER: std::sync::Once = std::sync::Once::new();
-        HANDLER.call_once(|| {
-            // SAFETY: a no-op handler, installed once for the process.
-            unsafe {
-                let mut sa: libc::sigaction = std::mem::zeroed();
-                sa.sa_sigaction = kick as *const () as usize;
-                libc::sigaction(kick_signal(), &sa, std::ptr::null_mut());
-            }
-        });
-        // SAFETY: pthread_self has no preconditions.
-        let me = unsafe { libc::pthread_self() };
-        let shared = Arc::new((
-            Mutex::new(DogState {
-                until: None,
-                target: me,
-                quit: false,
-            }),
-            Condvar::new(),
-        ));
-        let fired = Arc::new(AtomicBool::new(false));
-        let (s2, f2) = (shared.clone(), fired.clone());
-        std::thread::Builder::new()
-            .name("moat-vcpu-watchdog".into())
-            .spawn(move || {
-                let (m, cv) = &*s2;
-                let mut st = m.lock().unwrap();
-                loop {
-                    if st.quit {
-                        return;
-                    }
-                    match st.until {
-                        None => st = cv.wait(st).unwrap(),
-                        Some(t) => {
-                            let now = Instant::now();
-                            if now >= t {
-                                f2.store(true, Ordering::Release);
-                                // SAFETY: signalling the thread running the vCPU;
-                                // its handler does nothing.
-                                unsafe { libc::pthread_kill(st.target, kick_signal()) };
-                                st = cv.wait_timeout(st, Duration::from_millis(10)).unwrap().0;
-                            } else {
-                                st = cv.wait_timeout(st, t - now).unwrap().0;
-                            }
-                        }
-                    }
-                }
-            })?;
-        Ok(Watchdog { shared, fired })
-    }
-
-    fn arm(&self, deadline: Duration) {
-        let (m, cv) = &*self.shared;
-        let mut st = m.lock().unwrap();
-        // SAFETY: pthread_self has no preconditions.
-        st.target = unsafe { libc::pthread_self() };
-        st.until = Some(Instant::now() + deadline);
-        self.fired.store(false, Ordering::Release);
-        cv.notify_one();
-    }
-
-    /// Whether it fired during the run.
-    fn disarm(&self) -> bool {
-        let (m, _) = &*self.shared;
-        m.lock().unwrap().until = None;
-        self.fired.load(Ordering::Acquire)
-    }
-}
-
-impl Drop for Watchdog {
-    fn drop(&mut self) {
-        let (m, cv) = &*self.shared;
-        m.lock().unwrap().quit = true;
-        cv.notify_one();
-    }
+/// Flat 64-bit segments, the GDT at `gdt` (null, code 0x8, data 0x10),
+/// paging with the PML4 at `cr3`: what every vCPU of moat starts with.
+pub(crate) fn long_mode(s: &mut kvm_bindings::kvm_sregs, gdt: u64, cr3: u64) {
+    let seg = |selector: u16, type_: u8, l: u8| kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector,
+        type_,
+        present: 1,
+        dpl: 0,
+        db: if l == 1 { 0 } else { 1 },
+        s: 1,
+        l,
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    };
+    s.cs = seg(8, 11, 1);
+    let d = seg(0x10, 3, 0);
+    (s.ds, s.es, s.fs, s.gs, s.ss) = (d, d, d, d, d);
+    s.gdt.base = gdt;
+    s.gdt.limit = 23;
+    s.cr3 = cr3;
+    s.cr4 = 0x20 | 0x200 | 0x400; // PAE | OSFXSR | OSXMMEXCPT (SSE for Rust code)
+    s.cr0 = 0x8000_0033; // PG | NE | ET | MP | PE
+    s.efer = 0x500; // LME | LMA
 }

@@ -112,6 +112,7 @@ pub struct Console {
 /// TCP listeners, the count of live child picoprocesses.
 pub struct Session {
     policy: Arc<Policy>,
+    host: crate::Host,
     log: LogSink,
     trace: bool,
     console: Mutex<Option<Console>>,
@@ -167,8 +168,20 @@ impl Session {
     /// A session with `policy`, logging to `log`, with `console` as the
     /// console streams.
     pub fn new(policy: Policy, log: LogSink, trace: bool, console: Console) -> Arc<Session> {
+        Session::on_host(crate::Host::Linux, policy, log, trace, console)
+    }
+
+    /// A session whose picoprocesses (the root and every child) run on `host`.
+    pub fn on_host(
+        host: crate::Host,
+        policy: Policy,
+        log: LogSink,
+        trace: bool,
+        console: Console,
+    ) -> Arc<Session> {
         Arc::new(Session {
             policy: Arc::new(policy),
+            host,
             log,
             trace,
             console: Mutex::new(Some(console)),
@@ -206,6 +219,10 @@ impl Session {
 
     pub fn log(&self) -> &LogSink {
         &self.log
+    }
+
+    pub fn host(&self) -> crate::Host {
+        self.host
     }
 
     pub fn trace(&self) -> bool {

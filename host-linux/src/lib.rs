@@ -23,3 +23,36 @@ pub use monitor::{
     EXIT_SANDBOX_VIOLATION,
 };
 pub use protocol::ReportKind;
+
+/// Where a picoprocess runs. The same image, policy and console work on
+/// both; only [`Host::Kvm`] can be granted devices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub enum Host {
+    /// A confined Linux process (`moat-loader`): seccomp, Landlock,
+    /// namespaces, rlimits.
+    #[default]
+    Linux,
+    /// A KVM micro-VM with no guest kernel (`moat-vmm`, from
+    /// moat-host-hypervisor): every ABI call is a hypercall.
+    Kvm,
+}
+
+impl Host {
+    pub fn name(self) -> &'static str {
+        match self {
+            Host::Linux => "linux",
+            Host::Kvm => "kvm",
+        }
+    }
+}
+
+impl std::str::FromStr for Host {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Host, String> {
+        match s {
+            "linux" => Ok(Host::Linux),
+            "kvm" => Ok(Host::Kvm),
+            other => Err(format!("unknown host `{other}`; the hosts are `linux` and `kvm`")),
+        }
+    }
+}

@@ -121,6 +121,7 @@ pub struct Sandbox {
     stdio: [Stdio; 3],
     log: LogSink,
     trace: bool,
+    host: crate::Host,
 }
 
 impl Sandbox {
@@ -134,7 +135,17 @@ impl Sandbox {
             stdio: [Stdio::Inherit; 3],
             log: LogSink::Stderr,
             trace: false,
+            host: crate::Host::Linux,
         }
+    }
+
+    /// Run on `host` (default: [`Host::Linux`](crate::Host::Linux)). On
+    /// [`Host::Kvm`](crate::Host::Kvm) the `moat-vmm` binary (from
+    /// moat-host-hypervisor) must be next to `moat-loader` or named by
+    /// `$MOAT_VMM`.
+    pub fn host(mut self, host: crate::Host) -> Self {
+        self.host = host;
+        self
     }
 
     /// Add one argument (after the image name, which is always the first).
@@ -236,7 +247,7 @@ impl Sandbox {
 
         let (console, host_ends) = make_console(self.stdio)?;
         let [stdin, stdout, stderr] = host_ends;
-        let session = Session::new(self.policy, self.log, self.trace, console);
+        let session = Session::on_host(self.host, self.policy, self.log, self.trace, console);
         let root = start(&session, image, name, args, None, false)?;
         Ok(Picoprocess {
             stdin,
@@ -397,9 +408,11 @@ pub(crate) fn start(
     notify: Option<OwnedFd>,
     child: bool,
 ) -> Result<Arc<Proc>, Error> {
-    let loader = spawn::loader_path()?;
     let limits = session.policy().limits;
-    let sp = spawn::spawn_loader(&loader, &limits)?;
+    let sp = match session.host() {
+        crate::Host::Linux => spawn::spawn_loader(&spawn::loader_path()?, &limits)?,
+        crate::Host::Kvm => spawn::spawn_vmm(&spawn::vmm_path()?, &limits)?,
+    };
     let proc = Arc::new(Proc {
         pid: sp.pid as u32,
         name: crate::broker::sanitize(&name),

@@ -35,6 +35,10 @@ const NAMESPACES: [(libc::c_int, &str); 7] = [
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpawnError {
+    #[error("cannot find the VMM `moat-vmm` (looked in {0}); build it with `cargo build` or set MOAT_VMM")]
+    NoVmm(String),
+    #[error("cannot use KVM: {0}")]
+    NoKvm(String),
     #[error("cannot find the loader `moat-loader` (looked in {0}); build it with `cargo build` or set MOAT_LOADER")]
     NoLoader(String),
     #[error("cannot create {what}: {err}")]
@@ -74,27 +78,37 @@ pub struct Spawned {
 /// the running executable, else in its parent directory (tests run from
 /// `target/debug/deps`).
 pub fn loader_path() -> Result<PathBuf, SpawnError> {
-    if let Some(p) = std::env::var_os("MOAT_LOADER") {
+    find_binary("moat-loader", "MOAT_LOADER").map_err(SpawnError::NoLoader)
+}
+
+/// Where the KVM host's VMM binary is: `$MOAT_VMM`, else `moat-vmm` found
+/// as the loader is.
+pub fn vmm_path() -> Result<PathBuf, SpawnError> {
+    find_binary("moat-vmm", "MOAT_VMM").map_err(SpawnError::NoVmm)
+}
+
+fn find_binary(name: &str, var: &str) -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os(var) {
         let p = PathBuf::from(p);
         if p.is_file() {
             return Ok(p);
         }
-        return Err(SpawnError::NoLoader(format!("MOAT_LOADER={}", p.display())));
+        return Err(format!("{var}={}", p.display()));
     }
     let exe = std::env::current_exe()
-        .map_err(|e| SpawnError::NoLoader(format!("(current executable unknown: {e})")))?;
+        .map_err(|e| format!("(current executable unknown: {e})"))?;
     let mut looked = Vec::new();
     let mut dir = exe.parent();
     for _ in 0..2 {
         let Some(d) = dir else { break };
-        let cand = d.join("moat-loader");
+        let cand = d.join(name);
         if cand.is_file() {
             return Ok(cand);
         }
         looked.push(d.display().to_string());
         dir = d.parent();
     }
-    Err(SpawnError::NoLoader(looked.join(", ")))
+    Err(looked.join(", "))
 }
 
 /// What the child reads after `clone` (or the zygote's `fork`): plain data
@@ -117,7 +131,16 @@ pub(crate) struct ChildArgs {
     id_sync_w: RawFd,
     rlimits: [(libc::__rlimit_resource_t, libc::rlimit); 4],
     n_rlimits: usize,
+    /// The VMM: `/dev/kvm`, to become [`KVM_FD`] in the child (-1: none).
+    kvm: RawFd,
+    /// argv[0] of the new program.
+    arg0: *const libc::c_char,
 }
+
+/// The VMM's descriptor for `/dev/kvm` (the monitor opens it: inside the
+/// sandbox's user namespace the device node is out of reach).
+pub const KVM_FD: RawFd = 4;
+const ARG0_VMM: &std::ffi::CStr = c"moat-vmm";
 
 const ARG0: &std::ffi::CStr = c"moat-loader";
 const ZYGOTE_FLAG: &std::ffi::CStr = c"--zygote";
@@ -157,6 +180,8 @@ impl ChildArgs {
             id_sync_w: -1,
             rlimits,
             n_rlimits,
+            kvm: -1,
+            arg0: ARG0.as_ptr(),
         }
     }
 }
@@ -225,6 +250,24 @@ pub fn spawn_loader(loader: &Path, limits: &Limits) -> Result<Spawned, SpawnErro
     crate::zygote::spawn(loader, limits)
 }
 
+/// Start a VMM (`moat-vmm`, the KVM host) in fresh namespaces, with
+/// `/dev/kvm` as descriptor [`KVM_FD`] and the monitor socket as 3.
+pub fn spawn_vmm(vmm: &Path, limits: &Limits) -> Result<Spawned, SpawnError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let kvm = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open("/dev/kvm")
+        .map_err(|e| {
+            SpawnError::NoKvm(format!(
+                "cannot open /dev/kvm ({e}); --host kvm needs KVM (load kvm_intel or kvm_amd, and run as a user who may open /dev/kvm)"
+            ))
+        })?;
+    let (vmm, limits) = (vmm.to_path_buf(), *limits);
+    on_spawner_thread(move || spawn_with(&vmm, &limits, false, Some(kvm.as_raw_fd())))?
+}
+
 /// Start the zygote itself: `moat-loader --zygote` in new namespaces.
 pub(crate) fn spawn_zygote(loader: &Path) -> Result<Spawned, SpawnError> {
     let loader = loader.to_path_buf();
@@ -232,6 +275,15 @@ pub(crate) fn spawn_zygote(loader: &Path) -> Result<Spawned, SpawnError> {
 }
 
 fn spawn_here(loader: &Path, limits: &Limits, zygote: bool) -> Result<Spawned, SpawnError> {
+    spawn_with(loader, limits, zygote, None)
+}
+
+fn spawn_with(
+    loader: &Path,
+    limits: &Limits,
+    zygote: bool,
+    kvm: Option<RawFd>,
+) -> Result<Spawned, SpawnError> {
     let (mon, child_end) = crate::protocol::seqpacket_pair().map_err(|err| SpawnError::Setup {
         what: "the monitor socket",
         err,
@@ -259,6 +311,10 @@ fn spawn_here(loader: &Path, limits: &Limits, zygote: bool) -> Result<Spawned, S
         limits,
     );
     args.zygote = zygote;
+    if let Some(k) = kvm {
+        args.kvm = k;
+        args.arg0 = ARG0_VMM.as_ptr();
+    }
     let mut id_pipe = None;
     if zygote {
         // The zygote keeps the host's limits but one: its loaders lower
@@ -398,12 +454,7 @@ pub(crate) unsafe fn exec_loader_child(a: &ChildArgs) -> ! {
                 std::ptr::null(),
             ]
         } else {
-            [
-                ARG0.as_ptr(),
-                std::ptr::null(),
-                std::ptr::null(),
-                std::ptr::null(),
-            ]
+            [a.arg0, std::ptr::null(), std::ptr::null(), std::ptr::null()]
         };
         let envp: [*const libc::c_char; 2] = [ENV0.as_ptr(), std::ptr::null()];
         libc::execve(a.path, argv.as_ptr(), envp.as_ptr());
@@ -473,6 +524,14 @@ pub(crate) unsafe fn setup_child(a: &ChildArgs) -> RawFd {
         if e < 0 || s < 0 || n < 0 {
             fail(1, if e >= 0 { e } else { a.err_pipe });
         }
+        let k = if a.kvm >= 0 {
+            libc::fcntl(a.kvm, libc::F_DUPFD_CLOEXEC, 10)
+        } else {
+            -1
+        };
+        if a.kvm >= 0 && k < 0 {
+            fail(1, e);
+        }
         for fd in 0..3 {
             if libc::dup2(n, fd) != fd {
                 fail(1, e);
@@ -481,16 +540,23 @@ pub(crate) unsafe fn setup_child(a: &ChildArgs) -> RawFd {
         if libc::dup2(s, MONITOR_FD) != MONITOR_FD {
             fail(1, e);
         }
+        let mut keep = MONITOR_FD;
+        if k >= 0 {
+            if libc::dup2(k, KVM_FD) != KVM_FD {
+                fail(1, e);
+            }
+            keep = KVM_FD;
+        }
         // Close everything above, but the error pipe (close-on-exec).
         let close = |lo: RawFd, hi: libc::c_uint| -> bool {
             libc::syscall(libc::SYS_close_range, lo as libc::c_uint, hi, 0) == 0
         };
-        if !(close(MONITOR_FD + 1, (e - 1) as libc::c_uint) && close(e + 1, libc::c_uint::MAX)) {
+        if !(close(keep + 1, (e - 1) as libc::c_uint) && close(e + 1, libc::c_uint::MAX)) {
             if *libc::__errno_location() != libc::ENOSYS {
                 fail(2, e);
             }
             // Kernels before 5.9: close them one by one.
-            for fd in (MONITOR_FD + 1)..65536 {
+            for fd in (keep + 1)..65536 {
                 if fd != e {
                     libc::close(fd);
                 }

@@ -16,6 +16,7 @@ extern crate alloc;
 
 pub mod alloc_impl;
 pub mod debug;
+pub mod device;
 pub mod env;
 pub mod exception;
 pub mod fs;

@@ -27,6 +27,9 @@ pub struct RegionMap {
     // start -> region; regions never overlap.
     map: BTreeMap<u64, Region>,
     total: u64,
+    /// With a window, only [lo, hi) can hold regions (the KVM host: guest
+    /// RAM); anything outside counts as in use.
+    window: Option<(u64, u64)>,
 }
 
 impl RegionMap {
@@ -39,8 +42,36 @@ impl RegionMap {
         self.total
     }
 
-    /// Whether any byte of [start, end) is covered.
+    /// Confine every region to [lo, hi): ranges outside count as in use.
+    pub fn set_window(&mut self, lo: u64, hi: u64) {
+        self.window = Some((lo, hi));
+    }
+
+    /// The lowest page-aligned free range of `len` bytes at or above `from`,
+    /// inside the window (or below `limit` without one).
+    pub fn find_free(&self, len: u64, from: u64, limit: u64) -> Option<u64> {
+        let (lo, hi) = self.window.unwrap_or((0, limit));
+        let mut at = from.max(lo).checked_next_multiple_of(0x1000)?;
+        if let Some((_, r)) = self.map.range(..=at).next_back() {
+            at = at.max(r.end);
+        }
+        for (&start, r) in self.map.range(at..) {
+            if start >= at.checked_add(len)? {
+                break;
+            }
+            at = r.end;
+        }
+        (at.checked_add(len)? <= hi).then_some(at)
+    }
+
+    /// Whether any byte of [start, end) is covered (or, with a window,
+    /// lies outside it).
     pub fn overlaps(&self, start: u64, end: u64) -> bool {
+        if let Some((lo, hi)) = self.window {
+            if start < lo || end > hi || end < start {
+                return true;
+            }
+        }
         if let Some((_, r)) = self.map.range(..end).next_back() {
             if r.end > start {
                 return true;
@@ -148,6 +179,28 @@ impl RegionMap {
 mod tests {
     use super::*;
     const RW: u32 = prot::READ | prot::WRITE;
+
+    #[test]
+    fn window_and_first_fit() {
+        let mut m = RegionMap::new();
+        m.set_window(0x10000, 0x20000);
+        assert!(m.overlaps(0x8000, 0x11000), "below the window");
+        assert!(m.overlaps(0x1f000, 0x21000), "above the window");
+        assert_eq!(
+            m.insert(0x20000, 0x1000, RW, RegionKind::Alloc),
+            Err(Error::AlreadyExists)
+        );
+        assert_eq!(m.find_free(0x1000, 0, 0), Some(0x10000));
+        m.insert(0x10000, 0x2000, RW, RegionKind::Alloc).unwrap();
+        m.insert(0x13000, 0x1000, RW, RegionKind::Alloc).unwrap();
+        assert_eq!(m.find_free(0x1000, 0, 0), Some(0x12000));
+        assert_eq!(m.find_free(0x2000, 0, 0), Some(0x14000));
+        assert_eq!(m.find_free(0x1000, 0x10800, 0), Some(0x12000));
+        assert_eq!(m.find_free(0xc000, 0, 0), Some(0x14000));
+        assert_eq!(m.find_free(0xd000, 0, 0), None);
+        assert_eq!(m.find_free(u64::MAX - 0xfff, 0, 0), None);
+    }
+
     #[test]
     fn checks() {
         let mut m = RegionMap::new();

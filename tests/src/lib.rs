@@ -32,9 +32,31 @@ pub fn image(name: &str) -> PathBuf {
     built(name)
 }
 
-/// The hosts every conformance and hostile test runs on.
+/// The hosts every conformance and hostile test runs on: linux, and kvm
+/// where `/dev/kvm` is usable (with `MOAT_REQUIRE_KVM` set, as in CI, a
+/// machine without it fails instead of skipping kvm).
 pub fn hosts() -> Vec<&'static str> {
-    vec!["linux"]
+    let mut h = vec!["linux"];
+    if kvm_available() {
+        h.push("kvm");
+    } else {
+        eprintln!("skipping host kvm: /dev/kvm is not usable here (set MOAT_REQUIRE_KVM=1 to fail instead)");
+    }
+    h
+}
+
+/// Whether `/dev/kvm` can be opened for reading and writing. With
+/// `MOAT_REQUIRE_KVM` set, a machine without it is a failure.
+pub fn kvm_available() -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !ok && std::env::var_os("MOAT_REQUIRE_KVM").is_some() {
+        panic!("/dev/kvm is not usable here, and MOAT_REQUIRE_KVM is set");
+    }
+    ok
 }
 
 /// Whether this machine can run the host-linux sandbox (user namespaces

@@ -554,7 +554,7 @@ fn file_map_pe_binary(ctx: &Ctx) -> R {
     }
     let f = open(image, access::READ, create::OPEN_EXISTING, 0)?;
     let mut info = moat_libos::ImageInfo::default();
-    // The exit-code image is linked at 0x40000000, away from this one.
+    // The exit-code image is linked at 0x10000000, away from this one.
     let r = p().dk_stream_map_pe_binary(f.0, &mut info);
     ok(r, "DkStreamMapPeBinary")?;
     // Mapping it a second time overlaps the first mapping.

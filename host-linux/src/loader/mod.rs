@@ -32,6 +32,13 @@ pub fn pal() -> &'static LinuxPal {
     PAL.get().expect("PAL not initialised")
 }
 
+/// Make `p` the process's PAL (the KVM host's VMM reuses it for every
+/// call that is not about memory or threads). Once only.
+pub fn install_pal(p: LinuxPal) -> Option<&'static LinuxPal> {
+    PAL.set(p).ok()?;
+    PAL.get()
+}
+
 pub fn pal_opt() -> Option<&'static LinuxPal> {
     PAL.get()
 }

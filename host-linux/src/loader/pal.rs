@@ -40,8 +40,8 @@ pub struct LinuxPal {
     monitor: Mutex<OwnedFd>,
     pub monitor_fd: RawFd,
     servers: Mutex<HashMap<String, Arc<OwnedFd>>>,
-    threads_live: AtomicU64,
-    max_threads: u64,
+    pub threads_live: AtomicU64,
+    pub max_threads: u64,
     pub mem_limit: u64,
     /// Address of the StartupBlock (guest-writable memory).
     pub startup: AtomicU64,
@@ -109,40 +109,46 @@ impl LinuxPal {
 
     // ------------------------------------------------------------ helpers
 
-    fn check_r(&self, addr: u64, len: u64) -> PalResult<()> {
+    pub fn check_r(&self, addr: u64, len: u64) -> PalResult<()> {
         self.regions.read().unwrap().check_read(addr, len)
     }
 
-    fn check_w(&self, addr: u64, len: u64) -> PalResult<()> {
+    pub fn check_w(&self, addr: u64, len: u64) -> PalResult<()> {
         self.regions.read().unwrap().check_write(addr, len)
     }
 
     /// Copy a guest URI in and parse it.
-    fn uri_in(&self, addr: u64, len: u64) -> PalResult<Uri> {
+    pub fn uri_in(&self, addr: u64, len: u64) -> PalResult<Uri> {
         let n = validate::check_uri_len(len)?;
         self.check_r(addr, len)?;
         let bytes = sys::copy_in(addr, n);
         Uri::parse_bytes(&bytes)
     }
 
-    fn obj(&self, h: u64) -> PalResult<Arc<Object>> {
+    pub fn obj(&self, h: u64) -> PalResult<Arc<Object>> {
         self.handles.lock().unwrap().get(h)
     }
 
-    fn insert(&self, o: Object) -> PalResult<u64> {
+    /// Insert an object shared with the host (a thread's completion, a
+    /// device's interrupt event).
+    pub fn insert_arc(&self, o: Arc<Object>) -> PalResult<u64> {
+        self.handles.lock().unwrap().insert(o)
+    }
+
+    pub fn insert(&self, o: Object) -> PalResult<u64> {
         self.handles.lock().unwrap().insert(Arc::new(o))
     }
 
     /// Insert and write the handle to `out`; on a bad `out` the object is
     /// dropped again.
-    fn insert_out(&self, o: Object, out: u64) -> i64 {
+    pub fn insert_out(&self, o: Object, out: u64) -> i64 {
         tri!(self.check_w(out, 8));
         let h = tri!(self.insert(o));
         sys::put(out, h);
         0
     }
 
-    fn stream(&self, h: u64) -> PalResult<Arc<Object>> {
+    pub fn stream(&self, h: u64) -> PalResult<Arc<Object>> {
         let o = self.obj(h)?;
         match &*o {
             Object::Stream(_) => Ok(o),
@@ -181,7 +187,7 @@ impl LinuxPal {
         let _ = protocol::send(sys::borrow(&g), req, &[]);
     }
 
-    fn ask_fd(&self, req: &Request) -> PalResult<(OwnedFd, u32)> {
+    pub fn ask_fd(&self, req: &Request) -> PalResult<(OwnedFd, u32)> {
         match self.ask(req)? {
             (Response::Fd { kind }, mut fds) if fds.len() == 1 => Ok((fds.pop().unwrap(), kind)),
             _ => Err(Error::Io),

@@ -268,6 +268,14 @@ fn install(sig: i32, handler: usize, siginfo: bool) -> Result<(), String> {
     Ok(())
 }
 
+/// The handlers a VMM needs (the KVM host): SIGTERM sets the registered
+/// abort event, SIGPIPE is ignored. Faults of the VMM itself stay fatal.
+pub fn install_for_vmm() -> Result<(), String> {
+    // SAFETY: ignoring SIGPIPE so writes to closed pipes return EPIPE.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+    install(libc::SIGTERM, on_term as *const () as usize, false)
+}
+
 /// Install all handlers. No helper thread: a loader stays single-threaded
 /// until its guest makes threads (a multi-threaded process pays a
 /// reference count on every descriptor it uses in a system call).

@@ -1,0 +1,210 @@
+//! `uart-driver [DEVICE]`: drives the 16550 UART granted as `dev:DEVICE`
+//! (default `com1`; 8 I/O ports and an interrupt), interrupt-driven.
+//!
+//! 1. Initialises it: interrupts off, divisor 1 (115200 baud), 8N1, FIFOs on
+//!    and cleared, DTR|RTS|OUT2 in MCR, then the "received data available"
+//!    interrupt on in IER.
+//! 2. Writes `uart-driver ready\n` to the UART.
+//! 3. Receives: after each interrupt it reads RBR while LSR reports data
+//!    ready. A line ends at `\n` (a `\r` just before it is dropped; bytes
+//!    past 4096 in one line are dropped). For each line it writes
+//!    `echo: LINE\n` with LINE in ASCII upper case, except for the line
+//!    `quit`, which ends the driver. Every byte written waits for LSR's
+//!    "transmitter holding register empty".
+//!
+//! Output goes only to the UART (which the host wires to the console);
+//! errors go to stderr. Before exiting after initialisation it turns the
+//! UART's interrupts off again.
+//!
+//! Exit codes: 0 after `quit`; 1 bad arguments; 2 the device cannot be
+//! opened or has no usable 16550 (fewer than 8 ports, no interrupt, LSR
+//! reads 0xff); 3 no interrupt within 10 s; 4 the host or the UART failed
+//! (waiting on the interrupt failed, the transmitter stays busy for 1 s).
+#![no_std]
+#![no_main]
+
+extern crate alloc;
+
+use alloc::vec::Vec;
+
+use moat_libos::device::{Device, Interrupt, Ports};
+use moat_libos::{env, eprintln, time};
+
+moat_libos::entry!(main);
+
+// Registers (offsets from the first port).
+const RBR: u16 = 0; // receive buffer (read, DLAB=0)
+const THR: u16 = 0; // transmit holding (write, DLAB=0)
+const DLL: u16 = 0; // divisor low (DLAB=1)
+const IER: u16 = 1; // interrupt enable (DLAB=0)
+const DLM: u16 = 1; // divisor high (DLAB=1)
+const FCR: u16 = 2; // FIFO control (write)
+const LCR: u16 = 3; // line control
+const MCR: u16 = 4; // modem control
+const LSR: u16 = 5; // line status
+
+const IER_RDA: u8 = 0x01; // received data available
+const FCR_ENABLE_CLEAR: u8 = 0x07; // FIFOs on, both cleared, trigger at 1 byte
+const LCR_DLAB: u8 = 0x80;
+const LCR_8N1: u8 = 0x03;
+const MCR_DTR_RTS_OUT2: u8 = 0x0b;
+const LSR_DR: u8 = 0x01; // data ready
+const LSR_THRE: u8 = 0x20; // transmitter holding register empty
+
+/// How long to wait for input before giving up (exit 3).
+const IDLE_TIMEOUT_MICROS: i64 = 10_000_000;
+/// How long the transmitter may stay busy before giving up (exit 4).
+const THRE_TIMEOUT_MICROS: u64 = 1_000_000;
+const MAX_LINE: usize = 4096;
+
+const EXIT_BAD_ARGS: i32 = 1;
+const EXIT_NO_DEVICE: i32 = 2;
+const EXIT_IDLE: i32 = 3;
+const EXIT_FAILED: i32 = 4;
+
+fn main() -> i32 {
+    let args = env::args();
+    if args.len() > 2 {
+        eprintln!("usage: uart-driver [DEVICE]");
+        return EXIT_BAD_ARGS;
+    }
+    let name = args.get(1).map_or("com1", |s| s.as_str());
+
+    let device = match Device::open(name) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("uart-driver: cannot open device `{name}`: {}", e.name());
+            return EXIT_NO_DEVICE;
+        }
+    };
+    let ports = match device.io_ports() {
+        Some(p) if p.count() >= 8 => p,
+        _ => {
+            eprintln!("uart-driver: device `{name}` does not have the 8 I/O ports of a 16550");
+            return EXIT_NO_DEVICE;
+        }
+    };
+    let irq = match device.interrupt() {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!(
+                "uart-driver: device `{name}` gives no interrupt: {}",
+                e.name()
+            );
+            return EXIT_NO_DEVICE;
+        }
+    };
+
+    let uart = Uart { ports };
+    if !uart.init() {
+        eprintln!("uart-driver: no 16550 answers at port {:#x}", ports.base());
+        return EXIT_NO_DEVICE;
+    }
+    let code = match run(&uart, &irq) {
+        Ok(()) => 0,
+        Err(Stop::Idle) => {
+            eprintln!("uart-driver: no input for 10 s");
+            EXIT_IDLE
+        }
+        Err(Stop::WaitFailed(e)) => {
+            eprintln!(
+                "uart-driver: waiting for the interrupt failed: {}",
+                e.name()
+            );
+            EXIT_FAILED
+        }
+        Err(Stop::TransmitterStuck) => {
+            eprintln!("uart-driver: the transmitter stays busy");
+            EXIT_FAILED
+        }
+    };
+    uart.ports.outb(IER, 0);
+    code
+}
+
+/// Why the receive loop ended other than by `quit`.
+enum Stop {
+    Idle,
+    WaitFailed(moat_libos::Error),
+    TransmitterStuck,
+}
+
+struct Uart {
+    ports: Ports,
+}
+
+impl Uart {
+    /// Program the UART; `false` if nothing answers (LSR reads all ones).
+    fn init(&self) -> bool {
+        let p = &self.ports;
+        p.outb(IER, 0);
+        p.outb(LCR, LCR_DLAB);
+        p.outb(DLL, 1);
+        p.outb(DLM, 0);
+        p.outb(LCR, LCR_8N1);
+        p.outb(FCR, FCR_ENABLE_CLEAR);
+        p.outb(MCR, MCR_DTR_RTS_OUT2);
+        if p.inb(LSR) == 0xff {
+            return false;
+        }
+        p.outb(IER, IER_RDA);
+        true
+    }
+
+    fn write_byte(&self, b: u8) -> Result<(), Stop> {
+        let mut start = None;
+        let mut polls = 0u32;
+        while self.ports.inb(LSR) & LSR_THRE == 0 {
+            polls += 1;
+            // Look at the clock now and then only: it is a host call.
+            if polls.is_multiple_of(64) {
+                let t0 = *start.get_or_insert_with(time::now_micros);
+                if time::elapsed_micros(t0) > THRE_TIMEOUT_MICROS {
+                    return Err(Stop::TransmitterStuck);
+                }
+            }
+            core::hint::spin_loop();
+        }
+        self.ports.outb(THR, b);
+        Ok(())
+    }
+
+    fn write_all(&self, bytes: &[u8]) -> Result<(), Stop> {
+        bytes.iter().try_for_each(|&b| self.write_byte(b))
+    }
+}
+
+/// Announce readiness, then echo lines until `quit`.
+fn run(uart: &Uart, irq: &Interrupt) -> Result<(), Stop> {
+    uart.write_all(b"uart-driver ready\n")?;
+    let mut line = Vec::with_capacity(128);
+    loop {
+        // Drain first: input may have arrived before the interrupt was on,
+        // and bytes that arrive after this drain raise the interrupt.
+        while uart.ports.inb(LSR) & LSR_DR != 0 {
+            let b = uart.ports.inb(RBR);
+            if b != b'\n' {
+                if line.len() < MAX_LINE {
+                    line.push(b);
+                }
+                continue;
+            }
+            if line.last() == Some(&b'\r') {
+                line.pop();
+            }
+            if line == b"quit" {
+                return Ok(());
+            }
+            line.make_ascii_uppercase();
+            uart.write_all(b"echo: ")?;
+            uart.write_all(&line)?;
+            uart.write_all(b"\n")?;
+            line.clear();
+        }
+        match irq.wait(IDLE_TIMEOUT_MICROS) {
+            Ok(true) => {}
+            Ok(false) => return Err(Stop::Idle),
+            Err(e) => return Err(Stop::WaitFailed(e)),
+        }
+    }
+}

@@ -1,0 +1,646 @@
+//! A virtio-mmio (version 2) block device backed by a host file, on top of
+//! `virtio-queue`.
+
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
+    VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
+    VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+};
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FAILED,
+    VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET, VIRTIO_F_VERSION_1,
+};
+use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+use virtio_bindings::virtio_mmio::*;
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT, Reader, Writer};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
+
+use crate::dma::{normalize, DmaMemory};
+use crate::{Device, Irq};
+
+/// Size of a [`VirtioBlk`]'s MMIO window.
+pub const VIRTIO_BLK_MMIO_SIZE: u64 = 0x1000;
+/// Size of a sector, the unit of the request header's `sector` field and
+/// of the capacity in config space; also the `blk_size` offered.
+pub const SECTOR_SIZE: u64 = 512;
+/// Largest queue size offered (`QueueNumMax`).
+pub const QUEUE_MAX_SIZE: u16 = 256;
+/// Most data bytes a single read or write request may move; larger
+/// requests complete with `VIRTIO_BLK_S_IOERR`.
+pub const MAX_REQUEST_BYTES: usize = 1 << 20;
+/// Most data segments per request (`seg_max` in config space). A chain
+/// with more than `SEG_MAX + 2` descriptors (header and status included)
+/// is refused.
+pub const SEG_MAX: u32 = 128;
+
+const MAX_CHAIN_DESCRIPTORS: usize = SEG_MAX as usize + 2;
+const MMIO_MAGIC: u32 = 0x7472_6976; // "virt"
+const MMIO_VERSION: u32 = 2;
+const VENDOR_ID: u32 = u32::from_le_bytes(*b"moat");
+const CONFIG_SIZE: usize = 0x40;
+const REQUEST_HEADER_SIZE: usize = 16;
+const ID_BYTES: usize = VIRTIO_BLK_ID_BYTES as usize;
+
+/// What a [`VirtioBlk`] has done so far. Counts only grow (a device reset
+/// does not clear them).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlkCounters {
+    /// Writes to `QueueNotify` for the device's queue.
+    pub notifications: u64,
+    /// Descriptor chains taken from the available ring.
+    pub requests: u64,
+    /// Read (`IN`) requests completed successfully.
+    pub reads: u64,
+    /// Write (`OUT`) requests completed successfully.
+    pub writes: u64,
+    /// Flush requests completed successfully.
+    pub flushes: u64,
+    /// `GET_ID` requests completed.
+    pub get_ids: u64,
+    /// Bytes read from the backing file into guest memory.
+    pub bytes_read: u64,
+    /// Bytes written from guest memory to the backing file.
+    pub bytes_written: u64,
+    /// Requests completed with `VIRTIO_BLK_S_IOERR`: out-of-range sectors,
+    /// lengths that are not whole sectors or are over [`MAX_REQUEST_BYTES`],
+    /// writes to a read-only device, host I/O errors.
+    pub io_errors: u64,
+    /// Requests completed with `VIRTIO_BLK_S_UNSUPP`.
+    pub unsupported: u64,
+    /// Chains refused as malformed or hostile: a buffer outside guest
+    /// memory or outside the DMA window, too many descriptors (including
+    /// loops), no room for the status byte, a short header. The status byte
+    /// is set to `VIRTIO_BLK_S_IOERR` when it can be located and written;
+    /// the chain is returned to the used ring either way (with length 0 when
+    /// nothing could be written) unless its head index is out of range.
+    pub refused: u64,
+    /// Notifications on a queue whose rings are not in guest memory (or
+    /// the DMA window) or whose available index is corrupt; the device then
+    /// sets `DEVICE_NEEDS_RESET` and raises a configuration interrupt.
+    pub queue_errors: u64,
+    /// Times the interrupt eventfd could not be signalled.
+    pub irq_errors: u64,
+}
+
+/// A virtio-mmio (version 2, "modern") block device backed by a host file.
+///
+/// Offers `VIRTIO_F_VERSION_1`, `VIRTIO_BLK_F_SEG_MAX`,
+/// `VIRTIO_BLK_F_BLK_SIZE` (512), `VIRTIO_BLK_F_FLUSH`, and
+/// `VIRTIO_BLK_F_RO` when made read-only; one split virtqueue of at most
+/// [`QUEUE_MAX_SIZE`] entries. Handles `IN`, `OUT`, `FLUSH` (`fdatasync` of
+/// the file) and `GET_ID` (`"moat-" + name`, zero-padded to 20 bytes); other
+/// request types complete with `VIRTIO_BLK_S_UNSUPP`.
+///
+/// Requests are processed synchronously, on the thread that performs the
+/// `QueueNotify` write; afterwards `InterruptStatus` bit 0 is set and the
+/// [`Irq`] is signalled.
+///
+/// The capacity is the backing file's size at construction, rounded down to
+/// whole sectors.
+pub struct VirtioBlk {
+    name: String,
+    irq: Irq,
+    mem: GuestMemoryMmap<()>,
+    /// `None`: DMA may reach all of `mem`.
+    dma_ranges: Option<Vec<Range<u64>>>,
+    queue: Queue,
+    backend: Backend,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    queue_sel: u32,
+    status: u32,
+    interrupt_status: u32,
+}
+
+/// The part of the device that executes requests.
+struct Backend {
+    file: File,
+    capacity_sectors: u64,
+    read_only: bool,
+    id: [u8; ID_BYTES],
+    counters: BlkCounters,
+    buf: Vec<u8>,
+}
+
+impl VirtioBlk {
+    /// A block device named `name` over `file` (opened by the caller, for
+    /// reading and writing unless the device is made read-only), doing DMA
+    /// in `mem` and signalling `irq`.
+    ///
+    /// Fails only if the size of `file` cannot be determined.
+    pub fn new(
+        name: impl Into<String>,
+        file: File,
+        mem: GuestMemoryMmap<()>,
+        irq: Irq,
+    ) -> io::Result<VirtioBlk> {
+        let name = name.into();
+        // Seeking to the end works for block devices too, where the
+        // metadata length is 0; reads and writes are positional, so the
+        // file offset does not matter.
+        let size = (&file).seek(SeekFrom::End(0))?;
+        let mut id = [0u8; ID_BYTES];
+        let full = format!("moat-{name}");
+        let n = full.len().min(ID_BYTES);
+        id[..n].copy_from_slice(&full.as_bytes()[..n]);
+        Ok(VirtioBlk {
+            name,
+            irq,
+            mem,
+            dma_ranges: None,
+            queue: Queue::new(QUEUE_MAX_SIZE).map_err(io::Error::other)?,
+            backend: Backend {
+                file,
+                capacity_sectors: size / SECTOR_SIZE,
+                read_only: false,
+                id,
+                counters: BlkCounters::default(),
+                buf: Vec::new(),
+            },
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            queue_sel: 0,
+            status: 0,
+            interrupt_status: 0,
+        })
+    }
+
+    /// Makes the device read-only (offering `VIRTIO_BLK_F_RO`, and failing
+    /// writes with `VIRTIO_BLK_S_IOERR`) or read-write. Call it before the
+    /// guest driver negotiates features.
+    pub fn set_read_only(&mut self, read_only: bool) {
+        self.backend.read_only = read_only;
+    }
+
+    /// Restricts DMA to guest-physical addresses in `start..end` (end
+    /// exclusive), e.g. the picoprocess's memory. The rings, descriptor
+    /// tables and every data buffer must lie entirely inside; anything else
+    /// is refused. `start >= end` allows nothing.
+    pub fn set_dma_window(&mut self, start: u64, end: u64) {
+        self.set_dma_ranges(std::slice::from_ref(&(start..end)));
+    }
+
+    /// Like [`VirtioBlk::set_dma_window`], with several allowed ranges (end
+    /// exclusive; they may overlap). An empty list allows nothing.
+    pub fn set_dma_ranges(&mut self, ranges: &[Range<u64>]) {
+        self.dma_ranges = Some(normalize(ranges));
+    }
+
+    /// Lifts the DMA restriction: all of guest memory is reachable again.
+    pub fn clear_dma_window(&mut self) {
+        self.dma_ranges = None;
+    }
+
+    /// Replaces the guest memory map, e.g. after the VMM added a region.
+    pub fn set_memory(&mut self, mem: GuestMemoryMmap<()>) {
+        self.mem = mem;
+    }
+
+    /// Capacity in 512-byte sectors, as the config space reports it.
+    pub fn capacity_sectors(&self) -> u64 {
+        self.backend.capacity_sectors
+    }
+
+    /// The 20 bytes a `GET_ID` request returns.
+    pub fn id(&self) -> [u8; ID_BYTES] {
+        self.backend.id
+    }
+
+    /// The counters so far.
+    pub fn counters(&self) -> BlkCounters {
+        self.backend.counters
+    }
+
+    /// The interrupt this device signals.
+    pub fn irq(&self) -> &Irq {
+        &self.irq
+    }
+
+    /// The device status register (`VIRTIO_CONFIG_S_*` bits).
+    pub fn device_status(&self) -> u32 {
+        self.status
+    }
+
+    /// The `InterruptStatus` register: bit 0 used buffers, bit 1
+    /// configuration change (here: the device needs a reset).
+    pub fn interrupt_status(&self) -> u32 {
+        self.interrupt_status
+    }
+
+    /// Feature bits offered to the driver.
+    pub fn device_features(&self) -> u64 {
+        let mut f = (1u64 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_BLK_F_SEG_MAX)
+            | (1 << VIRTIO_BLK_F_BLK_SIZE)
+            | (1 << VIRTIO_BLK_F_FLUSH);
+        if self.backend.read_only {
+            f |= 1 << VIRTIO_BLK_F_RO;
+        }
+        f
+    }
+
+    /// Feature bits the driver accepted (final once `FEATURES_OK` is set).
+    pub fn driver_features(&self) -> u64 {
+        self.driver_features
+    }
+
+    /// `struct virtio_blk_config`, as far as this device fills it.
+    fn config_space(&self) -> [u8; CONFIG_SIZE] {
+        let mut c = [0u8; CONFIG_SIZE];
+        c[0..8].copy_from_slice(&self.backend.capacity_sectors.to_le_bytes());
+        // size_max (0x08) is not offered; seg_max at 0x0c; geometry at 0x10
+        // is not offered; blk_size at 0x14.
+        c[0x0c..0x10].copy_from_slice(&SEG_MAX.to_le_bytes());
+        c[0x14..0x18].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
+        c
+    }
+
+    fn reset(&mut self) {
+        self.queue.reset();
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.driver_features = 0;
+        self.queue_sel = 0;
+        self.status = 0;
+        self.interrupt_status = 0;
+    }
+
+    fn write_status(&mut self, v: u32) {
+        if v == 0 {
+            self.reset();
+            return;
+        }
+        // The driver only ever adds bits (clearing them takes a reset), and
+        // DEVICE_NEEDS_RESET is the device's to set.
+        let mut v =
+            (v & !VIRTIO_CONFIG_S_NEEDS_RESET) | (self.status & VIRTIO_CONFIG_S_NEEDS_RESET);
+        if self.status & !v != 0 {
+            return;
+        }
+        if v & VIRTIO_CONFIG_S_FEATURES_OK != 0 && self.status & VIRTIO_CONFIG_S_FEATURES_OK == 0 {
+            let acceptable = self.driver_features & !self.device_features() == 0
+                && self.driver_features & (1 << VIRTIO_F_VERSION_1) != 0;
+            if !acceptable {
+                // The driver reads Status back and sees FEATURES_OK missing.
+                v &= !VIRTIO_CONFIG_S_FEATURES_OK;
+            }
+        }
+        self.status = v;
+    }
+
+    fn running(&self) -> bool {
+        let need = VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK;
+        let stop = VIRTIO_CONFIG_S_NEEDS_RESET | VIRTIO_CONFIG_S_FAILED;
+        self.status & need == need && self.status & stop == 0
+    }
+
+    /// Whether the selected queue's configuration may be written.
+    fn queue_configurable(&self) -> bool {
+        self.queue_sel == 0 && !self.queue.ready()
+    }
+
+    fn signal(&mut self, bits: u32) {
+        self.interrupt_status |= bits;
+        if self.irq.trigger().is_err() {
+            self.backend.counters.irq_errors += 1;
+        }
+    }
+
+    fn needs_reset(&mut self) {
+        self.backend.counters.queue_errors += 1;
+        self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
+        self.signal(VIRTIO_MMIO_INT_CONFIG);
+    }
+
+    /// Processes every chain in the available ring.
+    fn notify(&mut self) {
+        self.backend.counters.notifications += 1;
+        if !self.running() || !self.queue.ready() {
+            return;
+        }
+        let dma = DmaMemory::new(&self.mem, self.dma_ranges.as_deref());
+        let q = &mut self.queue;
+        let n = usize::from(q.size());
+        let rings_ok = dma.check_range(GuestAddress(q.desc_table()), 16 * n)
+            && dma.check_range(GuestAddress(q.avail_ring()), 6 + 2 * n)
+            && dma.check_range(GuestAddress(q.used_ring()), 6 + 8 * n);
+        if !rings_ok {
+            self.needs_reset();
+            return;
+        }
+        // At most `size` chains: `iter` refuses an available index that is
+        // more than a ring's worth ahead.
+        let chains: Vec<DescriptorChain<&DmaMemory>> = match q.iter(&dma) {
+            Ok(it) => it.collect(),
+            Err(_) => {
+                self.needs_reset();
+                return;
+            }
+        };
+        let mut used = false;
+        let mut broken = false;
+        for chain in chains {
+            let head = chain.head_index();
+            let len = self.backend.execute(&dma, chain);
+            if head >= self.queue.size() {
+                // Nothing to return to the driver.
+                continue;
+            }
+            if self.queue.add_used(&dma, head, len).is_err() {
+                broken = true;
+                break;
+            }
+            used = true;
+        }
+        let notify = used && self.queue.needs_notification(&dma).unwrap_or(true);
+        if broken {
+            self.needs_reset();
+        }
+        if notify {
+            self.signal(VIRTIO_MMIO_INT_VRING);
+        }
+    }
+
+    fn mmio_read_reg(&self, offset: u32) -> u32 {
+        let sel0 = self.queue_sel == 0;
+        match offset {
+            VIRTIO_MMIO_MAGIC_VALUE => MMIO_MAGIC,
+            VIRTIO_MMIO_VERSION => MMIO_VERSION,
+            VIRTIO_MMIO_DEVICE_ID => VIRTIO_ID_BLOCK,
+            VIRTIO_MMIO_VENDOR_ID => VENDOR_ID,
+            VIRTIO_MMIO_DEVICE_FEATURES => match self.device_features_sel {
+                0 => self.device_features() as u32,
+                1 => (self.device_features() >> 32) as u32,
+                _ => 0,
+            },
+            VIRTIO_MMIO_QUEUE_NUM_MAX if sel0 => u32::from(self.queue.max_size()),
+            VIRTIO_MMIO_QUEUE_READY if sel0 => u32::from(self.queue.ready()),
+            VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt_status,
+            VIRTIO_MMIO_STATUS => self.status,
+            // The configuration never changes.
+            VIRTIO_MMIO_CONFIG_GENERATION => 0,
+            _ => 0,
+        }
+    }
+
+    fn mmio_write_reg(&mut self, offset: u32, v: u32) {
+        match offset {
+            VIRTIO_MMIO_DEVICE_FEATURES_SEL => self.device_features_sel = v,
+            VIRTIO_MMIO_DRIVER_FEATURES_SEL => self.driver_features_sel = v,
+            VIRTIO_MMIO_DRIVER_FEATURES => {
+                let negotiating = self.status & VIRTIO_CONFIG_S_DRIVER != 0
+                    && self.status & VIRTIO_CONFIG_S_FEATURES_OK == 0;
+                if negotiating {
+                    let v = u64::from(v);
+                    match self.driver_features_sel {
+                        0 => self.driver_features = (self.driver_features & !0xffff_ffff) | v,
+                        1 => {
+                            self.driver_features = (self.driver_features & 0xffff_ffff) | (v << 32)
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            VIRTIO_MMIO_QUEUE_SEL => self.queue_sel = v,
+            VIRTIO_MMIO_QUEUE_NUM if self.queue_configurable() => {
+                if let Ok(size) = u16::try_from(v) {
+                    // Sizes that are 0, over the maximum or not a power of
+                    // two are ignored.
+                    self.queue.set_size(size);
+                }
+            }
+            VIRTIO_MMIO_QUEUE_READY if self.queue_sel == 0 => match v {
+                0 => self.queue.set_ready(false),
+                1 => self.queue.set_ready(true),
+                _ => {}
+            },
+            VIRTIO_MMIO_QUEUE_NOTIFY if v == 0 => self.notify(),
+            VIRTIO_MMIO_INTERRUPT_ACK => self.interrupt_status &= !v,
+            VIRTIO_MMIO_STATUS => self.write_status(v),
+            // Misaligned ring addresses are ignored by the queue.
+            VIRTIO_MMIO_QUEUE_DESC_LOW if self.queue_configurable() => {
+                self.queue.set_desc_table_address(Some(v), None)
+            }
+            VIRTIO_MMIO_QUEUE_DESC_HIGH if self.queue_configurable() => {
+                self.queue.set_desc_table_address(None, Some(v))
+            }
+            VIRTIO_MMIO_QUEUE_AVAIL_LOW if self.queue_configurable() => {
+                self.queue.set_avail_ring_address(Some(v), None)
+            }
+            VIRTIO_MMIO_QUEUE_AVAIL_HIGH if self.queue_configurable() => {
+                self.queue.set_avail_ring_address(None, Some(v))
+            }
+            VIRTIO_MMIO_QUEUE_USED_LOW if self.queue_configurable() => {
+                self.queue.set_used_ring_address(Some(v), None)
+            }
+            VIRTIO_MMIO_QUEUE_USED_HIGH if self.queue_configurable() => {
+                self.queue.set_used_ring_address(None, Some(v))
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Backend {
+    /// Executes one request; returns the number of bytes written into the
+    /// chain's device-writable buffers (the used length).
+    fn execute(&mut self, dma: &DmaMemory, chain: DescriptorChain<&DmaMemory>) -> u32 {
+        self.counters.requests += 1;
+
+        // Bound the chain and find its status byte (the last byte of the
+        // last device-writable descriptor), before anything else reads it.
+        let mut count = 0;
+        let mut status_at = None;
+        for desc in chain.clone() {
+            count += 1;
+            if count > MAX_CHAIN_DESCRIPTORS {
+                // Too long, or a loop: there is no last descriptor.
+                return self.refuse(dma, None);
+            }
+            if desc.is_write_only() && desc.len() > 0 {
+                status_at = desc.addr().checked_add(u64::from(desc.len()) - 1);
+            }
+        }
+        let Some(status_at) = status_at else {
+            return self.refuse(dma, None);
+        };
+
+        // Every buffer is mapped through the DMA view: one outside guest
+        // memory or the window fails here.
+        let Ok(mut reader) = Reader::new(dma, chain.clone()) else {
+            return self.refuse(dma, Some(status_at));
+        };
+        let Ok(mut writer) = Writer::new(dma, chain) else {
+            return self.refuse(dma, Some(status_at));
+        };
+        let writable = writer.available_bytes();
+        if writable == 0 || reader.available_bytes() < REQUEST_HEADER_SIZE {
+            return self.refuse(dma, Some(status_at));
+        }
+        let Ok(mut status) = writer.split_at(writable - 1) else {
+            return self.refuse(dma, Some(status_at));
+        };
+        let mut header = [0u8; REQUEST_HEADER_SIZE];
+        if reader.read_exact(&mut header).is_err() {
+            return self.refuse(dma, Some(status_at));
+        }
+        let kind = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+        let mut sector = [0u8; 8];
+        sector.copy_from_slice(&header[8..16]);
+        let sector = u64::from_le_bytes(sector);
+
+        let code = match kind {
+            VIRTIO_BLK_T_IN => self.read(sector, &mut writer),
+            VIRTIO_BLK_T_OUT => self.write(sector, &mut reader),
+            VIRTIO_BLK_T_FLUSH => self.flush(),
+            VIRTIO_BLK_T_GET_ID => self.get_id(&mut writer),
+            _ => {
+                self.counters.unsupported += 1;
+                VIRTIO_BLK_S_UNSUPP
+            }
+        };
+        if code == VIRTIO_BLK_S_IOERR {
+            self.counters.io_errors += 1;
+        }
+        if status.write_all(&[code as u8]).is_err() {
+            return self.refuse(dma, Some(status_at));
+        }
+        // At most MAX_REQUEST_BYTES + 1.
+        u32::try_from(writer.bytes_written() + 1).unwrap_or(u32::MAX)
+    }
+
+    /// Counts a refused chain and sets its status to IOERR if possible.
+    fn refuse(&mut self, dma: &DmaMemory, status_at: Option<GuestAddress>) -> u32 {
+        self.counters.refused += 1;
+        match status_at {
+            Some(at) if dma.write_obj(VIRTIO_BLK_S_IOERR as u8, at).is_ok() => 1,
+            _ => 0,
+        }
+    }
+
+    /// The byte offset of a transfer of `len` bytes at `sector`, if the
+    /// transfer is whole sectors, not too long, and inside the disk.
+    fn range(&self, sector: u64, len: usize) -> Option<u64> {
+        if len > MAX_REQUEST_BYTES || !(len as u64).is_multiple_of(SECTOR_SIZE) {
+            return None;
+        }
+        let start = sector.checked_mul(SECTOR_SIZE)?;
+        let end = start.checked_add(len as u64)?;
+        (end <= self.capacity_sectors * SECTOR_SIZE).then_some(start)
+    }
+
+    fn read(&mut self, sector: u64, data: &mut Writer) -> u32 {
+        let len = data.available_bytes();
+        let Some(offset) = self.range(sector, len) else {
+            return VIRTIO_BLK_S_IOERR;
+        };
+        self.buf.resize(len, 0);
+        if self
+            .file
+            .read_exact_at(&mut self.buf[..len], offset)
+            .is_err()
+            || data.write_all(&self.buf[..len]).is_err()
+        {
+            return VIRTIO_BLK_S_IOERR;
+        }
+        self.counters.reads += 1;
+        self.counters.bytes_read += len as u64;
+        VIRTIO_BLK_S_OK
+    }
+
+    fn write(&mut self, sector: u64, data: &mut Reader) -> u32 {
+        let len = data.available_bytes();
+        let Some(offset) = self.range(sector, len) else {
+            return VIRTIO_BLK_S_IOERR;
+        };
+        if self.read_only {
+            return VIRTIO_BLK_S_IOERR;
+        }
+        self.buf.resize(len, 0);
+        if data.read_exact(&mut self.buf[..len]).is_err()
+            || self.file.write_all_at(&self.buf[..len], offset).is_err()
+        {
+            return VIRTIO_BLK_S_IOERR;
+        }
+        self.counters.writes += 1;
+        self.counters.bytes_written += len as u64;
+        VIRTIO_BLK_S_OK
+    }
+
+    fn flush(&mut self) -> u32 {
+        if self.file.sync_data().is_err() {
+            return VIRTIO_BLK_S_IOERR;
+        }
+        self.counters.flushes += 1;
+        VIRTIO_BLK_S_OK
+    }
+
+    fn get_id(&mut self, data: &mut Writer) -> u32 {
+        let n = data.available_bytes().min(ID_BYTES);
+        if data.write_all(&self.id[..n]).is_err() {
+            return VIRTIO_BLK_S_IOERR;
+        }
+        self.counters.get_ids += 1;
+        VIRTIO_BLK_S_OK
+    }
+}
+
+impl Device for VirtioBlk {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn io_ports(&self) -> u16 {
+        0
+    }
+
+    fn mmio_size(&self) -> u64 {
+        VIRTIO_BLK_MMIO_SIZE
+    }
+
+    fn pio_read(&mut self, _offset: u16, data: &mut [u8]) {
+        data.fill(0);
+    }
+
+    fn pio_write(&mut self, _offset: u16, _data: &[u8]) {}
+
+    fn mmio_read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        let config = u64::from(VIRTIO_MMIO_CONFIG);
+        if offset >= config {
+            // Config space: any natural width, within the structure.
+            let start = offset - config;
+            let len = data.len();
+            if matches!(len, 1 | 2 | 4 | 8)
+                && start
+                    .checked_add(len as u64)
+                    .is_some_and(|end| end <= CONFIG_SIZE as u64)
+            {
+                let start = start as usize;
+                data.copy_from_slice(&self.config_space()[start..start + len]);
+            }
+            return;
+        }
+        // Registers: 32-bit aligned accesses only.
+        if let (Ok(bytes), 0) = (<&mut [u8; 4]>::try_from(data), offset % 4) {
+            *bytes = self.mmio_read_reg(offset as u32).to_le_bytes();
+        }
+    }
+
+    fn mmio_write(&mut self, offset: u64, data: &[u8]) {
+        // Config space is read-only; registers take 32-bit aligned writes.
+        if offset >= u64::from(VIRTIO_MMIO_CONFIG) || !offset.is_multiple_of(4) {
+            return;
+        }
+        if let Ok(bytes) = <[u8; 4]>::try_from(data) {
+            self.mmio_write_reg(offset as u32, u32::from_le_bytes(bytes));
+        }
+    }
+}

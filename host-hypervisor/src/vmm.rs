@@ -1,0 +1,141 @@
+//! The VMM process (`moat-vmm`): what the monitor starts for a picoprocess
+//! on `--host kvm`, in the same fresh namespaces and under the same
+//! rlimits as a loader, with the monitor socket as descriptor 3 and
+//! `/dev/kvm` as descriptor 4. It speaks the loader's protocol, so the
+//! monitor, the broker, the policy, the console and the exit reports are
+//! the same for both hosts.
+use crate::layout::{MAX_RAM, TABLE};
+use crate::pal::KvmPal;
+use crate::pico::PicoVm;
+use kvm_ioctls::Kvm;
+use moat_host_linux::loader::pal::LinuxPal;
+use moat_host_linux::loader::{image, signals, sys};
+use moat_host_linux::protocol::{self, Config, ReportKind};
+use moat_pal::memory::RegionKind;
+use moat_pal::{prot, PalTable, StartupBlock};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+fn fail(msg: &str) -> ! {
+    signals::report(ReportKind::Startup, msg);
+    sys::exit_process(moat_host_linux::EXIT_HOST_FAILURE)
+}
+
+/// The VMM's `main`.
+pub fn main() -> ! {
+    // SAFETY: descriptors 3 and 4 were set up by the monitor for this
+    // process (spawn_vmm); nothing else here owns them.
+    let (sock, kvm_fd) = unsafe {
+        (
+            OwnedFd::from_raw_fd(protocol::MONITOR_FD),
+            OwnedFd::from_raw_fd(moat_host_linux::spawn::KVM_FD),
+        )
+    };
+    if let Err(e) = signals::install_for_vmm() {
+        fail(&format!("vmm: {e}"));
+    }
+    // No file system from here on: the image, and every file the
+    // picoprocess opens, come as descriptors from the monitor.
+    if let Err(e) = moat_host_linux::loader::sandbox::landlock_restrict() {
+        fail(&e);
+    }
+    let (cfg, mut fds) = match protocol::recv::<Config>(sys::borrow(&sock)) {
+        Ok(v) => v,
+        Err(e) => fail(&format!("vmm: no configuration from the monitor: {e}")),
+    };
+    let Some(image_fd) = fds.pop() else {
+        fail("vmm: the monitor sent no image descriptor")
+    };
+    let mem_limit = cfg.limits.memory_mib << 20;
+    let ram = mem_limit.max(4 << 20).next_multiple_of(2 << 20);
+    if ram > MAX_RAM {
+        fail(&format!(
+            "a memory limit of {} MiB is more than the kvm host offers ({} MiB); lower memory_mib",
+            cfg.limits.memory_mib,
+            MAX_RAM >> 20
+        ));
+    }
+    let Some(lin) = moat_host_linux::loader::install_pal(LinuxPal::new(
+        sock,
+        cfg.limits.threads,
+        cfg.limits.handles,
+        mem_limit,
+    )) else {
+        fail("vmm: initialised twice")
+    };
+    // SAFETY: the descriptor is /dev/kvm, handed over by the monitor.
+    let kvm = unsafe { Kvm::from_raw_fd(kvm_fd.as_raw_fd()) };
+    std::mem::forget(kvm_fd);
+    let mut vm = match PicoVm::new(&kvm, ram, lin, Default::default()) {
+        Ok(v) => v,
+        Err(e) => fail(&format!("cannot create the micro-VM: {e}")),
+    };
+    vm.trace = cfg.trace;
+    if cfg.limits.cpu_seconds != 0 {
+        vm.watchdog = vm.watchdog.min(Duration::from_secs(cfg.limits.cpu_seconds));
+    }
+    let bytes = match image::read_all(image_fd.as_raw_fd()) {
+        Ok(b) => b,
+        Err(e) => fail(&format!("cannot read the image: {e}")),
+    };
+    drop(image_fd);
+    let img = match image::map(lin, &bytes) {
+        Ok(i) => i,
+        Err(e) => fail(&format!(
+            "cannot load the image: {e} (on kvm an image must lie inside guest memory, {:#x}..{ram:#x})",
+            crate::layout::RAM_START
+        )),
+    };
+    drop(bytes);
+
+    // The start-up block and the argument bytes, in one guest-writable page.
+    let argbytes = moat_pal::validate::join_args(&cfg.args);
+    let need = std::mem::size_of::<StartupBlock>() as u64 + argbytes.len() as u64;
+    let len = need.div_ceil(4096) * 4096;
+    let page = {
+        let mut r = lin.regions.write().unwrap();
+        let Some(at) = r.find_free(len, crate::layout::RAM_START, ram) else {
+            fail("no guest memory left for the start-up block")
+        };
+        if sys::mmap_anon(at, len, prot::READ | prot::WRITE).is_err()
+            || r.insert(at, len, prot::READ | prot::WRITE, RegionKind::Host)
+                .is_err()
+        {
+            fail("cannot allocate the start-up block");
+        }
+        at
+    };
+    let args_addr = page + std::mem::size_of::<StartupBlock>() as u64;
+    sys::copy_out(args_addr, &argbytes);
+    sys::put(
+        page,
+        StartupBlock {
+            magic: moat_pal::STARTUP_MAGIC,
+            abi_version: moat_pal::ABI_VERSION,
+            host_kind: moat_pal::host_kind::KVM,
+            table: TABLE as *const PalTable,
+            args: args_addr,
+            args_len: argbytes.len() as u64,
+            argc: cfg.args.len() as u64,
+            exception_upcall: 0,
+            process_handle: 0,
+        },
+    );
+    lin.startup.store(page, Ordering::Release);
+
+    let vm = Arc::new(vm);
+    let pal = Arc::new(KvmPal {
+        lin,
+        vm: vm.clone(),
+    });
+    lin.threads_live.fetch_add(1, Ordering::AcqRel);
+    if let Err(e) = vm.spawn_thread(pal, img.entry, page, 0, None) {
+        fail(&format!("cannot start the first thread: {e:?}"));
+    }
+    // The last guest thread to end exits the process.
+    loop {
+        std::thread::park();
+    }
+}
