@@ -15,6 +15,11 @@ Exit codes:
   159      sandbox violation: the picoprocess made a system call outside the
            allow-list (the report on standard error names it)
 
+Devices (--host kvm only): `--device com1=uart` grants a 16550 UART wired
+to the console; `--device blk0=virtio-blk:disk.img` a virtio-mmio disk
+backed by disk.img (which must exist). The picoprocess opens them as
+`dev:com1`, `dev:blk0`; nothing else is mapped.
+
 Grants: nothing is reachable but the console (stdin:, stdout:, stderr:) and
 null: unless granted. `--allow-ro file:/srv/data` grants reading everything
 below /srv/data; `--allow` also grants writing, creating, renaming and
@@ -44,6 +49,11 @@ pub struct RunArgs {
     /// Grant reading below URI_PREFIX (repeatable).
     #[arg(long = "allow-ro", value_name = "URI_PREFIX")]
     pub allow_ro: Vec<String>,
+    /// Grant a device (kvm only, repeatable): NAME=uart (a 16550 UART wired
+    /// to the console) or NAME=virtio-blk:FILE (a virtio-mmio disk backed
+    /// by FILE).
+    #[arg(long = "device", value_name = "NAME=KIND[:ARG]")]
+    pub devices: Vec<String>,
     /// Log every ABI call (through the tracing layer) and every request the
     /// monitor brokers to standard error.
     #[arg(long)]
@@ -70,14 +80,15 @@ fn prepare(a: RunArgs) -> Result<Sandbox, String> {
     let mut image = a.image.clone();
     let mut args = a.args.clone();
     if let (Some(m), Some(mpath)) = (&manifest, &a.manifest) {
-        if let (Host::Linux, Some(d)) = (a.host, m.devices.first()) {
-            return Err(format!(
-                "manifest `{}` declares device `{}`: devices are granted only by --host kvm",
-                mpath.display(),
-                d.name
-            ));
-        }
         policy = Policy::from_manifest(m).map_err(|e| e.to_string())?;
+        // A relative backing file is relative to the manifest too.
+        for d in &mut policy.devices {
+            if let Some(b) = &d.backing {
+                if b.is_relative() {
+                    d.backing = Some(mpath.parent().unwrap_or(Path::new(".")).join(b));
+                }
+            }
+        }
         if image.is_none() {
             // A relative path in the manifest is relative to the manifest.
             image = m.image.as_ref().map(|i| {
@@ -98,6 +109,16 @@ fn prepare(a: RunArgs) -> Result<Sandbox, String> {
     }
     for g in &a.allow_ro {
         policy.allow(g, Access::Ro).map_err(|e| e.to_string())?;
+    }
+    for d in &a.devices {
+        let spec = moat_policy::DeviceSpec::parse(d).map_err(|e| e.to_string())?;
+        policy.add_device(spec).map_err(|e| e.to_string())?;
+    }
+    if let (Host::Linux, Some(d)) = (a.host, policy.devices.first()) {
+        return Err(format!(
+            "device `{}` is declared, but only the kvm host grants devices: add --host kvm",
+            d.name
+        ));
     }
     let image =
         image.ok_or("no image given: `moat run IMAGE` (or `image = \"...\"` in the manifest)")?;

@@ -1,66 +1,434 @@
 //! The devices granted to a picoprocess, as the VMM sees them: `dev:`
-//! streams, their MMIO windows and I/O ports, their interrupts as events.
+//! streams, their I/O ports and MMIO windows, their interrupts as events.
+//!
+//! Only declared devices exist. The VMM places them: UARTs on the PC's
+//! COM ports (0x3f8, 0x2f8, 0x3e8, 0x2e8), virtio-mmio devices in 4 KiB
+//! windows from [`MMIO_BASE`]. A device raises its interrupt by setting a
+//! synchronization event that DkStreamGetEvent hands the driver. A virtio
+//! device reaches guest memory only inside the picoprocess's own
+//! read-write regions, checked under the region lock for each request.
+use crate::layout::{MMIO_BASE, MMIO_WINDOW, RAM_START};
+use moat_devices::vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+use moat_devices::{Device, Irq, Uart, VirtioBlk, UART_IO_PORTS, VIRTIO_BLK_MMIO_SIZE};
+use moat_host_linux::loader::objects::{Object, StreamObj, SyncKind, SyncObj};
 use moat_host_linux::loader::pal::LinuxPal;
-use moat_pal::Error;
+use moat_host_linux::loader::sys;
+use moat_pal::{access, prot, stream_kind, Error, StreamAttributes};
+use moat_policy::{DeviceKind, DeviceSpec};
+use std::fs::File;
+use std::io::Read;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
-/// The devices of one picoprocess (none yet).
+const COM_PORTS: [u16; 4] = [0x3f8, 0x2f8, 0x3e8, 0x2e8];
+
+enum Model {
+    Uart(Mutex<Uart>),
+    Blk(Mutex<VirtioBlk>),
+}
+
+struct Dev {
+    name: String,
+    io_base: u16,
+    io_count: u16,
+    mmio_base: u64,
+    mmio_size: u64,
+    irq_line: u32,
+    model: Model,
+    /// The interrupt, as the event a driver waits on.
+    event: Arc<Object>,
+    mapped: AtomicBool,
+    /// A UART's console input, until its pump thread takes it.
+    input: Mutex<Option<File>>,
+}
+
+/// The devices of one picoprocess.
 #[derive(Default)]
-pub struct DeviceSet {}
+pub struct DeviceSet {
+    devs: Vec<Dev>,
+}
+
+fn put_attrs(lin: &LinuxPal, out: u64, a: StreamAttributes) -> i64 {
+    if lin
+        .check_w(out, std::mem::size_of::<StreamAttributes>() as u64)
+        .is_err()
+    {
+        return Error::BadAddress.code();
+    }
+    sys::put(out, a);
+    0
+}
 
 impl DeviceSet {
+    /// Build the devices declared in `specs`. `backing` holds the opened
+    /// backing files in declaration order; `ram_end` bounds guest RAM;
+    /// `console` gives the UARTs their output and input.
+    pub fn new(
+        specs: &[DeviceSpec],
+        mut backing: Vec<File>,
+        ram_end: u64,
+        lin: &'static LinuxPal,
+    ) -> Result<DeviceSet, String> {
+        backing.reverse();
+        let mut devs = Vec::new();
+        let mut coms = COM_PORTS.iter();
+        let mut windows = 0u64;
+        for (i, spec) in specs.iter().enumerate() {
+            let event = Arc::new(Object::Sync(
+                SyncObj::new(SyncKind::Synchronization, 0, 1)
+                    .map_err(|_| "cannot create an interrupt event".to_string())?,
+            ));
+            let ev = event.clone();
+            let irq = Irq::from_fn(Arc::new(move || {
+                if let Object::Sync(s) = &*ev {
+                    s.set();
+                }
+            }));
+            let irq_line = 3 + i as u32;
+            let dev = match spec.kind {
+                DeviceKind::Uart => {
+                    let port = *coms.next().ok_or_else(|| {
+                        format!(
+                            "device `{}`: at most {} UARTs can be granted",
+                            spec.name,
+                            COM_PORTS.len()
+                        )
+                    })?;
+                    let (out, input) = console(lin)?;
+                    let uart = Uart::new(spec.name.clone(), irq, Box::new(out));
+                    Dev {
+                        name: spec.name.clone(),
+                        io_base: port,
+                        io_count: UART_IO_PORTS,
+                        mmio_base: 0,
+                        mmio_size: 0,
+                        irq_line,
+                        model: Model::Uart(Mutex::new(uart)),
+                        event,
+                        mapped: AtomicBool::new(false),
+                        input: Mutex::new(input),
+                    }
+                }
+                DeviceKind::VirtioBlk => {
+                    let file = backing.pop().ok_or_else(|| {
+                        format!("device `{}`: no backing file was passed", spec.name)
+                    })?;
+                    let mem = guest_memory(ram_end)?;
+                    let blk = VirtioBlk::new(spec.name.clone(), file, mem, irq)
+                        .map_err(|e| format!("device `{}`: {e}", spec.name))?;
+                    let base = MMIO_BASE + windows * MMIO_WINDOW;
+                    windows += 1;
+                    Dev {
+                        name: spec.name.clone(),
+                        io_base: 0,
+                        io_count: 0,
+                        mmio_base: base,
+                        mmio_size: VIRTIO_BLK_MMIO_SIZE,
+                        irq_line,
+                        model: Model::Blk(Mutex::new(blk)),
+                        event,
+                        mapped: AtomicBool::new(false),
+                        input: Mutex::new(None),
+                    }
+                }
+            };
+            devs.push(dev);
+        }
+        Ok(DeviceSet { devs })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.devs.is_empty()
+    }
+
+    fn by_name(&self, name: &str) -> Option<&Dev> {
+        self.devs.iter().find(|d| d.name == name)
+    }
+
+    /// The device behind a stream handle; None: not a device stream.
+    fn of_stream(&self, lin: &LinuxPal, stream: u64) -> Option<&Dev> {
+        if self.devs.is_empty() {
+            return None;
+        }
+        let o = lin.stream(stream).ok()?;
+        let Object::Stream(s) = &*o else { return None };
+        if s.kind != stream_kind::DEVICE {
+            return None;
+        }
+        let uri = s.uri.lock().unwrap().clone();
+        self.by_name(uri.strip_prefix("dev:")?)
+    }
+
+    /// Whether `stream` is a device stream.
+    pub fn is_device(&self, lin: &LinuxPal, stream: u64) -> bool {
+        self.of_stream(lin, stream).is_some()
+    }
+
     /// DkStreamOpen of `dev:NAME`.
     pub fn open(
         &self,
-        _lin: &LinuxPal,
-        _name: &str,
-        _access: u32,
+        lin: &LinuxPal,
+        name: &str,
+        acc: u32,
         _create: u32,
         _options: u32,
-        _out: u64,
+        out: u64,
     ) -> i64 {
-        Error::NotFound.code()
+        let Some(d) = self.by_name(name) else {
+            lin.tell(&moat_host_linux::protocol::Request::Debug {
+                text: format!(
+                    "refused dev:{name}: device `{name}` is not declared (declare it with --device {name}=KIND[:ARG] or a [[device]] entry in the manifest)"
+                ),
+            });
+            return Error::NotFound.code();
+        };
+        // The stream's descriptor only stands in (reads and writes of a
+        // device stream are refused): a non-blocking eventfd.
+        let Ok(fd) = sys::eventfd() else {
+            return Error::LimitExceeded.code();
+        };
+        let s = StreamObj {
+            fd,
+            kind: stream_kind::DEVICE,
+            uri: Mutex::new(format!("dev:{}", d.name)),
+            readable: acc & access::READ != 0,
+            writable: acc & (access::WRITE | access::APPEND) != 0,
+            append: false,
+        };
+        lin.insert_out(Object::Stream(s), out)
+    }
+
+    fn attrs(d: &Dev) -> StreamAttributes {
+        StreamAttributes {
+            kind: stream_kind::DEVICE,
+            readable: 1,
+            writable: 1,
+            executable: 0,
+            size: d.mmio_size,
+            dev_mmio_base: d.mmio_base,
+            dev_io_base: d.io_base as u32,
+            dev_io_count: d.io_count as u32,
+            dev_irq: d.irq_line,
+            reserved: 0,
+        }
     }
 
     /// Attributes of a device stream; None: not a device.
-    pub fn attributes(&self, _lin: &LinuxPal, _stream: u64, _out: u64) -> Option<i64> {
-        None
+    pub fn attributes(&self, lin: &LinuxPal, stream: u64, out: u64) -> Option<i64> {
+        let d = self.of_stream(lin, stream)?;
+        Some(put_attrs(lin, out, Self::attrs(d)))
     }
 
-    pub fn attributes_by_name(&self, _lin: &LinuxPal, _name: &str, _out: u64) -> i64 {
-        Error::NotFound.code()
+    pub fn attributes_by_name(&self, lin: &LinuxPal, name: &str, out: u64) -> i64 {
+        match self.by_name(name) {
+            Some(d) => put_attrs(lin, out, Self::attrs(d)),
+            None => Error::NotFound.code(),
+        }
     }
 
     /// The interrupt event of a device stream; None: not a device.
-    pub fn event(&self, _lin: &LinuxPal, _stream: u64, _out: u64) -> Option<i64> {
-        None
+    pub fn event(&self, lin: &LinuxPal, stream: u64, out: u64) -> Option<i64> {
+        let d = self.of_stream(lin, stream)?;
+        if lin.check_w(out, 8).is_err() {
+            return Some(Error::BadAddress.code());
+        }
+        Some(match lin.insert_arc(d.event.clone()) {
+            Ok(h) => {
+                sys::put(out, h);
+                0
+            }
+            Err(e) => e.code(),
+        })
     }
 
-    /// Map a device's MMIO window; None: not a device.
+    /// Map a device's MMIO window (identity: the address is its base);
+    /// None: not a device.
     pub fn stream_map(
         &self,
-        _lin: &LinuxPal,
-        _stream: u64,
-        _addr: u64,
-        _prot: u32,
-        _offset: u64,
-        _size: u64,
+        lin: &LinuxPal,
+        stream: u64,
+        addr: u64,
+        p: u32,
+        offset: u64,
+        size: u64,
     ) -> Option<i64> {
-        None
+        let d = self.of_stream(lin, stream)?;
+        let window = d.mmio_size.next_multiple_of(4096);
+        Some(if d.mmio_size == 0 {
+            Error::NotSupported.code()
+        } else if offset != 0
+            || size != window
+            || (addr != 0 && addr != d.mmio_base)
+            || p & prot::EXEC != 0
+            || moat_pal::validate::check_prot(p).is_err()
+        {
+            Error::InvalidArgument.code()
+        } else if d.mapped.swap(true, Ordering::AcqRel) {
+            Error::AlreadyExists.code()
+        } else {
+            d.mmio_base as i64
+        })
     }
 
-    pub fn pio_read(&self, _port: u16, _data: &mut [u8]) -> bool {
-        false
+    /// DkStreamUnmap of a device window; None: not a device window.
+    pub fn unmap(&self, addr: u64, size: u64) -> Option<i64> {
+        let d = self
+            .devs
+            .iter()
+            .find(|d| d.mmio_size != 0 && d.mmio_base == addr)?;
+        if size != d.mmio_size.next_multiple_of(4096) {
+            return Some(Error::InvalidArgument.code());
+        }
+        Some(if d.mapped.swap(false, Ordering::AcqRel) {
+            0
+        } else {
+            Error::BadAddress.code()
+        })
     }
 
-    pub fn pio_write(&self, _port: u16, _data: &[u8]) -> bool {
-        false
+    fn port(&self, port: u16) -> Option<(&Dev, u16)> {
+        self.devs.iter().find_map(|d| {
+            let off = port.checked_sub(d.io_base)?;
+            (d.io_count != 0 && off < d.io_count).then_some((d, off))
+        })
     }
 
-    pub fn mmio_read(&self, _addr: u64, _data: &mut [u8]) -> bool {
-        false
+    fn window(&self, addr: u64) -> Option<(&Dev, u64)> {
+        self.devs.iter().find_map(|d| {
+            let off = addr.checked_sub(d.mmio_base)?;
+            (d.mmio_size != 0 && off < d.mmio_size && d.mapped.load(Ordering::Acquire))
+                .then_some((d, off))
+        })
     }
 
-    pub fn mmio_write(&self, _addr: u64, _data: &[u8]) -> bool {
-        false
+    pub fn pio_read(&self, port: u16, data: &mut [u8]) -> bool {
+        let Some((d, off)) = self.port(port) else {
+            return false;
+        };
+        if let Model::Uart(u) = &d.model {
+            u.lock().unwrap().pio_read(off, data);
+        }
+        true
+    }
+
+    pub fn pio_write(&self, port: u16, data: &[u8]) -> bool {
+        let Some((d, off)) = self.port(port) else {
+            return false;
+        };
+        if let Model::Uart(u) = &d.model {
+            u.lock().unwrap().pio_write(off, data);
+        }
+        true
+    }
+
+    pub fn mmio_read(&self, addr: u64, data: &mut [u8]) -> bool {
+        let Some((d, off)) = self.window(addr) else {
+            return false;
+        };
+        if let Model::Blk(b) = &d.model {
+            b.lock().unwrap().mmio_read(off, data);
+        }
+        true
+    }
+
+    /// An MMIO write; a virtio request runs here, with DMA limited to the
+    /// picoprocess's read-write memory (held still by the region lock).
+    pub fn mmio_write(&self, lin: &LinuxPal, addr: u64, data: &[u8]) -> bool {
+        let Some((d, off)) = self.window(addr) else {
+            return false;
+        };
+        if let Model::Blk(b) = &d.model {
+            let regions = lin.regions.read().unwrap();
+            let mut ranges: Vec<std::ops::Range<u64>> = Vec::new();
+            for (start, r) in regions.iter() {
+                if r.prot & (prot::READ | prot::WRITE) != prot::READ | prot::WRITE {
+                    continue;
+                }
+                match ranges.last_mut() {
+                    Some(last) if last.end == start => last.end = r.end,
+                    _ => ranges.push(start..r.end),
+                }
+            }
+            let mut b = b.lock().unwrap();
+            b.set_dma_ranges(&ranges);
+            b.mmio_write(off, data);
+            drop(b);
+            drop(regions);
+        }
+        true
+    }
+}
+
+/// Guest RAM as vm-memory sees it: the identity range at its own address.
+/// Only ranges the DMA window allows are ever touched.
+fn guest_memory(ram_end: u64) -> Result<GuestMemoryMmap<()>, String> {
+    let size = (ram_end - RAM_START) as usize;
+    // SAFETY: [RAM_START, ram_end) is the guest RAM range of this VMM,
+    // which lives as long as the process; the device only touches the
+    // parts the region map holds read-write, under its lock.
+    let region = unsafe {
+        MmapRegion::<()>::build_raw(
+            RAM_START as *mut u8,
+            size,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+        )
+    }
+    .map_err(|e| format!("guest memory for a device: {e}"))?;
+    let region = GuestRegionMmap::new(region, GuestAddress(RAM_START))
+        .map_err(|e| format!("guest memory for a device: {e}"))?;
+    GuestMemoryMmap::from_regions(vec![region]).map_err(|e| format!("guest memory: {e}"))
+}
+
+/// The console, for a UART: its output, and its input if any.
+fn console(lin: &LinuxPal) -> Result<(File, Option<File>), String> {
+    let open = |uri: &str, acc: u32| {
+        lin.ask_fd(&moat_host_linux::protocol::Request::Open {
+            uri: uri.into(),
+            access: acc,
+            create: 0,
+            options: 0,
+        })
+        .map(|(fd, _)| File::from(fd))
+    };
+    let out = open("stdout:", access::WRITE).map_err(|e| format!("the UART's console: {e:?}"))?;
+    Ok((out, open("stdin:", access::READ).ok()))
+}
+
+/// Start feeding each UART from the console's input, on a thread of its
+/// own: bytes go into the receive FIFO as it takes them.
+pub fn start_inputs(vm: &Arc<crate::pico::PicoVm>) {
+    for (i, d) in vm.devices.devs.iter().enumerate() {
+        let Some(input) = d.input.lock().unwrap().take() else {
+            continue;
+        };
+        let vm = vm.clone();
+        let _ = std::thread::Builder::new()
+            .name("moat-uart-input".into())
+            .stack_size(64 << 10)
+            .spawn(move || {
+                if let Model::Uart(u) = &vm.devices.devs[i].model {
+                    pump(u, input);
+                }
+            });
+    }
+}
+
+fn pump(u: &Mutex<Uart>, mut input: File) {
+    let mut buf = [0u8; 256];
+    loop {
+        let n = match input.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let mut at = 0;
+        while at < n {
+            let took = u.lock().unwrap().enqueue_input(&buf[at..n]).unwrap_or(0);
+            at += took;
+            if took == 0 {
+                // The FIFO is full: the driver has not read it yet.
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+        }
     }
 }

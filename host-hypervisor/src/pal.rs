@@ -73,7 +73,11 @@ impl Pal for KvmPal {
     }
 
     fn dk_stream_map(&self, stream: u64, addr: u64, p: u32, offset: u64, size: u64) -> i64 {
-        if let Some(r) = self.vm.devices.stream_map(self.lin, stream, addr, p, offset, size) {
+        if let Some(r) = self
+            .vm
+            .devices
+            .stream_map(self.lin, stream, addr, p, offset, size)
+        {
             return r;
         }
         if addr != 0 {
@@ -82,7 +86,9 @@ impl Pal for KvmPal {
         if size > self.lin.mem_limit {
             return Error::NoMemory.code();
         }
-        self.placed(size, |at| self.lin.dk_stream_map(stream, at, p, offset, size))
+        self.placed(size, |at| {
+            self.lin.dk_stream_map(stream, at, p, offset, size)
+        })
     }
 
     fn dk_stream_open(
@@ -125,7 +131,10 @@ impl Pal for KvmPal {
         attrs: *mut StreamAttributes,
     ) -> i64 {
         match self.lin.uri_in(uri as u64, uri_len) {
-            Ok(Uri::Dev(name)) => self.vm.devices.attributes_by_name(self.lin, &name, attrs as u64),
+            Ok(Uri::Dev(name)) => self
+                .vm
+                .devices
+                .attributes_by_name(self.lin, &name, attrs as u64),
             _ => self.lin.dk_stream_attributes_query(uri, uri_len, attrs),
         }
     }
@@ -135,6 +144,27 @@ impl Pal for KvmPal {
             return r;
         }
         self.lin.dk_stream_get_event(stream, event)
+    }
+
+    fn dk_stream_read(&self, stream: u64, offset: u64, buf: *mut u8, len: u64) -> i64 {
+        if self.vm.devices.is_device(self.lin, stream) {
+            return Error::NotSupported.code();
+        }
+        self.lin.dk_stream_read(stream, offset, buf, len)
+    }
+
+    fn dk_stream_write(&self, stream: u64, offset: u64, buf: *const u8, len: u64) -> i64 {
+        if self.vm.devices.is_device(self.lin, stream) {
+            return Error::NotSupported.code();
+        }
+        self.lin.dk_stream_write(stream, offset, buf, len)
+    }
+
+    fn dk_stream_unmap(&self, addr: u64, size: u64) -> i64 {
+        if let Some(r) = self.vm.devices.unmap(addr, size) {
+            return r;
+        }
+        self.lin.dk_stream_unmap(addr, size)
     }
 
     fn dk_thread_create(&self, entry: u64, param: u64, thread: *mut u64) -> i64 {
@@ -213,10 +243,7 @@ impl Pal for KvmPal {
         dk_abort_event_register(event: u64);
         dk_process_create(uri: *const u8, uri_len: u64, args: *const u8, args_len: u64, process: *mut u64);
         dk_process_get_exit_code(process: u64, code: *mut i32);
-        dk_stream_read(stream: u64, offset: u64, buf: *mut u8, len: u64);
-        dk_stream_write(stream: u64, offset: u64, buf: *const u8, len: u64);
         dk_stream_map_pe_binary(stream: u64, info: *mut ImageInfo);
-        dk_stream_unmap(addr: u64, size: u64);
         dk_stream_set_length(stream: u64, length: u64);
         dk_stream_flush(stream: u64);
         dk_stream_delete(stream: u64, which: u32);

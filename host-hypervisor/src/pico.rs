@@ -204,9 +204,9 @@ impl PicoVm {
             self.low_w64(pd + ((gpa >> 21) & 511) * 8, gpa | 0x80 | P_RW_U);
         }
         self.low_w64(PD_MMIO, MMIO_BASE | 0x80 | 0x18 | P_RW_U); // PS | PCD | PWT
-        // GDT: null, kernel code and data (exception stubs), user code and
-        // data (the picoprocess), and a 64-bit TSS descriptor (each vCPU's
-        // TSS base is set in its TR directly).
+                                                                 // GDT: null, kernel code and data (exception stubs), user code and
+                                                                 // data (the picoprocess), and a 64-bit TSS descriptor (each vCPU's
+                                                                 // TSS base is set in its TR directly).
         self.low_w64(GDT, 0);
         self.low_w64(GDT + 0x08, 0x00af_9a00_0000_ffff);
         self.low_w64(GDT + 0x10, 0x00cf_9200_0000_ffff);
@@ -228,20 +228,15 @@ impl PicoVm {
             stub.resize(16, 0xcc);
             let at = EXC_STUBS + v as u64 * 16;
             self.low_bytes(at, &stub);
-            let lo: u64 = (at & 0xffff)
-                | (8 << 16)
-                | (0x8e00u64 << 32)
-                | (((at >> 16) & 0xffff) << 48);
+            let lo: u64 =
+                (at & 0xffff) | (8 << 16) | (0x8e00u64 << 32) | (((at >> 16) & 0xffff) << 48);
             self.low_w64(IDT + v as u64 * 16, lo);
             self.low_w64(IDT + v as u64 * 16 + 8, at >> 32);
         }
         // `syscall`/`sysenter` land here (CPL 0): out port, al; ud2
         self.low_bytes(SYSCALL_TRAP, &[0xe6, SYSCALL_PORT as u8, 0x0f, 0x0b]);
         // out port, al; ud2
-        self.low_bytes(
-            UPCALL_RETURN,
-            &[0xe6, UPCALL_RETURN_PORT as u8, 0x0f, 0x0b],
-        );
+        self.low_bytes(UPCALL_RETURN, &[0xe6, UPCALL_RETURN_PORT as u8, 0x0f, 0x0b]);
         // A thread whose entry returns calls DkThreadExit(0):
         // xor esi, esi; mov eax, NR; out port, eax; ud2
         let mut t = vec![0x31, 0xf6, 0xb8];
@@ -272,10 +267,7 @@ impl PicoVm {
             return Ok((id, v));
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let v = self
-            .vm
-            .create_vcpu(id)
-            .map_err(|_| Error::LimitExceeded)?;
+        let v = self.vm.create_vcpu(id).map_err(|_| Error::LimitExceeded)?;
         Ok((id, v))
     }
 
@@ -450,7 +442,7 @@ impl PicoVm {
                     }
                 }
                 Ok(VcpuExit::MmioWrite(addr, data)) => {
-                    if self.devices.mmio_write(addr, data) {
+                    if self.devices.mmio_write(self.lin, addr, data) {
                         Ex::Handled
                     } else {
                         Ex::MemFault(addr, true)
@@ -458,9 +450,9 @@ impl PicoVm {
                 }
                 Ok(VcpuExit::Hlt) => Ex::Fatal("halted (the picoprocess executed `hlt`)".into()),
                 Ok(VcpuExit::Shutdown) | Ok(VcpuExit::InternalError) => Ex::TripleFault,
-                Ok(VcpuExit::FailEntry(reason, _)) => {
-                    Ex::Fatal(format!("KVM refused to enter the guest (reason {reason:#x})"))
-                }
+                Ok(VcpuExit::FailEntry(reason, _)) => Ex::Fatal(format!(
+                    "KVM refused to enter the guest (reason {reason:#x})"
+                )),
                 Ok(other) => Ex::Fatal(format!("unexpected exit from the micro-VM: {other:?}")),
                 Err(e) if e.errno() == libc::EINTR => Ex::Interrupted,
                 // An exception pushed onto memory the picoprocess does not
@@ -637,7 +629,10 @@ impl PicoVm {
         if !frame_ok {
             self.die(
                 ReportKind::Exception,
-                format_args!("exception {vector} with an unusable stack (rsp {:#x})", r.rsp),
+                format_args!(
+                    "exception {vector} with an unusable stack (rsp {:#x})",
+                    r.rsp
+                ),
                 128 + libc::SIGSEGV,
             );
         }
@@ -664,8 +659,16 @@ impl PicoVm {
             );
         }
         let (kind, sig, what) = match vector {
-            0 | 16 | 19 => (exception_kind::ARITHMETIC, libc::SIGFPE, "arithmetic exception"),
-            6 => (exception_kind::ILLEGAL_INSTRUCTION, libc::SIGILL, "illegal instruction"),
+            0 | 16 | 19 => (
+                exception_kind::ARITHMETIC,
+                libc::SIGFPE,
+                "arithmetic exception",
+            ),
+            6 => (
+                exception_kind::ILLEGAL_INSTRUCTION,
+                libc::SIGILL,
+                "illegal instruction",
+            ),
             1 | 3 => (exception_kind::BREAKPOINT, libc::SIGTRAP, "breakpoint"),
             12 | 17 => (exception_kind::MEMORY_FAULT, libc::SIGBUS, "memory fault"),
             _ => (exception_kind::MEMORY_FAULT, libc::SIGSEGV, "memory fault"),
@@ -933,11 +936,11 @@ fn user_mode(s: &mut kvm_sregs) {
 fn set_syscall_msrs(vcpu: &VcpuFd) -> Result<(), kvm_ioctls::Error> {
     let entries = [
         (0xc000_0081u32, (0x08u64 << 32) | (0x10u64 << 48)), // STAR
-        (0xc000_0082, SYSCALL_TRAP),                        // LSTAR
-        (0xc000_0083, SYSCALL_TRAP),                        // CSTAR
-        (0xc000_0084, 0x4700),                              // FMASK: TF DF IF IOPL NT
-        (0x174, 0x08),                                      // SYSENTER_CS
-        (0x176, SYSCALL_TRAP),                              // SYSENTER_EIP
+        (0xc000_0082, SYSCALL_TRAP),                         // LSTAR
+        (0xc000_0083, SYSCALL_TRAP),                         // CSTAR
+        (0xc000_0084, 0x4700),                               // FMASK: TF DF IF IOPL NT
+        (0x174, 0x08),                                       // SYSENTER_CS
+        (0x176, SYSCALL_TRAP),                               // SYSENTER_EIP
     ];
     let list: Vec<kvm_bindings::kvm_msr_entry> = entries
         .iter()

@@ -1,8 +1,8 @@
 //! The micro-VM. `unsafe` here is confined to mapping guest memory into
 //! KVM (the memory region outlives the VM) and the watchdog's signal.
+use crate::watchdog::Watchdog;
 use kvm_bindings::{kvm_segment, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
-use crate::watchdog::Watchdog;
 use std::time::Duration;
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
 
@@ -268,7 +268,6 @@ impl MicroVm {
         Ok(exit)
     }
 }
-
 
 /// Flat 64-bit segments, the GDT at `gdt` (null, code 0x8, data 0x10),
 /// paging with the PML4 at `cr3`: what every vCPU of moat starts with.

@@ -45,9 +45,11 @@ pub fn main() -> ! {
         Ok(v) => v,
         Err(e) => fail(&format!("vmm: no configuration from the monitor: {e}")),
     };
-    let Some(image_fd) = fds.pop() else {
-        fail("vmm: the monitor sent no image descriptor")
-    };
+    if fds.is_empty() {
+        fail("vmm: the monitor sent no image descriptor");
+    }
+    let image_fd = fds.remove(0);
+    let backing: Vec<std::fs::File> = fds.into_iter().map(std::fs::File::from).collect();
     let mem_limit = cfg.limits.memory_mib << 20;
     let ram = mem_limit.max(4 << 20).next_multiple_of(2 << 20);
     if ram > MAX_RAM {
@@ -68,7 +70,11 @@ pub fn main() -> ! {
     // SAFETY: the descriptor is /dev/kvm, handed over by the monitor.
     let kvm = unsafe { Kvm::from_raw_fd(kvm_fd.as_raw_fd()) };
     std::mem::forget(kvm_fd);
-    let mut vm = match PicoVm::new(&kvm, ram, lin, Default::default()) {
+    let devices = match crate::devices::DeviceSet::new(&cfg.devices, backing, ram, lin) {
+        Ok(d) => d,
+        Err(e) => fail(&format!("cannot set up the devices: {e}")),
+    };
+    let mut vm = match PicoVm::new(&kvm, ram, lin, devices) {
         Ok(v) => v,
         Err(e) => fail(&format!("cannot create the micro-VM: {e}")),
     };
@@ -126,6 +132,7 @@ pub fn main() -> ! {
     lin.startup.store(page, Ordering::Release);
 
     let vm = Arc::new(vm);
+    crate::devices::start_inputs(&vm);
     let pal = Arc::new(KvmPal {
         lin,
         vm: vm.clone(),

@@ -40,7 +40,10 @@ impl Armed<'_> {
     /// Disarm; whether the watchdog fired during the run.
     pub(crate) fn disarm(self) -> bool {
         let (m, _) = &*self.dog.shared;
-        m.lock().unwrap_or_else(|e| e.into_inner()).armed.remove(&self.slot);
+        m.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .armed
+            .remove(&self.slot);
         self.fired.load(Ordering::Acquire)
     }
 }

@@ -52,7 +52,9 @@ impl std::str::FromStr for Host {
         match s {
             "linux" => Ok(Host::Linux),
             "kvm" => Ok(Host::Kvm),
-            other => Err(format!("unknown host `{other}`; the hosts are `linux` and `kvm`")),
+            other => Err(format!(
+                "unknown host `{other}`; the hosts are `linux` and `kvm`"
+            )),
         }
     }
 }

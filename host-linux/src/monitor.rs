@@ -409,6 +409,13 @@ pub(crate) fn start(
     child: bool,
 ) -> Result<Arc<Proc>, Error> {
     let limits = session.policy().limits;
+    // Devices belong to the root picoprocess; its children get none.
+    let devices = if child {
+        Vec::new()
+    } else {
+        session.policy().devices.clone()
+    };
+    let backing = open_backing_files(session.host(), &devices)?;
     let sp = match session.host() {
         crate::Host::Linux => spawn::spawn_loader(&spawn::loader_path()?, &limits)?,
         crate::Host::Kvm => spawn::spawn_vmm(&spawn::vmm_path()?, &limits)?,
@@ -424,8 +431,11 @@ pub(crate) fn start(
         args,
         limits,
         trace: session.trace(),
+        devices,
     };
-    match protocol::send(sp.sock.as_fd(), &config, &[image.as_raw_fd()]) {
+    let mut fds = vec![image.as_raw_fd()];
+    fds.extend(backing.iter().map(|f| f.as_raw_fd()));
+    match protocol::send(sp.sock.as_fd(), &config, &fds) {
         Ok(()) => {}
         // The loader already ended (it failed to set itself up): its
         // report and exit status come through the monitor thread as usual.
@@ -473,6 +483,55 @@ pub(crate) fn start(
         return Err(Error::io("cannot start the monitor thread", e));
     }
     Ok(proc)
+}
+
+/// Open the backing files of the devices granted (kvm only): a declared
+/// device whose file cannot be opened refuses the start, naming both.
+fn open_backing_files(
+    host: crate::Host,
+    devices: &[moat_policy::DeviceSpec],
+) -> Result<Vec<File>, Error> {
+    if let (crate::Host::Linux, Some(d)) = (host, devices.first()) {
+        return Err(Error::BadInput(format!(
+            "device `{}` is declared, but only the kvm host grants devices: run it with --host kvm",
+            d.name
+        )));
+    }
+    if devices.len() > moat_policy::device::MAX_DEVICES {
+        return Err(Error::BadInput(format!(
+            "{} devices are declared; at most {} are allowed",
+            devices.len(),
+            moat_policy::device::MAX_DEVICES
+        )));
+    }
+    let mut out = Vec::new();
+    for d in devices {
+        let Some(path) = &d.backing else { continue };
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| {
+                Error::BadInput(format!(
+                    "device `{}`: cannot open its backing file `{}`: {e} (create it first, e.g. `truncate -s 64M {}`)",
+                    d.name,
+                    path.display(),
+                    path.display()
+                ))
+            })?;
+        let meta = f
+            .metadata()
+            .map_err(|e| Error::io("cannot stat a backing file", e))?;
+        if !meta.is_file() {
+            return Err(Error::BadInput(format!(
+                "device `{}`: backing file `{}` is not a regular file",
+                d.name,
+                path.display()
+            )));
+        }
+        out.push(f);
+    }
+    Ok(out)
 }
 
 type Job = Box<dyn FnOnce() + Send>;

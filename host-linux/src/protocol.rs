@@ -13,11 +13,13 @@ use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 pub const MAX_MSG: usize = 64 * 1024;
-pub const MAX_FDS: usize = 4;
+/// The image and up to [`moat_policy::device::MAX_DEVICES`] device backing files.
+pub const MAX_FDS: usize = 16;
 /// The loader's descriptor for the monitor socket.
 pub const MONITOR_FD: RawFd = 3;
 
-/// Sent once by the monitor, with the image descriptor attached.
+/// Sent once by the monitor, with the image descriptor (and the devices'
+/// backing files) attached.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Config {
     /// Arguments, the image name first.
@@ -25,6 +27,9 @@ pub struct Config {
     pub limits: Limits,
     /// Print a line per ABI call to the monitor's log (`--trace`).
     pub trace: bool,
+    /// Devices granted (kvm only). Those with a backing file have its
+    /// descriptor attached after the image's, in this order.
+    pub devices: Vec<moat_policy::DeviceSpec>,
 }
 
 /// What the loader asks of the monitor.

@@ -95,8 +95,7 @@ fn find_binary(name: &str, var: &str) -> Result<PathBuf, String> {
         }
         return Err(format!("{var}={}", p.display()));
     }
-    let exe = std::env::current_exe()
-        .map_err(|e| format!("(current executable unknown: {e})"))?;
+    let exe = std::env::current_exe().map_err(|e| format!("(current executable unknown: {e})"))?;
     let mut looked = Vec::new();
     let mut dir = exe.parent();
     for _ in 0..2 {

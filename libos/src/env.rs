@@ -45,3 +45,11 @@ pub fn host_kind() -> u32 {
         unsafe { (*p).host_kind }
     }
 }
+
+/// Parse a number argument: decimal, or hexadecimal after `0x`.
+pub fn parse_u64(s: &str) -> Option<u64> {
+    match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => s.parse().ok(),
+    }
+}

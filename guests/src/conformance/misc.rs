@@ -10,7 +10,10 @@ pub const CASES: &[Case] = &[
     ("random_bits", random_bits),
     ("icache_flush", icache_flush),
     ("debug_string_print", debug_string_print),
-    ("not_supported_and_undeclared_devices", not_supported_and_undeclared_devices),
+    (
+        "not_supported_and_undeclared_devices",
+        not_supported_and_undeclared_devices,
+    ),
 ];
 
 fn time_plausible_monotonic(_: &Ctx) -> R {

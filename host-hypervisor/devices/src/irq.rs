@@ -16,9 +16,20 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 /// [`Irq::new`] does): a counter that is already at its maximum makes the
 /// write fail with `EAGAIN`, which [`Irq::trigger`] treats as "already
 /// signalled" rather than blocking the vCPU.
-#[derive(Debug)]
 pub struct Irq {
-    fd: File,
+    fd: Option<File>,
+    /// Called on every trigger instead of (or besides) the eventfd: the
+    /// VMM sets the picoprocess's interrupt event from here directly.
+    notify: Option<std::sync::Arc<dyn Fn() + Send + Sync>>,
+}
+
+impl std::fmt::Debug for Irq {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Irq")
+            .field("fd", &self.fd)
+            .field("notify", &self.notify.is_some())
+            .finish()
+    }
 }
 
 impl Irq {
@@ -37,7 +48,11 @@ impl Irq {
 
     /// Signals the interrupt: adds 1 to the eventfd's counter.
     pub fn trigger(&self) -> io::Result<()> {
-        match (&self.fd).write(&1u64.to_ne_bytes()) {
+        if let Some(n) = &self.notify {
+            n();
+        }
+        let Some(fd) = &self.fd else { return Ok(()) };
+        match (&*fd).write(&1u64.to_ne_bytes()) {
             Ok(8) => Ok(()),
             Ok(n) => Err(io::Error::new(
                 io::ErrorKind::WriteZero,
@@ -54,7 +69,8 @@ impl Irq {
     /// eventfd is non-blocking).
     pub fn take(&self) -> io::Result<u64> {
         let mut buf = [0u8; 8];
-        match (&self.fd).read(&mut buf) {
+        let Some(fd) = &self.fd else { return Ok(0) };
+        match (&*fd).read(&mut buf) {
             Ok(8) => Ok(u64::from_ne_bytes(buf)),
             Ok(n) => Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
@@ -68,13 +84,28 @@ impl Irq {
     /// Duplicates the descriptor (`F_DUPFD_CLOEXEC`), e.g. for the VMM to
     /// wait on while the device keeps the original.
     pub fn try_clone_fd(&self) -> io::Result<OwnedFd> {
-        Ok(self.fd.try_clone()?.into())
+        Ok(self.file()?.try_clone()?.into())
+    }
+
+    /// An interrupt that calls `f` on every trigger (no eventfd).
+    pub fn from_fn(f: std::sync::Arc<dyn Fn() + Send + Sync>) -> Irq {
+        Irq {
+            fd: None,
+            notify: Some(f),
+        }
+    }
+
+    fn file(&self) -> io::Result<&File> {
+        self.fd.as_ref().ok_or_else(|| {
+            io::Error::new(io::ErrorKind::Unsupported, "this interrupt has no eventfd")
+        })
     }
 
     /// Another handle on the same eventfd.
     pub fn try_clone(&self) -> io::Result<Irq> {
         Ok(Irq {
-            fd: self.fd.try_clone()?,
+            fd: self.fd.as_ref().map(|f| f.try_clone()).transpose()?,
+            notify: self.notify.clone(),
         })
     }
 }
@@ -82,19 +113,22 @@ impl Irq {
 /// Takes ownership of an eventfd created by the caller.
 impl From<OwnedFd> for Irq {
     fn from(fd: OwnedFd) -> Irq {
-        Irq { fd: File::from(fd) }
+        Irq {
+            fd: Some(File::from(fd)),
+            notify: None,
+        }
     }
 }
 
-impl AsFd for Irq {
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
+impl Irq {
+    /// The eventfd, if this interrupt has one.
+    pub fn fd(&self) -> Option<BorrowedFd<'_>> {
+        self.fd.as_ref().map(|f| f.as_fd())
     }
-}
 
-impl AsRawFd for Irq {
-    fn as_raw_fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
+    /// The eventfd's number, if this interrupt has one.
+    pub fn raw_fd(&self) -> Option<RawFd> {
+        self.fd.as_ref().map(|f| f.as_raw_fd())
     }
 }
 

@@ -26,12 +26,11 @@
 
 mod dma;
 mod irq;
-mod spec;
 mod uart;
 mod virtio_blk;
 
 pub use irq::Irq;
-pub use spec::{
+pub use moat_policy::device::{
     check_unique_names, DeviceKind, DeviceSpec, ManifestDevice, NameProblem, SpecError, SpecForm,
 };
 pub use uart::{Uart, UART_IO_PORTS};

@@ -22,6 +22,8 @@ pub enum PolicyError {
     BadGrant(String, String),
     #[error("limit `{0}` = {1} is out of range ({2})")]
     BadLimit(&'static str, u64, &'static str),
+    #[error("{0}")]
+    Device(#[from] device::SpecError),
 }
 
 /// Access a grant gives.
@@ -49,15 +51,8 @@ fn default_access() -> Access {
     Access::Ro
 }
 
-/// A device declaration (granted only by the hypervisor host).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DeviceSpec {
-    pub name: String,
-    pub kind: String,
-    #[serde(default)]
-    pub backing: Option<String>,
-}
+pub mod device;
+pub use device::{DeviceKind, DeviceSpec};
 
 /// Resource limits of a picoprocess (and, for `processes`, its whole tree).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -257,6 +252,8 @@ impl Grant {
 pub struct Policy {
     pub grants: Vec<Grant>,
     pub limits: Limits,
+    /// Devices granted (the hypervisor host only; names are unique).
+    pub devices: Vec<DeviceSpec>,
 }
 
 /// Why a URI was refused, for the one-line report.
@@ -292,11 +289,26 @@ impl Policy {
         let mut p = Policy {
             grants: Vec::new(),
             limits: m.limits,
+            devices: Vec::new(),
         };
         for g in &m.grants {
             p.grants.push(Grant::new(&g.uri, g.access)?);
         }
+        for d in &m.devices {
+            p.add_device(d.clone())?;
+        }
         Ok(p)
+    }
+
+    /// Grant a device (names must be unique).
+    pub fn add_device(&mut self, d: DeviceSpec) -> Result<(), PolicyError> {
+        if self.devices.iter().any(|x| x.name == d.name) {
+            return Err(PolicyError::Device(device::SpecError::DuplicateName {
+                name: d.name.clone(),
+            }));
+        }
+        self.devices.push(d);
+        Ok(())
     }
 
     pub fn allow(&mut self, uri: &str, access: Access) -> Result<(), PolicyError> {

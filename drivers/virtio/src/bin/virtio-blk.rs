@@ -36,7 +36,7 @@ use alloc::vec;
 use alloc::vec::Vec;
 use core::fmt::Write as _;
 
-use moat_drivers::parse_u64;
+use moat_libos::env::parse_u64;
 use moat_libos::device::Interrupt;
 use moat_libos::{env, eprintln, print, println, process, time};
 use moat_libos_virtio::virtio_drivers::device::blk::{BlkReq, BlkResp, VirtIOBlk, SECTOR_SIZE};

@@ -7,6 +7,9 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+/// Devices one picoprocess may be granted.
+pub const MAX_DEVICES: usize = 8;
+
 /// Longest accepted device name, in characters.
 const MAX_NAME_LEN: usize = 32;
 
@@ -121,8 +124,10 @@ pub struct ManifestDevice {
     pub name: String,
     /// The device's kind (`uart`, `virtio-blk`).
     pub kind: String,
-    /// The backing file, for kinds that need one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The backing file, for kinds that need one. (Always serialised: the
+    /// monitor sends devices to the VMM in postcard, which is not
+    /// self-describing.)
+    #[serde(default)]
     pub file: Option<String>,
 }
 
