@@ -1,12 +1,15 @@
-//! `moat-bench [--quick] [spawn|calls|pipe|all]`
+//! `moat-bench [--quick] [spawn|calls|pipe|kvm|all]`
 //!
 //! Every benchmark measures the raw floor (the same operation without
 //! moat) in the same run and prints moat / floor. Each group runs in its
 //! own process. `calls` and `pipe` pin that process to CPU 0 (children
 //! inherit it), so process pairs ping-pong on one core in both the floor
-//! and the moat case; `spawn` runs unpinned, floor and moat alike.
+//! and the moat case; `spawn` runs unpinned, floor and moat alike. `kvm`
+//! runs its parts (see [`kvm`]) each in a process of its own.
 //! Results are medians of repeated samples; `--quick` runs a short
 //! version (used by the test suite to keep the harness working).
+mod kvm;
+
 use moat_host_linux::monitor::{Sandbox, Stdio};
 use std::io::Read;
 use std::path::PathBuf;
@@ -414,6 +417,24 @@ fn ping_pong(n: u64, a: [i32; 2], b: [i32; 2]) -> f64 {
     }
 }
 
+/// Run each group in a process of its own (this binary again), without
+/// a header; end this process if one fails.
+fn run_in_children(groups: &[&str], quick: bool) {
+    let me = std::env::current_exe().unwrap();
+    for group in groups {
+        let mut c = Command::new(&me);
+        c.arg("--no-header").arg(group);
+        if quick {
+            c.arg("--quick");
+        }
+        let s = c.status().unwrap();
+        if !s.success() {
+            eprintln!("moat-bench: `{group}` failed");
+            std::process::exit(1);
+        }
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "--quick");
@@ -428,19 +449,7 @@ fn main() {
         // zygote) is per process, and so is the CPU pinning.
         [] | ["all"] => {
             header();
-            let me = std::env::current_exe().unwrap();
-            for group in ["spawn", "calls", "pipe"] {
-                let mut c = Command::new(&me);
-                c.arg("--no-header").arg(group);
-                if quick {
-                    c.arg("--quick");
-                }
-                let s = c.status().unwrap();
-                if !s.success() {
-                    eprintln!("moat-bench: `{group}` failed");
-                    std::process::exit(1);
-                }
-            }
+            run_in_children(&["spawn", "calls", "pipe", "kvm"], quick);
         }
         groups => {
             if !args.iter().any(|a| a == "--no-header") {
@@ -459,9 +468,26 @@ fn main() {
                         pin_cpu0();
                         pipe_bench(quick)
                     }
+                    "kvm" => {
+                        if kvm::available() {
+                            run_in_children(&kvm::PARTS, quick)
+                        }
+                    }
+                    // Measured unpinned, as `spawn`.
+                    "kvm-spawn" => kvm::spawn(quick),
+                    // Pinned before anything starts a VMM: the monitor's
+                    // spawner thread, and so every VMM, inherits CPU 0.
+                    "kvm-calls" => {
+                        pin_cpu0();
+                        kvm::calls(quick)
+                    }
+                    "kvm-blk" => {
+                        pin_cpu0();
+                        kvm::blk(quick)
+                    }
                     other => {
                         eprintln!(
-                            "moat-bench: unknown benchmark `{other}` (spawn, calls, pipe, all)"
+                            "moat-bench: unknown benchmark `{other}` (spawn, calls, pipe, kvm, all)"
                         );
                         std::process::exit(2);
                     }

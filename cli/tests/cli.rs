@@ -46,9 +46,45 @@ fn bad_input_exits_2_with_one_line() {
         "image `no-such-image` not found; `moat images` lists the built images",
     );
 
-    let o = moat(&["run", "--host", "kvm", "--allow", "file:/tmp", "hello"]);
+    // Devices: only on kvm, only known kinds, backing files that exist.
+    let o = moat(&["run", "--device", "com1=uart", "hello"]);
     assert_eq!(o.status.code(), Some(2));
-    one_line(&o, "--host kvm runs console-only images so far");
+    one_line(&o, "only the kvm host grants devices: add --host kvm");
+
+    let o = moat(&["run", "--host", "kvm", "--device", "fd0=floppy", "hello"]);
+    assert_eq!(o.status.code(), Some(2));
+    one_line(&o, "floppy");
+
+    let o = moat(&[
+        "run",
+        "--host",
+        "kvm",
+        "--device",
+        "blk0=virtio-blk",
+        "hello",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    one_line(&o, "blk0=virtio-blk:PATH");
+
+    let o = moat(&[
+        "run",
+        "--host",
+        "kvm",
+        "--device",
+        "blk0=virtio-blk:/nonexistent/disk.img",
+        "hello",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    one_line(
+        &o,
+        "device `blk0`: cannot open its backing file `/nonexistent/disk.img`",
+    );
+
+    let o = moat(&[
+        "run", "--host", "kvm", "--device", "a=uart", "--device", "a=uart", "hello",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    one_line(&o, "`a`");
 
     let o = moat(&["run", "--allow", "file:relative", "hello"]);
     assert_eq!(o.status.code(), Some(2));
@@ -74,7 +110,28 @@ fn bad_input_exits_2_with_one_line() {
     );
     let o = moat(&["run", "--manifest", m.to_str().unwrap(), "hello"]);
     assert_eq!(o.status.code(), Some(2));
-    one_line(&o, "devices are granted only by --host kvm");
+    one_line(&o, "add `file = \"PATH\"` to its [[device]] entry");
+
+    let m = temp(
+        "dev2.toml",
+        "[[device]]\nname = \"com1\"\nkind = \"uart\"\n",
+    );
+    let o = moat(&["run", "--manifest", m.to_str().unwrap(), "hello"]);
+    assert_eq!(o.status.code(), Some(2));
+    one_line(&o, "only the kvm host grants devices");
+
+    // More memory than the kvm host offers.
+    let m = temp("big.toml", "[limits]\nmemory_mib = 8192\n");
+    let o = moat(&[
+        "run",
+        "--host",
+        "kvm",
+        "--manifest",
+        m.to_str().unwrap(),
+        "hello",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    one_line(&o, "memory_mib");
 
     let o = moat(&["run"]);
     assert_eq!(o.status.code(), Some(2));

@@ -24,7 +24,7 @@ const COM_PORTS: [u16; 4] = [0x3f8, 0x2f8, 0x3e8, 0x2e8];
 
 enum Model {
     Uart(Mutex<Uart>),
-    Blk(Mutex<VirtioBlk>),
+    Blk(Box<Mutex<VirtioBlk>>),
 }
 
 struct Dev {
@@ -125,7 +125,7 @@ impl DeviceSet {
                         mmio_base: base,
                         mmio_size: VIRTIO_BLK_MMIO_SIZE,
                         irq_line,
-                        model: Model::Blk(Mutex::new(blk)),
+                        model: Model::Blk(Box::new(Mutex::new(blk))),
                         event,
                         mapped: AtomicBool::new(false),
                         input: Mutex::new(None),
@@ -404,9 +404,15 @@ pub fn start_inputs(vm: &Arc<crate::pico::PicoVm>) {
         };
         let vm = vm.clone();
         let _ = std::thread::Builder::new()
-            .name("moat-uart-input".into())
             .stack_size(64 << 10)
             .spawn(move || {
+                if let Err(e) = crate::confine::apply(crate::confine::input_rules()) {
+                    moat_host_linux::loader::signals::die(
+                        moat_host_linux::ReportKind::Startup,
+                        format_args!("vmm uart input: {e}"),
+                        moat_host_linux::EXIT_HOST_FAILURE,
+                    );
+                }
                 if let Model::Uart(u) = &vm.devices.devs[i].model {
                     pump(u, input);
                 }

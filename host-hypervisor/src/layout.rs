@@ -38,7 +38,8 @@ pub const LOW_SIZE: u64 = 0x10000;
 /// Guest RAM starts here (memory slot 1).
 pub const RAM_START: u64 = LOW_SIZE;
 /// The largest guest RAM this layout holds.
-pub const MAX_RAM: u64 = 3 << 30;
+pub const MAX_RAM: u64 = moat_policy::KVM_MAX_MEMORY_MIB << 20;
+const _: () = assert!(MAX_RAM <= MMIO_BASE);
 /// Device MMIO windows.
 pub const MMIO_BASE: u64 = 0xc000_0000;
 pub const MMIO_WINDOW: u64 = 0x1000;

@@ -1,19 +1,20 @@
-//! moat's KVM host, first part: a micro-VM with no guest kernel.
+//! moat's KVM host: each picoprocess in a micro-VM with no guest kernel.
 //!
-//! [`MicroVm`] creates a VM with identity-mapped memory (guest physical ==
-//! guest virtual, so an address a driver hands a device is its DMA
-//! address), puts one vCPU straight into 64-bit long mode (flat GDT, 2 MiB
-//! pages), and runs it until an exit the host must handle. Hypercalls are
-//! `out` to an I/O port (on this nested PVM host `vmcall` never returns);
-//! every run has a watchdog that ends a runaway vCPU. Guest memory is only
-//! touched through bounds- and overflow-checked copies.
-//!
-//! [`run_image`] runs a picoprocess image in it: a first cut of the KVM PAL
-//! (guest stubs, hypercalls by `out`, a handful of calls). Still to come
-//! (issue 3): every call, threads as vCPUs, exceptions, policy, device
-//! models and grants, the confined VMM, `--host kvm`.
+//! - [`vmm`]: the `moat-vmm` process the monitor starts for a picoprocess
+//!   on `--host kvm` (same namespaces, rlimits, protocol and broker as a
+//!   loader), confined by a seccomp allow-list per thread kind
+//!   ([`confine`]);
+//! - [`pico`]: the VM of one picoprocess: identity-mapped guest RAM at the
+//!   same host address, one vCPU per guest thread, hypercalls by `out`,
+//!   exceptions through an IDT to LibOsExceptionDispatch, a watchdog per
+//!   vCPU; [`layout`] is its guest-physical map;
+//! - [`pal`]: the KVM PAL (memory and threads here, everything else the
+//!   host-linux PAL's code over the same guest pointers);
+//! - [`devices`]: granted devices (`dev:` streams) over the models of
+//!   `moat-devices`;
+//! - [`MicroVm`]: a bare VM (the floor the benchmarks compare with).
+pub mod confine;
 pub mod devices;
-mod image;
 pub mod layout;
 pub mod pal;
 pub mod pico;
@@ -21,7 +22,7 @@ mod vm;
 pub mod vmm;
 mod watchdog;
 
-pub use image::{run_image, RunError, HYPERCALL_PORT};
+pub use layout::HYPERCALL_PORT;
 
 pub use vm::{Exit, GuestMem, MicroVm, VmError, GUEST_BASE_RESERVED};
 

@@ -135,8 +135,10 @@ impl PicoVm {
             unsafe { vm.set_user_memory_region(region) }
                 .map_err(kvm_err("a guest memory region"))?;
         }
-        let dog = Watchdog::new()
-            .map_err(|e| PicoError::Setup(format!("cannot start the watchdog: {e}")))?;
+        let dog = Watchdog::confined(Some(|| {
+            crate::confine::apply(crate::confine::watchdog_rules())
+        }))
+        .map_err(|e| PicoError::Setup(format!("cannot start the watchdog: {e}")))?;
         let me = PicoVm {
             vm,
             low: low as *mut u8,
@@ -321,7 +323,6 @@ impl PicoVm {
         };
         let me = self.clone();
         let spawned = std::thread::Builder::new()
-            .name("moat-vcpu".into())
             .stack_size(512 << 10)
             .spawn(move || {
                 let code = me.run_thread(&pal, id, vcpu, &stacks, entry, arg, param);
@@ -466,10 +467,11 @@ impl PicoVm {
                 Ex::Interrupted if fired => self.die(
                     ReportKind::Exception,
                     format_args!(
-                        "watchdog: a picoprocess thread ran {:?} without leaving the VM (a runaway loop, or an instruction that never returns under this hypervisor such as `vmcall`)",
+                        "watchdog: a picoprocess thread ran {:?} without leaving the VM (a runaway loop, or an instruction that never returns under this hypervisor); the limit is cpu_seconds, or 60 s",
                         self.watchdog
                     ),
-                    128 + libc::SIGXCPU,
+                    // As the CPU-time limit ends a linux picoprocess.
+                    128 + libc::SIGKILL,
                 ),
                 Ex::Interrupted => {}
                 Ex::Out(HYPERCALL_PORT, nr, 4) => {
@@ -509,6 +511,14 @@ impl PicoVm {
                     // Written back whole: keep IOPL 3 (the hypercall `out`).
                     regs.rflags |= USER_RFLAGS;
                     cpu.vcpu.set_sync_dirty_reg(SyncReg::Register);
+                }
+                // The VMM's own ports answer only their stubs: guest code
+                // that writes to them directly is refused like any other
+                // port it was not granted.
+                Ex::Out(port @ (EXCEPTION_PORT | SYSCALL_PORT | UPCALL_RETURN_PORT), _, _)
+                    if !from_stub(port, cpu.vcpu.sync_regs().regs.rip) =>
+                {
+                    self.bad_port(port)
                 }
                 Ex::Out(EXCEPTION_PORT, vector, 1) => {
                     if let Err(code) = self.on_exception(pal, cpu, vector as u8) {
@@ -957,6 +967,17 @@ fn set_syscall_msrs(vcpu: &VcpuFd) -> Result<(), kvm_ioctls::Error> {
 
 /// RFLAGS of picoprocess code: IOPL 3, reserved bit 1.
 pub const USER_RFLAGS: u64 = 0x3002;
+
+/// Whether an `out` to one of the VMM's internal ports came from the stub
+/// that owns it (`rip` is the address after the instruction).
+fn from_stub(port: u16, rip: u64) -> bool {
+    match port {
+        EXCEPTION_PORT => (EXC_STUBS..EXC_STUBS + 32 * 16).contains(&rip),
+        SYSCALL_PORT => rip == SYSCALL_TRAP + 2,
+        UPCALL_RETURN_PORT => rip == UPCALL_RETURN + 2,
+        _ => false,
+    }
+}
 
 /// DkThreadGetParameter of the calling vCPU thread.
 pub fn thread_param() -> u64 {

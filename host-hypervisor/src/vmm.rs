@@ -137,6 +137,11 @@ pub fn main() -> ! {
         lin,
         vm: vm.clone(),
     });
+    // Confine: this thread and every vCPU thread (started from here or
+    // from a vCPU thread) keep to the vCPU allow-list.
+    if let Err(e) = crate::confine::apply(crate::confine::vcpu_rules()) {
+        fail(&e);
+    }
     lin.threads_live.fetch_add(1, Ordering::AcqRel);
     if let Err(e) = vm.spawn_thread(pal, img.entry, page, 0, None) {
         fail(&format!("cannot start the first thread: {e:?}"));

@@ -50,6 +50,14 @@ impl Armed<'_> {
 
 impl Watchdog {
     pub(crate) fn new() -> std::io::Result<Watchdog> {
+        Watchdog::confined(None)
+    }
+
+    /// A watchdog whose thread first runs `confine` (its seccomp filter);
+    /// if that fails, the process ends: a VMM does not run unconfined.
+    pub(crate) fn confined(
+        confine: Option<fn() -> Result<(), String>>,
+    ) -> std::io::Result<Watchdog> {
         static HANDLER: std::sync::Once = std::sync::Once::new();
         HANDLER.call_once(|| {
             // SAFETY: a no-op handler, installed once for the process.
@@ -71,6 +79,15 @@ impl Watchdog {
             .name("moat-vcpu-watchdog".into())
             .stack_size(64 << 10)
             .spawn(move || {
+                if let Some(f) = confine {
+                    if let Err(e) = f() {
+                        moat_host_linux::loader::signals::die(
+                            moat_host_linux::ReportKind::Startup,
+                            format_args!("vmm watchdog: {e}"),
+                            moat_host_linux::EXIT_HOST_FAILURE,
+                        );
+                    }
+                }
                 let (m, cv) = &*s2;
                 let mut st = m.lock().unwrap_or_else(|e| e.into_inner());
                 loop {

@@ -410,6 +410,13 @@ pub(crate) fn start(
 ) -> Result<Arc<Proc>, Error> {
     let limits = session.policy().limits;
     // Devices belong to the root picoprocess; its children get none.
+    if session.host() == crate::Host::Kvm && limits.memory_mib > moat_policy::KVM_MAX_MEMORY_MIB {
+        return Err(Error::BadInput(format!(
+            "a memory limit of {} MiB is more than the kvm host gives a picoprocess ({} MiB): lower memory_mib",
+            limits.memory_mib,
+            moat_policy::KVM_MAX_MEMORY_MIB
+        )));
+    }
     let devices = if child {
         Vec::new()
     } else {

@@ -263,7 +263,12 @@ pub fn spawn_vmm(vmm: &Path, limits: &Limits) -> Result<Spawned, SpawnError> {
                 "cannot open /dev/kvm ({e}); --host kvm needs KVM (load kvm_intel or kvm_amd, and run as a user who may open /dev/kvm)"
             ))
         })?;
-    let (vmm, limits) = (vmm.to_path_buf(), *limits);
+    let (vmm, mut limits) = (vmm.to_path_buf(), *limits);
+    // The VMM's vCPU watchdog ends a runaway guest at the CPU-time limit
+    // with a report; the kernel's limit stays as the backstop.
+    if limits.cpu_seconds != 0 {
+        limits.cpu_seconds += 2;
+    }
     on_spawner_thread(move || spawn_with(&vmm, &limits, false, Some(kvm.as_raw_fd())))?
 }
 

@@ -273,7 +273,9 @@ fn install(sig: i32, handler: usize, siginfo: bool) -> Result<(), String> {
 pub fn install_for_vmm() -> Result<(), String> {
     // SAFETY: ignoring SIGPIPE so writes to closed pipes return EPIPE.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
-    install(libc::SIGTERM, on_term as *const () as usize, false)
+    install(libc::SIGTERM, on_term as *const () as usize, false)?;
+    // A refused call in the VMM is reported by name, as in a loader.
+    install(libc::SIGSYS, on_sigsys as *const () as usize, true)
 }
 
 /// Install all handlers. No helper thread: a loader stays single-threaded

@@ -52,6 +52,10 @@ fn default_access() -> Access {
 }
 
 pub mod device;
+
+/// The most guest memory the kvm host gives a picoprocess (its layout
+/// keeps the fourth GiB for device windows).
+pub const KVM_MAX_MEMORY_MIB: u64 = 3072;
 pub use device::{DeviceKind, DeviceSpec};
 
 /// Resource limits of a picoprocess (and, for `processes`, its whole tree).
