@@ -529,3 +529,17 @@ fn raw_out_loop(n: u64, user: bool, sync_regs: bool) -> f64 {
     }
     t.elapsed().as_secs_f64() * 1e9 / n as f64
 }
+
+pub fn explore() {
+    let n = 20_000;
+    let img = image("bench-null-call");
+    for mib in [64u64, 1024] {
+        let mut pol = Policy::default();
+        pol.limits.memory_mib = mib;
+        let (_, out) = run_kvm(&img, &[n.to_string()], pol);
+        println!("moat {mib} MiB: {}", out.replace('\n', "; "));
+    }
+    println!("raw0 {:.0}", raw_out_loop(n, false, false));
+    println!("raw3 {:.0}", raw_out_loop(n, true, false));
+    println!("microvm {:.0}", bare_out_loop(n));
+}

@@ -481,6 +481,11 @@ fn main() {
                         pin_cpu0();
                         kvm::calls(quick)
                     }
+                    "kvm-explore" => kvm::explore(),
+                    "kvm-explore-pinned" => {
+                        pin_cpu0();
+                        kvm::explore()
+                    }
                     "kvm-blk" => {
                         pin_cpu0();
                         kvm::blk(quick)
