@@ -78,9 +78,9 @@ pub fn calls(quick: bool) {
         peek.push(parse(&out, "event_peek"));
         tq.push(parse(&out, "time_query"));
         floor.push(bare_out_loop(n));
-        raw0.push(raw_out_loop(n, false, false));
-        raw3.push(raw_out_loop(n, true, false));
-        raw3s.push(raw_out_loop(n, true, true));
+        raw0.push(raw_out_loop(n, Mode::Cpl0, false));
+        raw3.push(raw_out_loop(n, Mode::Cpl3Out, false));
+        raw3s.push(raw_out_loop(n, Mode::Cpl3Out, true));
     }
     let f = median(&mut floor);
     row(
@@ -379,6 +379,20 @@ impl Drop for BenchFile {
 /// identity-mapped, long mode, its guest looping on `out 0x50, eax`, at
 /// CPL 0 or (`user`) at CPL 3 with every page user-accessible and a TSS
 /// whose I/O bitmap allows the port, as a picoprocess's vCPU runs.
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    /// `out` at CPL 0.
+    Cpl0,
+    /// `out` at CPL 3 (IOPL 3, the TSS's I/O bitmap allows the port).
+    Cpl3Out,
+    /// `syscall` at CPL 3 to a CPL 0 entry that does `out` and `sysretq`.
+    Cpl3Syscall,
+    /// A write to an address outside guest memory at CPL 3 (an MMIO exit).
+    Cpl3Mmio,
+    /// `int 0x40` at CPL 3 to a CPL 0 gate that does `out` and `iretq`.
+    Cpl3Int,
+}
+
 struct RawVm {
     vcpu: kvm_ioctls::VcpuFd,
     _vm: kvm_ioctls::VmFd,
@@ -388,7 +402,8 @@ struct RawVm {
 const RAW_SIZE: usize = 2 << 20;
 
 impl RawVm {
-    fn new(user: bool, sync_regs: bool) -> RawVm {
+    fn new(mode: Mode, sync_regs: bool) -> RawVm {
+        let user = mode != Mode::Cpl0;
         use kvm_bindings::{kvm_segment, kvm_userspace_memory_region};
         let kvm = kvm_ioctls::Kvm::new().unwrap();
         let vm = kvm.create_vm().unwrap();
@@ -416,8 +431,15 @@ impl RawVm {
         w64(gdt, 0);
         w64(gdt + 0x08, 0x00af_9a00_0000_ffff);
         w64(gdt + 0x10, 0x00cf_9200_0000_ffff);
-        w64(gdt + 0x18, 0x00af_fa00_0000_ffff);
-        w64(gdt + 0x20, 0x00cf_f200_0000_ffff);
+        // User code and data; for `sysret`, data first.
+        let (ucode, udata) = (0x00af_fa00_0000_ffff, 0x00cf_f200_0000_ffff);
+        if mode == Mode::Cpl3Syscall {
+            w64(gdt + 0x18, udata);
+            w64(gdt + 0x20, ucode);
+        } else {
+            w64(gdt + 0x18, ucode);
+            w64(gdt + 0x20, udata);
+        }
         w64(gdt + 0x28, 0x0000_8900_0000_0067);
         w64(gdt + 0x30, 0);
         w64(pml4, pdpt | 3 | u);
@@ -428,7 +450,27 @@ impl RawVm {
         let tss_limit = 104 + 8192;
         w(tss + 102, &104u16.to_le_bytes());
         w(tss + tss_limit, &[0xff]);
-        w(code, &OUT_LOOP);
+        let stub = 0x11000;
+        if mode == Mode::Cpl3Syscall {
+            // syscall; jmp back. The CPL 0 entry: out 0x50, eax; sysretq.
+            w(code, &[0x0f, 0x05, 0xeb, 0xfc]);
+            w(stub, &[0xe7, 0x50, 0x48, 0x0f, 0x07]);
+        } else if mode == Mode::Cpl3Int {
+            w(code, &[0xcd, 0x40, 0xeb, 0xfc]);
+            w(stub, &[0xe7, 0x50, 0x48, 0xcf]);
+            let lo: u64 =
+                (stub & 0xffff) | (8 << 16) | (0xee00u64 << 32) | (((stub >> 16) & 0xffff) << 48);
+            w64(0x7000 + 0x40 * 16, lo);
+            w64(0x7000 + 0x40 * 16 + 8, 0);
+            w64(tss + 4, 0x9000);
+        } else if mode == Mode::Cpl3Mmio {
+            // mov [0xc000_0000], eax; jmp back.
+            w(code, &[0xa3, 0, 0, 0, 0xc0, 0, 0, 0, 0, 0xeb, 0xf5]);
+            w64(pdpt + 3 * 8, 0x6000 | 3 | u);
+            w64(0x6000, 0xc000_0000 | 0x83 | 0x18 | u);
+        } else {
+            w(code, &OUT_LOOP);
+        }
         // SAFETY: the mapping outlives the VM (see Drop).
         unsafe {
             vm.set_user_memory_region(kvm_userspace_memory_region {
@@ -458,7 +500,12 @@ impl RawVm {
             unusable: 0,
             padding: 0,
         };
-        let (cs, ds) = if user { (0x1b, 0x23) } else { (0x08, 0x10) };
+        let (cs, ds) = match mode {
+            Mode::Cpl0 => (0x08, 0x10),
+            Mode::Cpl3Out | Mode::Cpl3Mmio => (0x1b, 0x23),
+            Mode::Cpl3Syscall => (0x23, 0x1b),
+            Mode::Cpl3Int => (0x1b, 0x23),
+        };
         s.cs = seg(cs, 11, 1);
         let d = seg(ds, 3, 0);
         (s.ds, s.es, s.fs, s.gs, s.ss) = (d, d, d, d, d);
@@ -476,6 +523,23 @@ impl RawVm {
         s.cr4 = 0x20 | 0x200 | 0x400;
         s.cr0 = 0x8000_0033;
         s.efer = 0x500;
+        s.idt.base = 0x7000;
+        s.idt.limit = 0x41 * 16 - 1;
+        if mode == Mode::Cpl3Syscall {
+            s.efer |= 1; // SCE
+            let msr = |index, data| kvm_bindings::kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            };
+            let msrs = kvm_bindings::Msrs::from_entries(&[
+                msr(0xc000_0081, (0x08u64 << 32) | (0x10u64 << 48)), // STAR
+                msr(0xc000_0082, stub),                              // LSTAR
+                msr(0xc000_0084, 0),                                 // FMASK
+            ])
+            .unwrap();
+            assert_eq!(vcpu.set_msrs(&msrs).unwrap(), 3);
+        }
         vcpu.set_sregs(&s).unwrap();
         let r = kvm_bindings::kvm_regs {
             rip: code,
@@ -494,7 +558,16 @@ impl RawVm {
     fn run(&mut self) {
         match self.vcpu.run() {
             Ok(kvm_ioctls::VcpuExit::IoOut(0x50, _)) => {}
-            other => panic!("the raw VM stopped with {other:?}"),
+            Ok(kvm_ioctls::VcpuExit::MmioWrite(0xc000_0000, _)) => {}
+            other => {
+                let o = format!("{other:?}");
+                let r = self.vcpu.get_regs().unwrap();
+                let sr = self.vcpu.get_sregs().unwrap();
+                panic!(
+                    "the raw VM stopped with {o} rip {:#x} rsp {:#x} rcx {:#x} cs {:?} cr2 {:#x}",
+                    r.rip, r.rsp, r.rcx, sr.cs, sr.cr2
+                )
+            }
         }
     }
 }
@@ -510,8 +583,8 @@ impl Drop for RawVm {
 /// ns per exit round trip of a [`RawVm`]; with `sync_regs`, also reading
 /// the registers from `kvm_run` and writing rax back at each exit, as
 /// the VMM answers a hypercall.
-fn raw_out_loop(n: u64, user: bool, sync_regs: bool) -> f64 {
-    let mut vm = RawVm::new(user, sync_regs);
+fn raw_out_loop(n: u64, mode: Mode, sync_regs: bool) -> f64 {
+    let mut vm = RawVm::new(mode, sync_regs);
     let mut one = |vm: &mut RawVm| {
         vm.run();
         if sync_regs {
@@ -532,6 +605,11 @@ fn raw_out_loop(n: u64, user: bool, sync_regs: bool) -> f64 {
 
 pub fn explore() {
     let n = 20_000;
+    println!("raw0 {:.0}", raw_out_loop(n, Mode::Cpl0, false));
+    println!("raw3 {:.0}", raw_out_loop(n, Mode::Cpl3Out, false));
+    println!("microvm {:.0}", bare_out_loop(n));
+    println!("raw3 mmio {:.0}", raw_out_loop(n, Mode::Cpl3Mmio, false));
+    println!("raw3 int {:.0}", raw_out_loop(n, Mode::Cpl3Int, false));
     let img = image("bench-null-call");
     for mib in [64u64, 1024] {
         let mut pol = Policy::default();
@@ -539,7 +617,4 @@ pub fn explore() {
         let (_, out) = run_kvm(&img, &[n.to_string()], pol);
         println!("moat {mib} MiB: {}", out.replace('\n', "; "));
     }
-    println!("raw0 {:.0}", raw_out_loop(n, false, false));
-    println!("raw3 {:.0}", raw_out_loop(n, true, false));
-    println!("microvm {:.0}", bare_out_loop(n));
 }

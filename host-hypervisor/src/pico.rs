@@ -51,8 +51,6 @@ fn nr_of(name: &str) -> u32 {
 /// The VM of one picoprocess.
 pub struct PicoVm {
     vm: VmFd,
-    /// The VMM area (slot 0), in host memory.
-    low: *mut u8,
     pub ram_end: u64,
     dog: Watchdog,
     /// vCPUs of ended threads, for the next thread (KVM cannot destroy one).
@@ -65,12 +63,6 @@ pub struct PicoVm {
     pub watchdog: Duration,
     pub trace: bool,
 }
-
-// SAFETY: `low` points at a private mapping owned by the PicoVm for its
-// whole life; it is written only during set-up, before any vCPU runs.
-unsafe impl Send for PicoVm {}
-// SAFETY: see above; everything else is Sync.
-unsafe impl Sync for PicoVm {}
 
 #[derive(Debug, thiserror::Error)]
 pub enum PicoError {
@@ -88,178 +80,25 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> PicoError {
 }
 
 impl PicoVm {
-    /// A VM with `ram` bytes of guest RAM (a multiple of 2 MiB, at most
-    /// [`MAX_RAM`]) mapped at the same host address, the VMM area set up,
-    /// and no vCPU yet.
-    pub fn new(
-        kvm: &Kvm,
-        ram: u64,
-        lin: &'static LinuxPal,
-        devices: DeviceSet,
-    ) -> Result<PicoVm, PicoError> {
-        if !(4 << 20..=MAX_RAM).contains(&ram) || !ram.is_multiple_of(2 << 20) {
-            return Err(PicoError::Setup(format!(
-                "guest memory of {ram} bytes is not possible on kvm (4 MiB to {} MiB, in 2 MiB steps)",
-                MAX_RAM >> 20
-            )));
-        }
-        // The identity range must be free in this process: reserve it once
-        // to prove it, then give it back (the PAL maps guest memory there
-        // with MAP_FIXED_NOREPLACE as the guest allocates).
-        let probe = sys::mmap_anon(RAM_START, ram - RAM_START, 0).map_err(|e| {
-            PicoError::Setup(format!(
-                "the host range {RAM_START:#x}..{ram:#x} for guest memory is in use ({})",
-                std::io::Error::from_raw_os_error(e)
-            ))
-        })?;
-        let _ = sys::munmap(probe, ram - RAM_START);
-        let vm = kvm.create_vm().map_err(kvm_err("creating a VM"))?;
-        let low = sys::mmap_anon(0, LOW_SIZE, prot::READ | prot::WRITE)
-            .map_err(|_| PicoError::Setup("cannot allocate the VMM area".into()))?;
-        let slots = [
-            (0u32, 0u64, LOW_SIZE, low),
-            (1, RAM_START, ram - RAM_START, RAM_START),
-        ];
-        for (slot, gpa, size, host) in slots {
-            let region = kvm_userspace_memory_region {
-                slot,
-                guest_phys_addr: gpa,
-                memory_size: size,
-                userspace_addr: host,
-                flags: 0,
-            };
-            // SAFETY: slot 0 is our private mapping, owned by the PicoVm for
-            // the life of the VM; slot 1 is the guest RAM range, which only
-            // the region map's owners (the PAL) map and unmap; KVM follows
-            // those changes through its MMU notifiers.
-            unsafe { vm.set_user_memory_region(region) }
-                .map_err(kvm_err("a guest memory region"))?;
-        }
-        let dog = Watchdog::confined(Some(|| {
-            crate::confine::apply(crate::confine::watchdog_rules())
-        }))
-        .map_err(|e| PicoError::Setup(format!("cannot start the watchdog: {e}")))?;
-        let me = PicoVm {
-            vm,
-            low: low as *mut u8,
-            ram_end: ram,
-            dog,
-            idle: Mutex::new(Vec::new()),
-            next_id: AtomicU64::new(0),
-            template: kvm_sregs::default(),
+    /// The picoprocess's VM, from a shell made earlier (a warm VMM makes
+    /// its shell before it is handed a picoprocess).
+    pub fn new(shell: VmShell, lin: &'static LinuxPal, devices: DeviceSet) -> PicoVm {
+        lin.regions
+            .write()
+            .unwrap()
+            .set_window(RAM_START, shell.ram);
+        PicoVm {
+            vm: shell.vm,
+            ram_end: shell.ram,
+            dog: shell.dog,
+            idle: Mutex::new(vec![shell.first]),
+            next_id: AtomicU64::new(1),
+            template: shell.template,
             lin,
             devices,
             watchdog: Duration::from_secs(60),
             trace: false,
-        };
-        me.write_low_area();
-        // The first vCPU's reset state, turned into long mode, is the
-        // template of every vCPU.
-        let first = me.vm.create_vcpu(0).map_err(kvm_err("creating a vCPU"))?;
-        me.next_id.store(1, Ordering::Relaxed);
-        let mut template = first.get_sregs().map_err(kvm_err("reading sregs"))?;
-        crate::vm::long_mode(&mut template, GDT, PML4);
-        user_mode(&mut template);
-        template.idt.base = IDT;
-        template.idt.limit = 32 * 16 - 1;
-        let mut me = me;
-        me.template = template;
-        me.idle.lock().unwrap().push(first);
-        let mut r = lin.regions.write().unwrap();
-        r.set_window(RAM_START, ram);
-        Ok(me)
-    }
-
-    fn low_w64(&self, gpa: u64, v: u64) {
-        assert!(gpa + 8 <= LOW_SIZE);
-        // SAFETY: inside our LOW_SIZE mapping (asserted); set-up only.
-        unsafe { std::ptr::write_unaligned(self.low.add(gpa as usize) as *mut u64, v) };
-    }
-
-    fn low_bytes(&self, gpa: u64, b: &[u8]) {
-        assert!(gpa as usize + b.len() <= LOW_SIZE as usize);
-        // SAFETY: inside our LOW_SIZE mapping (asserted); set-up only.
-        unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), self.low.add(gpa as usize), b.len()) };
-    }
-
-    fn write_low_area(&self) {
-        // Page tables: the first 2 MiB in 4 KiB pages without page 0, the
-        // rest of RAM in 2 MiB pages, and one 2 MiB uncached page of
-        // device windows at MMIO_BASE.
-        // Every entry is user-accessible (U, bit 2): picoprocess code runs
-        // at CPL 3. The VMM area is read-only to it.
-        const P_RW_U: u64 = 0x7;
-        self.low_w64(PML4, PDPT | P_RW_U);
-        for (i, pd) in PD.iter().enumerate() {
-            self.low_w64(PDPT + i as u64 * 8, pd | P_RW_U);
         }
-        self.low_w64(PDPT + 3 * 8, PD_MMIO | P_RW_U);
-        self.low_w64(PD[0], PT0 | P_RW_U);
-        for p in 1..512u64 {
-            let flags = if p * PAGE < LOW_SIZE { 0x5 } else { P_RW_U };
-            self.low_w64(PT0 + p * 8, (p * PAGE) | flags);
-        }
-        let big = 2u64 << 20;
-        for i in 1..self.ram_end / big {
-            let gpa = i * big;
-            let pd = PD[(gpa >> 30) as usize];
-            self.low_w64(pd + ((gpa >> 21) & 511) * 8, gpa | 0x80 | P_RW_U);
-        }
-        self.low_w64(PD_MMIO, MMIO_BASE | 0x80 | 0x18 | P_RW_U); // PS | PCD | PWT
-                                                                 // GDT: null, kernel code and data (exception stubs), user code and
-                                                                 // data (the picoprocess), and a 64-bit TSS descriptor (each vCPU's
-                                                                 // TSS base is set in its TR directly).
-        self.low_w64(GDT, 0);
-        self.low_w64(GDT + 0x08, 0x00af_9a00_0000_ffff);
-        self.low_w64(GDT + 0x10, 0x00cf_9200_0000_ffff);
-        self.low_w64(GDT + 0x18, 0x00af_fa00_0000_ffff);
-        self.low_w64(GDT + 0x20, 0x00cf_f200_0000_ffff);
-        self.low_w64(GDT + 0x28, 0x0000_8900_0000_0067);
-        self.low_w64(GDT + 0x30, 0);
-        // Exception stubs and the IDT (interrupt gates, ring 0).
-        const WITH_ERROR_CODE: [u8; 9] = [8, 10, 11, 12, 13, 14, 17, 21, 30];
-        for v in 0..32u8 {
-            let mut stub = Vec::with_capacity(16);
-            if !WITH_ERROR_CODE.contains(&v) {
-                stub.extend([0x6a, 0x00]); // push 0
-            }
-            stub.push(0x50); // push rax
-            stub.extend([0xb0, v]); // mov al, v
-            stub.extend([0xe6, EXCEPTION_PORT as u8]); // out port, al
-            stub.extend([0x0f, 0x0b]); // ud2 (never reached)
-            stub.resize(16, 0xcc);
-            let at = EXC_STUBS + v as u64 * 16;
-            self.low_bytes(at, &stub);
-            let lo: u64 =
-                (at & 0xffff) | (8 << 16) | (0x8e00u64 << 32) | (((at >> 16) & 0xffff) << 48);
-            self.low_w64(IDT + v as u64 * 16, lo);
-            self.low_w64(IDT + v as u64 * 16 + 8, at >> 32);
-        }
-        // `syscall`/`sysenter` land here (CPL 0): out port, al; ud2
-        self.low_bytes(SYSCALL_TRAP, &[0xe6, SYSCALL_PORT as u8, 0x0f, 0x0b]);
-        // out port, al; ud2
-        self.low_bytes(UPCALL_RETURN, &[0xe6, UPCALL_RETURN_PORT as u8, 0x0f, 0x0b]);
-        // A thread whose entry returns calls DkThreadExit(0):
-        // xor esi, esi; mov eax, NR; out port, eax; ud2
-        let mut t = vec![0x31, 0xf6, 0xb8];
-        t.extend(nr_of("DkThreadExit").to_le_bytes());
-        t.extend([0xe7, HYPERCALL_PORT as u8, 0x0f, 0x0b]);
-        self.low_bytes(THREAD_RETURN, &t);
-        // Hypercall stubs and the function table.
-        let n = moat_pal::NUM_CALLS as u64;
-        let mut table = Vec::new();
-        table.extend(moat_pal::ABI_VERSION.to_le_bytes());
-        table.extend(moat_pal::NUM_CALLS.to_le_bytes());
-        table.extend(0u64.to_le_bytes()); // ctx
-        for i in 0..n {
-            let mut stub = vec![0xb8];
-            stub.extend((i as u32 + 1).to_le_bytes());
-            stub.extend([0xe7, HYPERCALL_PORT as u8, 0xc3]);
-            self.low_bytes(CALL_STUBS + i * 8, &stub);
-            table.extend((CALL_STUBS + i * 8).to_le_bytes());
-        }
-        debug_assert_eq!(table.len(), std::mem::size_of::<moat_pal::PalTable>());
-        self.low_bytes(TABLE, &table);
     }
 
     /// A vCPU for a new thread: an idle one or a fresh one.
@@ -877,6 +716,184 @@ impl PicoVm {
                 Ok(Some((d, new, ctx)))
             }
         }
+    }
+}
+
+/// A VM before it has a picoprocess: guest RAM slots, the VMM area, the
+/// first vCPU, the watchdog. Everything here depends only on the memory
+/// size, so a warm VMM makes it ahead of need.
+pub struct VmShell {
+    vm: VmFd,
+    ram: u64,
+    dog: Watchdog,
+    first: VcpuFd,
+    template: kvm_sregs,
+}
+
+impl VmShell {
+    /// `ram` bytes of guest RAM (a multiple of 2 MiB, at most [`MAX_RAM`])
+    /// at the same host address, the VMM area written, one vCPU.
+    pub fn new(kvm: &Kvm, ram: u64) -> Result<VmShell, PicoError> {
+        if !(4 << 20..=MAX_RAM).contains(&ram) || !ram.is_multiple_of(2 << 20) {
+            return Err(PicoError::Setup(format!(
+                "guest memory of {ram} bytes is not possible on kvm (4 MiB to {} MiB, in 2 MiB steps)",
+                MAX_RAM >> 20
+            )));
+        }
+        // The identity range must be free in this process: reserve it once
+        // to prove it, then give it back (the PAL maps guest memory there
+        // with MAP_FIXED_NOREPLACE as the guest allocates).
+        let probe = sys::mmap_anon(RAM_START, ram - RAM_START, 0).map_err(|e| {
+            PicoError::Setup(format!(
+                "the host range {RAM_START:#x}..{ram:#x} for guest memory is in use ({})",
+                std::io::Error::from_raw_os_error(e)
+            ))
+        })?;
+        let _ = sys::munmap(probe, ram - RAM_START);
+        let vm = kvm.create_vm().map_err(kvm_err("creating a VM"))?;
+        let low = sys::mmap_anon(0, LOW_SIZE, prot::READ | prot::WRITE)
+            .map_err(|_| PicoError::Setup("cannot allocate the VMM area".into()))?;
+        let slots = [
+            (0u32, 0u64, LOW_SIZE, low),
+            (1, RAM_START, ram - RAM_START, RAM_START),
+        ];
+        for (slot, gpa, size, host) in slots {
+            let region = kvm_userspace_memory_region {
+                slot,
+                guest_phys_addr: gpa,
+                memory_size: size,
+                userspace_addr: host,
+                flags: 0,
+            };
+            // SAFETY: slot 0 is our private mapping, owned by the VM for
+            // its whole life; slot 1 is the guest RAM range, which only
+            // the region map's owners (the PAL) map and unmap; KVM follows
+            // those changes through its MMU notifiers.
+            unsafe { vm.set_user_memory_region(region) }
+                .map_err(kvm_err("a guest memory region"))?;
+        }
+        Low(low as *mut u8).write(ram);
+        let dog = Watchdog::confined(Some(|| {
+            crate::confine::apply(crate::confine::watchdog_rules())
+        }))
+        .map_err(|e| PicoError::Setup(format!("cannot start the watchdog: {e}")))?;
+        // The first vCPU's reset state, turned into long mode, is the
+        // template of every vCPU.
+        let first = vm.create_vcpu(0).map_err(kvm_err("creating a vCPU"))?;
+        let mut template = first.get_sregs().map_err(kvm_err("reading sregs"))?;
+        crate::vm::long_mode(&mut template, GDT, PML4);
+        user_mode(&mut template);
+        template.idt.base = IDT;
+        template.idt.limit = 32 * 16 - 1;
+        // The VMM area is never unmapped: KVM maps it for the VM's life.
+        Ok(VmShell {
+            vm,
+            ram,
+            dog,
+            first,
+            template,
+        })
+    }
+
+    pub fn ram(&self) -> u64 {
+        self.ram
+    }
+}
+
+/// The VMM area (slot 0) in host memory, written during set-up only.
+struct Low(*mut u8);
+
+impl Low {
+    fn w64(&self, gpa: u64, v: u64) {
+        assert!(gpa + 8 <= LOW_SIZE);
+        // SAFETY: inside our LOW_SIZE mapping (asserted); set-up only.
+        unsafe { std::ptr::write_unaligned(self.0.add(gpa as usize) as *mut u64, v) };
+    }
+
+    fn bytes(&self, gpa: u64, b: &[u8]) {
+        assert!(gpa as usize + b.len() <= LOW_SIZE as usize);
+        // SAFETY: inside our LOW_SIZE mapping (asserted); set-up only.
+        unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), self.0.add(gpa as usize), b.len()) };
+    }
+
+    fn write(&self, ram_end: u64) {
+        // Page tables: the first 2 MiB in 4 KiB pages without page 0, the
+        // rest of RAM in 2 MiB pages, and one 2 MiB uncached page of
+        // device windows at MMIO_BASE.
+        // Every entry is user-accessible (U, bit 2): picoprocess code runs
+        // at CPL 3. The VMM area is read-only to it.
+        const P_RW_U: u64 = 0x7;
+        self.w64(PML4, PDPT | P_RW_U);
+        for (i, pd) in PD.iter().enumerate() {
+            self.w64(PDPT + i as u64 * 8, pd | P_RW_U);
+        }
+        self.w64(PDPT + 3 * 8, PD_MMIO | P_RW_U);
+        self.w64(PD[0], PT0 | P_RW_U);
+        for p in 1..512u64 {
+            let flags = if p * PAGE < LOW_SIZE { 0x5 } else { P_RW_U };
+            self.w64(PT0 + p * 8, (p * PAGE) | flags);
+        }
+        let big = 2u64 << 20;
+        for i in 1..ram_end / big {
+            let gpa = i * big;
+            let pd = PD[(gpa >> 30) as usize];
+            self.w64(pd + ((gpa >> 21) & 511) * 8, gpa | 0x80 | P_RW_U);
+        }
+        self.w64(PD_MMIO, MMIO_BASE | 0x80 | 0x18 | P_RW_U); // PS | PCD | PWT
+                                                             // GDT: null, kernel code and data (exception stubs), user code and
+                                                             // data (the picoprocess), and a 64-bit TSS descriptor (each vCPU's
+                                                             // TSS base is set in its TR directly).
+        self.w64(GDT, 0);
+        self.w64(GDT + 0x08, 0x00af_9a00_0000_ffff);
+        self.w64(GDT + 0x10, 0x00cf_9200_0000_ffff);
+        self.w64(GDT + 0x18, 0x00af_fa00_0000_ffff);
+        self.w64(GDT + 0x20, 0x00cf_f200_0000_ffff);
+        self.w64(GDT + 0x28, 0x0000_8900_0000_0067);
+        self.w64(GDT + 0x30, 0);
+        // Exception stubs and the IDT (interrupt gates, ring 0).
+        const WITH_ERROR_CODE: [u8; 9] = [8, 10, 11, 12, 13, 14, 17, 21, 30];
+        for v in 0..32u8 {
+            let mut stub = Vec::with_capacity(16);
+            if !WITH_ERROR_CODE.contains(&v) {
+                stub.extend([0x6a, 0x00]); // push 0
+            }
+            stub.push(0x50); // push rax
+            stub.extend([0xb0, v]); // mov al, v
+            stub.extend([0xe6, EXCEPTION_PORT as u8]); // out port, al
+            stub.extend([0x0f, 0x0b]); // ud2 (never reached)
+            stub.resize(16, 0xcc);
+            let at = EXC_STUBS + v as u64 * 16;
+            self.bytes(at, &stub);
+            let lo: u64 =
+                (at & 0xffff) | (8 << 16) | (0x8e00u64 << 32) | (((at >> 16) & 0xffff) << 48);
+            self.w64(IDT + v as u64 * 16, lo);
+            self.w64(IDT + v as u64 * 16 + 8, at >> 32);
+        }
+        // `syscall`/`sysenter` land here (CPL 0): out port, al; ud2
+        self.bytes(SYSCALL_TRAP, &[0xe6, SYSCALL_PORT as u8, 0x0f, 0x0b]);
+        // out port, al; ud2
+        self.bytes(UPCALL_RETURN, &[0xe6, UPCALL_RETURN_PORT as u8, 0x0f, 0x0b]);
+        // A thread whose entry returns calls DkThreadExit(0):
+        // xor esi, esi; mov eax, NR; out port, eax; ud2
+        let mut t = vec![0x31, 0xf6, 0xb8];
+        t.extend(nr_of("DkThreadExit").to_le_bytes());
+        t.extend([0xe7, HYPERCALL_PORT as u8, 0x0f, 0x0b]);
+        self.bytes(THREAD_RETURN, &t);
+        // Hypercall stubs and the function table.
+        let n = moat_pal::NUM_CALLS as u64;
+        let mut table = Vec::new();
+        table.extend(moat_pal::ABI_VERSION.to_le_bytes());
+        table.extend(moat_pal::NUM_CALLS.to_le_bytes());
+        table.extend(0u64.to_le_bytes()); // ctx
+        for i in 0..n {
+            let mut stub = vec![0xb8];
+            stub.extend((i as u32 + 1).to_le_bytes());
+            stub.extend([0xe7, HYPERCALL_PORT as u8, 0xc3]);
+            self.bytes(CALL_STUBS + i * 8, &stub);
+            table.extend((CALL_STUBS + i * 8).to_le_bytes());
+        }
+        debug_assert_eq!(table.len(), std::mem::size_of::<moat_pal::PalTable>());
+        self.bytes(TABLE, &table);
     }
 }
 

@@ -6,7 +6,7 @@
 //! the same for both hosts.
 use crate::layout::{MAX_RAM, TABLE};
 use crate::pal::KvmPal;
-use crate::pico::PicoVm;
+use crate::pico::{PicoVm, VmShell};
 use kvm_ioctls::Kvm;
 use moat_host_linux::loader::pal::LinuxPal;
 use moat_host_linux::loader::{image, signals, sys};
@@ -23,8 +23,23 @@ fn fail(msg: &str) -> ! {
     sys::exit_process(moat_host_linux::EXIT_HOST_FAILURE)
 }
 
-/// The VMM's `main`.
+/// The VMM's `main`: `moat-vmm` exec'd for one picoprocess, or
+/// `moat-vmm --zygote PATH`, the zygote of warm VMMs.
 pub fn main() -> ! {
+    let args: Vec<String> = std::env::args().collect();
+    if args.len() == 3 && args[1] == "--zygote" {
+        moat_host_linux::loader::zygote::main_with(&args[2], |l| run(Some(l)), true);
+    }
+    run(None)
+}
+
+fn ram_for(memory_mib: u64) -> u64 {
+    (memory_mib << 20).max(4 << 20).next_multiple_of(2 << 20)
+}
+
+/// Run one picoprocess. A warm VMM (forked by the zygote with `limits`)
+/// creates its VM before it waits for the picoprocess.
+fn run(warm: Option<&moat_policy::Limits>) -> ! {
     // SAFETY: descriptors 3 and 4 were set up by the monitor for this
     // process (spawn_vmm); nothing else here owns them.
     let (sock, kvm_fd) = unsafe {
@@ -41,6 +56,13 @@ pub fn main() -> ! {
     if let Err(e) = moat_host_linux::loader::sandbox::landlock_restrict() {
         fail(&e);
     }
+    // SAFETY: the descriptor is /dev/kvm, handed over by the monitor.
+    let kvm = unsafe { Kvm::from_raw_fd(kvm_fd.as_raw_fd()) };
+    std::mem::forget(kvm_fd);
+    let mut shell = warm
+        .map(|l| ram_for(l.memory_mib))
+        .filter(|&r| r <= MAX_RAM)
+        .and_then(|r| VmShell::new(&kvm, r).ok());
     let (cfg, mut fds) = match protocol::recv::<Config>(sys::borrow(&sock)) {
         Ok(v) => v,
         Err(e) => fail(&format!("vmm: no configuration from the monitor: {e}")),
@@ -51,7 +73,7 @@ pub fn main() -> ! {
     let image_fd = fds.remove(0);
     let backing: Vec<std::fs::File> = fds.into_iter().map(std::fs::File::from).collect();
     let mem_limit = cfg.limits.memory_mib << 20;
-    let ram = mem_limit.max(4 << 20).next_multiple_of(2 << 20);
+    let ram = ram_for(cfg.limits.memory_mib);
     if ram > MAX_RAM {
         fail(&format!(
             "a memory limit of {} MiB is more than the kvm host offers ({} MiB); lower memory_mib",
@@ -67,17 +89,18 @@ pub fn main() -> ! {
     )) else {
         fail("vmm: initialised twice")
     };
-    // SAFETY: the descriptor is /dev/kvm, handed over by the monitor.
-    let kvm = unsafe { Kvm::from_raw_fd(kvm_fd.as_raw_fd()) };
-    std::mem::forget(kvm_fd);
+    let shell = match shell.take().filter(|s| s.ram() == ram) {
+        Some(s) => s,
+        None => match VmShell::new(&kvm, ram) {
+            Ok(s) => s,
+            Err(e) => fail(&format!("cannot create the micro-VM: {e}")),
+        },
+    };
     let devices = match crate::devices::DeviceSet::new(&cfg.devices, backing, ram, lin) {
         Ok(d) => d,
         Err(e) => fail(&format!("cannot set up the devices: {e}")),
     };
-    let mut vm = match PicoVm::new(&kvm, ram, lin, devices) {
-        Ok(v) => v,
-        Err(e) => fail(&format!("cannot create the micro-VM: {e}")),
-    };
+    let mut vm = PicoVm::new(shell, lin, devices);
     vm.trace = cfg.trace;
     if cfg.limits.cpu_seconds != 0 {
         vm.watchdog = vm.watchdog.min(Duration::from_secs(cfg.limits.cpu_seconds));

@@ -185,6 +185,14 @@ impl ChildArgs {
     }
 }
 
+impl ChildArgs {
+    /// Hand `/dev/kvm` (descriptor `fd`) to the child as [`KVM_FD`].
+    pub(crate) fn set_kvm(&mut self, fd: RawFd) {
+        self.kvm = fd;
+        self.arg0 = ARG0_VMM.as_ptr();
+    }
+}
+
 fn cstring(s: &OsStr) -> Result<CString, SpawnError> {
     CString::new(s.as_bytes()).map_err(|_| SpawnError::Setup {
         what: "loader path",
@@ -246,14 +254,12 @@ pub fn spawn_loader(loader: &Path, limits: &Limits) -> Result<Spawned, SpawnErro
         let (loader, limits) = (loader.to_path_buf(), *limits);
         return on_spawner_thread(move || spawn_here(&loader, &limits, false))?;
     }
-    crate::zygote::spawn(loader, limits)
+    crate::zygote::spawn(loader, limits, false)
 }
 
-/// Start a VMM (`moat-vmm`, the KVM host) in fresh namespaces, with
-/// `/dev/kvm` as descriptor [`KVM_FD`] and the monitor socket as 3.
-pub fn spawn_vmm(vmm: &Path, limits: &Limits) -> Result<Spawned, SpawnError> {
+fn open_kvm() -> Result<std::fs::File, SpawnError> {
     use std::os::unix::fs::OpenOptionsExt;
-    let kvm = std::fs::OpenOptions::new()
+    std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .custom_flags(libc::O_CLOEXEC)
@@ -262,20 +268,40 @@ pub fn spawn_vmm(vmm: &Path, limits: &Limits) -> Result<Spawned, SpawnError> {
             SpawnError::NoKvm(format!(
                 "cannot open /dev/kvm ({e}); --host kvm needs KVM (load kvm_intel or kvm_amd, and run as a user who may open /dev/kvm)"
             ))
-        })?;
+        })
+}
+
+/// Start a VMM (`moat-vmm`, the KVM host) with `/dev/kvm` as descriptor
+/// [`KVM_FD`] and the monitor socket as 3: from the VMM zygote (a warm
+/// VMM, its VM already created), or with `MOAT_NO_ZYGOTE=1` in fresh
+/// namespaces.
+pub fn spawn_vmm(vmm: &Path, limits: &Limits) -> Result<Spawned, SpawnError> {
     let (vmm, mut limits) = (vmm.to_path_buf(), *limits);
     // The VMM's vCPU watchdog ends a runaway guest at the CPU-time limit
     // with a report; the kernel's limit stays as the backstop.
     if limits.cpu_seconds != 0 {
         limits.cpu_seconds += 2;
     }
+    if std::env::var_os("MOAT_NO_ZYGOTE").is_none() {
+        return crate::zygote::spawn(&vmm, &limits, true);
+    }
+    let kvm = open_kvm()?;
     on_spawner_thread(move || spawn_with(&vmm, &limits, false, Some(kvm.as_raw_fd())))?
 }
 
-/// Start the zygote itself: `moat-loader --zygote` in new namespaces.
-pub(crate) fn spawn_zygote(loader: &Path) -> Result<Spawned, SpawnError> {
-    let loader = loader.to_path_buf();
-    on_spawner_thread(move || spawn_here(&loader, &Limits::default(), true))?
+/// Start a zygote itself (`moat-loader --zygote`, or with `kvm`
+/// `moat-vmm --zygote` holding `/dev/kvm`) in new namespaces.
+pub(crate) fn spawn_zygote(binary: &Path, kvm: bool) -> Result<Spawned, SpawnError> {
+    let binary = binary.to_path_buf();
+    let kvm = if kvm { Some(open_kvm()?) } else { None };
+    on_spawner_thread(move || {
+        spawn_with(
+            &binary,
+            &Limits::default(),
+            true,
+            kvm.as_ref().map(|k| k.as_raw_fd()),
+        )
+    })?
 }
 
 fn spawn_here(loader: &Path, limits: &Limits, zygote: bool) -> Result<Spawned, SpawnError> {
@@ -316,8 +342,7 @@ fn spawn_with(
     );
     args.zygote = zygote;
     if let Some(k) = kvm {
-        args.kvm = k;
-        args.arg0 = ARG0_VMM.as_ptr();
+        args.set_kvm(k);
     }
     let mut id_pipe = None;
     if zygote {
@@ -451,12 +476,7 @@ pub(crate) unsafe fn exec_loader_child(a: &ChildArgs) -> ! {
     unsafe {
         let e = setup_child(a);
         let argv: [*const libc::c_char; 4] = if a.zygote {
-            [
-                ARG0.as_ptr(),
-                ZYGOTE_FLAG.as_ptr(),
-                a.path,
-                std::ptr::null(),
-            ]
+            [a.arg0, ZYGOTE_FLAG.as_ptr(), a.path, std::ptr::null()]
         } else {
             [a.arg0, std::ptr::null(), std::ptr::null(), std::ptr::null()]
         };

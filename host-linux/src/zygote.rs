@@ -59,7 +59,8 @@ impl Exits {
     }
 }
 
-static CURRENT: Mutex<Option<Arc<Zygote>>> = Mutex::new(None);
+/// The zygotes of this host process: the loaders' and the VMMs', by binary.
+static CURRENT: Mutex<Vec<(std::path::PathBuf, Arc<Zygote>)>> = Mutex::new(Vec::new());
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 static EXITS: Mutex<Option<HashMap<i32, Status>>> = Mutex::new(None);
 static EXITED: Condvar = Condvar::new();
@@ -81,14 +82,15 @@ pub(crate) fn wait_exit(host_pid: i32) -> Status {
     }
 }
 
-fn get_or_start(loader: &Path) -> Result<Arc<Zygote>, SpawnError> {
+fn get_or_start(binary: &Path, kvm: bool) -> Result<Arc<Zygote>, SpawnError> {
     let mut cur = CURRENT.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(z) = cur.as_ref() {
+    if let Some((_, z)) = cur.iter().find(|(p, _)| p == binary) {
         if z.alive.load(Ordering::Acquire) {
             return Ok(z.clone());
         }
     }
-    let sp = spawn::spawn_zygote(loader)?;
+    cur.retain(|(p, _)| p != binary);
+    let sp = spawn::spawn_zygote(binary, kvm)?;
     let z = Arc::new(Zygote {
         ctl: sp.sock,
         send_lock: Mutex::new(()),
@@ -104,7 +106,7 @@ fn get_or_start(loader: &Path) -> Result<Arc<Zygote>, SpawnError> {
             what: "the zygote reader thread",
             err,
         })?;
-    *cur = Some(z.clone());
+    cur.push((binary.to_path_buf(), z.clone()));
     Ok(z)
 }
 
@@ -194,11 +196,11 @@ fn host_pid(pidfd: RawFd) -> Option<i32> {
         .filter(|p: &i32| *p > 0)
 }
 
-/// Start a loader through the zygote. The answer comes on a socket of
-/// this request's own, straight to this thread.
-pub(crate) fn spawn(loader: &Path, limits: &Limits) -> Result<Spawned, SpawnError> {
+/// Start a loader (or, with `kvm`, a VMM) through its zygote. The answer
+/// comes on a socket of this request's own, straight to this thread.
+pub(crate) fn spawn(loader: &Path, limits: &Limits, kvm: bool) -> Result<Spawned, SpawnError> {
     for attempt in 0..2 {
-        let z = get_or_start(loader)?;
+        let z = get_or_start(loader, kvm)?;
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let (mine, theirs) = protocol::seqpacket_pair().map_err(|err| SpawnError::Setup {
             what: "a reply socket",

@@ -52,6 +52,10 @@ struct State {
     warm: Option<Warm>,
     /// Fork the next warm loader (with these limits) at this time.
     refill: Option<(Limits, std::time::Instant)>,
+    /// What a forked child runs.
+    child: fn(&Limits) -> !,
+    /// Pass `/dev/kvm` on to the children.
+    kvm: bool,
 }
 
 /// How long after a hand-off the zygote waits before warming the next
@@ -59,7 +63,15 @@ struct State {
 const REFILL_DELAY: std::time::Duration = std::time::Duration::from_micros(300);
 
 pub fn main(loader: &str) -> ! {
-    let path = CString::new(loader).unwrap_or_else(|_| std::process::exit(125));
+    main_with(loader, |_| super::run(), false)
+}
+
+/// The zygote loop for any binary: `child` is what a forked warm process
+/// runs (it gets the limits it was forked with: a warm VMM prepares its VM
+/// of that size before it is handed out). With `kvm`, descriptor
+/// [`KVM_FD`](crate::spawn::KVM_FD) (`/dev/kvm`) is passed on to them.
+pub fn main_with(binary: &str, child: fn(&Limits) -> !, kvm: bool) -> ! {
+    let path = CString::new(binary).unwrap_or_else(|_| std::process::exit(125));
     // SIGCHLD arrives through a signalfd, so the loop is one poll().
     // SAFETY: plain signal-mask and signalfd calls on this single thread.
     let sfd = unsafe {
@@ -87,6 +99,8 @@ pub fn main(loader: &str) -> ! {
         devnull,
         warm: None,
         refill: None,
+        child,
+        kvm,
     };
     // Warm one with the default limits before the first request.
     st.warm = fork_loader(&st, &Limits::default()).ok();
@@ -233,13 +247,16 @@ fn fork_loader(st: &State, limits: &Limits) -> Result<Warm, (u8, i32)> {
         protocol::seqpacket_pair().map_err(|e| (1, e.raw_os_error().unwrap_or(libc::EIO)))?;
     let (err_r, err_w) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| (1, e as i32))?;
-    let args = ChildArgs::new(
+    let mut args = ChildArgs::new(
         err_w.as_raw_fd(),
         st.devnull.as_raw_fd(),
         child_end.as_raw_fd(),
         &st.path,
         limits,
     );
+    if st.kvm {
+        args.set_kvm(crate::spawn::KVM_FD);
+    }
     // SAFETY: the zygote is single-threaded, so the child may run any code.
     let pid = unsafe { libc::fork() };
     if pid == 0 {
@@ -253,7 +270,7 @@ fn fork_loader(st: &State, limits: &Limits) -> Result<Warm, (u8, i32)> {
             let e = setup_child(&args);
             libc::close(e);
         }
-        super::run()
+        (st.child)(limits)
     }
     drop(err_w);
     drop(child_end);
