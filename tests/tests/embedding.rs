@@ -124,3 +124,48 @@ fn a_changed_image_is_checked_again() {
         .expect_err("a broken image is refused");
     assert!(e.to_string().contains("ELF"), "{e}");
 }
+
+#[test]
+fn the_same_api_runs_a_driver_in_a_micro_vm() {
+    if !sandbox_available() || !kvm_available() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let disk = d.path().join("disk.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let mut policy = moat_policy::Policy::default();
+    policy
+        .add_device(
+            moat_policy::DeviceSpec::parse(&format!("blk0=virtio-blk:{}", disk.display())).unwrap(),
+        )
+        .unwrap();
+    let mut p = Sandbox::new(image("virtio-blk"))
+        .args(["blk0", "check", "32", "5"])
+        .policy(policy)
+        .host(moat_host_linux::Host::Kvm)
+        .stdout(Stdio::Piped)
+        .spawn()
+        .unwrap();
+    let mut out = String::new();
+    p.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    assert_eq!(p.wait().unwrap().code, 0, "{out}");
+    assert!(
+        out.contains("wrote 32 sectors, read back 32 sectors, all match"),
+        "{out}"
+    );
+    // And a device the policy does not hold is refused before anything starts.
+    let err = Sandbox::new(image("hello"))
+        .host(moat_host_linux::Host::Linux)
+        .policy({
+            let mut p = moat_policy::Policy::default();
+            p.add_device(moat_policy::DeviceSpec::parse("com1=uart").unwrap())
+                .unwrap();
+            p
+        })
+        .spawn()
+        .unwrap_err();
+    assert_eq!(err.exit_code(), 2, "{err}");
+}
