@@ -460,8 +460,8 @@ impl RawVm {
             w(stub, &[0xe7, 0x50, 0x48, 0xcf]);
             let lo: u64 =
                 (stub & 0xffff) | (8 << 16) | (0xee00u64 << 32) | (((stub >> 16) & 0xffff) << 48);
-            w64(0x7000 + 0x40 * 16, lo);
-            w64(0x7000 + 0x40 * 16 + 8, 0);
+            w64(0xa000 + 0x40 * 16, lo);
+            w64(0xa000 + 0x40 * 16 + 8, 0);
             w64(tss + 4, 0x9000);
         } else if mode == Mode::Cpl3Mmio {
             // mov [0xc000_0000], eax; jmp back.
@@ -523,7 +523,7 @@ impl RawVm {
         s.cr4 = 0x20 | 0x200 | 0x400;
         s.cr0 = 0x8000_0033;
         s.efer = 0x500;
-        s.idt.base = 0x7000;
+        s.idt.base = 0xa000;
         s.idt.limit = 0x41 * 16 - 1;
         if mode == Mode::Cpl3Syscall {
             s.efer |= 1; // SCE
