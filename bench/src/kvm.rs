@@ -1,10 +1,12 @@
 //! The `kvm` group: picoprocesses on the KVM host (`Host::Kvm`, one
 //! `moat-vmm` process and micro-VM each) against a bare micro-VM
-//! ([`MicroVm`]) or the host system call doing the same work.
+//! ([`MicroVm`], or one made here with kvm-ioctls alone) or the host
+//! system call doing the same work.
 //!
-//! It runs as three parts, each in its own process: `kvm-spawn`
-//! (unpinned, as `spawn`), `kvm-calls` and `kvm-blk` (pinned to CPU 0,
-//! with the VMMs they start).
+//! It runs as four parts, each in its own process: `kvm-spawn` and
+//! `kvm-spawn-fresh` (unpinned, as `spawn`; the second without the VMM
+//! zygote), `kvm-calls` and `kvm-blk` (pinned to CPU 0, with the VMMs
+//! they start).
 use crate::{image, median, p99, parse, row};
 use moat_host_hypervisor::{kvm_available, Exit, MicroVm, GUEST_BASE_RESERVED};
 use moat_host_linux::{Host, LogSink, Sandbox, Stdio};
@@ -15,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The parts of the group, each run in its own process.
-pub const PARTS: [&str; 3] = ["kvm-spawn", "kvm-calls", "kvm-blk"];
+pub const PARTS: [&str; 4] = ["kvm-spawn", "kvm-spawn-fresh", "kvm-calls", "kvm-blk"];
 
 const CODE: u64 = GUEST_BASE_RESERVED;
 const STACK: u64 = 0x8000;
@@ -70,7 +72,7 @@ pub fn calls(quick: bool) {
     let reps = if quick { 1 } else { 5 };
     let img = image("bench-null-call");
     let (mut gp, mut peek, mut tq, mut floor) = (vec![], vec![], vec![], vec![]);
-    let (mut raw0, mut raw3, mut raw3s) = (vec![], vec![], vec![]);
+    let (mut raw0, mut raw3, mut mmio3) = (vec![], vec![], vec![]);
     for _ in 0..reps {
         let (code, out) = run_kvm(&img, &[n.to_string()], Policy::default());
         assert_eq!(code, 0, "{out}");
@@ -78,9 +80,9 @@ pub fn calls(quick: bool) {
         peek.push(parse(&out, "event_peek"));
         tq.push(parse(&out, "time_query"));
         floor.push(bare_out_loop(n));
-        raw0.push(raw_out_loop(n, Mode::Cpl0, false));
-        raw3.push(raw_out_loop(n, Mode::Cpl3Out, false));
-        raw3s.push(raw_out_loop(n, Mode::Cpl3Out, true));
+        raw0.push(raw_exit_loop(n, Mode::Cpl0Out));
+        raw3.push(raw_exit_loop(n, Mode::Cpl3Out));
+        mmio3.push(raw_exit_loop(n, Mode::Cpl3Mmio));
     }
     let f = median(&mut floor);
     row(
@@ -104,24 +106,32 @@ pub fn calls(quick: bool) {
         "µs",
         "-",
     );
+    let (r0, r3) = (median(&mut raw0), median(&mut raw3));
     row(
-        "  breakdown: raw KVM_RUN `out` loop at CPL 0, no watchdog",
-        median(&mut raw0) / 1000.0,
+        "  breakdown: bare VM without its watchdog (raw KVM_RUN, CPL 0 `out`)",
+        r0 / 1000.0,
         f / 1000.0,
         "µs",
         "-",
     );
     row(
-        "  breakdown: raw KVM_RUN `out` loop at CPL 3 (as picoprocess code runs)",
-        median(&mut raw3) / 1000.0,
-        f / 1000.0,
+        "  breakdown: the same `out` at CPL 3, as picoprocess code runs; vs CPL 0",
+        r3 / 1000.0,
+        r0 / 1000.0,
         "µs",
         "-",
     );
     row(
-        "  breakdown: the same at CPL 3, registers through kvm_run (sync_regs)",
-        median(&mut raw3s) / 1000.0,
-        f / 1000.0,
+        "  breakdown: an MMIO write at CPL 3 instead; vs CPL 0 `out`",
+        median(&mut mmio3) / 1000.0,
+        r0 / 1000.0,
+        "µs",
+        "-",
+    );
+    row(
+        "  breakdown: null ABI call vs the raw CPL 3 `out` loop",
+        median(&mut gp) / 1000.0,
+        r3 / 1000.0,
         "µs",
         "-",
     );
@@ -150,89 +160,37 @@ fn run_kvm(img: &Path, args: &[String], policy: Policy) -> (i32, String) {
 
 /// Cold start: `Sandbox::spawn` on kvm to the picoprocess's first ABI
 /// call, against creating a bare VM of the same memory size and running
-/// it to its first exit.
+/// it to its first exit. VMMs come from the VMM zygote (warm, their VM
+/// already created); `kvm-spawn-fresh` measures them without it.
 pub fn spawn(quick: bool) {
     let n = if quick { 5 } else { 200 };
-    let first = image("bench-first-call");
-    let floor_img = image("floor-exit");
     for mib in [1024u64, 64] {
-        let size = mib << 20;
-        let (mut f_first, mut f_create, mut f_total) = (vec![], vec![], vec![]);
-        let (mut m_first, mut m_total, mut ns) = (vec![], vec![], vec![]);
-        for _ in 0..n {
-            // Floor: a bare VM with `size` bytes of memory, a vCPU in long
-            // mode and its code written, run to its first exit.
-            let t = Instant::now();
-            let mut vm = MicroVm::new(size).expect("a bare micro-VM");
-            let created = t.elapsed();
-            vm.write(CODE, &OUT_HLT).unwrap();
-            vm.set_entry(CODE, STACK, 0).unwrap();
-            expect_out(vm.run(LONG).unwrap());
-            f_first.push(t.elapsed().as_secs_f64() * 1e6);
-            f_create.push(created.as_secs_f64() * 1e6);
-            drop(vm);
-            f_total.push(t.elapsed().as_secs_f64() * 1e6);
-
-            // Breakdown: a static binary started in the seven fresh
-            // namespaces a VMM gets, to its first system call.
-            ns.push(ns_first_syscall(&floor_img));
-
-            // moat: to the first ABI call (a debug print the monitor logs).
-            let seen: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
-            let s2 = seen.clone();
-            let sink = LogSink::Callback(Arc::new(move |_l: &str| {
-                s2.lock().unwrap().get_or_insert_with(Instant::now);
-            }));
-            let t = Instant::now();
-            let mut p = Sandbox::new(&first)
-                .host(Host::Kvm)
-                .limits(Limits {
-                    memory_mib: mib,
-                    ..Default::default()
-                })
-                .stdout(Stdio::Null)
-                .log(sink)
-                .spawn()
-                .unwrap();
-            let e = p.wait().unwrap();
-            let total = t.elapsed();
-            assert_eq!(e.code, 0, "{:?}", e.report);
-            let at = seen.lock().unwrap().expect("the first call was seen");
-            m_first.push((at - t).as_secs_f64() * 1e6);
-            m_total.push(total.as_secs_f64() * 1e6);
-        }
-        let ff = median(&mut f_first);
+        let s = cold_starts(n, mib, false);
+        let ff = median(&mut s.f_first.clone());
         row(
             &format!("kvm: spawn to first ABI call, {mib} MiB (median)"),
-            median(&mut m_first),
+            median(&mut s.m_first.clone()),
             ff,
             "µs",
             "≤ 1.5x",
         );
         row(
             &format!("kvm: spawn to first ABI call, {mib} MiB (p99)"),
-            p99(&mut m_first),
-            p99(&mut f_first),
+            p99(&mut s.m_first.clone()),
+            p99(&mut s.f_first.clone()),
             "µs",
             "-",
         );
         row(
             &format!("kvm: spawn, run, exit, reap, {mib} MiB (median)"),
-            median(&mut m_total),
-            median(&mut f_total),
+            median(&mut s.m_total.clone()),
+            median(&mut s.f_total.clone()),
             "µs",
             "-",
         );
         row(
-            "  breakdown: bare VM creation alone (of the floor)",
-            median(&mut f_create),
-            ff,
-            "µs",
-            "-",
-        );
-        row(
-            "  breakdown: static binary in 7 fresh namespaces, to its first system call",
-            median(&mut ns),
+            "  breakdown: of the floor, creating the bare VM",
+            median(&mut s.f_create.clone()),
             ff,
             "µs",
             "-",
@@ -240,12 +198,131 @@ pub fn spawn(quick: bool) {
     }
 }
 
-/// fork + unshare(the seven namespaces of a VMM) + exec of the floor
-/// binary, in µs to its first system call (a byte on a pipe).
-fn ns_first_syscall(img: &Path) -> f64 {
+/// Cold start without the VMM zygote (`MOAT_NO_ZYGOTE=1`: fresh
+/// namespaces and an exec of `moat-vmm` per picoprocess), broken down.
+/// Runs itself again with the variable set if it is not.
+pub fn spawn_fresh(quick: bool) {
+    if std::env::var_os("MOAT_NO_ZYGOTE").is_none() {
+        let mut c = std::process::Command::new(std::env::current_exe().unwrap());
+        c.env("MOAT_NO_ZYGOTE", "1")
+            .args(["--no-header", "kvm-spawn-fresh"]);
+        if quick {
+            c.arg("--quick");
+        }
+        assert!(c.status().unwrap().success(), "kvm-spawn-fresh failed");
+        return;
+    }
+    let n = if quick { 5 } else { 100 };
+    let (floor_img, vmm_bin) = (image("floor-exit"), image("moat-vmm"));
+    let mib = 64;
+    let s = cold_starts(n, mib, true);
+    let (mut ns, mut vmm) = (vec![], vec![]);
+    for _ in 0..n {
+        ns.push(ns_first_syscall(&floor_img));
+        vmm.push(vmm_without_monitor(&vmm_bin));
+    }
+    let ff = median(&mut s.f_first.clone());
+    row(
+        &format!("  breakdown: spawn to first ABI call without the VMM zygote, {mib} MiB"),
+        median(&mut s.m_first.clone()),
+        ff,
+        "µs",
+        "-",
+    );
+    row(
+        "  breakdown: of which a static binary in 7 fresh namespaces, to its first system call",
+        median(&mut ns),
+        ff,
+        "µs",
+        "-",
+    );
+    row(
+        "  breakdown: of which moat-vmm started in them, to its exit with no monitor",
+        median(&mut vmm),
+        ff,
+        "µs",
+        "-",
+    );
+    row(
+        "  breakdown: of which creating the VM (the floor's share)",
+        median(&mut s.f_create.clone()),
+        ff,
+        "µs",
+        "-",
+    );
+}
+
+/// Samples of [`cold_starts`], in µs.
+struct ColdStarts {
+    /// Floor: to the bare VM's first exit; creating it; and dropping it too.
+    f_first: Vec<f64>,
+    f_create: Vec<f64>,
+    f_total: Vec<f64>,
+    /// moat: to the first ABI call; and to the exit status.
+    m_first: Vec<f64>,
+    m_total: Vec<f64>,
+}
+
+/// `n` cold starts of the floor and of moat with `mib` MiB of memory,
+/// alternating. With `fresh`, moat's samples must not come from the zygote.
+fn cold_starts(n: usize, mib: u64, fresh: bool) -> ColdStarts {
+    assert_eq!(fresh, std::env::var_os("MOAT_NO_ZYGOTE").is_some());
+    let first = image("bench-first-call");
+    let size = mib << 20;
+    let mut s = ColdStarts {
+        f_first: vec![],
+        f_create: vec![],
+        f_total: vec![],
+        m_first: vec![],
+        m_total: vec![],
+    };
+    for _ in 0..n {
+        // Floor: a bare VM with `size` bytes of memory and a vCPU in long
+        // mode, its code written, run to its first exit.
+        let t = Instant::now();
+        let mut vm = MicroVm::new(size).expect("a bare micro-VM");
+        let created = t.elapsed();
+        vm.write(CODE, &OUT_HLT).unwrap();
+        vm.set_entry(CODE, STACK, 0).unwrap();
+        expect_out(vm.run(LONG).unwrap());
+        s.f_first.push(t.elapsed().as_secs_f64() * 1e6);
+        s.f_create.push(created.as_secs_f64() * 1e6);
+        drop(vm);
+        s.f_total.push(t.elapsed().as_secs_f64() * 1e6);
+
+        // moat: to the first ABI call (a debug print the monitor logs),
+        // and to the exit status.
+        let seen: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
+        let s2 = seen.clone();
+        let sink = LogSink::Callback(Arc::new(move |_l: &str| {
+            s2.lock().unwrap().get_or_insert_with(Instant::now);
+        }));
+        let t = Instant::now();
+        let mut p = Sandbox::new(&first)
+            .host(Host::Kvm)
+            .limits(Limits {
+                memory_mib: mib,
+                ..Default::default()
+            })
+            .stdout(Stdio::Null)
+            .log(sink)
+            .spawn()
+            .unwrap();
+        let e = p.wait().unwrap();
+        let total = t.elapsed();
+        assert_eq!(e.code, 0, "{:?}", e.report);
+        let at = seen.lock().unwrap().expect("the first call was seen");
+        s.m_first.push((at - t).as_secs_f64() * 1e6);
+        s.m_total.push(total.as_secs_f64() * 1e6);
+    }
+    s
+}
+
+/// A command for `img` that starts in the seven namespaces a VMM gets
+/// (fork, unshare, exec).
+fn in_fresh_namespaces(img: &Path) -> std::process::Command {
     use std::os::unix::process::CommandExt;
     let mut c = std::process::Command::new(img);
-    c.stdout(std::process::Stdio::piped());
     // SAFETY: unshare is async-signal-safe and only affects the child.
     unsafe {
         c.pre_exec(|| {
@@ -262,12 +339,63 @@ fn ns_first_syscall(img: &Path) -> f64 {
             Ok(())
         });
     }
+    c
+}
+
+/// The floor binary in fresh namespaces, in µs to its first system call
+/// (a byte on a pipe).
+fn ns_first_syscall(img: &Path) -> f64 {
+    let mut c = in_fresh_namespaces(img);
+    c.stdout(std::process::Stdio::piped());
     let t = Instant::now();
     let mut child = c.spawn().unwrap();
     let mut b = [0u8; 1];
     child.stdout.take().unwrap().read_exact(&mut b).unwrap();
     let us = t.elapsed().as_secs_f64() * 1e6;
     assert!(child.wait().unwrap().success());
+    us
+}
+
+/// `moat-vmm` in fresh namespaces with a monitor socket whose other end
+/// is closed: it starts (exec, C library and Rust start-up, signal
+/// handlers, Landlock), finds no configuration and exits. µs to its exit.
+fn vmm_without_monitor(vmm: &Path) -> f64 {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::process::CommandExt;
+    let mut sv = [0i32; 2];
+    // SAFETY: socketpair into a local array; both ends are owned below.
+    let r = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            sv.as_mut_ptr(),
+        )
+    };
+    assert_eq!(r, 0, "socketpair");
+    // SAFETY: fresh descriptors, owned here only.
+    let (ours, theirs) = unsafe { (OwnedFd::from_raw_fd(sv[0]), OwnedFd::from_raw_fd(sv[1])) };
+    drop(ours);
+    let fd = sv[1];
+    let mut c = in_fresh_namespaces(vmm);
+    c.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: dup2 is async-signal-safe; descriptor 3 is the monitor
+    // socket a VMM expects (4, /dev/kvm, is not used before a configuration).
+    unsafe {
+        c.pre_exec(move || {
+            if libc::dup2(fd, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let t = Instant::now();
+    let status = c.status().unwrap();
+    let us = t.elapsed().as_secs_f64() * 1e6;
+    assert!(!status.success(), "moat-vmm ran without a monitor");
+    drop(theirs);
     us
 }
 
@@ -375,24 +503,21 @@ impl Drop for BenchFile {
     }
 }
 
-/// A VM made here with kvm-ioctls alone (no MicroVm, no watchdog): 2 MiB
-/// identity-mapped, long mode, its guest looping on `out 0x50, eax`, at
-/// CPL 0 or (`user`) at CPL 3 with every page user-accessible and a TSS
-/// whose I/O bitmap allows the port, as a picoprocess's vCPU runs.
+/// How the guest of a [`RawVm`] leaves, once per loop iteration.
 #[derive(Clone, Copy, PartialEq)]
 enum Mode {
-    /// `out` at CPL 0.
-    Cpl0,
-    /// `out` at CPL 3 (IOPL 3, the TSS's I/O bitmap allows the port).
+    /// `out 0x50, eax` at CPL 0.
+    Cpl0Out,
+    /// `out 0x50, eax` at CPL 3 (IOPL 3, and a TSS whose I/O bitmap
+    /// allows the port): as a picoprocess's hypercall stub leaves.
     Cpl3Out,
-    /// `syscall` at CPL 3 to a CPL 0 entry that does `out` and `sysretq`.
-    Cpl3Syscall,
-    /// A write to an address outside guest memory at CPL 3 (an MMIO exit).
+    /// A write at CPL 3 to an address outside guest memory (an MMIO exit).
     Cpl3Mmio,
-    /// `int 0x40` at CPL 3 to a CPL 0 gate that does `out` and `iretq`.
-    Cpl3Int,
 }
 
+/// A VM made here with kvm-ioctls alone, without MicroVm's watchdog: 2 MiB
+/// identity-mapped with 2 MiB pages (user-accessible for CPL 3), one vCPU
+/// in long mode, its guest looping on one exit.
 struct RawVm {
     vcpu: kvm_ioctls::VcpuFd,
     _vm: kvm_ioctls::VmFd,
@@ -400,15 +525,17 @@ struct RawVm {
 }
 
 const RAW_SIZE: usize = 2 << 20;
+/// Where the guest's MMIO write goes (no memory there).
+const RAW_MMIO: u64 = 0xc000_0000;
 
 impl RawVm {
-    fn new(mode: Mode, sync_regs: bool) -> RawVm {
-        let user = mode != Mode::Cpl0;
+    fn new(mode: Mode) -> RawVm {
         use kvm_bindings::{kvm_segment, kvm_userspace_memory_region};
+        let user = mode != Mode::Cpl0Out;
         let kvm = kvm_ioctls::Kvm::new().unwrap();
         let vm = kvm.create_vm().unwrap();
         // SAFETY: a fresh anonymous mapping, owned by the RawVm and
-        // unmapped after the VM is gone (Drop).
+        // unmapped only when it is dropped.
         let mem = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
@@ -418,58 +545,41 @@ impl RawVm {
                 -1,
                 0,
             )
-        } as *mut u8;
-        assert!(mem as isize != -1);
+        };
+        assert!(mem != libc::MAP_FAILED, "cannot map the raw VM's memory");
+        let mem = mem as *mut u8;
         let w = |at: u64, b: &[u8]| {
             assert!(at as usize + b.len() <= RAW_SIZE);
             // SAFETY: inside the mapping (asserted).
             unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), mem.add(at as usize), b.len()) }
         };
         let w64 = |at: u64, v: u64| w(at, &v.to_le_bytes());
-        let (gdt, pml4, pdpt, pd, tss, code) = (0x500, 0x1000, 0x2000, 0x3000, 0x5000, 0x10000);
+        let (gdt, pml4, pdpt, pd, pd_mmio, tss, code) =
+            (0x500, 0x1000, 0x2000, 0x3000, 0x4000, 0x5000, 0x10000);
         let u = if user { 4 } else { 0 };
+        // GDT: null, kernel code and data, user code and data, 64-bit TSS.
         w64(gdt, 0);
         w64(gdt + 0x08, 0x00af_9a00_0000_ffff);
         w64(gdt + 0x10, 0x00cf_9200_0000_ffff);
-        // User code and data; for `sysret`, data first.
-        let (ucode, udata) = (0x00af_fa00_0000_ffff, 0x00cf_f200_0000_ffff);
-        if mode == Mode::Cpl3Syscall {
-            w64(gdt + 0x18, udata);
-            w64(gdt + 0x20, ucode);
-        } else {
-            w64(gdt + 0x18, ucode);
-            w64(gdt + 0x20, udata);
-        }
+        w64(gdt + 0x18, 0x00af_fa00_0000_ffff);
+        w64(gdt + 0x20, 0x00cf_f200_0000_ffff);
         w64(gdt + 0x28, 0x0000_8900_0000_0067);
         w64(gdt + 0x30, 0);
         w64(pml4, pdpt | 3 | u);
         w64(pdpt, pd | 3 | u);
         w64(pd, 0x83 | u);
-        // TSS: the I/O bitmap right after it, all ports allowed, and its
-        // end byte.
+        // An uncached 2 MiB page at RAW_MMIO, with no memory behind it.
+        w64(pdpt + 3 * 8, pd_mmio | 3 | u);
+        w64(pd_mmio, RAW_MMIO | 0x83 | 0x18 | u);
+        // The TSS, its I/O bitmap right after it (every port allowed), and
+        // the bitmap's end byte.
         let tss_limit = 104 + 8192;
         w(tss + 102, &104u16.to_le_bytes());
         w(tss + tss_limit, &[0xff]);
-        let stub = 0x11000;
-        if mode == Mode::Cpl3Syscall {
-            // syscall; jmp back. The CPL 0 entry: out 0x50, eax; sysretq.
-            w(code, &[0x0f, 0x05, 0xeb, 0xfc]);
-            w(stub, &[0xe7, 0x50, 0x48, 0x0f, 0x07]);
-        } else if mode == Mode::Cpl3Int {
-            w(code, &[0xcd, 0x40, 0xeb, 0xfc]);
-            w(stub, &[0xe7, 0x50, 0x48, 0xcf]);
-            let lo: u64 =
-                (stub & 0xffff) | (8 << 16) | (0xee00u64 << 32) | (((stub >> 16) & 0xffff) << 48);
-            w64(0xa000 + 0x40 * 16, lo);
-            w64(0xa000 + 0x40 * 16 + 8, 0);
-            w64(tss + 4, 0x9000);
-        } else if mode == Mode::Cpl3Mmio {
-            // mov [0xc000_0000], eax; jmp back.
-            w(code, &[0xa3, 0, 0, 0, 0xc0, 0, 0, 0, 0, 0xeb, 0xf5]);
-            w64(pdpt + 3 * 8, 0x6000 | 3 | u);
-            w64(0x6000, 0xc000_0000 | 0x83 | 0x18 | u);
-        } else {
-            w(code, &OUT_LOOP);
+        match mode {
+            Mode::Cpl0Out | Mode::Cpl3Out => w(code, &OUT_LOOP),
+            // mov [RAW_MMIO], eax (64-bit absolute address); jmp back
+            Mode::Cpl3Mmio => w(code, &[0xa3, 0, 0, 0, 0xc0, 0, 0, 0, 0, 0xeb, 0xf5]),
         }
         // SAFETY: the mapping outlives the VM (see Drop).
         unsafe {
@@ -482,7 +592,7 @@ impl RawVm {
             })
         }
         .unwrap();
-        let mut vcpu = vm.create_vcpu(0).unwrap();
+        let vcpu = vm.create_vcpu(0).unwrap();
         let mut s = vcpu.get_sregs().unwrap();
         let dpl = if user { 3 } else { 0 };
         let seg = |selector: u16, type_: u8, l: u8| kvm_segment {
@@ -500,12 +610,7 @@ impl RawVm {
             unusable: 0,
             padding: 0,
         };
-        let (cs, ds) = match mode {
-            Mode::Cpl0 => (0x08, 0x10),
-            Mode::Cpl3Out | Mode::Cpl3Mmio => (0x1b, 0x23),
-            Mode::Cpl3Syscall => (0x23, 0x1b),
-            Mode::Cpl3Int => (0x1b, 0x23),
-        };
+        let (cs, ds) = if user { (0x1b, 0x23) } else { (0x08, 0x10) };
         s.cs = seg(cs, 11, 1);
         let d = seg(ds, 3, 0);
         (s.ds, s.es, s.fs, s.gs, s.ss) = (d, d, d, d, d);
@@ -520,101 +625,47 @@ impl RawVm {
             ..Default::default()
         };
         s.cr3 = pml4;
-        s.cr4 = 0x20 | 0x200 | 0x400;
-        s.cr0 = 0x8000_0033;
-        s.efer = 0x500;
-        s.idt.base = 0xa000;
-        s.idt.limit = 0x41 * 16 - 1;
-        if mode == Mode::Cpl3Syscall {
-            s.efer |= 1; // SCE
-            let msr = |index, data| kvm_bindings::kvm_msr_entry {
-                index,
-                data,
-                ..Default::default()
-            };
-            let msrs = kvm_bindings::Msrs::from_entries(&[
-                msr(0xc000_0081, (0x08u64 << 32) | (0x10u64 << 48)), // STAR
-                msr(0xc000_0082, stub),                              // LSTAR
-                msr(0xc000_0084, 0),                                 // FMASK
-            ])
-            .unwrap();
-            assert_eq!(vcpu.set_msrs(&msrs).unwrap(), 3);
-        }
+        s.cr4 = 0x20 | 0x200 | 0x400; // PAE | OSFXSR | OSXMMEXCPT
+        s.cr0 = 0x8000_0033; // PG | NE | ET | MP | PE
+        s.efer = 0x500; // LME | LMA
         vcpu.set_sregs(&s).unwrap();
         let r = kvm_bindings::kvm_regs {
             rip: code,
             rsp: 0x8000,
-            rflags: if user { 0x3002 } else { 2 },
+            rflags: if user { 0x3002 } else { 2 }, // IOPL 3 at CPL 3
             ..Default::default()
         };
         vcpu.set_regs(&r).unwrap();
-        if sync_regs {
-            vcpu.set_sync_valid_reg(kvm_ioctls::SyncReg::Register);
-        }
         RawVm { vcpu, _vm: vm, mem }
     }
 
-    /// One KVM_RUN to the next `out`.
+    /// One KVM_RUN, to the guest's next exit.
     fn run(&mut self) {
         match self.vcpu.run() {
             Ok(kvm_ioctls::VcpuExit::IoOut(0x50, _)) => {}
-            Ok(kvm_ioctls::VcpuExit::MmioWrite(0xc000_0000, _)) => {}
-            other => {
-                let o = format!("{other:?}");
-                let r = self.vcpu.get_regs().unwrap();
-                let sr = self.vcpu.get_sregs().unwrap();
-                panic!(
-                    "the raw VM stopped with {o} rip {:#x} rsp {:#x} rcx {:#x} cs {:?} cr2 {:#x}",
-                    r.rip, r.rsp, r.rcx, sr.cs, sr.cr2
-                )
-            }
+            Ok(kvm_ioctls::VcpuExit::MmioWrite(RAW_MMIO, _)) => {}
+            other => panic!("the raw VM stopped with {other:?}"),
         }
     }
 }
 
 impl Drop for RawVm {
     fn drop(&mut self) {
-        // SAFETY: our mapping; the VM and vCPU descriptors are closed
-        // after this (field drops), and KVM holds its own reference.
+        // SAFETY: our mapping, no longer used by us; KVM keeps its own
+        // reference to the pages until the VM descriptor closes.
         unsafe { libc::munmap(self.mem as *mut _, RAW_SIZE) };
     }
 }
 
-/// ns per exit round trip of a [`RawVm`]; with `sync_regs`, also reading
-/// the registers from `kvm_run` and writing rax back at each exit, as
-/// the VMM answers a hypercall.
-fn raw_out_loop(n: u64, mode: Mode, sync_regs: bool) -> f64 {
-    let mut vm = RawVm::new(mode, sync_regs);
-    let mut one = |vm: &mut RawVm| {
-        vm.run();
-        if sync_regs {
-            let r = vm.vcpu.sync_regs().regs;
-            vm.vcpu.sync_regs_mut().regs.rax = std::hint::black_box(r.rsi);
-            vm.vcpu.set_sync_dirty_reg(kvm_ioctls::SyncReg::Register);
-        }
-    };
+/// ns per exit round trip of a [`RawVm`] whose guest leaves as `mode` says.
+fn raw_exit_loop(n: u64, mode: Mode) -> f64 {
+    let mut vm = RawVm::new(mode);
     for _ in 0..n / 10 + 1 {
-        one(&mut vm);
+        vm.run();
     }
     let t = Instant::now();
     for _ in 0..n {
-        one(&mut vm);
+        vm.run();
     }
     t.elapsed().as_secs_f64() * 1e9 / n as f64
-}
-
-pub fn explore() {
-    let n = 20_000;
-    println!("raw0 {:.0}", raw_out_loop(n, Mode::Cpl0, false));
-    println!("raw3 {:.0}", raw_out_loop(n, Mode::Cpl3Out, false));
-    println!("microvm {:.0}", bare_out_loop(n));
-    println!("raw3 mmio {:.0}", raw_out_loop(n, Mode::Cpl3Mmio, false));
-    println!("raw3 int {:.0}", raw_out_loop(n, Mode::Cpl3Int, false));
-    let img = image("bench-null-call");
-    for mib in [64u64, 1024] {
-        let mut pol = Policy::default();
-        pol.limits.memory_mib = mib;
-        let (_, out) = run_kvm(&img, &[n.to_string()], pol);
-        println!("moat {mib} MiB: {}", out.replace('\n', "; "));
-    }
 }

@@ -475,16 +475,12 @@ fn main() {
                     }
                     // Measured unpinned, as `spawn`.
                     "kvm-spawn" => kvm::spawn(quick),
+                    "kvm-spawn-fresh" => kvm::spawn_fresh(quick),
                     // Pinned before anything starts a VMM: the monitor's
                     // spawner thread, and so every VMM, inherits CPU 0.
                     "kvm-calls" => {
                         pin_cpu0();
                         kvm::calls(quick)
-                    }
-                    "kvm-explore" => kvm::explore(),
-                    "kvm-explore-pinned" => {
-                        pin_cpu0();
-                        kvm::explore()
                     }
                     "kvm-blk" => {
                         pin_cpu0();

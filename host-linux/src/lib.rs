@@ -19,7 +19,7 @@ pub(crate) mod zygote;
 
 pub use broker::LogSink;
 pub use monitor::{
-    Error, Exit, Picoprocess, Sandbox, Stdio, EXIT_BAD_INPUT, EXIT_HOST_FAILURE,
+    Error, Exit, Killer, Picoprocess, Sandbox, Stdio, EXIT_BAD_INPUT, EXIT_HOST_FAILURE,
     EXIT_SANDBOX_VIOLATION,
 };
 pub use protocol::ReportKind;

@@ -666,6 +666,23 @@ fn reap(
 
 /// A running picoprocess (the root of a session). Dropping it kills the
 /// picoprocess and everything it started.
+/// Kills one picoprocess (see [`Picoprocess::killer`]).
+#[derive(Clone)]
+pub struct Killer(Arc<Proc>);
+
+impl Killer {
+    /// SIGKILL the picoprocess (a no-op once it has ended).
+    pub fn kill(&self) {
+        let _ = self.0.signal(libc::SIGKILL);
+    }
+}
+
+impl std::fmt::Debug for Killer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Killer({})", self.0.pid)
+    }
+}
+
 pub struct Picoprocess {
     /// The host end of its `stdin:` with [`Stdio::Piped`].
     pub stdin: Option<File>,
@@ -691,6 +708,12 @@ impl Picoprocess {
     /// Its id: the pid of its sandbox process in the host.
     pub fn id(&self) -> u32 {
         self.root.pid
+    }
+
+    /// A handle that can kill this picoprocess from any thread, while
+    /// another waits for it (through its pidfd: never a reused pid).
+    pub fn killer(&self) -> Killer {
+        Killer(self.root.clone())
     }
 
     /// Wait for the picoprocess to end, then kill whatever it started that

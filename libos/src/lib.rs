@@ -27,6 +27,7 @@ pub mod process;
 pub mod random;
 pub mod raw;
 pub mod rt;
+pub mod service;
 pub mod stream;
 pub mod sync;
 pub mod thread;

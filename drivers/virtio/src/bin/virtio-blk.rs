@@ -4,6 +4,9 @@
 //!
 //! Commands (numbers are decimal, or hexadecimal after `0x`):
 //!
+//! - `serve PIPE [FAULTS]`: serve the disk to the safe mediator, which
+//!   connects to `pipe.server:PIPE` (see `moat_libos::service`); FAULTS
+//!   makes it misbehave on purpose.
 //! - `check SECTORS SEED`: writes sectors `0..SECTORS` with the pattern of
 //!   [`fill_pattern`] for SEED, flushes, reads them back and compares. Prints
 //!   `virtio-blk: capacity N sectors, wrote S sectors, read back S sectors,
@@ -38,6 +41,7 @@ use core::fmt::Write as _;
 
 use moat_libos::env::parse_u64;
 use moat_libos::device::Interrupt;
+use moat_libos::service::{serve_block, status, BlockDevice, Faults};
 use moat_libos::{env, eprintln, print, println, process, time};
 use moat_libos_virtio::virtio_drivers::device::blk::{BlkReq, BlkResp, VirtIOBlk, SECTOR_SIZE};
 use moat_libos_virtio::virtio_drivers::transport::mmio::MmioTransport;
@@ -59,11 +63,13 @@ const CHUNK_SECTORS: u64 = 64;
 /// Sectors per `read-bench` read (4096 bytes).
 const BENCH_SECTORS: u64 = 8;
 
-const USAGE: &str = "usage: virtio-blk DEVICE check SECTORS SEED\n       \
+const USAGE: &str = "usage: virtio-blk DEVICE serve PIPE [SEED:PER_MILLION:KINDS]\n       \
+                     virtio-blk DEVICE check SECTORS SEED\n       \
                      virtio-blk DEVICE read-bench COUNT\n       \
                      virtio-blk DEVICE dump SECTOR";
 
 enum Command {
+    Serve { pipe: String, faults: Option<Faults> },
     Check { sectors: u64, seed: u64 },
     ReadBench { count: u64 },
     Dump { sector: u64 },
@@ -79,6 +85,13 @@ fn parse(args: &[String]) -> Option<(&str, Command)> {
         },
         ("read-bench", 3) => Command::ReadBench { count: arg(2)? },
         ("dump", 3) => Command::Dump { sector: arg(2)? },
+        ("serve", 3) | ("serve", 4) => Command::Serve {
+            pipe: args[2].clone(),
+            faults: match args.get(3) {
+                Some(f) => Some(Faults::parse(f)?),
+                None => None,
+            },
+        },
         _ => return None,
     };
     Some((dev.as_str(), command))
@@ -120,6 +133,15 @@ fn main() -> i32 {
     };
 
     let r = match command {
+        Command::Serve { pipe, faults } => {
+            return match serve_block(&pipe, &mut disk, faults) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("virtio-blk: service connection failed: {}", e.name());
+                    EXIT_IO
+                }
+            }
+        }
         Command::Check { sectors, seed } => check(&mut disk, sectors, seed),
         Command::ReadBench { count } => read_bench(&mut disk, count),
         Command::Dump { sector } => dump(&mut disk, sector),
@@ -167,6 +189,25 @@ struct Disk {
     irq: Option<Interrupt>,
     req: Box<BlkReq>,
     resp: Box<BlkResp>,
+}
+
+/// The disk as a mediated block service (`serve`).
+impl BlockDevice for Disk {
+    fn geometry(&mut self) -> (u64, u32) {
+        (self.capacity() * SECTOR_SIZE as u64, SECTOR_SIZE as u32)
+    }
+
+    fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), u8> {
+        Disk::read(self, offset / SECTOR_SIZE as u64, buf).map_err(|_| status::IO_ERROR)
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), u8> {
+        Disk::write(self, offset / SECTOR_SIZE as u64, data).map_err(|_| status::IO_ERROR)
+    }
+
+    fn flush(&mut self) -> Result<(), u8> {
+        self.blk.flush().map_err(|_| status::IO_ERROR)
+    }
 }
 
 impl Disk {
