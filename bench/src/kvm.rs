@@ -68,11 +68,13 @@ fn bare_out_loop(n: u64) -> f64 {
 /// Null ABI calls on kvm (timed in the guest) against the bare VM's
 /// `out` loop (timed here).
 pub fn calls(quick: bool) {
-    let n: u64 = if quick { 2_000 } else { 100_000 };
+    let n: u64 = if quick { 2_000 } else { 50_000 };
     let reps = if quick { 1 } else { 5 };
     let img = image("bench-null-call");
     let (mut gp, mut peek, mut tq, mut floor) = (vec![], vec![], vec![], vec![]);
     let (mut raw0, mut raw3, mut mmio3) = (vec![], vec![], vec![]);
+    // First, while this process has one thread (it forks).
+    let mut confined: Vec<f64> = (0..reps).map(|_| raw_exit_loop_confined(n)).collect();
     for _ in 0..reps {
         let (code, out) = run_kvm(&img, &[n.to_string()], Policy::default());
         assert_eq!(code, 0, "{out}");
@@ -125,6 +127,13 @@ pub fn calls(quick: bool) {
         "  breakdown: an MMIO write at CPL 3 instead; vs CPL 0 `out`",
         median(&mut mmio3) / 1000.0,
         r0 / 1000.0,
+        "µs",
+        "-",
+    );
+    row(
+        "  breakdown: the CPL 3 `out` loop under a VMM vCPU thread's seccomp filter",
+        median(&mut confined) / 1000.0,
+        r3 / 1000.0,
         "µs",
         "-",
     );
@@ -381,11 +390,18 @@ fn vmm_without_monitor(vmm: &Path) -> f64 {
     c.stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
-    // SAFETY: dup2 is async-signal-safe; descriptor 3 is the monitor
-    // socket a VMM expects (4, /dev/kvm, is not used before a configuration).
+    // SAFETY: dup2 and fcntl are async-signal-safe; descriptor 3 is the
+    // monitor socket a VMM expects (4, /dev/kvm, is not used before a
+    // configuration).
     unsafe {
         c.pre_exec(move || {
-            if libc::dup2(fd, 3) < 0 {
+            // dup2 onto itself keeps close-on-exec: clear it then.
+            let r = if fd == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, 3)
+            };
+            if r < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
@@ -659,7 +675,10 @@ impl Drop for RawVm {
 
 /// ns per exit round trip of a [`RawVm`] whose guest leaves as `mode` says.
 fn raw_exit_loop(n: u64, mode: Mode) -> f64 {
-    let mut vm = RawVm::new(mode);
+    timed_loop(n, RawVm::new(mode))
+}
+
+fn timed_loop(n: u64, mut vm: RawVm) -> f64 {
     for _ in 0..n / 10 + 1 {
         vm.run();
     }
@@ -668,4 +687,40 @@ fn raw_exit_loop(n: u64, mode: Mode) -> f64 {
         vm.run();
     }
     t.elapsed().as_secs_f64() * 1e9 / n as f64
+}
+
+/// [`raw_exit_loop`] at CPL 3 in a forked child that first installs the
+/// seccomp filter of a VMM's vCPU threads. Call it while this process
+/// has one thread.
+fn raw_exit_loop_confined(n: u64) -> f64 {
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe/fork/write/read/waitpid on our own descriptors; the
+    // process is single-threaded, so the child may allocate; it ends with
+    // _exit.
+    unsafe {
+        assert_eq!(libc::pipe(fds.as_mut_ptr()), 0);
+        let pid = libc::fork();
+        if pid == 0 {
+            let vm = RawVm::new(Mode::Cpl3Out);
+            let ns = match moat_host_hypervisor::confine::apply(
+                moat_host_hypervisor::confine::vcpu_rules(),
+            ) {
+                Ok(()) => timed_loop(n, vm),
+                Err(_) => f64::NAN,
+            };
+            libc::write(fds[1], &ns as *const f64 as *const _, 8);
+            libc::_exit(0);
+        }
+        let mut ns = f64::NAN;
+        libc::read(fds[0], &mut ns as *mut f64 as *mut _, 8);
+        let mut st = 0;
+        libc::waitpid(pid, &mut st, 0);
+        libc::close(fds[0]);
+        libc::close(fds[1]);
+        assert!(
+            ns.is_finite(),
+            "the confined raw loop failed (status {st:#x})"
+        );
+        ns
+    }
 }

@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 const COM_PORTS: [u16; 4] = [0x3f8, 0x2f8, 0x3e8, 0x2e8];
 
 enum Model {
-    Uart(Mutex<Uart>),
+    Uart(Arc<Mutex<Uart>>),
     Blk(Box<Mutex<VirtioBlk>>),
 }
 
@@ -103,7 +103,7 @@ impl DeviceSet {
                         mmio_base: 0,
                         mmio_size: 0,
                         irq_line,
-                        model: Model::Uart(Mutex::new(uart)),
+                        model: Model::Uart(Arc::new(Mutex::new(uart))),
                         event,
                         mapped: AtomicBool::new(false),
                         input: Mutex::new(input),
@@ -341,7 +341,12 @@ impl DeviceSet {
             let regions = lin.regions.read().unwrap();
             let mut ranges: Vec<std::ops::Range<u64>> = Vec::new();
             for (start, r) in regions.iter() {
-                if r.prot & (prot::READ | prot::WRITE) != prot::READ | prot::WRITE {
+                // Read-write memory the picoprocess allocated, its stacks
+                // and its image's data; never a mapped file (a page past
+                // the file's end would fault in the VMM).
+                if r.prot & (prot::READ | prot::WRITE) != prot::READ | prot::WRITE
+                    || r.kind == moat_pal::memory::RegionKind::Mapped
+                {
                     continue;
                 }
                 match ranges.last_mut() {
@@ -396,13 +401,15 @@ fn console(lin: &LinuxPal) -> Result<(File, Option<File>), String> {
 }
 
 /// Start feeding each UART from the console's input, on a thread of its
-/// own: bytes go into the receive FIFO as it takes them.
-pub fn start_inputs(vm: &Arc<crate::pico::PicoVm>) {
-    for (i, d) in vm.devices.devs.iter().enumerate() {
+/// own (confined to its own allow-list): bytes go into the receive FIFO as
+/// it takes them. Call before the VMM confines its main thread.
+pub fn start_inputs(set: &DeviceSet) {
+    for d in &set.devs {
         let Some(input) = d.input.lock().unwrap().take() else {
             continue;
         };
-        let vm = vm.clone();
+        let Model::Uart(u) = &d.model else { continue };
+        let u = u.clone();
         let _ = std::thread::Builder::new()
             .stack_size(64 << 10)
             .spawn(move || {
@@ -413,9 +420,7 @@ pub fn start_inputs(vm: &Arc<crate::pico::PicoVm>) {
                         moat_host_linux::EXIT_HOST_FAILURE,
                     );
                 }
-                if let Model::Uart(u) = &vm.devices.devs[i].model {
-                    pump(u, input);
-                }
+                pump(&u, input);
             });
     }
 }

@@ -23,16 +23,34 @@ pub const PD_MMIO: u64 = 0x6000;
 pub const PT0: u64 = 0x7000;
 pub const GDT: u64 = 0x8000;
 pub const IDT: u64 = 0x9000;
-/// 32 exception stubs, 16 bytes each, then the upcall-return trampoline
-/// and the thread-return trampoline.
+/// 32 exception stubs, 16 bytes each (CPL 0, supervisor-only page).
 pub const EXC_STUBS: u64 = 0xa000;
-pub const UPCALL_RETURN: u64 = EXC_STUBS + 32 * 16;
-pub const THREAD_RETURN: u64 = UPCALL_RETURN + 16;
-/// Where `syscall` and `sysenter` land (LSTAR, SYSENTER_EIP).
-pub const SYSCALL_TRAP: u64 = THREAD_RETURN + 16;
-/// One 8-byte stub per ABI call: `mov eax, NR; out HYPERCALL_PORT, eax; ret`.
+/// One 8-byte stub per ABI call: `mov eax, NR; out HYPERCALL_PORT, eax;
+/// ret` (the one page of the VMM area the picoprocess may execute).
 pub const CALL_STUBS: u64 = 0xb000;
+/// The upcall-return and thread-return trampolines, on the same page.
+pub const UPCALL_RETURN: u64 = CALL_STUBS + 0x800;
+pub const THREAD_RETURN: u64 = UPCALL_RETURN + 16;
+/// Where `syscall` and `sysenter` land (LSTAR, SYSENTER_EIP). On the user
+/// page: a nested PVM host enters it without changing privilege.
+pub const SYSCALL_TRAP: u64 = THREAD_RETURN + 16;
+/// The PAL function table (readable by the picoprocess).
 pub const TABLE: u64 = 0xc000;
+/// Per thread, at the top of guest RAM in supervisor-only 2 MiB pages
+/// (out of the picoprocess's reach): its TSS (104 bytes, an I/O bitmap
+/// that opens every port, the end byte) and the CPL 0 stack its
+/// exception stubs push their frame on.
+pub const TSS_SLOT: u64 = 0x3000;
+pub const TSS_LIMIT: u64 = 104 + 8192;
+/// Where a slot's CPL 0 stack starts (it grows down from the slot end).
+pub const TSS_STACK_TOP: u64 = TSS_SLOT;
+
+/// Bytes of guest RAM the TSS area of `threads` threads takes.
+pub const fn tss_area(threads: u64) -> u64 {
+    let bytes = threads * TSS_SLOT;
+    let big = 2 << 20;
+    bytes.div_ceil(big) * big
+}
 /// Size of the VMM area (memory slot 0).
 pub const LOW_SIZE: u64 = 0x10000;
 /// Guest RAM starts here (memory slot 1).

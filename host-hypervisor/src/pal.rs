@@ -210,7 +210,7 @@ impl Pal for KvmPal {
     }
 
     fn dk_thread_get_parameter(&self) -> i64 {
-        thread_param() as i64
+        moat_pal::encode(Ok(thread_param()))
     }
 
     fn dk_thread_exit(&self, _code: i32) -> ! {

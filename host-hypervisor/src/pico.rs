@@ -35,11 +35,8 @@ pub const ALTSTACK_SIZE: u64 = 64 << 10;
 const PAGE: u64 = 0x1000;
 /// Nested exception upcalls one thread may be in at once.
 const MAX_UPCALL_DEPTH: u32 = 4;
-/// Each thread's TSS (104 bytes, then an 8 KiB I/O bitmap and its end
-/// byte) and, above it, the CPL 0 stack of the exception stubs, at the
-/// bottom of its exception stack.
-const TSS_LIMIT: u64 = 104 + 8192;
-const TSS_STACK: u64 = 0x3000;
+/// The VMM's own signal stack per vCPU thread.
+const SIGNAL_STACK: u64 = 64 << 10;
 
 fn nr_of(name: &str) -> u32 {
     moat_pal::CALL_NAMES
@@ -52,10 +49,14 @@ fn nr_of(name: &str) -> u32 {
 pub struct PicoVm {
     vm: VmFd,
     pub ram_end: u64,
+    tss_base: u64,
+    /// Free TSS slots (one per running thread).
+    tss_free: Mutex<Vec<u64>>,
     dog: Watchdog,
     /// vCPUs of ended threads, for the next thread (KVM cannot destroy one).
     idle: Mutex<Vec<VcpuFd>>,
     next_id: AtomicU64,
+    next_run: AtomicU64,
     template: kvm_sregs,
     pub lin: &'static LinuxPal,
     pub devices: DeviceSet,
@@ -86,13 +87,16 @@ impl PicoVm {
         lin.regions
             .write()
             .unwrap()
-            .set_window(RAM_START, shell.ram);
+            .set_window(RAM_START, shell.tss_base);
         PicoVm {
             vm: shell.vm,
-            ram_end: shell.ram,
+            ram_end: shell.tss_base,
+            tss_base: shell.tss_base,
+            tss_free: Mutex::new((0..shell.threads.max(1)).rev().collect()),
             dog: shell.dog,
             idle: Mutex::new(vec![shell.first]),
             next_id: AtomicU64::new(1),
+            next_run: AtomicU64::new(0),
             template: shell.template,
             lin,
             devices,
@@ -102,14 +106,17 @@ impl PicoVm {
     }
 
     /// A vCPU for a new thread: an idle one or a fresh one.
+    /// A vCPU for a new thread: an idle one or a fresh one (KVM ids only
+    /// advance when a vCPU is created). The id returned names the run for
+    /// the watchdog and is never reused.
     fn vcpu(&self) -> Result<(u64, VcpuFd), Error> {
+        let run = self.next_run.fetch_add(1, Ordering::Relaxed);
         if let Some(v) = self.idle.lock().unwrap().pop() {
-            let id = self.next_id.fetch_add(1, Ordering::Relaxed) | (1 << 32);
-            return Ok((id, v));
+            return Ok((run, v));
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let v = self.vm.create_vcpu(id).map_err(|_| Error::LimitExceeded)?;
-        Ok((id, v))
+        Ok((run, v))
     }
 
     /// Allocate a stack with a guard page below it, and an exception stack.
@@ -164,6 +171,11 @@ impl PicoVm {
         let spawned = std::thread::Builder::new()
             .stack_size(512 << 10)
             .spawn(move || {
+                // A signal stack of our own: a fault in the VMM is reported
+                // from it (see vmm.rs), even on an overflowed stack.
+                if let Ok(alt) = sys::mmap_anon(0, SIGNAL_STACK, prot::READ | prot::WRITE) {
+                    signals::set_altstack(alt, SIGNAL_STACK);
+                }
                 let code = me.run_thread(&pal, id, vcpu, &stacks, entry, arg, param);
                 me.free_stacks(&stacks);
                 if let Some(o) = done {
@@ -195,9 +207,14 @@ impl PicoVm {
         // frame) sits at the bottom of its exception stack.
         // Its I/O permission bitmap allows every port (a nested PVM host
         // checks the bitmap, not IOPL): the VMM decides on each access.
-        let tss = stacks.alt;
+        let Some(slot) = self.tss_free.lock().unwrap().pop() else {
+            return 125;
+        };
+        let tss = self.tss_base + slot * TSS_SLOT;
+        // The VMM's own memory (outside the region map), at the same
+        // address in the VMM: write it directly.
         sys::copy_out(tss, &vec![0u8; TSS_LIMIT as usize + 1]);
-        sys::put(tss + 4, tss + TSS_STACK);
+        sys::put(tss + 4, tss + TSS_STACK_TOP);
         sys::put(tss + 102, 104u16);
         sys::put(tss + TSS_LIMIT, 0xffu8);
         let mut sregs = self.template;
@@ -230,6 +247,7 @@ impl PicoVm {
             id,
             vcpu,
             sregs,
+            tss,
             alt_top: stacks.alt + ALTSTACK_SIZE,
             depth: 0,
         };
@@ -242,6 +260,7 @@ impl PicoVm {
             ),
         };
         self.idle.lock().unwrap().push(cpu.vcpu);
+        self.tss_free.lock().unwrap().push(slot);
         code
     }
 
@@ -474,7 +493,10 @@ impl PicoVm {
     /// rax, then left with the vector in al.
     fn on_exception(&self, pal: &KvmPal, cpu: &mut Cpu, vector: u8) -> Result<(), i32> {
         let r = cpu.vcpu.sync_regs().regs;
-        let frame_ok = self.lin.check_r(r.rsp, 7 * 8).is_ok();
+        // The frame is on this thread's CPL 0 stack, in the VMM's own
+        // memory (the picoprocess cannot reach it).
+        let (lo, hi) = (cpu.tss + TSS_LIMIT + 1, cpu.tss + TSS_STACK_TOP);
+        let frame_ok = r.rsp >= lo && r.rsp.checked_add(7 * 8).is_some_and(|e| e <= hi);
         if !frame_ok {
             self.die(
                 ReportKind::Exception,
@@ -682,8 +704,10 @@ impl PicoVm {
             ctx.rsp.saturating_sub(256)
         };
         let size = std::mem::size_of::<ExceptionInfo>() as u64;
-        let at = (top - size) & !15;
-        if self.lin.check_w(at - 8, size + 8).is_err() {
+        let Some(at) = top.checked_sub(size + 16).map(|a| (a + 8) & !15) else {
+            return Ok(None);
+        };
+        if at < 8 || self.lin.check_w(at - 8, size + 8).is_err() {
             return Ok(None);
         }
         sys::put(at, info);
@@ -725,6 +749,9 @@ impl PicoVm {
 pub struct VmShell {
     vm: VmFd,
     ram: u64,
+    /// Where the TSS area starts (guest RAM above is the VMM's).
+    tss_base: u64,
+    threads: u64,
     dog: Watchdog,
     first: VcpuFd,
     template: kvm_sregs,
@@ -733,7 +760,7 @@ pub struct VmShell {
 impl VmShell {
     /// `ram` bytes of guest RAM (a multiple of 2 MiB, at most [`MAX_RAM`])
     /// at the same host address, the VMM area written, one vCPU.
-    pub fn new(kvm: &Kvm, ram: u64) -> Result<VmShell, PicoError> {
+    pub fn new(kvm: &Kvm, ram: u64, threads: u64) -> Result<VmShell, PicoError> {
         if !(4 << 20..=MAX_RAM).contains(&ram) || !ram.is_multiple_of(2 << 20) {
             return Err(PicoError::Setup(format!(
                 "guest memory of {ram} bytes is not possible on kvm (4 MiB to {} MiB, in 2 MiB steps)",
@@ -750,6 +777,18 @@ impl VmShell {
             ))
         })?;
         let _ = sys::munmap(probe, ram - RAM_START);
+        // The TSS area: the top of guest RAM, the VMM's own memory (never
+        // in the region map, supervisor-only in the page tables).
+        let area = tss_area(threads.max(1));
+        if area > ram / 4 {
+            return Err(PicoError::Setup(format!(
+                "{threads} threads need {} MiB of guest memory for their task state on kvm; lower threads or raise memory_mib",
+                area >> 20
+            )));
+        }
+        let tss_base = ram - area;
+        sys::mmap_anon(tss_base, area, prot::READ | prot::WRITE)
+            .map_err(|_| PicoError::Setup("cannot allocate the task-state area".into()))?;
         let vm = kvm.create_vm().map_err(kvm_err("creating a VM"))?;
         let low = sys::mmap_anon(0, LOW_SIZE, prot::READ | prot::WRITE)
             .map_err(|_| PicoError::Setup("cannot allocate the VMM area".into()))?;
@@ -772,7 +811,7 @@ impl VmShell {
             unsafe { vm.set_user_memory_region(region) }
                 .map_err(kvm_err("a guest memory region"))?;
         }
-        Low(low as *mut u8).write(ram);
+        Low(low as *mut u8).write(ram, tss_base);
         let dog = Watchdog::confined(Some(|| {
             crate::confine::apply(crate::confine::watchdog_rules())
         }))
@@ -789,6 +828,8 @@ impl VmShell {
         Ok(VmShell {
             vm,
             ram,
+            tss_base,
+            threads,
             dog,
             first,
             template,
@@ -797,6 +838,10 @@ impl VmShell {
 
     pub fn ram(&self) -> u64 {
         self.ram
+    }
+
+    pub fn threads(&self) -> u64 {
+        self.threads
     }
 }
 
@@ -816,7 +861,7 @@ impl Low {
         unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), self.0.add(gpa as usize), b.len()) };
     }
 
-    fn write(&self, ram_end: u64) {
+    fn write(&self, ram_end: u64, tss_base: u64) {
         // Page tables: the first 2 MiB in 4 KiB pages without page 0, the
         // rest of RAM in 2 MiB pages, and one 2 MiB uncached page of
         // device windows at MMIO_BASE.
@@ -830,14 +875,24 @@ impl Low {
         self.w64(PDPT + 3 * 8, PD_MMIO | P_RW_U);
         self.w64(PD[0], PT0 | P_RW_U);
         for p in 1..512u64 {
-            let flags = if p * PAGE < LOW_SIZE { 0x5 } else { P_RW_U };
+            // The VMM area is supervisor-only, but the page of call stubs
+            // and trampolines and the page of the table (read-only).
+            let a = p * PAGE;
+            let flags = if a == CALL_STUBS || a == TABLE {
+                0x5
+            } else if a < LOW_SIZE {
+                0x3
+            } else {
+                P_RW_U
+            };
             self.w64(PT0 + p * 8, (p * PAGE) | flags);
         }
         let big = 2u64 << 20;
         for i in 1..ram_end / big {
             let gpa = i * big;
             let pd = PD[(gpa >> 30) as usize];
-            self.w64(pd + ((gpa >> 21) & 511) * 8, gpa | 0x80 | P_RW_U);
+            let user = if gpa >= tss_base { 0 } else { 0x4 };
+            self.w64(pd + ((gpa >> 21) & 511) * 8, gpa | 0x83 | user);
         }
         self.w64(PD_MMIO, MMIO_BASE | 0x80 | 0x18 | P_RW_U); // PS | PCD | PWT
                                                              // GDT: null, kernel code and data (exception stubs), user code and
@@ -907,6 +962,8 @@ struct Cpu {
     vcpu: VcpuFd,
     /// Its user-mode system registers (to return from an exception stub).
     sregs: kvm_sregs,
+    /// Its TSS; the CPL 0 stack is the rest of the slot.
+    tss: u64,
     alt_top: u64,
     depth: u32,
 }
@@ -955,6 +1012,9 @@ fn user_mode(s: &mut kvm_sregs) {
     let d = seg(0x23, 3, 0);
     (s.ds, s.es, s.fs, s.gs, s.ss) = (d, d, d, d, d);
     s.gdt.limit = 7 * 8 - 1;
+    // Write-protect at CPL 0 too: an exception push cannot write a
+    // read-only page.
+    s.cr0 |= 0x1_0000;
     s.efer |= 1; // SCE: `syscall` enters SYSCALL_TRAP
 }
 

@@ -51,6 +51,10 @@ fn run(warm: Option<&moat_policy::Limits>) -> ! {
     if let Err(e) = signals::install_for_vmm() {
         fail(&format!("vmm: {e}"));
     }
+    // A panic (a VMM bug) is reported before the process aborts.
+    std::panic::set_hook(Box::new(|info| {
+        signals::report(ReportKind::Startup, &format!("vmm: internal error: {info}"));
+    }));
     // No file system from here on: the image, and every file the
     // picoprocess opens, come as descriptors from the monitor.
     if let Err(e) = moat_host_linux::loader::sandbox::landlock_restrict() {
@@ -62,7 +66,7 @@ fn run(warm: Option<&moat_policy::Limits>) -> ! {
     let mut shell = warm
         .map(|l| ram_for(l.memory_mib))
         .filter(|&r| r <= MAX_RAM)
-        .and_then(|r| VmShell::new(&kvm, r).ok());
+        .and_then(|r| VmShell::new(&kvm, r, warm.map_or(1, |l| l.threads)).ok());
     let (cfg, mut fds) = match protocol::recv::<Config>(sys::borrow(&sock)) {
         Ok(v) => v,
         Err(e) => fail(&format!("vmm: no configuration from the monitor: {e}")),
@@ -89,9 +93,13 @@ fn run(warm: Option<&moat_policy::Limits>) -> ! {
     )) else {
         fail("vmm: initialised twice")
     };
-    let shell = match shell.take().filter(|s| s.ram() == ram) {
+    let threads = cfg.limits.threads;
+    let shell = match shell
+        .take()
+        .filter(|s| s.ram() == ram && s.threads() == threads)
+    {
         Some(s) => s,
-        None => match VmShell::new(&kvm, ram) {
+        None => match VmShell::new(&kvm, ram, threads) {
             Ok(s) => s,
             Err(e) => fail(&format!("cannot create the micro-VM: {e}")),
         },
@@ -104,6 +112,13 @@ fn run(warm: Option<&moat_policy::Limits>) -> ! {
     vm.trace = cfg.trace;
     if cfg.limits.cpu_seconds != 0 {
         vm.watchdog = vm.watchdog.min(Duration::from_secs(cfg.limits.cpu_seconds));
+    }
+    crate::devices::start_inputs(&vm.devices);
+    // Confine before touching the image: this thread and every vCPU
+    // thread (started from here or from a vCPU thread) keep to the vCPU
+    // allow-list.
+    if let Err(e) = crate::confine::apply(crate::confine::vcpu_rules()) {
+        fail(&e);
     }
     let bytes = match image::read_all(image_fd.as_raw_fd()) {
         Ok(b) => b,
@@ -155,16 +170,10 @@ fn run(warm: Option<&moat_policy::Limits>) -> ! {
     lin.startup.store(page, Ordering::Release);
 
     let vm = Arc::new(vm);
-    crate::devices::start_inputs(&vm);
     let pal = Arc::new(KvmPal {
         lin,
         vm: vm.clone(),
     });
-    // Confine: this thread and every vCPU thread (started from here or
-    // from a vCPU thread) keep to the vCPU allow-list.
-    if let Err(e) = crate::confine::apply(crate::confine::vcpu_rules()) {
-        fail(&e);
-    }
     lin.threads_live.fetch_add(1, Ordering::AcqRel);
     if let Err(e) = vm.spawn_thread(pal, img.entry, page, 0, None) {
         fail(&format!("cannot start the first thread: {e:?}"));

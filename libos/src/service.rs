@@ -147,7 +147,11 @@ fn send(s: &mut Stream, r: Response, payload: &[u8]) -> Result<()> {
 /// Serve `dev` to the mediator on `pipe.server:NAME` until the mediator
 /// goes away (Ok) or the connection breaks. With `faults`, misbehave as
 /// they say.
-pub fn serve_block(name: &str, dev: &mut dyn BlockDevice, mut faults: Option<Faults>) -> Result<()> {
+pub fn serve_block(
+    name: &str,
+    dev: &mut dyn BlockDevice,
+    mut faults: Option<Faults>,
+) -> Result<()> {
     let uri = alloc::format!("pipe.server:{name}");
     let mut s = Stream::open(&uri, access::READ | access::WRITE, create::OPEN_EXISTING, 0)?;
     let (capacity, block) = dev.geometry();

@@ -336,7 +336,9 @@ impl Engine {
         if !self.spec.console {
             sb = sb.log(moat_host_linux::LogSink::Callback(Arc::new(|_| {})));
         }
-        let proc = sb.spawn().map_err(|e| io_err(format!("cannot start the driver: {e}")))?;
+        let proc = sb
+            .spawn()
+            .map_err(|e| io_err(format!("cannot start the driver: {e}")))?;
         *self.killer.lock().unwrap() = Some(proc.killer());
         let conn = proc
             .connect_pipe(PIPE)
@@ -383,7 +385,9 @@ impl Engine {
                         .map_err(|v| io_err(format!("driver handshake: {v}")));
                 }
                 FromDriver::Malformed(g, e) if g == generation => {
-                    return Err(io_err(format!("driver handshake: malformed message: {e:?}")))
+                    return Err(io_err(format!(
+                        "driver handshake: malformed message: {e:?}"
+                    )))
                 }
                 FromDriver::Closed(g) if g == generation => {
                     return Err(io_err("the driver ended before reporting its geometry"))
@@ -420,10 +424,7 @@ impl Engine {
             if let Some(id) = self.contract.expired(Instant::now()) {
                 self.recover(Violation::Deadline, Some(id));
             }
-            if self
-                .circuit_open_until
-                .is_some_and(|t| Instant::now() >= t)
-            {
+            if self.circuit_open_until.is_some_and(|t| Instant::now() >= t) {
                 self.circuit_open_until = None;
                 self.failed_restarts = 0;
                 if self.driver.is_none() {
@@ -522,7 +523,11 @@ impl Engine {
                         };
                         if done.status == status::OK {
                             let n = payload.len() as u64;
-                            let w = if done.op == op::WRITE { done.len as u64 } else { 0 };
+                            let w = if done.op == op::WRITE {
+                                done.len as u64
+                            } else {
+                                0
+                            };
                             self.count(|c| {
                                 c.completed += 1;
                                 c.bytes_read += n;
@@ -595,9 +600,7 @@ impl Engine {
                         });
                     }
                     // Back off a little before the next attempt.
-                    std::thread::sleep(Duration::from_millis(
-                        10u64 << self.failed_restarts.min(6),
-                    ));
+                    std::thread::sleep(Duration::from_millis(10u64 << self.failed_restarts.min(6)));
                 }
             }
         }
@@ -658,7 +661,10 @@ fn read_driver(generation: u64, mut s: UnixStream, tx: Sender<FromDriver>) {
             let _ = tx.send(FromDriver::Closed(generation));
             return;
         }
-        if tx.send(FromDriver::Message(generation, resp, payload)).is_err() {
+        if tx
+            .send(FromDriver::Message(generation, resp, payload))
+            .is_err()
+        {
             return;
         }
     }

@@ -49,7 +49,8 @@
 //! `/dev/fuse`. As root the mount is a plain `mount(2)`: no libfuse and no
 //! helper binary is needed. Other users need the setuid `fusermount3` (Debian
 //! and Ubuntu package `fuse3`), which fuser runs for them. Only the mounting
-//! user (and root) can access the mount (no `allow_other`).
+//! user can access the mount (there is no `allow_other`): mount as the user
+//! that runs `losetup`, normally root.
 
 use std::ffi::{CString, OsStr, OsString};
 use std::io;

@@ -271,3 +271,53 @@ fn an_image_larger_than_the_memory_limit_is_refused() {
         assert!(out.stderr.contains("memory"), "host {h}: {}", out.stderr);
     }
 }
+
+#[test]
+fn attacks_on_the_vmm_end_only_the_picoprocess() {
+    if !kvm() {
+        return;
+    }
+    // The VM's own memory: page tables, IDT, exception stubs, call stubs.
+    for addr in ["0x1000", "0x9000", "0xa000", "0xb000", "0xc000"] {
+        let out = run_on("kvm", &[&img("hostile-vmm"), "vmm-area", addr]);
+        assert!(!out.stdout.contains("ESCAPED"), "{addr}: {}", out.stdout);
+        out.assert_code(139);
+    }
+    // A fault inside a handler with a hostile stack pointer.
+    let out = run_on("kvm", &[&img("hostile-vmm"), "nested-rsp"]);
+    assert!(!out.stdout.contains("ESCAPED"), "{}", out.stdout);
+    out.assert_code(132);
+    assert!(
+        out.stderr.contains("unhandled illegal instruction"),
+        "{}",
+        out.stderr
+    );
+    // Thousands of threads over time, vCPUs reused.
+    let out = run_on("kvm", &[&img("hostile-vmm"), "threads", "4200"]);
+    out.assert_code(0);
+    // The host copies from a file mapping past the file's end: as on
+    // linux, the picoprocess ends with a report, the host does not.
+    let d = tempfile::tempdir().unwrap();
+    let tiny = d.path().join("tiny");
+    std::fs::write(&tiny, b"abc").unwrap();
+    let grant = file_uri(&tiny);
+    for h in hosts() {
+        let out = run_on(
+            h,
+            &[
+                "--allow-ro",
+                &grant,
+                &img("hostile-vmm"),
+                "sigbus",
+                tiny.to_str().unwrap(),
+            ],
+        );
+        assert!(!out.stdout.contains("ESCAPED"), "{h}: {}", out.stdout);
+        out.assert_code(135);
+        assert!(
+            out.stderr.contains("memory fault inside the PAL"),
+            "{h}: {}",
+            out.stderr
+        );
+    }
+}

@@ -74,7 +74,12 @@ fn main() -> i32 {
         },
         None => None,
     };
-    let f = match Stream::open(&args[2], access::READ | access::WRITE, create::OPEN_EXISTING, 0) {
+    let f = match Stream::open(
+        &args[2],
+        access::READ | access::WRITE,
+        create::OPEN_EXISTING,
+        0,
+    ) {
         Ok(f) => f,
         Err(e) => {
             eprintln!("blk-file: cannot open {}: {}", args[2], e.name());

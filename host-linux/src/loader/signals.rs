@@ -275,7 +275,12 @@ pub fn install_for_vmm() -> Result<(), String> {
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
     install(libc::SIGTERM, on_term as *const () as usize, false)?;
     // A refused call in the VMM is reported by name, as in a loader.
-    install(libc::SIGSYS, on_sigsys as *const () as usize, true)
+    install(libc::SIGSYS, on_sigsys as *const () as usize, true)?;
+    // A fault in the VMM (a guest freeing memory the VMM is copying, a
+    // mapped file shorter than its mapping) is reported as a loader
+    // reports a fault inside the PAL, and ends the picoprocess.
+    install(libc::SIGSEGV, on_fault as *const () as usize, true)?;
+    install(libc::SIGBUS, on_fault as *const () as usize, true)
 }
 
 /// Install all handlers. No helper thread: a loader stays single-threaded

@@ -197,10 +197,16 @@ mod tests {
         assert_eq!(Response::decode(&s.encode()), Ok(s));
         let mut b = s.encode();
         b[0] = b'X';
-        assert!(matches!(Response::decode(&b), Err(DecodeError::BadMagic(_))));
+        assert!(matches!(
+            Response::decode(&b),
+            Err(DecodeError::BadMagic(_))
+        ));
         let mut b = s.encode();
         b[24..28].copy_from_slice(&(MAX_PAYLOAD + 1).to_le_bytes());
-        assert_eq!(Response::decode(&b), Err(DecodeError::TooLong(MAX_PAYLOAD + 1)));
+        assert_eq!(
+            Response::decode(&b),
+            Err(DecodeError::TooLong(MAX_PAYLOAD + 1))
+        );
         let mut b = s.encode();
         b[20] = 1;
         assert_eq!(Response::decode(&b), Err(DecodeError::Reserved));
