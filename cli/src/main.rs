@@ -9,6 +9,7 @@ use std::process::ExitCode;
 mod abi;
 mod images;
 mod inspect;
+mod mediate;
 mod resolve;
 mod run;
 
@@ -33,6 +34,11 @@ enum Cmd {
     Inspect(inspect::InspectArgs),
     /// List the built images `moat run` finds by name.
     Images(images::ImagesArgs),
+    /// A disk served by a driver picoprocess through the safe mediator,
+    /// crashes and lies injected, every byte checked, counters printed.
+    Demo(mediate::DemoArgs),
+    /// A seeded fault campaign through the mediator.
+    Campaign(mediate::CampaignArgs),
 }
 
 /// Print `moat: <msg>` and return the bad-input exit code.
@@ -48,6 +54,8 @@ fn main() -> ExitCode {
         Cmd::Abi(a) => abi::main(a),
         Cmd::Inspect(a) => inspect::main(a),
         Cmd::Images(a) => images::main(a),
+        Cmd::Demo(a) => mediate::demo(a),
+        Cmd::Campaign(a) => mediate::campaign(a),
     };
     ExitCode::from((code & 0xff) as u8)
 }

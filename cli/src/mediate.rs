@@ -2,7 +2,7 @@
 //! behind the safe mediator.
 use crate::bad_input;
 use clap::{Args, ValueEnum};
-use moat_mediator::block::{Config, Counters, DriverSpec, FaultPlan, MediatedBlock, PIPE};
+use moat_mediator::block::{Config, Counters, DriverSpec, FaultPlan, PIPE};
 use moat_mediator::campaign::{self, Campaign};
 use moat_policy::{Access, DeviceSpec, Policy};
 use std::io::Write;
@@ -45,8 +45,8 @@ pub struct DriverArgs {
 
 impl DriverArgs {
     fn spec(&self, disk: &Path) -> Result<(DriverSpec, Config), String> {
-        let disk = std::fs::canonicalize(disk)
-            .map_err(|e| format!("disk `{}`: {e}", disk.display()))?;
+        let disk =
+            std::fs::canonicalize(disk).map_err(|e| format!("disk `{}`: {e}", disk.display()))?;
         if !disk.is_file() {
             return Err(format!("disk `{}` is not a regular file", disk.display()));
         }
@@ -121,8 +121,16 @@ fn parse_faults(s: &str) -> Result<FaultPlan, String> {
         .ok_or_else(bad)?;
     let kinds = it.next().filter(|k| !k.is_empty()).ok_or_else(bad)?;
     const KINDS: [&str; 10] = [
-        "crash", "panic", "hang", "double", "wrong-id", "wrong-len", "bad-status", "oom",
-        "flood", "all",
+        "crash",
+        "panic",
+        "hang",
+        "double",
+        "wrong-id",
+        "wrong-len",
+        "bad-status",
+        "oom",
+        "flood",
+        "all",
     ];
     if let Some(k) = kinds.split(',').find(|k| !KINDS.contains(k)) {
         return Err(format!(
@@ -153,7 +161,11 @@ pub fn print_counters(c: &Counters, out: &mut impl Write) {
         out,
         "faults seen {}: {}",
         c.faults(),
-        if v.is_empty() { "none".into() } else { v.join(", ") }
+        if v.is_empty() {
+            "none".into()
+        } else {
+            v.join(", ")
+        }
     );
     if let (Some(p50), Some(p99)) = (c.recovery_percentile(0.5), c.recovery_percentile(0.99)) {
         let _ = writeln!(

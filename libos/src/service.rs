@@ -174,8 +174,8 @@ pub fn serve_block(
             len: 0,
         };
         let in_range = |off: u64, len: u64| {
-            off % block as u64 == 0
-                && len % block as u64 == 0
+            off.is_multiple_of(block as u64)
+                && len.is_multiple_of(block as u64)
                 && off.checked_add(len).is_some_and(|e| e <= capacity)
         };
         let mut out_len = 0usize;

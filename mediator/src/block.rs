@@ -133,7 +133,6 @@ enum Cmd {
         data: Vec<u8>,
         reply: Reply,
     },
-    KillDriver,
     Shutdown,
 }
 
@@ -191,6 +190,7 @@ impl MediatedBlock {
             counters: counters.clone(),
             killer: killer.clone(),
             failed_restarts: 0,
+            progress: false,
             circuit_open_until: None,
             queue: Vec::new(),
         };
@@ -291,7 +291,11 @@ struct Engine {
     from_driver: (Sender<FromDriver>, Receiver<FromDriver>),
     counters: Arc<Mutex<Counters>>,
     killer: Arc<Mutex<Option<Killer>>>,
+    /// Restarts in a row that brought no progress: the new driver did not
+    /// come up, or failed again with work pending and none completed.
     failed_restarts: u32,
+    /// The current driver completed a request since it started.
+    progress: bool,
     circuit_open_until: Option<Instant>,
     /// Client requests waiting for room (max in flight) or a driver.
     queue: Vec<Cmd>,
@@ -413,9 +417,6 @@ impl Engine {
             select! {
                 recv(cmds) -> c => match c {
                     Ok(Cmd::Shutdown) | Err(_) => break,
-                    Ok(Cmd::KillDriver) => {
-                        if let Some(d) = &mut self.driver { let _ = d.proc.kill(); }
-                    }
                     Ok(c) => { self.queue.push(c); self.pump(); }
                 },
                 recv(from) -> m => if let Ok(m) = m { self.on_driver(m) },
@@ -516,6 +517,7 @@ impl Engine {
                 match self.contract.check_response(&resp, Instant::now()) {
                     Ok(done) => {
                         self.failed_restarts = 0;
+                        self.progress = true;
                         self.payloads.remove(&done.id);
                         let Some(reply) = self.waiting.remove(&done.id) else {
                             self.count(|c| c.duplicate_completions += 1);
@@ -567,6 +569,13 @@ impl Engine {
     /// End the current driver, start a new one, re-issue what was in flight.
     fn restart(&mut self) {
         let t0 = Instant::now();
+        // A driver that failed with nothing to do, or after completing
+        // something, is no sign of a request that kills every driver.
+        if self.progress || self.contract.in_flight_len() == 0 {
+            self.failed_restarts = 0;
+        } else {
+            self.failed_restarts += 1;
+        }
         if let Some(mut d) = self.driver.take() {
             let _ = d.proc.kill();
             // Reap it off the engine thread.
@@ -584,8 +593,7 @@ impl Engine {
 
     fn recover_start_at(&mut self, t0: Instant) {
         loop {
-            self.failed_restarts += 1;
-            if self.failed_restarts > self.config.max_failed_restarts {
+            if self.failed_restarts >= self.config.max_failed_restarts {
                 self.open_circuit();
                 return;
             }
@@ -593,6 +601,7 @@ impl Engine {
             match self.start_driver() {
                 Ok(_) => break,
                 Err(_) => {
+                    self.failed_restarts += 1;
                     if let Some(mut d) = self.driver.take() {
                         let _ = d.proc.kill();
                         std::thread::spawn(move || {
@@ -604,6 +613,7 @@ impl Engine {
                 }
             }
         }
+        self.progress = false;
         let again = self.contract.reissue(Instant::now());
         let n = again.len() as u64;
         for mut req in again {

@@ -118,7 +118,7 @@ pub fn run(c: &Campaign, mut progress: impl FnMut(u64, u64)) -> std::io::Result<
         let n = (1 + xorshift(&mut rng) % 8).min(blocks - start);
         let io = &mut buf[..(n * bs) as usize];
         let t = Instant::now();
-        let write = xorshift(&mut rng) % 2 == 0;
+        let write = xorshift(&mut rng).is_multiple_of(2);
         let res = if write {
             version += 1;
             for (k, chunk) in io.chunks_exact_mut(bs as usize).enumerate() {
@@ -136,15 +136,12 @@ pub fn run(c: &Campaign, mut progress: impl FnMut(u64, u64)) -> std::io::Result<
             if res.is_ok() {
                 for (k, chunk) in io.chunks_exact(bs as usize).enumerate() {
                     let b = start + k as u64;
-                    match model.get(&b) {
-                        Some(&v) => {
-                            fill(&mut want, b, v);
-                            if chunk != &want[..] {
-                                r.mismatches += 1;
-                            }
+                    // A block never written holds whatever the disk held.
+                    if let Some(&v) = model.get(&b) {
+                        fill(&mut want, b, v);
+                        if chunk != &want[..] {
+                            r.mismatches += 1;
                         }
-                        // Never written: whatever the disk held before.
-                        None => {}
                     }
                 }
             }

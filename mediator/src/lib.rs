@@ -14,3 +14,4 @@
 pub mod block;
 pub mod campaign;
 pub mod contract;
+pub mod export;

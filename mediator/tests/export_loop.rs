@@ -1,0 +1,596 @@
+//! End to end: a block service exported through FUSE becomes a loop device
+//! that Linux formats, mounts, fills, checks and reads back.
+//!
+//! Needs root, /dev/fuse, /dev/loop-control, losetup, mount/umount (util-linux)
+//! and mkfs.ext4/fsck.ext4 (e2fsprogs). Without them it is skipped, unless
+//! MOAT_REQUIRE_ROOT_TOOLS is set, when it fails. Every mount and loop device
+//! it makes is held by a guard that undoes it, so a failure leaves none behind.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use moat_mediator::export::{self, BlockBackend};
+
+const CAPACITY: usize = 64 << 20;
+const BLOCK_SIZE: u32 = 4096;
+const FILES: usize = 200;
+const MAX_FILE: u64 = 256 << 10;
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// An in-memory block service. It refuses (and counts) any call that is not
+/// block aligned, which would be a bug of the exporter.
+struct MemBackend {
+    data: Mutex<Vec<u8>>,
+    misaligned: AtomicU64,
+    reads: AtomicU64,
+    writes: AtomicU64,
+    flushes: AtomicU64,
+}
+
+impl MemBackend {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            data: Mutex::new(vec![0; CAPACITY]),
+            misaligned: AtomicU64::new(0),
+            reads: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
+            flushes: AtomicU64::new(0),
+        })
+    }
+
+    fn check(&self, offset: u64, len: usize) -> io::Result<usize> {
+        let bs = u64::from(BLOCK_SIZE);
+        if !offset.is_multiple_of(bs)
+            || !(len as u64).is_multiple_of(bs)
+            || offset + len as u64 > CAPACITY as u64
+        {
+            self.misaligned.fetch_add(1, Ordering::SeqCst);
+            return Err(io::Error::other(format!("bad call: {offset}+{len}")));
+        }
+        Ok(offset as usize)
+    }
+}
+
+impl BlockBackend for MemBackend {
+    fn capacity(&self) -> u64 {
+        CAPACITY as u64
+    }
+    fn block_size(&self) -> u32 {
+        BLOCK_SIZE
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let o = self.check(offset, buf.len())?;
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        buf.copy_from_slice(&self.data.lock().unwrap()[o..o + buf.len()]);
+        Ok(())
+    }
+    fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        let o = self.check(offset, data.len())?;
+        self.writes.fetch_add(1, Ordering::Relaxed);
+        self.data.lock().unwrap()[o..o + data.len()].copy_from_slice(data);
+        Ok(())
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.flushes.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// Why this machine cannot run the test, if it cannot.
+fn missing_prerequisites() -> Option<String> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("not root".into());
+    }
+    for dev in ["/dev/fuse", "/dev/loop-control"] {
+        if !Path::new(dev).exists() {
+            return Some(format!("no {dev}"));
+        }
+    }
+    for tool in [
+        "losetup",
+        "mkfs.ext4",
+        "fsck.ext4",
+        "mount",
+        "umount",
+        "sync",
+    ] {
+        if find_tool(tool).is_none() {
+            return Some(format!("no {tool} (packages util-linux, e2fsprogs, mount)"));
+        }
+    }
+    None
+}
+
+fn find_tool(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+}
+
+/// Runs a tool, killing it after COMMAND_TIMEOUT.
+fn run(tool: &str, args: &[&str]) -> Output {
+    let exe = find_tool(tool).unwrap_or_else(|| panic!("{tool} not found"));
+    let mut child = Command::new(exe)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {tool}: {e}"));
+    let deadline = Instant::now() + COMMAND_TIMEOUT;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "{tool} {args:?} timed out: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn run_ok(tool: &str, args: &[&str]) -> String {
+    let out = run(tool, args);
+    assert!(
+        out.status.success(),
+        "{tool} {args:?} failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A fresh empty directory, removed (only if empty) on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "moat-export-e2e-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir(&path).unwrap();
+        Self(path)
+    }
+
+    fn path(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        // Never recursive: should something still be mounted here, keep it.
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// A loop device, detached on drop.
+struct LoopDev {
+    dev: String,
+    attached: bool,
+}
+
+impl LoopDev {
+    /// Attaches `file`, with direct I/O if the kernel accepts it.
+    fn attach(file: &Path) -> (Self, bool) {
+        let file = file.to_str().unwrap();
+        for direct_io in [true, false] {
+            let mut args = vec!["--find", "--show"];
+            if direct_io {
+                args.push("--direct-io=on");
+            }
+            args.push(file);
+            let out = run("losetup", &args);
+            if out.status.success() {
+                let dev = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+                assert!(dev.starts_with("/dev/loop"), "losetup said {dev:?}");
+                return (
+                    Self {
+                        dev,
+                        attached: true,
+                    },
+                    direct_io,
+                );
+            }
+            eprintln!(
+                "losetup {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        panic!("losetup could not attach {file}");
+    }
+
+    fn sysfs(&self, attr: &str) -> Option<String> {
+        let name = self.dev.trim_start_matches("/dev/");
+        std::fs::read_to_string(format!("/sys/block/{name}/loop/{attr}"))
+            .ok()
+            .map(|s| s.trim().to_owned())
+    }
+
+    /// Detaches and waits until the device has let go of its file (the
+    /// kernel may finish the detach asynchronously).
+    fn detach(&mut self) -> bool {
+        if !std::mem::take(&mut self.attached) {
+            return true;
+        }
+        let out = run("losetup", &["-d", &self.dev]);
+        if !out.status.success() {
+            eprintln!(
+                "losetup -d {}: {}",
+                self.dev,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        let started = Instant::now();
+        let mut reported = false;
+        while self.sysfs("backing_file").is_some() {
+            if started.elapsed() > Duration::from_secs(30) {
+                return false;
+            }
+            if !reported && started.elapsed() > Duration::from_secs(1) {
+                reported = true;
+                eprintln!(
+                    "{} is still attached after 1 s; opened by: {:?}",
+                    self.dev,
+                    holders(&self.dev)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        true
+    }
+}
+
+/// The processes that have `dev` open (for diagnostics).
+fn holders(dev: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for p in procs.flatten() {
+        let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
+            continue;
+        };
+        if fds
+            .flatten()
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t == Path::new(dev)))
+        {
+            let comm = std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
+            found.push(format!(
+                "{} {}",
+                p.file_name().to_string_lossy(),
+                comm.trim()
+            ));
+        }
+    }
+    found
+}
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        self.detach();
+    }
+}
+
+/// A mounted file system, unmounted on drop.
+struct FsMount {
+    dir: String,
+    mounted: bool,
+}
+
+impl FsMount {
+    fn mount(dev: &str, dir: &TempDir) -> Self {
+        run_ok("mount", &["-t", "ext4", dev, dir.path()]);
+        Self {
+            dir: dir.path().to_owned(),
+            mounted: true,
+        }
+    }
+
+    fn unmount(&mut self) {
+        if std::mem::take(&mut self.mounted) {
+            run_ok("umount", &[&self.dir]);
+        }
+    }
+}
+
+impl Drop for FsMount {
+    fn drop(&mut self) {
+        if std::mem::take(&mut self.mounted) && !run("umount", &[&self.dir]).status.success() {
+            let _ = run("umount", &["-l", &self.dir]);
+        }
+    }
+}
+
+/// 64-bit FNV-1a.
+fn fnv1a(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// splitmix64.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+}
+
+/// The relative path, size and checksum of each file written.
+type Manifest = Vec<(PathBuf, usize, u64)>;
+
+fn write_tree(root: &Path, rng: &mut Rng) -> Manifest {
+    let mut manifest = Vec::with_capacity(FILES);
+    for i in 0..FILES {
+        let dir = match i % 3 {
+            0 => PathBuf::from(format!("d{}", i % 7)),
+            1 => PathBuf::from(format!("d{}/e{}", i % 7, i % 5)),
+            _ => PathBuf::from(format!("d{}/e{}/f{}", i % 7, i % 5, i % 2)),
+        };
+        std::fs::create_dir_all(root.join(&dir)).unwrap();
+        let len = (rng.next() % (MAX_FILE + 1)) as usize;
+        let mut data = Vec::with_capacity(len + 8);
+        while data.len() < len {
+            data.extend_from_slice(&rng.next().to_le_bytes());
+        }
+        data.truncate(len);
+        let rel = dir.join(format!("file{i:03}.bin"));
+        std::fs::write(root.join(&rel), &data).unwrap();
+        manifest.push((rel, len, fnv1a(&data)));
+    }
+    manifest
+}
+
+fn count_files(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let ty = e.file_type().unwrap();
+            if ty.is_dir() {
+                count_files(&e.path())
+            } else {
+                usize::from(ty.is_file())
+            }
+        })
+        .sum()
+}
+
+fn verify_tree(root: &Path, manifest: &Manifest) {
+    for (rel, len, sum) in manifest {
+        let data = std::fs::read(root.join(rel)).unwrap();
+        assert_eq!(data.len(), *len, "{} has the wrong size", rel.display());
+        assert_eq!(
+            fnv1a(&data),
+            *sum,
+            "{} has the wrong contents",
+            rel.display()
+        );
+    }
+    // lost+found is a directory: only our files are regular files.
+    assert_eq!(count_files(root), manifest.len());
+}
+
+#[test]
+fn ext4_on_a_loop_device_over_the_fuse_export() {
+    if let Some(why) = missing_prerequisites() {
+        assert!(
+            std::env::var_os("MOAT_REQUIRE_ROOT_TOOLS").is_none(),
+            "MOAT_REQUIRE_ROOT_TOOLS is set but the export end-to-end test cannot run: {why}"
+        );
+        eprintln!("skipping the export end-to-end test: {why}");
+        return;
+    }
+    let seed = std::env::var("MOAT_EXPORT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    eprintln!("seed {seed} (MOAT_EXPORT_SEED to repeat)");
+    let mut rng = Rng(seed);
+    let total = Instant::now();
+    let mut step = Instant::now();
+    let mut lap = |what: &str| {
+        eprintln!("{what:>24}: {:>8.1?}", step.elapsed());
+        step = Instant::now();
+    };
+
+    // Guards are dropped in reverse order: the ext4 mount, the loop device,
+    // then the FUSE mount, then the directories.
+    let fuse_dir = TempDir::new("fuse");
+    let ext_dir = TempDir::new("ext4");
+    let backend = MemBackend::new();
+    let export = export::mount(backend.clone(), &fuse_dir.0, "disk.img").unwrap();
+    let file = export.path();
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), CAPACITY as u64);
+    lap("FUSE mount");
+
+    let (mut loop_dev, direct_io) = LoopDev::attach(&file);
+    eprintln!(
+        "{} (direct I/O {}, dio in sysfs: {:?})",
+        loop_dev.dev,
+        if direct_io { "requested" } else { "refused" },
+        loop_dev.sysfs("dio")
+    );
+    lap("losetup");
+
+    run_ok("mkfs.ext4", &["-q", "-F", &loop_dev.dev]);
+    lap("mkfs.ext4");
+
+    let mut ext = FsMount::mount(&loop_dev.dev, &ext_dir);
+    lap("mount ext4");
+    let manifest = write_tree(&ext_dir.0, &mut rng);
+    let bytes: usize = manifest.iter().map(|m| m.1).sum();
+    lap(&format!("write {FILES} files"));
+    let flushes = backend.flushes.load(Ordering::SeqCst);
+    run_ok("sync", &[]);
+    lap("sync");
+    ext.unmount();
+    lap("umount");
+    assert!(
+        backend.flushes.load(Ordering::SeqCst) > flushes,
+        "sync and umount flushed nothing to the backend"
+    );
+
+    run_ok("fsck.ext4", &["-fn", &loop_dev.dev]);
+    lap("fsck.ext4 -fn");
+
+    let mut ext = FsMount::mount(&loop_dev.dev, &ext_dir);
+    verify_tree(&ext_dir.0, &manifest);
+    ext.unmount();
+    lap("mount, verify, umount");
+
+    assert!(loop_dev.detach(), "{} kept its file", loop_dev.dev);
+    lap("losetup -d");
+    export.unmount().unwrap();
+    lap("FUSE unmount");
+
+    assert_eq!(backend.misaligned.load(Ordering::SeqCst), 0);
+    eprintln!(
+        "{FILES} files, {} KiB; backend: {} reads, {} writes, {} flushes; total {:.1?}",
+        bytes >> 10,
+        backend.reads.load(Ordering::Relaxed),
+        backend.writes.load(Ordering::Relaxed),
+        backend.flushes.load(Ordering::SeqCst),
+        total.elapsed()
+    );
+}
+
+/// The built images (`blk-file`) are next to the test's directory.
+fn built(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().parent().unwrap().join(name)
+}
+
+fn kvm_usable() -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    assert!(
+        ok || std::env::var_os("MOAT_REQUIRE_KVM").is_none(),
+        "/dev/kvm is not usable here, and MOAT_REQUIRE_KVM is set"
+    );
+    ok
+}
+
+/// The whole story: a file-backed driver picoprocess behind the mediator,
+/// exported through FUSE, made a loop device, formatted, mounted, filled
+/// while the driver is killed again and again, checked clean by fsck, and
+/// read back intact; on each host.
+#[test]
+fn ext4_over_a_mediated_driver_survives_its_kills() {
+    use moat_mediator::block::{Config, DriverSpec, MediatedBlock, PIPE};
+    if let Some(why) = missing_prerequisites() {
+        assert!(
+            std::env::var_os("MOAT_REQUIRE_ROOT_TOOLS").is_none(),
+            "MOAT_REQUIRE_ROOT_TOOLS is set but the export end-to-end test cannot run: {why}"
+        );
+        eprintln!("skipping the mediated export test: {why}");
+        return;
+    }
+    let mut hosts = vec![moat_host_linux::Host::Linux];
+    if kvm_usable() {
+        hosts.push(moat_host_linux::Host::Kvm);
+    }
+    for host in hosts {
+        let seed = 0x5eed ^ host as u64;
+        let mut rng = Rng(seed);
+        let work = TempDir::new("disk");
+        let disk = work.0.join("disk.img");
+        std::fs::File::create(&disk)
+            .unwrap()
+            .set_len(CAPACITY as u64)
+            .unwrap();
+        let uri = format!("file:{}", disk.display());
+        let mut policy = moat_policy::Policy::default();
+        policy.limits.memory_mib = 64;
+        policy.allow(&uri, moat_policy::Access::Rw).unwrap();
+        let dev = MediatedBlock::start(
+            DriverSpec {
+                image: built("blk-file"),
+                args: vec![PIPE.into(), uri],
+                host,
+                policy,
+                faults: None,
+                console: false,
+            },
+            Config::default(),
+        )
+        .unwrap();
+        let fuse_dir = TempDir::new("fuse");
+        let ext_dir = TempDir::new("ext4");
+        let export = export::mount(Arc::new(dev.clone()), &fuse_dir.0, "disk.img").unwrap();
+        let (mut loop_dev, _) = LoopDev::attach(&export.path());
+        // Kill the driver every 60 ms from now until at least 20 kills
+        // have happened and the work is done.
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let kills = Arc::new(AtomicU64::new(0));
+        let chaos = {
+            let (dev, stop, kills) = (dev.clone(), stop.clone(), kills.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) || kills.load(Ordering::SeqCst) < 20 {
+                    std::thread::sleep(Duration::from_millis(60));
+                    dev.kill_driver();
+                    kills.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+        };
+        run_ok("mkfs.ext4", &["-q", "-F", &loop_dev.dev]);
+        let mut ext = FsMount::mount(&loop_dev.dev, &ext_dir);
+        let manifest = write_tree(&ext_dir.0, &mut rng);
+        run_ok("sync", &[]);
+        stop.store(true, Ordering::SeqCst);
+        chaos.join().unwrap();
+        ext.unmount();
+        eprintln!("{host:?} after the writes: {:?}", {
+            let mut c = dev.counters();
+            c.recovery.clear();
+            c
+        });
+        run_ok("fsck.ext4", &["-fn", &loop_dev.dev]);
+        let mut ext = FsMount::mount(&loop_dev.dev, &ext_dir);
+        verify_tree(&ext_dir.0, &manifest);
+        ext.unmount();
+        assert!(loop_dev.detach(), "{} kept its file", loop_dev.dev);
+        export.unmount().unwrap();
+        let c = dev.counters();
+        eprintln!(
+            "{host:?}: {} kills, {} restarts, {} requests, {} re-issued, failed {}",
+            kills.load(Ordering::SeqCst),
+            c.restarts,
+            c.requests,
+            c.reissued,
+            c.failed
+        );
+        assert!(c.restarts >= 20, "{host:?}: only {} restarts", c.restarts);
+        assert_eq!(c.failed, 0, "{host:?}: clients saw failures: {c:?}");
+        assert_eq!(c.duplicate_completions, 0);
+        dev.shutdown();
+    }
+}
