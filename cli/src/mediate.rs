@@ -101,6 +101,8 @@ impl DriverArgs {
             },
             Config {
                 deadline: Duration::from_millis(self.deadline_ms.max(1)),
+                start_timeout: Duration::from_millis(self.deadline_ms.max(1))
+                    .max(Duration::from_secs(1)),
                 max_failed_restarts: self.max_failed_restarts,
                 ..Config::default()
             },
@@ -167,6 +169,13 @@ pub fn print_counters(c: &Counters, out: &mut impl Write) {
             v.join(", ")
         }
     );
+    if let Some(why) = &c.last_start_failure {
+        let _ = writeln!(
+            out,
+            "driver starts that failed: {} (the last: {why})",
+            c.failed_starts
+        );
+    }
     if let (Some(p50), Some(p99)) = (c.recovery_percentile(0.5), c.recovery_percentile(0.99)) {
         let _ = writeln!(
             out,

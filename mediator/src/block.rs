@@ -58,6 +58,9 @@ pub struct FaultPlan {
 pub struct Config {
     /// A request not answered within this ends the driver.
     pub deadline: Duration,
+    /// A new driver must report its geometry within this (starting a
+    /// picoprocess takes longer than answering a request).
+    pub start_timeout: Duration,
     /// Bytes per request to the driver (client requests are split).
     pub max_io: u32,
     pub max_in_flight: usize,
@@ -72,6 +75,7 @@ impl Default for Config {
     fn default() -> Config {
         Config {
             deadline: Duration::from_secs(2),
+            start_timeout: Duration::from_secs(2),
             max_io: 256 << 10,
             max_in_flight: 64,
             max_failed_restarts: 5,
@@ -101,6 +105,10 @@ pub struct Counters {
     pub recovery: Vec<Duration>,
     /// Times the circuit opened.
     pub circuit_opened: u64,
+    /// Why the last driver start failed, if one did.
+    pub last_start_failure: Option<String>,
+    /// Driver starts that failed (did not come up, or no geometry).
+    pub failed_starts: u64,
     /// Completions the contract let through for a request already
     /// answered to its client (must stay 0).
     pub duplicate_completions: u64,
@@ -194,7 +202,24 @@ impl MediatedBlock {
             circuit_open_until: None,
             queue: Vec::new(),
         };
-        let geometry = engine.start_driver()?;
+        // The first start is retried like a restart: a driver that fails
+        // its handshake gets the same number of chances.
+        let mut tries = 0;
+        let geometry = loop {
+            match engine.start_driver() {
+                Ok(g) => break g,
+                Err(e) => {
+                    tries += 1;
+                    if let Some(mut d) = engine.driver.take() {
+                        let _ = d.proc.kill();
+                        let _ = d.proc.wait();
+                    }
+                    if tries > engine.config.max_failed_restarts {
+                        return Err(e);
+                    }
+                }
+            }
+        };
         let (tx, rx) = unbounded();
         let max_io = engine.config.max_io;
         std::thread::Builder::new()
@@ -373,7 +398,7 @@ impl Engine {
         // The handshake: geometry first, within the deadline.
         let info = self.contract.info_request();
         self.send(&info, &[]);
-        let deadline = Instant::now() + self.config.deadline;
+        let deadline = Instant::now() + self.config.start_timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let msg = self
@@ -598,9 +623,15 @@ impl Engine {
                 return;
             }
             self.count(|c| c.restarts += 1);
+            let t = Instant::now();
             match self.start_driver() {
                 Ok(_) => break,
-                Err(_) => {
+                Err(e) => {
+                    let why = format!("{e} (after {:?})", t.elapsed());
+                    self.count(|c| {
+                        c.failed_starts += 1;
+                        c.last_start_failure = Some(why);
+                    });
                     self.failed_restarts += 1;
                     if let Some(mut d) = self.driver.take() {
                         let _ = d.proc.kill();

@@ -1,0 +1,96 @@
+//! A short fault campaign through the mediator, on each host: at least
+//! 500 seeded faults of every kind (crashes, panics, hangs, double and
+//! wrong completions, wrong lengths, bad statuses, memory exhaustion,
+//! floods, kills from outside), every byte the workload reads checked.
+//! The long run (10,000 faults) is `moat campaign`; see BENCHMARKS.md.
+use moat_mediator::block::{Config, DriverSpec, PIPE};
+use moat_mediator::campaign::{self, Campaign};
+use std::path::PathBuf;
+use std::time::Duration;
+
+fn built(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().parent().unwrap().join(name)
+}
+
+fn hosts() -> Vec<moat_host_linux::Host> {
+    let mut h = vec![moat_host_linux::Host::Linux];
+    let kvm = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    assert!(
+        kvm || std::env::var_os("MOAT_REQUIRE_KVM").is_none(),
+        "/dev/kvm is not usable here, and MOAT_REQUIRE_KVM is set"
+    );
+    if kvm {
+        h.push(moat_host_linux::Host::Kvm);
+    }
+    h
+}
+
+#[test]
+fn five_hundred_faults_change_nothing_the_clients_see() {
+    for host in hosts() {
+        let d = tempfile::tempdir().unwrap();
+        let disk = d.path().join("disk.img");
+        std::fs::File::create(&disk)
+            .unwrap()
+            .set_len(8 << 20)
+            .unwrap();
+        let uri = format!("file:{}", disk.display());
+        let mut policy = moat_policy::Policy::default();
+        policy.limits.memory_mib = 64;
+        policy.allow(&uri, moat_policy::Access::Rw).unwrap();
+        let c = Campaign {
+            driver: DriverSpec {
+                image: built("blk-file"),
+                args: vec![PIPE.into(), uri],
+                host,
+                policy,
+                faults: None,
+                console: false,
+            },
+            config: Config {
+                deadline: Duration::from_millis(100),
+                start_timeout: Duration::from_secs(1),
+                max_failed_restarts: 8,
+                ..Config::default()
+            },
+            faults: 500,
+            seed: 42,
+            per_million: 50_000,
+            kinds: "all".into(),
+            kill_every: 97,
+            hang_after: Duration::from_secs(10),
+            time_limit: Duration::from_secs(240),
+        };
+        let r = campaign::run(&c, |_, _| {}).unwrap();
+        let kinds: Vec<_> = r.counters.violations.keys().copied().collect();
+        eprintln!(
+            "{host:?}: {} faults ({kinds:?}) in {:.1} s, {} requests, recovery p50 {:?} p99 {:?}",
+            r.faults,
+            r.elapsed.as_secs_f64(),
+            r.requests,
+            r.counters.recovery_percentile(0.5),
+            r.counters.recovery_percentile(0.99)
+        );
+        assert!(r.faults >= 500, "{host:?}: {r:?}");
+        assert!(r.clean(), "{host:?}: the clients saw failures: {r:?}");
+        // Every kind the driver can inject was seen by the mediator.
+        for k in [
+            "crash",
+            "deadline",
+            "duplicate",
+            "unknown_id",
+            "wrong_length",
+            "bad_status",
+        ] {
+            assert!(
+                r.counters.violations.get(k).copied().unwrap_or(0) > 0,
+                "{host:?}: no `{k}` among {kinds:?}"
+            );
+        }
+    }
+}
