@@ -39,6 +39,9 @@ enum Cmd {
     Demo(mediate::DemoArgs),
     /// A seeded fault campaign through the mediator.
     Campaign(mediate::CampaignArgs),
+    /// Serve a disk through a driver picoprocess and the mediator, as a
+    /// file in a FUSE mount (attach it with `losetup`).
+    Serve(mediate::ServeArgs),
 }
 
 /// Print `moat: <msg>` and return the bad-input exit code.
@@ -56,6 +59,7 @@ fn main() -> ExitCode {
         Cmd::Images(a) => images::main(a),
         Cmd::Demo(a) => mediate::demo(a),
         Cmd::Campaign(a) => mediate::campaign(a),
+        Cmd::Serve(a) => mediate::serve(a),
     };
     ExitCode::from((code & 0xff) as u8)
 }

@@ -376,3 +376,102 @@ pub fn campaign(a: CampaignArgs) -> i32 {
         1
     }
 }
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub driver: DriverArgs,
+    /// The disk image the driver serves (it must exist).
+    #[arg(long, value_name = "FILE")]
+    pub disk: PathBuf,
+    /// An empty directory to mount the disk on, as the file DIR/NAME.
+    #[arg(long, value_name = "DIR")]
+    pub mount: PathBuf,
+    /// The file name in the mount.
+    #[arg(long, default_value = "disk")]
+    pub name: String,
+    /// Kill the driver picoprocess every MS milliseconds (fault injection
+    /// from outside: the mediator restarts it each time).
+    #[arg(long, value_name = "MS")]
+    pub kill_every: Option<u64>,
+    /// Serve for this many seconds, then unmount (default: until SIGINT
+    /// or SIGTERM).
+    #[arg(long, value_name = "SECONDS")]
+    pub seconds: Option<u64>,
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_stop(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+/// `moat serve`: a driver picoprocess serves a disk through the mediator,
+/// exported as a file in a FUSE mount (attach it with `losetup`).
+pub fn serve(a: ServeArgs) -> i32 {
+    let (spec, config) = match a.driver.spec(&a.disk) {
+        Ok(v) => v,
+        Err(e) => return bad_input(e),
+    };
+    match std::fs::read_dir(&a.mount) {
+        Ok(mut d) => {
+            if d.next().is_some() {
+                return bad_input(format!("mount point `{}` is not empty", a.mount.display()));
+            }
+        }
+        Err(e) => return bad_input(format!("mount point `{}`: {e}", a.mount.display())),
+    }
+    let dev = match moat_mediator::block::MediatedBlock::start(spec, config) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("moat: {e}");
+            return moat_host_linux::EXIT_HOST_FAILURE;
+        }
+    };
+    let mount = match moat_mediator::export::mount(Arc::new(dev.clone()), &a.mount, &a.name) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("moat: cannot mount the disk on {}: {e}", a.mount.display());
+            dev.shutdown();
+            return moat_host_linux::EXIT_HOST_FAILURE;
+        }
+    };
+    // SAFETY: the handler only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_stop as *const () as usize);
+        libc::signal(libc::SIGTERM, on_stop as *const () as usize);
+    }
+    println!(
+        "serving {} ({} bytes, {}-byte blocks) at {}; attach it with: losetup --find --show {}",
+        a.disk.display(),
+        dev.capacity(),
+        dev.block_size(),
+        mount.path().display(),
+        mount.path().display()
+    );
+    let _ = std::io::stdout().flush();
+    let t0 = Instant::now();
+    let mut last_kill = Instant::now();
+    while !STOP.load(Ordering::SeqCst)
+        && a.seconds.is_none_or(|s| t0.elapsed() < Duration::from_secs(s))
+    {
+        std::thread::sleep(Duration::from_millis(10));
+        if let Some(ms) = a.kill_every {
+            if last_kill.elapsed() >= Duration::from_millis(ms) {
+                dev.kill_driver();
+                last_kill = Instant::now();
+            }
+        }
+    }
+    let unmounted = mount.unmount();
+    let c = dev.counters();
+    dev.shutdown();
+    print_counters(&c, &mut std::io::stdout());
+    match unmounted {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("moat: unmounting {}: {e}", a.mount.display());
+            moat_host_linux::EXIT_HOST_FAILURE
+        }
+    }
+}
