@@ -169,3 +169,23 @@ fn the_same_api_runs_a_driver_in_a_micro_vm() {
         .unwrap_err();
     assert_eq!(err.exit_code(), 2, "{err}");
 }
+
+#[test]
+fn mediated_block_device_example_runs() {
+    if !sandbox_available() {
+        return;
+    }
+    let ex = target_dir().join("examples").join("blockdev");
+    assert!(ex.exists(), "{} is built by `cargo test`", ex.display());
+    let out = run_cmd(
+        std::process::Command::new(ex),
+        None,
+        std::time::Duration::from_secs(60),
+    );
+    out.assert_code(0);
+    assert!(
+        out.stdout.contains("read back 65536 bytes intact after 1 driver restart(s)"),
+        "{}",
+        out.stdout
+    );
+}
