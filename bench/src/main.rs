@@ -1,4 +1,4 @@
-//! `moat-bench [--quick] [spawn|calls|pipe|kvm|all]`
+//! `moat-bench [--quick] [spawn|calls|pipe|kvm|mediator|all]`
 //!
 //! Every benchmark measures the raw floor (the same operation without
 //! moat) in the same run and prints moat / floor. Each group runs in its
@@ -9,6 +9,7 @@
 //! Results are medians of repeated samples; `--quick` runs a short
 //! version (used by the test suite to keep the harness working).
 mod kvm;
+mod mediator;
 
 use moat_host_linux::monitor::{Sandbox, Stdio};
 use std::io::Read;
@@ -449,7 +450,7 @@ fn main() {
         // zygote) is per process, and so is the CPU pinning.
         [] | ["all"] => {
             header();
-            run_in_children(&["spawn", "calls", "pipe", "kvm"], quick);
+            run_in_children(&["spawn", "calls", "pipe", "kvm", "mediator"], quick);
         }
         groups => {
             if !args.iter().any(|a| a == "--no-header") {
@@ -473,6 +474,9 @@ fn main() {
                             run_in_children(&kvm::PARTS, quick)
                         }
                     }
+                    // Unpinned: the engine, reader and writer threads of the
+                    // mediator and the driver share both cores.
+                    "mediator" => mediator::mediator_bench(quick),
                     // Measured unpinned, as `spawn`.
                     "kvm-spawn" => kvm::spawn(quick),
                     "kvm-spawn-fresh" => kvm::spawn_fresh(quick),

@@ -453,7 +453,8 @@ pub fn serve(a: ServeArgs) -> i32 {
     let t0 = Instant::now();
     let mut last_kill = Instant::now();
     while !STOP.load(Ordering::SeqCst)
-        && a.seconds.is_none_or(|s| t0.elapsed() < Duration::from_secs(s))
+        && a.seconds
+            .is_none_or(|s| t0.elapsed() < Duration::from_secs(s))
     {
         std::thread::sleep(Duration::from_millis(10));
         if let Some(ms) = a.kill_every {

@@ -32,7 +32,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         },
         Config::default(),
     )?;
-    println!("{} bytes in {}-byte blocks", dev.capacity(), dev.block_size());
+    println!(
+        "{} bytes in {}-byte blocks",
+        dev.capacity(),
+        dev.block_size()
+    );
 
     let data: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8).collect();
     dev.write_at(8192, &data)?;

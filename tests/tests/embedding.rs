@@ -184,7 +184,8 @@ fn mediated_block_device_example_runs() {
     );
     out.assert_code(0);
     assert!(
-        out.stdout.contains("read back 65536 bytes intact after 1 driver restart(s)"),
+        out.stdout
+            .contains("read back 65536 bytes intact after 1 driver restart(s)"),
         "{}",
         out.stdout
     );

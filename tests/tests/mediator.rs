@@ -62,10 +62,17 @@ fn serve_exports_a_disk_linux_mounts_while_the_driver_dies() {
         return;
     }
     let d = tempfile::tempdir().unwrap();
-    let (disk, mnt, ext) = (d.path().join("disk.img"), d.path().join("mnt"), d.path().join("ext"));
+    let (disk, mnt, ext) = (
+        d.path().join("disk.img"),
+        d.path().join("mnt"),
+        d.path().join("ext"),
+    );
     std::fs::create_dir(&mnt).unwrap();
     std::fs::create_dir(&ext).unwrap();
-    std::fs::File::create(&disk).unwrap().set_len(32 << 20).unwrap();
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(32 << 20)
+        .unwrap();
     let mut serve = Command::new(built("moat"))
         .args(["serve", "--disk"])
         .arg(&disk)
