@@ -90,6 +90,12 @@ impl Faults {
                 _ => fault::NAMES.iter().find(|(n, _)| *n == k)?.1,
             };
         }
+        // Mixed, so that nearby seeds (one per driver incarnation) give
+        // unrelated fault sequences.
+        let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        let seed = z ^ (z >> 31);
         (kinds != 0).then_some(Faults {
             seed,
             per_million,

@@ -20,6 +20,16 @@ fn demo_shows_delays_not_failures_on_each_host() {
         assert!(out.stdout.contains("the clients saw delays, not failures"));
         assert!(out.stdout.contains("faults seen"), "{}", out.stdout);
     }
+    // The virtio-blk driver (kvm): the same service over a virtio-mmio disk.
+    if hosts().contains(&"kvm") {
+        let out = moat(&["demo", "--host", "kvm", "--driver", "virtio-blk", "--seconds", "2"]);
+        out.assert_code(0);
+        assert!(
+            out.stdout.contains("0 data mismatches, 0 errors, 0 hangs"),
+            "{}",
+            out.stdout
+        );
+    }
 }
 
 fn have(tool: &str) -> bool {
