@@ -22,7 +22,15 @@ fn demo_shows_delays_not_failures_on_each_host() {
     }
     // The virtio-blk driver (kvm): the same service over a virtio-mmio disk.
     if hosts().contains(&"kvm") {
-        let out = moat(&["demo", "--host", "kvm", "--driver", "virtio-blk", "--seconds", "2"]);
+        let out = moat(&[
+            "demo",
+            "--host",
+            "kvm",
+            "--driver",
+            "virtio-blk",
+            "--seconds",
+            "2",
+        ]);
         out.assert_code(0);
         assert!(
             out.stdout.contains("0 data mismatches, 0 errors, 0 hangs"),
