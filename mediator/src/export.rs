@@ -922,6 +922,30 @@ impl Filesystem for ExportFs {
     }
 }
 
+/// A mediated block device is exported as it is: every access of the
+/// kernel goes through the mediator to the driver picoprocess.
+impl BlockBackend for crate::block::MediatedBlock {
+    fn capacity(&self) -> u64 {
+        crate::block::MediatedBlock::capacity(self)
+    }
+
+    fn block_size(&self) -> u32 {
+        crate::block::MediatedBlock::block_size(self)
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        crate::block::MediatedBlock::read_at(self, offset, buf)
+    }
+
+    fn write_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        crate::block::MediatedBlock::write_at(self, offset, data)
+    }
+
+    fn flush(&self) -> std::io::Result<()> {
+        crate::block::MediatedBlock::flush(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1309,29 +1333,5 @@ mod tests {
         f.write_all_at(b"still here", 512).unwrap();
         assert_eq!(&backend.snapshot()[512..522], b"still here");
         drop(f);
-    }
-}
-
-/// A mediated block device is exported as it is: every access of the
-/// kernel goes through the mediator to the driver picoprocess.
-impl BlockBackend for crate::block::MediatedBlock {
-    fn capacity(&self) -> u64 {
-        crate::block::MediatedBlock::capacity(self)
-    }
-
-    fn block_size(&self) -> u32 {
-        crate::block::MediatedBlock::block_size(self)
-    }
-
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        crate::block::MediatedBlock::read_at(self, offset, buf)
-    }
-
-    fn write_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        crate::block::MediatedBlock::write_at(self, offset, data)
-    }
-
-    fn flush(&self) -> std::io::Result<()> {
-        crate::block::MediatedBlock::flush(self)
     }
 }

@@ -91,7 +91,7 @@ fn serve_exports_a_disk_linux_mounts_while_the_driver_dies() {
         .unwrap()
         .set_len(32 << 20)
         .unwrap();
-    let mut serve = Command::new(built("moat"))
+    let serve = Command::new(built("moat"))
         .args(["serve", "--disk"])
         .arg(&disk)
         .arg("--mount")
