@@ -110,6 +110,21 @@ impl DriverArgs {
     }
 }
 
+fn check_kinds(kinds: &str) -> Result<(), String> {
+    moat_service_proto::fault::parse(kinds)
+        .map(|_| ())
+        .map_err(|k| {
+            let names: Vec<&str> = moat_service_proto::fault::NAMES
+                .iter()
+                .map(|(n, _)| *n)
+                .collect();
+            format!(
+                "unknown fault kind `{k}`; the kinds are {}",
+                names.join(", ")
+            )
+        })
+}
+
 fn parse_faults(s: &str) -> Result<FaultPlan, String> {
     let bad = || {
         format!("bad fault spec `{s}`: SEED:PER_MILLION:KIND[,KIND...] (e.g. 7:20000:crash,hang)")
@@ -122,22 +137,14 @@ fn parse_faults(s: &str) -> Result<FaultPlan, String> {
         .filter(|&p: &u32| p <= 1_000_000)
         .ok_or_else(bad)?;
     let kinds = it.next().filter(|k| !k.is_empty()).ok_or_else(bad)?;
-    const KINDS: [&str; 10] = [
-        "crash",
-        "panic",
-        "hang",
-        "double",
-        "wrong-id",
-        "wrong-len",
-        "bad-status",
-        "oom",
-        "flood",
-        "all",
-    ];
-    if let Some(k) = kinds.split(',').find(|k| !KINDS.contains(k)) {
+    if let Err(k) = moat_service_proto::fault::parse(kinds) {
+        let names: Vec<&str> = moat_service_proto::fault::NAMES
+            .iter()
+            .map(|(n, _)| *n)
+            .collect();
         return Err(format!(
             "unknown fault kind `{k}`; the kinds are {}",
-            KINDS.join(", ")
+            names.join(", ")
         ));
     }
     Ok(FaultPlan {
@@ -297,6 +304,9 @@ pub struct CampaignArgs {
 
 /// `moat campaign`: seeded faults through the mediator, every byte checked.
 pub fn campaign(a: CampaignArgs) -> i32 {
+    if let Err(e) = check_kinds(&a.kinds) {
+        return bad_input(e);
+    }
     let tmp = std::env::temp_dir().join(format!("moat-campaign-{}", std::process::id()));
     let disk = match &a.disk {
         Some(d) => d.clone(),

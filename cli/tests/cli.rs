@@ -137,6 +137,14 @@ fn bad_input_exits_2_with_one_line() {
     assert_eq!(o.status.code(), Some(2));
     one_line(&o, "no image given");
 
+    // Fault kinds the drivers do not know.
+    let o = moat(&["campaign", "--count", "1", "--kinds", "crash,bogus"]);
+    assert_eq!(o.status.code(), Some(2));
+    one_line(&o, "unknown fault kind `bogus`");
+    let o = moat(&["demo", "--faults", "1:10:melt"]);
+    assert_eq!(o.status.code(), Some(2));
+    one_line(&o, "unknown fault kind `melt`");
+
     let o = moat(&["run", "--manifest", "/nonexistent.toml"]);
     assert_eq!(o.status.code(), Some(2));
     one_line(&o, "cannot read manifest");

@@ -30,42 +30,7 @@ pub trait BlockDevice {
     }
 }
 
-/// Ways to misbehave.
-pub mod fault {
-    /// End the process at once (exit 1).
-    pub const CRASH: u32 = 1 << 0;
-    /// Panic (exit 101).
-    pub const PANIC: u32 = 1 << 1;
-    /// Stop answering (sleep for ever).
-    pub const HANG: u32 = 1 << 2;
-    /// Answer a request twice.
-    pub const DOUBLE: u32 = 1 << 3;
-    /// Answer with another request's id.
-    pub const WRONG_ID: u32 = 1 << 4;
-    /// Answer a read with the wrong length.
-    pub const WRONG_LEN: u32 = 1 << 5;
-    /// Answer with a status that does not exist.
-    pub const BAD_STATUS: u32 = 1 << 6;
-    /// Allocate until memory runs out.
-    pub const OOM: u32 = 1 << 7;
-    /// Send a flood of unsolicited completions.
-    pub const FLOOD: u32 = 1 << 8;
-    /// Every kind above.
-    pub const ALL: u32 = 0x1ff;
-
-    /// Names, for `--faults`.
-    pub const NAMES: [(&str, u32); 9] = [
-        ("crash", CRASH),
-        ("panic", PANIC),
-        ("hang", HANG),
-        ("double", DOUBLE),
-        ("wrong-id", WRONG_ID),
-        ("wrong-len", WRONG_LEN),
-        ("bad-status", BAD_STATUS),
-        ("oom", OOM),
-        ("flood", FLOOD),
-    ];
-}
+pub use moat_service_proto::fault;
 
 /// Seeded fault injection: before answering each request, with
 /// probability `per_million / 1e6`, one of the enabled kinds.
@@ -83,13 +48,7 @@ impl Faults {
         let mut it = s.splitn(3, ':');
         let seed = crate::env::parse_u64(it.next()?)?;
         let per_million = crate::env::parse_u64(it.next()?)?.min(1_000_000) as u32;
-        let mut kinds = 0;
-        for k in it.next()?.split(',') {
-            kinds |= match k {
-                "all" => fault::ALL,
-                _ => fault::NAMES.iter().find(|(n, _)| *n == k)?.1,
-            };
-        }
+        let kinds = fault::parse(it.next()?).ok()?;
         // Mixed, so that nearby seeds (one per driver incarnation) give
         // unrelated fault sequences.
         let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);

@@ -45,19 +45,7 @@ pub fn hosts() -> Vec<&'static str> {
     h
 }
 
-/// Whether `/dev/kvm` can be opened for reading and writing. With
-/// `MOAT_REQUIRE_KVM` set, a machine without it is a failure.
-pub fn kvm_available() -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !ok && std::env::var_os("MOAT_REQUIRE_KVM").is_some() {
-        panic!("/dev/kvm is not usable here, and MOAT_REQUIRE_KVM is set");
-    }
-    ok
-}
+pub use moat_host_hypervisor::kvm_available;
 
 /// Whether this machine can run the host-linux sandbox (user namespaces
 /// and Landlock). With `MOAT_REQUIRE_SANDBOX` set (CI), a machine that

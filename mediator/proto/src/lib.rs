@@ -63,6 +63,55 @@ pub mod status {
     pub const MAX: u8 = INVALID;
 }
 
+/// Ways a driver can be told to misbehave (fault injection for tests and
+/// campaigns): bit flags, and their names for `SEED:PER_MILLION:KINDS`.
+pub mod fault {
+    /// End the process at once (exit 1).
+    pub const CRASH: u32 = 1 << 0;
+    /// Panic (exit 101).
+    pub const PANIC: u32 = 1 << 1;
+    /// Stop answering (sleep for ever).
+    pub const HANG: u32 = 1 << 2;
+    /// Answer a request twice.
+    pub const DOUBLE: u32 = 1 << 3;
+    /// Answer with another request's id.
+    pub const WRONG_ID: u32 = 1 << 4;
+    /// Answer a read with the wrong length.
+    pub const WRONG_LEN: u32 = 1 << 5;
+    /// Answer with a status that does not exist.
+    pub const BAD_STATUS: u32 = 1 << 6;
+    /// Allocate until memory runs out.
+    pub const OOM: u32 = 1 << 7;
+    /// Send a flood of unsolicited completions.
+    pub const FLOOD: u32 = 1 << 8;
+    /// Every kind above.
+    pub const ALL: u32 = 0x1ff;
+
+    /// Names (`all` stands for [`ALL`]).
+    pub const NAMES: [(&str, u32); 10] = [
+        ("crash", CRASH),
+        ("panic", PANIC),
+        ("hang", HANG),
+        ("double", DOUBLE),
+        ("wrong-id", WRONG_ID),
+        ("wrong-len", WRONG_LEN),
+        ("bad-status", BAD_STATUS),
+        ("oom", OOM),
+        ("flood", FLOOD),
+        ("all", ALL),
+    ];
+
+    /// The flags of a comma-separated list of names, or the first name
+    /// that is not one.
+    pub fn parse(kinds: &str) -> Result<u32, &str> {
+        let mut bits = 0;
+        for k in kinds.split(',') {
+            bits |= NAMES.iter().find(|(n, _)| *n == k).ok_or(k)?.1;
+        }
+        Ok(bits)
+    }
+}
+
 /// A request header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Request {

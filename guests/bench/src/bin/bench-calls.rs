@@ -8,18 +8,9 @@ use moat_libos::{pal, println, Pal};
 
 moat_libos::entry!(main);
 
-fn per_call(n: u64, f: impl Fn()) -> f64 {
-    // Warm up, then time with the PAL's own clock (microseconds).
-    for _ in 0..n / 10 {
-        f();
-    }
-    let t0 = pal().dk_system_time_query();
-    for _ in 0..n {
-        f();
-    }
-    let t1 = pal().dk_system_time_query();
-    (t1 - t0) as f64 * 1000.0 / n as f64
-}
+#[path = "../per_call.rs"]
+mod per_call;
+use per_call::per_call;
 
 fn main() -> i32 {
     let n: u64 = moat_libos::env::args()
