@@ -2,12 +2,13 @@
 //! behind the safe mediator.
 use crate::bad_input;
 use clap::{Args, ValueEnum};
+use moat_host_linux::disklock::DiskLock;
 use moat_mediator::block::{Config, Counters, DriverSpec, FaultPlan, PIPE};
 use moat_mediator::campaign::{self, Campaign};
 use moat_policy::{Access, DeviceSpec, Policy};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -43,22 +44,85 @@ pub struct DriverArgs {
     pub driver_console: bool,
 }
 
+/// The disks' block size: both drivers serve 512-byte blocks.
+const BLOCK: u64 = 512;
+
+/// Check a disk file up front, so that what would fail later (or be
+/// silently cut short) is refused now with the reason: a regular file, a
+/// whole number of blocks, at least one, that can be opened for what it
+/// is served for. Returns its canonical path.
+fn check_disk(disk: &Path, read_only: bool) -> Result<PathBuf, String> {
+    let path =
+        std::fs::canonicalize(disk).map_err(|e| format!("disk `{}`: {e}", disk.display()))?;
+    let meta = std::fs::metadata(&path).map_err(|e| format!("disk `{}`: {e}", path.display()))?;
+    if !meta.is_file() {
+        return Err(format!("disk `{}` is not a regular file", path.display()));
+    }
+    let size = meta.len();
+    if size < BLOCK {
+        return Err(format!(
+            "disk `{}` is {size} bytes, smaller than one {BLOCK}-byte block: make it at least {BLOCK} bytes (e.g. `truncate -s 64M {}`)",
+            path.display(),
+            path.display()
+        ));
+    }
+    if !size.is_multiple_of(BLOCK) {
+        return Err(format!(
+            "disk `{}` is {size} bytes, not a whole number of {BLOCK}-byte blocks (the last {} bytes could not be served): round it up with `truncate -s %{BLOCK} {}`",
+            path.display(),
+            size % BLOCK,
+            path.display()
+        ));
+    }
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .open(&path);
+    if let Err(e) = opened {
+        let hint = match e.raw_os_error() {
+            Some(libc::EROFS | libc::EPERM | libc::EACCES | libc::ETXTBSY) if !read_only => {
+                "; to serve it read-only, add --read-only"
+            }
+            _ => "",
+        };
+        return Err(format!(
+            "disk `{}` cannot be opened {}: {e}{hint}",
+            path.display(),
+            if read_only {
+                "for reading"
+            } else {
+                "read-write"
+            },
+        ));
+    }
+    Ok(path)
+}
+
 impl DriverArgs {
-    fn spec(&self, disk: &Path) -> Result<(DriverSpec, Config), String> {
-        let disk =
-            std::fs::canonicalize(disk).map_err(|e| format!("disk `{}`: {e}", disk.display()))?;
-        if !disk.is_file() {
-            return Err(format!("disk `{}` is not a regular file", disk.display()));
-        }
+    /// The driver and mediator for `disk`, checked (see [`check_disk`]) and
+    /// locked for serving (the lock is held while the result lives).
+    fn spec(
+        &self,
+        disk: &Path,
+        read_only: bool,
+    ) -> Result<(DriverSpec, Config, std::sync::Arc<DiskLock>), String> {
+        let disk = check_disk(disk, read_only)?;
+        let lock = DiskLock::acquire(&disk, !read_only).map_err(|e| e.to_string())?;
         let mut policy = Policy::default();
         policy.limits.memory_mib = 64;
         let (image, args, host) = match (self.driver.as_str(), self.host) {
             ("blk-file", h) => {
                 let uri = format!("file:{}", disk.display());
-                policy.allow(&uri, Access::Rw).map_err(|e| e.to_string())?;
+                let access = if read_only { Access::Ro } else { Access::Rw };
+                policy.allow(&uri, access).map_err(|e| e.to_string())?;
+                let mut args: Vec<String> = Vec::new();
+                if read_only {
+                    args.push("--read-only".into());
+                }
+                args.extend([PIPE.to_string(), uri]);
                 (
                     "blk-file",
-                    vec![PIPE.into(), uri],
+                    args,
                     if h == Host::Kvm {
                         moat_host_linux::Host::Kvm
                     } else {
@@ -67,8 +131,9 @@ impl DriverArgs {
                 )
             }
             ("virtio-blk", Host::Kvm) => {
-                let d = DeviceSpec::parse(&format!("blk0=virtio-blk:{}", disk.display()))
+                let mut d = DeviceSpec::parse(&format!("blk0=virtio-blk:{}", disk.display()))
                     .map_err(|e| e.to_string())?;
+                d.read_only = read_only;
                 policy.add_device(d).map_err(|e| e.to_string())?;
                 (
                     "virtio-blk",
@@ -104,8 +169,10 @@ impl DriverArgs {
                 start_timeout: Duration::from_millis(self.deadline_ms.max(1))
                     .max(Duration::from_secs(1)),
                 max_failed_restarts: self.max_failed_restarts,
+                read_only,
                 ..Config::default()
             },
+            lock,
         ))
     }
 }
@@ -158,8 +225,8 @@ fn parse_faults(s: &str) -> Result<FaultPlan, String> {
 pub fn print_counters(c: &Counters, out: &mut impl Write) {
     let _ = writeln!(
         out,
-        "requests {}  completed {}  failed {}  re-issued {}  restarts {}  circuit opened {}",
-        c.requests, c.completed, c.failed, c.reissued, c.restarts, c.circuit_opened
+        "client requests {}  completed {}  failed {}  sent to drivers {}  re-issued {}  restarts {}  circuit opened {}",
+        c.submitted, c.completed, c.failed, c.requests, c.reissued, c.restarts, c.circuit_opened
     );
     let v: Vec<String> = c
         .violations
@@ -222,7 +289,7 @@ pub fn demo(a: DemoArgs) -> i32 {
     if a.driver.deadline_ms == 2000 {
         da.deadline_ms = 250;
     }
-    let (spec, config) = match da.spec(&disk) {
+    let (spec, config, _lock) = match da.spec(&disk, false) {
         Ok(v) => v,
         Err(e) => return bad_input(e),
     };
@@ -325,7 +392,7 @@ pub fn campaign(a: CampaignArgs) -> i32 {
     if a.driver.deadline_ms == 2000 {
         da.deadline_ms = 100;
     }
-    let (spec, config) = match da.spec(&disk) {
+    let (spec, config, _lock) = match da.spec(&disk, false) {
         Ok(v) => v,
         Err(e) => return bad_input(e),
     };
@@ -391,7 +458,8 @@ pub fn campaign(a: CampaignArgs) -> i32 {
 pub struct ServeArgs {
     #[command(flatten)]
     pub driver: DriverArgs,
-    /// The disk image the driver serves (it must exist).
+    /// The disk image the driver serves: an existing regular file, a whole
+    /// number of 512-byte blocks. It is locked while served.
     #[arg(long, value_name = "FILE")]
     pub disk: PathBuf,
     /// An empty directory to mount the disk on, as the file DIR/NAME.
@@ -400,36 +468,64 @@ pub struct ServeArgs {
     /// The file name in the mount.
     #[arg(long, default_value = "disk")]
     pub name: String,
+    /// Serve the disk read-only: the driver opens it for reading, the file
+    /// in the mount is read-only, and every write fails with EROFS.
+    #[arg(long)]
+    pub read_only: bool,
     /// Kill the driver picoprocess every MS milliseconds (fault injection
     /// from outside: the mediator restarts it each time).
-    #[arg(long, value_name = "MS")]
+    #[arg(long, value_name = "MS", value_parser = positive_ms)]
     pub kill_every: Option<u64>,
-    /// Serve for this many seconds, then unmount (default: until SIGINT
-    /// or SIGTERM).
+    /// Serve for this many seconds, then stop as on SIGTERM (default:
+    /// until SIGINT or SIGTERM).
     #[arg(long, value_name = "SECONDS")]
     pub seconds: Option<u64>,
 }
 
-static STOP: AtomicBool = AtomicBool::new(false);
+fn positive_ms(s: &str) -> Result<u64, String> {
+    match s.parse::<u64>() {
+        Ok(0) => Err("it must be a positive number of milliseconds (0 would kill every driver before it served anything)".into()),
+        Ok(v) => Ok(v),
+        Err(e) => Err(format!("not a number of milliseconds: {e}")),
+    }
+}
+
+/// Stop signals received (SIGINT, SIGTERM).
+static SIGNALS: AtomicU32 = AtomicU32::new(0);
 
 extern "C" fn on_stop(_: libc::c_int) {
-    STOP.store(true, Ordering::SeqCst);
+    SIGNALS.fetch_add(1, Ordering::SeqCst);
 }
+
+/// How often a stopping server tries to unmount while its export is in use.
+const STOP_POLL: Duration = Duration::from_millis(100);
+
+/// Exit code of a stop forced while the export was in use.
+pub const EXIT_FORCED_STOP: i32 = 1;
 
 /// `moat serve`: a driver picoprocess serves a disk through the mediator,
 /// exported as a file in a FUSE mount (attach it with `losetup`).
+///
+/// Stopping (SIGTERM, SIGINT, or the end of `--seconds`) is orderly: the
+/// export is unmounted only once nothing uses it (no loop device, no open
+/// file), and until then it is served as before, which is said once. Then
+/// the mediator finishes what is in flight, the disk is flushed, the
+/// driver is stopped, the counters are printed, and the exit code is 0.
+/// A second signal forces the stop at once: the export is detached
+/// lazily, its users get I/O errors, and the exit code is
+/// [`EXIT_FORCED_STOP`].
 pub fn serve(a: ServeArgs) -> i32 {
-    let (spec, config) = match a.driver.spec(&a.disk) {
+    let (spec, config, _lock) = match a.driver.spec(&a.disk, a.read_only) {
         Ok(v) => v,
         Err(e) => return bad_input(e),
     };
-    match std::fs::read_dir(&a.mount) {
-        Ok(mut d) => {
-            if d.next().is_some() {
-                return bad_input(format!("mount point `{}` is not empty", a.mount.display()));
-            }
-        }
-        Err(e) => return bad_input(format!("mount point `{}`: {e}", a.mount.display())),
+    match moat_mediator::export::check_mount_point(&a.mount) {
+        Ok(moat_mediator::export::MountPointState::Ready) => {}
+        Ok(moat_mediator::export::MountPointState::ClearedStale) => eprintln!(
+            "moat: cleared the stale mount a killed moat server had left on {}",
+            a.mount.display()
+        ),
+        Err(e) => return bad_input(e),
     }
     let dev = match moat_mediator::block::MediatedBlock::start(spec, config) {
         Ok(d) => d,
@@ -438,7 +534,7 @@ pub fn serve(a: ServeArgs) -> i32 {
             return moat_host_linux::EXIT_HOST_FAILURE;
         }
     };
-    let mount = match moat_mediator::export::mount(Arc::new(dev.clone()), &a.mount, &a.name) {
+    let mut mount = match moat_mediator::export::mount(Arc::new(dev.clone()), &a.mount, &a.name) {
         Ok(m) => m,
         Err(e) => {
             eprintln!("moat: cannot mount the disk on {}: {e}", a.mount.display());
@@ -446,42 +542,102 @@ pub fn serve(a: ServeArgs) -> i32 {
             return moat_host_linux::EXIT_HOST_FAILURE;
         }
     };
-    // SAFETY: the handler only stores to an atomic.
+    // SAFETY: the handler only increments an atomic.
     unsafe {
         libc::signal(libc::SIGINT, on_stop as *const () as usize);
         libc::signal(libc::SIGTERM, on_stop as *const () as usize);
     }
     println!(
-        "serving {} ({} bytes, {}-byte blocks) at {}; attach it with: losetup --find --show {}",
+        "serving {} ({} bytes, {}-byte blocks{}) at {}; attach it with: losetup --find --show --direct-io=on {}",
         a.disk.display(),
         dev.capacity(),
         dev.block_size(),
+        if a.read_only { ", read-only" } else { "" },
         mount.path().display(),
         mount.path().display()
     );
     let _ = std::io::stdout().flush();
     let t0 = Instant::now();
     let mut last_kill = Instant::now();
-    while !STOP.load(Ordering::SeqCst)
-        && a.seconds
-            .is_none_or(|s| t0.elapsed() < Duration::from_secs(s))
-    {
+    // Signals seen when the stop began; one more forces it.
+    let mut stopping: Option<u32> = None;
+    let mut last_try = Instant::now() - STOP_POLL;
+    let mut said_busy = false;
+    let forced = loop {
         std::thread::sleep(Duration::from_millis(10));
+        let sigs = SIGNALS.load(Ordering::SeqCst);
+        if stopping.is_none()
+            && (sigs > 0
+                || a.seconds
+                    .is_some_and(|s| t0.elapsed() >= Duration::from_secs(s)))
+        {
+            stopping = Some(sigs.max(1));
+        }
+        if let Some(at) = stopping {
+            if sigs > at {
+                break true;
+            }
+            if last_try.elapsed() >= STOP_POLL {
+                last_try = Instant::now();
+                match mount.try_unmount() {
+                    Ok(true) => break false,
+                    Ok(false) if !said_busy => {
+                        said_busy = true;
+                        let users = mount.users();
+                        let (who, how) = if users.is_empty() {
+                            ("a process that has it open".to_string(), String::new())
+                        } else {
+                            (
+                                users.join(", "),
+                                format!(
+                                    " (unmount what is mounted from it, then `losetup -d {}`)",
+                                    users.join(" ")
+                                ),
+                            )
+                        };
+                        eprintln!(
+                            "moat: stopping: {} is still in use by {who}; serving it until its last user lets go{how}; signal again to stop now, failing its I/O",
+                            mount.path().display()
+                        );
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        eprintln!("moat: unmounting {}: {e}", a.mount.display());
+                        break true;
+                    }
+                }
+            }
+        }
         if let Some(ms) = a.kill_every {
-            if last_kill.elapsed() >= Duration::from_millis(ms) {
+            if stopping.is_none() && last_kill.elapsed() >= Duration::from_millis(ms) {
                 dev.kill_driver();
                 last_kill = Instant::now();
             }
         }
+    };
+    if forced {
+        let users = mount.users();
+        let _ = mount.unmount();
+        dev.shutdown();
+        print_counters(&dev.counters(), &mut std::io::stdout());
+        eprintln!(
+            "moat: stopped by force while {} was {}: what it had in flight failed",
+            a.mount.join(&a.name).display(),
+            if users.is_empty() {
+                "in use".to_string()
+            } else {
+                format!("in use by {}", users.join(", "))
+            }
+        );
+        return EXIT_FORCED_STOP;
     }
-    let unmounted = mount.unmount();
-    let c = dev.counters();
+    let flushed = if a.read_only { Ok(()) } else { dev.flush() };
     dev.shutdown();
-    print_counters(&c, &mut std::io::stdout());
-    match unmounted {
+    print_counters(&dev.counters(), &mut std::io::stdout());
+    match flushed {
         Ok(()) => 0,
         Err(e) => {
-            eprintln!("moat: unmounting {}: {e}", a.mount.display());
+            eprintln!("moat: the last flush of the disk failed: {e}");
             moat_host_linux::EXIT_HOST_FAILURE
         }
     }

@@ -114,8 +114,9 @@ impl DeviceSet {
                         format!("device `{}`: no backing file was passed", spec.name)
                     })?;
                     let mem = guest_memory(ram_end)?;
-                    let blk = VirtioBlk::new(spec.name.clone(), file, mem, irq)
+                    let mut blk = VirtioBlk::new(spec.name.clone(), file, mem, irq)
                         .map_err(|e| format!("device `{}`: {e}", spec.name))?;
+                    blk.set_read_only(spec.read_only);
                     let base = MMIO_BASE + windows * MMIO_WINDOW;
                     windows += 1;
                     Dev {

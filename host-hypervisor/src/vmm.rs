@@ -30,6 +30,9 @@ pub fn main() -> ! {
     if args.len() == 3 && args[1] == "--zygote" {
         moat_host_linux::loader::zygote::main_with(&args[2], |l| run(Some(l)), true);
     }
+    if let Err(e) = moat_host_linux::loader::mountns::enter_empty() {
+        fail(&format!("vmm: cannot leave the host's mounts: {e}"));
+    }
     run(None)
 }
 

@@ -10,6 +10,7 @@
 //!   image and implements the ABI in-process; [`protocol`] is the wire
 //!   between the two; [`elf`] checks images.
 pub mod broker;
+pub mod disklock;
 pub mod elf;
 pub mod loader;
 pub mod monitor;

@@ -380,6 +380,8 @@ pub(crate) struct Proc {
     pidfd: OwnedFd,
     exit: Mutex<Option<Exit>>,
     ended: Condvar,
+    /// The disks its devices are backed by, locked while it runs.
+    _disks: Vec<Arc<crate::disklock::DiskLock>>,
 }
 
 impl Proc {
@@ -422,7 +424,7 @@ pub(crate) fn start(
     } else {
         session.policy().devices.clone()
     };
-    let backing = open_backing_files(session.host(), &devices)?;
+    let (backing, disks) = open_backing_files(session.host(), &devices)?;
     let sp = match session.host() {
         crate::Host::Linux => spawn::spawn_loader(&spawn::loader_path()?, &limits)?,
         crate::Host::Kvm => spawn::spawn_vmm(&spawn::vmm_path()?, &limits)?,
@@ -433,6 +435,7 @@ pub(crate) fn start(
         pidfd: sp.pidfd,
         exit: Mutex::new(None),
         ended: Condvar::new(),
+        _disks: disks,
     });
     let config = Config {
         args,
@@ -492,12 +495,15 @@ pub(crate) fn start(
     Ok(proc)
 }
 
-/// Open the backing files of the devices granted (kvm only): a declared
-/// device whose file cannot be opened refuses the start, naming both.
+/// Open the backing files of the devices granted (kvm only), read-write or
+/// read-only as declared, and lock each for serving (see
+/// [`crate::disklock`]): a declared device whose file cannot be opened, or
+/// that another process serves, refuses the start, naming both.
+#[allow(clippy::type_complexity)]
 fn open_backing_files(
     host: crate::Host,
     devices: &[moat_policy::DeviceSpec],
-) -> Result<Vec<File>, Error> {
+) -> Result<(Vec<File>, Vec<Arc<crate::disklock::DiskLock>>), Error> {
     if let (crate::Host::Linux, Some(d)) = (host, devices.first()) {
         return Err(Error::BadInput(format!(
             "device `{}` is declared, but only the kvm host grants devices: run it with --host kvm",
@@ -512,11 +518,12 @@ fn open_backing_files(
         )));
     }
     let mut out = Vec::new();
+    let mut locks = Vec::new();
     for d in devices {
         let Some(path) = &d.backing else { continue };
         let f = std::fs::OpenOptions::new()
             .read(true)
-            .write(true)
+            .write(!d.read_only)
             .open(path)
             .map_err(|e| {
                 Error::BadInput(format!(
@@ -536,9 +543,12 @@ fn open_backing_files(
                 path.display()
             )));
         }
+        let lock = crate::disklock::DiskLock::acquire(path, !d.read_only)
+            .map_err(|e| Error::BadInput(format!("device `{}`: {e}", d.name)))?;
+        locks.push(lock);
         out.push(f);
     }
-    Ok(out)
+    Ok((out, locks))
 }
 
 type Job = Box<dyn FnOnce() + Send>;

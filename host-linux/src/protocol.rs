@@ -18,6 +18,11 @@ pub const MAX_FDS: usize = 16;
 /// The loader's descriptor for the monitor socket.
 pub const MONITOR_FD: RawFd = 3;
 
+/// A zygote's set-up pipe, kept open across `execve`: it closes it once
+/// its empty mount namespace is made (see `loader::mountns`), or writes
+/// the failed stage and errno there first.
+pub const SETUP_FD: RawFd = 5;
+
 /// Sent once by the monitor, with the image descriptor (and the devices'
 /// backing files) attached.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -1,9 +1,12 @@
 //! Starting one sandboxed loader process.
 //!
 //! The monitor never forks a copy of itself into the sandbox: it `clone`s a
-//! child into fresh user, pid, mount, net, ipc, uts and cgroup namespaces
-//! that only rearranges descriptors, sets rlimits and `execve`s the small
-//! `moat-loader` binary. Everything the child touches is prepared before
+//! child into fresh user, pid, net, ipc, uts and cgroup namespaces that
+//! only rearranges descriptors, sets rlimits and `execve`s the small
+//! `moat-loader` binary. The mount namespace is the exception: the new
+//! program makes its own after `execve`, so that nothing it maps comes
+//! from a copy of the host's mounts (see `loader::mountns`, which says
+//! why that matters). Everything the child touches is prepared before
 //! `clone`; the child runs raw, async-signal-safe system calls only (the
 //! parent may have other threads holding locks) and `_exit(125)`s on any
 //! failure.
@@ -22,11 +25,11 @@ use crate::protocol::MONITOR_FD;
 /// Exit status of the cloned child when it could not set itself up.
 pub const CHILD_SETUP_FAILED: i32 = 125;
 
-/// Namespaces every loader runs in, with their names for error messages.
-const NAMESPACES: [(libc::c_int, &str); 7] = [
+/// Namespaces a loader is cloned into, with their names for error
+/// messages. (Its mount namespace it makes itself, after `execve`.)
+const NAMESPACES: [(libc::c_int, &str); 6] = [
     (libc::CLONE_NEWUSER, "user"),
     (libc::CLONE_NEWPID, "pid"),
-    (libc::CLONE_NEWNS, "mount"),
     (libc::CLONE_NEWNET, "network"),
     (libc::CLONE_NEWIPC, "ipc"),
     (libc::CLONE_NEWUTS, "uts"),
@@ -344,7 +347,17 @@ fn spawn_with(
     if let Some(k) = kvm {
         args.set_kvm(k);
     }
-    let mut id_pipe = None;
+    // Every process cloned here takes uid and gid 0 of its user namespace
+    // (an unprivileged identity outside): that keeps the capabilities it
+    // needs after execve to make its own mount namespace.
+    let (r, w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| SpawnError::Setup {
+            what: "a pipe",
+            err: e.into(),
+        })?;
+    args.id_sync = r.as_raw_fd();
+    args.id_sync_w = w.as_raw_fd();
+    let id_pipe = Some((r, w));
     if zygote {
         // The zygote keeps the host's limits but one: its loaders lower
         // theirs, and an unprivileged process can lower a hard limit but
@@ -358,14 +371,6 @@ fn spawn_with(
             },
         );
         args.n_rlimits = 1;
-        let (r, w) =
-            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| SpawnError::Setup {
-                what: "a pipe",
-                err: e.into(),
-            })?;
-        args.id_sync = r.as_raw_fd();
-        args.id_sync_w = w.as_raw_fd();
-        id_pipe = Some((r, w));
     }
 
     let ns_flags = NAMESPACES.iter().fold(0, |a, (f, _)| a | f);
@@ -447,15 +452,19 @@ fn clone_child(
 
 /// The cloned child: raw system calls only, then `execve`.
 /// What the child was doing when it failed (first byte on the error pipe).
-const STAGES: [&str; 7] = [
+const STAGES: [&str; 8] = [
     "set the parent-death signal",
     "arrange descriptors",
     "close inherited descriptors",
     "set resource limits",
     "execute the loader",
     "take its unprivileged identity",
+    "make its empty mount namespace",
     "?",
 ];
+
+/// The stage a zygote reports when it cannot make its mount namespace.
+pub(crate) const STAGE_MOUNT_NS: u8 = 6;
 
 /// The cloned child: raw system calls only, then `execve`.
 extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
@@ -475,6 +484,11 @@ pub(crate) unsafe fn exec_loader_child(a: &ChildArgs) -> ! {
     // SAFETY: see the function contract.
     unsafe {
         let e = setup_child(a);
+        // A zygote reports on the set-up pipe until its mount namespace
+        // is made: keep a copy open across execve.
+        if a.zygote && libc::dup2(e, crate::protocol::SETUP_FD) != crate::protocol::SETUP_FD {
+            child_fail(1, e);
+        }
         let argv: [*const libc::c_char; 4] = if a.zygote {
             [a.arg0, ZYGOTE_FLAG.as_ptr(), a.path, std::ptr::null()]
         } else {

@@ -69,6 +69,9 @@ pub struct Config {
     pub max_failed_restarts: u32,
     /// How long an open circuit fails requests before trying again.
     pub retry_after: Duration,
+    /// Serve reads only: every write fails with `EROFS` before it reaches
+    /// a driver.
+    pub read_only: bool,
 }
 
 impl Default for Config {
@@ -80,6 +83,7 @@ impl Default for Config {
             max_in_flight: 64,
             max_failed_restarts: 5,
             retry_after: Duration::from_secs(1),
+            read_only: false,
         }
     }
 }
@@ -87,6 +91,10 @@ impl Default for Config {
 /// What the mediator has seen.
 #[derive(Debug, Clone, Default)]
 pub struct Counters {
+    /// Client requests received (after splitting into requests of at most
+    /// [`Config::max_io`] bytes). Once the device is shut down, every one
+    /// of them is either `completed` or `failed`.
+    pub submitted: u64,
     /// Requests sent to drivers (re-issues included).
     pub requests: u64,
     /// Client requests completed (once each).
@@ -141,6 +149,8 @@ enum Cmd {
         data: Vec<u8>,
         reply: Reply,
     },
+    /// Finish what is in flight (within the deadline), fail what is not,
+    /// stop the driver.
     Shutdown,
 }
 
@@ -163,8 +173,11 @@ pub struct MediatedBlock {
     cmd: Sender<Cmd>,
     geometry: Geometry,
     max_io: u32,
+    read_only: bool,
     counters: Arc<Mutex<Counters>>,
     killer: Arc<Mutex<Option<Killer>>>,
+    /// The engine thread, joined by the first [`MediatedBlock::shutdown`].
+    engine: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
 
 fn io_err(msg: impl Into<String>) -> io::Error {
@@ -222,15 +235,18 @@ impl MediatedBlock {
         };
         let (tx, rx) = unbounded();
         let max_io = engine.config.max_io;
-        std::thread::Builder::new()
+        let read_only = engine.config.read_only;
+        let thread = std::thread::Builder::new()
             .name("moat-mediator".into())
             .spawn(move || engine.run(rx))?;
         Ok(MediatedBlock {
             cmd: tx,
             geometry,
             max_io,
+            read_only,
             counters,
             killer,
+            engine: Arc::new(Mutex::new(Some(thread))),
         })
     }
 
@@ -240,6 +256,11 @@ impl MediatedBlock {
 
     pub fn block_size(&self) -> u32 {
         self.geometry.block_size
+    }
+
+    /// Whether writes are refused ([`Config::read_only`]).
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
     }
 
     pub fn counters(&self) -> Counters {
@@ -254,19 +275,31 @@ impl MediatedBlock {
         }
     }
 
+    /// One client request. Every call is counted `submitted`, and ends
+    /// counted `completed` or `failed`: by the engine when it answers, here
+    /// when the engine is gone before it could.
     fn call(&self, op: u8, offset: u64, len: u32, data: Vec<u8>) -> io::Result<Vec<u8>> {
+        let count = |f: fn(&mut Counters)| f(&mut self.counters.lock().unwrap());
+        count(|c| c.submitted += 1);
+        if self.read_only && op == op::WRITE {
+            count(|c| c.failed += 1);
+            return Err(io::Error::from_raw_os_error(libc::EROFS));
+        }
         let (tx, rx) = crossbeam_channel::bounded(1);
-        self.cmd
-            .send(Cmd::Submit {
-                op,
-                offset,
-                len,
-                data,
-                reply: tx,
-            })
-            .map_err(|_| io_err("the mediator has shut down"))?;
-        rx.recv()
-            .map_err(|_| io_err("the mediator has shut down"))?
+        let sent = self.cmd.send(Cmd::Submit {
+            op,
+            offset,
+            len,
+            data,
+            reply: tx,
+        });
+        match sent.ok().and_then(|()| rx.recv().ok()) {
+            Some(r) => r,
+            None => {
+                count(|c| c.failed += 1);
+                Err(io_err("the mediator has shut down"))
+            }
+        }
     }
 
     /// Read `buf.len()` bytes at `offset` (both multiples of the block size).
@@ -295,9 +328,16 @@ impl MediatedBlock {
         self.call(op::FLUSH, 0, 0, Vec::new()).map(|_| ())
     }
 
-    /// Stop the driver and the mediator.
+    /// Stop: requests in flight are finished (given up to the deadline),
+    /// requests not yet sent fail, the driver is ended. Returns once all of
+    /// that is done; later calls return at once. Bounded: the deadline plus
+    /// ending the driver.
     pub fn shutdown(&self) {
         let _ = self.cmd.send(Cmd::Shutdown);
+        let engine = self.engine.lock().unwrap().take();
+        if let Some(t) = engine {
+            let _ = t.join();
+        }
     }
 }
 
@@ -437,11 +477,32 @@ impl Engine {
 
     fn run(mut self, cmds: Receiver<Cmd>) {
         let tick = Duration::from_millis(5);
+        // Once shutting down: requests in flight get until then to finish.
+        let mut draining: Option<Instant> = None;
+        // Every client handle gone: nothing more can come.
+        let mut cmds = cmds;
         loop {
+            if let Some(until) = draining {
+                if self.waiting.is_empty() || Instant::now() >= until {
+                    break;
+                }
+            }
             let from = self.from_driver.1.clone();
             select! {
                 recv(cmds) -> c => match c {
-                    Ok(Cmd::Shutdown) | Err(_) => break,
+                    Ok(Cmd::Shutdown) | Err(_) => {
+                        if c.is_err() {
+                            cmds = crossbeam_channel::never();
+                        }
+                        if draining.is_none() {
+                            draining = Some(Instant::now() + self.config.deadline);
+                            self.fail_queued("the mediator is shutting down");
+                        }
+                    }
+                    Ok(c) if draining.is_some() => {
+                        self.queue.push(c);
+                        self.fail_queued("the mediator is shutting down");
+                    }
                     Ok(c) => { self.queue.push(c); self.pump(); }
                 },
                 recv(from) -> m => if let Ok(m) = m { self.on_driver(m) },
@@ -463,9 +524,29 @@ impl Engine {
             let _ = d.proc.kill();
             let _ = d.proc.wait();
         }
+        *self.killer.lock().unwrap() = None;
+        let n = self.waiting.len() as u64;
         for (_, r) in self.waiting.drain() {
-            let _ = r.send(Err(io_err("the mediator has shut down")));
+            let _ = r.send(Err(io_err(
+                "the mediator shut down before the driver answered",
+            )));
         }
+        self.count(|c| c.failed += n);
+        // Whatever arrived after the last look fails too (counted by the
+        // client side when the channel closes unanswered).
+        self.fail_queued("the mediator has shut down");
+    }
+
+    /// Fail every queued client request (counted).
+    fn fail_queued(&mut self, why: &str) {
+        let mut n = 0;
+        for c in self.queue.drain(..) {
+            if let Cmd::Submit { reply, .. } = c {
+                let _ = reply.send(Err(io_err(why)));
+                n += 1;
+            }
+        }
+        self.count(|c| c.failed += n);
     }
 
     /// Issue queued client requests while there is room and a driver.

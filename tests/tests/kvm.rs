@@ -243,7 +243,11 @@ fn a_runaway_vcpu_is_ended_by_the_watchdog() {
         let out = run_on("kvm", &[&img("hostile-spin"), mode]);
         assert!(!out.stdout.contains("ESCAPED"), "{}", out.stdout);
         if mode == "vmcall" && out.code == 3 {
-            assert!(out.stdout.contains("REFUSED vmcall rax=-1"), "{}", out.stdout);
+            assert!(
+                out.stdout.contains("REFUSED vmcall rax=-1"),
+                "{}",
+                out.stdout
+            );
         } else {
             out.assert_code(139);
         }

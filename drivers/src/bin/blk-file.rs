@@ -1,7 +1,9 @@
-//! `blk-file PIPE FILE_URI [FAULTS]`: a block driver serving a file as a
-//! disk of 512-byte blocks to the safe mediator, which connects to
-//! `pipe.server:PIPE`. The file must be granted read-write; its size,
-//! rounded down to whole blocks, is the capacity. FAULTS
+//! `blk-file [--read-only] PIPE FILE_URI [FAULTS]`: a block driver serving
+//! a file as a disk of 512-byte blocks to the safe mediator, which
+//! connects to `pipe.server:PIPE`. The file must be granted read-write
+//! (read-only with `--read-only`, when every write fails); its size,
+//! rounded down to whole blocks, is the capacity (`moat serve` refuses a
+//! file that is not a whole number of blocks). FAULTS
 //! (`SEED:PER_MILLION:KIND[,KIND...]`, see `moat_libos::service::Faults`)
 //! makes it misbehave on purpose. Runs on both hosts.
 //!
@@ -24,6 +26,7 @@ const BLOCK: u32 = 512;
 struct FileDisk {
     f: Stream,
     capacity: u64,
+    read_only: bool,
 }
 
 impl BlockDevice for FileDisk {
@@ -48,6 +51,9 @@ impl BlockDevice for FileDisk {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), u8> {
+        if self.read_only {
+            return Err(status::IO_ERROR);
+        }
         self.f
             .write_all_at(offset, data)
             .map_err(|_| status::IO_ERROR)
@@ -59,9 +65,13 @@ impl BlockDevice for FileDisk {
 }
 
 fn main() -> i32 {
-    let args = env::args();
+    let mut args = env::args();
+    let read_only = args.get(1).is_some_and(|a| a == "--read-only");
+    if read_only {
+        args.remove(1);
+    }
     if !(3..=4).contains(&args.len()) {
-        eprintln!("usage: blk-file PIPE FILE_URI [SEED:PER_MILLION:KINDS]");
+        eprintln!("usage: blk-file [--read-only] PIPE FILE_URI [SEED:PER_MILLION:KINDS]");
         return 2;
     }
     let faults = match args.get(3) {
@@ -74,12 +84,12 @@ fn main() -> i32 {
         },
         None => None,
     };
-    let f = match Stream::open(
-        &args[2],
-        access::READ | access::WRITE,
-        create::OPEN_EXISTING,
-        0,
-    ) {
+    let acc = if read_only {
+        access::READ
+    } else {
+        access::READ | access::WRITE
+    };
+    let f = match Stream::open(&args[2], acc, create::OPEN_EXISTING, 0) {
         Ok(f) => f,
         Err(e) => {
             eprintln!("blk-file: cannot open {}: {}", args[2], e.name());
@@ -90,7 +100,11 @@ fn main() -> i32 {
         Ok(a) => a.size / BLOCK as u64 * BLOCK as u64,
         Err(_) => return 3,
     };
-    let mut disk = FileDisk { f, capacity };
+    let mut disk = FileDisk {
+        f,
+        capacity,
+        read_only,
+    };
     match serve_block(&args[1], &mut disk, faults) {
         Ok(()) => 0,
         Err(e) => {

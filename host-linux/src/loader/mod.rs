@@ -4,6 +4,7 @@
 //! maps the image, and calls the image's entry (LibOsInitialize) with the
 //! start-up block and the PAL function table.
 pub mod image;
+pub mod mountns;
 pub mod objects;
 pub mod pal;
 pub mod sandbox;
@@ -53,6 +54,9 @@ pub fn main() -> ! {
     let args: Vec<String> = std::env::args().collect();
     if args.len() == 3 && args[1] == "--zygote" {
         zygote::main(&args[2]);
+    }
+    if let Err(e) = mountns::enter_empty() {
+        fail(&format!("loader: cannot leave the host's mounts: {e}"));
     }
     run()
 }

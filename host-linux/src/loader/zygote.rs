@@ -93,13 +93,10 @@ pub fn main_with(binary: &str, child: fn(&Limits) -> !, kvm: bool) -> ! {
         Ok(f) => OwnedFd::from(f),
         Err(_) => std::process::exit(125),
     };
-    // Leave the host's mounts behind: the namespace's copy of them would
-    // keep every one of them alive (an unmounted FUSE or USB file system
-    // stays busy while a copy exists) and within reach of a bug.
-    if let Err(e) = empty_root() {
-        eprintln!("moat zygote: {e}");
-        std::process::exit(125);
-    }
+    // Leave the host's mounts behind (see `mountns`): a copy of them
+    // would keep every one alive after the host unmounts it, and within
+    // reach of a bug. This also tells the monitor the zygote is ready.
+    super::mountns::enter_empty_or_report();
     let mut st = State {
         handed: std::collections::HashMap::new(),
         path,
@@ -161,71 +158,6 @@ pub fn main_with(binary: &str, child: fn(&Limits) -> !, kvm: bool) -> ! {
             }
         }
     }
-}
-
-/// Make the mount namespace's root an empty, read-only tmpfs and drop
-/// every other mount: nothing here needs a path after start-up (loaders
-/// are forked, not exec'd, and get files as descriptors).
-fn empty_root() -> Result<(), String> {
-    let err = |what: &str| format!("{what}: {}", std::io::Error::last_os_error());
-    let c = |s: &str| CString::new(s).unwrap();
-    let (root, proc_, old, tmpfs) = (c("/"), c("/proc"), c("old"), c("tmpfs"));
-    // SAFETY: plain mount-namespace system calls with valid C strings; the
-    // zygote is single-threaded and owns its mount namespace.
-    unsafe {
-        if libc::mount(
-            std::ptr::null(),
-            root.as_ptr(),
-            std::ptr::null(),
-            libc::MS_REC | libc::MS_PRIVATE,
-            std::ptr::null(),
-        ) != 0
-        {
-            return Err(err("making mounts private"));
-        }
-        // Any directory will do as the new root's mount point.
-        let opts = c("size=16k,mode=0700");
-        if libc::mount(
-            tmpfs.as_ptr(),
-            proc_.as_ptr(),
-            tmpfs.as_ptr(),
-            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-            opts.as_ptr() as *const libc::c_void,
-        ) != 0
-        {
-            return Err(err("mounting an empty root"));
-        }
-        if libc::chdir(proc_.as_ptr()) != 0 || libc::mkdir(old.as_ptr(), 0o700) != 0 {
-            return Err(err("preparing the empty root"));
-        }
-        let dot = c(".");
-        if libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), old.as_ptr()) != 0 {
-            return Err(err("pivot_root"));
-        }
-        let old_abs = c("/old");
-        if libc::umount2(old_abs.as_ptr(), libc::MNT_DETACH) != 0 {
-            return Err(err("dropping the host's mounts"));
-        }
-        libc::rmdir(old_abs.as_ptr());
-        libc::chdir(root.as_ptr());
-        // Read-only from now on.
-        if libc::mount(
-            std::ptr::null(),
-            root.as_ptr(),
-            std::ptr::null(),
-            libc::MS_REMOUNT
-                | libc::MS_BIND
-                | libc::MS_RDONLY
-                | libc::MS_NOSUID
-                | libc::MS_NODEV
-                | libc::MS_NOEXEC,
-            std::ptr::null(),
-        ) != 0
-        {
-            return Err(err("making the empty root read-only"));
-        }
-    }
-    Ok(())
 }
 
 /// Answer a spawn request on its own reply socket.

@@ -67,12 +67,18 @@ pub struct DeviceSpec {
     pub kind: DeviceKind,
     /// The host file behind the device (`Some` exactly for kinds that need one).
     pub backing: Option<PathBuf>,
+    /// The guest may read the backing file but not write it (`,ro` on the
+    /// command line, `read_only = true` in a manifest; backed kinds only).
+    /// The file is opened read-only and the device says it is read-only.
+    pub read_only: bool,
 }
 
 impl DeviceSpec {
-    /// Parses a command-line declaration: `com1=uart`, `blk0=virtio-blk:/path/disk.img`.
+    /// Parses a command-line declaration: `com1=uart`,
+    /// `blk0=virtio-blk:/path/disk.img`, `blk0=virtio-blk,ro:disk.img`.
     ///
-    /// Everything after the first `:` is the argument, so paths may contain `:`.
+    /// Everything after the first `:` is the argument, so paths may contain
+    /// `:`; options follow the kind after commas (`ro`: read-only).
     pub fn parse(s: &str) -> Result<DeviceSpec, SpecError> {
         let Some((name, rest)) = s.split_once('=') else {
             return Err(SpecError::Syntax {
@@ -83,7 +89,21 @@ impl DeviceSpec {
             Some((kind, arg)) => (kind, Some(arg.to_owned())),
             None => (rest, None),
         };
-        build(name, kind, arg, SpecForm::CommandLine)
+        let mut opts = kind.split(',');
+        let kind = opts.next().unwrap_or_default();
+        let mut read_only = false;
+        for o in opts {
+            match o {
+                "ro" => read_only = true,
+                other => {
+                    return Err(SpecError::UnknownOption {
+                        name: name.to_owned(),
+                        option: other.to_owned(),
+                    })
+                }
+            }
+        }
+        build(name, kind, arg, read_only, SpecForm::CommandLine)
     }
 }
 
@@ -99,6 +119,9 @@ impl FromStr for DeviceSpec {
 impl fmt::Display for DeviceSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}={}", self.name, self.kind)?;
+        if self.read_only {
+            write!(f, ",ro")?;
+        }
         if let Some(path) = &self.backing {
             write!(f, ":{}", path.display())?;
         }
@@ -129,13 +152,16 @@ pub struct ManifestDevice {
     /// self-describing.)
     #[serde(default)]
     pub file: Option<String>,
+    /// Serve the backing file read-only.
+    #[serde(default)]
+    pub read_only: bool,
 }
 
 impl TryFrom<ManifestDevice> for DeviceSpec {
     type Error = SpecError;
 
     fn try_from(m: ManifestDevice) -> Result<DeviceSpec, SpecError> {
-        build(&m.name, &m.kind, m.file, SpecForm::Manifest)
+        build(&m.name, &m.kind, m.file, m.read_only, SpecForm::Manifest)
     }
 }
 
@@ -145,6 +171,7 @@ impl From<DeviceSpec> for ManifestDevice {
             name: spec.name,
             kind: spec.kind.as_str().to_owned(),
             file: spec.backing.map(|p| p.to_string_lossy().into_owned()),
+            read_only: spec.read_only,
         }
     }
 }
@@ -166,6 +193,7 @@ fn build(
     name: &str,
     kind: &str,
     arg: Option<String>,
+    read_only: bool,
     form: SpecForm,
 ) -> Result<DeviceSpec, SpecError> {
     check_name(name)?;
@@ -194,10 +222,17 @@ fn build(
             })
         }
     };
+    if read_only && backing.is_none() {
+        return Err(SpecError::UnknownOption {
+            name: name.to_owned(),
+            option: "ro (only devices with a backing file can be read-only)".to_owned(),
+        });
+    }
     Ok(DeviceSpec {
         name: name.to_owned(),
         kind: k,
         backing,
+        read_only,
     })
 }
 
@@ -291,6 +326,13 @@ pub enum SpecError {
         /// Where the declaration came from.
         form: SpecForm,
     },
+    /// An option after the kind that is not known (or not for this kind).
+    UnknownOption {
+        /// The device's name.
+        name: String,
+        /// The option as given.
+        option: String,
+    },
     /// Two declarations share a name.
     DuplicateName {
         /// The repeated name.
@@ -369,6 +411,11 @@ impl fmt::Display for SpecError {
                      remove `file` from its [[device]] entry"
                 ),
             },
+            SpecError::UnknownOption { name, option } => write!(
+                f,
+                "device `{name}`: unknown option `{option}`; the one option is `ro` \
+                 (read-only), as in `{name}=virtio-blk,ro:disk.img`"
+            ),
             SpecError::DuplicateName { name } => write!(
                 f,
                 "device name `{name}` is declared more than once: give each device its own name"
@@ -395,7 +442,8 @@ mod tests {
             DeviceSpec {
                 name: "com1".into(),
                 kind: DeviceKind::Uart,
-                backing: None
+                backing: None,
+                read_only: false,
             }
         );
         assert_eq!(spec.to_string(), "com1=uart");
@@ -410,6 +458,25 @@ mod tests {
         assert_eq!(spec.name, "b_1-x");
         assert_eq!(spec.backing, Some(PathBuf::from("/a:b/c")));
         assert_eq!(DeviceSpec::parse(&spec.to_string()).unwrap(), spec);
+        assert!(!spec.read_only);
+    }
+
+    #[test]
+    fn read_only_option() {
+        let spec = DeviceSpec::parse("blk0=virtio-blk,ro:/a:b").unwrap();
+        assert!(spec.read_only);
+        assert_eq!(spec.backing, Some(PathBuf::from("/a:b")));
+        assert_eq!(spec.to_string(), "blk0=virtio-blk,ro:/a:b");
+        assert_eq!(DeviceSpec::parse(&spec.to_string()).unwrap(), spec);
+        let e = err("blk0=virtio-blk,rw:/a");
+        assert!(e.contains("unknown option `rw`"), "{e}");
+        let e = err("com1=uart,ro");
+        assert!(e.contains("backing file"), "{e}");
+        let m: DeviceSpec = toml::from_str(
+            "name = \"blk0\"\nkind = \"virtio-blk\"\nfile = \"d.img\"\nread_only = true\n",
+        )
+        .unwrap();
+        assert!(m.read_only);
     }
 
     #[test]
@@ -475,6 +542,7 @@ mod tests {
             name: "blk0".into(),
             kind: "virtio-blk".into(),
             file: Some("disk.img".into()),
+            read_only: false,
         };
         let spec = DeviceSpec::try_from(m.clone()).unwrap();
         assert_eq!(spec.backing, Some(PathBuf::from("disk.img")));
@@ -484,6 +552,7 @@ mod tests {
             name: "blk0".into(),
             kind: "virtio-blk".into(),
             file: None,
+            read_only: false,
         })
         .unwrap_err()
         .to_string();
@@ -494,6 +563,7 @@ mod tests {
             name: "com1".into(),
             kind: "uart".into(),
             file: Some("x".into()),
+            read_only: false,
         })
         .unwrap_err()
         .to_string();
@@ -503,6 +573,7 @@ mod tests {
             name: "Bad".into(),
             kind: "uart".into(),
             file: None,
+            read_only: false,
         })
         .unwrap_err();
         assert!(matches!(e, SpecError::BadName { .. }));

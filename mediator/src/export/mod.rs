@@ -1,0 +1,468 @@
+//! The FUSE exporter: makes a mediated block service a real host object.
+//!
+//! [`mount`] serves a [`BlockBackend`] as the single regular file `dir/name`
+//! of a FUSE mount at `dir`. `losetup` turns that file into a block device,
+//! which Linux can then `mkfs` and mount like any disk:
+//!
+//! ```text
+//! losetup --find --show --direct-io=on DIR/NAME   # -> /dev/loopN
+//! mkfs.ext4 /dev/loopN && mount /dev/loopN /mnt
+//! ```
+//!
+//! # Semantics
+//!
+//! * The file has mode 0600, belongs to the user that mounted it and its size
+//!   is the backend's capacity, read once at mount time: it never changes.
+//! * Reads and writes may come at any offset and of any length. The exporter
+//!   only ever calls the backend with offsets and lengths aligned to its block
+//!   size: an unaligned read reads the enclosing blocks, an unaligned write is
+//!   a read-modify-write of its first and last block. Writes are serialised
+//!   against overlapping writes (at block granularity), so two concurrent
+//!   writes to different bytes of one block both land.
+//! * A read that starts at or past the capacity returns 0 bytes; one that
+//!   crosses it is short. A write that starts at or past the capacity fails
+//!   with `ENOSPC`, as it would on a block device; one that crosses it is
+//!   short (the part that fits is written).
+//! * Every write reaches the backend before it is acknowledged; `fsync` (and
+//!   `flush`, sent on each `close`) call [`BlockBackend::flush`] and only
+//!   answer once it returned, so an `fsync` covers every write completed
+//!   before it. The loop driver turns a block-layer flush into an `fsync`.
+//! * The file is opened with `FOPEN_DIRECT_IO` (nothing is cached in the host
+//!   page cache, so the loop device's I/O is not cached twice) and
+//!   `FOPEN_PARALLEL_DIRECT_WRITES` (the kernel may send writes concurrently).
+//! * The namespace is fixed: creating, linking, renaming or removing anything
+//!   fails with `EACCES`. `setattr` accepts only what changes nothing (the
+//!   same mode, owner and size); timestamps are accepted and ignored; any other
+//!   change, such as a truncation, fails with `EPERM`. `fallocate` without
+//!   flags (or with `FALLOC_FL_KEEP_SIZE`) inside the file succeeds, as the
+//!   space always exists; hole punching and zeroing fail with `EOPNOTSUPP`
+//!   (the loop driver then stops sending discards).
+//! * Backend errors become `EIO`.
+//! * The FUSE session runs [`MountOptions::threads`] worker threads (4 by
+//!   default), so the loop device's concurrent requests are served
+//!   concurrently. Requests are bounded: writes by `max_write`
+//!   ([`MAX_WRITE`]), reads by the kernel's matching `max_pages` (and any
+//!   read larger than [`MAX_READ_REQUEST`] is refused with `EINVAL`).
+//!
+//! # Requirements
+//!
+//! `/dev/fuse`. As root the mount is a plain `mount(2)`: no libfuse and no
+//! helper binary is needed. Other users need the setuid `fusermount3` (Debian
+//! and Ubuntu package `fuse3`), which fuser runs for them. Only the mounting
+//! user can access the mount (there is no `allow_other`): mount as the user
+//! that runs `losetup`, normally root.
+
+mod fs;
+mod mountpoint;
+#[cfg(test)]
+mod tests;
+
+pub use mountpoint::{
+    check_mount_point, loop_devices_of, MountPointError, MountPointState, FS_NAME_PREFIX,
+};
+
+use std::ffi::{CString, OsString};
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use fuser::MountOption;
+
+use fs::ExportFs;
+
+/// What the exporter needs from a block service (the mediator implements it;
+/// tests use an in-memory one).
+///
+/// The exporter only calls [`read_at`](Self::read_at) and
+/// [`write_at`](Self::write_at) with an offset and a length that are
+/// multiples of [`block_size`](Self::block_size) and within
+/// [`capacity`](Self::capacity). Calls may come concurrently from several
+/// threads, but never two overlapping writes at once.
+pub trait BlockBackend: Send + Sync + 'static {
+    /// The size of the device in bytes: a multiple of the block size. It is
+    /// read once, when the backend is mounted.
+    fn capacity(&self) -> u64;
+    /// The block size in bytes: a power of two in `512..=65536`.
+    fn block_size(&self) -> u32;
+    /// Fills `buf` with the bytes at `offset` (both aligned to the block size).
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// Writes `data` at `offset` (both aligned to the block size).
+    fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()>;
+    /// Makes every write that has returned durable.
+    fn flush(&self) -> io::Result<()>;
+    /// Whether the device refuses writes. Read once, when the backend is
+    /// mounted: the file is then mode 0400 in a read-only mount, and
+    /// writes fail with `EROFS` before they reach the backend.
+    fn read_only(&self) -> bool {
+        false
+    }
+}
+
+/// The largest write the kernel is asked to send in one request (1 MiB).
+/// The kernel also sizes its largest direct-I/O read from it.
+pub const MAX_WRITE: u32 = 1 << 20;
+
+/// The largest read request served; larger ones fail with `EINVAL`. The
+/// kernel never sends one (it caps reads at `max_pages`, derived from
+/// [`MAX_WRITE`]): this bounds the memory a request can make the exporter
+/// allocate whatever the kernel does.
+pub const MAX_READ_REQUEST: u32 = 16 << 20;
+
+/// How long [`Mount::unmount`] waits for the FUSE session to end after a
+/// lazy unmount (the file was still in use, e.g. by a loop device that is
+/// being detached and releases its file asynchronously).
+const LAZY_UNMOUNT_WAIT: Duration = Duration::from_secs(2);
+
+/// Tunables of [`mount_with`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountOptions {
+    /// Number of threads serving FUSE requests (at least 1).
+    pub threads: usize,
+    /// The mount's source, as shown in `/proc/mounts` (`fsname=`).
+    pub fs_name: String,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        Self {
+            threads: 4,
+            fs_name: FS_NAME_PREFIX.to_owned(),
+        }
+    }
+}
+
+/// Mounts `backend` as the single regular file `dir/name` (mode 0600, size =
+/// capacity) in a FUSE mount at `dir`, which must exist and be empty.
+///
+/// Dropping the returned [`Mount`] unmounts it (lazily if busy) and joins the
+/// FUSE thread. See the [module documentation](self) for the semantics.
+///
+/// # Errors
+///
+/// `InvalidInput` if the backend's geometry or `name` is invalid,
+/// `NotADirectory` or `DirectoryNotEmpty` for an unusable `dir`, and any
+/// error of opening `/dev/fuse` or of the mount itself.
+pub fn mount(backend: Arc<dyn BlockBackend>, dir: &Path, name: &str) -> io::Result<Mount> {
+    mount_with(backend, dir, name, &MountOptions::default())
+}
+
+/// [`mount`] with explicit [`MountOptions`].
+///
+/// # Errors
+///
+/// As [`mount`]; also `InvalidInput` if `options.threads` is 0.
+pub fn mount_with(
+    backend: Arc<dyn BlockBackend>,
+    dir: &Path,
+    name: &str,
+    options: &MountOptions,
+) -> io::Result<Mount> {
+    let geometry = Geometry::of(&*backend)?;
+    check_name(name)?;
+    if options.threads == 0 {
+        return Err(invalid_input("the FUSE session needs at least one thread"));
+    }
+    if options.fs_name.is_empty() || options.fs_name.contains([',', '\0']) {
+        return Err(invalid_input(
+            "fs_name must be non-empty, without ',' or NUL",
+        ));
+    }
+    let dir = dir.canonicalize()?;
+    if !dir.is_dir() {
+        return Err(io::Error::new(
+            io::ErrorKind::NotADirectory,
+            format!("{} is not a directory", dir.display()),
+        ));
+    }
+    if std::fs::read_dir(&dir)?.next().is_some() {
+        return Err(io::Error::new(
+            io::ErrorKind::DirectoryNotEmpty,
+            format!("{} is not empty", dir.display()),
+        ));
+    }
+
+    let read_only = backend.read_only();
+    let fs = ExportFs::new(backend, geometry, OsString::from(name));
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![
+        if read_only {
+            MountOption::RO
+        } else {
+            MountOption::RW
+        },
+        MountOption::FSName(options.fs_name.clone()),
+        MountOption::DefaultPermissions,
+        MountOption::NoDev,
+        MountOption::NoSuid,
+        MountOption::NoExec,
+        MountOption::NoAtime,
+        MountOption::CUSTOM(format!("max_read={MAX_WRITE}")),
+    ];
+    config.n_threads = Some(options.threads);
+    // Mounts, and answers the kernel's INIT before returning.
+    let session = fuser::Session::new(fs, &dir, &config)?;
+    // If the thread cannot be started, the session is dropped, which unmounts.
+    let thread = std::thread::Builder::new()
+        .name("moat-export".to_owned())
+        .spawn(move || session.run())?;
+    Ok(Mount {
+        file: dir.join(name),
+        dir,
+        thread: Some(thread),
+    })
+}
+
+/// A mounted export: see [`mount`].
+#[derive(Debug)]
+#[must_use = "dropping a Mount unmounts it"]
+pub struct Mount {
+    dir: PathBuf,
+    file: PathBuf,
+    /// The thread running the FUSE session; `None` once shut down.
+    thread: Option<JoinHandle<io::Result<()>>>,
+}
+
+impl Mount {
+    /// The exported file: `dir/name`, with `dir` made canonical.
+    pub fn path(&self) -> PathBuf {
+        self.file.clone()
+    }
+
+    /// The mount point (canonical).
+    pub fn mount_point(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Unmounts if nothing uses the exported file: `Ok(true)` once it is
+    /// unmounted and its session has ended, `Ok(false)` if the file is in
+    /// use (by a loop device, or a process that has it open), in which case
+    /// nothing changes and the export goes on serving. This is the orderly
+    /// stop: call it again until it returns `true`.
+    ///
+    /// # Errors
+    ///
+    /// An error of the unmount other than "busy", or the session's own error.
+    pub fn try_unmount(&mut self) -> io::Result<bool> {
+        let Some(thread) = self.thread.as_ref() else {
+            return Ok(true);
+        };
+        match detach(&self.dir, false) {
+            Ok(()) => {}
+            Err(err) if err.raw_os_error() == Some(libc::EBUSY) => return Ok(false),
+            // Not mounted any more (someone else unmounted it): the session
+            // has ended or is ending.
+            Err(err) if err.raw_os_error() == Some(libc::EINVAL) => {}
+            Err(err) => return Err(err),
+        }
+        // Unmounted: the kernel ends the session (it answers nothing after
+        // the last user has gone, so this does not wait on a user).
+        let _ = wait_finished(thread, LAZY_UNMOUNT_WAIT);
+        let thread = self.thread.take().expect("checked above");
+        if !thread.is_finished() {
+            return Err(io::Error::other(
+                "the FUSE session did not end after the unmount",
+            ));
+        }
+        thread
+            .join()
+            .map_err(|_| io::Error::other("the FUSE session thread panicked"))?
+            .map(|()| true)
+    }
+
+    /// Who uses the exported file, as far as can be seen: the loop devices
+    /// attached to it.
+    pub fn users(&self) -> Vec<String> {
+        loop_devices_of(&self.file)
+    }
+
+    /// Unmounts and joins the FUSE session thread, returning its error if it
+    /// failed.
+    ///
+    /// If the file is still in use (say, by a loop device), the mount is
+    /// detached lazily: it disappears from the namespace at once but is
+    /// served, for as long as this process runs, until its last user closes
+    /// it. If that does not happen within a short wait, this returns a
+    /// `ResourceBusy` error and leaves the session thread to end by itself.
+    /// Dropping a `Mount` does the same, ignoring errors. (An orderly stop
+    /// that never breaks a user is [`try_unmount`](Self::try_unmount).)
+    ///
+    /// # Errors
+    ///
+    /// `ResourceBusy` as above, an error of the unmount itself, or the
+    /// session's own error.
+    pub fn unmount(mut self) -> io::Result<()> {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> io::Result<()> {
+        let Some(thread) = self.thread.take() else {
+            return Ok(());
+        };
+        let lazy = match detach(&self.dir, false) {
+            Ok(()) => false,
+            // Not mounted any more (someone else unmounted it): the session
+            // has ended or is ending.
+            Err(err) if err.raw_os_error() == Some(libc::EINVAL) => false,
+            Err(_) => {
+                detach(&self.dir, true)?;
+                true
+            }
+        };
+        if lazy && !wait_finished(&thread, LAZY_UNMOUNT_WAIT) {
+            return Err(io::Error::new(
+                io::ErrorKind::ResourceBusy,
+                format!(
+                    "{} is still in use: detached lazily, it is served (while this process runs) until its last user closes it",
+                    self.file.display()
+                ),
+            ));
+        }
+        thread
+            .join()
+            .map_err(|_| io::Error::other("the FUSE session thread panicked"))?
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = self.shutdown();
+    }
+}
+
+/// Unmounts `dir`, lazily (`MNT_DETACH`) if asked. Without the right to
+/// `umount(2)`, uses `fusermount3`/`fusermount -u`, as fuser mounts through
+/// them in that case.
+fn detach(dir: &Path, lazy: bool) -> io::Result<()> {
+    let path = CString::new(dir.as_os_str().as_bytes())?;
+    let flags = if lazy { libc::MNT_DETACH } else { 0 };
+    // SAFETY: `path` is a valid NUL-terminated string that outlives the call;
+    // umount2 does not keep the pointer.
+    if unsafe { libc::umount2(path.as_ptr(), flags) } == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() != Some(libc::EPERM) {
+        return Err(err);
+    }
+    let mut last = err;
+    for helper in ["fusermount3", "fusermount"] {
+        let mut cmd = Command::new(helper);
+        cmd.args(["-u", "-q"]);
+        if lazy {
+            cmd.arg("-z");
+        }
+        cmd.arg("--").arg(dir);
+        match cmd.stdin(Stdio::null()).stdout(Stdio::null()).output() {
+            Ok(out) if out.status.success() => return Ok(()),
+            Ok(out) => {
+                last = io::Error::other(format!(
+                    "{helper} -u {}: {}",
+                    dir.display(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ));
+            }
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            Err(err) => last = err,
+        }
+    }
+    Err(last)
+}
+
+fn wait_finished<T>(thread: &JoinHandle<T>, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while !thread.is_finished() {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    true
+}
+
+fn invalid_input(msg: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, msg.into())
+}
+
+fn check_name(name: &str) -> io::Result<()> {
+    if name.is_empty()
+        || name.len() > 255
+        || name == "."
+        || name == ".."
+        || name.contains(['/', '\0'])
+    {
+        return Err(invalid_input(format!(
+            "{name:?} is not a valid file name (non-empty, at most 255 bytes, no '/' or NUL, not . or ..)"
+        )));
+    }
+    Ok(())
+}
+
+/// A backend's geometry, checked.
+#[derive(Debug, Clone, Copy)]
+struct Geometry {
+    capacity: u64,
+    block_size: u64,
+}
+
+impl Geometry {
+    fn of(backend: &dyn BlockBackend) -> io::Result<Self> {
+        let block_size = backend.block_size();
+        let capacity = backend.capacity();
+        if !block_size.is_power_of_two() || !(512..=65536).contains(&block_size) {
+            return Err(invalid_input(format!(
+                "block size {block_size} is not a power of two in 512..=65536"
+            )));
+        }
+        if !capacity.is_multiple_of(u64::from(block_size)) {
+            return Err(invalid_input(format!(
+                "capacity {capacity} is not a multiple of the block size {block_size}"
+            )));
+        }
+        Ok(Self {
+            capacity,
+            block_size: u64::from(block_size),
+        })
+    }
+
+    fn align_down(&self, offset: u64) -> u64 {
+        offset & !(self.block_size - 1)
+    }
+
+    /// Rounds up; callers only pass offsets within the capacity, which is a
+    /// multiple of the block size, so this cannot overflow.
+    fn align_up(&self, offset: u64) -> u64 {
+        self.align_down(offset + self.block_size - 1)
+    }
+}
+
+/// A mediated block device is exported as it is: every access of the
+/// kernel goes through the mediator to the driver picoprocess.
+impl BlockBackend for crate::block::MediatedBlock {
+    fn capacity(&self) -> u64 {
+        crate::block::MediatedBlock::capacity(self)
+    }
+
+    fn block_size(&self) -> u32 {
+        crate::block::MediatedBlock::block_size(self)
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        crate::block::MediatedBlock::read_at(self, offset, buf)
+    }
+
+    fn write_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        crate::block::MediatedBlock::write_at(self, offset, data)
+    }
+
+    fn flush(&self) -> std::io::Result<()> {
+        crate::block::MediatedBlock::flush(self)
+    }
+
+    fn read_only(&self) -> bool {
+        crate::block::MediatedBlock::is_read_only(self)
+    }
+}
