@@ -1,25 +1,23 @@
 //! End to end: a block service exported through FUSE becomes a loop device
 //! that Linux formats, mounts, fills, checks and reads back.
 //!
-//! Needs root, /dev/fuse, /dev/loop-control, losetup, mount/umount (util-linux)
-//! and mkfs.ext4/fsck.ext4 (e2fsprogs). Without them it is skipped, unless
-//! MOAT_REQUIRE_ROOT_TOOLS is set, when it fails. Every mount and loop device
-//! it makes is held by a guard that undoes it, so a failure leaves none behind.
+//! Needs what `moat_tests::root` needs (root, FUSE, loop devices,
+//! util-linux, e2fsprogs); without it the tests skip, unless
+//! MOAT_REQUIRE_ROOT_TOOLS is set, when they fail.
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use moat_mediator::export::{self, BlockBackend};
+use moat_tests::root::{missing_prerequisites, run_ok, FsMount, LoopDev};
 
 const CAPACITY: usize = 64 << 20;
 const BLOCK_SIZE: u32 = 4096;
 const FILES: usize = 200;
 const MAX_FILE: u64 = 256 << 10;
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The tests here take turns: they share loop devices and mounts, and a
 /// picoprocess started by one while the other's FUSE mount is up must not
@@ -85,77 +83,6 @@ impl BlockBackend for MemBackend {
     }
 }
 
-/// Why this machine cannot run the test, if it cannot.
-fn missing_prerequisites() -> Option<String> {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        return Some("not root".into());
-    }
-    for dev in ["/dev/fuse", "/dev/loop-control"] {
-        if !Path::new(dev).exists() {
-            return Some(format!("no {dev}"));
-        }
-    }
-    for tool in [
-        "losetup",
-        "mkfs.ext4",
-        "fsck.ext4",
-        "mount",
-        "umount",
-        "sync",
-    ] {
-        if find_tool(tool).is_none() {
-            return Some(format!("no {tool} (packages util-linux, e2fsprogs, mount)"));
-        }
-    }
-    None
-}
-
-fn find_tool(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
-        .map(|dir| dir.join(name))
-        .find(|p| p.is_file())
-}
-
-/// Runs a tool, killing it after COMMAND_TIMEOUT.
-fn run(tool: &str, args: &[&str]) -> Output {
-    let exe = find_tool(tool).unwrap_or_else(|| panic!("{tool} not found"));
-    let mut child = Command::new(exe)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {tool}: {e}"));
-    let deadline = Instant::now() + COMMAND_TIMEOUT;
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "{tool} {args:?} timed out: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    child.wait_with_output().unwrap()
-}
-
-fn run_ok(tool: &str, args: &[&str]) -> String {
-    let out = run(tool, args);
-    assert!(
-        out.status.success(),
-        "{tool} {args:?} failed ({}): {}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// A fresh empty directory, removed (only if empty) on drop.
 struct TempDir(PathBuf);
 
@@ -170,154 +97,12 @@ impl TempDir {
         std::fs::create_dir(&path).unwrap();
         Self(path)
     }
-
-    fn path(&self) -> &str {
-        self.0.to_str().unwrap()
-    }
 }
 
 impl Drop for TempDir {
     fn drop(&mut self) {
         // Never recursive: should something still be mounted here, keep it.
         let _ = std::fs::remove_dir(&self.0);
-    }
-}
-
-/// A loop device, detached on drop.
-struct LoopDev {
-    dev: String,
-    attached: bool,
-}
-
-impl LoopDev {
-    /// Attaches `file`, with direct I/O if the kernel accepts it.
-    fn attach(file: &Path) -> (Self, bool) {
-        let file = file.to_str().unwrap();
-        for direct_io in [true, false] {
-            let mut args = vec!["--find", "--show"];
-            if direct_io {
-                args.push("--direct-io=on");
-            }
-            args.push(file);
-            let out = run("losetup", &args);
-            if out.status.success() {
-                let dev = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-                assert!(dev.starts_with("/dev/loop"), "losetup said {dev:?}");
-                return (
-                    Self {
-                        dev,
-                        attached: true,
-                    },
-                    direct_io,
-                );
-            }
-            eprintln!(
-                "losetup {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        panic!("losetup could not attach {file}");
-    }
-
-    fn sysfs(&self, attr: &str) -> Option<String> {
-        let name = self.dev.trim_start_matches("/dev/");
-        std::fs::read_to_string(format!("/sys/block/{name}/loop/{attr}"))
-            .ok()
-            .map(|s| s.trim().to_owned())
-    }
-
-    /// Detaches and waits until the device has let go of its file (the
-    /// kernel may finish the detach asynchronously).
-    fn detach(&mut self) -> bool {
-        if !std::mem::take(&mut self.attached) {
-            return true;
-        }
-        let out = run("losetup", &["-d", &self.dev]);
-        if !out.status.success() {
-            eprintln!(
-                "losetup -d {}: {}",
-                self.dev,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        let started = Instant::now();
-        let mut reported = false;
-        while self.sysfs("backing_file").is_some() {
-            if started.elapsed() > Duration::from_secs(30) {
-                return false;
-            }
-            if !reported && started.elapsed() > Duration::from_secs(1) {
-                reported = true;
-                eprintln!(
-                    "{} is still attached after 1 s; opened by: {:?}",
-                    self.dev,
-                    holders(&self.dev)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        true
-    }
-}
-
-/// The processes that have `dev` open (for diagnostics).
-fn holders(dev: &str) -> Vec<String> {
-    let mut found = Vec::new();
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return found;
-    };
-    for p in procs.flatten() {
-        let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
-            continue;
-        };
-        if fds
-            .flatten()
-            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t == Path::new(dev)))
-        {
-            let comm = std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
-            found.push(format!(
-                "{} {}",
-                p.file_name().to_string_lossy(),
-                comm.trim()
-            ));
-        }
-    }
-    found
-}
-
-impl Drop for LoopDev {
-    fn drop(&mut self) {
-        self.detach();
-    }
-}
-
-/// A mounted file system, unmounted on drop.
-struct FsMount {
-    dir: String,
-    mounted: bool,
-}
-
-impl FsMount {
-    fn mount(dev: &str, dir: &TempDir) -> Self {
-        run_ok("mount", &["-t", "ext4", dev, dir.path()]);
-        Self {
-            dir: dir.path().to_owned(),
-            mounted: true,
-        }
-    }
-
-    fn unmount(&mut self) {
-        if std::mem::take(&mut self.mounted) {
-            run_ok("umount", &[&self.dir]);
-        }
-    }
-}
-
-impl Drop for FsMount {
-    fn drop(&mut self) {
-        if std::mem::take(&mut self.mounted) && !run("umount", &[&self.dir]).status.success() {
-            let _ = run("umount", &["-l", &self.dir]);
-        }
     }
 }
 
@@ -447,7 +232,7 @@ fn ext4_on_a_loop_device_over_the_fuse_export() {
     run_ok("mkfs.ext4", &["-q", "-F", &loop_dev.dev]);
     lap("mkfs.ext4");
 
-    let mut ext = FsMount::mount(&loop_dev.dev, &ext_dir);
+    let mut ext = FsMount::ext4(&loop_dev.dev, &ext_dir.0);
     lap("mount ext4");
     let manifest = write_tree(&ext_dir.0, &mut rng);
     let bytes: usize = manifest.iter().map(|m| m.1).sum();
@@ -465,7 +250,7 @@ fn ext4_on_a_loop_device_over_the_fuse_export() {
     run_ok("fsck.ext4", &["-fn", &loop_dev.dev]);
     lap("fsck.ext4 -fn");
 
-    let mut ext = FsMount::mount(&loop_dev.dev, &ext_dir);
+    let mut ext = FsMount::ext4(&loop_dev.dev, &ext_dir.0);
     verify_tree(&ext_dir.0, &manifest);
     ext.unmount();
     lap("mount, verify, umount");
@@ -573,7 +358,7 @@ fn ext4_over_a_mediated_driver_survives_its_kills() {
             })
         };
         run_ok("mkfs.ext4", &["-q", "-F", &loop_dev.dev]);
-        let mut ext = FsMount::mount(&loop_dev.dev, &ext_dir);
+        let mut ext = FsMount::ext4(&loop_dev.dev, &ext_dir.0);
         let manifest = write_tree(&ext_dir.0, &mut rng);
         run_ok("sync", &[]);
         stop.store(true, Ordering::SeqCst);
@@ -585,7 +370,7 @@ fn ext4_over_a_mediated_driver_survives_its_kills() {
             c
         });
         run_ok("fsck.ext4", &["-fn", &loop_dev.dev]);
-        let mut ext = FsMount::mount(&loop_dev.dev, &ext_dir);
+        let mut ext = FsMount::ext4(&loop_dev.dev, &ext_dir.0);
         verify_tree(&ext_dir.0, &manifest);
         ext.unmount();
         assert!(loop_dev.detach(), "{} kept its file", loop_dev.dev);

@@ -159,6 +159,8 @@ pub fn run_on(host: &str, args: &[&str]) -> Output {
     moat(&a)
 }
 
+pub mod root;
+
 pub fn file_uri(p: &Path) -> String {
     format!("file:{}", p.display())
 }
