@@ -52,6 +52,8 @@ fn misbehaving_loaders() {
     }
     let dir = std::env::temp_dir().join(format!("moat-fake-loader-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
+    // Loaders run as `nobody` outside their namespace: they write here.
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
     let img = dir.join("tiny");
     std::fs::write(&img, tiny_elf()).unwrap();
 
@@ -111,7 +113,7 @@ fn misbehaving_loaders() {
     // The loader's environment and descriptors are only what moat gives.
     let out = dir.join("env.out");
     let body = format!(
-        "{{ /usr/bin/env; echo uid=$(/usr/bin/id -u); ls /proc/self/fd; echo pid=$$; cat /proc/self/limits; }} > {} 2>&1",
+        "{{ /usr/bin/env; echo uid=$(/usr/bin/id -u); echo uid_map=$(cat /proc/self/uid_map); ls /proc/self/fd; echo pid=$$; cat /proc/self/limits; }} > {} 2>&1",
         out.display()
     );
     let (exit, _) = run_with(&script(&dir, "env", &body), &img);
@@ -120,9 +122,23 @@ fn misbehaving_loaders() {
     assert!(got.contains("MALLOC_ARENA_MAX=1"), "{got}");
     assert!(!got.contains("MOAT_LOADER"), "environment leaked: {got}");
     assert!(got.contains("pid=1"), "not in a new pid namespace: {got}");
-    assert!(
-        got.contains("uid=65534"),
-        "not in a new user namespace: {got}"
+    // uid 0 inside a new user namespace (so it may make its own mount
+    // namespace after exec), `nobody` outside when the host is root.
+    assert!(got.contains("uid=0\n"), "not uid 0 in its namespace: {got}");
+    // SAFETY: getuid has no preconditions.
+    let outside = if unsafe { libc::getuid() } == 0 {
+        65534
+    } else {
+        unsafe { libc::getuid() }
+    };
+    let map = got
+        .lines()
+        .find_map(|l| l.strip_prefix("uid_map="))
+        .unwrap_or_default();
+    assert_eq!(
+        map.split_whitespace().collect::<Vec<_>>(),
+        ["0", &outside.to_string(), "1"],
+        "not mapped to an unprivileged id outside: {got}"
     );
     let limits_line = got
         .lines()

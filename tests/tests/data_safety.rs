@@ -159,7 +159,16 @@ impl Moat {
 }
 
 impl Drop for Moat {
+    /// An orderly stop first (a killed server would leave its mount),
+    /// then a kill.
     fn drop(&mut self) {
+        if self.running() {
+            self.signal(libc::SIGTERM);
+            let t0 = Instant::now();
+            while self.running() && t0.elapsed() < Duration::from_secs(5) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -493,11 +502,12 @@ fn a_disk_is_served_once() {
         first.signal(libc::SIGTERM);
         assert_eq!(first.wait(Duration::from_secs(20)), 0);
         // Released: two read-only servers share it.
-        let ra = Moat::serve(host, &disk, &subdir(d.path(), "ra"), &["--read-only"]);
+        let mut ra = Moat::serve(host, &disk, &subdir(d.path(), "ra"), &["--read-only"]);
         let mut rb = Moat::serve(host, &disk, &subdir(d.path(), "rb"), &["--read-only"]);
-        rb.signal(libc::SIGTERM);
-        assert_eq!(rb.wait(Duration::from_secs(20)), 0);
-        drop(ra);
+        for r in [&mut ra, &mut rb] {
+            r.signal(libc::SIGTERM);
+            assert_eq!(r.wait(Duration::from_secs(20)), 0, "{}", r.err());
+        }
     }
 }
 
