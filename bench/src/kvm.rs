@@ -9,7 +9,7 @@
 //! they start).
 use crate::{image, median, p99, parse, row};
 use moat_host_hypervisor::{kvm_available, Exit, MicroVm, GUEST_BASE_RESERVED};
-use moat_host_linux::{Host, LogSink, Sandbox, Stdio};
+use moat_monitor::{Host, LogSink, Sandbox, Stdio};
 use moat_policy::{DeviceSpec, Limits, Policy};
 use std::io::Read;
 use std::path::Path;

@@ -11,7 +11,7 @@
 mod kvm;
 mod mediator;
 
-use moat_host_linux::monitor::{Sandbox, Stdio};
+use moat_monitor::monitor::{Sandbox, Stdio};
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::Command;
@@ -89,7 +89,7 @@ fn run_sandbox(img: &PathBuf, args: &[String]) -> (i32, String) {
 }
 
 fn spawn_bench(quick: bool) {
-    use moat_host_linux::LogSink;
+    use moat_monitor::LogSink;
     use std::sync::{Arc, Mutex};
     let n = if quick { 20 } else { 300 };
     let floor_img = image("floor-exit");
@@ -292,7 +292,7 @@ fn write_under_seccomp(m: u64, which: Filter) -> f64 {
                 k: 0x7fff_0000,
             }];
             if which == Filter::Moat {
-                use moat_host_linux::loader::{sandbox, sys};
+                use moat_host_common::{sandbox, sys};
                 let p =
                     sandbox::build_filter(&sys::pal_code_ranges(), libc::getpid() as i64).unwrap();
                 filter = p

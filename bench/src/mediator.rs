@@ -56,7 +56,7 @@ pub fn mediator_bench(quick: bool) {
         DriverSpec {
             image: image("blk-file"),
             args: vec![PIPE.into(), uri],
-            host: moat_host_linux::Host::Linux,
+            host: moat_monitor::Host::Linux,
             policy,
             faults: None,
             console: false,

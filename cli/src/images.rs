@@ -2,10 +2,10 @@
 //! [`crate::resolve::search_dirs`] and [`crate::resolve::is_moat_image`]).
 //!
 //! Only the ELF header, the section headers and the `.moat_abi` marker of
-//! each file are read ([`moat_host_linux::elf::read_abi_marker`]), so that
+//! each file are read ([`moat_host_common::elf::read_abi_marker`]), so that
 //! listing a build directory of large debug images stays fast.
 use clap::Args;
-use moat_host_linux::elf;
+use moat_host_common::elf;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 

@@ -1,9 +1,9 @@
-//! `moat inspect`: check an image and report on it (`moat_host_linux::elf`).
+//! `moat inspect`: check an image and report on it (`moat_host_common::elf`).
 //!
 //! Exit codes: 0 the image is fine, 1 it has problems (each one a line
 //! `problem: ...`), 2 the file cannot be read or is not an ELF file at all.
 use clap::Args;
-use moat_host_linux::elf::{self, AbiMarker, ImageError, Report};
+use moat_host_common::elf::{self, AbiMarker, ImageError, Report};
 use moat_pal::prot;
 use std::fmt::Write;
 use std::path::PathBuf;

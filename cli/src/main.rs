@@ -47,7 +47,7 @@ enum Cmd {
 /// Print `moat: <msg>` and return the bad-input exit code.
 pub fn bad_input(msg: impl std::fmt::Display) -> i32 {
     eprintln!("moat: {msg}");
-    moat_host_linux::EXIT_BAD_INPUT
+    moat_monitor::EXIT_BAD_INPUT
 }
 
 fn main() -> ExitCode {

@@ -2,9 +2,9 @@
 //! behind the safe mediator.
 use crate::bad_input;
 use clap::{Args, ValueEnum};
-use moat_host_linux::disklock::DiskLock;
 use moat_mediator::block::{Config, Counters, DriverSpec, FaultPlan, PIPE};
 use moat_mediator::campaign::{self, Campaign};
+use moat_monitor::disklock::DiskLock;
 use moat_policy::{Access, DeviceSpec, Policy};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -124,9 +124,9 @@ impl DriverArgs {
                     "blk-file",
                     args,
                     if h == Host::Kvm {
-                        moat_host_linux::Host::Kvm
+                        moat_monitor::Host::Kvm
                     } else {
-                        moat_host_linux::Host::Linux
+                        moat_monitor::Host::Linux
                     },
                 )
             }
@@ -138,7 +138,7 @@ impl DriverArgs {
                 (
                     "virtio-blk",
                     vec!["blk0".into(), "serve".into(), PIPE.into()],
-                    moat_host_linux::Host::Kvm,
+                    moat_monitor::Host::Kvm,
                 )
             }
             ("virtio-blk", Host::Linux) => {
@@ -338,7 +338,7 @@ pub fn demo(a: DemoArgs) -> i32 {
         }
         Err(e) => {
             eprintln!("moat: {e}");
-            moat_host_linux::EXIT_HOST_FAILURE
+            moat_monitor::EXIT_HOST_FAILURE
         }
     }
 }
@@ -429,7 +429,7 @@ pub fn campaign(a: CampaignArgs) -> i32 {
         Ok(r) => r,
         Err(e) => {
             eprintln!("moat: {e}");
-            return moat_host_linux::EXIT_HOST_FAILURE;
+            return moat_monitor::EXIT_HOST_FAILURE;
         }
     };
     println!(
@@ -531,7 +531,7 @@ pub fn serve(a: ServeArgs) -> i32 {
         Ok(d) => d,
         Err(e) => {
             eprintln!("moat: {e}");
-            return moat_host_linux::EXIT_HOST_FAILURE;
+            return moat_monitor::EXIT_HOST_FAILURE;
         }
     };
     let mut mount = match moat_mediator::export::mount(Arc::new(dev.clone()), &a.mount, &a.name) {
@@ -539,7 +539,7 @@ pub fn serve(a: ServeArgs) -> i32 {
         Err(e) => {
             eprintln!("moat: cannot mount the disk on {}: {e}", a.mount.display());
             dev.shutdown();
-            return moat_host_linux::EXIT_HOST_FAILURE;
+            return moat_monitor::EXIT_HOST_FAILURE;
         }
     };
     // SAFETY: the handler only increments an atomic.
@@ -638,7 +638,7 @@ pub fn serve(a: ServeArgs) -> i32 {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("moat: the last flush of the disk failed: {e}");
-            moat_host_linux::EXIT_HOST_FAILURE
+            moat_monitor::EXIT_HOST_FAILURE
         }
     }
 }

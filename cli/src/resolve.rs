@@ -5,7 +5,7 @@
 //! `$MOAT_IMAGE_PATH` (colon-separated), then in the directory of the
 //! `moat` executable, and the first file `NAME` there that is a moat image
 //! (it has a `.moat_abi` section) is taken.
-use moat_host_linux::elf;
+use moat_host_common::elf;
 use std::path::{Path, PathBuf};
 
 /// Where bare image names are looked up, in order.

@@ -1,7 +1,7 @@
 //! `moat run`: run one picoprocess image in the sandbox.
 use crate::bad_input;
 use clap::{Args, ValueEnum};
-use moat_host_linux::{Sandbox, EXIT_HOST_FAILURE};
+use moat_monitor::{Sandbox, EXIT_HOST_FAILURE};
 use moat_policy::{Access, Manifest, Policy};
 use std::path::{Path, PathBuf};
 
@@ -124,8 +124,8 @@ fn prepare(a: RunArgs) -> Result<Sandbox, String> {
         image.ok_or("no image given: `moat run IMAGE` (or `image = \"...\"` in the manifest)")?;
     let path = crate::resolve::resolve(&image)?;
     let host = match a.host {
-        Host::Linux => moat_host_linux::Host::Linux,
-        Host::Kvm => moat_host_linux::Host::Kvm,
+        Host::Linux => moat_monitor::Host::Linux,
+        Host::Kvm => moat_monitor::Host::Kvm,
     };
     Ok(Sandbox::new(path)
         .args(args)

@@ -1,6 +1,6 @@
 //! `moat inspect`, `moat images` and `moat abi` on synthetic ELF files
-//! (no guest build needed), and `moat_host_linux::elf` on the same bytes.
-use moat_host_linux::elf;
+//! (no guest build needed), and `moat_host_common::elf` on the same bytes.
+use moat_host_common::elf;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 

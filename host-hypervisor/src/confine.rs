@@ -13,7 +13,7 @@
 //! KVM_RUN, and starts the vCPU threads of new guest threads, which
 //! inherit its filter. Anything else kills the VMM with SIGSYS (the
 //! monitor reports it as a sandbox violation, exit 159).
-use moat_host_linux::loader::sandbox;
+use moat_host_common::sandbox;
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen as Len, SeccompCmpOp as Op,
     SeccompCondition as Cond, SeccompFilter, SeccompRule, TargetArch,

@@ -10,9 +10,9 @@
 use crate::layout::{MMIO_BASE, MMIO_WINDOW, RAM_START};
 use moat_devices::vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 use moat_devices::{Device, Irq, Uart, VirtioBlk, UART_IO_PORTS, VIRTIO_BLK_MMIO_SIZE};
-use moat_host_linux::loader::objects::{Object, StreamObj, SyncKind, SyncObj};
-use moat_host_linux::loader::pal::LinuxPal;
-use moat_host_linux::loader::sys;
+use moat_host_common::objects::{Object, StreamObj, SyncKind, SyncObj};
+use moat_host_common::pal::LinuxPal;
+use moat_host_common::sys;
 use moat_pal::{access, prot, stream_kind, Error, StreamAttributes};
 use moat_policy::{DeviceKind, DeviceSpec};
 use std::fs::File;
@@ -176,7 +176,7 @@ impl DeviceSet {
         out: u64,
     ) -> i64 {
         let Some(d) = self.by_name(name) else {
-            lin.tell(&moat_host_linux::protocol::Request::Debug {
+            lin.tell(&moat_host_common::protocol::Request::Debug {
                 text: format!(
                     "refused dev:{name}: device `{name}` is not declared (declare it with --device {name}=KIND[:ARG] or a [[device]] entry in the manifest)"
                 ),
@@ -389,7 +389,7 @@ fn guest_memory(ram_end: u64) -> Result<GuestMemoryMmap<()>, String> {
 /// The console, for a UART: its output, and its input if any.
 fn console(lin: &LinuxPal) -> Result<(File, Option<File>), String> {
     let open = |uri: &str, acc: u32| {
-        lin.ask_fd(&moat_host_linux::protocol::Request::Open {
+        lin.ask_fd(&moat_host_common::protocol::Request::Open {
             uri: uri.into(),
             access: acc,
             create: 0,
@@ -415,10 +415,10 @@ pub fn start_inputs(set: &DeviceSet) {
             .stack_size(64 << 10)
             .spawn(move || {
                 if let Err(e) = crate::confine::apply(crate::confine::input_rules()) {
-                    moat_host_linux::loader::signals::die(
-                        moat_host_linux::ReportKind::Startup,
+                    moat_host_common::signals::die(
+                        moat_host_common::protocol::ReportKind::Startup,
                         format_args!("vmm uart input: {e}"),
-                        moat_host_linux::EXIT_HOST_FAILURE,
+                        moat_host_common::protocol::EXIT_HOST_FAILURE,
                     );
                 }
                 pump(&u, input);

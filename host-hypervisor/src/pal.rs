@@ -10,8 +10,8 @@
 //! handled by its loop (see [`crate::pico`]).
 use crate::layout::RAM_START;
 use crate::pico::{thread_object, thread_param, PicoVm};
-use moat_host_linux::loader::pal::LinuxPal;
-use moat_host_linux::loader::sys;
+use moat_host_common::pal::LinuxPal;
+use moat_host_common::sys;
 use moat_pal::uri::Uri;
 use moat_pal::{prot, Error, ImageInfo, Pal, StreamAttributes};
 use std::sync::atomic::Ordering;

@@ -17,10 +17,10 @@ use crate::pal::KvmPal;
 use crate::watchdog::Watchdog;
 use kvm_bindings::{kvm_regs, kvm_sregs, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, SyncReg, VcpuExit, VcpuFd, VmFd};
-use moat_host_linux::loader::objects::{Object, ThreadObj};
-use moat_host_linux::loader::pal::LinuxPal;
-use moat_host_linux::loader::{signals, sys};
-use moat_host_linux::protocol::ReportKind;
+use moat_host_common::objects::{Object, ThreadObj};
+use moat_host_common::pal::LinuxPal;
+use moat_host_common::protocol::ReportKind;
+use moat_host_common::{signals, sys};
 use moat_pal::dispatch::dispatch;
 use moat_pal::memory::RegionKind;
 use moat_pal::{exception_disposition, exception_kind, prot, Error, ExceptionInfo, Pal};
@@ -393,7 +393,7 @@ impl PicoVm {
                             "sandbox violation: system call {} from guest code is not allowed",
                             r.rax as u32
                         ),
-                        moat_host_linux::EXIT_SANDBOX_VIOLATION,
+                        moat_host_common::protocol::EXIT_SANDBOX_VIOLATION,
                     )
                 }
                 Ex::Out(UPCALL_RETURN_PORT, _, 1) if cpu.depth > 0 => {
@@ -449,7 +449,7 @@ impl PicoVm {
             format_args!(
                 "sandbox violation: I/O port {port:#x} is not granted (declare a device that owns it)"
             ),
-            moat_host_linux::EXIT_SANDBOX_VIOLATION,
+            moat_host_common::protocol::EXIT_SANDBOX_VIOLATION,
         )
     }
 
@@ -568,7 +568,7 @@ impl PicoVm {
             self.die(
                 ReportKind::Violation,
                 msg,
-                moat_host_linux::EXIT_SANDBOX_VIOLATION,
+                moat_host_common::protocol::EXIT_SANDBOX_VIOLATION,
             )
         };
         if vector == 6 && (insn == [0x0f, 0x05] || insn == [0x0f, 0x34]) {
@@ -1062,8 +1062,8 @@ pub fn thread_param() -> u64 {
 }
 
 pub(crate) fn trace_line(line: std::fmt::Arguments<'_>) {
-    if let Some(p) = moat_host_linux::loader::pal_opt() {
-        p.tell(&moat_host_linux::protocol::Request::Debug {
+    if let Some(p) = moat_host_common::pal::global_opt() {
+        p.tell(&moat_host_common::protocol::Request::Debug {
             text: format!("trace: {line}"),
         });
     }

@@ -8,9 +8,9 @@ use crate::layout::{MAX_RAM, TABLE};
 use crate::pal::KvmPal;
 use crate::pico::{PicoVm, VmShell};
 use kvm_ioctls::Kvm;
-use moat_host_linux::loader::pal::LinuxPal;
-use moat_host_linux::loader::{image, signals, sys};
-use moat_host_linux::protocol::{self, Config, ReportKind};
+use moat_host_common::pal::LinuxPal;
+use moat_host_common::protocol::{self, Config, ReportKind};
+use moat_host_common::{image, signals, sys};
 use moat_pal::memory::RegionKind;
 use moat_pal::{prot, PalTable, StartupBlock};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -20,7 +20,7 @@ use std::time::Duration;
 
 fn fail(msg: &str) -> ! {
     signals::report(ReportKind::Startup, msg);
-    sys::exit_process(moat_host_linux::EXIT_HOST_FAILURE)
+    sys::exit_process(moat_host_common::protocol::EXIT_HOST_FAILURE)
 }
 
 /// The VMM's `main`: `moat-vmm` exec'd for one picoprocess, or
@@ -28,9 +28,9 @@ fn fail(msg: &str) -> ! {
 pub fn main() -> ! {
     let args: Vec<String> = std::env::args().collect();
     if args.len() == 3 && args[1] == "--zygote" {
-        moat_host_linux::loader::zygote::main_with(&args[2], |l| run(Some(l)), true);
+        moat_host_common::zygote::main_with(&args[2], |l| run(Some(l)), true);
     }
-    if let Err(e) = moat_host_linux::loader::mountns::enter_empty() {
+    if let Err(e) = moat_host_common::mountns::enter_empty() {
         fail(&format!("vmm: cannot leave the host's mounts: {e}"));
     }
     run(None)
@@ -48,7 +48,7 @@ fn run(warm: Option<&moat_policy::Limits>) -> ! {
     let (sock, kvm_fd) = unsafe {
         (
             OwnedFd::from_raw_fd(protocol::MONITOR_FD),
-            OwnedFd::from_raw_fd(moat_host_linux::spawn::KVM_FD),
+            OwnedFd::from_raw_fd(moat_host_common::protocol::KVM_FD),
         )
     };
     if let Err(e) = signals::install_for_vmm() {
@@ -60,7 +60,7 @@ fn run(warm: Option<&moat_policy::Limits>) -> ! {
     }));
     // No file system from here on: the image, and every file the
     // picoprocess opens, come as descriptors from the monitor.
-    if let Err(e) = moat_host_linux::loader::sandbox::landlock_restrict() {
+    if let Err(e) = moat_host_common::sandbox::landlock_restrict() {
         fail(&e);
     }
     // SAFETY: the descriptor is /dev/kvm, handed over by the monitor.
@@ -88,7 +88,7 @@ fn run(warm: Option<&moat_policy::Limits>) -> ! {
             MAX_RAM >> 20
         ));
     }
-    let Some(lin) = moat_host_linux::loader::install_pal(LinuxPal::new(
+    let Some(lin) = moat_host_common::pal::install(LinuxPal::new(
         sock,
         cfg.limits.threads,
         cfg.limits.handles,
@@ -128,7 +128,7 @@ fn run(warm: Option<&moat_policy::Limits>) -> ! {
         Err(e) => fail(&format!("cannot read the image: {e}")),
     };
     drop(image_fd);
-    let img = match image::map(lin, &bytes) {
+    let img = match image::map(&lin.regions, lin.mem_limit, &bytes) {
         Ok(i) => i,
         Err(e) => fail(&format!(
             "cannot load the image: {e} (on kvm an image must lie inside guest memory, {:#x}..{ram:#x})",

@@ -85,10 +85,10 @@ impl Watchdog {
             .spawn(move || {
                 if let Some(f) = confine {
                     if let Err(e) = f() {
-                        moat_host_linux::loader::signals::die(
-                            moat_host_linux::ReportKind::Startup,
+                        moat_host_common::signals::die(
+                            moat_host_common::protocol::ReportKind::Startup,
                             format_args!("vmm watchdog: {e}"),
-                            moat_host_linux::EXIT_HOST_FAILURE,
+                            moat_host_common::protocol::EXIT_HOST_FAILURE,
                         );
                     }
                 }

@@ -1,61 +1,153 @@
-//! moat's Linux host.
+//! moat's Linux host: the picoprocess loader (binary `moat-loader`), the
+//! small program the monitor execs inside new namespaces (or its zygote,
+//! `moat-loader --zygote`, forks warm). It leaves the host's mounts,
+//! confines itself for good (Landlock, then seccomp), receives its
+//! configuration and the image descriptor from the monitor, maps the
+//! image, and calls the image's entry (LibOsInitialize) with the start-up
+//! block and the PAL function table.
 //!
-//! - [`Sandbox`] / [`Picoprocess`]: the embedding API (what the `moat` CLI
-//!   uses): start a picoprocess image under a [`Policy`](moat_policy::Policy),
-//!   feed its console, wait for its [`Exit`].
-//! - [`monitor`], [`broker`], [`spawn`]: the host side. The monitor starts
-//!   the sandboxed loader ([`spawn`]), then answers its requests with the
-//!   policy as the only authority ([`broker`]).
-//! - [`loader`]: the sandboxed process (binary `moat-loader`) that maps the
-//!   image and implements the ABI in-process; [`protocol`] is the wire
-//!   between the two; [`elf`] checks images.
-pub mod broker;
-pub mod disklock;
-pub mod elf;
-pub mod loader;
-pub mod monitor;
-pub mod protocol;
-pub mod spawn;
-pub(crate) mod zygote;
+//! Everything it runs on is in `moat-host-common` (the PAL, the sandbox,
+//! the wire to the monitor), which the KVM host's VMM shares; this crate
+//! is only the loader's start-up.
+use moat_host_common::pal::{self as hpal, LinuxPal};
+use moat_host_common::protocol::{self, Config, ReportKind};
+use moat_host_common::{image, mountns, sandbox, signals, sys, zygote};
+use moat_pal::memory::RegionKind;
+use moat_pal::{prot, PalTable, StartupBlock};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::sync::OnceLock;
 
-pub use broker::LogSink;
-pub use monitor::{
-    Error, Exit, Killer, Picoprocess, Sandbox, Stdio, EXIT_BAD_INPUT, EXIT_HOST_FAILURE,
-    EXIT_SANDBOX_VIOLATION,
-};
-pub use protocol::ReportKind;
+static TABLE: OnceLock<PalTable> = OnceLock::new();
+static TRACER: OnceLock<moat_pal::trace::TracePal<'static>> = OnceLock::new();
 
-/// Where a picoprocess runs. The same image, policy and console work on
-/// both; only [`Host::Kvm`] can be granted devices.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-pub enum Host {
-    /// A confined Linux process (`moat-loader`): seccomp, Landlock,
-    /// namespaces, rlimits.
-    #[default]
-    Linux,
-    /// A KVM micro-VM with no guest kernel (`moat-vmm`, from
-    /// moat-host-hypervisor): every ABI call is a hypercall.
-    Kvm,
+fn trace_line(line: std::fmt::Arguments<'_>) {
+    pal().tell(&protocol::Request::Debug {
+        text: format!("trace: {line}"),
+    });
 }
 
-impl Host {
-    pub fn name(self) -> &'static str {
-        match self {
-            Host::Linux => "linux",
-            Host::Kvm => "kvm",
-        }
-    }
+fn pal() -> &'static LinuxPal {
+    hpal::global()
 }
 
-impl std::str::FromStr for Host {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Host, String> {
-        match s {
-            "linux" => Ok(Host::Linux),
-            "kvm" => Ok(Host::Kvm),
-            other => Err(format!(
-                "unknown host `{other}`; the hosts are `linux` and `kvm`"
-            )),
-        }
+fn fail(msg: &str) -> ! {
+    signals::report(ReportKind::Startup, msg);
+    sys::exit_process(protocol::EXIT_HOST_FAILURE)
+}
+
+/// The loader's `main`.
+pub fn main() -> ! {
+    let args: Vec<String> = std::env::args().collect();
+    if args.len() == 3 && args[1] == "--zygote" {
+        zygote::main_with(&args[2], |_| run(), false);
     }
+    if let Err(e) = mountns::enter_empty() {
+        fail(&format!("loader: cannot leave the host's mounts: {e}"));
+    }
+    run()
+}
+
+/// Run one picoprocess: descriptor 3 is its monitor socket.
+pub fn run() -> ! {
+    // SAFETY: descriptor 3 is the monitor socket the monitor set up for us;
+    // nothing else in this process owns it.
+    let sock = unsafe { OwnedFd::from_raw_fd(protocol::MONITOR_FD) };
+
+    // Confine first: from here on no path is reachable and only the
+    // allow-listed system calls, made from the PAL's own code, are. The
+    // image comes later, as a descriptor, so a loader can wait sandboxed
+    // for work (the zygote keeps one warm).
+    // The Rust runtime sets up its thread machinery (and signal handlers,
+    // which ours then replace) on the first thread it starts; do that now,
+    // while sigaction is still allowed, and return to a single thread.
+    if std::thread::Builder::new()
+        .stack_size(64 << 10)
+        .spawn(|| {})
+        .map(|t| t.join())
+        .is_err()
+    {
+        fail("loader: cannot start a thread");
+    }
+    if let Err(e) = signals::install_all() {
+        fail(&format!("loader: {e}"));
+    }
+    let ranges = sys::pal_code_ranges();
+    if ranges.is_empty() {
+        fail("loader: cannot find its own code ranges");
+    }
+    if let Err(e) = sandbox::install(&ranges) {
+        fail(&e);
+    }
+
+    let (cfg, mut fds) = match protocol::recv::<Config>(sys::borrow(&sock)) {
+        Ok(v) => v,
+        Err(e) => fail(&format!("loader: no configuration from the monitor: {e}")),
+    };
+    let Some(image_fd) = fds.pop() else {
+        fail("loader: the monitor sent no image descriptor")
+    };
+    let mem_limit = cfg.limits.memory_mib << 20;
+    let p = LinuxPal::new(sock, cfg.limits.threads, cfg.limits.handles, mem_limit);
+    if hpal::install(p).is_none() {
+        fail("loader: initialised twice");
+    }
+    let pal = pal();
+    let bytes = match image::read_all(std::os::fd::AsRawFd::as_raw_fd(&image_fd)) {
+        Ok(b) => b,
+        Err(e) => fail(&format!("cannot read the image: {e}")),
+    };
+    drop(image_fd);
+    let img = match image::map(&pal.regions, pal.mem_limit, &bytes) {
+        Ok(i) => i,
+        Err(e) => fail(&format!("cannot load the image: {e}")),
+    };
+    drop(bytes);
+
+    // The start-up block and the argument bytes live in one page of guest
+    // memory (readable and writable: the guest stores its upcall there).
+    let argbytes = moat_pal::validate::join_args(&cfg.args);
+    let need = std::mem::size_of::<StartupBlock>() as u64 + argbytes.len() as u64;
+    let len = need.div_ceil(4096) * 4096;
+    let page = match sys::mmap_anon(0, len, prot::READ | prot::WRITE) {
+        Ok(a) => a,
+        Err(_) => fail("cannot allocate the start-up block"),
+    };
+    if pal
+        .regions
+        .write()
+        .unwrap()
+        .insert(page, len, prot::READ | prot::WRITE, RegionKind::Host)
+        .is_err()
+    {
+        fail("start-up block overlaps the image");
+    }
+    // `--trace`: the tracing layer between the image and the PAL, reporting
+    // every call to the monitor's log.
+    let table = if cfg.trace {
+        let tracer = TRACER.get_or_init(|| moat_pal::trace::TracePal {
+            inner: pal,
+            sink: trace_line,
+        });
+        TABLE.get_or_init(|| moat_pal::table_from(tracer))
+    } else {
+        TABLE.get_or_init(|| moat_pal::table_from(pal))
+    };
+    let args_addr = page + std::mem::size_of::<StartupBlock>() as u64;
+    sys::copy_out(args_addr, &argbytes);
+    let sb = StartupBlock {
+        magic: moat_pal::STARTUP_MAGIC,
+        abi_version: moat_pal::ABI_VERSION,
+        host_kind: moat_pal::host_kind::LINUX,
+        table: table as *const PalTable,
+        args: args_addr,
+        args_len: argbytes.len() as u64,
+        argc: cfg.args.len() as u64,
+        exception_upcall: 0,
+        process_handle: 0,
+    };
+    sys::put(page, sb);
+    pal.startup
+        .store(page, std::sync::atomic::Ordering::Release);
+
+    pal.start_main_thread(img.entry, page)
 }

@@ -25,7 +25,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         DriverSpec {
             image,
             args: vec![PIPE.into(), uri],
-            host: moat_host_linux::Host::Linux, // or Host::Kvm
+            host: moat_monitor::Host::Linux, // or Host::Kvm
             policy,
             faults: None,
             console: false,

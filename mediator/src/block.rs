@@ -15,7 +15,7 @@
 //! with an error saying so, until [`Config::retry_after`] has passed.
 use crate::contract::{BlockContract, ClientError, ContractLimits, Geometry, Violation};
 use crossbeam_channel::{select, unbounded, Receiver, Sender};
-use moat_host_linux::{Host, Killer, Picoprocess, Sandbox, Stdio};
+use moat_monitor::{Host, Killer, Picoprocess, Sandbox, Stdio};
 use moat_policy::Policy;
 use moat_service_proto::{op, status, DecodeError, Request, Response, HEADER, MAX_PAYLOAD};
 use std::collections::{BTreeMap, HashMap};
@@ -403,7 +403,7 @@ impl Engine {
             .stdout(console)
             .stderr(console);
         if !self.spec.console {
-            sb = sb.log(moat_host_linux::LogSink::Callback(Arc::new(|_| {})));
+            sb = sb.log(moat_monitor::LogSink::Callback(Arc::new(|_| {})));
         }
         let proc = sb
             .spawn()

@@ -13,8 +13,8 @@ fn built(name: &str) -> PathBuf {
     exe.parent().unwrap().parent().unwrap().join(name)
 }
 
-fn hosts() -> Vec<moat_host_linux::Host> {
-    let mut h = vec![moat_host_linux::Host::Linux];
+fn hosts() -> Vec<moat_monitor::Host> {
+    let mut h = vec![moat_monitor::Host::Linux];
     let kvm = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -25,7 +25,7 @@ fn hosts() -> Vec<moat_host_linux::Host> {
         "/dev/kvm is not usable here, and MOAT_REQUIRE_KVM is set"
     );
     if kvm {
-        h.push(moat_host_linux::Host::Kvm);
+        h.push(moat_monitor::Host::Kvm);
     }
     h
 }

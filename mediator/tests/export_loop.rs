@@ -306,9 +306,9 @@ fn ext4_over_a_mediated_driver_survives_its_kills() {
         eprintln!("skipping the mediated export test: {why}");
         return;
     }
-    let mut hosts = vec![moat_host_linux::Host::Linux];
+    let mut hosts = vec![moat_monitor::Host::Linux];
     if kvm_usable() {
-        hosts.push(moat_host_linux::Host::Kvm);
+        hosts.push(moat_monitor::Host::Kvm);
     }
     for host in hosts {
         let seed = 0x5eed ^ host as u64;

@@ -1,6 +1,6 @@
-//! The embedding API (`moat_host_linux::Sandbox`) used as a library: the
+//! The embedding API (`moat_monitor::Sandbox`) used as a library: the
 //! documented example, console pipes, stop requests, host pipes, policy.
-use moat_host_linux::{Sandbox, Stdio};
+use moat_monitor::{Sandbox, Stdio};
 use moat_tests::*;
 use std::io::{BufRead, BufReader, Read, Write};
 
@@ -96,7 +96,7 @@ fn ungranted_pipe_is_refused_and_logged() {
     if !sandbox_available() {
         return;
     }
-    let (sink, lines) = moat_host_linux::LogSink::buffer();
+    let (sink, lines) = moat_monitor::LogSink::buffer();
     let mut p = Sandbox::new(image("pipe-echo"))
         .args(["svc"])
         .log(sink)
@@ -145,7 +145,7 @@ fn the_same_api_runs_a_driver_in_a_micro_vm() {
     let mut p = Sandbox::new(image("virtio-blk"))
         .args(["blk0", "check", "32", "5"])
         .policy(policy)
-        .host(moat_host_linux::Host::Kvm)
+        .host(moat_monitor::Host::Kvm)
         .stdout(Stdio::Piped)
         .spawn()
         .unwrap();
@@ -158,7 +158,7 @@ fn the_same_api_runs_a_driver_in_a_micro_vm() {
     );
     // And a device the policy does not hold is refused before anything starts.
     let err = Sandbox::new(image("hello"))
-        .host(moat_host_linux::Host::Linux)
+        .host(moat_monitor::Host::Linux)
         .policy({
             let mut p = moat_policy::Policy::default();
             p.add_device(moat_policy::DeviceSpec::parse("com1=uart").unwrap())

@@ -8,5 +8,5 @@
 
 #[no_mangle]
 pub extern "C" fn main(_argc: i32, _argv: *const *const u8) -> i32 {
-    moat_host_linux::loader::main()
+    moat_host_linux::main()
 }

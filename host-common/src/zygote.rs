@@ -18,8 +18,8 @@
 //! The zygote is the namespace's init: when it ends (its control socket
 //! closed because the host process is gone), the kernel kills every
 //! loader in the namespace.
+use crate::child::{setup_child, ChildArgs};
 use crate::protocol::{self, ZygoteEvent, ZygoteRequest};
-use crate::spawn::{setup_child, ChildArgs};
 use moat_policy::Limits;
 use std::ffi::CString;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -62,14 +62,10 @@ struct State {
 /// loader.
 const REFILL_DELAY: std::time::Duration = std::time::Duration::from_micros(300);
 
-pub fn main(loader: &str) -> ! {
-    main_with(loader, |_| super::run(), false)
-}
-
 /// The zygote loop for any binary: `child` is what a forked warm process
 /// runs (it gets the limits it was forked with: a warm VMM prepares its VM
 /// of that size before it is handed out). With `kvm`, descriptor
-/// [`KVM_FD`](crate::spawn::KVM_FD) (`/dev/kvm`) is passed on to them.
+/// [`KVM_FD`](crate::protocol::KVM_FD) (`/dev/kvm`) is passed on to them.
 pub fn main_with(binary: &str, child: fn(&Limits) -> !, kvm: bool) -> ! {
     let path = CString::new(binary).unwrap_or_else(|_| std::process::exit(125));
     // SIGCHLD arrives through a signalfd, so the loop is one poll().
@@ -96,7 +92,7 @@ pub fn main_with(binary: &str, child: fn(&Limits) -> !, kvm: bool) -> ! {
     // Leave the host's mounts behind (see `mountns`): a copy of them
     // would keep every one alive after the host unmounts it, and within
     // reach of a bug. This also tells the monitor the zygote is ready.
-    super::mountns::enter_empty_or_report();
+    crate::mountns::enter_empty_or_report();
     let mut st = State {
         handed: std::collections::HashMap::new(),
         path,
@@ -179,7 +175,7 @@ fn serve(id: u64, limits: &Limits, reply: &OwnedFd, st: &mut State) {
             // SAFETY: pidfd_open of our own child.
             let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, w.pid, 0) } as i32;
             if pidfd < 0 {
-                let errno = crate::loader::sys::errno();
+                let errno = crate::sys::errno();
                 // SAFETY: killing our own child that we cannot hand over.
                 unsafe { libc::kill(w.pid, libc::SIGKILL) };
                 send(
@@ -246,7 +242,7 @@ fn reap(sfd: &OwnedFd, st: &mut State) {
 /// Fork a loader that sets itself up, confines itself and waits for its
 /// configuration. Errors: (stage, errno) as the child reported them.
 fn fork_loader(st: &State, limits: &Limits) -> Result<Warm, (u8, i32)> {
-    let errno = crate::loader::sys::errno;
+    let errno = crate::sys::errno;
     let (mon, child_end) =
         protocol::seqpacket_pair().map_err(|e| (1, e.raw_os_error().unwrap_or(libc::EIO)))?;
     let (err_r, err_w) =
@@ -259,7 +255,7 @@ fn fork_loader(st: &State, limits: &Limits) -> Result<Warm, (u8, i32)> {
         limits,
     );
     if st.kvm {
-        args.set_kvm(crate::spawn::KVM_FD);
+        args.set_kvm(crate::protocol::KVM_FD);
     }
     // SAFETY: the zygote is single-threaded, so the child may run any code.
     let pid = unsafe { libc::fork() };
@@ -281,7 +277,7 @@ fn fork_loader(st: &State, limits: &Limits) -> Result<Warm, (u8, i32)> {
     if pid < 0 {
         return Err((0, errno()));
     }
-    if let Some(failure) = crate::spawn::read_child_failure(err_r) {
+    if let Some(failure) = crate::child::read_child_failure(err_r) {
         return Err(failure);
     }
     Ok(Warm {

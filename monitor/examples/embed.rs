@@ -5,7 +5,7 @@
 //! cargo build                       # builds the guest images and the loader
 //! cargo run -p moat-host-linux --example embed
 //! ```
-use moat_host_linux::{Sandbox, Stdio};
+use moat_monitor::{Sandbox, Stdio};
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;

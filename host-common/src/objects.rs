@@ -1,7 +1,7 @@
 //! Kernel objects of the Linux PAL. Every waitable object has a
 //! descriptor that is readable exactly while the object is signalled, so
 //! DkObjectsWaitAny is one poll() over any mix of kinds.
-use super::sys;
+use crate::sys;
 use moat_pal::{stream_kind, Error, PalResult};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::Mutex;

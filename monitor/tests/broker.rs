@@ -1,8 +1,8 @@
 //! The broker against real directories, sockets and the real kernel
 //! resolution rules: escapes by symlink and `..`, read-only grants, the
 //! pipe registry, TCP listeners.
-use moat_host_linux::broker::{Broker, LogSink, Reply, Session};
-use moat_host_linux::protocol::{Request, Response};
+use moat_host_common::protocol::{Request, Response};
+use moat_monitor::broker::{Broker, LogSink, Reply, Session};
 use moat_pal::{access, create, open_option, stream_kind, Error};
 use moat_policy::{Access, Policy};
 use std::fs;
@@ -670,13 +670,13 @@ fn console_null_and_unsupported_schemes() {
         .any(|l| l == "[picoprocess test] hi"));
     assert!(b
         .handle(Request::Report {
-            kind: moat_host_linux::ReportKind::Exception,
+            kind: moat_monitor::ReportKind::Exception,
             text: "boom".into()
         })
         .is_none());
     assert_eq!(
         b.report(),
-        Some((moat_host_linux::ReportKind::Exception, "boom".to_string()))
+        Some((moat_monitor::ReportKind::Exception, "boom".to_string()))
     );
 }
 
@@ -892,7 +892,7 @@ fn tiny_elf() -> Vec<u8> {
 
 #[test]
 fn tiny_elf_is_an_image() {
-    moat_host_linux::elf::parse(&tiny_elf(), 1 << 30).unwrap();
+    moat_host_common::elf::parse(&tiny_elf(), 1 << 30).unwrap();
 }
 
 #[test]

@@ -131,12 +131,12 @@ pub fn enter_empty_or_report() {
             unsafe { libc::close(fd) };
         }
         Err(e) => {
-            let mut msg = [crate::spawn::STAGE_MOUNT_NS, 0, 0, 0, 0];
+            let mut msg = [crate::child::STAGE_MOUNT_NS, 0, 0, 0, 0];
             msg[1..].copy_from_slice(&e.errno.to_ne_bytes());
             // SAFETY: writing a local buffer to our own pipe, then exiting.
             unsafe {
                 libc::write(fd, msg.as_ptr() as *const libc::c_void, msg.len());
-                libc::_exit(crate::spawn::CHILD_SETUP_FAILED);
+                libc::_exit(crate::child::CHILD_SETUP_FAILED);
             }
         }
     }

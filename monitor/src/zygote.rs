@@ -2,8 +2,9 @@
 //! process, started on first use, restarted if it dies. Loaders it starts
 //! are its children, not ours, so their exit statuses come back over its
 //! control socket and wait here for whoever waits on the picoprocess.
-use crate::protocol::{self, ZygoteEvent, ZygoteRequest};
-use crate::spawn::{self, SpawnError, Spawned, Status};
+use crate::process::{self, SpawnError, Spawned, Status};
+use crate::spawn;
+use moat_host_common::protocol::{self, ZygoteEvent, ZygoteRequest};
 use moat_policy::Limits;
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
@@ -18,12 +19,6 @@ struct Zygote {
     exits: Mutex<Exits>,
     alive: AtomicBool,
 }
-
-/// Tasks (threads included) all loaders of one host process may have at
-/// once (RLIMIT_NPROC of the zygote's identity): the kernel's backstop
-/// behind each picoprocess's `threads` limit, which the in-process PAL
-/// enforces and a hostile guest could bypass.
-pub(crate) const MAX_TASKS: u64 = 8192;
 
 /// What the reader thread and the spawning threads share about exits.
 #[derive(Default)]
@@ -145,20 +140,7 @@ fn read_events(z: Arc<Zygote>, zpidfd: OwnedFd) {
             }
         }
     }
-    let _ = spawn::wait_pidfd(&zpidfd);
-}
-
-/// Map uid and gid 0 of the zygote's user namespace to an unprivileged
-/// identity outside: `nobody` (65534) when the host runs as root, else the
-/// host's own ids. Picoprocesses then never run as the host's root.
-pub(crate) fn map_identity(pid: i32) -> std::io::Result<()> {
-    // SAFETY: getuid/getgid have no preconditions.
-    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-    let (ou, og) = if uid == 0 { (65534, 65534) } else { (uid, gid) };
-    std::fs::write(format!("/proc/{pid}/setgroups"), "deny")?;
-    std::fs::write(format!("/proc/{pid}/uid_map"), format!("0 {ou} 1"))?;
-    std::fs::write(format!("/proc/{pid}/gid_map"), format!("0 {og} 1"))?;
-    Ok(())
+    let _ = process::wait_pidfd(&zpidfd);
 }
 
 /// The pid (in our namespace) of the process behind a pidfd: the
@@ -250,7 +232,7 @@ pub(crate) fn spawn(loader: &Path, limits: &Limits, kvm: bool) -> Result<Spawned
                 let pidfd = fds.pop().unwrap();
                 let Some(pid) = host_pid(pidfd.as_raw_fd()) else {
                     z.exits.lock().unwrap().record(id, None);
-                    let _ = spawn::signal_pidfd(&pidfd, libc::SIGKILL);
+                    let _ = process::signal_pidfd(&pidfd, libc::SIGKILL);
                     return Err(SpawnError::Setup {
                         what: "the loader's pid",
                         err: std::io::Error::other("unknown"),
@@ -261,7 +243,7 @@ pub(crate) fn spawn(loader: &Path, limits: &Limits, kvm: bool) -> Result<Spawned
             }
             Some((ZygoteEvent::Failed { stage, errno, .. }, _)) => Err(SpawnError::Child {
                 path: loader.display().to_string(),
-                stage: spawn::stage_name(stage),
+                stage: moat_host_common::child::stage_name(stage),
                 err: std::io::Error::from_raw_os_error(errno),
             }),
             _ => {

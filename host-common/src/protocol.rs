@@ -18,6 +18,18 @@ pub const MAX_FDS: usize = 16;
 /// The loader's descriptor for the monitor socket.
 pub const MONITOR_FD: RawFd = 3;
 
+/// The VMM's descriptor for `/dev/kvm` (the monitor opens it: inside the
+/// sandbox's user namespace the device node is out of reach).
+pub const KVM_FD: RawFd = 4;
+
+/// Exit code: the command line, manifest or image was not usable.
+pub const EXIT_BAD_INPUT: i32 = 2;
+/// Exit code: moat itself failed to start the sandbox.
+pub const EXIT_HOST_FAILURE: i32 = 125;
+/// Exit code: the picoprocess made a system call outside the allow-list
+/// (128 + SIGSYS), or broke the loader protocol.
+pub const EXIT_SANDBOX_VIOLATION: i32 = 159;
+
 /// A zygote's set-up pipe, kept open across `execve`: it closes it once
 /// its empty mount namespace is made (see `loader::mountns`), or writes
 /// the failed stage and errno there first.

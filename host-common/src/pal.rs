@@ -8,9 +8,9 @@
 //! Every guest pointer is checked against the guest region map before the
 //! PAL touches it, and strings are copied in once before they are parsed,
 //! so a guest racing with its own call cannot change what was validated.
-use super::objects::{Object, ProcessObj, StreamObj, SyncKind, SyncObj, ThreadObj};
-use super::{signals, sys};
+use crate::objects::{Object, ProcessObj, StreamObj, SyncKind, SyncObj, ThreadObj};
 use crate::protocol::{self, Request, Response};
+use crate::{signals, sys};
 use moat_pal::handles::HandleTable;
 use moat_pal::memory::{RegionKind, RegionMap};
 use moat_pal::uri::Uri;
@@ -170,14 +170,14 @@ impl LinuxPal {
         let g = self.monitor.lock().unwrap();
         let fd = sys::borrow(&g);
         if protocol::send(fd, req, &[]).is_err() {
-            sys::exit_process(crate::EXIT_HOST_FAILURE);
+            sys::exit_process(crate::protocol::EXIT_HOST_FAILURE);
         }
         match protocol::recv::<Response>(fd) {
             Ok((Response::Err { code }, _)) => {
                 Err(Error::from_code(-(code as i64)).unwrap_or(Error::Io))
             }
             Ok(r) => Ok(r),
-            Err(_) => sys::exit_process(crate::EXIT_HOST_FAILURE),
+            Err(_) => sys::exit_process(crate::protocol::EXIT_HOST_FAILURE),
         }
     }
 
@@ -406,7 +406,7 @@ impl Pal for LinuxPal {
             Ok(h) => h,
             Err(e) => return undo(e),
         };
-        let me: &'static LinuxPal = super::pal();
+        let me: &'static LinuxPal = crate::pal::global();
         let spawned = std::thread::Builder::new()
             .stack_size(256 << 10)
             .spawn(move || me.run_guest_thread(entry, param, param, Some(done)));
@@ -823,7 +823,11 @@ impl Pal for LinuxPal {
             return err(Error::PermissionDenied);
         }
         tri!(self.check_w(info as u64, std::mem::size_of::<ImageInfo>() as u64));
-        let img = tri!(super::image::load_from_fd(self, s.fd.as_raw_fd()));
+        let img = tri!(crate::image::load_from_fd(
+            &self.regions,
+            self.mem_limit,
+            s.fd.as_raw_fd()
+        ));
         sys::put(
             info as u64,
             ImageInfo {
@@ -1097,4 +1101,23 @@ impl Pal for LinuxPal {
         self.tell(&Request::Debug { text });
         0
     }
+}
+
+static GLOBAL: std::sync::OnceLock<LinuxPal> = std::sync::OnceLock::new();
+
+/// Make `p` the process's PAL: the loader's, or the VMM's for every call
+/// that is not about memory or threads. Once only (`None` if one is set).
+pub fn install(p: LinuxPal) -> Option<&'static LinuxPal> {
+    GLOBAL.set(p).ok()?;
+    GLOBAL.get()
+}
+
+/// The process's PAL. Panics before [`install`]: callers run after it.
+pub fn global() -> &'static LinuxPal {
+    GLOBAL.get().expect("PAL not initialised")
+}
+
+/// The process's PAL, if installed (signal handlers may run before).
+pub fn global_opt() -> Option<&'static LinuxPal> {
+    GLOBAL.get()
 }

@@ -1,7 +1,7 @@
 //! End-to-end: the real loader, real guest images, real namespaces and
 //! seccomp. Needs the images built (`cargo build`): without them the tests
 //! skip, saying so, unless MOAT_REQUIRE_SANDBOX is set (CI), where they fail.
-use moat_host_linux::{LogSink, Sandbox, Stdio};
+use moat_monitor::{LogSink, Sandbox, Stdio};
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -120,10 +120,10 @@ fn start_time(pid: u32) -> Option<u64> {
 fn bad_images_fail_early() {
     let Some(_) = image("hello") else { return };
     let e = Sandbox::new("/etc/passwd").spawn().unwrap_err();
-    assert_eq!(e.exit_code(), moat_host_linux::EXIT_BAD_INPUT);
+    assert_eq!(e.exit_code(), moat_monitor::EXIT_BAD_INPUT);
     assert!(e.to_string().contains("not an ELF file"), "{e}");
     let e = Sandbox::new("/nonexistent/image").spawn().unwrap_err();
-    assert_eq!(e.exit_code(), moat_host_linux::EXIT_BAD_INPUT);
+    assert_eq!(e.exit_code(), moat_monitor::EXIT_BAD_INPUT);
     assert!(Sandbox::new("/x").allow("nope:").is_err());
 }
 

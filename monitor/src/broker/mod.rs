@@ -11,7 +11,7 @@
 //! A [`Session`] is what one picoprocess tree shares (policy, console,
 //! pipe and TCP listeners, the process count); a [`Broker`] is one
 //! picoprocess's view of it.
-use crate::protocol::{ReportKind, Request, Response};
+use moat_host_common::protocol::{ReportKind, Request, Response};
 use moat_pal::uri::Uri;
 use moat_pal::{access, create, open_option, stream_kind, Error};
 use moat_policy::{Grant, Policy};

@@ -2,10 +2,10 @@
 //! wait for it.
 //!
 //! ```no_run
-//! use moat_host_linux::{Sandbox, Stdio};
+//! use moat_monitor::{Sandbox, Stdio};
 //! use std::io::{BufRead, BufReader, Write};
 //!
-//! # fn main() -> Result<(), moat_host_linux::Error> {
+//! # fn main() -> Result<(), moat_monitor::Error> {
 //! let mut p = Sandbox::new("target/debug/echo")
 //!     .allow_ro("file:/srv/data")?          // what the picoprocess may read
 //!     .stdin(Stdio::Piped)
@@ -28,8 +28,9 @@
 //! [`Broker`] until the loader's socket closes. A
 //! waiter thread reaps the loader and turns its status into an [`Exit`].
 use crate::broker::{Broker, Console, LogSink, ReportSlot, Session};
-use crate::protocol::{self, Config, ReportKind, Request, WireError};
-use crate::spawn::{self, SpawnError, Status};
+use crate::launch;
+use crate::process::{self, SpawnError, Status};
+use moat_host_common::protocol::{self, Config, ReportKind, Request, WireError};
 use moat_policy::{Access, Limits, Policy, PolicyError};
 use std::fs::File;
 use std::io::{Read, Write};
@@ -38,13 +39,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 
-/// Exit code: the command line, manifest or image was not usable.
-pub const EXIT_BAD_INPUT: i32 = 2;
-/// Exit code: moat itself failed to start the sandbox.
-pub const EXIT_HOST_FAILURE: i32 = 125;
-/// Exit code: the picoprocess made a system call outside the allow-list
-/// (128 + SIGSYS), or broke the loader protocol.
-pub const EXIT_SANDBOX_VIOLATION: i32 = 159;
+pub use moat_host_common::protocol::{EXIT_BAD_INPUT, EXIT_HOST_FAILURE, EXIT_SANDBOX_VIOLATION};
 
 /// Why a picoprocess could not be started (or waited for).
 #[derive(Debug, thiserror::Error)]
@@ -266,8 +261,8 @@ pub(crate) fn check_image(image: &File, limits: &Limits) -> Result<(), String> {
     if !meta.is_file() {
         return Err("not a regular file".into());
     }
-    if meta.len() > crate::elf::MAX_IMAGE_BYTES as u64 {
-        return Err(crate::elf::ImageError::TooLarge(meta.len() as usize).to_string());
+    if meta.len() > moat_host_common::elf::MAX_IMAGE_BYTES as u64 {
+        return Err(moat_host_common::elf::ImageError::TooLarge(meta.len() as usize).to_string());
     }
     // Refuse before reading: a file larger than the picoprocess's memory
     // cannot be an image it can run.
@@ -298,10 +293,10 @@ pub(crate) fn check_image(image: &File, limits: &Limits) -> Result<(), String> {
     }
     let mut bytes = Vec::with_capacity(meta.len() as usize);
     image
-        .take(crate::elf::MAX_IMAGE_BYTES as u64 + 1)
+        .take(moat_host_common::elf::MAX_IMAGE_BYTES as u64 + 1)
         .read_to_end(&mut bytes)
         .map_err(|e| format!("cannot read: {e}"))?;
-    crate::elf::parse(&bytes, limits.memory_mib << 20).map_err(|e| e.to_string())?;
+    moat_host_common::elf::parse(&bytes, limits.memory_mib << 20).map_err(|e| e.to_string())?;
     let mut c = CHECKED.lock().unwrap_or_else(|e| e.into_inner());
     if c.len() >= 1024 {
         c.clear();
@@ -386,7 +381,7 @@ pub(crate) struct Proc {
 
 impl Proc {
     pub(crate) fn signal(&self, sig: libc::c_int) -> std::io::Result<()> {
-        spawn::signal_pidfd(&self.pidfd, sig)
+        process::signal_pidfd(&self.pidfd, sig)
     }
 
     fn wait(&self) -> Exit {
@@ -426,8 +421,8 @@ pub(crate) fn start(
     };
     let (backing, disks) = open_backing_files(session.host(), &devices)?;
     let sp = match session.host() {
-        crate::Host::Linux => spawn::spawn_loader(&spawn::loader_path()?, &limits)?,
-        crate::Host::Kvm => spawn::spawn_vmm(&spawn::vmm_path()?, &limits)?,
+        crate::Host::Linux => launch::spawn_loader(&launch::loader_path()?, &limits)?,
+        crate::Host::Kvm => launch::spawn_vmm(&launch::vmm_path()?, &limits)?,
     };
     let proc = Arc::new(Proc {
         pid: sp.pid as u32,
@@ -452,7 +447,7 @@ pub(crate) fn start(
         Err(protocol::WireError::Io(nix::Error::EPIPE | nix::Error::ECONNRESET)) => {}
         Err(e) => {
             let _ = proc.signal(libc::SIGKILL);
-            let _ = spawn::wait_process(&proc.pidfd, proc.pid);
+            let _ = launch::wait_process(&proc.pidfd, proc.pid);
             return Err(Error::io(
                 "cannot configure the sandbox",
                 std::io::Error::other(e.to_string()),
@@ -630,7 +625,7 @@ fn reap(
     child: bool,
 ) {
     // The socket is drained (the report, if any, was read): now the status.
-    let status = spawn::wait_process(&proc.pidfd, proc.pid);
+    let status = launch::wait_process(&proc.pidfd, proc.pid);
     let mut report = report.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let code = match status {
         Ok(Status::Exited(c)) => c,

@@ -5,8 +5,8 @@
 //!
 //! Handlers never allocate: reports are formatted into a stack buffer and
 //! encoded by hand into one protocol packet.
-use super::sys;
 use crate::protocol::ReportKind;
+use crate::sys;
 use moat_pal::{
     exception_disposition, exception_kind, prot, ExceptionInfo, LibOsExceptionDispatchFn,
 };
@@ -84,7 +84,7 @@ pub fn encode_report(kind: ReportKind, text: &str, out: &mut [u8]) -> usize {
 pub fn report(kind: ReportKind, text: &str) {
     let mut pkt = [0u8; 1024];
     let n = encode_report(kind, text, &mut pkt);
-    let fd = super::pal_opt()
+    let fd = crate::pal::global_opt()
         .map(|p| p.monitor_fd)
         .unwrap_or(crate::protocol::MONITOR_FD);
     // SAFETY: pkt is a valid buffer of n bytes; MSG_NOSIGNAL avoids SIGPIPE.
@@ -102,7 +102,7 @@ pub fn die(kind: ReportKind, msg: std::fmt::Arguments<'_>, code: i32) -> ! {
 /// Call the guest's registered exception upcall, if any and if it points
 /// into executable guest memory. Returns its disposition.
 pub fn call_upcall(info: &mut ExceptionInfo) -> Option<i64> {
-    let pal = super::pal_opt()?;
+    let pal = crate::pal::global_opt()?;
     let sb = pal.startup.load(std::sync::atomic::Ordering::Acquire);
     if sb == 0 {
         return None;
@@ -129,7 +129,7 @@ pub fn call_upcall(info: &mut ExceptionInfo) -> Option<i64> {
 }
 
 fn in_guest_code(rip: u64) -> bool {
-    super::pal_opt()
+    crate::pal::global_opt()
         .and_then(|p| {
             p.regions
                 .try_read()
@@ -211,7 +211,7 @@ extern "C" fn on_sigsys(_sig: i32, info: *mut libc::siginfo_t, uc: *mut libc::c_
         die(
             ReportKind::Violation,
             format_args!("sandbox violation: 32-bit system call {nr} (int 0x80) at {call_addr:#x} is not allowed"),
-            crate::EXIT_SANDBOX_VIOLATION,
+            crate::protocol::EXIT_SANDBOX_VIOLATION,
         );
     }
     let name = syscall_name_static(nr as i64);
@@ -224,12 +224,12 @@ extern "C" fn on_sigsys(_sig: i32, info: *mut libc::siginfo_t, uc: *mut libc::c_
         Some(n) => die(
             ReportKind::Violation,
             format_args!("sandbox violation: system call `{n}` ({nr}) from {whence} at {call_addr:#x} is not allowed"),
-            crate::EXIT_SANDBOX_VIOLATION,
+            crate::protocol::EXIT_SANDBOX_VIOLATION,
         ),
         None => die(
             ReportKind::Violation,
             format_args!("sandbox violation: system call {nr} from {whence} at {call_addr:#x} is not allowed"),
-            crate::EXIT_SANDBOX_VIOLATION,
+            crate::protocol::EXIT_SANDBOX_VIOLATION,
         ),
     }
 }
@@ -244,7 +244,7 @@ fn syscall_name_static(nr: i64) -> Option<&'static str> {
 
 /// The registered abort event (a `SyncObj` kept alive by the PAL for the
 /// life of the process), or null.
-pub static ABORT_EVENT: std::sync::atomic::AtomicPtr<super::objects::SyncObj> =
+pub static ABORT_EVENT: std::sync::atomic::AtomicPtr<crate::objects::SyncObj> =
     std::sync::atomic::AtomicPtr::new(std::ptr::null_mut());
 
 extern "C" fn on_term(_sig: i32) {

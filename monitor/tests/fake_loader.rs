@@ -1,7 +1,7 @@
 //! The monitor against loaders that misbehave: stand-in shell scripts run
 //! as `moat-loader` (through MOAT_LOADER) in the real namespaces. One test
 //! function, because MOAT_LOADER is process-wide.
-use moat_host_linux::{LogSink, ReportKind, Sandbox, Stdio, EXIT_SANDBOX_VIOLATION};
+use moat_monitor::{LogSink, ReportKind, Sandbox, Stdio, EXIT_SANDBOX_VIOLATION};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -13,7 +13,7 @@ fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
     p
 }
 
-fn run_with(loader: &Path, img: &Path) -> (moat_host_linux::Exit, Vec<String>) {
+fn run_with(loader: &Path, img: &Path) -> (moat_monitor::Exit, Vec<String>) {
     // Process-wide, but this is the only test of this binary. Fresh
     // namespaces per loader: the zygote is the real loader binary.
     std::env::set_var("MOAT_NO_ZYGOTE", "1");
@@ -178,13 +178,13 @@ fn misbehaving_loaders() {
     let e = Sandbox::new(&img).spawn().unwrap_err();
     assert!(e.to_string().contains("cannot execute the loader"), "{e}");
     assert!(e.to_string().contains("ermission denied"), "{e}");
-    assert_eq!(e.exit_code(), moat_host_linux::EXIT_HOST_FAILURE);
+    assert_eq!(e.exit_code(), moat_monitor::EXIT_HOST_FAILURE);
 
     // No loader at all.
     std::env::set_var("MOAT_LOADER", dir.join("missing"));
     let e = Sandbox::new(&img).spawn().unwrap_err();
     assert!(e.to_string().contains("MOAT_LOADER"), "{e}");
-    assert_eq!(e.exit_code(), moat_host_linux::EXIT_HOST_FAILURE);
+    assert_eq!(e.exit_code(), moat_monitor::EXIT_HOST_FAILURE);
 
     let _ = std::fs::remove_dir_all(&dir);
 }
