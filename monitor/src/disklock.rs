@@ -22,6 +22,9 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
 
+/// The locks this process holds, by (device, inode).
+type Held = HashMap<(u64, u64), Weak<DiskLock>>;
+
 /// A held lock on a disk file; released when the last clone is dropped.
 #[derive(Debug)]
 pub struct DiskLock {
@@ -47,7 +50,7 @@ impl DiskLock {
     /// holder asking for write access gets [`LockError::Held`] naming
     /// itself.
     pub fn acquire(path: &Path, write: bool) -> Result<Arc<DiskLock>, LockError> {
-        static HELD: Mutex<Option<HashMap<(u64, u64), Weak<DiskLock>>>> = Mutex::new(None);
+        static HELD: Mutex<Option<Held>> = Mutex::new(None);
         // A write lock needs a description open for writing.
         let file = std::fs::OpenOptions::new()
             .read(true)

@@ -126,11 +126,8 @@ fn misbehaving_loaders() {
     // namespace after exec), `nobody` outside when the host is root.
     assert!(got.contains("uid=0\n"), "not uid 0 in its namespace: {got}");
     // SAFETY: getuid has no preconditions.
-    let outside = if unsafe { libc::getuid() } == 0 {
-        65534
-    } else {
-        unsafe { libc::getuid() }
-    };
+    let uid = unsafe { libc::getuid() };
+    let outside = if uid == 0 { 65534 } else { uid };
     let map = got
         .lines()
         .find_map(|l| l.strip_prefix("uid_map="))

@@ -302,7 +302,7 @@ fn sigterm_waits_for_the_last_user_and_exits_clean() {
                     let data = vec![(n % 251) as u8; 4096 + (n as usize % 7) * 1000];
                     let p = dir.join(format!("f{n}"));
                     std::fs::write(&p, &data).unwrap();
-                    if n % 10 == 0 {
+                    if n.is_multiple_of(10) {
                         std::fs::File::open(&p).unwrap().sync_all().unwrap();
                     }
                     n += 1;

@@ -144,10 +144,8 @@ fn protect_roundtrip(_: &Ctx) -> R {
         "protect R",
     )?;
     // SAFETY: still readable.
-    ensure!(
-        unsafe { s.read_volatile() } == 42,
-        "content lost after protect R"
-    );
+    let v = unsafe { s.read_volatile() };
+    ensure!(v == 42, "content lost after protect R");
     err(
         p().dk_virtual_memory_protect(a, PAGE, prot::WRITE | prot::EXEC),
         Error::InvalidArgument,
@@ -158,8 +156,11 @@ fn protect_roundtrip(_: &Ctx) -> R {
         "protect first page RW again",
     )?;
     // SAFETY: read-write again.
-    unsafe { s.write_volatile(43) };
-    ensure!(unsafe { s.read_volatile() } == 43, "write after protect RW");
+    let v = unsafe {
+        s.write_volatile(43);
+        s.read_volatile()
+    };
+    ensure!(v == 43, "write after protect RW");
     ok(
         p().dk_virtual_memory_protect(a + PAGE, PAGE, prot::READ | prot::EXEC),
         "protect R|X",
