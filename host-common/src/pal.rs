@@ -1107,9 +1107,28 @@ static GLOBAL: std::sync::OnceLock<LinuxPal> = std::sync::OnceLock::new();
 
 /// Make `p` the process's PAL: the loader's, or the VMM's for every call
 /// that is not about memory or threads. Once only (`None` if one is set).
+/// The signal handlers learn about the guest from it.
 pub fn install(p: LinuxPal) -> Option<&'static LinuxPal> {
     GLOBAL.set(p).ok()?;
-    GLOBAL.get()
+    let p = GLOBAL.get()?;
+    signals::attach(p);
+    Some(p)
+}
+
+impl signals::GuestView for LinuxPal {
+    fn monitor_fd(&self) -> RawFd {
+        self.monitor_fd
+    }
+
+    fn startup_block(&self) -> u64 {
+        self.startup.load(Ordering::Acquire)
+    }
+
+    fn is_guest_code(&self, rip: u64) -> bool {
+        self.regions
+            .try_read()
+            .is_ok_and(|r| r.check(rip, 1, prot::EXEC).is_ok())
+    }
 }
 
 /// The process's PAL. Panics before [`install`]: callers run after it.

@@ -7,9 +7,33 @@
 //! encoded by hand into one protocol packet.
 use crate::protocol::ReportKind;
 use crate::sys;
-use moat_pal::{
-    exception_disposition, exception_kind, prot, ExceptionInfo, LibOsExceptionDispatchFn,
-};
+use std::os::fd::RawFd;
+use std::sync::OnceLock;
+
+/// What the handlers need to know about the guest, from whoever serves it
+/// (the PAL, which registers itself with [`attach`]): kept behind a trait
+/// so that this module does not depend on the PAL.
+pub trait GuestView: Sync {
+    /// The descriptor of the monitor socket (reports go there).
+    fn monitor_fd(&self) -> RawFd;
+    /// The guest address of the start-up block (0 before it exists).
+    fn startup_block(&self) -> u64;
+    /// Whether `rip` lies in executable guest memory (without blocking:
+    /// `false` when the answer is not available at once).
+    fn is_guest_code(&self, rip: u64) -> bool;
+}
+
+static GUEST: OnceLock<&'static dyn GuestView> = OnceLock::new();
+
+/// Register the process's guest (once; later calls are ignored).
+pub fn attach(g: &'static dyn GuestView) {
+    let _ = GUEST.set(g);
+}
+
+fn guest() -> Option<&'static dyn GuestView> {
+    GUEST.get().copied()
+}
+use moat_pal::{exception_disposition, exception_kind, ExceptionInfo, LibOsExceptionDispatchFn};
 use std::fmt::Write as _;
 
 /// A fixed buffer implementing fmt::Write, truncating on overflow.
@@ -84,8 +108,8 @@ pub fn encode_report(kind: ReportKind, text: &str, out: &mut [u8]) -> usize {
 pub fn report(kind: ReportKind, text: &str) {
     let mut pkt = [0u8; 1024];
     let n = encode_report(kind, text, &mut pkt);
-    let fd = crate::pal::global_opt()
-        .map(|p| p.monitor_fd)
+    let fd = guest()
+        .map(|g| g.monitor_fd())
         .unwrap_or(crate::protocol::MONITOR_FD);
     // SAFETY: pkt is a valid buffer of n bytes; MSG_NOSIGNAL avoids SIGPIPE.
     unsafe { libc::send(fd, pkt.as_ptr() as *const _, n, libc::MSG_NOSIGNAL) };
@@ -102,8 +126,8 @@ pub fn die(kind: ReportKind, msg: std::fmt::Arguments<'_>, code: i32) -> ! {
 /// Call the guest's registered exception upcall, if any and if it points
 /// into executable guest memory. Returns its disposition.
 pub fn call_upcall(info: &mut ExceptionInfo) -> Option<i64> {
-    let pal = crate::pal::global_opt()?;
-    let sb = pal.startup.load(std::sync::atomic::Ordering::Acquire);
+    let g = guest()?;
+    let sb = g.startup_block();
     if sb == 0 {
         return None;
     }
@@ -112,12 +136,7 @@ pub fn call_upcall(info: &mut ExceptionInfo) -> Option<i64> {
     if upcall == 0 {
         return None;
     }
-    let ok = pal
-        .regions
-        .try_read()
-        .map(|r| r.check(upcall, 1, prot::EXEC).is_ok())
-        .unwrap_or(false);
-    if !ok {
+    if !g.is_guest_code(upcall) {
         return None;
     }
     // SAFETY: the address lies in executable guest memory; the guest
@@ -129,14 +148,7 @@ pub fn call_upcall(info: &mut ExceptionInfo) -> Option<i64> {
 }
 
 fn in_guest_code(rip: u64) -> bool {
-    crate::pal::global_opt()
-        .and_then(|p| {
-            p.regions
-                .try_read()
-                .ok()
-                .map(|r| r.check(rip, 1, prot::EXEC).is_ok())
-        })
-        .unwrap_or(false)
+    guest().is_some_and(|g| g.is_guest_code(rip))
 }
 
 extern "C" fn on_fault(sig: i32, info: *mut libc::siginfo_t, uc: *mut libc::c_void) {
