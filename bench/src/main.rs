@@ -11,7 +11,7 @@
 mod kvm;
 mod mediator;
 
-use moat_monitor::monitor::{Sandbox, Stdio};
+use moat_monitor::{Sandbox, Stdio};
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::Command;

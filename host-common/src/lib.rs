@@ -22,6 +22,7 @@
 //! against the region map and copied in once before they are used.
 pub mod child;
 pub mod elf;
+pub mod errno;
 pub mod image;
 pub mod mountns;
 pub mod objects;

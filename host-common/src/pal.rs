@@ -55,23 +55,7 @@ thread_local! {
     static EXIT_CODE: Cell<i32> = const { Cell::new(0) };
 }
 
-fn map_errno(e: i32) -> Error {
-    match e {
-        libc::EFAULT => Error::BadAddress,
-        libc::EAGAIN => Error::WouldBlock,
-        libc::EPIPE | libc::ECONNRESET => Error::BrokenPipe,
-        libc::EISDIR => Error::IsDirectory,
-        libc::ENOTDIR => Error::NotDirectory,
-        libc::ENOMEM => Error::NoMemory,
-        libc::EEXIST => Error::AlreadyExists,
-        libc::EINVAL => Error::InvalidArgument,
-        libc::EBADF | libc::EACCES | libc::EPERM => Error::PermissionDenied,
-        libc::ENOENT => Error::NotFound,
-        libc::ECONNREFUSED => Error::ConnectionRefused,
-        libc::EMFILE | libc::ENFILE => Error::LimitExceeded,
-        _ => Error::Io,
-    }
-}
+use crate::errno::to_pal as map_errno;
 
 fn ok(v: u64) -> i64 {
     moat_pal::encode(Ok(v))

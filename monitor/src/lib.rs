@@ -4,6 +4,8 @@
 //!   the mediator and the benchmarks use): start a picoprocess image under
 //!   a [`Policy`](moat_policy::Policy) on a [`Host`], feed its console,
 //!   wait for its [`Exit`].
+//! - [`api`]: that API ([`error`]: its errors and exits);
+//!   [`session`]: what one picoprocess tree shares.
 //! - [`monitor`]: one thread per confined process, answering its requests;
 //!   [`broker`] decides each request with the policy as the only
 //!   authority, and answers with descriptors.
@@ -14,20 +16,23 @@
 //!
 //! Below this crate: `moat-host-common` (the wire, shared with the confined
 //! processes). Nothing here runs guest code.
+pub mod api;
 pub mod broker;
 pub mod disklock;
+pub mod error;
+mod image;
 pub mod launch;
 pub mod monitor;
+mod proc;
 pub mod process;
+pub mod session;
 pub mod spawn;
-pub(crate) mod zygote;
+mod zygote;
 
-pub use broker::LogSink;
+pub use api::{Killer, Picoprocess, Sandbox, Stdio};
+pub use error::{Error, Exit, EXIT_BAD_INPUT, EXIT_HOST_FAILURE, EXIT_SANDBOX_VIOLATION};
 pub use moat_host_common::protocol::ReportKind;
-pub use monitor::{
-    Error, Exit, Killer, Picoprocess, Sandbox, Stdio, EXIT_BAD_INPUT, EXIT_HOST_FAILURE,
-    EXIT_SANDBOX_VIOLATION,
-};
+pub use session::LogSink;
 
 /// Where a picoprocess runs. The same image, policy and console work on
 /// both; only [`Host::Kvm`] can be granted devices.

@@ -1,0 +1,401 @@
+//! The embedding API: start a picoprocess in the Linux sandbox, talk to it,
+//! wait for it.
+//!
+//! ```no_run
+//! use moat_monitor::{Sandbox, Stdio};
+//! use std::io::{BufRead, BufReader, Write};
+//!
+//! # fn main() -> Result<(), moat_monitor::Error> {
+//! let mut p = Sandbox::new("target/debug/echo")
+//!     .allow_ro("file:/srv/data")?          // what the picoprocess may read
+//!     .stdin(Stdio::Piped)
+//!     .stdout(Stdio::Piped)
+//!     .spawn()?;
+//! let mut stdin = p.stdin.take().unwrap();
+//! writeln!(stdin, "hello").unwrap();
+//! drop(stdin);
+//! let mut line = String::new();
+//! BufReader::new(p.stdout.take().unwrap()).read_line(&mut line).unwrap();
+//! let exit = p.wait()?;
+//! println!("echoed {line:?}, exit code {}", exit.code);
+//! # Ok(()) }
+//! ```
+//!
+//! How it works: [`Sandbox::spawn`] checks the image in the host, starts
+//! the `moat-loader` binary in new namespaces (see [`crate::spawn`]),
+//! sends it the [`Config`] with the image descriptor, and runs a monitor
+//! thread that answers the loader's requests through the
+//! [`Broker`] until the loader's socket closes. A
+//! waiter thread reaps the loader and turns its status into an [`Exit`].
+use crate::error::{Error, Exit};
+use crate::image::check_image;
+use crate::monitor::start;
+use crate::proc::Proc;
+use crate::session::{Console, LogSink, Session};
+use moat_policy::{Access, Limits, Policy};
+use std::fs::File;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Where a console stream of the picoprocess goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Stdio {
+    /// The host process's own stream (the default).
+    #[default]
+    Inherit,
+    /// A pipe whose host end is in [`Picoprocess::stdin`] (`stdout`, `stderr`).
+    Piped,
+    /// `/dev/null`.
+    Null,
+}
+
+/// A picoprocess to start: image, arguments, grants, console. A builder.
+#[derive(Debug)]
+pub struct Sandbox {
+    image: PathBuf,
+    args: Vec<String>,
+    policy: Policy,
+    stdio: [Stdio; 3],
+    log: LogSink,
+    trace: bool,
+    host: crate::Host,
+}
+
+impl Sandbox {
+    /// A picoprocess running the image at `image` (a path; the CLI resolves
+    /// image names), with nothing granted and the default limits.
+    pub fn new(image: impl AsRef<Path>) -> Self {
+        Sandbox {
+            image: image.as_ref().to_path_buf(),
+            args: Vec::new(),
+            policy: Policy::default(),
+            stdio: [Stdio::Inherit; 3],
+            log: LogSink::Stderr,
+            trace: false,
+            host: crate::Host::Linux,
+        }
+    }
+
+    /// Run on `host` (default: [`Host::Linux`](crate::Host::Linux)). On
+    /// [`Host::Kvm`](crate::Host::Kvm) the `moat-vmm` binary (from
+    /// moat-host-hypervisor) must be next to `moat-loader` or named by
+    /// `$MOAT_VMM`.
+    pub fn host(mut self, host: crate::Host) -> Self {
+        self.host = host;
+        self
+    }
+
+    /// Add one argument (after the image name, which is always the first).
+    pub fn arg(mut self, a: impl Into<String>) -> Self {
+        self.args.push(a.into());
+        self
+    }
+
+    /// Add arguments.
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// Replace the policy (grants and limits).
+    pub fn policy(mut self, p: Policy) -> Self {
+        self.policy = p;
+        self
+    }
+
+    /// Grant `uri` (a URI prefix) for reading and writing.
+    pub fn allow(mut self, uri: &str) -> Result<Self, Error> {
+        self.policy.allow(uri, Access::Rw)?;
+        Ok(self)
+    }
+
+    /// Grant `uri` (a URI prefix) for reading only.
+    pub fn allow_ro(mut self, uri: &str) -> Result<Self, Error> {
+        self.policy.allow(uri, Access::Ro)?;
+        Ok(self)
+    }
+
+    /// Replace the limits.
+    pub fn limits(mut self, l: Limits) -> Self {
+        self.policy.limits = l;
+        self
+    }
+
+    pub fn stdin(mut self, s: Stdio) -> Self {
+        self.stdio[0] = s;
+        self
+    }
+
+    pub fn stdout(mut self, s: Stdio) -> Self {
+        self.stdio[1] = s;
+        self
+    }
+
+    pub fn stderr(mut self, s: Stdio) -> Self {
+        self.stdio[2] = s;
+        self
+    }
+
+    /// Where refusal, debug and trace lines go (default: standard error).
+    pub fn log(mut self, sink: LogSink) -> Self {
+        self.log = sink;
+        self
+    }
+
+    /// Log a line per brokered request, and ask the loader to log a line
+    /// per ABI call.
+    pub fn trace(mut self, on: bool) -> Self {
+        self.trace = on;
+        self
+    }
+
+    /// Check the image and start the picoprocess.
+    pub fn spawn(self) -> Result<Picoprocess, Error> {
+        self.policy.limits.validate()?;
+        let shown = self.image.display().to_string();
+        let image = File::open(&self.image).map_err(|e| Error::Image {
+            path: shown.clone(),
+            msg: format!("cannot open: {e}"),
+        })?;
+        check_image(&image, &self.policy.limits).map_err(|msg| Error::Image {
+            path: shown.clone(),
+            msg,
+        })?;
+        let name = self
+            .image
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| shown.clone());
+        let mut args = Vec::with_capacity(self.args.len() + 1);
+        args.push(name.clone());
+        args.extend(self.args);
+        let total: usize = args.iter().map(|a| a.len() + 1).sum();
+        if total > moat_pal::limits::MAX_ARGS_LEN as usize || args.iter().any(|a| a.contains('\0'))
+        {
+            return Err(Error::BadInput(format!(
+                "the arguments take {total} bytes or contain NUL; at most {} bytes without NUL are allowed",
+                moat_pal::limits::MAX_ARGS_LEN
+            )));
+        }
+
+        let (console, host_ends) = make_console(self.stdio)?;
+        let [stdin, stdout, stderr] = host_ends;
+        let session = Session::on_host(self.host, self.policy, self.log, self.trace, console);
+        let root = start(&session, image, name, args, None, false)?;
+        Ok(Picoprocess {
+            stdin,
+            stdout,
+            stderr,
+            root,
+            session,
+            exit: None,
+        })
+    }
+}
+
+fn dev_null() -> Result<OwnedFd, Error> {
+    Ok(std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .map_err(|e| Error::io("cannot open /dev/null", e))?
+        .into())
+}
+
+/// The picoprocess's console descriptors, and the host's ends of pipes.
+fn make_console(stdio: [Stdio; 3]) -> Result<(Console, [Option<File>; 3]), Error> {
+    let mut pico: Vec<OwnedFd> = Vec::new();
+    let mut host: [Option<File>; 3] = [None, None, None];
+    for (i, s) in stdio.iter().enumerate() {
+        let fd = match s {
+            Stdio::Null => dev_null()?,
+            Stdio::Inherit => {
+                let own = match i {
+                    0 => std::io::stdin().as_fd().try_clone_to_owned(),
+                    1 => std::io::stdout().as_fd().try_clone_to_owned(),
+                    _ => std::io::stderr().as_fd().try_clone_to_owned(),
+                };
+                // A closed host stream becomes /dev/null.
+                match own {
+                    Ok(fd) => fd,
+                    Err(_) => dev_null()?,
+                }
+            }
+            Stdio::Piped => {
+                let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+                    .map_err(|e| Error::io("cannot create a pipe", e.into()))?;
+                if i == 0 {
+                    host[i] = Some(File::from(w));
+                    r
+                } else {
+                    host[i] = Some(File::from(r));
+                    w
+                }
+            }
+        };
+        pico.push(fd);
+    }
+    let mut it = pico.into_iter();
+    let (Some(stdin), Some(stdout), Some(stderr)) = (it.next(), it.next(), it.next()) else {
+        unreachable!("three console streams")
+    };
+    Ok((
+        Console {
+            stdin,
+            stdout,
+            stderr,
+        },
+        host,
+    ))
+}
+
+/// A running picoprocess (the root of a session). Dropping it kills the
+/// picoprocess and everything it started.
+/// Kills one picoprocess (see [`Picoprocess::killer`]).
+#[derive(Clone)]
+pub struct Killer(Arc<Proc>);
+
+impl Killer {
+    /// SIGKILL the picoprocess (a no-op once it has ended).
+    pub fn kill(&self) {
+        let _ = self.0.signal(libc::SIGKILL);
+    }
+}
+
+impl std::fmt::Debug for Killer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Killer({})", self.0.pid)
+    }
+}
+
+pub struct Picoprocess {
+    /// The host end of its `stdin:` with [`Stdio::Piped`].
+    pub stdin: Option<File>,
+    /// The host end of its `stdout:` with [`Stdio::Piped`].
+    pub stdout: Option<File>,
+    /// The host end of its `stderr:` with [`Stdio::Piped`].
+    pub stderr: Option<File>,
+    root: Arc<Proc>,
+    session: Arc<Session>,
+    exit: Option<Exit>,
+}
+
+impl std::fmt::Debug for Picoprocess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Picoprocess")
+            .field("id", &self.root.pid)
+            .field("exit", &self.exit)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Picoprocess {
+    /// Its id: the pid of its sandbox process in the host.
+    pub fn id(&self) -> u32 {
+        self.root.pid
+    }
+
+    /// A handle that can kill this picoprocess from any thread, while
+    /// another waits for it (through its pidfd: never a reused pid).
+    pub fn killer(&self) -> Killer {
+        Killer(self.root.clone())
+    }
+
+    /// Wait for the picoprocess to end, then kill whatever it started that
+    /// is still running. The host ends of piped stdin are closed first, so
+    /// that a picoprocess reading its input sees the end of it.
+    pub fn wait(&mut self) -> Result<Exit, Error> {
+        if let Some(e) = &self.exit {
+            return Ok(e.clone());
+        }
+        drop(self.stdin.take());
+        let exit = self.root.wait();
+        self.kill_descendants();
+        self.exit = Some(exit.clone());
+        Ok(exit)
+    }
+
+    /// Kill the picoprocess (SIGKILL) and everything it started.
+    pub fn kill(&mut self) -> Result<(), Error> {
+        self.root
+            .signal(libc::SIGKILL)
+            .map_err(|e| Error::io("cannot kill the picoprocess", e))?;
+        self.kill_descendants();
+        Ok(())
+    }
+
+    /// Ask the picoprocess to stop: SIGTERM, which the loader turns into
+    /// the picoprocess's registered abort event.
+    pub fn request_stop(&self) -> Result<(), Error> {
+        self.root
+            .signal(libc::SIGTERM)
+            .map_err(|e| Error::io("cannot signal the picoprocess", e))
+    }
+
+    /// Connect to the session's pipe `name`: the host's side of a
+    /// picoprocess's `pipe.server:NAME` (it accepts this connection).
+    pub fn connect_pipe(&self, name: &str) -> Result<UnixStream, Error> {
+        check_pipe_name(name)?;
+        self.session
+            .pipe_listener(name)
+            .map_err(|e| Error::io(format!("pipe `{name}`"), e))?;
+        let addr = self
+            .session
+            .pipe_addr(name)
+            .map_err(|e| Error::io(format!("pipe `{name}`"), e))?;
+        UnixStream::connect_addr(&addr)
+            .map_err(|e| Error::io(format!("cannot connect to pipe `{name}`"), e))
+    }
+
+    /// The session's listener of pipe `name`: the host accepts on it the
+    /// connections of a picoprocess's `pipe.client:NAME` (a picoprocess
+    /// that listens on `pipe.server:NAME` accepts from the same queue).
+    pub fn pipe_listener(&self, name: &str) -> Result<UnixListener, Error> {
+        check_pipe_name(name)?;
+        let l = self
+            .session
+            .pipe_listener(name)
+            .map_err(|e| Error::io(format!("pipe `{name}`"), e))?;
+        l.try_clone()
+            .map_err(|e| Error::io(format!("pipe `{name}`"), e))
+    }
+
+    fn kill_descendants(&self) {
+        let procs: Vec<Arc<Proc>> = {
+            let mut t = self.session.procs.lock().unwrap_or_else(|e| e.into_inner());
+            t.closed = true;
+            t.live
+                .values()
+                .filter(|p| p.pid != self.root.pid)
+                .cloned()
+                .collect()
+        };
+        for p in procs {
+            let _ = p.signal(libc::SIGKILL);
+        }
+    }
+}
+
+fn check_pipe_name(name: &str) -> Result<(), Error> {
+    match moat_pal::uri::Uri::parse(&format!("pipe.server:{name}")) {
+        Ok(_) => Ok(()),
+        Err(_) => Err(Error::BadInput(format!(
+            "pipe name `{name}` is not valid: use 1 to 64 of A-Z a-z 0-9 . _ -"
+        ))),
+    }
+}
+
+impl Drop for Picoprocess {
+    fn drop(&mut self) {
+        if self.exit.is_none() {
+            let _ = self.root.signal(libc::SIGKILL);
+        }
+        self.kill_descendants();
+    }
+}

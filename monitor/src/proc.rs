@@ -1,0 +1,33 @@
+//! One started picoprocess, as the monitor keeps it: its pid and pidfd,
+//! its exit once reaped, the disks it holds locked.
+use crate::error::Exit;
+use crate::process;
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Condvar, Mutex};
+
+/// One running (or ended) picoprocess of a session.
+pub(crate) struct Proc {
+    pub(crate) pid: u32,
+    pub(crate) name: String,
+    pub(crate) pidfd: OwnedFd,
+    pub(crate) exit: Mutex<Option<Exit>>,
+    pub(crate) ended: Condvar,
+    /// The disks its devices are backed by, locked while it runs.
+    pub(crate) _disks: Vec<Arc<crate::disklock::DiskLock>>,
+}
+
+impl Proc {
+    pub(crate) fn signal(&self, sig: libc::c_int) -> std::io::Result<()> {
+        process::signal_pidfd(&self.pidfd, sig)
+    }
+
+    pub(crate) fn wait(&self) -> Exit {
+        let mut e = self.exit.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(x) = &*e {
+                return x.clone();
+            }
+            e = self.ended.wait(e).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}

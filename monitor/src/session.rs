@@ -1,0 +1,264 @@
+//! What one picoprocess tree shares: the [`Session`] (policy, console,
+//! pipe and TCP listeners, the live processes), and where the monitor's
+//! log lines go ([`LogSink`]).
+use crate::proc::Proc;
+use moat_host_common::protocol::ReportKind;
+use moat_policy::Policy;
+use std::collections::HashMap;
+use std::fs::File;
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::OwnedFd;
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::UnixListener;
+use std::sync::{Arc, Mutex};
+
+/// Most pipe names, and most TCP listening addresses, one session (a
+/// picoprocess tree) may have at once: each is a descriptor of the host.
+pub const MAX_LISTENERS: usize = 64;
+
+/// The report a picoprocess leaves, shared by its broker and its waiter.
+pub type ReportSlot = Arc<Mutex<Option<(ReportKind, String)>>>;
+
+/// Where the monitor's log lines (refusals, `DkDebugStringPrint`, traces)
+/// go. Every line is one line: guest-provided text in it has its control
+/// characters escaped.
+#[derive(Clone, Default)]
+pub enum LogSink {
+    /// The host process's standard error (the default; what the CLI uses).
+    #[default]
+    Stderr,
+    /// Call this function with each line.
+    Callback(Arc<dyn Fn(&str) + Send + Sync>),
+    /// Append each line to this vector.
+    Buffer(Arc<Mutex<Vec<String>>>),
+}
+
+impl std::fmt::Debug for LogSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LogSink::Stderr => "LogSink::Stderr",
+            LogSink::Callback(_) => "LogSink::Callback",
+            LogSink::Buffer(_) => "LogSink::Buffer",
+        })
+    }
+}
+
+impl LogSink {
+    /// A sink that collects lines, and the vector they land in.
+    pub fn buffer() -> (LogSink, Arc<Mutex<Vec<String>>>) {
+        let v = Arc::new(Mutex::new(Vec::new()));
+        (LogSink::Buffer(v.clone()), v)
+    }
+
+    /// A sink that calls `f` with each line.
+    pub fn callback(f: impl Fn(&str) + Send + Sync + 'static) -> LogSink {
+        LogSink::Callback(Arc::new(f))
+    }
+
+    /// Emit one line.
+    pub fn line(&self, line: &str) {
+        match self {
+            LogSink::Stderr => {
+                use std::io::Write;
+                let _ = writeln!(std::io::stderr().lock(), "{line}");
+            }
+            LogSink::Callback(f) => f(line),
+            LogSink::Buffer(v) => v
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(line.to_string()),
+        }
+    }
+}
+
+/// Make guest-provided text safe for a one-line log: control characters
+/// (newlines, terminal escapes) are escaped; a final newline is dropped.
+pub fn sanitize(s: &str) -> String {
+    let s = s.strip_suffix('\n').unwrap_or(s);
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_control() && c != '\t' {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The picoprocess's console: the descriptors `stdin:`, `stdout:` and
+/// `stderr:` open duplicates of.
+#[derive(Debug)]
+pub struct Console {
+    pub stdin: OwnedFd,
+    pub stdout: OwnedFd,
+    pub stderr: OwnedFd,
+}
+
+/// What one picoprocess tree shares: the policy, the console, the pipe and
+/// TCP listeners, the count of live child picoprocesses.
+pub struct Session {
+    policy: Arc<Policy>,
+    host: crate::Host,
+    log: LogSink,
+    trace: bool,
+    pub(crate) console: Mutex<Option<Console>>,
+    /// `\0moat-<pid>-<random>-`: the abstract socket prefix of this session.
+    pub(crate) tag: String,
+    pipes: Mutex<HashMap<String, Arc<UnixListener>>>,
+    tcp: Mutex<HashMap<SocketAddr, Arc<TcpListener>>>,
+    pub(crate) procs: Mutex<ProcTable>,
+}
+
+/// Live picoprocesses of a session.
+#[derive(Default)]
+pub(crate) struct ProcTable {
+    /// Child picoprocesses started (or being started) by ProcessCreate.
+    pub(crate) children: u64,
+    pub(crate) live: HashMap<u32, Arc<Proc>>,
+    /// Monitor threads still serving a loader.
+    pub(crate) serving: usize,
+    /// The root was waited for, killed or dropped: a picoprocess that is
+    /// started from now on (by a request already under way) is killed at once.
+    pub(crate) closed: bool,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("tag", &self.tag.trim_start_matches('\0'))
+            .finish_non_exhaustive()
+    }
+}
+
+fn random_u64() -> u64 {
+    use std::io::Read;
+    let mut b = [0u8; 8];
+    if let Ok(mut f) = File::open("/dev/urandom") {
+        if f.read_exact(&mut b).is_ok() {
+            return u64::from_ne_bytes(b);
+        }
+    }
+    // Fall back on std's randomly keyed hasher.
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.finish()
+}
+
+impl Session {
+    /// A session with `policy`, logging to `log`, with `console` as the
+    /// console streams.
+    pub fn new(policy: Policy, log: LogSink, trace: bool, console: Console) -> Arc<Session> {
+        Session::on_host(crate::Host::Linux, policy, log, trace, console)
+    }
+
+    /// A session whose picoprocesses (the root and every child) run on `host`.
+    pub fn on_host(
+        host: crate::Host,
+        policy: Policy,
+        log: LogSink,
+        trace: bool,
+        console: Console,
+    ) -> Arc<Session> {
+        Arc::new(Session {
+            policy: Arc::new(policy),
+            host,
+            log,
+            trace,
+            console: Mutex::new(Some(console)),
+            tag: format!("moat-{}-{:016x}-", std::process::id(), random_u64()),
+            pipes: Mutex::new(HashMap::new()),
+            tcp: Mutex::new(HashMap::new()),
+            procs: Mutex::new(ProcTable::default()),
+        })
+    }
+
+    /// A session whose console is `/dev/null` (for tests and tools).
+    pub fn with_null_console(policy: Policy, log: LogSink) -> std::io::Result<Arc<Session>> {
+        let n = || -> std::io::Result<OwnedFd> {
+            Ok(std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/null")?
+                .into())
+        };
+        Ok(Session::new(
+            policy,
+            log,
+            false,
+            Console {
+                stdin: n()?,
+                stdout: n()?,
+                stderr: n()?,
+            },
+        ))
+    }
+
+    pub fn policy(&self) -> &Arc<Policy> {
+        &self.policy
+    }
+
+    pub fn log(&self) -> &LogSink {
+        &self.log
+    }
+
+    pub fn host(&self) -> crate::Host {
+        self.host
+    }
+
+    pub fn trace(&self) -> bool {
+        self.trace
+    }
+
+    /// Drop the console descriptors (once no loader is served any more),
+    /// so that the host's ends of piped stdio see end-of-file.
+    pub(crate) fn close_console(&self) {
+        self.console
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+    }
+
+    /// The session's listener for pipe `name`, created on first use.
+    pub fn pipe_listener(&self, name: &str) -> std::io::Result<Arc<UnixListener>> {
+        let mut pipes = self.pipes.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(l) = pipes.get(name) {
+            return Ok(l.clone());
+        }
+        if pipes.len() >= MAX_LISTENERS {
+            return Err(std::io::Error::from_raw_os_error(libc::EMFILE));
+        }
+        let addr =
+            std::os::unix::net::SocketAddr::from_abstract_name(format!("{}{name}", self.tag))?;
+        let l = Arc::new(UnixListener::bind_addr(&addr)?);
+        pipes.insert(name.to_string(), l.clone());
+        Ok(l)
+    }
+
+    /// The abstract address of pipe `name` (it exists once
+    /// [`Session::pipe_listener`] has made it).
+    pub fn pipe_addr(&self, name: &str) -> std::io::Result<std::os::unix::net::SocketAddr> {
+        std::os::unix::net::SocketAddr::from_abstract_name(format!("{}{name}", self.tag))
+    }
+
+    /// The session's TCP listener at `addr`, bound on first use.
+    pub fn tcp_listener(&self, addr: SocketAddr) -> std::io::Result<Arc<TcpListener>> {
+        let mut tcp = self.tcp.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(l) = tcp.get(&addr) {
+            return Ok(l.clone());
+        }
+        if tcp.len() >= MAX_LISTENERS {
+            return Err(std::io::Error::from_raw_os_error(libc::EMFILE));
+        }
+        // std sets SO_REUSEADDR on Unix listeners.
+        let l = Arc::new(TcpListener::bind(addr)?);
+        tcp.insert(addr, l.clone());
+        Ok(l)
+    }
+}
