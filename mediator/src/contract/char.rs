@@ -1,0 +1,206 @@
+//! The char contract: a character device's writes and reads of a bounded
+//! number of bytes, for the stream-like device classes (a serial line, a
+//! console).
+
+use std::time::Instant;
+
+use moat_service_proto::{class, op, status, Request, Response};
+
+use super::inflight::{at_most_len, check_common, exact_len};
+use super::{ClientError, Contract, ContractLimits, InFlight, Pending, Violation};
+
+/// What a char contract remembers of a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CharOp {
+    /// [`op::CHAR_WRITE`] or [`op::CHAR_READ`].
+    pub op: u8,
+    /// Bytes written, or the most bytes the read may return.
+    pub len: u32,
+}
+
+impl CharOp {
+    fn request(&self, id: u64) -> Request {
+        Request {
+            op: self.op,
+            class: class::CHAR,
+            id,
+            offset: 0,
+            len: self.len,
+            payload: if self.op == op::CHAR_WRITE {
+                self.len
+            } else {
+                0
+            },
+        }
+    }
+}
+
+/// An accepted answer to a char request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CharCompletion {
+    /// The request's id.
+    pub id: u64,
+    /// The request's operation.
+    pub op: u8,
+    /// The request's length.
+    pub len: u32,
+    /// The driver's status ([`status::OK`] to [`status::MAX`]).
+    pub status: u8,
+    /// Payload bytes that follow the answer's header (the bytes read).
+    pub payload: u32,
+}
+
+/// The contract of a character device: writes of 1 to `max_io` bytes,
+/// answered with a status and no bytes; reads of up to `len` bytes (1 to
+/// `max_io`), answered with 0 to `len` bytes on success and none on failure.
+///
+/// A re-issued write may reach the device twice (the crashed driver may
+/// have written it before crashing): char services get at-least-once
+/// delivery across a restart.
+#[derive(Debug, Clone)]
+pub struct CharContract {
+    limits: ContractLimits,
+    flight: InFlight<CharOp>,
+}
+
+impl CharContract {
+    /// A contract (see [`ContractLimits::effective`] for how the limits are applied).
+    pub fn new(limits: ContractLimits) -> CharContract {
+        let limits = limits.effective();
+        CharContract {
+            limits,
+            flight: InFlight::new(limits.max_in_flight, limits.deadline),
+        }
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> ContractLimits {
+        self.limits
+    }
+
+    /// Checks a client's request without issuing it: a write or read of 1
+    /// to `max_io` bytes.
+    pub fn check_client(&self, op: u8, len: u32) -> Result<(), ClientError> {
+        match op {
+            op::CHAR_WRITE | op::CHAR_READ => {
+                if len == 0 {
+                    Err(ClientError::ZeroLength)
+                } else if len > self.limits.max_io {
+                    Err(ClientError::TooLong {
+                        len,
+                        max: self.limits.max_io,
+                    })
+                } else {
+                    Ok(())
+                }
+            }
+            _ => Err(ClientError::UnsupportedOp { op }),
+        }
+    }
+
+    /// Checks a client's request and issues it at `now`; returns the
+    /// request to send (a write's `len` bytes follow it).
+    pub fn issue(&mut self, op: u8, len: u32, now: Instant) -> Result<Request, ClientError> {
+        self.check_client(op, len)?;
+        let c = CharOp { op, len };
+        let id = self.flight.issue(c, now)?;
+        Ok(c.request(id))
+    }
+
+    /// Checks a driver's answer that arrived at `now`: same id, class,
+    /// status and deadline rules as every class; a successful read carries
+    /// at most the request's length, anything else carries nothing.
+    pub fn check_response(
+        &mut self,
+        resp: &Response,
+        now: Instant,
+    ) -> Result<CharCompletion, Violation> {
+        let (p, st) = check_common(&self.flight, resp, class::CHAR, now)?;
+        let c = p.request;
+        if st == status::OK && c.op == op::CHAR_READ {
+            at_most_len(p.id, c.len, resp.len)?;
+        } else {
+            exact_len(p.id, 0, resp.len)?;
+        }
+        self.flight.complete(p.id);
+        Ok(CharCompletion {
+            id: p.id,
+            op: c.op,
+            len: c.len,
+            status: st,
+            payload: resp.len,
+        })
+    }
+
+    /// The id of a request whose deadline passed before `now`.
+    pub fn expired(&self, now: Instant) -> Option<u64> {
+        self.flight.expired(now)
+    }
+
+    /// The earliest deadline of a request in flight.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.flight.next_deadline()
+    }
+
+    /// The requests in flight, in issue order.
+    pub fn in_flight(&self) -> Vec<Pending<CharOp>> {
+        self.flight.pending()
+    }
+
+    /// How many requests are in flight.
+    pub fn in_flight_len(&self) -> usize {
+        self.flight.len()
+    }
+
+    /// After a restart: re-arms every in-flight deadline from `now` and
+    /// returns the requests, same ids, in issue order.
+    pub fn reissue(&mut self, now: Instant) -> Vec<Request> {
+        self.flight.rearm(now);
+        self.flight
+            .pending()
+            .iter()
+            .map(|p| p.request.request(p.id))
+            .collect()
+    }
+
+    /// Gives up on every request in flight; returns their ids in issue order.
+    pub fn fail_all(&mut self) -> Vec<u64> {
+        self.flight.fail_all()
+    }
+}
+
+impl Contract for CharContract {
+    type Completion = CharCompletion;
+
+    fn class(&self) -> u8 {
+        class::CHAR
+    }
+
+    fn check_response(
+        &mut self,
+        resp: &Response,
+        now: Instant,
+    ) -> Result<CharCompletion, Violation> {
+        CharContract::check_response(self, resp, now)
+    }
+
+    fn expired(&self, now: Instant) -> Option<u64> {
+        CharContract::expired(self, now)
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        CharContract::next_deadline(self)
+    }
+
+    fn in_flight_len(&self) -> usize {
+        CharContract::in_flight_len(self)
+    }
+
+    fn reissue(&mut self, now: Instant) -> Vec<Request> {
+        CharContract::reissue(self, now)
+    }
+
+    fn fail_all(&mut self) -> Vec<u64> {
+        CharContract::fail_all(self)
+    }
+}
