@@ -5,9 +5,9 @@ use std::time::Instant;
 
 use moat_service_proto::{class, op, status, Request, Response};
 
-use super::inflight::{check_common, exact_len};
+use super::inflight::{check_header, exact_len};
 use super::{
-    ClientError, Contract, ContractLimits, Geometry, InFlight, InfoProblem, Pending, Violation,
+    ClassOp, ClientError, Contract, ContractLimits, Geometry, InfoProblem, Requests, Violation,
     INFO_LEN,
 };
 
@@ -22,7 +22,9 @@ pub struct BlockOp {
     pub len: u32,
 }
 
-impl BlockOp {
+impl ClassOp for BlockOp {
+    const CLASS: u8 = class::BLOCK;
+
     fn request(&self, id: u64) -> Request {
         Request {
             op: self.op,
@@ -69,32 +71,24 @@ pub enum BlockPhase {
 /// within the device.
 #[derive(Debug, Clone)]
 pub struct BlockContract {
-    limits: ContractLimits,
     phase: BlockPhase,
     /// The geometry every driver of this service must report.
     expected: Option<Geometry>,
     /// The geometry the current driver reported (set in `Ready`).
     current: Option<Geometry>,
-    pub(super) flight: InFlight<BlockOp>,
+    requests: Requests<BlockOp>,
 }
 
 impl BlockContract {
     /// A contract in its idle phase (see [`ContractLimits::effective`] for how the
     /// limits are applied).
     pub fn new(limits: ContractLimits) -> BlockContract {
-        let limits = limits.effective();
         BlockContract {
-            limits,
             phase: BlockPhase::Idle,
             expected: None,
             current: None,
-            flight: InFlight::new(limits.max_in_flight, limits.deadline),
+            requests: Requests::new(limits),
         }
-    }
-
-    /// The limits in force.
-    pub fn limits(&self) -> ContractLimits {
-        self.limits
     }
 
     /// Where the contract is in its life.
@@ -126,9 +120,9 @@ impl BlockContract {
     /// get [`ClientError::NotReady`] and any other answer is
     /// [`Violation::Unsolicited`]. The caller waits for the one INFO answer
     /// itself (within `limits().deadline`); meanwhile
-    /// [`BlockContract::expired`] reports nothing, since the deadlines of
-    /// the requests in flight were the old driver's (see
-    /// [`BlockContract::reissue`]).
+    /// [`Contract::expired`] reports nothing, since the deadlines of the
+    /// requests in flight were the old driver's (see
+    /// [`Contract::reissue`]).
     pub fn info_request(&mut self) -> Request {
         self.phase = BlockPhase::Handshake;
         self.current = None;
@@ -144,27 +138,15 @@ impl BlockContract {
 
     /// Checks the driver's answer to INFO and the `payload` bytes that
     /// followed its header. On success the contract is ready; after a
-    /// restart, send [`BlockContract::reissue`]'s requests next.
+    /// restart, send [`Contract::reissue`]'s requests next.
     pub fn check_info(&mut self, resp: &Response, payload: &[u8]) -> Result<Geometry, Violation> {
         let id = resp.id;
         if self.phase != BlockPhase::Handshake || id != 0 {
             return Err(Violation::Unsolicited { id });
         }
-        if resp.class != class::BLOCK {
-            return Err(Violation::WrongClass {
-                id,
-                expected: class::BLOCK,
-                got: resp.class,
-            });
-        }
-        if resp.status > status::MAX {
-            return Err(Violation::BadStatus {
-                id,
-                status: resp.status,
-            });
-        }
-        if resp.status != status::OK {
-            return Err(Violation::BadInfo(InfoProblem::Failed(resp.status)));
+        let st = check_header(resp, class::BLOCK)?;
+        if st != status::OK {
+            return Err(Violation::BadInfo(InfoProblem::Failed(st)));
         }
         exact_len(id, INFO_LEN, resp.len)?;
         let bytes: &[u8; INFO_LEN as usize] = payload
@@ -202,12 +184,7 @@ impl BlockContract {
                 if len == 0 {
                     return Err(ClientError::ZeroLength);
                 }
-                if len > self.limits.max_io {
-                    return Err(ClientError::TooLong {
-                        len,
-                        max: self.limits.max_io,
-                    });
-                }
+                self.requests.check_max_io(len)?;
                 let bs = u64::from(g.block_size).max(1);
                 if !offset.is_multiple_of(bs) || !u64::from(len).is_multiple_of(bs) {
                     return Err(ClientError::Misaligned {
@@ -240,48 +217,57 @@ impl BlockContract {
         now: Instant,
     ) -> Result<Request, ClientError> {
         self.check_client(op, offset, len)?;
-        let b = BlockOp { op, offset, len };
-        let id = self.flight.issue(b, now)?;
-        Ok(b.request(id))
+        self.requests.issue(BlockOp { op, offset, len }, now)
+    }
+}
+
+impl Contract for BlockContract {
+    type Op = BlockOp;
+    type Completion = Completion;
+
+    fn requests(&self) -> &Requests<BlockOp> {
+        &self.requests
     }
 
-    /// Checks a driver's answer that arrived at `now`: its id is in flight
-    /// (and not 0), its class is block, its status is known, the deadline
-    /// has not passed, and it carries exactly the request's length for a
-    /// successful read and nothing otherwise. On success the request is
-    /// completed; on a violation nothing changes.
-    pub fn check_response(
-        &mut self,
-        resp: &Response,
-        now: Instant,
-    ) -> Result<Completion, Violation> {
+    fn requests_mut(&mut self) -> &mut Requests<BlockOp> {
+        &mut self.requests
+    }
+
+    /// Checks a driver's answer that arrived at `now`: the contract is
+    /// ready, the answer's id is in flight (and not 0), its class is block,
+    /// its status is known, the deadline has not passed, and it carries
+    /// exactly the request's length for a successful read and nothing
+    /// otherwise. On success the request is completed; on a violation
+    /// nothing changes.
+    fn check_response(&mut self, resp: &Response, now: Instant) -> Result<Completion, Violation> {
         if !self.is_ready() {
             return Err(Violation::Unsolicited { id: resp.id });
         }
-        let (p, st) = check_common(&self.flight, resp, class::BLOCK, now)?;
-        let b = p.request;
-        let expected = if st == status::OK && b.op == op::READ {
-            b.len
-        } else {
-            0
-        };
-        exact_len(p.id, expected, resp.len)?;
-        self.flight.complete(p.id);
-        Ok(Completion {
-            id: p.id,
-            op: b.op,
-            offset: b.offset,
-            len: b.len,
-            status: st,
-            payload: resp.len,
+        self.requests.answer(resp, now, |p, st| {
+            let b = p.request;
+            let expected = if st == status::OK && b.op == op::READ {
+                b.len
+            } else {
+                0
+            };
+            exact_len(p.id, expected, resp.len)?;
+            Ok(Completion {
+                id: p.id,
+                op: b.op,
+                offset: b.offset,
+                len: b.len,
+                status: st,
+                payload: resp.len,
+            })
         })
     }
 
     /// The id of a request whose deadline passed before `now`, to be
-    /// treated as [`Violation::Deadline`] (nothing outside the ready phase).
-    pub fn expired(&self, now: Instant) -> Option<u64> {
+    /// treated as [`Violation::Deadline`] (nothing outside the ready phase:
+    /// during a handshake the deadlines are the old driver's).
+    fn expired(&self, now: Instant) -> Option<u64> {
         if self.is_ready() {
-            self.flight.expired(now)
+            self.requests.expired(now)
         } else {
             None
         }
@@ -289,71 +275,11 @@ impl BlockContract {
 
     /// The earliest deadline of a request in flight (nothing outside the
     /// ready phase).
-    pub fn next_deadline(&self) -> Option<Instant> {
+    fn next_deadline(&self) -> Option<Instant> {
         if self.is_ready() {
-            self.flight.next_deadline()
+            self.requests.next_deadline()
         } else {
             None
         }
-    }
-
-    /// The requests in flight, in issue order.
-    pub fn in_flight(&self) -> Vec<Pending<BlockOp>> {
-        self.flight.pending()
-    }
-
-    /// How many requests are in flight.
-    pub fn in_flight_len(&self) -> usize {
-        self.flight.len()
-    }
-
-    /// After a restart and an accepted handshake: re-arms the deadline of
-    /// every request in flight from `now` and returns them, same ids, in
-    /// issue order, to send to the new driver.
-    pub fn reissue(&mut self, now: Instant) -> Vec<Request> {
-        self.flight.rearm(now);
-        self.flight
-            .pending()
-            .iter()
-            .map(|p| p.request.request(p.id))
-            .collect()
-    }
-
-    /// Gives up on every request in flight (the circuit breaker opened);
-    /// returns their ids in issue order so their clients can be failed.
-    pub fn fail_all(&mut self) -> Vec<u64> {
-        self.flight.fail_all()
-    }
-}
-
-impl Contract for BlockContract {
-    type Completion = Completion;
-
-    fn class(&self) -> u8 {
-        class::BLOCK
-    }
-
-    fn check_response(&mut self, resp: &Response, now: Instant) -> Result<Completion, Violation> {
-        BlockContract::check_response(self, resp, now)
-    }
-
-    fn expired(&self, now: Instant) -> Option<u64> {
-        BlockContract::expired(self, now)
-    }
-
-    fn next_deadline(&self) -> Option<Instant> {
-        BlockContract::next_deadline(self)
-    }
-
-    fn in_flight_len(&self) -> usize {
-        BlockContract::in_flight_len(self)
-    }
-
-    fn reissue(&mut self, now: Instant) -> Vec<Request> {
-        BlockContract::reissue(self, now)
-    }
-
-    fn fail_all(&mut self) -> Vec<u64> {
-        BlockContract::fail_all(self)
     }
 }

@@ -6,8 +6,8 @@ use std::time::Instant;
 
 use moat_service_proto::{class, op, status, Request, Response};
 
-use super::inflight::{at_most_len, check_common, exact_len};
-use super::{ClientError, Contract, ContractLimits, InFlight, Pending, Violation};
+use super::inflight::{at_most_len, exact_len};
+use super::{ClassOp, ClientError, Contract, ContractLimits, Requests, Violation};
 
 /// What a char contract remembers of a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,7 +18,9 @@ pub struct CharOp {
     pub len: u32,
 }
 
-impl CharOp {
+impl ClassOp for CharOp {
+    const CLASS: u8 = class::CHAR;
+
     fn request(&self, id: u64) -> Request {
         Request {
             op: self.op,
@@ -59,23 +61,16 @@ pub struct CharCompletion {
 /// delivery across a restart.
 #[derive(Debug, Clone)]
 pub struct CharContract {
-    limits: ContractLimits,
-    flight: InFlight<CharOp>,
+    requests: Requests<CharOp>,
 }
 
 impl CharContract {
-    /// A contract (see [`ContractLimits::effective`] for how the limits are applied).
+    /// A contract (see [`ContractLimits::effective`] for how the limits are
+    /// applied).
     pub fn new(limits: ContractLimits) -> CharContract {
-        let limits = limits.effective();
         CharContract {
-            limits,
-            flight: InFlight::new(limits.max_in_flight, limits.deadline),
+            requests: Requests::new(limits),
         }
-    }
-
-    /// The limits in force.
-    pub fn limits(&self) -> ContractLimits {
-        self.limits
     }
 
     /// Checks a client's request without issuing it: a write or read of 1
@@ -85,13 +80,8 @@ impl CharContract {
             op::CHAR_WRITE | op::CHAR_READ => {
                 if len == 0 {
                     Err(ClientError::ZeroLength)
-                } else if len > self.limits.max_io {
-                    Err(ClientError::TooLong {
-                        len,
-                        max: self.limits.max_io,
-                    })
                 } else {
-                    Ok(())
+                    self.requests.check_max_io(len)
                 }
             }
             _ => Err(ClientError::UnsupportedOp { op }),
@@ -102,105 +92,44 @@ impl CharContract {
     /// request to send (a write's `len` bytes follow it).
     pub fn issue(&mut self, op: u8, len: u32, now: Instant) -> Result<Request, ClientError> {
         self.check_client(op, len)?;
-        let c = CharOp { op, len };
-        let id = self.flight.issue(c, now)?;
-        Ok(c.request(id))
+        self.requests.issue(CharOp { op, len }, now)
+    }
+}
+
+impl Contract for CharContract {
+    type Op = CharOp;
+    type Completion = CharCompletion;
+
+    fn requests(&self) -> &Requests<CharOp> {
+        &self.requests
+    }
+
+    fn requests_mut(&mut self) -> &mut Requests<CharOp> {
+        &mut self.requests
     }
 
     /// Checks a driver's answer that arrived at `now`: same id, class,
     /// status and deadline rules as every class; a successful read carries
     /// at most the request's length, anything else carries nothing.
-    pub fn check_response(
-        &mut self,
-        resp: &Response,
-        now: Instant,
-    ) -> Result<CharCompletion, Violation> {
-        let (p, st) = check_common(&self.flight, resp, class::CHAR, now)?;
-        let c = p.request;
-        if st == status::OK && c.op == op::CHAR_READ {
-            at_most_len(p.id, c.len, resp.len)?;
-        } else {
-            exact_len(p.id, 0, resp.len)?;
-        }
-        self.flight.complete(p.id);
-        Ok(CharCompletion {
-            id: p.id,
-            op: c.op,
-            len: c.len,
-            status: st,
-            payload: resp.len,
-        })
-    }
-
-    /// The id of a request whose deadline passed before `now`.
-    pub fn expired(&self, now: Instant) -> Option<u64> {
-        self.flight.expired(now)
-    }
-
-    /// The earliest deadline of a request in flight.
-    pub fn next_deadline(&self) -> Option<Instant> {
-        self.flight.next_deadline()
-    }
-
-    /// The requests in flight, in issue order.
-    pub fn in_flight(&self) -> Vec<Pending<CharOp>> {
-        self.flight.pending()
-    }
-
-    /// How many requests are in flight.
-    pub fn in_flight_len(&self) -> usize {
-        self.flight.len()
-    }
-
-    /// After a restart: re-arms every in-flight deadline from `now` and
-    /// returns the requests, same ids, in issue order.
-    pub fn reissue(&mut self, now: Instant) -> Vec<Request> {
-        self.flight.rearm(now);
-        self.flight
-            .pending()
-            .iter()
-            .map(|p| p.request.request(p.id))
-            .collect()
-    }
-
-    /// Gives up on every request in flight; returns their ids in issue order.
-    pub fn fail_all(&mut self) -> Vec<u64> {
-        self.flight.fail_all()
-    }
-}
-
-impl Contract for CharContract {
-    type Completion = CharCompletion;
-
-    fn class(&self) -> u8 {
-        class::CHAR
-    }
-
     fn check_response(
         &mut self,
         resp: &Response,
         now: Instant,
     ) -> Result<CharCompletion, Violation> {
-        CharContract::check_response(self, resp, now)
-    }
-
-    fn expired(&self, now: Instant) -> Option<u64> {
-        CharContract::expired(self, now)
-    }
-
-    fn next_deadline(&self) -> Option<Instant> {
-        CharContract::next_deadline(self)
-    }
-
-    fn in_flight_len(&self) -> usize {
-        CharContract::in_flight_len(self)
-    }
-
-    fn reissue(&mut self, now: Instant) -> Vec<Request> {
-        CharContract::reissue(self, now)
-    }
-
-    fn fail_all(&mut self) -> Vec<u64> {
-        CharContract::fail_all(self)
+        self.requests.answer(resp, now, |p, st| {
+            let c = p.request;
+            if st == status::OK && c.op == op::CHAR_READ {
+                at_most_len(p.id, c.len, resp.len)?;
+            } else {
+                exact_len(p.id, 0, resp.len)?;
+            }
+            Ok(CharCompletion {
+                id: p.id,
+                op: c.op,
+                len: c.len,
+                status: st,
+                payload: resp.len,
+            })
+        })
     }
 }

@@ -1,14 +1,16 @@
-//! The in-flight bookkeeping shared by every class: request ids,
-//! deadlines and the set of requests awaiting an answer ([`InFlight`]),
-//! and the checks every class makes of an answer before its own
-//! (`check_common`, `exact_len`, `at_most_len`).
+//! The in-flight bookkeeping shared by every class, written once: request
+//! ids, deadlines and the set of requests awaiting an answer
+//! ([`InFlight`]); what a contract does with them the same way whatever its
+//! class ([`Requests`], which every contract embeds, over the class's
+//! [`ClassOp`]); and the checks every class makes of an answer before its
+//! own (`check_header`, `exact_len`, `at_most_len`).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use moat_service_proto::{status, Response};
+use moat_service_proto::{status, Request, Response};
 
-use super::{ClientError, Violation};
+use super::{ClientError, ContractLimits, Violation};
 
 /// A request in flight, as [`InFlight`] remembers it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -174,33 +176,142 @@ fn pending<T: Copy>(id: u64, s: &Slot<T>) -> Pending<T> {
     }
 }
 
-/// The checks every class makes of an answer before its own: the id is in
-/// flight, the class and status are right, the deadline has not passed.
-pub(super) fn check_common<T: Copy>(
-    flight: &InFlight<T>,
-    resp: &Response,
-    service_class: u8,
-    now: Instant,
-) -> Result<(Pending<T>, u8), Violation> {
-    let id = resp.id;
-    let p = flight.lookup(id)?;
+/// What a class remembers of a request ([`BlockOp`](super::BlockOp),
+/// [`CharOp`](super::CharOp), [`CallOp`](super::CallOp)): enough to send it
+/// again, under the same id, to a restarted driver.
+pub trait ClassOp: Copy {
+    /// The service class whose requests these are
+    /// ([`class::BLOCK`](moat_service_proto::class::BLOCK) and the others).
+    const CLASS: u8;
+
+    /// The request to send for this operation under `id` (its payload, if
+    /// any, follows it).
+    fn request(&self, id: u64) -> Request;
+}
+
+/// The requests in flight under one contract: its [`InFlight`] set, the
+/// limits it was made with, and what every class does with them in the
+/// same way (issue and encode a request, check an answer's id, class,
+/// status and deadline, complete it, re-issue or give up on everything).
+///
+/// Every contract embeds one and hands it to the provided methods of
+/// [`Contract`](super::Contract). Outside this module it has no methods of
+/// its own: requests enter it only through a contract's checks.
+#[derive(Debug, Clone)]
+pub struct Requests<T> {
+    limits: ContractLimits,
+    pub(super) flight: InFlight<T>,
+}
+
+impl<T: ClassOp> Requests<T> {
+    /// An empty set under `limits`, as [`ContractLimits::effective`] makes
+    /// them.
+    pub(super) fn new(limits: ContractLimits) -> Requests<T> {
+        let limits = limits.effective();
+        Requests {
+            limits,
+            flight: InFlight::new(limits.max_in_flight, limits.deadline),
+        }
+    }
+
+    /// The limits in force.
+    pub(super) fn limits(&self) -> ContractLimits {
+        self.limits
+    }
+
+    /// Refuses a request of more than `max_io` bytes.
+    pub(super) fn check_max_io(&self, len: u32) -> Result<(), ClientError> {
+        let max = self.limits.max_io;
+        if len > max {
+            Err(ClientError::TooLong { len, max })
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Records `op` (already checked by the class) as issued at `now` and
+    /// returns the request to send, with its fresh id.
+    pub(super) fn issue(&mut self, op: T, now: Instant) -> Result<Request, ClientError> {
+        let id = self.flight.issue(op, now)?;
+        Ok(op.request(id))
+    }
+
+    /// Checks a driver's answer that arrived at `now`: first what every
+    /// class checks (the id is in flight, the class is `T`'s, the status
+    /// exists, the deadline has not passed), then the class's own `rule`,
+    /// given the request and the status. Only if both accept it is the
+    /// request completed; on a violation nothing changes.
+    pub(super) fn answer<C>(
+        &mut self,
+        resp: &Response,
+        now: Instant,
+        rule: impl FnOnce(&Pending<T>, u8) -> Result<C, Violation>,
+    ) -> Result<C, Violation> {
+        let p = self.flight.lookup(resp.id)?;
+        let st = check_header(resp, T::CLASS)?;
+        if p.deadline.is_some_and(|d| now > d) {
+            return Err(Violation::Deadline);
+        }
+        let done = rule(&p, st)?;
+        self.flight.complete(p.id);
+        Ok(done)
+    }
+
+    /// See [`InFlight::expired`].
+    pub(super) fn expired(&self, now: Instant) -> Option<u64> {
+        self.flight.expired(now)
+    }
+
+    /// See [`InFlight::next_deadline`].
+    pub(super) fn next_deadline(&self) -> Option<Instant> {
+        self.flight.next_deadline()
+    }
+
+    /// See [`InFlight::pending`].
+    pub(super) fn pending(&self) -> Vec<Pending<T>> {
+        self.flight.pending()
+    }
+
+    /// See [`InFlight::len`].
+    pub(super) fn len(&self) -> usize {
+        self.flight.len()
+    }
+
+    /// Re-arms every deadline from `now` and returns the requests to send
+    /// again, same ids, in issue order.
+    pub(super) fn reissue(&mut self, now: Instant) -> Vec<Request> {
+        self.flight.rearm(now);
+        self.flight
+            .pending()
+            .iter()
+            .map(|p| p.request.request(p.id))
+            .collect()
+    }
+
+    /// See [`InFlight::fail_all`].
+    pub(super) fn fail_all(&mut self) -> Vec<u64> {
+        self.flight.fail_all()
+    }
+}
+
+/// The checks of an answer's header that every class makes, the block
+/// INFO answer's included: the class is the service's and the status
+/// exists. Returns the status.
+pub(super) fn check_header(resp: &Response, service_class: u8) -> Result<u8, Violation> {
     if resp.class != service_class {
         return Err(Violation::WrongClass {
-            id,
+            id: resp.id,
             expected: service_class,
             got: resp.class,
         });
     }
     if resp.status > status::MAX {
         return Err(Violation::BadStatus {
-            id,
+            id: resp.id,
             status: resp.status,
         });
     }
-    if p.deadline.is_some_and(|d| now > d) {
-        return Err(Violation::Deadline);
-    }
-    Ok((p, resp.status))
+    Ok(resp.status)
 }
 
 /// An answer whose payload must be exactly `expected` bytes.

@@ -89,8 +89,10 @@ pub enum Violation {
         /// The id in the answer.
         id: u64,
     },
-    /// No answer before the deadline: [`BlockContract::expired`] (and its
-    /// likes) name the late request, or the answer came too late.
+    /// No answer before the deadline: [`Contract::expired`] names the late
+    /// request, or the answer came too late.
+    ///
+    /// [`Contract::expired`]: super::Contract::expired
     #[error("the driver did not answer a request before its deadline")]
     Deadline,
     /// An INFO answer that is not a valid geometry.

@@ -206,7 +206,7 @@ fn block_busy_and_not_ready() {
 fn ids_exhausted() {
     let t = Instant::now();
     let mut c = ready();
-    c.flight.next_id = u64::MAX - 1;
+    c.requests_mut().flight.next_id = u64::MAX - 1;
     assert_eq!(c.issue(op::FLUSH, 0, 0, t).map(|r| r.id), Ok(u64::MAX - 1));
     assert_eq!(c.issue(op::FLUSH, 0, 0, t), Err(ClientError::IdsExhausted));
     assert_eq!(c.in_flight_len(), 1);
