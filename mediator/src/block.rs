@@ -13,7 +13,7 @@
 //! After [`Config::max_failed_restarts`] restarts in a row without a single
 //! completed request, the circuit opens: pending and new requests fail
 //! with an error saying so, until [`Config::retry_after`] has passed.
-use crate::contract::{BlockContract, ClientError, ContractLimits, Geometry, Violation};
+use crate::contract::{BlockContract, ClientError, Contract, ContractLimits, Geometry, Violation};
 use crossbeam_channel::{select, unbounded, Receiver, Sender};
 use moat_monitor::{Host, Killer, Picoprocess, Sandbox, Stdio};
 use moat_policy::Policy;
