@@ -15,6 +15,7 @@
 extern crate alloc;
 
 pub mod alloc_impl;
+pub mod boot;
 pub mod debug;
 pub mod device;
 pub mod env;
@@ -50,7 +51,7 @@ pub type Result<T, E = Error> = core::result::Result<T, E>;
 pub fn pal() -> TablePal {
     // SAFETY: the table pointer was stored by `rt::start` from the start-up
     // block, which the host keeps valid for the life of the picoprocess.
-    unsafe { TablePal::new(rt::table()) }
+    unsafe { TablePal::new(boot::table()) }
 }
 
 /// Turn an ABI return value into a `Result`.
