@@ -54,16 +54,6 @@ pub fn pal() -> TablePal {
     unsafe { TablePal::new(boot::table()) }
 }
 
-/// Turn an ABI return value into a `Result`.
-#[inline]
-pub fn check(ret: i64) -> Result<u64> {
-    if ret >= 0 {
-        Ok(ret as u64)
-    } else {
-        Err(Error::from_code(ret).unwrap_or(Error::Io))
-    }
-}
-
 /// The 16 bytes the `.moat_abi` section of every image holds:
 /// `b"MOATABI\0"`, the ABI version (little-endian u32), then a zero u32.
 pub const fn abi_marker() -> [u8; 16] {
