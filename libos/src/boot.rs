@@ -19,6 +19,22 @@ pub fn table() -> *const PalTable {
     TABLE.load(Ordering::Relaxed)
 }
 
+/// The function table, to call through.
+///
+/// Before start-up has stored a table there is no way to report anything,
+/// so this faults (an illegal instruction); the host reports the fault.
+#[inline]
+pub fn pal_table() -> &'static PalTable {
+    let t = table();
+    if t.is_null() {
+        stop();
+    }
+    // SAFETY: non-null, so stored by `rt::start` from the host's start-up
+    // block; the host keeps the table valid and unchanged for the life of
+    // the picoprocess.
+    unsafe { &*t }
+}
+
 /// The start-up block (null before start-up).
 #[inline]
 pub fn startup_ptr() -> *mut StartupBlock {

@@ -8,8 +8,11 @@
 //! locks and events, time, randomness, child processes, arguments and
 //! exception handlers.
 //!
-//! Every ABI call goes through [`pal()`], the host's function table as a
-//! [`moat_pal::Pal`]. The [`raw`] module wraps each call as a `Result`.
+//! The libos calls the host through [`raw`]: [`raw::calls`], generated from
+//! `abi-spec/abi.toml`, calls the host's function table with one function
+//! per ABI call, and `raw` wraps each as a `Result` (by
+//! [`moat_pal::decode`]). [`pal()`] gives the same table as a
+//! [`moat_pal::Pal`], for guests that want the trait.
 #![no_std]
 
 extern crate alloc;

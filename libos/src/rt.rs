@@ -3,7 +3,7 @@
 //! [`start`] checks the start-up block and the function table the host
 //! passed, stores them in [`crate::boot`], registers the exception upcall and
 //! runs `main`.
-use moat_pal::{StartupBlock, ABI_VERSION, STARTUP_MAGIC};
+use moat_pal::{StartupBlock, ABI_VERSION, NUM_CALLS, STARTUP_MAGIC};
 
 use crate::boot::{self, stop};
 
@@ -18,8 +18,9 @@ pub const fn version_compatible(host: u32, ours: u32) -> bool {
     host >> 16 == ours >> 16 && (host & 0xffff) >= (ours & 0xffff)
 }
 
-/// Number of calls this libos uses (the table must have at least these).
-const NEEDED_CALLS: u64 = 45;
+/// Number of calls this libos uses (the table must have at least these):
+/// every call of its ABI version, as [`crate::raw::calls`] wraps them all.
+const NEEDED_CALLS: u64 = NUM_CALLS as u64;
 
 /// The body of `_start` (see [`crate::entry!`]).
 ///
