@@ -11,8 +11,10 @@
 //! test (`tests/generated.rs`), which both checks and, with
 //! `MOAT_BLESS=1`, writes it. Imitating rustfmt here would have to track
 //! its line-breaking rules for every signature and call; running it is
-//! simpler and cannot drift. Only doc comments, which rustfmt leaves as
-//! they are, are wrapped here.
+//! simpler and cannot drift. Nothing here is too long for rustfmt to fit
+//! (which would make it leave the code as given); only doc comments, which
+//! rustfmt never rewraps, are wrapped here. `pal/src/abi.rs` is the one
+//! generated Rust file laid out by hand, for the reason given in `rust.rs`.
 
 use std::fmt::Write;
 
