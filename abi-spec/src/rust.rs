@@ -1,7 +1,14 @@
 //! The Rust module `pal/src/abi.rs`.
 //!
 //! The output is `no_std` (core only) and already formatted the way rustfmt
-//! (default config, edition 2021) formats it, so `cargo fmt` leaves it alone.
+//! (default config, edition 2021) formats it, so `cargo fmt` leaves it alone
+//! (`tests/generated.rs` checks that it is a rustfmt fixed point).
+//!
+//! Unlike the other generated Rust files, which are rendered unformatted
+//! and passed through rustfmt by the test, this one is laid out here: its
+//! `Error::description` arms hold string literals too long for one line,
+//! and rustfmt leaves a match it cannot fit as it is given, so their layout
+//! (a block on its own lines for a long one) has to be chosen here anyway.
 
 use std::fmt::Write;
 

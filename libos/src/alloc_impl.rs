@@ -11,8 +11,8 @@ use talc::base::Talc;
 use talc::source::Source;
 use talc::TalcLock;
 
+use crate::raw;
 use crate::sync::RawLock;
-use crate::{pal, Pal};
 
 /// Smallest arena requested from the host.
 pub const MIN_ARENA: usize = 1 << 20;
@@ -33,13 +33,13 @@ unsafe impl Source for Arenas {
             .and_then(|n| n.checked_add(talc::min_first_heap_size::<B>() + 4 * page))
             .ok_or(())?;
         let size = want.max(MIN_ARENA).checked_add(page - 1).ok_or(())? & !(page - 1);
-        let ret = pal().dk_virtual_memory_alloc(0, size as u64, ARENA_PROT);
-        if ret <= 0 {
-            return Err(());
-        }
+        let addr = match raw::virtual_memory_alloc(0, size as u64, ARENA_PROT) {
+            Ok(addr) if addr != 0 => addr,
+            _ => return Err(()),
+        };
         // SAFETY: the host just gave us `size` bytes of fresh read-write
         // memory that nothing else uses.
-        match unsafe { talc.claim(ret as u64 as *mut u8, size) } {
+        match unsafe { talc.claim(addr as *mut u8, size) } {
             Some(_) => Ok(()),
             None => Err(()),
         }

@@ -3,7 +3,7 @@ use core::fmt;
 
 use moat_pal::limits;
 
-use crate::{pal, Pal};
+use crate::raw;
 
 /// Print `s` to the host's log (split into pieces the ABI accepts).
 pub fn print(s: &str) {
@@ -15,7 +15,7 @@ pub fn print_bytes(mut b: &[u8]) {
     let max = limits::MAX_DEBUG_STRING_LEN as usize;
     while !b.is_empty() {
         let n = b.len().min(max);
-        let _ = pal().dk_debug_string_print(b.as_ptr(), n as u64);
+        let _ = raw::debug_string_print(&b[..n]);
         b = &b[n..];
     }
 }

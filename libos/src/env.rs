@@ -2,11 +2,11 @@
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use crate::rt;
+use crate::boot;
 
 /// The raw argument bytes: NUL-terminated arguments, the image name first.
 pub fn args_bytes() -> &'static [u8] {
-    let p = rt::startup_ptr();
+    let p = boot::startup_ptr();
     if p.is_null() {
         return &[];
     }
@@ -37,7 +37,7 @@ pub fn args() -> Vec<String> {
 
 /// The host kind from the start-up block (`moat_pal::host_kind`).
 pub fn host_kind() -> u32 {
-    let p = rt::startup_ptr();
+    let p = boot::startup_ptr();
     if p.is_null() {
         0
     } else {

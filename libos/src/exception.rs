@@ -57,7 +57,7 @@ pub unsafe extern "C" fn dispatch(info: *mut ExceptionInfo) -> i64 {
 
 /// Store [`dispatch`] in the start-up block (done by `_start`).
 pub(crate) fn register_upcall() {
-    let sb = crate::rt::startup_ptr();
+    let sb = crate::boot::startup_ptr();
     if !sb.is_null() {
         let f = dispatch as unsafe extern "C" fn(*mut ExceptionInfo) -> i64 as usize as u64;
         // SAFETY: the block stays valid and writable for the process lifetime.

@@ -8,13 +8,17 @@
 //! locks and events, time, randomness, child processes, arguments and
 //! exception handlers.
 //!
-//! Every ABI call goes through [`pal()`], the host's function table as a
-//! [`moat_pal::Pal`]. The [`raw`] module wraps each call as a `Result`.
+//! The libos calls the host through [`raw`]: [`raw::calls`], generated from
+//! `abi-spec/abi.toml`, calls the host's function table with one function
+//! per ABI call, and `raw` wraps each as a `Result` (by
+//! [`moat_pal::decode`]). [`pal()`] gives the same table as a
+//! [`moat_pal::Pal`], for guests that want the trait.
 #![no_std]
 
 extern crate alloc;
 
 pub mod alloc_impl;
+pub mod boot;
 pub mod debug;
 pub mod device;
 pub mod env;
@@ -50,17 +54,7 @@ pub type Result<T, E = Error> = core::result::Result<T, E>;
 pub fn pal() -> TablePal {
     // SAFETY: the table pointer was stored by `rt::start` from the start-up
     // block, which the host keeps valid for the life of the picoprocess.
-    unsafe { TablePal::new(rt::table()) }
-}
-
-/// Turn an ABI return value into a `Result`.
-#[inline]
-pub fn check(ret: i64) -> Result<u64> {
-    if ret >= 0 {
-        Ok(ret as u64)
-    } else {
-        Err(Error::from_code(ret).unwrap_or(Error::Io))
-    }
+    unsafe { TablePal::new(boot::table()) }
 }
 
 /// The 16 bytes the `.moat_abi` section of every image holds:

@@ -1,34 +1,16 @@
 //! Start-up: LibOsInitialize.
-use core::sync::atomic::{AtomicPtr, Ordering};
+//!
+//! [`start`] checks the start-up block and the function table the host
+//! passed, stores them in [`crate::boot`], registers the exception upcall and
+//! runs `main`.
+use moat_pal::{StartupBlock, ABI_VERSION, NUM_CALLS, STARTUP_MAGIC};
 
-use moat_pal::{PalTable, StartupBlock, ABI_VERSION, STARTUP_MAGIC};
+use crate::boot::{self, stop};
 
-static TABLE: AtomicPtr<PalTable> = AtomicPtr::new(core::ptr::null_mut());
-static STARTUP: AtomicPtr<StartupBlock> = AtomicPtr::new(core::ptr::null_mut());
+pub use crate::boot::{startup, startup_ptr, table};
 
 /// Exit code when the host's start-up block or ABI version does not fit.
 pub const EXIT_ABI_MISMATCH: i32 = 126;
-
-/// The function table stored at start-up.
-#[inline]
-pub fn table() -> *const PalTable {
-    TABLE.load(Ordering::Relaxed)
-}
-
-/// The start-up block (null before start-up).
-#[inline]
-pub fn startup_ptr() -> *mut StartupBlock {
-    STARTUP.load(Ordering::Relaxed)
-}
-
-/// The start-up block.
-pub fn startup() -> &'static StartupBlock {
-    let p = startup_ptr();
-    assert!(!p.is_null(), "moat-libos: start-up block not set");
-    // SAFETY: set once by `start` from the host's block, valid for the
-    // process lifetime.
-    unsafe { &*p }
-}
 
 /// Whether a host ABI version `host` can run an image built for `ours`:
 /// same major, and the host's minor at least ours.
@@ -36,16 +18,9 @@ pub const fn version_compatible(host: u32, ours: u32) -> bool {
     host >> 16 == ours >> 16 && (host & 0xffff) >= (ours & 0xffff)
 }
 
-/// Number of calls this libos uses (the table must have at least these).
-const NEEDED_CALLS: u64 = 45;
-
-fn stop() -> ! {
-    // No usable table: nothing to exit through. Fault; the host reports it.
-    loop {
-        // SAFETY: `ud2` raises an illegal-instruction exception and nothing else.
-        unsafe { core::arch::asm!("ud2", options(nomem, nostack)) };
-    }
-}
+/// Number of calls this libos uses (the table must have at least these):
+/// every call of its ABI version, as [`crate::raw::calls`] wraps them all.
+const NEEDED_CALLS: u64 = NUM_CALLS as u64;
 
 /// The body of `_start` (see [`crate::entry!`]).
 ///
@@ -54,6 +29,7 @@ fn stop() -> ! {
 /// below reject as far as they can.
 pub unsafe fn start(startup: *const StartupBlock, main: fn() -> i32) -> ! {
     if startup.is_null() {
+        // No usable table: nothing to exit through. Fault; the host reports it.
         stop();
     }
     // SAFETY: non-null block handed to us by the host.
@@ -77,7 +53,7 @@ pub unsafe fn start(startup: *const StartupBlock, main: fn() -> i32) -> ! {
         if !table_usable {
             stop();
         }
-        TABLE.store(table as *mut PalTable, Ordering::Relaxed);
+        boot::set_table(table);
         crate::debug::print(why);
         crate::debug::print_fmt(format_args!(
             " (image ABI {}.{}, host {}.{})\n",
@@ -88,8 +64,8 @@ pub unsafe fn start(startup: *const StartupBlock, main: fn() -> i32) -> ! {
         ));
         crate::process::exit_now(EXIT_ABI_MISMATCH);
     }
-    TABLE.store(table as *mut PalTable, Ordering::SeqCst);
-    STARTUP.store(startup as *mut StartupBlock, Ordering::SeqCst);
+    boot::set_table(table);
+    boot::set_startup(startup);
     crate::exception::register_upcall();
     let code = main();
     crate::process::exit(code)

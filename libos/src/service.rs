@@ -15,7 +15,7 @@ pub use moat_service_proto::status;
 use moat_service_proto::{class, op, Request, Response, HEADER, MAX_PAYLOAD};
 
 use crate::stream::Stream;
-use crate::{Error, Pal, Result};
+use crate::{Error, Result};
 
 /// A block device as a driver sees it. Offsets and lengths are checked
 /// against the geometry before these are called. `Err` is a status code.
@@ -177,7 +177,7 @@ pub fn serve_block(
             fault::CRASH => crate::process::exit_now(1),
             fault::PANIC => panic!("injected fault: panic while serving request {}", req.id),
             fault::HANG => loop {
-                let _ = crate::pal().dk_thread_delay_execution(1_000_000);
+                let _ = crate::raw::thread_delay_execution(1_000_000);
             },
             fault::OOM => {
                 let mut hog: Vec<Vec<u8>> = Vec::new();

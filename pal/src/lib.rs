@@ -26,7 +26,13 @@ pub use abi::*;
 /// Result of an ABI call as Rust: `Ok(value)` or the error.
 pub type PalResult<T = u64> = Result<T, Error>;
 
-/// Turn an ABI return value into a `Result`.
+/// Turn an ABI return value into a `Result`: a non-negative value is
+/// `Ok`, a negative one the [`Error`] whose [`Error::code`] it is
+/// ([`Error::Io`] for a code the ABI does not define).
+///
+/// Hosts decode what a layer returns with it, and the guest side (libos)
+/// every call's result.
+#[inline]
 pub fn decode(ret: i64) -> PalResult<u64> {
     if ret >= 0 {
         Ok(ret as u64)
@@ -47,4 +53,24 @@ pub fn encode(r: PalResult<u64>) -> i64 {
 pub mod host_kind {
     pub const LINUX: u32 = 1;
     pub const KVM: u32 = 2;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_and_encode() {
+        assert_eq!(decode(0), Ok(0));
+        assert_eq!(decode(i64::MAX), Ok(i64::MAX as u64));
+        for e in Error::ALL {
+            assert_eq!(decode(e.code()), Err(e));
+            assert_eq!(encode(Err(e)), e.code());
+        }
+        // A negative value the ABI does not define is an I/O error.
+        assert_eq!(decode(-1_000_000), Err(Error::Io));
+        assert_eq!(decode(i64::MIN), Err(Error::Io));
+        assert_eq!(encode(Ok(5)), 5);
+        assert_eq!(decode(encode(Ok(42))), Ok(42));
+    }
 }

@@ -6,8 +6,8 @@
 //!   violation exit code before they return.
 #![allow(dead_code)]
 use core::arch::asm;
-use moat_libos::moat_pal::{access, create, open_option, prot, Error};
-use moat_libos::{check, pal, println, Pal};
+use moat_libos::moat_pal::{access, create, decode, open_option, prot, Error};
+use moat_libos::{pal, println, Pal};
 
 pub const ESCAPED: i32 = 42;
 
@@ -38,7 +38,7 @@ pub fn raw(nr: u64, a1: u64, a2: u64, a3: u64, what: &str) -> i32 {
 
 pub fn open(uri: &str, acc: u32, cr: u32, opt: u32) -> Result<u64, Error> {
     let mut h = 0u64;
-    check(pal().dk_stream_open(uri.as_ptr(), uri.len() as u64, acc, cr, opt, &mut h)).map(|_| h)
+    decode(pal().dk_stream_open(uri.as_ptr(), uri.len() as u64, acc, cr, opt, &mut h)).map(|_| h)
 }
 
 /// Expect an open to fail; anything else is an escape.
