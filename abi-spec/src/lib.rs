@@ -23,6 +23,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 mod c;
 mod dispatch;
+mod host;
 mod json;
 mod libos_raw;
 mod markdown;
@@ -31,6 +32,7 @@ mod trace;
 
 pub use c::render_c_header;
 pub use dispatch::render_rust_dispatch;
+pub use host::{group_trait, render_rust_host};
 pub use json::render_json;
 pub use libos_raw::render_libos_raw_calls;
 pub use markdown::render_markdown;

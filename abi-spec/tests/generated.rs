@@ -154,3 +154,10 @@ fn libos_raw_calls_rs_is_up_to_date() {
     let src = moat_abi_spec::render_libos_raw_calls(moat_abi_spec::spec());
     check("libos/src/raw/calls.rs", &rustfmt(&src));
 }
+
+/// The typed host side and its adapter, laid out by rustfmt.
+#[test]
+fn pal_host_calls_rs_is_up_to_date() {
+    let src = moat_abi_spec::render_rust_host(moat_abi_spec::spec());
+    check("pal/src/host_calls.rs", &rustfmt(&src));
+}

@@ -5,6 +5,9 @@
 //!   the adapters [`table_from`] (trait -> table) and [`TablePal`]
 //!   (table -> trait). Hosts and layers plug in through these two.
 //! - [`trace`] (generated): a tracing layer, `TracePal`, over any `Pal`.
+//! - [`host`] and [`host_calls`] (generated): the typed host side a host
+//!   implements (checked guest ranges in, `PalResult` out), one trait per
+//!   call group, and the adapter that makes every such host a `Pal`.
 //! - What every host shares: [`uri`] parsing, the [`handles`] table, the
 //!   guest [`memory`] region map that every guest pointer is checked
 //!   against, and argument [`validate`]ion.
@@ -16,6 +19,8 @@ extern crate alloc;
 pub mod abi;
 pub mod dispatch;
 pub mod handles;
+pub mod host;
+pub mod host_calls;
 pub mod memory;
 pub mod trace;
 pub mod uri;

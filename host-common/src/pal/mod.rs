@@ -1,0 +1,339 @@
+//! The in-process PAL of host-linux (and of the VMM for every call that
+//! is not about memory or threads): every ABI call, as the typed host
+//! traits of `moat_pal::host_calls`, one file per call group ([`memory`],
+//! [`threads`], [`sync`], [`process`], [`streams`], [`other`]).
+//!
+//! Calls that need no policy run here on the fast path (memory, threads,
+//! synchronisation, I/O on descriptors already held, time, random). Calls
+//! that need policy (opening streams, attributes by URI, rename, delete,
+//! child processes) go to the monitor, which answers with descriptors.
+//!
+//! Every guest pointer is checked against the guest region map before the
+//! PAL touches it (by the generated adapter, through [`GuestMemory`]), and
+//! strings are copied in once before they are parsed, so a guest racing
+//! with its own call cannot change what was validated.
+mod memory;
+mod other;
+mod process;
+mod streams;
+mod sync;
+mod threads;
+
+use crate::objects::{Object, StreamObj, SyncKind};
+use crate::protocol::{self, Request, Response};
+use crate::{signals, sys};
+use moat_pal::handles::HandleTable;
+use moat_pal::memory::{RegionKind, RegionMap};
+use moat_pal::uri::Uri;
+use moat_pal::validate::{self, PAGE};
+use moat_pal::host::{GuestIn, GuestMemory};
+use moat_pal::{prot, stream_kind, Error, PalResult, StreamAttributes};
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+/// How many times a picoprocess may call DkAbortEventRegister with an event.
+pub const MAX_ABORT_REGISTRATIONS: usize = 64;
+
+/// Guest thread stacks (plus one guard page below).
+pub const STACK_SIZE: u64 = 1 << 20;
+/// Signal stacks, where exception upcalls run.
+pub const ALTSTACK_SIZE: u64 = 64 << 10;
+
+pub struct LinuxPal {
+    pub regions: RwLock<RegionMap>,
+    pub(crate) handles: Mutex<HandleTable<Object>>,
+    monitor: Mutex<OwnedFd>,
+    pub monitor_fd: RawFd,
+    servers: Mutex<HashMap<String, Arc<OwnedFd>>>,
+    pub threads_live: AtomicU64,
+    pub max_threads: u64,
+    pub mem_limit: u64,
+    /// Address of the StartupBlock (guest-writable memory).
+    pub startup: AtomicU64,
+    /// Every event ever registered with DkAbortEventRegister (see there).
+    pub abort_event: Mutex<Vec<Arc<Object>>>,
+}
+
+thread_local! {
+    static PARAM: Cell<u64> = const { Cell::new(0) };
+    static EXIT_SLOT: Cell<*mut u64> = const { Cell::new(std::ptr::null_mut()) };
+    static EXIT_CODE: Cell<i32> = const { Cell::new(0) };
+}
+
+use crate::errno::to_pal as map_errno;
+
+impl LinuxPal {
+    pub fn new(monitor: OwnedFd, max_threads: u64, max_handles: u64, mem_limit: u64) -> LinuxPal {
+        let monitor_fd = monitor.as_raw_fd();
+        LinuxPal {
+            regions: RwLock::new(RegionMap::new()),
+            handles: Mutex::new(HandleTable::new(max_handles as usize)),
+            monitor: Mutex::new(monitor),
+            monitor_fd,
+            servers: Mutex::new(HashMap::new()),
+            threads_live: AtomicU64::new(0),
+            max_threads,
+            mem_limit,
+            startup: AtomicU64::new(0),
+            abort_event: Mutex::new(Vec::new()),
+        }
+    }
+
+    // ------------------------------------------------------------ helpers
+
+    pub fn check_r(&self, addr: u64, len: u64) -> PalResult<()> {
+        self.regions.read().unwrap().check_read(addr, len)
+    }
+
+    pub fn check_w(&self, addr: u64, len: u64) -> PalResult<()> {
+        self.regions.read().unwrap().check_write(addr, len)
+    }
+
+    /// Copy a guest URI in (once) and parse it.
+    pub fn uri_in(&self, uri: GuestIn) -> PalResult<Uri> {
+        let n = validate::check_uri_len(uri.len())?;
+        let bytes = sys::copy_in(uri.addr(), n);
+        Uri::parse_bytes(&bytes)
+    }
+
+    pub fn obj(&self, h: u64) -> PalResult<Arc<Object>> {
+        self.handles.lock().unwrap().get(h)
+    }
+
+    /// Insert an object shared with the host (a thread's completion, a
+    /// device's interrupt event).
+    pub fn insert_arc(&self, o: Arc<Object>) -> PalResult<u64> {
+        self.handles.lock().unwrap().insert(o)
+    }
+
+    pub fn insert(&self, o: Object) -> PalResult<u64> {
+        self.handles.lock().unwrap().insert(Arc::new(o))
+    }
+
+
+    pub fn stream(&self, h: u64) -> PalResult<Arc<Object>> {
+        let o = self.obj(h)?;
+        match &*o {
+            Object::Stream(_) => Ok(o),
+            _ => Err(Error::WrongHandleKind),
+        }
+    }
+
+    pub(crate) fn sync(&self, h: u64, kinds: &[SyncKind]) -> PalResult<Arc<Object>> {
+        let o = self.obj(h)?;
+        match &*o {
+            Object::Sync(s) if kinds.contains(&s.kind) => Ok(o),
+            _ => Err(Error::WrongHandleKind),
+        }
+    }
+
+    /// One request to the monitor. A broken monitor connection ends the
+    /// picoprocess: without its monitor it has no authority left.
+    pub fn ask(&self, req: &Request) -> PalResult<(Response, Vec<OwnedFd>)> {
+        let g = self.monitor.lock().unwrap();
+        let fd = sys::borrow(&g);
+        if protocol::send(fd, req, &[]).is_err() {
+            sys::exit_process(crate::protocol::EXIT_HOST_FAILURE);
+        }
+        match protocol::recv::<Response>(fd) {
+            Ok((Response::Err { code }, _)) => {
+                Err(Error::from_code(-(code as i64)).unwrap_or(Error::Io))
+            }
+            Ok(r) => Ok(r),
+            Err(_) => sys::exit_process(crate::protocol::EXIT_HOST_FAILURE),
+        }
+    }
+
+    /// Send without an answer (debug strings).
+    pub fn tell(&self, req: &Request) {
+        let g = self.monitor.lock().unwrap();
+        let _ = protocol::send(sys::borrow(&g), req, &[]);
+    }
+
+    pub fn ask_fd(&self, req: &Request) -> PalResult<(OwnedFd, u32)> {
+        match self.ask(req)? {
+            (Response::Fd { kind }, mut fds) if fds.len() == 1 => Ok((fds.pop().unwrap(), kind)),
+            _ => Err(Error::Io),
+        }
+    }
+
+    // ------------------------------------------------------------ threads
+
+    /// Allocate a guest stack (with a guard page) and a signal stack.
+    pub(crate) fn alloc_stacks(&self) -> PalResult<((u64, u64), (u64, u64))> {
+        let total = STACK_SIZE + PAGE;
+        let base =
+            sys::mmap_anon(0, total, prot::READ | prot::WRITE).map_err(|_| Error::NoMemory)?;
+        let _ = sys::mprotect(base, PAGE, 0);
+        let alt = match sys::mmap_anon(0, ALTSTACK_SIZE, prot::READ | prot::WRITE) {
+            Ok(a) => a,
+            Err(_) => {
+                let _ = sys::munmap(base, total);
+                return Err(Error::NoMemory);
+            }
+        };
+        let mut r = self.regions.write().unwrap();
+        let rw = prot::READ | prot::WRITE;
+        r.insert(base + PAGE, STACK_SIZE, rw, RegionKind::Stack)?;
+        r.insert(alt, ALTSTACK_SIZE, rw, RegionKind::Stack)?;
+        Ok(((base, total), (alt, ALTSTACK_SIZE)))
+    }
+
+    pub(crate) fn free_stacks(&self, stack: (u64, u64), alt: (u64, u64)) {
+        let mut r = self.regions.write().unwrap();
+        r.remove(stack.0 + PAGE, STACK_SIZE);
+        r.remove(alt.0, alt.1);
+        drop(r);
+        let _ = sys::munmap(stack.0, stack.1);
+        let _ = sys::munmap(alt.0, alt.1);
+    }
+
+    /// Run a guest thread on the calling OS thread until it calls
+    /// DkThreadExit; then clean up, and end the process if it was the last.
+    pub fn run_guest_thread(&self, entry: u64, arg: u64, param: u64, done: Option<Arc<Object>>) {
+        let (stack, alt) = match self.alloc_stacks() {
+            Ok(s) => s,
+            Err(_) => {
+                self.thread_ended(done, 134);
+                return;
+            }
+        };
+        signals::set_altstack(alt.0, alt.1);
+        PARAM.with(|p| p.set(param));
+        let mut saved: u64 = 0;
+        EXIT_SLOT.with(|s| s.set(&mut saved));
+        let top = stack.0 + stack.1 - 64;
+        // SAFETY: entry was checked to lie in executable guest memory; top
+        // is 16-byte aligned inside the stack we just mapped; `saved`
+        // outlives the call, which returns only through leave_guest.
+        unsafe { sys::run_on_stack(entry, arg, top, &mut saved) };
+        EXIT_SLOT.with(|s| s.set(std::ptr::null_mut()));
+        signals::disable_altstack();
+        self.free_stacks(stack, alt);
+        let code = EXIT_CODE.with(|c| c.get());
+        self.thread_ended(done, code);
+    }
+
+    pub(crate) fn thread_ended(&self, done: Option<Arc<Object>>, code: i32) {
+        if let Some(o) = done {
+            if let Object::Thread(t) = &*o {
+                sys::eventfd_signal(t.done.as_raw_fd());
+            }
+        }
+        if self.threads_live.fetch_sub(1, Ordering::AcqRel) == 1 {
+            sys::exit_process(code);
+        }
+    }
+
+    pub fn start_main_thread(&self, entry: u64, startup: u64) -> ! {
+        self.threads_live.fetch_add(1, Ordering::AcqRel);
+        // The first thread's entry gets the start-up block; its parameter is 0.
+        self.run_guest_thread(entry, startup, 0, None);
+        // Other threads still run; the last one to end exits the process.
+        loop {
+            std::thread::park();
+        }
+    }
+
+    pub(crate) fn stream_attrs(&self, s: &StreamObj) -> PalResult<StreamAttributes> {
+        let st = sys::fstat(s.fd.as_raw_fd()).map_err(map_errno)?;
+        let mut a = StreamAttributes {
+            kind: s.kind,
+            readable: s.readable as u32,
+            writable: s.writable as u32,
+            ..Default::default()
+        };
+        if s.kind == stream_kind::FILE {
+            a.size = st.st_size as u64;
+            a.executable = (st.st_mode & 0o111 != 0) as u32;
+        }
+        Ok(a)
+    }
+
+    pub(crate) fn open_server(&self, uri: &Uri, nonblock: bool) -> PalResult<(OwnedFd, u32)> {
+        let key = uri.canonical();
+        let listener = {
+            let found = self.servers.lock().unwrap().get(&key).cloned();
+            match found {
+                Some(l) => l,
+                None => {
+                    let (fd, _) = self.ask_fd(&Request::Listen { uri: key.clone() })?;
+                    let l = Arc::new(fd);
+                    self.servers.lock().unwrap().entry(key).or_insert(l).clone()
+                }
+            }
+        };
+        let kind = if matches!(uri, Uri::TcpServer(_)) {
+            stream_kind::TCP
+        } else {
+            stream_kind::PIPE
+        };
+        let fd = sys::accept(listener.as_raw_fd(), nonblock).map_err(map_errno)?;
+        Ok((fd, kind))
+    }
+}
+
+
+impl GuestMemory for LinuxPal {
+    fn check_guest(&self, addr: u64, len: u64, prot: u32) -> PalResult<()> {
+        self.regions.read().unwrap().check(addr, len, prot)
+    }
+
+    fn read_value<T: Copy>(&self, addr: u64) -> T {
+        sys::get(addr)
+    }
+
+    fn write_value<T: Copy>(&self, addr: u64, value: T) {
+        sys::put(addr, value)
+    }
+}
+
+/// Whether `addr` lies in executable guest memory.
+fn exec_region(pal: &LinuxPal, addr: u64) -> bool {
+    pal.regions
+        .read()
+        .unwrap()
+        .check(addr, 1, prot::EXEC)
+        .is_ok()
+}
+
+static GLOBAL: std::sync::OnceLock<LinuxPal> = std::sync::OnceLock::new();
+
+/// Make `p` the process's PAL: the loader's, or the VMM's for every call
+/// that is not about memory or threads. Once only (`None` if one is set).
+/// The signal handlers learn about the guest from it.
+pub fn install(p: LinuxPal) -> Option<&'static LinuxPal> {
+    GLOBAL.set(p).ok()?;
+    let p = GLOBAL.get()?;
+    signals::attach(p);
+    Some(p)
+}
+
+impl signals::GuestView for LinuxPal {
+    fn monitor_fd(&self) -> RawFd {
+        self.monitor_fd
+    }
+
+    fn startup_block(&self) -> u64 {
+        self.startup.load(Ordering::Acquire)
+    }
+
+    fn is_guest_code(&self, rip: u64) -> bool {
+        self.regions
+            .try_read()
+            .is_ok_and(|r| r.check(rip, 1, prot::EXEC).is_ok())
+    }
+}
+
+/// The process's PAL. Panics before [`install`]: callers run after it.
+pub fn global() -> &'static LinuxPal {
+    GLOBAL.get().expect("PAL not initialised")
+}
+
+/// The process's PAL, if installed (signal handlers may run before).
+pub fn global_opt() -> Option<&'static LinuxPal> {
+    GLOBAL.get()
+}
