@@ -546,7 +546,8 @@ const RAW_MMIO: u64 = 0xc000_0000;
 
 impl RawVm {
     fn new(mode: Mode) -> RawVm {
-        use kvm_bindings::{kvm_segment, kvm_userspace_memory_region};
+        use kvm_bindings::kvm_userspace_memory_region;
+        use moat_host_hypervisor::longmode::{self, PTE_HUGE, PTE_PCD, PTE_PRESENT, PTE_PWT};
         let user = mode != Mode::Cpl0Out;
         let kvm = kvm_ioctls::Kvm::new().unwrap();
         let vm = kvm.create_vm().unwrap();
@@ -572,26 +573,21 @@ impl RawVm {
         let w64 = |at: u64, v: u64| w(at, &v.to_le_bytes());
         let (gdt, pml4, pdpt, pd, pd_mmio, tss, code) =
             (0x500, 0x1000, 0x2000, 0x3000, 0x4000, 0x5000, 0x10000);
-        let u = if user { 4 } else { 0 };
+        let u = if user { longmode::PTE_USER } else { 0 };
+        let rw = PTE_PRESENT | longmode::PTE_WRITE | u;
         // GDT: null, kernel code and data, user code and data, 64-bit TSS.
-        w64(gdt, 0);
-        w64(gdt + 0x08, 0x00af_9a00_0000_ffff);
-        w64(gdt + 0x10, 0x00cf_9200_0000_ffff);
-        w64(gdt + 0x18, 0x00af_fa00_0000_ffff);
-        w64(gdt + 0x20, 0x00cf_f200_0000_ffff);
-        w64(gdt + 0x28, 0x0000_8900_0000_0067);
-        w64(gdt + 0x30, 0);
-        w64(pml4, pdpt | 3 | u);
-        w64(pdpt, pd | 3 | u);
-        w64(pd, 0x83 | u);
+        for (i, e) in longmode::GDT.iter().enumerate() {
+            w64(gdt + i as u64 * 8, *e);
+        }
+        w64(pml4, pdpt | rw);
+        w64(pdpt, pd | rw);
+        w64(pd, rw | PTE_HUGE);
         // An uncached 2 MiB page at RAW_MMIO, with no memory behind it.
-        w64(pdpt + 3 * 8, pd_mmio | 3 | u);
-        w64(pd_mmio, RAW_MMIO | 0x83 | 0x18 | u);
+        w64(pdpt + 3 * 8, pd_mmio | rw);
+        w64(pd_mmio, RAW_MMIO | rw | PTE_HUGE | PTE_PCD | PTE_PWT);
         // The TSS, its I/O bitmap right after it (every port allowed), and
         // the bitmap's end byte.
-        let tss_limit = 104 + 8192;
-        w(tss + 102, &104u16.to_le_bytes());
-        w(tss + tss_limit, &[0xff]);
+        w(tss, &longmode::tss(0));
         match mode {
             Mode::Cpl0Out | Mode::Cpl3Out => w(code, &OUT_LOOP),
             // mov [RAW_MMIO], eax (64-bit absolute address); jmp back
@@ -610,45 +606,23 @@ impl RawVm {
         .unwrap();
         let vcpu = vm.create_vcpu(0).unwrap();
         let mut s = vcpu.get_sregs().unwrap();
-        let dpl = if user { 3 } else { 0 };
-        let seg = |selector: u16, type_: u8, l: u8| kvm_segment {
-            base: 0,
-            limit: 0xffff_ffff,
-            selector,
-            type_,
-            present: 1,
-            dpl,
-            db: 1 - l,
-            s: 1,
-            l,
-            g: 1,
-            avl: 0,
-            unusable: 0,
-            padding: 0,
-        };
-        let (cs, ds) = if user { (0x1b, 0x23) } else { (0x08, 0x10) };
-        s.cs = seg(cs, 11, 1);
-        let d = seg(ds, 3, 0);
-        (s.ds, s.es, s.fs, s.gs, s.ss) = (d, d, d, d, d);
-        s.gdt.base = gdt;
-        s.gdt.limit = 7 * 8 - 1;
-        s.tr = kvm_segment {
-            base: tss,
-            limit: tss_limit as u32,
-            selector: 0x28,
-            type_: 11,
-            present: 1,
-            ..Default::default()
-        };
-        s.cr3 = pml4;
-        s.cr4 = 0x20 | 0x200 | 0x400; // PAE | OSFXSR | OSXMMEXCPT
-        s.cr0 = 0x8000_0033; // PG | NE | ET | MP | PE
-        s.efer = 0x500; // LME | LMA
+        longmode::long_mode(&mut s, gdt, pml4);
+        if user {
+            longmode::user_mode(&mut s);
+        }
+        // The whole GDT (the TSS descriptor too) at either CPL.
+        s.gdt.limit = longmode::GDT_LIMIT;
+        s.tr = longmode::tss_segment(tss);
         vcpu.set_sregs(&s).unwrap();
         let r = kvm_bindings::kvm_regs {
             rip: code,
             rsp: 0x8000,
-            rflags: if user { 0x3002 } else { 2 }, // IOPL 3 at CPL 3
+            // IOPL 3 at CPL 3
+            rflags: if user {
+                longmode::USER_RFLAGS
+            } else {
+                longmode::KERNEL_RFLAGS
+            },
             ..Default::default()
         };
         vcpu.set_regs(&r).unwrap();

@@ -41,7 +41,8 @@ pub const TABLE: u64 = 0xc000;
 /// that opens every port, the end byte) and the CPL 0 stack its
 /// exception stubs push their frame on.
 pub const TSS_SLOT: u64 = 0x3000;
-pub const TSS_LIMIT: u64 = 104 + 8192;
+/// The TSS's limit (it ends with a full I/O permission bitmap).
+pub const TSS_LIMIT: u64 = crate::longmode::TSS_LIMIT;
 /// Where a slot's CPL 0 stack starts (it grows down from the slot end).
 pub const TSS_STACK_TOP: u64 = TSS_SLOT;
 

@@ -7,15 +7,25 @@
 //! - [`pico`]: the VM of one picoprocess: identity-mapped guest RAM at the
 //!   same host address, one vCPU per guest thread, hypercalls by `out`,
 //!   exceptions through an IDT to LibOsExceptionDispatch, a watchdog per
-//!   vCPU; [`layout`] is its guest-physical map;
+//!   vCPU ([`pico::shell`]: the VM before its picoprocess, with its page
+//!   tables, GDT, IDT and stubs; the vCPU loop and exception delivery
+//!   inside); [`layout`] is its guest-physical map;
 //! - [`pal`]: the KVM PAL (memory and threads here, everything else the
-//!   host-linux PAL's code over the same guest pointers);
+//!   host-linux PAL's code over the same guest pointers); it reaches the
+//!   VM only through [`pal::SpawnThread`], and shares the per-vCPU-thread
+//!   state of [`guest_thread`] with the vCPU loop;
 //! - [`devices`]: granted devices (`dev:` streams) over the models of
 //!   `moat-devices`;
+//! - [`longmode`]: the long-mode set-up every vCPU starts with (control
+//!   registers, GDT and segments, TSS, interrupt gates, page-table bits,
+//!   system-call MSRs), for [`pico`], [`MicroVm`] and the benchmarks' raw
+//!   VM;
 //! - [`MicroVm`]: a bare VM (the floor the benchmarks compare with).
 pub mod confine;
 pub mod devices;
+pub mod guest_thread;
 pub mod layout;
+pub mod longmode;
 pub mod pal;
 pub mod pico;
 mod vm;

@@ -8,8 +8,14 @@
 //! Here: memory (placed inside guest RAM), threads (vCPUs), and devices
 //! (`dev:` streams). Exits and raised exceptions need the vCPU and are
 //! handled by its loop (see [`crate::pico`]).
+//!
+//! The PAL knows the VM only as data (where guest RAM ends, its devices)
+//! and as a [`SpawnThread`], which the VM implements: it does not depend
+//! on the VM's code, the VM's vCPU loop depends on it.
+use crate::devices::DeviceSet;
+use crate::guest_thread::{thread_object, thread_param};
 use crate::layout::RAM_START;
-use crate::pico::{thread_object, thread_param, PicoVm};
+use moat_host_common::objects::Object;
 use moat_host_common::pal::LinuxPal;
 use moat_host_common::sys;
 use moat_pal::uri::Uri;
@@ -17,10 +23,30 @@ use moat_pal::{prot, Error, ImageInfo, Pal, StreamAttributes};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+/// What the PAL needs of the VM it serves: starting guest threads.
+pub trait SpawnThread: Send + Sync {
+    /// Start a guest thread: a vCPU at `entry` with `arg` as its first
+    /// argument and `param` as its DkThreadGetParameter, run by a new VMM
+    /// thread whose ABI calls go to `pal`. `done` is signalled when it
+    /// ends.
+    fn spawn_thread(
+        self: Arc<Self>,
+        pal: Arc<KvmPal>,
+        entry: u64,
+        arg: u64,
+        param: u64,
+        done: Option<Arc<Object>>,
+    ) -> Result<(), Error>;
+}
+
 #[derive(Clone)]
 pub struct KvmPal {
     pub lin: &'static LinuxPal,
-    pub vm: Arc<PicoVm>,
+    /// Where guest RAM ends (the VMM's task-state area starts there).
+    pub ram_end: u64,
+    pub devices: Arc<DeviceSet>,
+    /// The VM, to start threads on.
+    pub vm: Arc<dyn SpawnThread>,
 }
 
 macro_rules! forward {
@@ -39,7 +65,7 @@ impl KvmPal {
             .regions
             .read()
             .unwrap()
-            .find_free(size, RAM_START, self.vm.ram_end)
+            .find_free(size, RAM_START, self.ram_end)
     }
 
     /// Run `f` at a host-chosen address inside guest RAM; a racing thread
@@ -74,7 +100,6 @@ impl Pal for KvmPal {
 
     fn dk_stream_map(&self, stream: u64, addr: u64, p: u32, offset: u64, size: u64) -> i64 {
         if let Some(r) = self
-            .vm
             .devices
             .stream_map(self.lin, stream, addr, p, offset, size)
         {
@@ -103,8 +128,7 @@ impl Pal for KvmPal {
         // Devices are the VMM's; every other scheme is brokered as on linux.
         match self.lin.uri_in(uri as u64, uri_len) {
             Ok(Uri::Dev(name)) => {
-                self.vm
-                    .devices
+                self.devices
                     .open(self.lin, &name, access, create, options, stream as u64)
             }
             _ => self
@@ -118,7 +142,7 @@ impl Pal for KvmPal {
         stream: u64,
         attrs: *mut StreamAttributes,
     ) -> i64 {
-        if let Some(r) = self.vm.devices.attributes(self.lin, stream, attrs as u64) {
+        if let Some(r) = self.devices.attributes(self.lin, stream, attrs as u64) {
             return r;
         }
         self.lin.dk_stream_attributes_query_by_handle(stream, attrs)
@@ -132,7 +156,6 @@ impl Pal for KvmPal {
     ) -> i64 {
         match self.lin.uri_in(uri as u64, uri_len) {
             Ok(Uri::Dev(name)) => self
-                .vm
                 .devices
                 .attributes_by_name(self.lin, &name, attrs as u64),
             _ => self.lin.dk_stream_attributes_query(uri, uri_len, attrs),
@@ -140,28 +163,28 @@ impl Pal for KvmPal {
     }
 
     fn dk_stream_get_event(&self, stream: u64, event: *mut u64) -> i64 {
-        if let Some(r) = self.vm.devices.event(self.lin, stream, event as u64) {
+        if let Some(r) = self.devices.event(self.lin, stream, event as u64) {
             return r;
         }
         self.lin.dk_stream_get_event(stream, event)
     }
 
     fn dk_stream_read(&self, stream: u64, offset: u64, buf: *mut u8, len: u64) -> i64 {
-        if self.vm.devices.is_device(self.lin, stream) {
+        if self.devices.is_device(self.lin, stream) {
             return Error::NotSupported.code();
         }
         self.lin.dk_stream_read(stream, offset, buf, len)
     }
 
     fn dk_stream_write(&self, stream: u64, offset: u64, buf: *const u8, len: u64) -> i64 {
-        if self.vm.devices.is_device(self.lin, stream) {
+        if self.devices.is_device(self.lin, stream) {
             return Error::NotSupported.code();
         }
         self.lin.dk_stream_write(stream, offset, buf, len)
     }
 
     fn dk_stream_unmap(&self, addr: u64, size: u64) -> i64 {
-        if let Some(r) = self.vm.devices.unmap(addr, size) {
+        if let Some(r) = self.devices.unmap(addr, size) {
             return r;
         }
         self.lin.dk_stream_unmap(addr, size)
@@ -200,6 +223,7 @@ impl Pal for KvmPal {
         };
         if let Err(e) =
             self.vm
+                .clone()
                 .spawn_thread(Arc::new(self.clone()), entry, param, param, Some(done))
         {
             let _ = self.lin.dk_object_close(h);

@@ -1,7 +1,8 @@
 //! The micro-VM. `unsafe` here is confined to mapping guest memory into
 //! KVM (the memory region outlives the VM) and the watchdog's signal.
+use crate::longmode::{self, PTE_HUGE, PTE_PRESENT, PTE_WRITE};
 use crate::watchdog::Watchdog;
-use kvm_bindings::{kvm_segment, kvm_userspace_memory_region};
+use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use std::time::Duration;
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
@@ -165,19 +166,20 @@ impl MicroVm {
     }
 
     fn setup_long_mode(&mut self) -> Result<(), VmError> {
-        // Flat GDT: null, 64-bit code, data.
-        self.w64(GDT, 0)?;
-        self.w64(GDT + 8, 0x00af_9a00_0000_ffff)?;
-        self.w64(GDT + 16, 0x00cf_9200_0000_ffff)?;
+        // Flat GDT: null, 64-bit code, data (all at CPL 0).
+        for (i, e) in longmode::GDT[..longmode::KERNEL_GDT_LEN].iter().enumerate() {
+            self.w64(GDT + i as u64 * 8, *e)?;
+        }
         // Identity map of all guest memory with 2 MiB pages.
-        self.w64(PML4, PDPT | 3)?;
-        self.w64(PDPT, PD | 3)?;
+        let rw = PTE_PRESENT | PTE_WRITE;
+        self.w64(PML4, PDPT | rw)?;
+        self.w64(PDPT, PD | rw)?;
         for i in 0..self.mem.size / (2 << 20) {
-            self.w64(PD + i * 8, (i * (2 << 20)) | 0x83)?;
+            self.w64(PD + i * 8, (i * (2 << 20)) | rw | PTE_HUGE)?;
         }
         let kvm_err = |what| move |err| VmError::Kvm { what, err };
         let mut s = self.vcpu.get_sregs().map_err(kvm_err("reading sregs"))?;
-        long_mode(&mut s, GDT, PML4);
+        longmode::long_mode(&mut s, GDT, PML4);
         self.vcpu.set_sregs(&s).map_err(kvm_err("setting sregs"))?;
         self.set_entry(GUEST_BASE_RESERVED, 0, 0)
     }
@@ -191,7 +193,7 @@ impl MicroVm {
         r.rip = rip;
         r.rsp = rsp;
         r.rdi = rdi;
-        r.rflags = 2;
+        r.rflags = longmode::KERNEL_RFLAGS;
         self.vcpu.set_regs(&r).map_err(|err| VmError::Kvm {
             what: "setting registers",
             err,
@@ -267,33 +269,4 @@ impl MicroVm {
         };
         Ok(exit)
     }
-}
-
-/// Flat 64-bit segments, the GDT at `gdt` (null, code 0x8, data 0x10),
-/// paging with the PML4 at `cr3`: what every vCPU of moat starts with.
-pub(crate) fn long_mode(s: &mut kvm_bindings::kvm_sregs, gdt: u64, cr3: u64) {
-    let seg = |selector: u16, type_: u8, l: u8| kvm_segment {
-        base: 0,
-        limit: 0xffff_ffff,
-        selector,
-        type_,
-        present: 1,
-        dpl: 0,
-        db: if l == 1 { 0 } else { 1 },
-        s: 1,
-        l,
-        g: 1,
-        avl: 0,
-        unusable: 0,
-        padding: 0,
-    };
-    s.cs = seg(8, 11, 1);
-    let d = seg(0x10, 3, 0);
-    (s.ds, s.es, s.fs, s.gs, s.ss) = (d, d, d, d, d);
-    s.gdt.base = gdt;
-    s.gdt.limit = 23;
-    s.cr3 = cr3;
-    s.cr4 = 0x20 | 0x200 | 0x400; // PAE | OSFXSR | OSXMMEXCPT (SSE for Rust code)
-    s.cr0 = 0x8000_0033; // PG | NE | ET | MP | PE
-    s.efer = 0x500; // LME | LMA
 }

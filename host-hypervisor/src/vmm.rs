@@ -5,7 +5,7 @@
 //! monitor, the broker, the policy, the console and the exit reports are
 //! the same for both hosts.
 use crate::layout::{MAX_RAM, TABLE};
-use crate::pal::KvmPal;
+use crate::pal::SpawnThread;
 use crate::pico::{PicoVm, VmShell};
 use kvm_ioctls::Kvm;
 use moat_host_common::pal::LinuxPal;
@@ -173,12 +173,9 @@ fn run(warm: Option<&moat_policy::Limits>) -> ! {
     lin.startup.store(page, Ordering::Release);
 
     let vm = Arc::new(vm);
-    let pal = Arc::new(KvmPal {
-        lin,
-        vm: vm.clone(),
-    });
+    let pal = Arc::new(vm.pal());
     lin.threads_live.fetch_add(1, Ordering::AcqRel);
-    if let Err(e) = vm.spawn_thread(pal, img.entry, page, 0, None) {
+    if let Err(e) = vm.clone().spawn_thread(pal, img.entry, page, 0, None) {
         fail(&format!("cannot start the first thread: {e:?}"));
     }
     // The last guest thread to end exits the process.
