@@ -19,7 +19,6 @@ pub fn render_rust_dispatch(spec: &Spec) -> String {
          //! pointers are passed on as the addresses they are (the `Pal` checks\n\
          //! them). Calls that do not return are not dispatched: a host ends the\n\
          //! picoprocess (or thread) itself on those numbers.\n\
-         #![allow(clippy::not_unsafe_ptr_arg_deref)]\n\
          use crate::abi::*;\n\n\
          /// Whether the call never returns (DkThreadExit, DkProcessExit).\n\
          pub fn is_exit(nr: u32) -> bool {\n    matches!(nr, ",

@@ -12,9 +12,13 @@
 //! | spec type | typed method | adapter |
 //! |---|---|---|
 //! | integers, `handle` | the integer | passed on |
-//! | `bytes_in` (+ its `len`) | `GuestIn` | checked readable |
-//! | `bytes_out` (+ its `len`) | `GuestOut` | checked writable |
-//! | `handles_in` (+ its count) | `&[u64]` | count 1 to `max_wait_handles`, checked, copied in |
+//! | `bytes_in` (+ its `len`) | `GuestIn` | length in bounds, checked readable |
+//! | `bytes_out` (+ its `len`) | `GuestOut` | length in bounds, checked writable |
+//! | `handles_in` (+ its count) | `&[u64]` | count in bounds, checked, copied in |
+//!
+//! A length's bounds are what its doc says (`MIN to LIMIT`, `at least MIN`:
+//! see `len_bounds`); a length outside them is `InvalidArgument` before the
+//! buffer is looked at.
 //! | `handle_out`, `u64_out`, `i32_out`, `attrs_out`, `image_out` | returned | checked writable before, written after |
 //! | `u64_inout` | passed in, returned | checked read-write, read before, written after |
 //!
@@ -134,7 +138,7 @@ pub fn render_rust_host(spec: &Spec) -> String {
         "//! The typed host side of the ABI, one trait per call group, and the\n\
          //! adapter that makes every [`PalHost`] a [`Pal`] (see [`crate::host`]\n\
          //! for the rules it follows).\n\
-         #![allow(clippy::too_many_arguments, clippy::not_unsafe_ptr_arg_deref)]\n\
+         #![allow(clippy::too_many_arguments)]\n\
          use crate::abi::*;\n\
          use crate::host::{GuestIn, GuestMemory, GuestOut};\n\
          use crate::PalResult;\n\n",
@@ -217,6 +221,30 @@ fn adapter_method(w: &mut String, spec: &Spec, c: &Call) {
     let fail = "return e.code()";
     for a in &c.args {
         let n = &a.name;
+        // A length outside the bounds its doc gives is refused first.
+        if let Some(len) = &a.len {
+            let doc = c
+                .args
+                .iter()
+                .find(|b| &b.name == len)
+                .and_then(|b| b.doc.as_deref());
+            if let Some((min, max)) = doc.and_then(|d| crate::len_bounds(&spec.limits, d)) {
+                let mut conds = Vec::new();
+                if min > 0 {
+                    conds.push(format!("({len} as u64) < {min}"));
+                }
+                if let Some(max) = max {
+                    conds.push(format!("{len} as u64 > {max}"));
+                }
+                if !conds.is_empty() {
+                    let _ = writeln!(
+                        w,
+                        "if {} {{ return Error::InvalidArgument.code(); }}",
+                        conds.join(" || ")
+                    );
+                }
+            }
+        }
         match a.ty.as_str() {
             "bytes_in" | "bytes_out" => {
                 let len = a.len.as_deref().expect("validated");
@@ -235,7 +263,7 @@ fn adapter_method(w: &mut String, spec: &Spec, c: &Call) {
                 let count = a.len.as_deref().expect("validated");
                 let _ = writeln!(
                     w,
-                    "if {count} == 0 || {count} as u64 > {max_handles} {{ return Error::InvalidArgument.code(); }}\n\
+                    "if {count} as u64 > {max_handles} {{ return Error::InvalidArgument.code(); }}\n\
                      if let Err(e) = self.check_guest({n} as u64, {count} as u64 * 8, prot::READ) {{ {fail} }}\n\
                      let mut {n}_in = [0u64; {max_handles}];\n\
                      for (i, h) in {n}_in.iter_mut().take({count} as usize).enumerate() {{ *h = self.read_value::<u64>({n} as u64 + i as u64 * 8); }}\n\
@@ -269,7 +297,12 @@ fn adapter_method(w: &mut String, spec: &Spec, c: &Call) {
     // 2. The call.
     let m = method(c);
     if c.is_never() {
-        let _ = writeln!(w, "{}::{m}(self, {})\n}}", group_trait(&c.group), call_args.join(", "));
+        let _ = writeln!(
+            w,
+            "{}::{m}(self, {})\n}}",
+            group_trait(&c.group),
+            call_args.join(", ")
+        );
         return;
     }
     let has_result = c.result.trim() != "0";

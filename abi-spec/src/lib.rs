@@ -304,6 +304,21 @@ pub const FIELD_TYPES: &[(&str, &str, &str)] = &[
     ),
 ];
 
+/// The bounds a length argument's doc gives: `MIN to LIMIT` (a name of
+/// the `[limits]` table) or `at least MIN`, as `(min, max)`; `None` if the
+/// doc says neither. The generated host adapter refuses a length outside
+/// them with `InvalidArgument` before it checks the buffer.
+pub fn len_bounds(limits: &Limits, doc: &str) -> Option<(u64, Option<u64>)> {
+    let doc = doc.trim();
+    if let Some(min) = doc.strip_prefix("at least ") {
+        return Some((min.trim().parse().ok()?, None));
+    }
+    let (min, max) = doc.split_once(" to ")?;
+    let min = min.trim().parse().ok()?;
+    let max = limits.0.iter().find(|(k, _)| k == max.trim())?.1;
+    Some((min, Some(max)))
+}
+
 /// Argument types that point at a buffer whose size another argument gives.
 pub const LEN_TYPES: &[&str] = &["bytes_in", "bytes_out", "handles_in"];
 
@@ -586,7 +601,16 @@ fn validate(spec: &Spec) -> Result<(), SpecError> {
                     Some(b) if b.ty != "u64" && !(a.ty == "handles_in" && b.ty == "u32") => {
                         return Err(bad_len(len, "the length argument must be u64"))
                     }
-                    Some(_) => {}
+                    Some(b) => {
+                        if let Some(d) = &b.doc {
+                            if len_bounds(&spec.limits, d).is_none() {
+                                return Err(bad_len(
+                                    len,
+                                    "its doc must say its bounds as `MIN to LIMIT` (a [limits] name) or `at least MIN`",
+                                ));
+                            }
+                        }
+                    }
                 },
                 (Some(len), false) => {
                     return Err(bad_len(

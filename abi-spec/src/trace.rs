@@ -20,7 +20,7 @@ pub fn render_rust_trace(spec: &Spec) -> String {
          //! with its arguments and result, to a sink before returning the result.\n\
          //! Calls that do not return are reported before they are made. Pointer\n\
          //! arguments are shown as addresses, never dereferenced.\n\
-         #![allow(clippy::too_many_arguments, clippy::not_unsafe_ptr_arg_deref)]\n\
+         #![allow(clippy::too_many_arguments)]\n\
          use crate::abi::*;\n\
          use core::fmt::Arguments;\n\n\
          /// Reports one line per call.\n\

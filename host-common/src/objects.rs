@@ -136,6 +136,10 @@ pub struct StreamObj {
     pub readable: bool,
     pub writable: bool,
     pub append: bool,
+    /// For a `dev:` stream (kind `DEVICE`), the device's index in the
+    /// host's device set: calls on the stream are dispatched by this, not
+    /// by looking its name up.
+    pub device: Option<u32>,
 }
 
 impl StreamObj {

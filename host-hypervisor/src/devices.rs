@@ -13,7 +13,7 @@ use moat_devices::{Device, Irq, Uart, VirtioBlk, UART_IO_PORTS, VIRTIO_BLK_MMIO_
 use moat_host_common::objects::{Object, StreamObj, SyncKind, SyncObj};
 use moat_host_common::pal::LinuxPal;
 use moat_host_common::sys;
-use moat_pal::{access, prot, stream_kind, Error, StreamAttributes};
+use moat_pal::{access, prot, stream_kind, Error, PalResult, StreamAttributes};
 use moat_policy::{DeviceKind, DeviceSpec};
 use std::fs::File;
 use std::io::Read;
@@ -27,7 +27,7 @@ enum Model {
     Blk(Box<Mutex<VirtioBlk>>),
 }
 
-struct Dev {
+pub struct Dev {
     name: String,
     io_base: u16,
     io_count: u16,
@@ -46,17 +46,6 @@ struct Dev {
 #[derive(Default)]
 pub struct DeviceSet {
     devs: Vec<Dev>,
-}
-
-fn put_attrs(lin: &LinuxPal, out: u64, a: StreamAttributes) -> i64 {
-    if lin
-        .check_w(out, std::mem::size_of::<StreamAttributes>() as u64)
-        .is_err()
-    {
-        return Error::BadAddress.code();
-    }
-    sys::put(out, a);
-    0
 }
 
 impl DeviceSet {
@@ -146,57 +135,40 @@ impl DeviceSet {
         self.devs.iter().find(|d| d.name == name)
     }
 
-    /// The device behind a stream handle; None: not a device stream.
-    fn of_stream(&self, lin: &LinuxPal, stream: u64) -> Option<&Dev> {
+    /// The device behind a stream handle, found by the stream's kind and
+    /// the index the open recorded (no name lookup); `None`: not a device
+    /// stream (or no such handle: the caller's own call reports that).
+    pub fn of_stream(&self, lin: &LinuxPal, stream: u64) -> Option<&Dev> {
         if self.devs.is_empty() {
             return None;
         }
         let o = lin.stream(stream).ok()?;
         let Object::Stream(s) = &*o else { return None };
-        if s.kind != stream_kind::DEVICE {
-            return None;
-        }
-        let uri = s.uri.lock().unwrap().clone();
-        self.by_name(uri.strip_prefix("dev:")?)
-    }
-
-    /// Whether `stream` is a device stream.
-    pub fn is_device(&self, lin: &LinuxPal, stream: u64) -> bool {
-        self.of_stream(lin, stream).is_some()
+        self.devs.get(s.device? as usize)
     }
 
     /// DkStreamOpen of `dev:NAME`.
-    pub fn open(
-        &self,
-        lin: &LinuxPal,
-        name: &str,
-        acc: u32,
-        _create: u32,
-        _options: u32,
-        out: u64,
-    ) -> i64 {
-        let Some(d) = self.by_name(name) else {
+    pub fn open(&self, lin: &LinuxPal, name: &str, acc: u32) -> PalResult<u64> {
+        let Some(index) = self.devs.iter().position(|d| d.name == name) else {
             lin.tell(&moat_host_common::protocol::Request::Debug {
                 text: format!(
                     "refused dev:{name}: device `{name}` is not declared (declare it with --device {name}=KIND[:ARG] or a [[device]] entry in the manifest)"
                 ),
             });
-            return Error::NotFound.code();
+            return Err(Error::NotFound);
         };
         // The stream's descriptor only stands in (reads and writes of a
         // device stream are refused): a non-blocking eventfd.
-        let Ok(fd) = sys::eventfd() else {
-            return Error::LimitExceeded.code();
-        };
-        let s = StreamObj {
+        let fd = sys::eventfd().map_err(|_| Error::LimitExceeded)?;
+        lin.insert(Object::Stream(StreamObj {
             fd,
             kind: stream_kind::DEVICE,
-            uri: Mutex::new(format!("dev:{}", d.name)),
+            uri: Mutex::new(format!("dev:{name}")),
             readable: acc & access::READ != 0,
             writable: acc & (access::WRITE | access::APPEND) != 0,
             append: false,
-        };
-        lin.insert_out(Object::Stream(s), out)
+            device: Some(index as u32),
+        }))
     }
 
     fn attrs(d: &Dev) -> StreamAttributes {
@@ -214,76 +186,53 @@ impl DeviceSet {
         }
     }
 
-    /// Attributes of a device stream; None: not a device.
-    pub fn attributes(&self, lin: &LinuxPal, stream: u64, out: u64) -> Option<i64> {
-        let d = self.of_stream(lin, stream)?;
-        Some(put_attrs(lin, out, Self::attrs(d)))
+    /// The attributes of a device stream.
+    pub fn attributes(d: &Dev) -> StreamAttributes {
+        Self::attrs(d)
     }
 
-    pub fn attributes_by_name(&self, lin: &LinuxPal, name: &str, out: u64) -> i64 {
-        match self.by_name(name) {
-            Some(d) => put_attrs(lin, out, Self::attrs(d)),
-            None => Error::NotFound.code(),
-        }
+    /// DkStreamAttributesQuery of `dev:NAME`.
+    pub fn attributes_by_name(&self, name: &str) -> PalResult<StreamAttributes> {
+        self.by_name(name).map(Self::attrs).ok_or(Error::NotFound)
     }
 
-    /// The interrupt event of a device stream; None: not a device.
-    pub fn event(&self, lin: &LinuxPal, stream: u64, out: u64) -> Option<i64> {
-        let d = self.of_stream(lin, stream)?;
-        if lin.check_w(out, 8).is_err() {
-            return Some(Error::BadAddress.code());
-        }
-        Some(match lin.insert_arc(d.event.clone()) {
-            Ok(h) => {
-                sys::put(out, h);
-                0
-            }
-            Err(e) => e.code(),
-        })
+    /// A handle to a device's interrupt event.
+    pub fn event(lin: &LinuxPal, d: &Dev) -> PalResult<u64> {
+        lin.insert_arc(d.event.clone())
     }
 
-    /// Map a device's MMIO window (identity: the address is its base);
-    /// None: not a device.
-    pub fn stream_map(
-        &self,
-        lin: &LinuxPal,
-        stream: u64,
-        addr: u64,
-        p: u32,
-        offset: u64,
-        size: u64,
-    ) -> Option<i64> {
-        let d = self.of_stream(lin, stream)?;
+    /// Map a device's MMIO window (identity: the address is its base).
+    pub fn stream_map(d: &Dev, addr: u64, p: u32, offset: u64, size: u64) -> PalResult<u64> {
         let window = d.mmio_size.next_multiple_of(4096);
-        Some(if d.mmio_size == 0 {
-            Error::NotSupported.code()
+        if d.mmio_size == 0 {
+            Err(Error::NotSupported)
         } else if offset != 0
             || size != window
             || (addr != 0 && addr != d.mmio_base)
             || p & prot::EXEC != 0
             || moat_pal::validate::check_prot(p).is_err()
         {
-            Error::InvalidArgument.code()
+            Err(Error::InvalidArgument)
         } else if d.mapped.swap(true, Ordering::AcqRel) {
-            Error::AlreadyExists.code()
+            Err(Error::AlreadyExists)
         } else {
-            d.mmio_base as i64
-        })
+            Ok(d.mmio_base)
+        }
     }
 
     /// DkStreamUnmap of a device window; None: not a device window.
-    pub fn unmap(&self, addr: u64, size: u64) -> Option<i64> {
+    pub fn unmap(&self, addr: u64, size: u64) -> Option<PalResult<()>> {
         let d = self
             .devs
             .iter()
             .find(|d| d.mmio_size != 0 && d.mmio_base == addr)?;
         if size != d.mmio_size.next_multiple_of(4096) {
-            return Some(Error::InvalidArgument.code());
+            return Some(Err(Error::InvalidArgument));
         }
         Some(if d.mapped.swap(false, Ordering::AcqRel) {
-            0
+            Ok(())
         } else {
-            Error::BadAddress.code()
+            Err(Error::BadAddress)
         })
     }
 

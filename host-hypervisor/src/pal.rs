@@ -9,17 +9,25 @@
 //! (`dev:` streams). Exits and raised exceptions need the vCPU and are
 //! handled by its loop (see [`crate::pico`]).
 //!
+//! Stream calls are dispatched by the handle's kind: a `dev:` stream
+//! carries its device's index (see [`DeviceSet::of_stream`]); every other
+//! stream is host-linux's.
+//!
 //! The PAL knows the VM only as data (where guest RAM ends, its devices)
 //! and as a [`SpawnThread`], which the VM implements: it does not depend
 //! on the VM's code, the VM's vCPU loop depends on it.
+use crate::devices::Dev;
 use crate::devices::DeviceSet;
 use crate::guest_thread::{thread_object, thread_param};
 use crate::layout::RAM_START;
 use moat_host_common::objects::Object;
 use moat_host_common::pal::LinuxPal;
-use moat_host_common::sys;
+use moat_pal::host::{GuestIn, GuestMemory, GuestOut};
+use moat_pal::host_calls::{
+    MemoryCalls, OtherCalls, ProcessCalls, StreamCalls, SyncCalls, ThreadCalls,
+};
 use moat_pal::uri::Uri;
-use moat_pal::{prot, Error, ImageInfo, Pal, StreamAttributes};
+use moat_pal::{prot, Error, ImageInfo, PalResult, StreamAttributes};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -49,14 +57,6 @@ pub struct KvmPal {
     pub vm: Arc<dyn SpawnThread>,
 }
 
-macro_rules! forward {
-    ($($name:ident($($a:ident: $t:ty),*);)*) => {$(
-        fn $name(&self, $($a: $t),*) -> i64 {
-            self.lin.$name($($a),*)
-        }
-    )*};
-}
-
 impl KvmPal {
     /// Where a new region of `size` bytes goes when the guest leaves the
     /// address to the host: the lowest free range of guest RAM.
@@ -70,131 +70,62 @@ impl KvmPal {
 
     /// Run `f` at a host-chosen address inside guest RAM; a racing thread
     /// may take the range first, so try a few times.
-    fn placed(&self, size: u64, f: impl Fn(u64) -> i64) -> i64 {
+    fn placed(&self, size: u64, f: impl Fn(u64) -> PalResult<u64>) -> PalResult<u64> {
         if size == 0 || !size.is_multiple_of(0x1000) {
             return f(0);
         }
+        if size > self.lin.mem_limit {
+            return Err(Error::NoMemory);
+        }
         for _ in 0..8 {
-            let Some(at) = self.place(size) else {
-                return Error::NoMemory.code();
-            };
-            let r = f(at);
-            if r != Error::AlreadyExists.code() {
-                return r;
+            let at = self.place(size).ok_or(Error::NoMemory)?;
+            match f(at) {
+                Err(Error::AlreadyExists) => continue,
+                r => return r,
             }
         }
-        Error::NoMemory.code()
+        Err(Error::NoMemory)
+    }
+
+    /// The device behind `stream`, if it is a device stream.
+    fn device(&self, stream: u64) -> Option<&Dev> {
+        self.devices.of_stream(self.lin, stream)
     }
 }
 
-impl Pal for KvmPal {
-    fn dk_virtual_memory_alloc(&self, addr: u64, size: u64, p: u32) -> i64 {
+impl GuestMemory for KvmPal {
+    fn check_guest(&self, addr: u64, len: u64, prot: u32) -> PalResult<()> {
+        self.lin.check_guest(addr, len, prot)
+    }
+
+    fn read_value<T: Copy>(&self, addr: u64) -> T {
+        self.lin.read_value(addr)
+    }
+
+    fn write_value<T: Copy>(&self, addr: u64, value: T) {
+        self.lin.write_value(addr, value)
+    }
+}
+
+impl MemoryCalls for KvmPal {
+    fn virtual_memory_alloc(&self, addr: u64, size: u64, p: u32) -> PalResult<u64> {
         if addr != 0 {
-            return self.lin.dk_virtual_memory_alloc(addr, size, p);
+            return self.lin.virtual_memory_alloc(addr, size, p);
         }
-        if size > self.lin.mem_limit {
-            return Error::NoMemory.code();
-        }
-        self.placed(size, |at| self.lin.dk_virtual_memory_alloc(at, size, p))
+        self.placed(size, |at| self.lin.virtual_memory_alloc(at, size, p))
     }
 
-    fn dk_stream_map(&self, stream: u64, addr: u64, p: u32, offset: u64, size: u64) -> i64 {
-        if let Some(r) = self
-            .devices
-            .stream_map(self.lin, stream, addr, p, offset, size)
-        {
-            return r;
-        }
-        if addr != 0 {
-            return self.lin.dk_stream_map(stream, addr, p, offset, size);
-        }
-        if size > self.lin.mem_limit {
-            return Error::NoMemory.code();
-        }
-        self.placed(size, |at| {
-            self.lin.dk_stream_map(stream, at, p, offset, size)
-        })
+    fn virtual_memory_free(&self, addr: u64, size: u64) -> PalResult<()> {
+        self.lin.virtual_memory_free(addr, size)
     }
 
-    fn dk_stream_open(
-        &self,
-        uri: *const u8,
-        uri_len: u64,
-        access: u32,
-        create: u32,
-        options: u32,
-        stream: *mut u64,
-    ) -> i64 {
-        // Devices are the VMM's; every other scheme is brokered as on linux.
-        match self.lin.uri_in(uri as u64, uri_len) {
-            Ok(Uri::Dev(name)) => {
-                self.devices
-                    .open(self.lin, &name, access, create, options, stream as u64)
-            }
-            _ => self
-                .lin
-                .dk_stream_open(uri, uri_len, access, create, options, stream),
-        }
+    fn virtual_memory_protect(&self, addr: u64, size: u64, p: u32) -> PalResult<()> {
+        self.lin.virtual_memory_protect(addr, size, p)
     }
+}
 
-    fn dk_stream_attributes_query_by_handle(
-        &self,
-        stream: u64,
-        attrs: *mut StreamAttributes,
-    ) -> i64 {
-        if let Some(r) = self.devices.attributes(self.lin, stream, attrs as u64) {
-            return r;
-        }
-        self.lin.dk_stream_attributes_query_by_handle(stream, attrs)
-    }
-
-    fn dk_stream_attributes_query(
-        &self,
-        uri: *const u8,
-        uri_len: u64,
-        attrs: *mut StreamAttributes,
-    ) -> i64 {
-        match self.lin.uri_in(uri as u64, uri_len) {
-            Ok(Uri::Dev(name)) => self
-                .devices
-                .attributes_by_name(self.lin, &name, attrs as u64),
-            _ => self.lin.dk_stream_attributes_query(uri, uri_len, attrs),
-        }
-    }
-
-    fn dk_stream_get_event(&self, stream: u64, event: *mut u64) -> i64 {
-        if let Some(r) = self.devices.event(self.lin, stream, event as u64) {
-            return r;
-        }
-        self.lin.dk_stream_get_event(stream, event)
-    }
-
-    fn dk_stream_read(&self, stream: u64, offset: u64, buf: *mut u8, len: u64) -> i64 {
-        if self.devices.is_device(self.lin, stream) {
-            return Error::NotSupported.code();
-        }
-        self.lin.dk_stream_read(stream, offset, buf, len)
-    }
-
-    fn dk_stream_write(&self, stream: u64, offset: u64, buf: *const u8, len: u64) -> i64 {
-        if self.devices.is_device(self.lin, stream) {
-            return Error::NotSupported.code();
-        }
-        self.lin.dk_stream_write(stream, offset, buf, len)
-    }
-
-    fn dk_stream_unmap(&self, addr: u64, size: u64) -> i64 {
-        if let Some(r) = self.devices.unmap(addr, size) {
-            return r;
-        }
-        self.lin.dk_stream_unmap(addr, size)
-    }
-
-    fn dk_thread_create(&self, entry: u64, param: u64, thread: *mut u64) -> i64 {
-        let out = thread as u64;
-        if self.lin.check_w(out, 8).is_err() {
-            return Error::BadAddress.code();
-        }
+impl ThreadCalls for KvmPal {
+    fn thread_create(&self, entry: u64, param: u64) -> PalResult<u64> {
         let exec = self
             .lin
             .regions
@@ -203,12 +134,12 @@ impl Pal for KvmPal {
             .check(entry, 1, prot::EXEC)
             .is_ok();
         if !exec {
-            return Error::BadAddress.code();
+            return Err(Error::BadAddress);
         }
         let live = self.lin.threads_live.fetch_add(1, Ordering::AcqRel);
         let undo = |e: Error| {
             self.lin.threads_live.fetch_sub(1, Ordering::AcqRel);
-            e.code()
+            Err(e)
         };
         if live >= self.lin.max_threads {
             return undo(Error::LimitExceeded);
@@ -226,61 +157,215 @@ impl Pal for KvmPal {
                 .clone()
                 .spawn_thread(Arc::new(self.clone()), entry, param, param, Some(done))
         {
-            let _ = self.lin.dk_object_close(h);
+            let _ = self.lin.object_close(h);
             return undo(e);
         }
-        sys::put(out, h);
-        0
+        Ok(h)
     }
 
-    fn dk_thread_get_parameter(&self) -> i64 {
-        moat_pal::encode(Ok(thread_param()))
+    fn thread_delay_execution(&self, micros: u64) -> PalResult<()> {
+        self.lin.thread_delay_execution(micros)
     }
 
-    fn dk_thread_exit(&self, _code: i32) -> ! {
+    fn thread_yield_execution(&self) -> PalResult<()> {
+        self.lin.thread_yield_execution()
+    }
+
+    fn thread_exit(&self, _code: i32) -> ! {
         unreachable!("the vCPU loop ends threads before dispatching")
     }
 
-    fn dk_process_exit(&self, _code: i32) -> ! {
+    fn thread_get_parameter(&self) -> PalResult<u64> {
+        Ok(thread_param())
+    }
+
+    fn thread_raise_exception(&self, _code: u32, _arg: u64) -> PalResult<u64> {
+        // Handled by the vCPU loop, which owns the vCPU the upcall runs on.
+        Err(Error::NotSupported)
+    }
+}
+
+impl SyncCalls for KvmPal {
+    fn notification_event_create(&self, initial: u32) -> PalResult<u64> {
+        self.lin.notification_event_create(initial)
+    }
+
+    fn synchronization_event_create(&self, initial: u32) -> PalResult<u64> {
+        self.lin.synchronization_event_create(initial)
+    }
+
+    fn semaphore_create(&self, initial: u32, max: u32) -> PalResult<u64> {
+        self.lin.semaphore_create(initial, max)
+    }
+
+    fn semaphore_release(&self, semaphore: u64, count: u32) -> PalResult<u64> {
+        self.lin.semaphore_release(semaphore, count)
+    }
+
+    fn semaphore_peek(&self, semaphore: u64) -> PalResult<u64> {
+        self.lin.semaphore_peek(semaphore)
+    }
+
+    fn event_set(&self, event: u64) -> PalResult<()> {
+        self.lin.event_set(event)
+    }
+
+    fn event_clear(&self, event: u64) -> PalResult<()> {
+        self.lin.event_clear(event)
+    }
+
+    fn event_peek(&self, event: u64) -> PalResult<u64> {
+        self.lin.event_peek(event)
+    }
+
+    fn objects_wait_any(&self, handles: &[u64], timeout_micros: i64) -> PalResult<u64> {
+        self.lin.objects_wait_any(handles, timeout_micros)
+    }
+
+    fn abort_event_register(&self, event: u64) -> PalResult<()> {
+        self.lin.abort_event_register(event)
+    }
+}
+
+impl ProcessCalls for KvmPal {
+    fn process_create(&self, uri: GuestIn, args: GuestIn) -> PalResult<u64> {
+        self.lin.process_create(uri, args)
+    }
+
+    fn process_get_exit_code(&self, process: u64) -> PalResult<i32> {
+        self.lin.process_get_exit_code(process)
+    }
+
+    fn process_exit(&self, _code: i32) -> ! {
         unreachable!("the vCPU loop ends the picoprocess before dispatching")
     }
+}
 
-    fn dk_thread_raise_exception(&self, _code: u32, _arg: u64) -> i64 {
-        // Handled by the vCPU loop, which owns the vCPU the upcall runs on.
-        Error::NotSupported.code()
+impl StreamCalls for KvmPal {
+    fn stream_open(&self, uri: GuestIn, access: u32, create: u32, options: u32) -> PalResult<u64> {
+        // Devices are the VMM's; every other scheme is brokered as on linux.
+        match self.lin.uri_in(uri)? {
+            Uri::Dev(name) => self.devices.open(self.lin, &name, access),
+            u => self.lin.open_uri(u, access, create, options),
+        }
     }
 
-    forward! {
-        dk_virtual_memory_free(addr: u64, size: u64);
-        dk_virtual_memory_protect(addr: u64, size: u64, prot: u32);
-        dk_thread_delay_execution(micros: u64);
-        dk_thread_yield_execution();
-        dk_notification_event_create(initial: u32, event: *mut u64);
-        dk_synchronization_event_create(initial: u32, event: *mut u64);
-        dk_semaphore_create(initial: u32, max: u32, semaphore: *mut u64);
-        dk_semaphore_release(semaphore: u64, count: u32);
-        dk_semaphore_peek(semaphore: u64);
-        dk_event_set(event: u64);
-        dk_event_clear(event: u64);
-        dk_event_peek(event: u64);
-        dk_objects_wait_any(count: u32, handles: *const u64, timeout_micros: i64);
-        dk_abort_event_register(event: u64);
-        dk_process_create(uri: *const u8, uri_len: u64, args: *const u8, args_len: u64, process: *mut u64);
-        dk_process_get_exit_code(process: u64, code: *mut i32);
-        dk_stream_map_pe_binary(stream: u64, info: *mut ImageInfo);
-        dk_stream_set_length(stream: u64, length: u64);
-        dk_stream_flush(stream: u64);
-        dk_stream_delete(stream: u64, which: u32);
-        dk_stream_rename(stream: u64, new_uri: *const u8, new_uri_len: u64);
-        dk_stream_enumerate_children(stream: u64, buf: *mut u8, len: u64, cursor: *mut u64);
-        dk_system_time_query();
-        dk_random_bits_read(buf: *mut u8, len: u64);
-        dk_instruction_cache_flush(addr: u64, size: u64);
-        dk_object_reference(object: u64);
-        dk_object_close(object: u64);
-        dk_input_event_read(buf: *mut u8, len: u64);
-        dk_frame_buffer_export(addr: u64, width: u32, height: u32);
-        dk_frame_buffer_notify_update(x: u32, y: u32, width: u32, height: u32);
-        dk_debug_string_print(msg: *const u8, len: u64);
+    fn stream_read(&self, stream: u64, offset: u64, buf: GuestOut) -> PalResult<u64> {
+        if self.device(stream).is_some() {
+            return Err(Error::NotSupported);
+        }
+        self.lin.stream_read(stream, offset, buf)
+    }
+
+    fn stream_write(&self, stream: u64, offset: u64, buf: GuestIn) -> PalResult<u64> {
+        if self.device(stream).is_some() {
+            return Err(Error::NotSupported);
+        }
+        self.lin.stream_write(stream, offset, buf)
+    }
+
+    fn stream_map(&self, stream: u64, addr: u64, p: u32, offset: u64, size: u64) -> PalResult<u64> {
+        if let Some(d) = self.device(stream) {
+            return DeviceSet::stream_map(d, addr, p, offset, size);
+        }
+        if addr != 0 {
+            return self.lin.stream_map(stream, addr, p, offset, size);
+        }
+        self.placed(size, |at| self.lin.stream_map(stream, at, p, offset, size))
+    }
+
+    fn stream_map_pe_binary(&self, stream: u64) -> PalResult<ImageInfo> {
+        self.lin.stream_map_pe_binary(stream)
+    }
+
+    fn stream_unmap(&self, addr: u64, size: u64) -> PalResult<()> {
+        if let Some(r) = self.devices.unmap(addr, size) {
+            return r;
+        }
+        self.lin.stream_unmap(addr, size)
+    }
+
+    fn stream_set_length(&self, stream: u64, length: u64) -> PalResult<()> {
+        self.lin.stream_set_length(stream, length)
+    }
+
+    fn stream_flush(&self, stream: u64) -> PalResult<()> {
+        self.lin.stream_flush(stream)
+    }
+
+    fn stream_delete(&self, stream: u64, which: u32) -> PalResult<()> {
+        self.lin.stream_delete(stream, which)
+    }
+
+    fn stream_get_event(&self, stream: u64) -> PalResult<u64> {
+        if let Some(d) = self.device(stream) {
+            return DeviceSet::event(self.lin, d);
+        }
+        self.lin.stream_get_event(stream)
+    }
+
+    fn stream_rename(&self, stream: u64, new_uri: GuestIn) -> PalResult<()> {
+        self.lin.stream_rename(stream, new_uri)
+    }
+
+    fn stream_enumerate_children(
+        &self,
+        stream: u64,
+        buf: GuestOut,
+        cursor: u64,
+    ) -> PalResult<(u64, u64)> {
+        self.lin.stream_enumerate_children(stream, buf, cursor)
+    }
+
+    fn stream_attributes_query(&self, uri: GuestIn) -> PalResult<StreamAttributes> {
+        match self.lin.uri_in(uri)? {
+            Uri::Dev(name) => self.devices.attributes_by_name(&name),
+            u => self.lin.attributes_of_uri(u),
+        }
+    }
+
+    fn stream_attributes_query_by_handle(&self, stream: u64) -> PalResult<StreamAttributes> {
+        if let Some(d) = self.device(stream) {
+            return Ok(DeviceSet::attributes(d));
+        }
+        self.lin.stream_attributes_query_by_handle(stream)
+    }
+}
+
+impl OtherCalls for KvmPal {
+    fn system_time_query(&self) -> PalResult<u64> {
+        self.lin.system_time_query()
+    }
+
+    fn random_bits_read(&self, buf: GuestOut) -> PalResult<u64> {
+        self.lin.random_bits_read(buf)
+    }
+
+    fn instruction_cache_flush(&self, addr: u64, size: u64) -> PalResult<()> {
+        self.lin.instruction_cache_flush(addr, size)
+    }
+
+    fn object_reference(&self, object: u64) -> PalResult<()> {
+        self.lin.object_reference(object)
+    }
+
+    fn object_close(&self, object: u64) -> PalResult<()> {
+        self.lin.object_close(object)
+    }
+
+    fn input_event_read(&self, buf: GuestOut) -> PalResult<u64> {
+        self.lin.input_event_read(buf)
+    }
+
+    fn frame_buffer_export(&self, addr: u64, width: u32, height: u32) -> PalResult<()> {
+        self.lin.frame_buffer_export(addr, width, height)
+    }
+
+    fn frame_buffer_notify_update(&self, x: u32, y: u32, width: u32, height: u32) -> PalResult<()> {
+        self.lin.frame_buffer_notify_update(x, y, width, height)
+    }
+
+    fn debug_string_print(&self, msg: GuestIn) -> PalResult<()> {
+        self.lin.debug_string_print(msg)
     }
 }

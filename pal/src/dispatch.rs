@@ -4,7 +4,6 @@
 //! pointers are passed on as the addresses they are (the `Pal` checks
 //! them). Calls that do not return are not dispatched: a host ends the
 //! picoprocess (or thread) itself on those numbers.
-#![allow(clippy::not_unsafe_ptr_arg_deref)]
 use crate::abi::*;
 
 /// Whether the call never returns (DkThreadExit, DkProcessExit).

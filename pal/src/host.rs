@@ -11,13 +11,14 @@
 //! out-values. The generated adapter (every `PalHost` is a `Pal`) does the
 //! rest the same way for every host:
 //!
-//! 1. **Pointers first.** Every pointer argument is checked against the
-//!    host's [`GuestMemory`] before the call runs, in argument order: a call
-//!    with a bad pointer fails with `BadAddress` (or `InvalidArgument` for a
-//!    handle array that is empty or longer than `max_wait_handles`)
-//!    whatever else is wrong
-//!    with it, and an out-pointer is checked writable before the call, so
-//!    a call whose result could not be delivered is not made.
+//! 1. **Lengths, then pointers, first.** A buffer's length outside the
+//!    bounds the spec gives it is `InvalidArgument`; then every pointer
+//!    argument is checked against the host's [`GuestMemory`], in argument
+//!    order, before the call runs: a call with a bad pointer fails with
+//!    `BadAddress` whatever else is wrong with it, and an out-pointer is
+//!    checked writable before the call, so a call whose result could not be
+//!    delivered is not made. An empty buffer is valid at any address (no
+//!    byte of it is touched), as C's `(NULL, 0)` is.
 //! 2. **Copy once.** Handle arrays and in-out values are copied in once;
 //!    byte ranges are handed over as checked ranges, which the host copies
 //!    (strings it parses: copy them in once, then parse) or uses in place
@@ -40,9 +41,12 @@ pub struct GuestIn {
 }
 
 impl GuestIn {
-    /// `[addr, addr + len)`, checked readable in `mem`.
+    /// `[addr, addr + len)`, checked readable in `mem` (an empty range is
+    /// valid at any address).
     pub fn checked<M: GuestMemory + ?Sized>(mem: &M, addr: u64, len: u64) -> PalResult<GuestIn> {
-        mem.check_guest(addr, len, crate::prot::READ)?;
+        if len != 0 {
+            mem.check_guest(addr, len, crate::prot::READ)?;
+        }
         Ok(GuestIn { addr, len })
     }
 
@@ -72,13 +76,12 @@ pub struct GuestOut {
 }
 
 impl GuestOut {
-    /// `[addr, addr + len)`, checked readable and writable in `mem`.
-    pub fn checked<M: GuestMemory + ?Sized>(
-        mem: &M,
-        addr: u64,
-        len: u64,
-    ) -> PalResult<GuestOut> {
-        mem.check_guest(addr, len, crate::prot::READ | crate::prot::WRITE)?;
+    /// `[addr, addr + len)`, checked readable and writable in `mem` (an
+    /// empty range is valid at any address).
+    pub fn checked<M: GuestMemory + ?Sized>(mem: &M, addr: u64, len: u64) -> PalResult<GuestOut> {
+        if len != 0 {
+            mem.check_guest(addr, len, crate::prot::READ | crate::prot::WRITE)?;
+        }
         Ok(GuestOut { addr, len })
     }
 

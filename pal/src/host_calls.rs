@@ -2,7 +2,7 @@
 //! The typed host side of the ABI, one trait per call group, and the
 //! adapter that makes every [`PalHost`] a [`Pal`] (see [`crate::host`]
 //! for the rules it follows).
-#![allow(clippy::too_many_arguments, clippy::not_unsafe_ptr_arg_deref)]
+#![allow(clippy::too_many_arguments)]
 use crate::abi::*;
 use crate::host::{GuestIn, GuestMemory, GuestOut};
 use crate::PalResult;
@@ -312,7 +312,10 @@ impl<H: PalHost> Pal for H {
         }
     }
     fn dk_objects_wait_any(&self, count: u32, handles: *const u64, timeout_micros: i64) -> i64 {
-        if count == 0 || count as u64 > 64 {
+        if (count as u64) < 1 || count as u64 > 64 {
+            return Error::InvalidArgument.code();
+        }
+        if count as u64 > 64 {
             return Error::InvalidArgument.code();
         }
         if let Err(e) = self.check_guest(handles as u64, count as u64 * 8, prot::READ) {
@@ -342,10 +345,16 @@ impl<H: PalHost> Pal for H {
         args_len: u64,
         process: *mut u64,
     ) -> i64 {
+        if (uri_len as u64) < 1 || uri_len as u64 > 4096 {
+            return Error::InvalidArgument.code();
+        }
         let uri = match GuestIn::checked(self, uri as u64, uri_len) {
             Ok(r) => r,
             Err(e) => return e.code(),
         };
+        if args_len as u64 > 65536 {
+            return Error::InvalidArgument.code();
+        }
         let args = match GuestIn::checked(self, args as u64, args_len) {
             Ok(r) => r,
             Err(e) => return e.code(),
@@ -395,6 +404,9 @@ impl<H: PalHost> Pal for H {
         options: u32,
         stream: *mut u64,
     ) -> i64 {
+        if (uri_len as u64) < 1 || uri_len as u64 > 4096 {
+            return Error::InvalidArgument.code();
+        }
         let uri = match GuestIn::checked(self, uri as u64, uri_len) {
             Ok(r) => r,
             Err(e) => return e.code(),
@@ -416,6 +428,9 @@ impl<H: PalHost> Pal for H {
         }
     }
     fn dk_stream_read(&self, stream: u64, offset: u64, buf: *mut u8, len: u64) -> i64 {
+        if len as u64 > 1073741824 {
+            return Error::InvalidArgument.code();
+        }
         let buf = match GuestOut::checked(self, buf as u64, len) {
             Ok(r) => r,
             Err(e) => return e.code(),
@@ -426,6 +441,9 @@ impl<H: PalHost> Pal for H {
         }
     }
     fn dk_stream_write(&self, stream: u64, offset: u64, buf: *const u8, len: u64) -> i64 {
+        if len as u64 > 1073741824 {
+            return Error::InvalidArgument.code();
+        }
         let buf = match GuestIn::checked(self, buf as u64, len) {
             Ok(r) => r,
             Err(e) => return e.code(),
@@ -500,6 +518,9 @@ impl<H: PalHost> Pal for H {
         }
     }
     fn dk_stream_rename(&self, stream: u64, new_uri: *const u8, new_uri_len: u64) -> i64 {
+        if (new_uri_len as u64) < 1 || new_uri_len as u64 > 4096 {
+            return Error::InvalidArgument.code();
+        }
         let new_uri = match GuestIn::checked(self, new_uri as u64, new_uri_len) {
             Ok(r) => r,
             Err(e) => return e.code(),
@@ -516,6 +537,9 @@ impl<H: PalHost> Pal for H {
         len: u64,
         cursor: *mut u64,
     ) -> i64 {
+        if (len as u64) < 256 {
+            return Error::InvalidArgument.code();
+        }
         let buf = match GuestOut::checked(self, buf as u64, len) {
             Ok(r) => r,
             Err(e) => return e.code(),
@@ -539,6 +563,9 @@ impl<H: PalHost> Pal for H {
         uri_len: u64,
         attrs: *mut StreamAttributes,
     ) -> i64 {
+        if (uri_len as u64) < 1 || uri_len as u64 > 4096 {
+            return Error::InvalidArgument.code();
+        }
         let uri = match GuestIn::checked(self, uri as u64, uri_len) {
             Ok(r) => r,
             Err(e) => return e.code(),
@@ -587,6 +614,9 @@ impl<H: PalHost> Pal for H {
         }
     }
     fn dk_random_bits_read(&self, buf: *mut u8, len: u64) -> i64 {
+        if len as u64 > 1073741824 {
+            return Error::InvalidArgument.code();
+        }
         let buf = match GuestOut::checked(self, buf as u64, len) {
             Ok(r) => r,
             Err(e) => return e.code(),
@@ -637,6 +667,9 @@ impl<H: PalHost> Pal for H {
         }
     }
     fn dk_debug_string_print(&self, msg: *const u8, len: u64) -> i64 {
+        if len as u64 > 65536 {
+            return Error::InvalidArgument.code();
+        }
         let msg = match GuestIn::checked(self, msg as u64, len) {
             Ok(r) => r,
             Err(e) => return e.code(),

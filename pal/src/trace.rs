@@ -3,7 +3,7 @@
 //! with its arguments and result, to a sink before returning the result.
 //! Calls that do not return are reported before they are made. Pointer
 //! arguments are shown as addresses, never dereferenced.
-#![allow(clippy::too_many_arguments, clippy::not_unsafe_ptr_arg_deref)]
+#![allow(clippy::too_many_arguments)]
 use crate::abi::*;
 use core::fmt::Arguments;
 

@@ -23,10 +23,10 @@ use crate::objects::{Object, StreamObj, SyncKind};
 use crate::protocol::{self, Request, Response};
 use crate::{signals, sys};
 use moat_pal::handles::HandleTable;
+use moat_pal::host::{GuestIn, GuestMemory};
 use moat_pal::memory::{RegionKind, RegionMap};
 use moat_pal::uri::Uri;
 use moat_pal::validate::{self, PAGE};
-use moat_pal::host::{GuestIn, GuestMemory};
 use moat_pal::{prot, stream_kind, Error, PalResult, StreamAttributes};
 use std::cell::Cell;
 use std::collections::HashMap;
@@ -112,7 +112,6 @@ impl LinuxPal {
     pub fn insert(&self, o: Object) -> PalResult<u64> {
         self.handles.lock().unwrap().insert(Arc::new(o))
     }
-
 
     pub fn stream(&self, h: u64) -> PalResult<Arc<Object>> {
         let o = self.obj(h)?;
@@ -275,7 +274,6 @@ impl LinuxPal {
         Ok((fd, kind))
     }
 }
-
 
 impl GuestMemory for LinuxPal {
     fn check_guest(&self, addr: u64, len: u64, prot: u32) -> PalResult<()> {

@@ -27,9 +27,10 @@ fn inner(o: &Object) -> &StreamObj {
     }
 }
 
-impl StreamCalls for LinuxPal {
-    fn stream_open(&self, uri: GuestIn, acc: u32, cr: u32, options: u32) -> PalResult<u64> {
-        let u = self.uri_in(uri)?;
+impl LinuxPal {
+    /// DkStreamOpen of a URI already copied in and parsed (a host that
+    /// serves some schemes itself looks at it first).
+    pub fn open_uri(&self, u: Uri, acc: u32, cr: u32, options: u32) -> PalResult<u64> {
         validate::check_access(acc)?;
         validate::check_create(cr)?;
         validate::check_options(options)?;
@@ -51,7 +52,42 @@ impl StreamCalls for LinuxPal {
             readable: acc & access::READ != 0,
             writable: acc & (access::WRITE | access::APPEND) != 0,
             append: acc & access::APPEND != 0,
+            device: None,
         }))
+    }
+
+    /// DkStreamAttributesQuery of a URI already copied in and parsed.
+    pub fn attributes_of_uri(&self, u: Uri) -> PalResult<StreamAttributes> {
+        if matches!(u, Uri::Dev(_) | Uri::Dns(_)) {
+            return Err(Error::NotSupported);
+        }
+        match self.ask(&Request::Stat { uri: u.canonical() })? {
+            (
+                Response::Attrs {
+                    kind,
+                    size,
+                    readable,
+                    writable,
+                    executable,
+                },
+                _,
+            ) => Ok(StreamAttributes {
+                kind,
+                size,
+                readable: readable as u32,
+                writable: writable as u32,
+                executable: executable as u32,
+                ..Default::default()
+            }),
+            _ => Err(Error::Io),
+        }
+    }
+}
+
+impl StreamCalls for LinuxPal {
+    fn stream_open(&self, uri: GuestIn, acc: u32, cr: u32, options: u32) -> PalResult<u64> {
+        let u = self.uri_in(uri)?;
+        self.open_uri(u, acc, cr, options)
     }
 
     fn stream_read(&self, stream: u64, offset: u64, buf: GuestOut) -> PalResult<u64> {
@@ -245,10 +281,7 @@ impl StreamCalls for LinuxPal {
 
     fn stream_get_event(&self, stream: u64) -> PalResult<u64> {
         let o = self.stream(stream)?;
-        let dup = inner(&o)
-            .fd
-            .try_clone()
-            .map_err(|_| Error::LimitExceeded)?;
+        let dup = inner(&o).fd.try_clone().map_err(|_| Error::LimitExceeded)?;
         self.insert(Object::Readiness(dup))
     }
 
@@ -308,29 +341,7 @@ impl StreamCalls for LinuxPal {
 
     fn stream_attributes_query(&self, uri: GuestIn) -> PalResult<StreamAttributes> {
         let u = self.uri_in(uri)?;
-        if matches!(u, Uri::Dev(_) | Uri::Dns(_)) {
-            return Err(Error::NotSupported);
-        }
-        match self.ask(&Request::Stat { uri: u.canonical() })? {
-            (
-                Response::Attrs {
-                    kind,
-                    size,
-                    readable,
-                    writable,
-                    executable,
-                },
-                _,
-            ) => Ok(StreamAttributes {
-                kind,
-                size,
-                readable: readable as u32,
-                writable: writable as u32,
-                executable: executable as u32,
-                ..Default::default()
-            }),
-            _ => Err(Error::Io),
-        }
+        self.attributes_of_uri(u)
     }
 
     fn stream_attributes_query_by_handle(&self, stream: u64) -> PalResult<StreamAttributes> {
