@@ -228,21 +228,24 @@ fn adapter_method(w: &mut String, spec: &Spec, c: &Call) {
                 .iter()
                 .find(|b| &b.name == len)
                 .and_then(|b| b.doc.as_deref());
-            if let Some((min, max)) = doc.and_then(|d| crate::len_bounds(&spec.limits, d)) {
-                let mut conds = Vec::new();
-                if min > 0 {
-                    conds.push(format!("({len} as u64) < {min}"));
-                }
-                if let Some(max) = max {
-                    conds.push(format!("{len} as u64 > {max}"));
-                }
-                if !conds.is_empty() {
-                    let _ = writeln!(
-                        w,
-                        "if {} {{ return Error::InvalidArgument.code(); }}",
-                        conds.join(" || ")
-                    );
-                }
+            let len_ty = c
+                .args
+                .iter()
+                .find(|b| &b.name == len)
+                .map(|b| b.ty.as_str());
+            let v = if len_ty == Some("u64") {
+                len.clone()
+            } else {
+                format!("u64::from({len})")
+            };
+            let cond = match doc.and_then(|d| crate::len_bounds(&spec.limits, d)) {
+                Some((0, Some(max))) => Some(format!("{v} > {max}")),
+                Some((min, Some(max))) => Some(format!("!({min}..={max}).contains(&{v})")),
+                Some((0, None)) | None => None,
+                Some((min, None)) => Some(format!("{v} < {min}")),
+            };
+            if let Some(cond) = cond {
+                let _ = writeln!(w, "if {cond} {{ return Error::InvalidArgument.code(); }}");
             }
         }
         match a.ty.as_str() {

@@ -312,7 +312,7 @@ impl<H: PalHost> Pal for H {
         }
     }
     fn dk_objects_wait_any(&self, count: u32, handles: *const u64, timeout_micros: i64) -> i64 {
-        if (count as u64) < 1 || count as u64 > 64 {
+        if !(1..=64).contains(&u64::from(count)) {
             return Error::InvalidArgument.code();
         }
         if count as u64 > 64 {
@@ -345,14 +345,14 @@ impl<H: PalHost> Pal for H {
         args_len: u64,
         process: *mut u64,
     ) -> i64 {
-        if (uri_len as u64) < 1 || uri_len as u64 > 4096 {
+        if !(1..=4096).contains(&uri_len) {
             return Error::InvalidArgument.code();
         }
         let uri = match GuestIn::checked(self, uri as u64, uri_len) {
             Ok(r) => r,
             Err(e) => return e.code(),
         };
-        if args_len as u64 > 65536 {
+        if args_len > 65536 {
             return Error::InvalidArgument.code();
         }
         let args = match GuestIn::checked(self, args as u64, args_len) {
@@ -404,7 +404,7 @@ impl<H: PalHost> Pal for H {
         options: u32,
         stream: *mut u64,
     ) -> i64 {
-        if (uri_len as u64) < 1 || uri_len as u64 > 4096 {
+        if !(1..=4096).contains(&uri_len) {
             return Error::InvalidArgument.code();
         }
         let uri = match GuestIn::checked(self, uri as u64, uri_len) {
@@ -428,7 +428,7 @@ impl<H: PalHost> Pal for H {
         }
     }
     fn dk_stream_read(&self, stream: u64, offset: u64, buf: *mut u8, len: u64) -> i64 {
-        if len as u64 > 1073741824 {
+        if len > 1073741824 {
             return Error::InvalidArgument.code();
         }
         let buf = match GuestOut::checked(self, buf as u64, len) {
@@ -441,7 +441,7 @@ impl<H: PalHost> Pal for H {
         }
     }
     fn dk_stream_write(&self, stream: u64, offset: u64, buf: *const u8, len: u64) -> i64 {
-        if len as u64 > 1073741824 {
+        if len > 1073741824 {
             return Error::InvalidArgument.code();
         }
         let buf = match GuestIn::checked(self, buf as u64, len) {
@@ -518,7 +518,7 @@ impl<H: PalHost> Pal for H {
         }
     }
     fn dk_stream_rename(&self, stream: u64, new_uri: *const u8, new_uri_len: u64) -> i64 {
-        if (new_uri_len as u64) < 1 || new_uri_len as u64 > 4096 {
+        if !(1..=4096).contains(&new_uri_len) {
             return Error::InvalidArgument.code();
         }
         let new_uri = match GuestIn::checked(self, new_uri as u64, new_uri_len) {
@@ -537,7 +537,7 @@ impl<H: PalHost> Pal for H {
         len: u64,
         cursor: *mut u64,
     ) -> i64 {
-        if (len as u64) < 256 {
+        if len < 256 {
             return Error::InvalidArgument.code();
         }
         let buf = match GuestOut::checked(self, buf as u64, len) {
@@ -563,7 +563,7 @@ impl<H: PalHost> Pal for H {
         uri_len: u64,
         attrs: *mut StreamAttributes,
     ) -> i64 {
-        if (uri_len as u64) < 1 || uri_len as u64 > 4096 {
+        if !(1..=4096).contains(&uri_len) {
             return Error::InvalidArgument.code();
         }
         let uri = match GuestIn::checked(self, uri as u64, uri_len) {
@@ -614,7 +614,7 @@ impl<H: PalHost> Pal for H {
         }
     }
     fn dk_random_bits_read(&self, buf: *mut u8, len: u64) -> i64 {
-        if len as u64 > 1073741824 {
+        if len > 1073741824 {
             return Error::InvalidArgument.code();
         }
         let buf = match GuestOut::checked(self, buf as u64, len) {
@@ -667,7 +667,7 @@ impl<H: PalHost> Pal for H {
         }
     }
     fn dk_debug_string_print(&self, msg: *const u8, len: u64) -> i64 {
-        if len as u64 > 65536 {
+        if len > 65536 {
             return Error::InvalidArgument.code();
         }
         let msg = match GuestIn::checked(self, msg as u64, len) {
