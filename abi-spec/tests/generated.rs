@@ -1,9 +1,8 @@
 //! The committed generated files are what the renderers produce.
 //!
 //! `MOAT_BLESS=1 cargo test -p moat-abi-spec` rewrites them. The Rust files
-//! the renderers do not lay out themselves (`pal/src/trace.rs`,
-//! `pal/src/dispatch.rs`, `libos/src/raw/calls.rs`) are compared, and
-//! written, after `rustfmt --edition 2021`, as `cargo fmt` keeps them.
+//! are compared, and written, after `rustfmt --edition 2021` (the
+//! renderers do not lay them out), as `cargo fmt` keeps them.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -63,50 +62,8 @@ fn c_header_is_up_to_date() {
 fn pal_abi_rs_is_up_to_date() {
     check(
         "pal/src/abi.rs",
-        &moat_abi_spec::render_rust(moat_abi_spec::spec()),
+        &rustfmt(&moat_abi_spec::render_rust(moat_abi_spec::spec())),
     );
-}
-
-/// The generated Rust is already rustfmt-clean, so `cargo fmt` never fights
-/// the generator.
-#[test]
-fn generated_rust_is_rustfmt_clean() {
-    let src = moat_abi_spec::render_rust(moat_abi_spec::spec());
-    let child = Command::new("rustfmt")
-        .args(["--edition", "2021", "--emit", "stdout"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn();
-    let mut child = match child {
-        Ok(c) => c,
-        Err(e) => {
-            println!("skipped: rustfmt not available ({e})");
-            return;
-        }
-    };
-    {
-        use std::io::Write;
-        let mut stdin = child.stdin.take().unwrap();
-        stdin.write_all(src.as_bytes()).unwrap();
-    }
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "rustfmt failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let formatted = String::from_utf8(out.stdout).unwrap();
-    if formatted != src {
-        let (i, (a, b)) = src
-            .lines()
-            .zip(formatted.lines())
-            .enumerate()
-            .find(|(_, (a, b))| a != b)
-            .map(|(i, (a, b))| (i + 1, (a.to_string(), b.to_string())))
-            .unwrap_or((0, (String::new(), String::new())));
-        panic!("render_rust output is not rustfmt-clean; first difference at line {i}:\n  generated: {a}\n  rustfmt:   {b}");
-    }
 }
 
 /// rustfmt (edition 2021) applied to `src`.

@@ -8,6 +8,7 @@
 //! from a table.
 
 #![allow(clippy::too_many_arguments)]
+use crate::table::{Ctx, TablePal};
 
 /// Major version of the ABI.
 pub const ABI_VERSION_MAJOR: u16 = 1;
@@ -253,43 +254,25 @@ impl Error {
     /// What the error means.
     pub const fn description(self) -> &'static str {
         match self {
-            Error::InvalidArgument => {
-                "An argument is out of range, malformed, or a combination of flags is not allowed."
-            }
+            Error::InvalidArgument => "An argument is out of range, malformed, or a combination of flags is not allowed.",
             Error::BadHandle => "The handle is 0, closed, or was never issued to this picoprocess.",
-            Error::BadAddress => {
-                "A pointer, or the range it starts, is not inside the picoprocess's memory with the access the call needs."
-            }
-            Error::NoMemory => {
-                "The picoprocess's memory limit would be exceeded, or the host is out of memory."
-            }
-            Error::PermissionDenied => {
-                "The policy (manifest and command line) does not grant this URI or operation."
-            }
+            Error::BadAddress => "A pointer, or the range it starts, is not inside the picoprocess's memory with the access the call needs.",
+            Error::NoMemory => "The picoprocess's memory limit would be exceeded, or the host is out of memory.",
+            Error::PermissionDenied => "The policy (manifest and command line) does not grant this URI or operation.",
             Error::NotFound => "The named stream, file or process does not exist.",
             Error::AlreadyExists => "The stream was to be created new but exists.",
-            Error::WrongHandleKind => {
-                "The handle is valid but of a kind this call does not take (an event where a stream is needed, ...)."
-            }
+            Error::WrongHandleKind => "The handle is valid but of a kind this call does not take (an event where a stream is needed, ...).",
             Error::TimedOut => "The wait's timeout passed before any object was signalled.",
-            Error::WouldBlock => {
-                "The operation cannot complete now (a process that has not exited yet, ...)."
-            }
-            Error::LimitExceeded => {
-                "A limit was reached: semaphore maximum, handle table, threads, child processes, length bounds."
-            }
+            Error::WouldBlock => "The operation cannot complete now (a process that has not exited yet, ...).",
+            Error::LimitExceeded => "A limit was reached: semaphore maximum, handle table, threads, child processes, length bounds.",
             Error::NotSupported => "This host does not implement the call or URI scheme.",
             Error::Io => "The host's I/O failed.",
             Error::IsDirectory => "A byte-stream operation was asked of a directory.",
-            Error::NotDirectory => {
-                "A directory operation was asked of something that is not a directory."
-            }
+            Error::NotDirectory => "A directory operation was asked of something that is not a directory.",
             Error::DirectoryNotEmpty => "The directory to delete has children.",
             Error::ConnectionRefused => "Nobody listens at the address.",
             Error::BrokenPipe => "The other end of the stream is gone.",
-            Error::InvalidUri => {
-                "The URI is malformed, uses an unknown scheme, or has a path with `..` components."
-            }
+            Error::InvalidUri => "The URI is malformed, uses an unknown scheme, or has a path with `..` components.",
         }
     }
 }
@@ -450,9 +433,6 @@ pub struct StartupBlock {
 
 /// [`StartupBlock::magic`]: "MOAT" as a little-endian `u32`.
 pub const STARTUP_MAGIC: u64 = 0x54414f4d;
-
-/// The table's context, passed to every function.
-pub type Ctx = *mut core::ffi::c_void;
 
 /// The PAL function table: the version, the number of calls, the context, then one
 /// function per call in call-number order.
@@ -1649,38 +1629,6 @@ pub fn table_from<P: Pal + 'static>(pal: &'static P) -> PalTable {
         dk_debug_string_print: tramp_dk_debug_string_print::<P>,
     }
 }
-
-/// Implements [`Pal`] by calling through a table.
-#[derive(Debug, Clone, Copy)]
-pub struct TablePal {
-    table: *const PalTable,
-}
-
-impl TablePal {
-    /// Wrap a table.
-    ///
-    /// # Safety
-    ///
-    /// `table` must point to a valid [`PalTable`] that outlives the `TablePal`.
-    pub const unsafe fn new(table: *const PalTable) -> Self {
-        TablePal { table }
-    }
-
-    /// The table called through.
-    pub fn table(&self) -> *const PalTable {
-        self.table
-    }
-
-    fn t(&self) -> &PalTable {
-        // SAFETY: `new`'s contract: the table is valid for as long as `self`.
-        unsafe { &*self.table }
-    }
-}
-
-// SAFETY: the table is immutable and its functions may be called from any thread.
-unsafe impl Send for TablePal {}
-// SAFETY: as for `Send`.
-unsafe impl Sync for TablePal {}
 
 // The table's functions take pointers as the C ABI does; TablePal hands the caller's
 // on unread (the host behind the table checks them), so none is dereferenced here.

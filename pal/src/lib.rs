@@ -22,11 +22,13 @@ pub mod handles;
 pub mod host;
 pub mod host_calls;
 pub mod memory;
+pub mod table;
 pub mod trace;
 pub mod uri;
 pub mod validate;
 
 pub use abi::*;
+pub use table::{Ctx, TablePal};
 
 /// Result of an ABI call as Rust: `Ok(value)` or the error.
 pub type PalResult<T = u64> = Result<T, Error>;
