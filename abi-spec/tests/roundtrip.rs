@@ -15,8 +15,12 @@
 #[path = "../../pal/src/abi.rs"]
 #[allow(dead_code)]
 mod abi;
+#[path = "../../pal/src/table.rs"]
+#[allow(dead_code)]
+mod table;
 
 use abi::*;
+use table::TablePal;
 use core::mem::{offset_of, size_of};
 
 /// Anything that can be summed to check that arguments arrive unchanged.
