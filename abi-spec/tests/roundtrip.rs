@@ -20,8 +20,8 @@ mod abi;
 mod table;
 
 use abi::*;
-use table::TablePal;
 use core::mem::{offset_of, size_of};
+use table::TablePal;
 
 /// Anything that can be summed to check that arguments arrive unchanged.
 trait Arg {
