@@ -8,7 +8,7 @@
 //! zygote), `kvm-calls` and `kvm-blk` (pinned to CPU 0, with the VMMs
 //! they start).
 use crate::{image, median, p99, parse, row};
-use moat_host_hypervisor::{kvm_available, Exit, MicroVm, GUEST_BASE_RESERVED};
+use moat_host_hypervisor::{kvm_available, MicroVm, VmExit, GUEST_BASE_RESERVED};
 use moat_monitor::{Host, LogSink, Sandbox, Stdio};
 use moat_policy::{DeviceSpec, Limits, Policy};
 use std::io::Read;
@@ -33,7 +33,7 @@ pub fn available() -> bool {
     if kvm_available() {
         return true;
     }
-    println!("| kvm: skipped, /dev/kvm is not usable here | - | - | - | - |");
+    crate::note("| kvm: skipped, /dev/kvm is not usable here | - | - | - | - |");
     false
 }
 
@@ -44,9 +44,9 @@ fn bare_vm(size: u64, code: &[u8]) -> MicroVm {
     vm
 }
 
-fn expect_out(e: Exit) {
+fn expect_out(e: VmExit) {
     assert!(
-        matches!(e, Exit::IoOut { port: 0x50, .. }),
+        matches!(e, VmExit::IoOut { port: 0x50, .. }),
         "the bare VM stopped with {e:?}"
     );
 }

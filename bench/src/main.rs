@@ -1,4 +1,10 @@
-//! `moat-bench [--quick] [spawn|calls|pipe|kvm|mediator|all]`
+//! `moat-bench [--quick] [--json] [GROUP...]`, groups `spawn`, `calls`,
+//! `pipe`, `kvm`, `mediator` (all of them by default, or `all`).
+//!
+//! Output: a Markdown table row per benchmark, or with `--json` one JSON
+//! object per line (`name`, `moat`, `floor`, `unit`, `ratio`, `target`);
+//! lines that are not measurements (skips, notes) go to standard error
+//! with `--json`.
 //!
 //! Every benchmark measures the raw floor (the same operation without
 //! moat) in the same run and prints moat / floor. Each group runs in its
@@ -11,10 +17,12 @@
 mod kvm;
 mod mediator;
 
+use clap::Parser;
 use moat_monitor::{Sandbox, Stdio};
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 fn target_dir() -> PathBuf {
@@ -53,14 +61,44 @@ fn p99(v: &mut [f64]) -> f64 {
     v[((v.len() as f64 * 0.99) as usize).min(v.len() - 1)]
 }
 
+/// `--json`: rows as JSON objects, one per line.
+static JSON: AtomicBool = AtomicBool::new(false);
+
 fn row(name: &str, moat: f64, floor: f64, unit: &str, target: &str) {
+    if JSON.load(Ordering::Relaxed) {
+        println!(
+            "{}",
+            serde_json::json!({
+                "name": name,
+                "moat": moat,
+                "floor": floor,
+                "unit": unit,
+                "ratio": moat / floor,
+                "target": target,
+            })
+        );
+        return;
+    }
     println!(
         "| {name} | {moat:.2} {unit} | {floor:.2} {unit} | {:.2}x | {target} |",
         moat / floor
     );
 }
 
+/// A line that is not a measurement: a table row, or standard error with
+/// `--json` (which keeps standard output to measurements).
+fn note(line: &str) {
+    if JSON.load(Ordering::Relaxed) {
+        eprintln!("{line}");
+    } else {
+        println!("{line}");
+    }
+}
+
 fn header() {
+    if JSON.load(Ordering::Relaxed) {
+        return;
+    }
     println!("| benchmark | moat | raw floor | ratio | target |");
     println!("|---|---|---|---|---|");
 }
@@ -240,10 +278,10 @@ fn calls_bench(quick: bool) {
         "ns",
         "≤ 1.2x",
     );
-    println!(
+    note(&format!(
         "|   breakdown: PAL path alone (0-byte write, no system call) | {:.2} ns | - | - | - |",
         median(&mut pal0)
-    );
+    ));
     let mut sc: Vec<f64> = (0..reps)
         .map(|_| write_under_seccomp(n / 4, Filter::AllowAll))
         .collect();
@@ -428,6 +466,9 @@ fn run_in_children(groups: &[&str], quick: bool) {
         if quick {
             c.arg("--quick");
         }
+        if JSON.load(Ordering::Relaxed) {
+            c.arg("--json");
+        }
         let s = c.status().unwrap();
         if !s.success() {
             eprintln!("moat-bench: `{group}` failed");
@@ -436,14 +477,34 @@ fn run_in_children(groups: &[&str], quick: bool) {
     }
 }
 
+/// moat's benchmarks: each runs its raw floor (the same operation without
+/// moat) in the same run and prints the ratio.
+#[derive(Parser, Debug)]
+#[command(name = "moat-bench", version)]
+struct Args {
+    /// A short run (seconds, not minutes): checks the harness, not the figures.
+    #[arg(long)]
+    quick: bool,
+    /// One JSON object per measurement and line: name, moat, floor, unit,
+    /// ratio, target.
+    #[arg(long)]
+    json: bool,
+    /// No table header (each group runs in a child process that leaves it
+    /// to its parent).
+    #[arg(long, hide = true)]
+    no_header: bool,
+    /// What to run: spawn, calls, pipe, kvm, mediator, all (the default),
+    /// or one part of kvm (kvm-spawn, kvm-spawn-fresh, kvm-calls, kvm-blk,
+    /// and those `kvm` lists).
+    #[arg(value_name = "GROUP")]
+    groups: Vec<String>,
+}
+
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let quick = args.iter().any(|a| a == "--quick");
-    let which: Vec<&str> = args
-        .iter()
-        .filter(|a| !a.starts_with("--"))
-        .map(|s| s.as_str())
-        .collect();
+    let a = Args::parse();
+    JSON.store(a.json, Ordering::Relaxed);
+    let quick = a.quick;
+    let which: Vec<&str> = a.groups.iter().map(|s| s.as_str()).collect();
     let start = Instant::now();
     match which.as_slice() {
         // Each group runs in its own process: the picoprocess host (and its
@@ -453,7 +514,7 @@ fn main() {
             run_in_children(&["spawn", "calls", "pipe", "kvm", "mediator"], quick);
         }
         groups => {
-            if !args.iter().any(|a| a == "--no-header") {
+            if !a.no_header {
                 header();
             }
             for g in groups {

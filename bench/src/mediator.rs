@@ -132,12 +132,12 @@ pub fn mediator_bench(quick: bool) {
         std::thread::sleep(Duration::from_millis(2));
     }
     let c = dev.counters();
-    println!(
+    crate::note(&format!(
         "recovery after a kill (kill to the next read completed), {kills} kills: median {:.2} ms, p99 {:.2} ms ({} restarts)",
         median(&mut rec.clone()),
         p99(&mut rec),
         c.restarts
-    );
+    ));
     dev.shutdown();
     let _ = std::fs::remove_dir_all(&dir);
 }

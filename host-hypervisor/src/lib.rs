@@ -34,7 +34,7 @@ mod watchdog;
 
 pub use layout::HYPERCALL_PORT;
 
-pub use vm::{Exit, GuestMem, MicroVm, VmError, GUEST_BASE_RESERVED};
+pub use vm::{GuestMem, MicroVm, VmError, VmExit, GUEST_BASE_RESERVED};
 
 /// Whether this machine offers KVM. With `MOAT_REQUIRE_KVM` set (CI), a
 /// machine without it is a failure, not a skip.

@@ -35,7 +35,7 @@ pub enum VmError {
 
 /// Why a run stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Exit {
+pub enum VmExit {
     /// `out` to `port` (the value zero-extended from 1, 2 or 4 bytes).
     IoOut {
         port: u16,
@@ -220,8 +220,8 @@ impl MicroVm {
     }
 
     /// Run until an exit the host must handle, or until `deadline` passes
-    /// (then [`Exit::Watchdog`]; the vCPU can be run again).
-    pub fn run(&mut self, deadline: Duration) -> Result<Exit, VmError> {
+    /// (then [`VmExit::Watchdog`]; the vCPU can be run again).
+    pub fn run(&mut self, deadline: Duration) -> Result<VmExit, VmError> {
         let armed = self.dog.arm(0, deadline);
         let r = self.vcpu.run();
         let fired = armed.disarm();
@@ -230,7 +230,7 @@ impl MicroVm {
                 let mut b = [0u8; 4];
                 let n = data.len().min(4);
                 b[..n].copy_from_slice(&data[..n]);
-                Exit::IoOut {
+                VmExit::IoOut {
                     port,
                     value: u32::from_le_bytes(b),
                     size: n as u8,
@@ -239,27 +239,27 @@ impl MicroVm {
             Ok(VcpuExit::IoIn(port, data)) => {
                 // No device answers yet: an open bus reads all ones.
                 data.fill(0xff);
-                Exit::IoIn {
+                VmExit::IoIn {
                     port,
                     size: data.len().min(4) as u8,
                 }
             }
-            Ok(VcpuExit::MmioWrite(addr, data)) => Exit::MmioWrite {
+            Ok(VcpuExit::MmioWrite(addr, data)) => VmExit::MmioWrite {
                 addr,
                 data: data.to_vec(),
             },
-            Ok(VcpuExit::MmioRead(addr, data)) => Exit::MmioRead {
+            Ok(VcpuExit::MmioRead(addr, data)) => VmExit::MmioRead {
                 addr,
                 size: data.len() as u8,
             },
-            Ok(VcpuExit::Hlt) => Exit::Hlt,
-            Ok(VcpuExit::Shutdown) => Exit::Crashed("shutdown (triple fault)".into()),
-            Ok(VcpuExit::InternalError) => Exit::Crashed(
+            Ok(VcpuExit::Hlt) => VmExit::Hlt,
+            Ok(VcpuExit::Shutdown) => VmExit::Crashed("shutdown (triple fault)".into()),
+            Ok(VcpuExit::InternalError) => VmExit::Crashed(
                 "KVM internal error (triple fault under nested virtualisation)".into(),
             ),
-            Ok(other) => Exit::Other(format!("{other:?}")),
-            Err(e) if e.errno() == libc::EINTR && fired => Exit::Watchdog,
-            Err(e) if e.errno() == libc::EINTR => Exit::Other("interrupted".into()),
+            Ok(other) => VmExit::Other(format!("{other:?}")),
+            Err(e) if e.errno() == libc::EINTR && fired => VmExit::Watchdog,
+            Err(e) if e.errno() == libc::EINTR => VmExit::Other("interrupted".into()),
             Err(err) => {
                 return Err(VmError::Kvm {
                     what: "running the vCPU",

@@ -27,6 +27,16 @@ fn fail(msg: &str) -> ! {
 /// `moat-vmm --zygote PATH`, the zygote of warm VMMs.
 pub fn main() -> ! {
     let args: Vec<String> = std::env::args().collect();
+    if args.len() == 2 && (args[1] == "--help" || args[1] == "-h") {
+        println!(
+            "moat-vmm: moat's VMM for one picoprocess (host-hypervisor, a KVM micro-VM).\n\n\
+             The monitor starts it, in new namespaces, with its socket on descriptor 3 and\n\
+             /dev/kvm on 4; it is not meant to be run by hand. Run picoprocesses on this\n\
+             host with `moat run --host kvm IMAGE`.\n\n\
+             Usage (by the monitor only): moat-vmm | moat-vmm --zygote PATH"
+        );
+        std::process::exit(0);
+    }
     if args.len() == 3 && args[1] == "--zygote" {
         moat_host_common::zygote::main_with(&args[2], |l| run(Some(l)), true);
     }

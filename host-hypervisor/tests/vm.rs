@@ -1,7 +1,7 @@
 //! The micro-VM on real KVM: long mode, `out` exits, halt, triple fault,
 //! the watchdog, checked guest memory. Needs /dev/kvm (CI sets
 //! MOAT_REQUIRE_KVM, which turns a skip into a failure).
-use moat_host_hypervisor::{kvm_available, Exit, MicroVm, VmError, GUEST_BASE_RESERVED};
+use moat_host_hypervisor::{kvm_available, MicroVm, VmError, VmExit, GUEST_BASE_RESERVED};
 use std::time::{Duration, Instant};
 
 const MEM: u64 = 2 << 20;
@@ -28,13 +28,13 @@ fn runs_in_long_mode_to_the_first_out() {
     let Some(mut vm) = vm_with(&code) else { return };
     assert_eq!(
         vm.run(LONG).unwrap(),
-        Exit::IoOut {
+        VmExit::IoOut {
             port: 0x10,
             value: 0x1234,
             size: 4
         }
     );
-    assert_eq!(vm.run(LONG).unwrap(), Exit::Hlt);
+    assert_eq!(vm.run(LONG).unwrap(), VmExit::Hlt);
 }
 
 #[test]
@@ -47,7 +47,7 @@ fn many_out_round_trips_keep_state() {
     for i in 0..2000u32 {
         assert_eq!(
             vm.run(LONG).unwrap(),
-            Exit::IoOut {
+            VmExit::IoOut {
                 port: 0x20,
                 value: i,
                 size: 4
@@ -63,11 +63,14 @@ fn watchdog_ends_a_runaway_vcpu() {
         return;
     };
     let t = Instant::now();
-    assert_eq!(vm.run(Duration::from_millis(100)).unwrap(), Exit::Watchdog);
+    assert_eq!(
+        vm.run(Duration::from_millis(100)).unwrap(),
+        VmExit::Watchdog
+    );
     let took = t.elapsed();
     assert!(took < Duration::from_secs(3), "the watchdog took {took:?}");
     // The VM can run on (and is stopped again).
-    assert_eq!(vm.run(Duration::from_millis(50)).unwrap(), Exit::Watchdog);
+    assert_eq!(vm.run(Duration::from_millis(50)).unwrap(), VmExit::Watchdog);
 }
 
 #[test]
@@ -83,7 +86,7 @@ fn triple_fault_ends_the_vcpu() {
     ];
     let Some(mut vm) = vm_with(&code) else { return };
     match vm.run(LONG).unwrap() {
-        Exit::Crashed(_) => {}
+        VmExit::Crashed(_) => {}
         other => panic!("expected the vCPU to crash, got {other:?}"),
     }
 }

@@ -38,6 +38,15 @@ fn fail(msg: &str) -> ! {
 /// The loader's `main`.
 pub fn main() -> ! {
     let args: Vec<String> = std::env::args().collect();
+    if args.len() == 2 && (args[1] == "--help" || args[1] == "-h") {
+        println!(
+            "moat-loader: moat's sandboxed picoprocess loader (host-linux).\n\n\
+             The monitor starts it, in new namespaces, with its socket on descriptor 3;\n\
+             it is not meant to be run by hand. Run picoprocesses with `moat run IMAGE`.\n\n\
+             Usage (by the monitor only): moat-loader | moat-loader --zygote PATH"
+        );
+        std::process::exit(0);
+    }
     if args.len() == 3 && args[1] == "--zygote" {
         zygote::main_with(&args[2], |_| run(), false);
     }

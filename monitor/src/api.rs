@@ -28,7 +28,7 @@
 //! [`Broker`] until the loader's socket closes. A
 //! waiter thread reaps the loader and turns its status into an [`Exit`].
 use crate::error::{Error, Exit};
-use crate::image::check_image;
+use crate::image_check::check_image;
 use crate::monitor::start;
 use crate::proc::Proc;
 use crate::session::{Console, LogSink, Session};

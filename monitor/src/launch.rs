@@ -54,7 +54,7 @@ pub fn spawn_loader(loader: &Path, limits: &Limits) -> Result<Spawned, SpawnErro
     if std::env::var_os("MOAT_NO_ZYGOTE").is_some() {
         return spawn::fresh(loader, limits, false);
     }
-    crate::zygote::spawn(loader, limits, false)
+    crate::zygote_client::spawn(loader, limits, false)
 }
 
 /// Start a VMM (`moat-vmm`, the KVM host) with `/dev/kvm` as descriptor
@@ -69,7 +69,7 @@ pub fn spawn_vmm(vmm: &Path, limits: &Limits) -> Result<Spawned, SpawnError> {
         limits.cpu_seconds += 2;
     }
     if std::env::var_os("MOAT_NO_ZYGOTE").is_none() {
-        return crate::zygote::spawn(&vmm, &limits, true);
+        return crate::zygote_client::spawn(&vmm, &limits, true);
     }
     spawn::fresh(&vmm, &limits, true)
 }
@@ -79,7 +79,7 @@ pub fn spawn_vmm(vmm: &Path, limits: &Limits) -> Result<Spawned, SpawnError> {
 pub fn wait_process(pidfd: &OwnedFd, pid: u32) -> Result<Status, std::io::Error> {
     match crate::process::wait_pidfd(pidfd) {
         Err(e) if e.raw_os_error() == Some(libc::ECHILD) => {
-            Ok(crate::zygote::wait_exit(pid as i32))
+            Ok(crate::zygote_client::wait_exit(pid as i32))
         }
         r => r,
     }

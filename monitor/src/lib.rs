@@ -10,7 +10,7 @@
 //!   [`broker`] decides each request with the policy as the only
 //!   authority, and answers with descriptors.
 //! - [`launch`]: starting a loader (`moat-loader`) or a VMM (`moat-vmm`),
-//!   from a [`zygote`] or in fresh namespaces ([`spawn`]); [`process`]:
+//!   from a [`zygote_client`] or in fresh namespaces ([`spawn`]); [`process`]:
 //!   waiting for and signalling them.
 //! - [`disklock`]: disk files locked while served.
 //!
@@ -20,14 +20,14 @@ pub mod api;
 pub mod broker;
 pub mod disklock;
 pub mod error;
-mod image;
+mod image_check;
 pub mod launch;
 pub mod monitor;
 mod proc;
 pub mod process;
 pub mod session;
 pub mod spawn;
-mod zygote;
+mod zygote_client;
 
 pub use api::{Killer, Picoprocess, Sandbox, Stdio};
 pub use error::{Error, Exit, EXIT_BAD_INPUT, EXIT_HOST_FAILURE, EXIT_SANDBOX_VIOLATION};

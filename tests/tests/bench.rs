@@ -37,3 +37,67 @@ fn quick_benchmarks_print_ratios() {
         assert!(ratio > 0.0 && ratio.is_finite(), "{line}");
     }
 }
+
+/// `--json`: one object per measurement and line, with the fields the
+/// house's tools read; nothing else on standard output.
+#[test]
+fn json_output_is_one_object_per_line() {
+    if !sandbox_available() {
+        return;
+    }
+    let out = run_cmd(
+        {
+            let mut c = std::process::Command::new(built("moat-bench"));
+            c.args(["--quick", "--json", "calls"]);
+            c
+        },
+        None,
+        std::time::Duration::from_secs(120),
+    );
+    out.assert_code(0);
+    let mut n = 0;
+    for line in out.stdout.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        for k in ["name", "unit", "target"] {
+            assert!(v[k].is_string(), "no string `{k}` in {line}");
+        }
+        for k in ["moat", "floor", "ratio"] {
+            assert!(
+                v[k].as_f64().is_some_and(f64::is_finite),
+                "no number `{k}` in {line}"
+            );
+        }
+        let ratio = v["moat"].as_f64().unwrap() / v["floor"].as_f64().unwrap();
+        assert!(
+            (ratio - v["ratio"].as_f64().unwrap()).abs() < 1e-9,
+            "{line}"
+        );
+        n += 1;
+    }
+    assert!(n >= 3, "too few measurements:\n{}", out.stdout);
+}
+
+/// Every binary of moat answers `--help` with its usage and exit code 0
+/// (and runs nothing).
+#[test]
+fn every_binary_prints_its_usage() {
+    for (bin, want) in [
+        ("moat", "Usage"),
+        ("moat-bench", "Usage: moat-bench"),
+        ("moat-loader", "not meant to be run by hand"),
+        ("moat-vmm", "not meant to be run by hand"),
+    ] {
+        let out = run_cmd(
+            {
+                let mut c = std::process::Command::new(built(bin));
+                c.arg("--help");
+                c
+            },
+            None,
+            std::time::Duration::from_secs(10),
+        );
+        out.assert_code(0);
+        assert!(out.stdout.contains(want), "{bin} --help:\n{}", out.stdout);
+    }
+}

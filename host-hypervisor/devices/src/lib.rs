@@ -31,7 +31,8 @@ mod virtio_blk;
 
 pub use irq::Irq;
 pub use moat_policy::device::{
-    check_unique_names, DeviceKind, DeviceSpec, ManifestDevice, NameProblem, SpecError, SpecForm,
+    check_unique_names, DeviceKind, DeviceSpec, DeviceSpecError, ManifestDevice, NameProblem,
+    SpecForm,
 };
 pub use uart::{Uart, UART_IO_PORTS};
 pub use virtio_blk::{

@@ -13,7 +13,7 @@ use fuser::{
     ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
-use super::{BlockBackend, Geometry, MAX_READ_REQUEST, MAX_WRITE};
+use super::{BlockBackend, FileLayout, MAX_READ_REQUEST, MAX_WRITE};
 
 /// How long the kernel may cache names and attributes. They never change.
 const TTL: Duration = Duration::from_secs(60);
@@ -71,7 +71,7 @@ impl Drop for RangeGuard<'_> {
 /// The FUSE file system: a root directory holding one file.
 pub(super) struct ExportFs {
     backend: Arc<dyn BlockBackend>,
-    geometry: Geometry,
+    geometry: FileLayout,
     name: OsString,
     uid: u32,
     gid: u32,
@@ -81,7 +81,11 @@ pub(super) struct ExportFs {
 }
 
 impl ExportFs {
-    pub(super) fn new(backend: Arc<dyn BlockBackend>, geometry: Geometry, name: OsString) -> Self {
+    pub(super) fn new(
+        backend: Arc<dyn BlockBackend>,
+        geometry: FileLayout,
+        name: OsString,
+    ) -> Self {
         let backend_read_only = backend.read_only();
         // SAFETY: getuid and getgid have no preconditions and cannot fail.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };

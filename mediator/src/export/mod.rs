@@ -161,7 +161,7 @@ pub fn mount_with(
     name: &str,
     options: &MountOptions,
 ) -> io::Result<Mount> {
-    let geometry = Geometry::of(&*backend)?;
+    let geometry = FileLayout::of(&*backend)?;
     check_name(name)?;
     if options.threads == 0 {
         return Err(invalid_input("the FUSE session needs at least one thread"));
@@ -403,12 +403,12 @@ fn check_name(name: &str) -> io::Result<()> {
 
 /// A backend's geometry, checked.
 #[derive(Debug, Clone, Copy)]
-struct Geometry {
+struct FileLayout {
     capacity: u64,
     block_size: u64,
 }
 
-impl Geometry {
+impl FileLayout {
     fn of(backend: &dyn BlockBackend) -> io::Result<Self> {
         let block_size = backend.block_size();
         let capacity = backend.capacity();

@@ -118,18 +118,18 @@ impl Rng {
 }
 
 fn fs_for(backend: Arc<MemBackend>) -> ExportFs {
-    let geometry = Geometry::of(&*backend).unwrap();
+    let geometry = FileLayout::of(&*backend).unwrap();
     ExportFs::new(backend, geometry, "disk".into())
 }
 
 #[test]
 fn geometry_and_name_are_checked() {
     for (cap, bs) in [(4096, 256), (4096, 1000), (1 << 20, 1 << 17), (1000, 512)] {
-        let err = Geometry::of(&Geom(cap, bs)).unwrap_err();
+        let err = FileLayout::of(&Geom(cap, bs)).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "{cap} {bs}");
     }
-    assert!(Geometry::of(&Geom(0, 512)).is_ok());
-    assert!(Geometry::of(&Geom(1 << 30, 65536)).is_ok());
+    assert!(FileLayout::of(&Geom(0, 512)).is_ok());
+    assert!(FileLayout::of(&Geom(1 << 30, 65536)).is_ok());
     for name in ["", ".", "..", "a/b", "a\0b", &"x".repeat(256)] {
         assert!(check_name(name).is_err(), "{name:?}");
     }

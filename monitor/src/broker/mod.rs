@@ -34,8 +34,8 @@ use std::time::Duration;
 /// exit code is written to. Errors are one line for the log.
 pub type StartChild = fn(&Arc<Session>, File, String, Vec<String>, OwnedFd) -> Result<(), String>;
 
-/// Most bytes of arguments a child picoprocess may be given.
-pub const MAX_ARGS_LEN: usize = 65536;
+/// Most bytes of arguments a child picoprocess may be given (the ABI's limit).
+pub const MAX_ARGS_LEN: usize = moat_pal::limits::MAX_ARGS_LEN as usize;
 /// Most arguments a child picoprocess may be given.
 pub const MAX_ARGS: usize = 4096;
 /// How long the monitor tries to connect a `tcp.client:` stream.
@@ -509,7 +509,7 @@ impl Broker {
         }
         let image = File::from(fd);
         let limits = self.session.policy().limits;
-        if let Err(msg) = crate::image::check_image(&image, &limits) {
+        if let Err(msg) = crate::image_check::check_image(&image, &limits) {
             self.log(&format!(
                 "moat: [picoprocess {}] cannot start {}: {}",
                 self.name,

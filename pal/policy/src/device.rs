@@ -79,9 +79,9 @@ impl DeviceSpec {
     ///
     /// Everything after the first `:` is the argument, so paths may contain
     /// `:`; options follow the kind after commas (`ro`: read-only).
-    pub fn parse(s: &str) -> Result<DeviceSpec, SpecError> {
+    pub fn parse(s: &str) -> Result<DeviceSpec, DeviceSpecError> {
         let Some((name, rest)) = s.split_once('=') else {
-            return Err(SpecError::Syntax {
+            return Err(DeviceSpecError::Syntax {
                 input: s.to_owned(),
             });
         };
@@ -96,7 +96,7 @@ impl DeviceSpec {
             match o {
                 "ro" => read_only = true,
                 other => {
-                    return Err(SpecError::UnknownOption {
+                    return Err(DeviceSpecError::UnknownOption {
                         name: name.to_owned(),
                         option: other.to_owned(),
                     })
@@ -108,9 +108,9 @@ impl DeviceSpec {
 }
 
 impl FromStr for DeviceSpec {
-    type Err = SpecError;
+    type Err = DeviceSpecError;
 
-    fn from_str(s: &str) -> Result<DeviceSpec, SpecError> {
+    fn from_str(s: &str) -> Result<DeviceSpec, DeviceSpecError> {
         DeviceSpec::parse(s)
     }
 }
@@ -158,9 +158,9 @@ pub struct ManifestDevice {
 }
 
 impl TryFrom<ManifestDevice> for DeviceSpec {
-    type Error = SpecError;
+    type Error = DeviceSpecError;
 
-    fn try_from(m: ManifestDevice) -> Result<DeviceSpec, SpecError> {
+    fn try_from(m: ManifestDevice) -> Result<DeviceSpec, DeviceSpecError> {
         build(&m.name, &m.kind, m.file, m.read_only, SpecForm::Manifest)
     }
 }
@@ -177,11 +177,11 @@ impl From<DeviceSpec> for ManifestDevice {
 }
 
 /// Checks that no two declarations share a name.
-pub fn check_unique_names(specs: &[DeviceSpec]) -> Result<(), SpecError> {
+pub fn check_unique_names(specs: &[DeviceSpec]) -> Result<(), DeviceSpecError> {
     let mut seen = HashSet::new();
     for spec in specs {
         if !seen.insert(spec.name.as_str()) {
-            return Err(SpecError::DuplicateName {
+            return Err(DeviceSpecError::DuplicateName {
                 name: spec.name.clone(),
             });
         }
@@ -195,10 +195,10 @@ fn build(
     arg: Option<String>,
     read_only: bool,
     form: SpecForm,
-) -> Result<DeviceSpec, SpecError> {
+) -> Result<DeviceSpec, DeviceSpecError> {
     check_name(name)?;
     let Some(k) = DeviceKind::from_name(kind) else {
-        return Err(SpecError::UnknownKind {
+        return Err(DeviceSpecError::UnknownKind {
             name: name.to_owned(),
             kind: kind.to_owned(),
         });
@@ -206,7 +206,7 @@ fn build(
     let backing = match (k.needs_backing(), arg) {
         (true, Some(path)) if !path.is_empty() => Some(PathBuf::from(path)),
         (true, _) => {
-            return Err(SpecError::MissingBacking {
+            return Err(DeviceSpecError::MissingBacking {
                 name: name.to_owned(),
                 kind: k,
                 form,
@@ -214,7 +214,7 @@ fn build(
         }
         (false, None) => None,
         (false, Some(arg)) => {
-            return Err(SpecError::UnexpectedArgument {
+            return Err(DeviceSpecError::UnexpectedArgument {
                 name: name.to_owned(),
                 kind: k,
                 arg,
@@ -223,7 +223,7 @@ fn build(
         }
     };
     if read_only && backing.is_none() {
-        return Err(SpecError::UnknownOption {
+        return Err(DeviceSpecError::UnknownOption {
             name: name.to_owned(),
             option: "ro (only devices with a backing file can be read-only)".to_owned(),
         });
@@ -236,9 +236,9 @@ fn build(
     })
 }
 
-fn check_name(name: &str) -> Result<(), SpecError> {
+fn check_name(name: &str) -> Result<(), DeviceSpecError> {
     let len = name.chars().count();
-    let err = |problem| SpecError::BadName {
+    let err = |problem| DeviceSpecError::BadName {
         name: name.to_owned(),
         problem,
     };
@@ -286,7 +286,7 @@ pub enum NameProblem {
 /// and how to write it instead.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
-pub enum SpecError {
+pub enum DeviceSpecError {
     /// The command-line form is not `NAME=KIND[:ARG]`.
     Syntax {
         /// The declaration as given.
@@ -351,15 +351,15 @@ fn known_kinds() -> String {
         .join(", ")
 }
 
-impl fmt::Display for SpecError {
+impl fmt::Display for DeviceSpecError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            SpecError::Syntax { input } => write!(
+            DeviceSpecError::Syntax { input } => write!(
                 f,
                 "invalid device declaration `{input}`: expected NAME=KIND[:ARG], \
                  e.g. `com1=uart` or `blk0=virtio-blk:disk.img`"
             ),
-            SpecError::BadName { name, problem } => match problem {
+            DeviceSpecError::BadName { name, problem } => match problem {
                 NameProblem::Empty => write!(f, "device name is empty: {NAME_RULE}"),
                 NameProblem::TooLong(n) => write!(
                     f,
@@ -374,17 +374,17 @@ impl fmt::Display for SpecError {
                     "device name `{name}` contains {c:?}: {NAME_RULE}"
                 ),
             },
-            SpecError::UnknownKind { name, kind } if kind.is_empty() => write!(
+            DeviceSpecError::UnknownKind { name, kind } if kind.is_empty() => write!(
                 f,
                 "device `{name}` has no kind: write one of {} after `{name}=`",
                 known_kinds()
             ),
-            SpecError::UnknownKind { name, kind } => write!(
+            DeviceSpecError::UnknownKind { name, kind } => write!(
                 f,
                 "device `{name}` has unknown kind `{kind}`; known kinds: {}",
                 known_kinds()
             ),
-            SpecError::MissingBacking { name, kind, form } => match form {
+            DeviceSpecError::MissingBacking { name, kind, form } => match form {
                 SpecForm::CommandLine => write!(
                     f,
                     "device `{name}` of kind {kind} needs a backing file: {name}={kind}:PATH"
@@ -395,7 +395,7 @@ impl fmt::Display for SpecError {
                      add `file = \"PATH\"` to its [[device]] entry"
                 ),
             },
-            SpecError::UnexpectedArgument {
+            DeviceSpecError::UnexpectedArgument {
                 name,
                 kind,
                 arg,
@@ -411,12 +411,12 @@ impl fmt::Display for SpecError {
                      remove `file` from its [[device]] entry"
                 ),
             },
-            SpecError::UnknownOption { name, option } => write!(
+            DeviceSpecError::UnknownOption { name, option } => write!(
                 f,
                 "device `{name}`: unknown option `{option}`; the one option is `ro` \
                  (read-only), as in `{name}=virtio-blk,ro:disk.img`"
             ),
-            SpecError::DuplicateName { name } => write!(
+            DeviceSpecError::DuplicateName { name } => write!(
                 f,
                 "device name `{name}` is declared more than once: give each device its own name"
             ),
@@ -424,7 +424,7 @@ impl fmt::Display for SpecError {
     }
 }
 
-impl std::error::Error for SpecError {}
+impl std::error::Error for DeviceSpecError {}
 
 #[cfg(test)]
 mod tests {
@@ -576,7 +576,7 @@ mod tests {
             read_only: false,
         })
         .unwrap_err();
-        assert!(matches!(e, SpecError::BadName { .. }));
+        assert!(matches!(e, DeviceSpecError::BadName { .. }));
     }
 
     #[derive(Debug, Deserialize, Serialize)]
@@ -646,7 +646,7 @@ mod tests {
         let e = check_unique_names(&specs).unwrap_err();
         assert_eq!(
             e,
-            SpecError::DuplicateName {
+            DeviceSpecError::DuplicateName {
                 name: "com1".into()
             }
         );

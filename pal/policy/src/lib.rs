@@ -23,7 +23,7 @@ pub enum PolicyError {
     #[error("limit `{0}` = {1} is out of range ({2})")]
     BadLimit(&'static str, u64, &'static str),
     #[error("{0}")]
-    Device(#[from] device::SpecError),
+    Device(#[from] device::DeviceSpecError),
 }
 
 /// Access a grant gives.
@@ -307,9 +307,11 @@ impl Policy {
     /// Grant a device (names must be unique).
     pub fn add_device(&mut self, d: DeviceSpec) -> Result<(), PolicyError> {
         if self.devices.iter().any(|x| x.name == d.name) {
-            return Err(PolicyError::Device(device::SpecError::DuplicateName {
-                name: d.name.clone(),
-            }));
+            return Err(PolicyError::Device(
+                device::DeviceSpecError::DuplicateName {
+                    name: d.name.clone(),
+                },
+            ));
         }
         self.devices.push(d);
         Ok(())
