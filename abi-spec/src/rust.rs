@@ -429,6 +429,26 @@ pub fn render_rust(spec: &Spec) -> String {
     let _ = writeln!(w, "}}");
     let _ = writeln!(w);
 
+    w.push_str(
+        "impl TablePal {\n\
+         /// Wrap a table.\n\
+         ///\n\
+         /// # Safety\n\
+         ///\n\
+         /// `table` must point to a valid [`PalTable`] that outlives the `TablePal`.\n\
+         pub const unsafe fn new(table: *const PalTable) -> Self {\n\
+         TablePal { table: table as *const core::ffi::c_void }\n\
+         }\n\n\
+         /// The table called through.\n\
+         pub fn table(&self) -> *const PalTable {\n\
+         self.table as *const PalTable\n\
+         }\n\n\
+         fn t(&self) -> &PalTable {\n\
+         // SAFETY: `new`'s contract: the table is valid for as long as `self`.\n\
+         unsafe { &*self.table() }\n\
+         }\n\
+         }\n\n",
+    );
     let _ = writeln!(
         w,
         "// The table's functions take pointers as the C ABI does; TablePal hands the caller's"

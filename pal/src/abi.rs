@@ -1630,6 +1630,29 @@ pub fn table_from<P: Pal + 'static>(pal: &'static P) -> PalTable {
     }
 }
 
+impl TablePal {
+    /// Wrap a table.
+    ///
+    /// # Safety
+    ///
+    /// `table` must point to a valid [`PalTable`] that outlives the `TablePal`.
+    pub const unsafe fn new(table: *const PalTable) -> Self {
+        TablePal {
+            table: table as *const core::ffi::c_void,
+        }
+    }
+
+    /// The table called through.
+    pub fn table(&self) -> *const PalTable {
+        self.table as *const PalTable
+    }
+
+    fn t(&self) -> &PalTable {
+        // SAFETY: `new`'s contract: the table is valid for as long as `self`.
+        unsafe { &*self.table() }
+    }
+}
+
 // The table's functions take pointers as the C ABI does; TablePal hands the caller's
 // on unread (the host behind the table checks them), so none is dereferenced here.
 #[allow(clippy::not_unsafe_ptr_arg_deref)]

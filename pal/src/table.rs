@@ -1,38 +1,18 @@
 //! What the function table needs that does not depend on the spec: the
-//! context type every function takes first, and [`TablePal`], which calls
-//! a [`Pal`](crate::Pal) through a table (its `Pal` impl, one method per
-//! call, is generated in `abi.rs`).
-use crate::abi::PalTable;
+//! context type every function takes first, and the [`TablePal`] type,
+//! which calls a [`Pal`](crate::Pal) through a table. Its methods, which
+//! name the generated `PalTable`, are generated in `abi.rs` (so this
+//! module depends on nothing generated).
 
 /// The table's context, passed to every function.
 pub type Ctx = *mut core::ffi::c_void;
 
-/// Implements [`Pal`](crate::Pal) by calling through a table.
+/// Implements [`Pal`](crate::Pal) by calling through a table (made with
+/// `TablePal::new`).
 #[derive(Debug, Clone, Copy)]
 pub struct TablePal {
-    table: *const PalTable,
-}
-
-impl TablePal {
-    /// Wrap a table.
-    ///
-    /// # Safety
-    ///
-    /// `table` must point to a valid [`PalTable`] that outlives the `TablePal`.
-    pub const unsafe fn new(table: *const PalTable) -> Self {
-        TablePal { table }
-    }
-
-    /// The table called through.
-    pub fn table(&self) -> *const PalTable {
-        self.table
-    }
-
-    /// The table, for the generated calls.
-    pub(crate) fn t(&self) -> &PalTable {
-        // SAFETY: `new`'s contract: the table is valid for as long as `self`.
-        unsafe { &*self.table }
-    }
+    /// The `PalTable` called through (see `TablePal::new`'s contract).
+    pub(crate) table: *const core::ffi::c_void,
 }
 
 // SAFETY: the table is immutable and its functions may be called from any thread.
