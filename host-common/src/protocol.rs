@@ -31,7 +31,7 @@ pub const EXIT_HOST_FAILURE: i32 = 125;
 pub const EXIT_SANDBOX_VIOLATION: i32 = 159;
 
 /// A zygote's set-up pipe, kept open across `execve`: it closes it once
-/// its empty mount namespace is made (see `loader::mountns`), or writes
+/// its empty mount namespace is made (see `crate::mountns`), or writes
 /// the failed stage and errno there first.
 pub const SETUP_FD: RawFd = 5;
 

@@ -4,7 +4,7 @@
 //!
 //! | thread | allowed system calls |
 //! |---|---|
-//! | vCPU (and the main thread, which starts the first one) | [`VCPU_SYSCALLS`] + `ioctl` limited to the KVM vCPU requests + `mmap`/`mprotect` never W+X + `clone` for threads only + `fcntl` (3 commands) + `tgkill` (own process) + `prctl(PR_SET_NAME)` |
+//! | vCPU (and the main thread, which starts the first one) | the loader's allow-list + `ioctl` limited to the KVM vCPU requests + `mmap`/`mprotect` never W+X + `clone` for threads only + `fcntl` (3 commands) + `tgkill` (own process) + `prctl(PR_SET_NAME)` |
 //! | watchdog | [`WATCHDOG_SYSCALLS`] + `tgkill` (own process) |
 //! | UART input | [`INPUT_SYSCALLS`] + `fcntl(F_GETFD)` |
 //!

@@ -3,7 +3,7 @@
 //! Guest RAM sits at the same address in the VMM as in the guest, so a
 //! guest pointer, once the region map has checked it, is a VMM pointer:
 //! everything that is not about the guest's address space or its threads
-//! is the same code as host-linux's ([`LinuxPal`]: handles, sync objects,
+//! is the same code as host-linux's (host-common's [`LinuxPal`]: handles, sync objects,
 //! waits, streams brokered by the monitor, child processes, time, random).
 //! Here: memory (placed inside guest RAM), threads (vCPUs), and devices
 //! (`dev:` streams). Exits and raised exceptions need the vCPU and are
@@ -11,7 +11,7 @@
 //!
 //! Stream calls are dispatched by the handle's kind: a `dev:` stream
 //! carries its device's index (see [`DeviceSet::of_stream`]); every other
-//! stream is host-linux's.
+//! stream is host-common's `LinuxPal`'s.
 //!
 //! The PAL knows the VM only as data (where guest RAM ends, its devices)
 //! and as a [`SpawnThread`], which the VM implements: it does not depend

@@ -42,7 +42,7 @@ pub enum VmExit {
         value: u32,
         size: u8,
     },
-    /// `in` from `port`: answer with [`MicroVm::set_io_in`] before running on.
+    /// `in` from `port`: answer it (`MicroVm::set_io_in`) before running on.
     IoIn {
         port: u16,
         size: u8,

@@ -3,7 +3,7 @@
 //!
 //! ```sh
 //! cargo build                       # builds the guest images and the loader
-//! cargo run -p moat-host-linux --example embed
+//! cargo run -p moat-monitor --example embed
 //! ```
 use moat_monitor::{Sandbox, Stdio};
 use std::io::{BufRead, BufReader, Write};

@@ -23,9 +23,9 @@
 //!
 //! How it works: [`Sandbox::spawn`] checks the image in the host, starts
 //! the `moat-loader` binary in new namespaces (see [`crate::spawn`]),
-//! sends it the [`Config`] with the image descriptor, and runs a monitor
+//! sends it the configuration ([`Config`](moat_host_common::protocol::Config)) with the image descriptor, and runs a monitor
 //! thread that answers the loader's requests through the
-//! [`Broker`] until the loader's socket closes. A
+//! [`Broker`](crate::broker::Broker) until the loader's socket closes. A
 //! waiter thread reaps the loader and turns its status into an [`Exit`].
 use crate::error::{Error, Exit};
 use crate::image_check::check_image;

@@ -58,7 +58,7 @@ pub fn spawn_loader(loader: &Path, limits: &Limits) -> Result<Spawned, SpawnErro
 }
 
 /// Start a VMM (`moat-vmm`, the KVM host) with `/dev/kvm` as descriptor
-/// [`KVM_FD`] and the monitor socket as 3: from the VMM zygote (a warm
+/// [`KVM_FD`](moat_host_common::protocol::KVM_FD) and the monitor socket as 3: from the VMM zygote (a warm
 /// VMM, its VM already created), or with `MOAT_NO_ZYGOTE=1` in fresh
 /// namespaces.
 pub fn spawn_vmm(vmm: &Path, limits: &Limits) -> Result<Spawned, SpawnError> {

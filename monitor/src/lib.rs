@@ -10,7 +10,7 @@
 //!   [`broker`] decides each request with the policy as the only
 //!   authority, and answers with descriptors.
 //! - [`launch`]: starting a loader (`moat-loader`) or a VMM (`moat-vmm`),
-//!   from a [`zygote_client`] or in fresh namespaces ([`spawn`]); [`process`]:
+//!   from a zygote (`zygote_client`) or in fresh namespaces ([`spawn`]); [`process`]:
 //!   waiting for and signalling them.
 //! - [`disklock`]: disk files locked while served.
 //!

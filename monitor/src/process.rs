@@ -40,7 +40,7 @@ pub struct Spawned {
     /// A pidfd for it: signals and waits through it never hit a reused pid.
     pub pidfd: OwnedFd,
     /// The monitor's end of the `SOCK_SEQPACKET` socket (the loader's is
-    /// [`MONITOR_FD`]).
+    /// [`MONITOR_FD`](moat_host_common::protocol::MONITOR_FD)).
     pub sock: OwnedFd,
 }
 

@@ -5,7 +5,7 @@
 //! only rearranges descriptors, sets rlimits and `execve`s the small
 //! `moat-loader` binary. The mount namespace is the exception: the new
 //! program makes its own after `execve`, so that nothing it maps comes
-//! from a copy of the host's mounts (see `loader::mountns`, which says
+//! from a copy of the host's mounts (see `moat_host_common::mountns`, which says
 //! why that matters). Everything the child touches is prepared before
 //! `clone`; the child runs raw, async-signal-safe system calls only (the
 //! parent may have other threads holding locks) and `_exit(125)`s on any

@@ -1,4 +1,4 @@
-//! The host side of the zygote (see `loader::zygote`): one per host
+//! The host side of the zygote (see `moat_host_common::zygote`): one per host
 //! process, started on first use, restarted if it dies. Loaders it starts
 //! are its children, not ours, so their exit statuses come back over its
 //! control socket and wait here for whoever waits on the picoprocess.

@@ -1,7 +1,7 @@
 //! The in-process PAL of host-linux (and of the VMM for every call that
 //! is not about memory or threads): every ABI call, as the typed host
-//! traits of `moat_pal::host_calls`, one file per call group ([`memory`],
-//! [`threads`], [`sync`], [`process`], [`streams`], [`other`]).
+//! traits of `moat_pal::host_calls`, one file per call group (`memory`,
+//! `threads`, `sync`, `process`, `streams`, `other`).
 //!
 //! Calls that need no policy run here on the fast path (memory, threads,
 //! synchronisation, I/O on descriptors already held, time, random). Calls

@@ -80,7 +80,7 @@ fn clear_hint(dir: &Path, users: &[String]) -> String {
 
 /// Checks that `dir` can be mounted on: an existing, empty directory. A
 /// stale mount a killed moat server left there is cleared (see the
-/// [module documentation](self)).
+/// module documentation).
 pub fn check_mount_point(dir: &Path) -> Result<MountPointState, MountPointError> {
     let unusable = |err| MountPointError::Unusable {
         dir: dir.to_path_buf(),

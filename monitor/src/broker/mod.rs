@@ -1,4 +1,4 @@
-//! The monitor's side of every loader request, with the [`Policy`] as the
+//! The monitor's side of every loader request, with the [`Policy`](moat_policy::Policy) as the
 //! only authority.
 //!
 //! Everything a loader sends is hostile input: URIs are parsed again here
