@@ -424,7 +424,7 @@ fn raw_unix_ping_pong(n: u64) -> f64 {
     ping_pong(n, [s[1], s[0]], [s0, s1])
 }
 
-/// a: parent writes a[1], child reads a[0]; b: child writes b[1], parent reads b[0].
+/// a: parent writes `a[1]`, child reads `a[0]`; b: child writes `b[1]`, parent reads `b[0]`.
 fn ping_pong(n: u64, a: [i32; 2], b: [i32; 2]) -> f64 {
     // SAFETY: plain fork/read/write on our own descriptors; the child only
     // makes system calls and _exits.

@@ -9,7 +9,7 @@
 //!    the vDSO), then an allow-list with argument checks (no W+X mappings,
 //!    clone only for threads, fcntl only for flags, tgkill only of
 //!    ourselves). Everything else traps (SIGSYS) and the loader reports the
-//!    call by name, then exits with [`crate::EXIT_SANDBOX_VIOLATION`].
+//!    call by name, then exits with [`crate::protocol::EXIT_SANDBOX_VIOLATION`].
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen as Len, SeccompCmpOp as Op,
     SeccompCondition as Cond, SeccompFilter, SeccompRule, TargetArch,
