@@ -217,8 +217,18 @@ fn recv_into<T: DeserializeOwned>(
     if truncated {
         return Err(WireError::TooLarge);
     }
-    let msg = postcard::from_bytes(&buf[..n]).map_err(|e| WireError::Decode(e.to_string()))?;
+    let msg = decode(&buf[..n])?;
     Ok((msg, fds))
+}
+
+/// Decode the bytes of one received message, as [`recv`] does: the
+/// monitor's entry point for what a confined process sends, without a
+/// socket (the fuzz targets call it with arbitrary bytes).
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, WireError> {
+    if bytes.len() > MAX_MSG {
+        return Err(WireError::TooLarge);
+    }
+    postcard::from_bytes(bytes).map_err(|e| WireError::Decode(e.to_string()))
 }
 
 /// Monitor -> zygote (descriptor 3 of `moat-loader --zygote`).

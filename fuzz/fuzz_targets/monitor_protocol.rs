@@ -1,0 +1,6 @@
+//! `cargo fuzz run monitor_protocol`: hands libFuzzer's input to
+//! [`moat_fuzz_targets::monitor_protocol::run`], where the target and its checks are
+//! (a library, so that the test suite runs the same code over the corpus).
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| moat_fuzz_targets::monitor_protocol::run(data));
