@@ -203,7 +203,7 @@ fn adapter_method(w: &mut String, spec: &Spec, c: &Call) {
         snake_case(&c.name),
         params.join(", ")
     );
-    // 1. Pointers, in argument order.
+    // 1. Lengths, then pointers.
     let max_handles = spec
         .limits
         .0
@@ -219,9 +219,10 @@ fn adapter_method(w: &mut String, spec: &Spec, c: &Call) {
         c.name
     );
     let fail = "return e.code()";
+    // 1a. Every length outside the bounds its doc gives is refused first,
+    // before any pointer is looked at (so a call with a bad length fails
+    // with InvalidArgument whichever of its pointers is also bad).
     for a in &c.args {
-        let n = &a.name;
-        // A length outside the bounds its doc gives is refused first.
         if let Some(len) = &a.len {
             let doc = c
                 .args
@@ -248,6 +249,10 @@ fn adapter_method(w: &mut String, spec: &Spec, c: &Call) {
                 let _ = writeln!(w, "if {cond} {{ return Error::InvalidArgument.code(); }}");
             }
         }
+    }
+    // 1b. Then every pointer, in argument order.
+    for a in &c.args {
+        let n = &a.name;
         match a.ty.as_str() {
             "bytes_in" | "bytes_out" => {
                 let len = a.len.as_deref().expect("validated");

@@ -138,3 +138,26 @@ fn limits_keep_file_order() {
     assert_eq!(s.limits.0[0], ("max_uri_len".to_string(), 4096));
     assert_eq!(s.limits.0.last().unwrap().0, "page_size");
 }
+
+#[test]
+fn adapter_checks_every_length_before_any_pointer() {
+    // The documented order (pal/src/host.rs): lengths, then pointers. A
+    // call with two bounded buffers (DkProcessCreate) once checked the
+    // first buffer's pointer before the second buffer's length, so a bad
+    // pointer there won over a bad length.
+    let code = render_rust_host(spec());
+    let mut bodies = code.split("fn dk_").skip(1).peekable();
+    assert!(bodies.peek().is_some());
+    for body in bodies {
+        let body = body.split("\n    fn ").next().unwrap();
+        let first_pointer = ["checked(self", "check_guest("]
+            .iter()
+            .filter_map(|p| body.find(p))
+            .min();
+        let (Some(p), Some(l)) = (first_pointer, body.rfind("InvalidArgument.code()")) else {
+            continue;
+        };
+        let name = body.split('(').next().unwrap();
+        assert!(l < p, "dk_{name} checks a length after a pointer");
+    }
+}

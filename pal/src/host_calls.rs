@@ -348,13 +348,13 @@ impl<H: PalHost> Pal for H {
         if !(1..=4096).contains(&uri_len) {
             return Error::InvalidArgument.code();
         }
+        if args_len > 65536 {
+            return Error::InvalidArgument.code();
+        }
         let uri = match GuestIn::checked(self, uri as u64, uri_len) {
             Ok(r) => r,
             Err(e) => return e.code(),
         };
-        if args_len > 65536 {
-            return Error::InvalidArgument.code();
-        }
         let args = match GuestIn::checked(self, args as u64, args_len) {
             Ok(r) => r,
             Err(e) => return e.code(),
