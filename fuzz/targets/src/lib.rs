@@ -21,6 +21,7 @@ pub mod hypercall_dispatch;
 pub mod input;
 pub mod manifest;
 pub mod monitor_protocol;
+pub mod seeds;
 pub mod service_wire;
 
 /// Every target, by the name of its `cargo fuzz` binary and corpus folder.

@@ -255,6 +255,14 @@ fn check_reply(w: &World, req: &Request, reply: Option<moat_monitor::broker::Rep
     }
 }
 
+/// Remove the directories [`run`] made (for a process that runs the
+/// target and goes on, such as the test suite's replay).
+pub fn cleanup() {
+    if let Some(w) = WORLD.get() {
+        let _ = fs::remove_dir_all(&w.root);
+    }
+}
+
 /// Run one input: a few messages, each decoded and, if it decodes,
 /// handled; then nothing outside the read-write grant has changed.
 pub fn run(data: &[u8]) {

@@ -1,0 +1,353 @@
+//! The seed inputs of every target, made from real values: each ABI call
+//! with arguments a guest would pass, real loader requests, the driver's
+//! answers, the README's manifest and device declarations, the built guest
+//! images. `cargo run --manifest-path fuzz/Cargo.toml -p moat-fuzz-targets
+//! --bin seeds` writes them into a corpus folder (README.md says how the
+//! committed corpus was made from them).
+use moat_abi_spec::LEN_TYPES;
+use moat_host_common::protocol::{ReportKind, Request};
+use moat_service_proto::{class, status, Response};
+use std::path::Path;
+
+/// A named seed.
+pub type Seed = (String, Vec<u8>);
+
+// ---------------------------------------------------------------- hypercalls
+
+/// A word that the target reads as a pointer `off` bytes into guest RAM.
+fn ptr(off: u16) -> Vec<u8> {
+    let mut v = vec![4];
+    v.extend_from_slice(&off.to_le_bytes());
+    v
+}
+
+/// A word that the target reads as `v` (a `u16`).
+fn num(v: u16) -> Vec<u8> {
+    let mut w = vec![2];
+    w.extend_from_slice(&v.to_le_bytes());
+    w
+}
+
+/// Guest RAM with four kinds of memory: read-write allocations (pages 0 to
+/// 3), a read-write stack (4 to 7), a read-only image (8 to 11) and code
+/// (12 to 15).
+fn layout() -> Vec<u8> {
+    let mut v = vec![4];
+    for (first, b) in [(0u8, 3 | 1 << 3), (4, 3 | 2 << 3), (8, 1), (12, 5)] {
+        v.extend_from_slice(&[first, 3, b]);
+    }
+    v.extend((0..32u8).map(|i| i.wrapping_mul(37)));
+    v
+}
+
+/// One call with arguments a guest would pass: buffers in the read-write
+/// pages, lengths that fit them, small scalars; the host answers `script`.
+fn call_bytes(call: &moat_abi_spec::Call, script: u8) -> Vec<u8> {
+    let mut v = vec![call.number as u8];
+    let lens: Vec<&str> = call
+        .args
+        .iter()
+        .filter(|a| LEN_TYPES.contains(&a.ty.as_str()))
+        .filter_map(|a| a.len.as_deref())
+        .collect();
+    let mut buf = 0x100u16;
+    for i in 0..6 {
+        let w = match call.args.get(i) {
+            None => num(0),
+            Some(a) if lens.contains(&a.name.as_str()) => match a.doc.as_deref() {
+                Some(d) if d.starts_with("at least") => num(256),
+                Some(d) if d.contains("max_wait_handles") => num(3),
+                _ => num(24),
+            },
+            Some(a) if a.ty.contains("_in") || a.ty.contains("_out") => {
+                buf += 0x800;
+                ptr(buf)
+            }
+            Some(_) => num(1),
+        };
+        v.extend(w);
+    }
+    v.push(script);
+    v
+}
+
+pub fn hypercall_dispatch() -> Vec<Seed> {
+    let spec = moat_abi_spec::spec();
+    let mut out = Vec::new();
+    for c in &spec.calls {
+        for (tag, script) in [("ok", 1u8), ("err", 12)] {
+            let mut v = layout();
+            v.extend(call_bytes(c, script));
+            out.push((format!("{}-{tag}", c.name), v));
+        }
+    }
+    // Memory calls: allocate where the host chooses, protect, free.
+    let mut v = layout();
+    let page = |v: &mut Vec<u8>, nr: u8, addr: Vec<u8>, size: u16, p: u16| {
+        v.push(nr);
+        v.extend(addr);
+        v.extend(num(size));
+        v.extend(num(p));
+        v.extend([num(0), num(0), num(0)].concat());
+        v.push(1);
+    };
+    page(&mut v, 1, num(0), 0x2000, 3);
+    page(&mut v, 3, ptr(0), 0x1000, 1);
+    page(&mut v, 2, ptr(0), 0x1000, 0);
+    out.push(("memory-calls".into(), v));
+    out
+}
+
+// ------------------------------------------------------------------ monitor
+
+/// A structured message: `sel` picks the request, then its fields.
+fn msg(sel: u8, fields: &[&[u8]]) -> Vec<u8> {
+    let mut v = vec![sel];
+    for f in fields {
+        v.extend_from_slice(f);
+    }
+    v
+}
+
+/// A URI from the target's vocabulary: base `b`, then `suffix`.
+fn uri(b: u8, suffix: &str) -> Vec<u8> {
+    let mut v = vec![b];
+    v.extend_from_slice(&(suffix.len() as u16).to_le_bytes());
+    v.extend_from_slice(suffix.as_bytes());
+    v
+}
+
+/// A raw message: real request values, encoded as a loader encodes them.
+fn raw(req: &Request) -> Vec<u8> {
+    let bytes = postcard::to_allocvec(req).unwrap();
+    let mut v = vec![0];
+    v.extend_from_slice(&(bytes.len() as u16).to_le_bytes());
+    v.extend(bytes);
+    v
+}
+
+pub fn monitor_protocol() -> Vec<Seed> {
+    let open = |u: Vec<u8>, access: u8, create: u8, options: u8| {
+        msg(1, &[&u, &[access, create, options]])
+    };
+    let text = |s: &str| {
+        let mut v = (s.len() as u16).to_le_bytes().to_vec();
+        v.extend_from_slice(s.as_bytes());
+        v
+    };
+    let seeds: Vec<(&str, Vec<u8>)> = vec![
+        ("open-read", open(uri(0, "/file"), 1, 0, 0)),
+        ("open-create", open(uri(0, "/new"), 3, 2, 0)),
+        ("open-truncate", open(uri(0, "/file"), 2, 1, 0)),
+        ("open-append", open(uri(0, "/sub/inner"), 6, 3, 0)),
+        ("mkdir", open(uri(0, "/dir"), 1, 3, 1)),
+        ("open-dir", open(uri(0, ""), 1, 0, 1)),
+        ("escape-link", open(uri(6, "/secret"), 1, 0, 0)),
+        ("abs-link", open(uri(7, ""), 1, 0, 0)),
+        ("up-link", open(uri(8, ""), 3, 0, 0)),
+        ("dotdot", open(uri(9, "/outside/secret"), 1, 0, 0)),
+        ("ro-write", open(uri(10, "/file"), 2, 0, 0)),
+        ("ro-read", open(uri(10, "/sub/inner"), 1, 0, 0)),
+        ("sibling-prefix", open(uri(13, "/file"), 1, 0, 0)),
+        ("device-link", open(uri(16, ""), 1, 0, 0)),
+        ("null", open(uri(21, ""), 3, 0, 0)),
+        ("console", msg(1, &[&[22, 1, 0, 0], &[2, 0, 0]])),
+        ("stat", msg(9, &[&uri(0, "/file")])),
+        ("stat-ro", msg(9, &[&uri(10, "")])),
+        ("rename", msg(13, &[&uri(0, "/file"), &uri(0, "/moved")])),
+        ("rename-out", msg(13, &[&uri(0, "/file"), &uri(12, "/stolen")])),
+        ("rename-ro", msg(13, &[&uri(10, "/file"), &uri(0, "/taken")])),
+        ("delete", msg(17, &[&uri(0, "/file")])),
+        ("delete-dir", msg(17, &[&uri(0, "/sub/deeper")])),
+        ("delete-grant", msg(17, &[&uri(0, "")])),
+        ("delete-link-target", msg(17, &[&uri(6, "/secret")])),
+        (
+            "process-create",
+            msg(21, &[&uri(0, "/file"), &[1], &text("arg")]),
+        ),
+        ("listen-pipe", msg(25, &[&uri(17, "svc")])),
+        ("listen-tcp", msg(25, &[&uri(20, "0")])),
+        ("debug", msg(29, &[&[0], &text("hello\nworld\x1b[2J")])),
+        ("report", msg(29, &[&[1], &text("exception")])),
+        (
+            "raw-open",
+            raw(&Request::Open {
+                uri: "file:/etc/passwd".into(),
+                access: 1,
+                create: 0,
+                options: 0,
+            }),
+        ),
+        (
+            "raw-rename",
+            raw(&Request::Rename {
+                from: "file:/tmp/a".into(),
+                to: "file:/tmp/b".into(),
+            }),
+        ),
+        (
+            "raw-process",
+            raw(&Request::ProcessCreate {
+                uri: "file:/bin/true".into(),
+                args: vec!["a".into(), "b".into()],
+            }),
+        ),
+        (
+            "raw-report",
+            raw(&Request::Report {
+                kind: ReportKind::Exception,
+                text: "boom".into(),
+            }),
+        ),
+        (
+            "raw-debug",
+            raw(&Request::Debug {
+                text: "x".repeat(100),
+            }),
+        ),
+    ];
+    let mut out: Vec<Seed> = seeds.into_iter().map(|(n, v)| (n.into(), v)).collect();
+    // A session's worth: create, write, rename, delete in one input.
+    let mut v = open(uri(0, "/a"), 3, 2, 0);
+    v.extend(msg(13, &[&uri(0, "/a"), &uri(0, "/sub/b")]));
+    v.extend(msg(9, &[&uri(0, "/sub/b")]));
+    v.extend(msg(17, &[&uri(0, "/sub/b")]));
+    out.push(("sequence".into(), v));
+    out
+}
+
+// ------------------------------------------------------------- service wire
+
+/// A driver's answer as the target reads a raw header.
+fn answer(r: Response) -> Vec<u8> {
+    let mut v = vec![2, 0];
+    v.extend_from_slice(&r.encode());
+    v
+}
+
+pub fn service_wire() -> Vec<Seed> {
+    let ok = |id: u64, len: u32| Response {
+        status: status::OK,
+        class: class::BLOCK,
+        id,
+        len,
+    };
+    // Default-like limits: 128 KiB, a deadline of 1000 ms, 8 in flight.
+    let limits = [3u8, 2, 0xe8, 0x03, 8];
+    // The handshake a real driver (libos's serve_block) answers: 1 MiB in
+    // 512-byte blocks.
+    let mut hs = vec![5];
+    hs.extend(answer(ok(0, 16)));
+    hs.push(0);
+    hs.extend_from_slice(&(1u64 << 20).to_le_bytes());
+    hs.extend_from_slice(&512u64.to_le_bytes());
+    let read = |off: u16, blocks: u8| vec![0, 0, 1, off as u8, (off >> 8) as u8, blocks];
+    let write = |off: u16, blocks: u8| vec![0, 1, 1, off as u8, (off >> 8) as u8, blocks];
+    let mut out = Vec::new();
+    let mut v = limits.to_vec();
+    v.extend(&hs);
+    v.extend(read(0, 1));
+    v.extend(answer(ok(1, 512)));
+    v.extend(write(8, 2));
+    v.extend(answer(ok(2, 0)));
+    v.extend([0, 2, 1, 0, 0, 0]); // flush
+    v.extend(answer(ok(3, 0)));
+    out.push(("driver-session".into(), v));
+    // Restart with requests in flight: handshake again, re-issue, answer.
+    let mut v = limits.to_vec();
+    v.extend(&hs);
+    v.extend(read(0, 1));
+    v.extend(write(1, 1));
+    v.extend(&hs);
+    v.push(6);
+    v.extend(answer(ok(2, 0)));
+    v.extend(answer(ok(1, 512)));
+    out.push(("restart-reissue".into(), v));
+    // The faults the test driver injects: a double answer, a wrong id, a
+    // wrong length, a bad status, a flood, and the circuit breaker.
+    let mut v = limits.to_vec();
+    v.extend(&hs);
+    v.extend(read(0, 1));
+    v.extend(answer(ok(1, 512)));
+    v.extend(answer(ok(1, 512)));
+    v.extend(read(0, 1));
+    v.extend(answer(ok(2 + 1_000_003, 512)));
+    v.extend(answer(ok(2, 511)));
+    v.extend(answer(Response {
+        status: 0x7f,
+        ..ok(2, 512)
+    }));
+    v.extend(answer(ok(2 ^ (1 << 32) ^ 0xdead, 0)));
+    v.extend([8, 3, 0x10, 0, 0, 0]); // time passes
+    v.push(9);
+    v.push(7);
+    out.push(("driver-faults".into(), v));
+    out
+}
+
+// ----------------------------------------------------------------- manifest
+
+pub fn manifest(repo: &Path) -> Vec<Seed> {
+    let mut out = Vec::new();
+    let readme = std::fs::read_to_string(repo.join("README.md")).unwrap_or_default();
+    let mut in_toml = false;
+    let mut block = String::new();
+    for line in readme.lines() {
+        if line.trim_start().starts_with("```toml") {
+            in_toml = true;
+            block.clear();
+        } else if in_toml && line.trim_start().starts_with("```") {
+            in_toml = false;
+            out.push((format!("readme-{}", out.len()), block.clone().into_bytes()));
+        } else if in_toml {
+            block.push_str(line);
+            block.push('\n');
+        }
+    }
+    let more: [(&str, &str); 6] = [
+        ("empty", ""),
+        (
+            "grants",
+            "[[grant]]\nuri = \"tcp:127.0.0.1:\"\naccess = \"rw\"\n[[grant]]\nuri = \"pipe.server:svc\"\n[[grant]]\nuri = \"file:/tmp/x/../y\"\n",
+        ),
+        (
+            "devices",
+            "[[device]]\nname = \"com1\"\nkind = \"uart\"\n[[device]]\nname = \"blk0\"\nkind = \"virtio-blk\"\nfile = \"disk.img\"\nread_only = true\n",
+        ),
+        ("limits", "[limits]\nmemory_mib = 64\nthreads = 1\nhandles = 16\nprocesses = 0\ncpu_seconds = 4294967296\n"),
+        (
+            "device-lines",
+            "com1=uart\nblk0=virtio-blk:/path/disk.img\nblk0=virtio-blk,ro:disk.img\nx=virtio-blk:a:b\n",
+        ),
+        ("args", "image = \"hello\"\nargs = [\"a\", \"\", \"b c\"]\n"),
+    ];
+    out.extend(more.iter().map(|(n, t)| (n.to_string(), t.as_bytes().to_vec())));
+    out
+}
+
+// ---------------------------------------------------------------- elf image
+
+/// The built images: every ELF file directly in `dir` (a target folder's
+/// `debug` or `release`), each with an unlimited memory limit in front.
+pub fn elf_image(dir: &Path) -> Vec<Seed> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    let mut files: Vec<_> = rd.filter_map(|e| e.ok()).map(|e| e.path()).collect();
+    files.sort();
+    for p in files {
+        let Ok(bytes) = std::fs::read(&p) else {
+            continue;
+        };
+        // Guest images only: static, small; host binaries are megabytes.
+        if !bytes.starts_with(b"\x7fELF") || bytes.len() > 512 << 10 {
+            continue;
+        }
+        let mut v = vec![0u8; 8];
+        v.extend(bytes);
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        out.push((name, v));
+    }
+    out
+}
