@@ -33,6 +33,16 @@ pub const TARGETS: [(&str, fn(&[u8])); 5] = [
     ("elf_image", elf_image::run),
 ];
 
+/// The libFuzzer options a target's runs take beyond the defaults
+/// (`elf_image`: inputs up to [`seeds::MAX_IMAGE_SEED`] bytes, enough for
+/// the small real images; larger ones make its corpus tens of megabytes).
+pub fn libfuzzer_options(name: &str) -> &'static [&'static str] {
+    match name {
+        "elf_image" => &["-max_len=65536"],
+        _ => &[],
+    }
+}
+
 /// Run the target `name` on `data`; `false` if there is no such target.
 pub fn run(name: &str, data: &[u8]) -> bool {
     match TARGETS.iter().find(|(n, _)| *n == name) {

@@ -12,6 +12,10 @@ use std::path::Path;
 /// A named seed.
 pub type Seed = (String, Vec<u8>);
 
+/// The largest image seed, and the `-max_len` of the elf_image target's
+/// runs: larger inputs would make its corpus tens of megabytes.
+pub const MAX_IMAGE_SEED: usize = 64 << 10;
+
 // ---------------------------------------------------------------- hypercalls
 
 /// A word that the target reads as a pointer `off` bytes into guest RAM.
@@ -127,9 +131,8 @@ fn raw(req: &Request) -> Vec<u8> {
 }
 
 pub fn monitor_protocol() -> Vec<Seed> {
-    let open = |u: Vec<u8>, access: u8, create: u8, options: u8| {
-        msg(1, &[&u, &[access, create, options]])
-    };
+    let open =
+        |u: Vec<u8>, access: u8, create: u8, options: u8| msg(1, &[&u, &[access, create, options]]);
     let text = |s: &str| {
         let mut v = (s.len() as u16).to_le_bytes().to_vec();
         v.extend_from_slice(s.as_bytes());
@@ -155,8 +158,14 @@ pub fn monitor_protocol() -> Vec<Seed> {
         ("stat", msg(9, &[&uri(0, "/file")])),
         ("stat-ro", msg(9, &[&uri(10, "")])),
         ("rename", msg(13, &[&uri(0, "/file"), &uri(0, "/moved")])),
-        ("rename-out", msg(13, &[&uri(0, "/file"), &uri(12, "/stolen")])),
-        ("rename-ro", msg(13, &[&uri(10, "/file"), &uri(0, "/taken")])),
+        (
+            "rename-out",
+            msg(13, &[&uri(0, "/file"), &uri(12, "/stolen")]),
+        ),
+        (
+            "rename-ro",
+            msg(13, &[&uri(10, "/file"), &uri(0, "/taken")]),
+        ),
         ("delete", msg(17, &[&uri(0, "/file")])),
         ("delete-dir", msg(17, &[&uri(0, "/sub/deeper")])),
         ("delete-grant", msg(17, &[&uri(0, "")])),
@@ -321,16 +330,209 @@ pub fn manifest(repo: &Path) -> Vec<Seed> {
         ),
         ("args", "image = \"hello\"\nargs = [\"a\", \"\", \"b c\"]\n"),
     ];
-    out.extend(more.iter().map(|(n, t)| (n.to_string(), t.as_bytes().to_vec())));
+    out.extend(
+        more.iter()
+            .map(|(n, t)| (n.to_string(), t.as_bytes().to_vec())),
+    );
     out
 }
 
 // ---------------------------------------------------------------- elf image
 
-/// The built images: every ELF file directly in `dir` (a target folder's
-/// `debug` or `release`), each with an unlimited memory limit in front.
-pub fn elf_image(dir: &Path) -> Vec<Seed> {
-    let mut out = Vec::new();
+/// What a small made-up image has, for seeds that reach the checks a
+/// kilobyte file can (real images are tens of kilobytes).
+#[derive(Clone, Copy, Default)]
+struct Tiny {
+    /// A `.moat_abi` marker.
+    marker: bool,
+    /// The code segment is also writable.
+    write_exec: bool,
+    /// A PT_TLS and a PT_DYNAMIC header.
+    tls_dynamic: bool,
+    /// ET_DYN instead of ET_EXEC.
+    pie: bool,
+}
+
+/// A static ELF64 x86-64 image of under a kilobyte: a code segment whose
+/// one function holds a `syscall`, an `int 0x80` and a `0f 05` inside a
+/// longer instruction; a data segment; a symbol table; a section table.
+fn tiny_elf(t: Tiny) -> Vec<u8> {
+    const TEXT_OFF: u64 = 0x200;
+    const DATA_OFF: u64 = 0x300;
+    const BASE: u64 = 0x40_0000;
+    let code: &[u8] = &[
+        0xb8, 0x0f, 0x05, 0x00, 0x00, // mov eax, 0x50f (no syscall)
+        0x0f, 0x05, // syscall
+        0xcd, 0x80, // int 0x80
+        0xc3, // ret
+    ];
+    let mut f = vec![0u8; 0x400];
+    let put = |f: &mut Vec<u8>, at: usize, b: &[u8]| f[at..at + b.len()].copy_from_slice(b);
+    let mut phdrs: Vec<[u64; 7]> = vec![
+        // type | flags << 32, offset, vaddr, paddr, filesz, memsz, align
+        [
+            1 | (if t.write_exec { 7 } else { 5 }) << 32,
+            TEXT_OFF,
+            BASE + TEXT_OFF,
+            0,
+            code.len() as u64,
+            code.len() as u64,
+            0x1000,
+        ],
+        [
+            1 | 6 << 32,
+            DATA_OFF,
+            BASE + 0x1000 + DATA_OFF,
+            0,
+            16,
+            0x2000,
+            0x1000,
+        ],
+    ];
+    if t.tls_dynamic {
+        phdrs.push([7 | 4 << 32, DATA_OFF, BASE + 0x1000 + DATA_OFF, 0, 8, 8, 8]);
+        phdrs.push([
+            2 | 6 << 32,
+            DATA_OFF,
+            BASE + 0x1000 + DATA_OFF,
+            0,
+            16,
+            16,
+            8,
+        ]);
+    }
+    // Sections: null, .text, .moat_abi, .symtab, .strtab, .shstrtab.
+    let shstr = b"\0.text\0.moat_abi\0.symtab\0.strtab\0.shstrtab\0";
+    let (n_text, n_abi, n_sym, n_str, n_shstr) = (1u32, 7, 17, 25, 33);
+    let strtab = b"\0f\0";
+    let abi_off = 0x340usize;
+    let sym_off = 0x360usize;
+    let str_off = 0x390usize;
+    let shstr_off = 0x3a0usize;
+    let shoff = 0x400usize;
+    put(&mut f, TEXT_OFF as usize, code);
+    put(&mut f, DATA_OFF as usize, b"data of the tiny");
+    if t.marker {
+        put(&mut f, abi_off, b"MOATABI\0");
+        put(&mut f, abi_off + 8, &0x0001_0000u32.to_le_bytes());
+    }
+    // Symbol 1: FUNC `f` over the code, in section 1.
+    let mut sym = [0u8; 24];
+    sym[0..4].copy_from_slice(&1u32.to_le_bytes());
+    sym[4] = 0x12; // global, FUNC
+    sym[6..8].copy_from_slice(&1u16.to_le_bytes());
+    sym[8..16].copy_from_slice(&(BASE + TEXT_OFF).to_le_bytes());
+    sym[16..24].copy_from_slice(&(code.len() as u64).to_le_bytes());
+    put(&mut f, sym_off + 24, &sym);
+    put(&mut f, str_off, strtab);
+    put(&mut f, shstr_off, shstr);
+    let mut sh = |name: u32,
+                  ty: u32,
+                  flags: u64,
+                  addr: u64,
+                  off: usize,
+                  size: usize,
+                  link: u32,
+                  info: u32,
+                  entsize: u64| {
+        let mut h = [0u8; 64];
+        h[0..4].copy_from_slice(&name.to_le_bytes());
+        h[4..8].copy_from_slice(&ty.to_le_bytes());
+        h[8..16].copy_from_slice(&flags.to_le_bytes());
+        h[16..24].copy_from_slice(&addr.to_le_bytes());
+        h[24..32].copy_from_slice(&(off as u64).to_le_bytes());
+        h[32..40].copy_from_slice(&(size as u64).to_le_bytes());
+        h[40..44].copy_from_slice(&link.to_le_bytes());
+        h[44..48].copy_from_slice(&info.to_le_bytes());
+        h[48..56].copy_from_slice(&1u64.to_le_bytes());
+        h[56..64].copy_from_slice(&entsize.to_le_bytes());
+        f.extend_from_slice(&h);
+    };
+    sh(0, 0, 0, 0, 0, 0, 0, 0, 0);
+    sh(
+        n_text,
+        1,
+        6,
+        BASE + TEXT_OFF,
+        TEXT_OFF as usize,
+        code.len(),
+        0,
+        0,
+        0,
+    );
+    sh(n_abi, 1, 2, 0, abi_off, 16, 0, 0, 0);
+    sh(n_sym, 2, 0, 0, sym_off, 48, 4, 1, 24);
+    sh(n_str, 3, 0, 0, str_off, strtab.len(), 0, 0, 0);
+    sh(n_shstr, 3, 0, 0, shstr_off, shstr.len(), 0, 0, 0);
+    // The ELF header.
+    let mut h = [0u8; 64];
+    h[0..4].copy_from_slice(b"\x7fELF");
+    h[4] = 2; // ELFCLASS64
+    h[5] = 1; // little-endian
+    h[6] = 1; // version
+    h[16..18].copy_from_slice(&(if t.pie { 3u16 } else { 2 }).to_le_bytes());
+    h[18..20].copy_from_slice(&62u16.to_le_bytes()); // x86-64
+    h[20..24].copy_from_slice(&1u32.to_le_bytes());
+    h[24..32].copy_from_slice(&(BASE + TEXT_OFF).to_le_bytes()); // entry
+    h[32..40].copy_from_slice(&64u64.to_le_bytes()); // phoff
+    h[40..48].copy_from_slice(&(shoff as u64).to_le_bytes());
+    h[52..54].copy_from_slice(&64u16.to_le_bytes()); // ehsize
+    h[54..56].copy_from_slice(&56u16.to_le_bytes());
+    h[56..58].copy_from_slice(&(phdrs.len() as u16).to_le_bytes());
+    h[58..60].copy_from_slice(&64u16.to_le_bytes());
+    h[60..62].copy_from_slice(&6u16.to_le_bytes());
+    h[62..64].copy_from_slice(&5u16.to_le_bytes()); // shstrndx
+    put(&mut f, 0, &h);
+    for (i, p) in phdrs.iter().enumerate() {
+        let at = 64 + i * 56;
+        put(&mut f, at, &(p[0] as u32).to_le_bytes());
+        put(&mut f, at + 4, &((p[0] >> 32) as u32).to_le_bytes());
+        for (k, v) in p[1..].iter().enumerate() {
+            put(&mut f, at + 8 + k * 8, &v.to_le_bytes());
+        }
+    }
+    f
+}
+
+/// The image seeds: made-up small images, then every built image of at
+/// most `max` bytes directly in `dir` (a target folder's `debug`); each
+/// with an unlimited memory limit in front.
+pub fn elf_image(dir: &Path, max: usize) -> Vec<Seed> {
+    let tiny = Tiny::default();
+    let made = [
+        ("tiny", tiny),
+        (
+            "tiny-marker",
+            Tiny {
+                marker: true,
+                ..tiny
+            },
+        ),
+        (
+            "tiny-wx",
+            Tiny {
+                write_exec: true,
+                ..tiny
+            },
+        ),
+        (
+            "tiny-tls-dynamic",
+            Tiny {
+                tls_dynamic: true,
+                ..tiny
+            },
+        ),
+        ("tiny-pie", Tiny { pie: true, ..tiny }),
+    ];
+    let with_limit = |bytes: Vec<u8>| {
+        let mut v = vec![0u8; 8];
+        v.extend(bytes);
+        v
+    };
+    let mut out: Vec<Seed> = made
+        .iter()
+        .map(|(n, t)| (n.to_string(), with_limit(tiny_elf(*t))))
+        .collect();
     let Ok(rd) = std::fs::read_dir(dir) else {
         return out;
     };
@@ -340,14 +542,47 @@ pub fn elf_image(dir: &Path) -> Vec<Seed> {
         let Ok(bytes) = std::fs::read(&p) else {
             continue;
         };
-        // Guest images only: static, small; host binaries are megabytes.
-        if !bytes.starts_with(b"\x7fELF") || bytes.len() > 512 << 10 {
+        if !bytes.starts_with(b"\x7fELF") || bytes.len() + 8 > max {
             continue;
         }
-        let mut v = vec![0u8; 8];
-        v.extend(bytes);
         let name = p.file_name().unwrap().to_string_lossy().into_owned();
-        out.push((name, v));
+        out.push((name, with_limit(bytes)));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use moat_host_common::elf;
+
+    #[test]
+    fn tiny_images_are_what_they_say() {
+        let t = Tiny::default();
+        let img = elf::parse(&tiny_elf(t), u64::MAX).unwrap();
+        // `syscall` and `int 0x80`, not the `0f 05` inside the `mov`.
+        assert_eq!(img.syscall_sites, vec![0x40_0205, 0x40_0207]);
+        assert_eq!(img.abi_version, None);
+        let marked = elf::parse(&tiny_elf(Tiny { marker: true, ..t }), u64::MAX).unwrap();
+        assert_eq!(marked.abi_version, Some(0x0001_0000));
+        let refused = |t: Tiny| elf::parse(&tiny_elf(t), u64::MAX).unwrap_err();
+        assert!(matches!(
+            refused(Tiny {
+                write_exec: true,
+                ..t
+            }),
+            elf::ImageError::WriteExec(_)
+        ));
+        assert!(matches!(
+            refused(Tiny {
+                tls_dynamic: true,
+                ..t
+            }),
+            elf::ImageError::Tls
+        ));
+        assert!(matches!(
+            refused(Tiny { pie: true, ..t }),
+            elf::ImageError::WrongType(_)
+        ));
+    }
 }

@@ -1,7 +1,8 @@
 //! Writes every target's seed inputs (see `moat_fuzz_targets::seeds`) into
 //! `OUT/<target>/<name>`: `seeds OUT REPO IMAGES`, where `REPO` is the
 //! repository (for the README's manifests) and `IMAGES` a folder of built
-//! guest images (a target folder's `debug`).
+//! guest images (a target folder's `debug`; those of at most
+//! `seeds::MAX_IMAGE_SEED` bytes are taken).
 use moat_fuzz_targets::seeds;
 use std::path::PathBuf;
 
@@ -16,7 +17,7 @@ fn main() {
         ("monitor_protocol", seeds::monitor_protocol()),
         ("service_wire", seeds::service_wire()),
         ("manifest", seeds::manifest(repo)),
-        ("elf_image", seeds::elf_image(images)),
+        ("elf_image", seeds::elf_image(images, seeds::MAX_IMAGE_SEED)),
     ];
     for (target, seeds) in all {
         let dir = out.join(target);
