@@ -257,7 +257,7 @@ impl Guest {
     /// The scripted answer: an error, or a value.
     fn answer(&self) -> PalResult<u64> {
         let s = *lock(&self.script);
-        if s % 4 == 0 {
+        if s.is_multiple_of(4) {
             Err(Error::ALL[usize::from(s / 4) % Error::ALL.len()])
         } else {
             Ok(u64::from(s).rotate_left(u32::from(s) * 7))
@@ -413,7 +413,7 @@ impl MemoryCalls for Guest {
     fn virtual_memory_alloc(&self, addr: u64, size: u64, p: u32) -> PalResult<u64> {
         let r = (|| {
             validate::check_prot(p)?;
-            if size == 0 || size % PAGE != 0 || addr % PAGE != 0 {
+            if size == 0 || !size.is_multiple_of(PAGE) || !addr.is_multiple_of(PAGE) {
                 return Err(Error::InvalidArgument);
             }
             let mut map = self.regions.write().unwrap();

@@ -24,8 +24,11 @@ pub mod monitor_protocol;
 pub mod seeds;
 pub mod service_wire;
 
+/// A target: the function libFuzzer's input goes to.
+pub type Target = fn(&[u8]);
+
 /// Every target, by the name of its `cargo fuzz` binary and corpus folder.
-pub const TARGETS: [(&str, fn(&[u8])); 5] = [
+pub const TARGETS: [(&str, Target); 5] = [
     ("hypercall_dispatch", hypercall_dispatch::run),
     ("monitor_protocol", monitor_protocol::run),
     ("service_wire", service_wire::run),

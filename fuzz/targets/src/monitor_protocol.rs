@@ -144,7 +144,7 @@ impl ModeBits for fs::Metadata {
 fn uri(w: &World, inp: &mut Input) -> String {
     let root = w.root.display().to_string();
     let base = match inp.u8() % 24 {
-        0 | 1 | 2 | 3 => format!("file:{root}/grant"),
+        0..=3 => format!("file:{root}/grant"),
         4 => format!("file:{root}/grant/"),
         5 => format!("file:{root}/grant/sub"),
         6 => format!("file:{root}/grant/escape"),
@@ -174,7 +174,7 @@ fn uri(w: &World, inp: &mut Input) -> String {
 /// One message's bytes.
 fn message(w: &World, inp: &mut Input) -> Vec<u8> {
     let sel = inp.u8();
-    if sel % 4 == 0 {
+    if sel.is_multiple_of(4) {
         return inp.string_bytes(512).to_vec();
     }
     let req = match sel / 4 % 8 {

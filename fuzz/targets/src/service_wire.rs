@@ -57,7 +57,7 @@ impl Model {
                 let bs = u64::from(g.block_size);
                 len != 0
                     && len <= self.limits.max_io
-                    && offset % bs == 0
+                    && offset.is_multiple_of(bs)
                     && u64::from(len) % bs == 0
                     && offset
                         .checked_add(u64::from(len))
@@ -82,7 +82,7 @@ impl Model {
         };
         r.class == class::BLOCK
             && r.status <= status::MAX
-            && !f.deadline.is_some_and(|d| now > d)
+            && f.deadline.is_none_or(|d| now <= d)
             && r.len == want_len
     }
 
@@ -151,7 +151,7 @@ fn agree(c: &BlockContract, m: &Model, now: Instant) {
 /// changed.
 fn header(inp: &mut Input, m: &Model) -> [u8; HEADER] {
     let sel = inp.u8();
-    if sel % 8 == 0 {
+    if sel.is_multiple_of(8) {
         let mut h = [0u8; HEADER];
         let b = inp.bytes(HEADER);
         h[..b.len()].copy_from_slice(b);
@@ -182,7 +182,7 @@ fn header(inp: &mut Input, m: &Model) -> [u8; HEADER] {
         } else {
             st.min(status::MAX)
         },
-        class: if inp.u8() % 8 == 0 {
+        class: if inp.u8().is_multiple_of(8) {
             inp.u8()
         } else {
             class::BLOCK
@@ -417,7 +417,7 @@ pub fn run(data: &[u8]) {
                 }
             }
             _ => {
-                if let Some(g) = Geometry::new(u64::from(inp.u16()) * 4096, 4096).ok() {
+                if let Ok(g) = Geometry::new(u64::from(inp.u16()) * 4096, 4096) {
                     if inp.bool() && m.expected.is_none() {
                         c.expect_geometry(g);
                         m.expected = Some(g);
