@@ -42,6 +42,7 @@ static WORLD: OnceLock<World> = OnceLock::new();
 
 fn world() -> &'static World {
     WORLD.get_or_init(|| {
+        remove_stale();
         let root = std::env::temp_dir().join(format!("moat-fuzz-monitor-{}", std::process::id()));
         let _ = fs::remove_dir_all(&root);
         fs::create_dir_all(root.join("outside/deeper")).unwrap();
@@ -74,6 +75,23 @@ fn world() -> &'static World {
             frozen,
         }
     })
+}
+
+/// Remove what earlier fuzzing processes left (libFuzzer ends without
+/// running [`cleanup`]): the folders of processes that are gone.
+fn remove_stale() {
+    let Ok(rd) = fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix("moat-fuzz-monitor-") else {
+            continue;
+        };
+        if pid.parse::<u32>().is_ok() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 /// Lay the read-write grant out afresh: files, a directory, and symlinks
