@@ -87,6 +87,8 @@ pub enum ReportKind {
     Exception,
     /// The loader could not start the image.
     Startup,
+    /// A limit the kernel enforces ended it (its memory, in its cgroup).
+    Limit,
 }
 
 /// What the monitor answers.
@@ -120,6 +122,72 @@ pub enum WireError {
     Decode(String),
     #[error("message too large")]
     TooLarge,
+    /// A zero-length message (told apart from end-of-file by the sender's
+    /// credentials, which only a message carries: see [`recv_from`]).
+    #[error("an empty message")]
+    Empty,
+}
+
+/// `SO_PASSRIGHTS` (Linux 6.16): off, a socket refuses descriptors, and
+/// whoever sends it one (`SCM_RIGHTS`) gets `EPERM`. Accepted sockets
+/// inherit it from their listener.
+pub const SO_PASSRIGHTS: libc::c_int = 83;
+
+/// Make `sock` refuse descriptors (every socket a picoprocess holds that
+/// another picoprocess can reach: see [`SO_PASSRIGHTS`]). `Ok(false)` if
+/// the kernel predates the option (then only the monitor's attribution of
+/// messages, [`recv_from`], keeps a passed monitor channel from speaking
+/// for its owner).
+pub fn refuse_descriptors(sock: BorrowedFd<'_>) -> std::io::Result<bool> {
+    let off: libc::c_int = 0;
+    // SAFETY: setsockopt reads an int from a local that outlives the call.
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_PASSRIGHTS,
+            &off as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::ENOPROTOOPT) {
+        return Ok(false);
+    }
+    Err(e)
+}
+
+/// Have every message `sock` receives carry its sender's credentials
+/// (`SO_PASSCRED`), for [`recv_from`].
+pub fn pass_credentials(sock: BorrowedFd<'_>) -> std::io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt reads an int from a local that outlives the call.
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PASSCRED,
+            &on as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// One message as the monitor receives it: what it says, the descriptors
+/// attached, and the process that sent it (its pid in the receiver's pid
+/// namespace, when the socket passes credentials).
+#[derive(Debug)]
+pub struct Received<T> {
+    pub msg: T,
+    pub fds: Vec<OwnedFd>,
+    pub sender: Option<i32>,
 }
 
 /// A connected `SOCK_SEQPACKET` pair, both ends close-on-exec: the
@@ -169,15 +237,26 @@ pub fn recv<T: DeserializeOwned>(sock: BorrowedFd<'_>) -> Result<(T, Vec<OwnedFd
         static BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; MAX_MSG]);
     }
     BUF.with(|b| recv_into(sock, &mut b.borrow_mut()))
+        .map(|r| (r.msg, r.fds))
+}
+
+/// Receive one message, with its sender when `sock` passes credentials
+/// ([`pass_credentials`]). A zero-length message is [`WireError::Empty`],
+/// not end-of-file: a message carries credentials, end-of-file none.
+pub fn recv_from<T: DeserializeOwned>(sock: BorrowedFd<'_>) -> Result<Received<T>, WireError> {
+    thread_local! {
+        static BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; MAX_MSG]);
+    }
+    BUF.with(|b| recv_into(sock, &mut b.borrow_mut()))
 }
 
 fn recv_into<T: DeserializeOwned>(
     sock: BorrowedFd<'_>,
     buf: &mut [u8],
-) -> Result<(T, Vec<OwnedFd>), WireError> {
-    let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
+) -> Result<Received<T>, WireError> {
+    let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS], libc::ucred);
     let mut resets = 0;
-    let (n, fds, truncated) = loop {
+    let (n, fds, sender, truncated) = loop {
         let mut iov = [IoSliceMut::new(buf)];
         match recvmsg::<()>(
             sock.as_raw_fd(),
@@ -196,29 +275,38 @@ fn recv_into<T: DeserializeOwned>(
             Err(e) => return Err(e.into()),
             Ok(m) => {
                 let mut fds = Vec::new();
+                let mut sender = None;
                 for c in m.cmsgs()? {
-                    if let ControlMessageOwned::ScmRights(v) = c {
-                        for fd in v {
-                            // SAFETY: the kernel just installed this descriptor for us; nobody else owns it.
-                            fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+                    match c {
+                        ControlMessageOwned::ScmRights(v) => {
+                            for fd in v {
+                                // SAFETY: the kernel just installed this descriptor for us; nobody else owns it.
+                                fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+                            }
                         }
+                        ControlMessageOwned::ScmCredentials(c) => sender = Some(c.pid()),
+                        _ => {}
                     }
                 }
                 let trunc = m
                     .flags
                     .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
-                break (m.bytes, fds, trunc);
+                break (m.bytes, fds, sender, trunc);
             }
         }
     };
     if n == 0 {
-        return Err(WireError::Closed);
+        return Err(if sender.is_some() {
+            WireError::Empty
+        } else {
+            WireError::Closed
+        });
     }
     if truncated {
         return Err(WireError::TooLarge);
     }
     let msg = postcard::from_bytes(&buf[..n]).map_err(|e| WireError::Decode(e.to_string()))?;
-    Ok((msg, fds))
+    Ok(Received { msg, fds, sender })
 }
 
 /// Monitor -> zygote (descriptor 3 of `moat-loader --zygote`).

@@ -94,6 +94,7 @@ pub fn encode_report(kind: ReportKind, text: &str, out: &mut [u8]) -> usize {
         ReportKind::Violation => 0,
         ReportKind::Exception => 1,
         ReportKind::Startup => 2,
+        ReportKind::Limit => 3,
     };
     let mut at = 0;
     push_varint(out, &mut at, REPORT_VARIANT);

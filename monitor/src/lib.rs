@@ -18,6 +18,7 @@
 //! processes). Nothing here runs guest code.
 pub mod api;
 pub mod broker;
+pub mod cgroup;
 pub mod disklock;
 pub mod error;
 mod image_check;

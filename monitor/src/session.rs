@@ -7,7 +7,7 @@ use moat_policy::Policy;
 use std::collections::HashMap;
 use std::fs::File;
 use std::net::{SocketAddr, TcpListener};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::UnixListener;
 use std::sync::{Arc, Mutex};
@@ -237,6 +237,9 @@ impl Session {
         let addr =
             std::os::unix::net::SocketAddr::from_abstract_name(format!("{}{name}", self.tag))?;
         let l = Arc::new(UnixListener::bind_addr(&addr)?);
+        // Its connections inherit it: no descriptor reaches a picoprocess
+        // through a pipe (another picoprocess's monitor channel least).
+        self.refuse_descriptors(l.as_fd())?;
         pipes.insert(name.to_string(), l.clone());
         Ok(l)
     }
@@ -245,6 +248,28 @@ impl Session {
     /// [`Session::pipe_listener`] has made it).
     pub fn pipe_addr(&self, name: &str) -> std::io::Result<std::os::unix::net::SocketAddr> {
         std::os::unix::net::SocketAddr::from_abstract_name(format!("{}{name}", self.tag))
+    }
+
+    /// Make `sock`, which a picoprocess will hold, refuse descriptors (see
+    /// `moat_host_common::protocol::SO_PASSRIGHTS`). On a kernel before
+    /// 6.16, which cannot, says once that picoprocesses connected by a pipe
+    /// can pass descriptors to each other there.
+    pub(crate) fn refuse_descriptors(&self, sock: BorrowedFd<'_>) -> std::io::Result<()> {
+        static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if !moat_host_common::protocol::refuse_descriptors(sock)?
+            && !SAID.swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            self.log.line(
+                "moat: this kernel has no SO_PASSRIGHTS (Linux 6.16): picoprocesses connected by a pipe can pass descriptors to each other; the monitor still attributes every message to the picoprocess it started",
+            );
+        }
+        Ok(())
+    }
+
+    /// The live picoprocess of this session with host pid `pid`.
+    pub(crate) fn proc_by_pid(&self, pid: u32) -> Option<Arc<Proc>> {
+        let t = self.procs.lock().unwrap_or_else(|e| e.into_inner());
+        t.live.get(&pid).cloned()
     }
 
     /// The session's TCP listener at `addr`, bound on first use.

@@ -34,6 +34,10 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
+/// Distinct pipe and TCP server URIs one picoprocess may open: each keeps
+/// a listening socket (see `open_server`), counted in its descriptor limit.
+pub const MAX_SERVERS: usize = 16;
+
 /// How many times a picoprocess may call DkAbortEventRegister with an event.
 pub const MAX_ABORT_REGISTRATIONS: usize = 64;
 
@@ -135,14 +139,14 @@ impl LinuxPal {
         let g = self.monitor.lock().unwrap();
         let fd = sys::borrow(&g);
         if protocol::send(fd, req, &[]).is_err() {
-            sys::exit_process(crate::protocol::EXIT_HOST_FAILURE);
+            channel_broken();
         }
         match protocol::recv::<Response>(fd) {
             Ok((Response::Err { code }, _)) => {
                 Err(Error::from_code(-(code as i64)).unwrap_or(Error::Io))
             }
             Ok(r) => Ok(r),
-            Err(_) => sys::exit_process(crate::protocol::EXIT_HOST_FAILURE),
+            Err(_) => channel_broken(),
         }
     }
 
@@ -258,6 +262,9 @@ impl LinuxPal {
             let found = self.servers.lock().unwrap().get(&key).cloned();
             match found {
                 Some(l) => l,
+                None if self.servers.lock().unwrap().len() >= MAX_SERVERS => {
+                    return Err(Error::LimitExceeded)
+                }
                 None => {
                     let (fd, _) = self.ask_fd(&Request::Listen { uri: key.clone() })?;
                     let l = Arc::new(fd);
@@ -273,6 +280,16 @@ impl LinuxPal {
         let fd = sys::accept(listener.as_raw_fd(), nonblock).map_err(map_errno)?;
         Ok((fd, kind))
     }
+}
+
+/// The monitor channel broke (the guest closed or misused descriptor 3,
+/// or sent the monitor something it refused): the monitor sees it and
+/// ends this process with a violation report (exit 159), so wait for that
+/// rather than exit with a code of our own; should the monitor be gone
+/// instead, end as a violation after a while.
+fn channel_broken() -> ! {
+    std::thread::sleep(std::time::Duration::from_secs(10));
+    sys::exit_process(crate::protocol::EXIT_SANDBOX_VIOLATION)
 }
 
 impl GuestMemory for LinuxPal {

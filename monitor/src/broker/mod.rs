@@ -102,6 +102,12 @@ impl Broker {
         }
     }
 
+    /// Keep the picoprocess's report in `slot` (shared with whoever reaps it).
+    pub fn with_report_slot(mut self, slot: ReportSlot) -> Broker {
+        self.report = slot;
+        self
+    }
+
     /// Let this broker start child picoprocesses with `start`.
     pub fn with_start_child(mut self, start: StartChild) -> Broker {
         self.start_child = Some(start);
@@ -118,10 +124,6 @@ impl Broker {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
-    }
-
-    pub(crate) fn report_slot(&self) -> ReportSlot {
-        self.report.clone()
     }
 
     fn log(&self, line: &str) {
@@ -271,6 +273,10 @@ impl Broker {
                 if !nonblock {
                     at::set_nonblock(fd.as_fd(), false).map_err(map_errno)?;
                 }
+                // No descriptor reaches a picoprocess through a pipe.
+                self.session
+                    .refuse_descriptors(fd.as_fd())
+                    .map_err(io_err)?;
                 Ok(Reply::fd(stream_kind::PIPE, fd))
             }
             Uri::PipeServer(_) | Uri::TcpServer(_) => Err(Error::InvalidArgument),
