@@ -251,6 +251,9 @@ fn syscall_name_static(nr: i64) -> Option<&'static str> {
     let t = sys::SYSCALL_NAMES;
     match t.binary_search_by_key(&(nr as u32), |(n, _)| *n) {
         Ok(i) if nr >= 0 => Some(t[i].1),
+        // Calls newer than the kernel headers the table was built from,
+        // that moat itself names in reports.
+        _ if nr == crate::seal::SYS_MSEAL => Some("mseal"),
         _ => None,
     }
 }

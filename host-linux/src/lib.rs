@@ -11,13 +11,12 @@
 //! is only the loader's start-up.
 use moat_host_common::pal::{self as hpal, LinuxPal};
 use moat_host_common::protocol::{self, Config, ReportKind};
-use moat_host_common::{image, mountns, sandbox, signals, sys, zygote};
+use moat_host_common::{image, mountns, sandbox, seal, signals, sys, zygote};
 use moat_pal::memory::RegionKind;
 use moat_pal::{prot, PalTable, StartupBlock};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::OnceLock;
 
-static TABLE: OnceLock<PalTable> = OnceLock::new();
 static TRACER: OnceLock<moat_pal::trace::TracePal<'static>> = OnceLock::new();
 
 fn trace_line(line: std::fmt::Arguments<'_>) {
@@ -84,7 +83,16 @@ pub fn run() -> ! {
     if ranges.is_empty() {
         fail("loader: cannot find its own code ranges");
     }
-    if let Err(e) = sandbox::install(&ranges) {
+    // PAL code stays PAL code: its mappings (and later the table's page)
+    // sealed before the guest can reach a system call (see `seal`).
+    if let Err(e) = seal::seal_code() {
+        fail(&format!("loader: {e}"));
+    }
+    let table_page = match seal::TablePage::new() {
+        Ok(p) => p,
+        Err(e) => fail(&format!("loader: {e}")),
+    };
+    if let Err(e) = sandbox::install(&ranges, Some(table_page.addr())) {
         fail(&e);
     }
 
@@ -137,9 +145,13 @@ pub fn run() -> ! {
             inner: pal,
             sink: trace_line,
         });
-        TABLE.get_or_init(|| moat_pal::table_from(tracer))
+        moat_pal::table_from(tracer)
     } else {
-        TABLE.get_or_init(|| moat_pal::table_from(pal))
+        moat_pal::table_from(pal)
+    };
+    let table = match table_page.publish(table) {
+        Ok(t) => t,
+        Err(e) => fail(&format!("loader: {e}")),
     };
     let args_addr = page + std::mem::size_of::<StartupBlock>() as u64;
     sys::copy_out(args_addr, &argbytes);

@@ -2,8 +2,10 @@
 //! its exit once reaped, the disks it holds locked.
 use crate::error::Exit;
 use crate::process;
-use crate::session::ReportSlot;
 use moat_host_common::protocol::ReportKind;
+
+/// The report a picoprocess leaves, shared by its broker and its waiter.
+pub type ReportSlot = Arc<Mutex<Option<(ReportKind, String)>>>;
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Condvar, Mutex};
 

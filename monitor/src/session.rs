@@ -2,7 +2,6 @@
 //! pipe and TCP listeners, the live processes), and where the monitor's
 //! log lines go ([`LogSink`]).
 use crate::proc::Proc;
-use moat_host_common::protocol::ReportKind;
 use moat_policy::Policy;
 use std::collections::HashMap;
 use std::fs::File;
@@ -16,8 +15,7 @@ use std::sync::{Arc, Mutex};
 /// picoprocess tree) may have at once: each is a descriptor of the host.
 pub const MAX_LISTENERS: usize = 64;
 
-/// The report a picoprocess leaves, shared by its broker and its waiter.
-pub type ReportSlot = Arc<Mutex<Option<(ReportKind, String)>>>;
+pub use crate::proc::ReportSlot;
 
 /// Where the monitor's log lines (refusals, `DkDebugStringPrint`, traces)
 /// go. Every line is one line: guest-provided text in it has its control

@@ -83,10 +83,54 @@ pub struct Broker {
     report: ReportSlot,
     /// DkDebugStringPrint bytes logged so far.
     debug_bytes: u64,
+    /// Refusal and debug lines it may still log now (see [`LOG_BURST`]).
+    lines: std::sync::Mutex<LineBudget>,
 }
 
 /// Most debug output one picoprocess may put in the host's log.
 pub const DEBUG_BUDGET: u64 = 1 << 20;
+
+/// Refusal and debug lines one picoprocess may log at once; after that,
+/// [`LOG_LINES_PER_SECOND`]. Lines over the rate are counted and summed
+/// up in one "N more lines suppressed" line (when logging resumes, and
+/// when the picoprocess ends), so a guest cannot flood the host's log.
+pub const LOG_BURST: f64 = 64.0;
+/// See [`LOG_BURST`].
+pub const LOG_LINES_PER_SECOND: f64 = 10.0;
+
+/// A token bucket of log lines.
+#[derive(Debug)]
+struct LineBudget {
+    tokens: f64,
+    at: std::time::Instant,
+    suppressed: u64,
+}
+
+impl LineBudget {
+    fn new() -> LineBudget {
+        LineBudget {
+            tokens: LOG_BURST,
+            at: std::time::Instant::now(),
+            suppressed: 0,
+        }
+    }
+
+    /// Whether one more line may go out now; if it may, how many were
+    /// suppressed before it (to say so first).
+    fn take(&mut self) -> Option<u64> {
+        let now = std::time::Instant::now();
+        let refill = now.duration_since(self.at).as_secs_f64() * LOG_LINES_PER_SECOND;
+        self.tokens = (self.tokens + refill).min(LOG_BURST);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Some(std::mem::take(&mut self.suppressed))
+        } else {
+            self.suppressed += 1;
+            None
+        }
+    }
+}
 
 pub(crate) type R<T> = Result<T, Error>;
 
@@ -99,6 +143,7 @@ impl Broker {
             start_child: None,
             name: sanitize(&name.into()),
             report: Arc::new(std::sync::Mutex::new(None)),
+            lines: std::sync::Mutex::new(LineBudget::new()),
         }
     }
 
@@ -126,8 +171,24 @@ impl Broker {
             .clone()
     }
 
+    /// Log a refusal or debug line, within the picoprocess's line budget.
     fn log(&self, line: &str) {
-        self.session.log().line(line);
+        let mut b = self.lines.lock().unwrap_or_else(|e| e.into_inner());
+        match b.take() {
+            None => {}
+            Some(0) => self.session.log().line(line),
+            Some(n) => {
+                self.session.log().line(&self.suppressed_line(n));
+                self.session.log().line(line);
+            }
+        }
+    }
+
+    fn suppressed_line(&self, n: u64) -> String {
+        format!(
+            "[picoprocess {}] {n} more lines suppressed (refusals and debug output are limited to {LOG_LINES_PER_SECOND} lines a second after {LOG_BURST})",
+            self.name
+        )
     }
 
     /// Handle one request. `None` for requests that take no answer
@@ -184,7 +245,10 @@ impl Broker {
                     None => format!("error {code}"),
                 },
             };
-            self.log(&format!("[picoprocess {}] {what} -> {res}", self.name));
+            // --trace asked for every line: not rate-limited.
+            self.session
+                .log()
+                .line(&format!("[picoprocess {}] {what} -> {res}", self.name));
         }
         Some(reply)
     }
@@ -266,17 +330,20 @@ impl Broker {
                 let l = self.session.pipe_listener(name).map_err(io_err)?;
                 drop(l);
                 let addr = self.session.pipe_addr(name).map_err(io_err)?;
-                let fd = at::connect_nonblocking(&addr).map_err(|e| match e {
+                // No descriptor reaches a picoprocess through a pipe: set
+                // before the connection exists, as the server may send at once.
+                let fd = at::connect_nonblocking(&addr, |s| {
+                    self.session
+                        .refuse_descriptors(s)
+                        .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))
+                })
+                .map_err(|e| match e {
                     libc::EAGAIN => Error::LimitExceeded,
                     e => map_errno(e),
                 })?;
                 if !nonblock {
                     at::set_nonblock(fd.as_fd(), false).map_err(map_errno)?;
                 }
-                // No descriptor reaches a picoprocess through a pipe.
-                self.session
-                    .refuse_descriptors(fd.as_fd())
-                    .map_err(io_err)?;
                 Ok(Reply::fd(stream_kind::PIPE, fd))
             }
             Uri::PipeServer(_) | Uri::TcpServer(_) => Err(Error::InvalidArgument),
@@ -615,5 +682,19 @@ pub(crate) fn io_err(e: std::io::Error) -> Error {
         Some(n) => map_errno(n),
         None if e.kind() == std::io::ErrorKind::ConnectionRefused => Error::ConnectionRefused,
         None => Error::Io,
+    }
+}
+
+impl Drop for Broker {
+    /// Sum up what the picoprocess's line budget suppressed at the end.
+    fn drop(&mut self) {
+        let n = self
+            .lines
+            .get_mut()
+            .map(|b| b.suppressed)
+            .unwrap_or_default();
+        if n > 0 {
+            self.session.log().line(&self.suppressed_line(n));
+        }
     }
 }
