@@ -256,7 +256,7 @@ fn recv_into<T: DeserializeOwned>(
 ) -> Result<Received<T>, WireError> {
     let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS], libc::ucred);
     let mut resets = 0;
-    let (n, fds, sender, truncated) = loop {
+    let (n, fds, sender, creds, truncated) = loop {
         let mut iov = [IoSliceMut::new(buf)];
         match recvmsg::<()>(
             sock.as_raw_fd(),
@@ -276,6 +276,7 @@ fn recv_into<T: DeserializeOwned>(
             Ok(m) => {
                 let mut fds = Vec::new();
                 let mut sender = None;
+                let mut creds = false;
                 for c in m.cmsgs()? {
                     match c {
                         ControlMessageOwned::ScmRights(v) => {
@@ -284,19 +285,24 @@ fn recv_into<T: DeserializeOwned>(
                                 fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
                             }
                         }
-                        ControlMessageOwned::ScmCredentials(c) => sender = Some(c.pid()),
+                        // Pid 0: sent before the receiver passed credentials
+                        // (the kernel recorded none): not attributed.
+                        ControlMessageOwned::ScmCredentials(c) => {
+                            sender = Some(c.pid()).filter(|&p| p != 0);
+                            creds = true;
+                        }
                         _ => {}
                     }
                 }
                 let trunc = m
                     .flags
                     .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
-                break (m.bytes, fds, sender, trunc);
+                break (m.bytes, fds, sender, creds, trunc);
             }
         }
     };
     if n == 0 {
-        return Err(if sender.is_some() {
+        return Err(if creds {
             WireError::Empty
         } else {
             WireError::Closed

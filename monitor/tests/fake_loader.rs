@@ -86,7 +86,11 @@ fn misbehaving_loaders() {
         ),
         &img,
     );
-    assert_eq!(lines, vec!["[picoprocess tiny] hi".to_string()]);
+    assert_eq!(
+        lines,
+        vec!["[picoprocess tiny] hi".to_string()],
+        "exit: {exit:?}"
+    );
     assert_eq!(
         exit.report,
         Some((ReportKind::Violation, "nope!".to_string()))
