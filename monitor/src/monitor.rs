@@ -115,6 +115,7 @@ pub(crate) fn start(
     // closes (the loader ended), then reaps it.
     let monitor = run_monitor_thread(Box::new(move || {
         serve(sock, &mut broker, &p, &sess);
+        broker.finish();
         let last = {
             let mut t = sess.procs.lock().unwrap_or_else(|e| e.into_inner());
             t.serving -= 1;

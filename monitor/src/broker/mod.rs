@@ -685,16 +685,24 @@ pub(crate) fn io_err(e: std::io::Error) -> Error {
     }
 }
 
-impl Drop for Broker {
-    /// Sum up what the picoprocess's line budget suppressed at the end.
-    fn drop(&mut self) {
+impl Broker {
+    /// The picoprocess's channel is done: sum up what its line budget
+    /// suppressed (before its end is reported, so the summary is in the
+    /// log by the time anyone waiting learns of the end).
+    pub fn finish(&mut self) {
         let n = self
             .lines
             .get_mut()
-            .map(|b| b.suppressed)
+            .map(|b| std::mem::take(&mut b.suppressed))
             .unwrap_or_default();
         if n > 0 {
             self.session.log().line(&self.suppressed_line(n));
         }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.finish();
     }
 }
