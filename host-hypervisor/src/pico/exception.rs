@@ -208,7 +208,7 @@ impl PicoVm {
         pal: &KvmPal,
         cpu: &mut Cpu,
         addr: u64,
-        write: bool,
+        _write: bool,
     ) -> Result<(), i32> {
         // Complete the pending emulated access before touching registers.
         cpu.vcpu.set_kvm_immediate_exit(1);
@@ -230,9 +230,8 @@ impl PicoVm {
             rip: r.rip,
             rsp: r.rsp,
         };
-        // Worded as host-linux words the SIGSEGV (which cannot tell a
-        // read from a write either way).
-        let _ = write;
+        // Worded as host-linux words the SIGSEGV (which does not tell a
+        // read from a write either).
         self.deliver(pal, cpu, info, r, "memory fault", libc::SIGSEGV)
     }
 
