@@ -102,7 +102,7 @@ impl PageTables {
         ram_end: u64,
     ) -> PageTables {
         assert_eq!(pt0.len(), ENTRIES);
-        assert!(pool.len() as u64 * PAGE >= ram_end.div_ceil(TABLE_SPAN) * PAGE);
+        assert!(pool.len() as u64 >= ram_end.div_ceil(TABLE_SPAN) * ENTRIES as u64);
         PageTables {
             pt0,
             pool,
