@@ -181,6 +181,9 @@ fn run(warm: Option<&moat_policy::Limits>) -> ! {
         },
     );
     lin.startup.store(page, Ordering::Release);
+    // The image and the start-up block into the page tables (no vCPU has
+    // run yet: nothing to invalidate).
+    vm.pt.map_all(&lin.regions.read().unwrap());
 
     let vm = Arc::new(vm);
     let pal = Arc::new(vm.pal());

@@ -23,6 +23,7 @@ mod process;
 mod streams;
 mod sync;
 mod threads;
+mod wx;
 
 /// Why a case did not pass.
 pub enum Fail {
@@ -204,6 +205,7 @@ fn all_cases() -> Vec<Case> {
     v.extend_from_slice(process::CASES);
     // Last: these take exceptions.
     v.extend_from_slice(exception::CASES);
+    v.extend_from_slice(wx::CASES);
     v
 }
 

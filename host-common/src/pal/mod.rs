@@ -341,6 +341,12 @@ impl signals::GuestView for LinuxPal {
             .try_read()
             .is_ok_and(|r| r.check(rip, 1, prot::EXEC).is_ok())
     }
+
+    fn is_guest_memory(&self, addr: u64) -> bool {
+        self.regions
+            .try_read()
+            .is_ok_and(|r| r.check(addr, 1, 0).is_ok())
+    }
 }
 
 /// The process's PAL. Panics before [`install`]: callers run after it.
