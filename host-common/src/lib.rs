@@ -14,7 +14,8 @@
 //! - [`sandbox`]: Landlock and the loader's seccomp allow-list; [`seal`]:
 //!   the PAL's code and table sealed (`mseal`);
 //!   [`signals`]: fault, timer and `SIGSYS` handling, reports;
-//!   [`mountns`]: the empty mount namespace; [`sys`]: system-call helpers.
+//!   [`mountns`]: the empty mount namespace; [`sys`]: system-call helpers;
+//!   [`startup`]: the start-up block both hosts hand the guest.
 //! - [`child`]: the child side of starting a confined process (between
 //!   `clone`/`fork` and `execve`); [`zygote`]: the zygote's loop, which
 //!   keeps a warm loader or VMM forked.
@@ -32,5 +33,6 @@ pub mod protocol;
 pub mod sandbox;
 pub mod seal;
 pub mod signals;
+pub mod startup;
 pub mod sys;
 pub mod zygote;

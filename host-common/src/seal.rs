@@ -40,41 +40,21 @@ fn mseal(addr: u64, len: u64) -> Result<(), i32> {
 /// The read-only and executable ranges of every loaded object (and their
 /// RELRO ranges), page-aligned.
 pub fn code_and_relro_ranges() -> Vec<(u64, u64)> {
-    unsafe extern "C" fn cb(
-        info: *mut libc::dl_phdr_info,
-        _size: usize,
-        data: *mut libc::c_void,
-    ) -> i32 {
-        // SAFETY: the dynamic linker passes a valid info for the duration of
-        // the call, and `data` is the Vec we passed below.
-        unsafe {
-            let out = &mut *(data as *mut Vec<(u64, u64)>);
-            let info = &*info;
-            for i in 0..info.dlpi_phnum as usize {
-                let ph = &*info.dlpi_phdr.add(i);
-                let start = info.dlpi_addr + ph.p_vaddr;
-                let end = start + ph.p_memsz;
-                match ph.p_type {
-                    libc::PT_LOAD if ph.p_flags & libc::PF_W == 0 && ph.p_memsz > 0 => {
-                        out.push((start & !(PAGE - 1), (end + PAGE - 1) & !(PAGE - 1)));
-                    }
-                    // The dynamic linker made whole pages of it read-only.
-                    libc::PT_GNU_RELRO => {
-                        let (s, e) = ((start + PAGE - 1) & !(PAGE - 1), end & !(PAGE - 1));
-                        if s < e {
-                            out.push((s, e));
-                        }
-                    }
-                    _ => {}
-                }
+    let page_down = |a: u64| a & !(PAGE - 1);
+    let page_up = |a: u64| (a + PAGE - 1) & !(PAGE - 1);
+    crate::sys::loaded_segments()
+        .into_iter()
+        .filter_map(|s| match s.p_type {
+            libc::PT_LOAD if s.p_flags & libc::PF_W == 0 && s.end > s.start => {
+                Some((page_down(s.start), page_up(s.end)))
             }
-        }
-        0
-    }
-    let mut v: Vec<(u64, u64)> = Vec::new();
-    // SAFETY: cb only touches `v` through the pointer we pass.
-    unsafe { libc::dl_iterate_phdr(Some(cb), &mut v as *mut _ as *mut _) };
-    v
+            // The dynamic linker made whole pages of it read-only.
+            libc::PT_GNU_RELRO if page_up(s.start) < page_down(s.end) => {
+                Some((page_up(s.start), page_down(s.end)))
+            }
+            _ => None,
+        })
+        .collect()
 }
 
 /// Seal every range of [`code_and_relro_ranges`]. `Ok(false)`: the kernel

@@ -11,9 +11,9 @@
 //! is only the loader's start-up.
 use moat_host_common::pal::{self as hpal, LinuxPal};
 use moat_host_common::protocol::{self, Config, ReportKind};
-use moat_host_common::{image, mountns, sandbox, seal, signals, sys, zygote};
+use moat_host_common::{image, mountns, sandbox, seal, signals, startup, sys, zygote};
 use moat_pal::memory::RegionKind;
-use moat_pal::{prot, PalTable, StartupBlock};
+use moat_pal::{prot, PalTable};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::OnceLock;
 
@@ -122,9 +122,7 @@ pub fn run() -> ! {
 
     // The start-up block and the argument bytes live in one page of guest
     // memory (readable and writable: the guest stores its upcall there).
-    let argbytes = moat_pal::validate::join_args(&cfg.args);
-    let need = std::mem::size_of::<StartupBlock>() as u64 + argbytes.len() as u64;
-    let len = need.div_ceil(4096) * 4096;
+    let (argbytes, len) = startup::layout(&cfg.args);
     let page = match sys::mmap_anon(0, len, prot::READ | prot::WRITE) {
         Ok(a) => a,
         Err(_) => fail("cannot allocate the start-up block"),
@@ -153,22 +151,14 @@ pub fn run() -> ! {
         Ok(t) => t,
         Err(e) => fail(&format!("loader: {e}")),
     };
-    let args_addr = page + std::mem::size_of::<StartupBlock>() as u64;
-    sys::copy_out(args_addr, &argbytes);
-    let sb = StartupBlock {
-        magic: moat_pal::STARTUP_MAGIC,
-        abi_version: moat_pal::ABI_VERSION,
-        host_kind: moat_pal::host_kind::LINUX,
-        table: table as *const PalTable,
-        args: args_addr,
-        args_len: argbytes.len() as u64,
-        argc: cfg.args.len() as u64,
-        exception_upcall: 0,
-        process_handle: 0,
-    };
-    sys::put(page, sb);
-    pal.startup
-        .store(page, std::sync::atomic::Ordering::Release);
+    startup::write(
+        pal,
+        page,
+        table as *const PalTable,
+        &cfg.args,
+        &argbytes,
+        moat_pal::host_kind::LINUX,
+    );
 
     pal.start_main_thread(img.entry, page)
 }

@@ -103,6 +103,28 @@ impl LinuxPal {
         Uri::parse_bytes(&bytes)
     }
 
+    /// Before mapping `size` bytes at `addr` (0: the host chooses): the
+    /// region map, locked for the mapping, once the range is checked and
+    /// the memory limit has room. Holding the lock until the mapping is in
+    /// the map keeps concurrent mappings from both passing the limit.
+    pub(crate) fn reserve(
+        &self,
+        addr: u64,
+        size: u64,
+    ) -> PalResult<std::sync::RwLockWriteGuard<'_, RegionMap>> {
+        if addr != 0 {
+            validate::check_page_range(addr, size)?;
+        }
+        let r = self.regions.write().unwrap();
+        if r.total() + size > self.mem_limit {
+            return Err(Error::NoMemory);
+        }
+        if addr != 0 && r.overlaps(addr, addr + size) {
+            return Err(Error::AlreadyExists);
+        }
+        Ok(r)
+    }
+
     pub fn obj(&self, h: u64) -> PalResult<Arc<Object>> {
         self.handles.lock().unwrap().get(h)
     }

@@ -174,16 +174,7 @@ impl StreamCalls for LinuxPal {
         if offset > i64::MAX as u64 {
             return Err(Error::InvalidArgument);
         }
-        if addr != 0 {
-            validate::check_page_range(addr, size)?;
-        }
-        let mut r = self.regions.write().unwrap();
-        if r.total() + size > self.mem_limit {
-            return Err(Error::NoMemory);
-        }
-        if addr != 0 && r.overlaps(addr, addr + size) {
-            return Err(Error::AlreadyExists);
-        }
+        let mut r = self.reserve(addr, size)?;
         let shared = p & prot::WRITE != 0;
         let got = match sys::mmap_fd(addr, size, p, s.fd.as_raw_fd(), offset, shared) {
             Ok(a) => a,
