@@ -15,7 +15,7 @@
 //!   picoprocess, and the monitor reports that it was its memory limit.
 //!
 //! Descriptors are bounded by `RLIMIT_NOFILE` (`handles` +
-//! [`crate::spawn::FD_OVERHEAD`]), set when the process starts.
+//! [`moat_host_common::child::FD_OVERHEAD`]), set when the process starts.
 //!
 //! Both cgroup versions: v2 where the unified hierarchy has the `pids` and
 //! `memory` controllers, else the v1 controllers (as on a host with v1
