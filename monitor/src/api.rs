@@ -307,6 +307,17 @@ impl Picoprocess {
         Killer(self.root.clone())
     }
 
+    /// A descriptor that becomes readable once the picoprocess has ended
+    /// (a duplicate of its pidfd), to wait for its end with `poll(2)`
+    /// beside other things. Reading it is not reaping it: call
+    /// [`Picoprocess::wait`] for that.
+    pub fn exit_fd(&self) -> Result<OwnedFd, Error> {
+        self.root
+            .pidfd
+            .try_clone()
+            .map_err(|e| Error::io("cannot duplicate the picoprocess's pidfd", e))
+    }
+
     /// Wait for the picoprocess to end, then kill whatever it started that
     /// is still running. The host ends of piped stdin are closed first, so
     /// that a picoprocess reading its input sees the end of it.

@@ -397,7 +397,7 @@ proptest! {
             while c.in_flight_len() < MAX_IN_FLIGHT {
                 let Some((op, offset, len)) = queue.next() else { break };
                 let r = c.issue(op, offset, len, now).expect("a valid request is issued");
-                prop_assert_eq!(r.payload, if op == op::WRITE { len } else { 0 });
+                prop_assert_eq!((r.op, r.len, r.buf), (op, len, 0));
                 sent.insert(r.id, r);
             }
             let flight = c.in_flight();
