@@ -100,10 +100,13 @@ impl ChildArgs {
 /// Descriptors a loader may hold besides its guest's handles: the
 /// console and monitor socket (0-3), the PAL's own (the signal-safe report
 /// path, a zygote's leftovers) and the listening sockets of the pipe and
-/// TCP servers it opened ([`MAX_SERVERS`](crate::pal::MAX_SERVERS)).
+/// TCP servers it opened ([`MAX_SERVERS`](crate::pal::MAX_SERVERS)), and
+/// the two descriptors each open shared-section stream holds besides its
+/// own ([`MAX_OPEN_SECTIONS`](crate::pal::MAX_OPEN_SECTIONS)).
 /// `RLIMIT_NOFILE` is the guest's `handles` plus this, so a guest that
 /// bypasses the ABI gets no more descriptors than that.
-pub const FD_OVERHEAD: u64 = 8 + crate::pal::MAX_SERVERS as u64;
+pub const FD_OVERHEAD: u64 =
+    8 + crate::pal::MAX_SERVERS as u64 + 2 * crate::pal::MAX_OPEN_SECTIONS as u64;
 
 /// Descriptors a VMM holds besides a loader's: `/dev/kvm`, the VM, one
 /// vCPU per guest thread (added separately), each device's backing file

@@ -77,6 +77,15 @@ pub enum Request {
     /// The picoprocess is about to end abnormally; `text` says why. No
     /// answer: the loader exits right after sending it.
     Report { kind: ReportKind, text: String },
+    // New variants go last: `signals::encode_report` writes `Report`'s
+    // index by hand.
+    /// Size the shared section `uri` (`shm:`) once, to `size` bytes.
+    /// Answer: `Memory` with its memory (read-write) attached.
+    SectionSize { uri: String, size: u64 },
+    /// The memory of the shared section `uri`, read-write if `write` (the
+    /// grant is checked again). Answer: `Memory`, with the memory attached
+    /// once the section is sized.
+    SectionMemory { uri: String, write: bool },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -105,6 +114,18 @@ pub enum Response {
         readable: bool,
         writable: bool,
         executable: bool,
+    },
+    /// A shared section opened (`Open` of `shm:`): whether this open made
+    /// it (the creator side) and its size (0: not sized yet). Attached:
+    /// the creator side's doorbell, the other side's, then its memory if
+    /// it is sized (read-only unless the open asked for WRITE).
+    Section {
+        size: u64,
+        creator: bool,
+    },
+    /// A section's memory: its size; attached, once sized, its memory.
+    Memory {
+        size: u64,
     },
     /// A `moat_pal::Error` code (positive).
     Err {

@@ -168,6 +168,7 @@ impl DeviceSet {
             writable: acc & (access::WRITE | access::APPEND) != 0,
             append: false,
             device: Some(index as u32),
+            section: None,
         }))
     }
 

@@ -1,7 +1,8 @@
 //! What one picoprocess tree shares: the [`Session`] (policy, console,
-//! pipe and TCP listeners, the live processes), and where the monitor's
-//! log lines go ([`LogSink`]).
+//! pipe and TCP listeners, shared sections, the live processes), and where
+//! the monitor's log lines go ([`LogSink`]).
 use crate::proc::Proc;
+use crate::shm::{HostSection, Section, MAX_SECTIONS};
 use moat_policy::Policy;
 use std::collections::HashMap;
 use std::fs::File;
@@ -105,6 +106,8 @@ pub struct Session {
     pub(crate) tag: String,
     pipes: Mutex<HashMap<String, Arc<UnixListener>>>,
     tcp: Mutex<HashMap<SocketAddr, Arc<TcpListener>>>,
+    /// Shared sections by name (see [`crate::shm`]).
+    sections: Mutex<HashMap<String, Arc<Section>>>,
     pub(crate) procs: Mutex<ProcTable>,
 }
 
@@ -173,6 +176,7 @@ impl Session {
             tag: format!("moat-{}-{:016x}-", std::process::id(), random_u64()),
             pipes: Mutex::new(HashMap::new()),
             tcp: Mutex::new(HashMap::new()),
+            sections: Mutex::new(HashMap::new()),
             procs: Mutex::new(ProcTable::default()),
         })
     }
@@ -283,5 +287,76 @@ impl Session {
         let l = Arc::new(TcpListener::bind(addr)?);
         tcp.insert(addr, l.clone());
         Ok(l)
+    }
+
+    /// The shared section `name`, opened with the creation disposition
+    /// `disp` of DkStreamOpen, and whether this open made it (the opener
+    /// is then its creator side). At most [`MAX_SECTIONS`].
+    pub(crate) fn section_open(
+        &self,
+        name: &str,
+        disp: u32,
+    ) -> Result<(Arc<Section>, bool), moat_pal::Error> {
+        use moat_pal::{create, Error as E};
+        let mut all = self.sections.lock().unwrap_or_else(|e| e.into_inner());
+        match (all.get(name), disp) {
+            (Some(_), create::CREATE_NEW) => Err(E::AlreadyExists),
+            (Some(s), _) => Ok((s.clone(), false)),
+            (None, create::OPEN_EXISTING) => Err(E::NotFound),
+            (None, _) if all.len() >= MAX_SECTIONS => Err(E::LimitExceeded),
+            (None, _) => {
+                let s = Arc::new(Section::new(name).map_err(|_| E::Io)?);
+                all.insert(name.to_string(), s.clone());
+                Ok((s, true))
+            }
+        }
+    }
+
+    /// The shared section `name`, if the session has it.
+    pub(crate) fn section(&self, name: &str) -> Option<Arc<Section>> {
+        let all = self.sections.lock().unwrap_or_else(|e| e.into_inner());
+        all.get(name).cloned()
+    }
+
+    /// Give the session the host's section `section` as `shm:NAME` (the
+    /// host is its creator side; the picoprocesses that open it are the
+    /// other side). Its size must not pass the session's memory limit.
+    pub fn shm_attach(&self, name: &str, section: &HostSection) -> Result<(), crate::Error> {
+        self.attach(name, section.shared().clone(), section.len())
+    }
+
+    pub(crate) fn attach(
+        &self,
+        name: &str,
+        section: Arc<Section>,
+        len: u64,
+    ) -> Result<(), crate::Error> {
+        let bad = crate::Error::BadInput;
+        crate::shm::check_name(name)?;
+        if len > self.policy.limits.memory_mib << 20 {
+            return Err(bad(format!(
+                "section `{name}` is {len} bytes, more than the memory limit ({} MiB)",
+                self.policy.limits.memory_mib
+            )));
+        }
+        let mut all = self.sections.lock().unwrap_or_else(|e| e.into_inner());
+        if all.contains_key(name) {
+            return Err(bad(format!("the session already has a section `{name}`")));
+        }
+        if all.len() >= MAX_SECTIONS {
+            return Err(bad(format!(
+                "the session already has {MAX_SECTIONS} sections"
+            )));
+        }
+        all.insert(name.to_string(), section);
+        Ok(())
+    }
+
+    /// Make a section of `size` bytes and give it to the session as
+    /// `shm:NAME` (see [`Session::shm_attach`] and [`HostSection::new`]).
+    pub fn shm_create(&self, name: &str, size: u64) -> Result<HostSection, crate::Error> {
+        let s = HostSection::new(size)?;
+        self.shm_attach(name, &s)?;
+        Ok(s)
     }
 }

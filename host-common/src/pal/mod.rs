@@ -1,7 +1,8 @@
 //! The in-process PAL of host-linux (and of the VMM for every call that
 //! is not about memory or threads): every ABI call, as the typed host
 //! traits of `moat_pal::host_calls`, one file per call group (`memory`,
-//! `threads`, `sync`, `process`, `streams`, `other`).
+//! `threads`, `sync`, `process`, `streams` with `section` for shared
+//! sections, `other`).
 //!
 //! Calls that need no policy run here on the fast path (memory, threads,
 //! synchronisation, I/O on descriptors already held, time, random). Calls
@@ -15,6 +16,7 @@
 mod memory;
 mod other;
 mod process;
+mod section;
 mod streams;
 mod sync;
 mod threads;
@@ -38,6 +40,8 @@ use std::sync::{Arc, Mutex, RwLock};
 /// a listening socket (see `open_server`), counted in its descriptor limit.
 pub const MAX_SERVERS: usize = 16;
 
+pub use section::MAX_OPEN_SECTIONS;
+
 /// How many times a picoprocess may call DkAbortEventRegister with an event.
 pub const MAX_ABORT_REGISTRATIONS: usize = 64;
 
@@ -59,6 +63,8 @@ pub struct LinuxPal {
     pub startup: AtomicU64,
     /// Every event ever registered with DkAbortEventRegister (see there).
     pub abort_event: Mutex<Vec<Arc<Object>>>,
+    /// Section streams open now (at most [`MAX_OPEN_SECTIONS`]).
+    sections_open: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 thread_local! {
@@ -83,6 +89,7 @@ impl LinuxPal {
             mem_limit,
             startup: AtomicU64::new(0),
             abort_event: Mutex::new(Vec::new()),
+            sections_open: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         }
     }
 

@@ -9,10 +9,12 @@
 //! `openat2(RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)`.
 //!
 //! A [`Session`] is what one picoprocess tree shares (policy, console,
-//! pipe and TCP listeners, the process count); a [`Broker`] is one
-//! picoprocess's view of it.
+//! pipe and TCP listeners, shared sections, the process count); a
+//! [`Broker`] is one picoprocess's view of it. Shared sections (`shm:`)
+//! are `section`'s.
 mod at;
 mod resolve;
+mod section;
 
 use crate::session::sanitize;
 pub use crate::session::{Console, LogSink, ReportSlot, Session, MAX_LISTENERS};
@@ -210,6 +212,8 @@ impl Broker {
             Request::Stat { uri } => self.stat(&uri),
             Request::Rename { from, to } => self.rename(&from, &to).map(|()| Reply::ok()),
             Request::Delete { uri } => self.delete(&uri).map(|()| Reply::ok()),
+            Request::SectionSize { uri, size } => self.section_size(&uri, size),
+            Request::SectionMemory { uri, write } => self.section_memory(&uri, write),
             Request::ProcessCreate { uri, args } => self.process_create(&uri, args),
             Request::Debug { text } => {
                 // Bounded: a picoprocess cannot flood the host's log.
@@ -240,6 +244,10 @@ impl Broker {
                 Response::Ok => "ok".to_string(),
                 Response::Fd { kind } => format!("fd (kind {kind})"),
                 Response::Attrs { kind, size, .. } => format!("attrs (kind {kind}, size {size})"),
+                Response::Section { size, creator } => {
+                    format!("section (size {size}, creator side: {creator})")
+                }
+                Response::Memory { size } => format!("memory (size {size})"),
                 Response::Err { code } => match Error::from_code(-(*code as i64)) {
                     Some(e) => format!("{e:?}"),
                     None => format!("error {code}"),
@@ -347,6 +355,7 @@ impl Broker {
                 Ok(Reply::fd(stream_kind::PIPE, fd))
             }
             Uri::PipeServer(_) | Uri::TcpServer(_) => Err(Error::InvalidArgument),
+            Uri::Shm(name) => self.open_section(&u, name, acc, disp, options),
             Uri::Dns(_) => Err(Error::NotSupported),
             Uri::Dev(_) => {
                 self.log(&format!(
@@ -524,6 +533,7 @@ impl Broker {
                 };
                 attrs(kind, 0, true, true, false)
             }
+            Uri::Shm(name) => self.stat_section(&u, name),
             Uri::Dns(_) | Uri::Dev(_) => Err(Error::NotSupported),
         }
     }
@@ -660,6 +670,10 @@ fn summary(req: &Request) -> String {
         Request::Stat { uri } => format!("stat {}", sanitize(uri)),
         Request::Rename { from, to } => format!("rename {} {}", sanitize(from), sanitize(to)),
         Request::Delete { uri } => format!("delete {}", sanitize(uri)),
+        Request::SectionSize { uri, size } => format!("section-size {} {size}", sanitize(uri)),
+        Request::SectionMemory { uri, write } => {
+            format!("section-memory {} write={write}", sanitize(uri))
+        }
         Request::ProcessCreate { uri, args } => {
             format!("process-create {} ({} args)", sanitize(uri), args.len())
         }
