@@ -18,12 +18,10 @@ use alloc::vec;
 use alloc::vec::Vec;
 use core::ptr::NonNull;
 
-use moat_pal::{access, create, prot};
 pub use moat_service_proto::status;
 use moat_service_proto::ring::{Section, Server};
 use moat_service_proto::{class, op, Request, Response};
 
-use crate::stream::Stream;
 use crate::sync::Event;
 use crate::{Error, Result};
 
@@ -103,44 +101,31 @@ impl Faults {
 
 /// The shared section, mapped, with its doorbell.
 struct Shared {
-    _stream: Stream,
-    base: NonNull<u8>,
-    len: usize,
+    section: crate::section::Section,
+    map: crate::section::SectionMap,
     /// Set when the mediator rings.
     bell: Event,
-    stream_handle: u64,
 }
 
 impl Shared {
     fn open(name: &str) -> Result<Shared> {
-        let uri = alloc::format!("shm:{name}");
-        let s = Stream::open(&uri, access::READ | access::WRITE, create::OPEN_EXISTING, 0)?;
-        let len = s.attributes()?.size;
-        if len == 0 || len > isize::MAX as u64 {
-            return Err(Error::InvalidArgument);
-        }
-        let addr = s.map(0, prot::READ | prot::WRITE, 0, len)?;
-        let base = NonNull::new(addr as *mut u8).ok_or(Error::InvalidArgument)?;
-        let bell = s.get_event()?;
-        Ok(Shared {
-            stream_handle: s.handle(),
-            _stream: s,
-            base,
-            len: len as usize,
-            bell,
-        })
+        let section = crate::section::Section::open(name, true)?;
+        let map = section.map()?;
+        let bell = section.doorbell()?;
+        Ok(Shared { section, map, bell })
     }
 
     fn section(&self) -> Section {
-        // SAFETY: the mapping made in `open` (page-aligned, `len` bytes,
-        // read-write) is never unmapped: `Shared` lives until the driver
+        let base = NonNull::new(self.map.addr() as *mut u8).expect("a mapped section");
+        // SAFETY: the mapping (page-aligned, `len` bytes, read-write) lives
+        // as long as `self.map`, which `Shared` keeps until the driver
         // ends; the driver makes no other references into it.
-        unsafe { Section::new(self.base, self.len) }
+        unsafe { Section::new(base, self.map.len() as usize) }
     }
 
     /// Rings the mediator's doorbell.
     fn ring(&self) {
-        let _ = crate::raw::stream_flush(self.stream_handle);
+        let _ = self.section.ring();
     }
 }
 

@@ -11,7 +11,7 @@
 //! part is what the contract and the ring see. A part's life:
 //!
 //! ```text
-//!   Queued ──issue──▶ Issued{id, buf} ──accepted answer──▶ Done ──collect──▶ gone
+//!   Queued ──issue──▶ Issued{buf} ────accepted answer──▶ Done ──collect──▶ gone
 //!     │                  │    ▲                              ▲
 //!     │                  │    └── driver replaced: re-issued ─┘ (same id,
 //!     │                  │        on the new section, a new buffer)
@@ -56,7 +56,7 @@ pub(crate) struct Part {
 
 pub(crate) enum State {
     Queued,
-    Issued { id: u64, buf: u32, generation: u64 },
+    Issued { buf: u32 },
     Done(io::Result<Option<ReadData>>),
 }
 
@@ -190,14 +190,9 @@ impl Core {
                     }
                     link.ring.push(&req);
                     pushed = true;
-                    let generation = link.generation;
                     self.by_id.insert(req.id, key);
                     if let Some(p) = self.parts.get_mut(&key) {
-                        p.state = State::Issued {
-                            id: req.id,
-                            buf,
-                            generation,
-                        };
+                        p.state = State::Issued { buf };
                     }
                     self.counters.requests += 1;
                     self.queue.pop_front();
@@ -217,7 +212,7 @@ impl Core {
     fn publish(&mut self) {
         if let Some(link) = self.link.as_mut() {
             if link.ring.publish() {
-                link.kick.ring();
+                link.region.kick();
                 self.counters.kicks += 1;
             }
         }
@@ -439,11 +434,7 @@ impl Core {
                 link.ring.write_buf(buf, &data[*at..*at + p.len as usize]);
             }
             link.ring.push(&req);
-            p.state = State::Issued {
-                id: req.id,
-                buf,
-                generation: link.generation,
-            };
+            p.state = State::Issued { buf };
         }
         self.link = Some(link);
         self.counters.reissued += n;

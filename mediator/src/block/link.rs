@@ -11,7 +11,7 @@ use moat_monitor::{Picoprocess, Sandbox, Stdio};
 use moat_service_proto::ring::{Layout, Submitter};
 use moat_service_proto::{class, op, Request, Response};
 
-use super::region::{wait_readable, Bell, Region};
+use super::region::{wait_readable, Region};
 use super::{io_err, DriverSpec, SECTION};
 use crate::contract::INFO_LEN;
 
@@ -24,10 +24,6 @@ pub(crate) struct Link {
     pub(crate) region: Arc<Region>,
     /// Buffers free for new requests.
     pub(crate) free: Vec<u32>,
-    /// Rung to wake the driver.
-    pub(crate) kick: Bell,
-    /// The driver rings it to wake the mediator.
-    pub(crate) bell: Arc<Bell>,
     /// Readable once the driver has ended.
     pub(crate) exit: Arc<OwnedFd>,
     pub(crate) proc: Picoprocess,
@@ -57,11 +53,16 @@ impl Link {
         } else {
             Stdio::Null
         };
+        // The section is laid out before the driver can see it.
+        let region = Arc::new(Region::new(layout)?);
+        let ring = Submitter::create(region.section(), layout)
+            .map_err(|e| io_err(format!("cannot lay the section out: {e:?}")))?;
         let mut sb = Sandbox::new(&spec.image)
             .args(args)
             .policy(spec.policy.clone())
             .host(spec.host)
-            .shared_section(SECTION, layout.size())
+            .section(SECTION, region.host())
+            .map_err(|e| io_err(format!("the driver's section: {e}")))?
             .stdin(Stdio::Null)
             .stdout(console)
             .stderr(console);
@@ -71,12 +72,6 @@ impl Link {
         let proc = sb
             .spawn()
             .map_err(|e| io_err(format!("cannot start the driver: {e}")))?;
-        let shm = proc
-            .shared_section(SECTION)
-            .map_err(|e| io_err(format!("the driver's section: {e}")))?;
-        let region = Arc::new(Region::map(&shm.memory, layout)?);
-        let ring = Submitter::create(region.section(), layout)
-            .map_err(|e| io_err(format!("cannot lay the section out: {e:?}")))?;
         let exit = Arc::new(
             proc.exit_fd()
                 .map_err(|e| io_err(format!("the driver's exit: {e}")))?,
@@ -86,13 +81,9 @@ impl Link {
             ring,
             region,
             free: (0..layout.depth).rev().collect(),
-            kick: Bell(shm.to_picoprocess),
-            bell: Arc::new(Bell(shm.from_picoprocess)),
             exit,
             proc,
         };
-        // The driver may be waiting for the header: it is written now.
-        link.kick.ring();
         Ok(link)
     }
 
@@ -109,7 +100,7 @@ impl Link {
         let buf = self.free.pop().expect("a fresh section has free buffers");
         self.ring.push(&Request { buf, ..info });
         if self.ring.publish() {
-            self.kick.ring();
+            self.region.kick();
         }
         let deadline = Instant::now() + timeout;
         loop {
@@ -142,13 +133,11 @@ impl Link {
             if !self.ring.prepare_sleep() {
                 continue;
             }
-            let [rang, ended] = wait_readable(
-                [Some(self.bell.fd()), Some(self.exit.as_fd())],
-                left,
-            );
+            let [rang, ended] =
+                wait_readable([Some(self.region.bell()), Some(self.exit.as_fd())], left);
             self.ring.awake();
             if rang {
-                self.bell.reset();
+                self.region.reset_bell();
             }
             if ended {
                 return Err(io_err("the driver ended before reporting its geometry"));

@@ -298,13 +298,7 @@ impl MediatedBlock {
         spec.policy
             .allow(&format!("shm:{SECTION}"), moat_policy::Access::Rw)
             .map_err(|e| io_err(e.to_string()))?;
-        let control = Arc::new(Bell(
-            nix::sys::eventfd::EventFd::from_flags(
-                nix::sys::eventfd::EfdFlags::EFD_CLOEXEC | nix::sys::eventfd::EfdFlags::EFD_NONBLOCK,
-            )
-            .map_err(io::Error::from)?
-            .into(),
-        ));
+        let control = Arc::new(Bell::new()?);
         let inner = Arc::new(Inner {
             core: Mutex::new(Core::new(config.clone(), BlockContract::new(limits), control.clone())),
             control,

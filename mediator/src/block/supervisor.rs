@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::link::Link;
-use super::region::{wait_readable, Bell};
+use super::region::{wait_readable, Region};
 use super::{io_err, lock, Inner};
 use crate::contract::{Contract, Violation};
 
@@ -53,7 +53,7 @@ pub(crate) fn run(inner: Arc<Inner>) {
     let mut drain_until: Option<Instant> = None;
     loop {
         let now = Instant::now();
-        let (timeout, bell, exit): (Duration, Option<Arc<Bell>>, Option<Arc<OwnedFd>>) = {
+        let (timeout, region, exit): (Duration, Option<Arc<Region>>, Option<Arc<OwnedFd>>) = {
             let mut c = lock(&inner.core);
             if c.closing {
                 let until = *drain_until.get_or_insert(now + c.config.deadline);
@@ -100,21 +100,21 @@ pub(crate) fn run(inner: Arc<Inner>) {
             {
                 next = next.min(t);
             }
-            let (bell, exit) = match c.link.as_ref() {
-                Some(l) => (Some(l.bell.clone()), Some(l.exit.clone())),
+            let (region, exit) = match c.link.as_ref() {
+                Some(l) => (Some(l.region.clone()), Some(l.exit.clone())),
                 None => (None, None),
             };
             // Just past the deadline, so that it has passed when checked.
             (
                 next.saturating_duration_since(now) + Duration::from_micros(100),
-                bell,
+                region,
                 exit,
             )
         };
         let [control, rang, ended] = wait_readable(
             [
                 Some(inner.control.fd()),
-                bell.as_deref().map(Bell::fd),
+                region.as_deref().map(Region::bell),
                 exit.as_deref().map(|e| e.as_fd()),
             ],
             timeout,
@@ -125,8 +125,8 @@ pub(crate) fn run(inner: Arc<Inner>) {
         let now = Instant::now();
         let mut c = lock(&inner.core);
         if rang {
-            if let Some(b) = &bell {
-                b.reset();
+            if let Some(r) = &region {
+                r.reset_bell();
             }
             c.counters.bells += 1;
             c.reap(now);
