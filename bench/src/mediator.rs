@@ -124,7 +124,13 @@ pub fn mediator_bench(quick: bool) {
         let off = (xorshift(&mut rng) % blocks) * 4096;
         dev.read_at(off, &mut buf).unwrap();
     });
-    row("mediator.read4k.qd1", moat / 1000.0, floor / 1000.0, "µs", "≤ 1.5");
+    row(
+        "mediator.read4k.qd1",
+        moat / 1000.0,
+        floor / 1000.0,
+        "µs",
+        "≤ 1.5",
+    );
 
     // 4 KiB random reads, 32 in flight: IOPS.
     let iops = |ns: f64| 1e9 / ns;
@@ -161,7 +167,13 @@ pub fn mediator_bench(quick: bool) {
         |i| dev.submit_read((i % span) * (64 << 10), 64 << 10).unwrap(),
         |t| dev.wait_read(t, &mut big).unwrap(),
     );
-    row("mediator.seqread64k", mbs(moat), mbs(floor), "MB/s", "≥ 0.9");
+    row(
+        "mediator.seqread64k",
+        mbs(moat),
+        mbs(floor),
+        "MB/s",
+        "≥ 0.9",
+    );
     let data = vec![0xa5u8; 64 << 10];
     let floor = per_op(rounds, n64k, |i| {
         file.write_all_at(&data, (i % span) * (64 << 10)).unwrap();
@@ -173,7 +185,13 @@ pub fn mediator_bench(quick: bool) {
         |i| dev.submit_write((i % span) * (64 << 10), &data).unwrap(),
         |t| dev.wait(t).unwrap(),
     );
-    row("mediator.seqwrite64k", mbs(moat), mbs(floor), "MB/s", "≥ 0.9");
+    row(
+        "mediator.seqwrite64k",
+        mbs(moat),
+        mbs(floor),
+        "MB/s",
+        "≥ 0.9",
+    );
 
     // Recovery: kill the driver, time until a read completes again.
     let kills = if quick { 5 } else { 100 };
@@ -189,7 +207,13 @@ pub fn mediator_bench(quick: bool) {
     }
     let c = dev.counters();
     let med = median(&mut rec.clone());
-    row("mediator.recovery", med, 5.0, "ms", "≤ 5 ms (floor: the target)");
+    row(
+        "mediator.recovery",
+        med,
+        5.0,
+        "ms",
+        "≤ 5 ms (floor: the target)",
+    );
     crate::note(&format!(
         "recovery after a kill, {kills} kills: median {med:.2} ms, p99 {:.2} ms ({} restarts); \
          doorbells: {} to the driver, {} from it, over {} requests",

@@ -353,6 +353,7 @@ impl StreamCalls for KvmPal {
         let _pt = self.pt.lock();
         self.restrict(addr, size, 0, |m| {
             m.covered_by(addr, size, RegionKind::Mapped)
+                || m.covered_by(addr, size, RegionKind::Section)
                 || m.covered_by(addr, size, RegionKind::Image)
         });
         let r = self.lin.stream_unmap(addr, size);

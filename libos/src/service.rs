@@ -18,8 +18,8 @@ use alloc::vec;
 use alloc::vec::Vec;
 use core::ptr::NonNull;
 
-pub use moat_service_proto::status;
 use moat_service_proto::ring::{Section, Server};
+pub use moat_service_proto::status;
 use moat_service_proto::{class, op, Request, Response};
 
 use crate::sync::Event;

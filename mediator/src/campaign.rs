@@ -230,7 +230,10 @@ pub fn run(c: &Campaign, mut progress: impl FnMut(u64, u64)) -> std::io::Result<
             for (k, chunk) in data[..len].chunks_exact_mut(bs as usize).enumerate() {
                 fill(chunk, start + k as u64, version);
             }
-            (dev.submit_write(start * bs, &data[..len]), vec![Some(version)])
+            (
+                dev.submit_write(start * bs, &data[..len]),
+                vec![Some(version)],
+            )
         } else {
             let v = (start..start + n).map(|b| model.get(&b).copied()).collect();
             (dev.submit_read(start * bs, len), v)

@@ -162,7 +162,7 @@ impl LinuxPal {
             Err(libc::EEXIST) => return Err(Error::AlreadyExists),
             Err(e) => return Err(map_errno(e)),
         };
-        if let Err(e) = r.insert(got, size, p, RegionKind::Mapped) {
+        if let Err(e) = r.insert(got, size, p, RegionKind::Section) {
             let _ = sys::munmap(got, size);
             return Err(e);
         }

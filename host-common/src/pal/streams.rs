@@ -222,6 +222,7 @@ impl StreamCalls for LinuxPal {
         validate::check_page_range(addr, size)?;
         let mut r = self.regions.write().unwrap();
         if !r.covered_by(addr, size, RegionKind::Mapped)
+            && !r.covered_by(addr, size, RegionKind::Section)
             && !r.covered_by(addr, size, RegionKind::Image)
         {
             return Err(Error::BadAddress);

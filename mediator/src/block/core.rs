@@ -200,7 +200,10 @@ impl Core {
                 Err(ClientError::Busy) => break,
                 Err(e) => {
                     self.queue.pop_front();
-                    self.finish(key, Err(io::Error::new(io::ErrorKind::InvalidInput, e.to_string())));
+                    self.finish(
+                        key,
+                        Err(io::Error::new(io::ErrorKind::InvalidInput, e.to_string())),
+                    );
                 }
             }
         }
@@ -257,8 +260,11 @@ impl Core {
             return Ok(());
         };
         let depth = link.ring.layout().depth;
-        if let Some(State::Issued { buf, .. }) =
-            self.by_id.get(&r.id).and_then(|k| self.parts.get(k)).map(|p| &p.state)
+        if let Some(State::Issued { buf, .. }) = self
+            .by_id
+            .get(&r.id)
+            .and_then(|k| self.parts.get(k))
+            .map(|p| &p.state)
         {
             if r.buf >= depth {
                 return Err(Violation::OutsidePool {

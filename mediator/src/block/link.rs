@@ -112,9 +112,8 @@ impl Link {
                 })
                 .map_err(|e| io_err(format!("driver handshake: a broken ring ({e:?})")))?;
             if let Some(a) = answer {
-                let a = a.map_err(|e| {
-                    io_err(format!("driver handshake: a malformed answer ({e:?})"))
-                })?;
+                let a =
+                    a.map_err(|e| io_err(format!("driver handshake: a malformed answer ({e:?})")))?;
                 if a.buf != buf {
                     return Err(io_err(format!(
                         "driver handshake: the answer names buffer {}, not the request's {buf}",

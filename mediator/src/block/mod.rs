@@ -300,7 +300,11 @@ impl MediatedBlock {
             .map_err(|e| io_err(e.to_string()))?;
         let control = Arc::new(Bell::new()?);
         let inner = Arc::new(Inner {
-            core: Mutex::new(Core::new(config.clone(), BlockContract::new(limits), control.clone())),
+            core: Mutex::new(Core::new(
+                config.clone(),
+                BlockContract::new(limits),
+                control.clone(),
+            )),
             control,
             config,
             spec,
@@ -383,7 +387,10 @@ impl MediatedBlock {
                 "offset {offset} and length {len} must both be multiples of the block size {bs}"
             ));
         }
-        if offset.checked_add(len as u64).is_none_or(|e| e > g.capacity) {
+        if offset
+            .checked_add(len as u64)
+            .is_none_or(|e| e > g.capacity)
+        {
             return Err(format!(
                 "{len} bytes at offset {offset} go past the end of the device ({} bytes)",
                 g.capacity

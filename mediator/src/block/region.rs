@@ -119,7 +119,10 @@ pub(crate) fn wait_readable<const N: usize>(
     }
     let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
     let mut out = [false; N];
-    if let Ok(n) = poll(&mut pfds, PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)) {
+    if let Ok(n) = poll(
+        &mut pfds,
+        PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
+    ) {
         if n > 0 {
             for i in 0..N {
                 if which[i] != usize::MAX {

@@ -94,9 +94,13 @@ pub(crate) fn run(inner: Arc<Inner>) {
                 }
             }
             let mut next = now + c.config.deadline;
-            for t in [c.contract.next_deadline(), c.circuit_open_until, drain_until]
-                .into_iter()
-                .flatten()
+            for t in [
+                c.contract.next_deadline(),
+                c.circuit_open_until,
+                drain_until,
+            ]
+            .into_iter()
+            .flatten()
             {
                 next = next.min(t);
             }

@@ -44,7 +44,9 @@ pub enum Violation {
         buffers: u32,
     },
     /// An answer naming another buffer than its request's.
-    #[error("the driver answered request {id} in buffer {buf}, but the request owns buffer {expected}")]
+    #[error(
+        "the driver answered request {id} in buffer {buf}, but the request owns buffer {expected}"
+    )]
     WrongBuffer {
         /// The id in the answer.
         id: u64,

@@ -94,16 +94,25 @@ fn layouts_are_checked() {
     let (m, _sub, _) = pair(8);
     let s = m.section();
     s.store(H_DEPTH, 1 << 20, Ordering::Relaxed);
-    assert_eq!(Server::attach(m.section()).unwrap_err(), LayoutError::BadDepth(1 << 20));
+    assert_eq!(
+        Server::attach(m.section()).unwrap_err(),
+        LayoutError::BadDepth(1 << 20)
+    );
     s.store(H_DEPTH, 1024, Ordering::Relaxed);
     assert!(matches!(
         Server::attach(m.section()),
         Err(LayoutError::TooSmall { .. })
     ));
     s.store(H_VERSION, 9, Ordering::Relaxed);
-    assert_eq!(Server::attach(m.section()).unwrap_err(), LayoutError::BadVersion(9));
+    assert_eq!(
+        Server::attach(m.section()).unwrap_err(),
+        LayoutError::BadVersion(9)
+    );
     s.store64(H_MAGIC, 1);
-    assert_eq!(Server::attach(m.section()).unwrap_err(), LayoutError::BadMagic(1));
+    assert_eq!(
+        Server::attach(m.section()).unwrap_err(),
+        LayoutError::BadMagic(1)
+    );
 }
 
 #[test]
@@ -131,10 +140,13 @@ fn requests_and_answers_round_trip_over_many_laps() {
         assert!(srv.next_request().unwrap().is_none());
         assert!(!srv.publish());
         let mut got = Vec::new();
-        assert_eq!(sub.take(u32::MAX, |a| {
-            got.push(a.unwrap());
-            true
-        }), Ok(4));
+        assert_eq!(
+            sub.take(u32::MAX, |a| {
+                got.push(a.unwrap());
+                true
+            }),
+            Ok(4)
+        );
         for (b, a) in got.iter().enumerate() {
             assert_eq!((a.id, a.buf, a.len), (id + b as u64, b as u32, 512));
             let mut out = [0u8; 512];
@@ -158,7 +170,13 @@ fn an_index_past_the_ring_is_refused_on_both_ends() {
     assert!(sub.ready().is_err());
     // The driver refuses a submission index that lies.
     m.section().store(M_SQ_TAIL, 100, Ordering::Relaxed);
-    assert_eq!(srv.next_request(), Err(RingError::BadIndex { ahead: 100, depth: 8 }));
+    assert_eq!(
+        srv.next_request(),
+        Err(RingError::BadIndex {
+            ahead: 100,
+            depth: 8
+        })
+    );
 }
 
 #[test]
@@ -323,7 +341,10 @@ fn a_peer_scribbling_everywhere_never_makes_the_mediator_misstep() {
     t.join().unwrap();
     // The scribbler moved the index both ways: some answers were taken,
     // some indices refused, and nothing else happened.
-    assert!(errors > 0 && answers > 0, "errors {errors} answers {answers}");
+    assert!(
+        errors > 0 && answers > 0,
+        "errors {errors} answers {answers}"
+    );
 
     fn sub_read(_a: &Response, out: &mut [u8]) {
         out.fill(0);

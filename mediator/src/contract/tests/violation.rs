@@ -6,10 +6,7 @@ use super::*;
 fn one_of_each() -> Vec<Violation> {
     vec![
         Violation::BadHeader(DecodeError::Reserved),
-        Violation::BadIndex {
-            ahead: 9,
-            depth: 8,
-        },
+        Violation::BadIndex { ahead: 9, depth: 8 },
         Violation::OutsidePool {
             id: 9,
             buf: 70,
@@ -63,7 +60,9 @@ fn violation_kinds_and_messages() {
         assert!(s.starts_with("the "), "{s}");
     }
     assert!(all[1].to_string().contains("9 slots past"));
-    assert!(all[2].to_string().contains("buffer 70, outside the pool of 64"));
+    assert!(all[2]
+        .to_string()
+        .contains("buffer 70, outside the pool of 64"));
     assert!(all[3].to_string().contains("request owns buffer 4"));
     assert!(all[4].to_string().contains("request 9"));
     assert!(all[8].to_string().contains("512"));
