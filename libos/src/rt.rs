@@ -18,6 +18,11 @@ pub const fn version_compatible(host: u32, ours: u32) -> bool {
     host >> 16 == ours >> 16 && (host & 0xffff) >= (ours & 0xffff)
 }
 
+// A 1.1 host runs a 1.0 image; a 1.0 host refuses a 1.1 image.
+const _: () = assert!(version_compatible(0x0001_0001, 0x0001_0000));
+const _: () = assert!(!version_compatible(0x0001_0000, 0x0001_0001));
+const _: () = assert!(!version_compatible(0x0002_0000, 0x0001_0000));
+
 /// Number of calls this libos uses (the table must have at least these):
 /// every call of its ABI version, as [`crate::raw::calls`] wraps them all.
 const NEEDED_CALLS: u64 = NUM_CALLS as u64;
