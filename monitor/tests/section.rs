@@ -211,20 +211,16 @@ fn a_host_section_is_the_creator_side() {
     // sees it once.
     let one = 1u64.to_ne_bytes();
     // SAFETY: writes 8 bytes from a local to an eventfd we hold.
-    assert_eq!(
-        unsafe { libc::write(fds[0].as_raw_fd(), one.as_ptr().cast(), 8) },
-        8
-    );
+    let n = unsafe { libc::write(fds[0].as_raw_fd(), one.as_ptr().cast(), 8) };
+    assert_eq!(n, 8);
     assert!(h.wait(Some(std::time::Duration::from_secs(1))));
     assert!(!h.wait(Some(std::time::Duration::ZERO)), "consumed");
     // The host rings the other side's (fds[1]).
     h.ring();
     let mut v = [0u8; 8];
     // SAFETY: reads 8 bytes into a local from an eventfd we hold.
-    assert_eq!(
-        unsafe { libc::read(fds[1].as_raw_fd(), v.as_mut_ptr().cast(), 8) },
-        8
-    );
+    let n = unsafe { libc::read(fds[1].as_raw_fd(), v.as_mut_ptr().cast(), 8) };
+    assert_eq!(n, 8);
     let w = map(&fds[2], 4096, false).unwrap();
     // SAFETY: a 4096-byte mapping, unmapped right after.
     unsafe {
