@@ -13,6 +13,15 @@
 //! carries its device's index (see [`DeviceSet::of_stream`]); every other
 //! stream is host-common's `LinuxPal`'s.
 //!
+//! A shared section (`shm:`, ABI 1.1) is such a stream: DkStreamMap of one
+//! takes the same path as a file's, placed in a free range of guest RAM
+//! (which the VMM maps only piecewise, as the guest gets memory) where
+//! host-common maps the section's memfd shared with `MAP_FIXED_NOREPLACE`,
+//! then the page tables follow. Since guest RAM is identity-mapped, the
+//! guest, the VMM, the host and the other picoprocesses then share the
+//! same pages; the region map keeps the mapping non-executable, and so do
+//! its page-table entries.
+//!
 //! Every call that changes the region map (memory alloc, free and
 //! protect, stream map and unmap, image map) changes the VM's page tables
 //! with it, in the order [`crate::paging`] gives: an access taken away

@@ -6,7 +6,7 @@
 //!   wait for its [`Exit`].
 //! - [`api`]: that API ([`error`]: its errors and exits);
 //!   [`session`]: what one picoprocess tree shares; [`shm`]: shared
-//!   sections (`shm:NAME`), and [`HostSection`](shm::HostSection), the
+//!   sections (`shm:NAME`), and [`HostSection`], the
 //!   host's side of one.
 //! - [`monitor`]: one thread per confined process, answering its requests;
 //!   [`broker`] decides each request with the policy as the only

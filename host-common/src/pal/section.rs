@@ -78,11 +78,7 @@ impl LinuxPal {
 
     /// The section's memory and size; from the monitor the first time
     /// after someone sized it. `None`: not sized yet.
-    fn section_memory<'a>(
-        &self,
-        s: &StreamObj,
-        sec: &'a SectionObj,
-    ) -> PalResult<Option<(RawFd, u64)>> {
+    fn section_memory(&self, s: &StreamObj, sec: &SectionObj) -> PalResult<Option<(RawFd, u64)>> {
         if let Some((fd, size)) = sec.memory.get() {
             return Ok(Some((fd.as_raw_fd(), *size)));
         }

@@ -65,7 +65,7 @@ fn size() -> Result<(), i32> {
     for (len, what) in [
         ((64 << 20) + 4096, "one page over the memory limit"),
         (1 << 40, "1 TiB"),
-        (u64::MAX & !4095, "2^64 - 4096"),
+        (!4095, "2^64 - 4096"),
     ] {
         refused(
             p.dk_stream_set_length(s, len),

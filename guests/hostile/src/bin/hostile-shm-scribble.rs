@@ -95,7 +95,7 @@ fn scribble(uri: &str, size: u64) -> Result<(), i32> {
             };
         }
         // Ring whoever listens, now and then.
-        if round % 4 == 0 {
+        if round.is_multiple_of(4) {
             let _ = p.dk_stream_flush(s);
         }
         setup(p.dk_stream_unmap(a, size), "scribbler: unmap")?;
