@@ -94,6 +94,11 @@ pub(crate) struct Core {
     pub(crate) circuit_open_until: Option<Instant>,
     /// A client thread is polling the completion ring.
     pub(crate) poller: bool,
+    /// Client threads parked until their answer is taken. While there are
+    /// any and nobody polls, the driver is asked to ring (the mediator's
+    /// idle flag); otherwise answers may wait in the ring until the next
+    /// client looks (nobody is waiting for them).
+    pub(crate) sleepers: usize,
     /// Shutting down: nothing new is accepted.
     pub(crate) closing: bool,
     /// Wakes the supervisor (a link broke, shutdown).
@@ -119,6 +124,7 @@ impl Core {
             progress: false,
             circuit_open_until: None,
             poller: false,
+            sleepers: 0,
             closing: false,
             control,
             scratch: Vec::new(),
@@ -405,10 +411,20 @@ impl Core {
         self.control.ring();
     }
 
-    /// Stops polling: says the mediator sleeps (the driver rings from now
-    /// on), taking whatever arrived meanwhile first.
-    pub(crate) fn stop_polling(&mut self, now: Instant) {
+    /// A poller is done polling: if anyone sleeps, the driver is to ring
+    /// from now on; otherwise the flag stays down (the next client to wait
+    /// looks at the ring itself, and a driver that is answering fast rings
+    /// nobody).
+    pub(crate) fn end_poll(&mut self, now: Instant) {
         self.poller = false;
+        if self.sleepers > 0 {
+            self.make_idle(now);
+        }
+    }
+
+    /// Says the mediator sleeps (the driver rings from now on), taking
+    /// whatever arrived meanwhile first.
+    pub(crate) fn make_idle(&mut self, now: Instant) {
         loop {
             match self.link.as_ref() {
                 Some(l) if !l.ring.prepare_sleep() => self.reap(now),

@@ -58,6 +58,10 @@ use self::core::Core;
 use self::region::Bell;
 use crate::contract::{BlockContract, ContractLimits, Geometry};
 
+/// How long a client polls with pause instructions only; after that it
+/// yields the core between looks (see [`Config::spin`]).
+const YIELD_AFTER: Duration = Duration::from_micros(5);
+
 /// The shared section a block driver serves on (`shm:moat-blk`).
 pub const SECTION: &str = "moat-blk";
 
@@ -461,9 +465,11 @@ impl MediatedBlock {
         Ok(self.submit(op::FLUSH, 0, 0, None))
     }
 
-    /// Whether every part of `t` is done (then a wait returns at once).
+    /// Whether every part of `t` is done (then a wait returns at once);
+    /// takes what the driver has answered first.
     pub fn is_done(&self, t: &Ticket) -> bool {
-        let c = lock(&self.dev.inner.core);
+        let mut c = lock(&self.dev.inner.core);
+        c.reap(Instant::now());
         t.parts.iter().all(|(k, _, _)| c.is_done(*k))
     }
 
@@ -508,16 +514,21 @@ impl MediatedBlock {
         let inner = &*self.dev.inner;
         let spin = inner.config.spin;
         let mut polling: Option<Instant> = None;
+        let mut parked = false;
         loop {
             let now = Instant::now();
             let mut c = lock(&inner.core);
+            if parked {
+                c.sleepers -= 1;
+                parked = false;
+            }
             if polling.is_some() && !c.poller {
                 // The role was taken away (the driver was given up on).
                 polling = None;
             }
             if let Some(r) = c.collect(key, out.as_deref_mut()) {
                 if polling.is_some() {
-                    c.stop_polling(now);
+                    c.end_poll(now);
                 }
                 return r;
             }
@@ -533,20 +544,32 @@ impl MediatedBlock {
                 if c.is_done(key) {
                     continue;
                 }
-                if c.poller && now.duration_since(since) < spin {
+                let polled = now.duration_since(since);
+                if c.poller && polled < spin {
                     drop(c);
-                    for _ in 0..8 {
-                        std::hint::spin_loop();
+                    if polled < YIELD_AFTER {
+                        for _ in 0..8 {
+                            std::hint::spin_loop();
+                        }
+                    } else {
+                        // Polling this long: the driver may be waiting for
+                        // this very core (a busy machine); let it run.
+                        std::thread::yield_now();
                     }
                     continue;
                 }
-                if c.poller {
-                    c.stop_polling(now);
-                }
+                c.poller = false;
                 polling = None;
-                if c.is_done(key) {
-                    continue;
-                }
+            }
+            // Sleep; whoever takes the answer wakes this thread, and if
+            // nobody polls the driver is asked to ring.
+            c.sleepers += 1;
+            parked = true;
+            if !c.poller {
+                c.make_idle(now);
+            }
+            if c.is_done(key) {
+                continue;
             }
             c.set_waiter(key, std::thread::current());
             drop(c);

@@ -61,8 +61,9 @@ pub(crate) fn run(inner: Arc<Inner>) {
                     break;
                 }
             }
-            if let Some(id) = c.contract.expired(now) {
-                let _ = id;
+            // Answers nobody has taken yet count before any deadline.
+            c.reap(now);
+            if c.contract.expired(now).is_some() {
                 c.violation(Violation::Deadline.kind());
             }
             if !c.dead.is_empty() {
@@ -83,15 +84,9 @@ pub(crate) fn run(inner: Arc<Inner>) {
                     continue;
                 }
             }
-            // Nobody polls: the driver is to ring; anything that arrived
-            // before the flag was up is taken now.
-            if !c.poller {
-                if let Some(l) = c.link.as_ref() {
-                    if !l.ring.prepare_sleep() {
-                        c.reap(now);
-                        continue;
-                    }
-                }
+            // Clients sleep and nobody polls: the driver is to ring.
+            if !c.poller && c.sleepers > 0 {
+                c.make_idle(now);
             }
             let mut next = now + c.config.deadline;
             for t in [
