@@ -24,6 +24,8 @@
 //! dead driver's section.
 
 use std::collections::{HashMap, VecDeque};
+
+use super::parts::Parts;
 use std::io;
 use std::sync::Arc;
 use std::thread::Thread;
@@ -56,7 +58,7 @@ pub(crate) struct Part {
 
 pub(crate) enum State {
     Queued,
-    Issued { buf: u32 },
+    Issued { id: u64, buf: u32 },
     Done(io::Result<Option<ReadData>>),
 }
 
@@ -80,12 +82,9 @@ pub(crate) struct Core {
     pub(crate) generation: u64,
     /// Driver starts so far (each picks its fault seed).
     pub(crate) incarnations: u64,
-    parts: HashMap<u64, Part>,
-    next_key: u64,
+    parts: Parts,
     /// Parts waiting for a driver, a free buffer or room in the contract.
     queue: VecDeque<u64>,
-    /// Issued parts by request id.
-    by_id: HashMap<u64, u64>,
     pub(crate) counters: Counters,
     /// Restarts in a row without progress (see `Config::max_failed_restarts`).
     pub(crate) failed_restarts: u32,
@@ -115,10 +114,8 @@ impl Core {
             dead: Vec::new(),
             generation: 0,
             incarnations: 0,
-            parts: HashMap::new(),
-            next_key: 1,
+            parts: Parts::new(),
             queue: VecDeque::new(),
-            by_id: HashMap::new(),
             counters: Counters::default(),
             failed_restarts: 0,
             progress: false,
@@ -141,21 +138,16 @@ impl Core {
         data: Option<WriteData>,
         now: Instant,
     ) -> u64 {
-        let key = self.next_key;
-        self.next_key += 1;
         self.counters.submitted += 1;
-        self.parts.insert(
-            key,
-            Part {
-                op,
-                offset,
-                len,
-                data,
-                state: State::Queued,
-                waiter: None,
-                abandoned: false,
-            },
-        );
+        let key = self.parts.insert(Part {
+            op,
+            offset,
+            len,
+            data,
+            state: State::Queued,
+            waiter: None,
+            abandoned: false,
+        });
         if self.closing {
             self.finish(key, Err(io_err("the mediator has shut down")));
         } else {
@@ -186,7 +178,10 @@ impl Core {
             let Some(&buf) = link.free.last() else {
                 break;
             };
-            let p = &self.parts[&key];
+            let Some(p) = self.parts.get(key) else {
+                self.queue.pop_front();
+                continue;
+            };
             match self.contract.issue(p.op, p.offset, p.len, now) {
                 Ok(mut req) => {
                     link.free.pop();
@@ -195,10 +190,10 @@ impl Core {
                         link.ring.write_buf(buf, &data[*at..*at + p.len as usize]);
                     }
                     link.ring.push(&req);
+                    link.owners[buf as usize] = Some(key);
                     pushed = true;
-                    self.by_id.insert(req.id, key);
-                    if let Some(p) = self.parts.get_mut(&key) {
-                        p.state = State::Issued { buf };
+                    if let Some(p) = self.parts.get_mut(key) {
+                        p.state = State::Issued { id: req.id, buf };
                     }
                     self.counters.requests += 1;
                     self.queue.pop_front();
@@ -260,44 +255,54 @@ impl Core {
     }
 
     /// One answer, copied out of the section already: first the buffer it
-    /// names (the transport's rule), then the contract.
+    /// names (the transport's rule: a request's answer is in the request's
+    /// own buffer), then the contract.
     fn accept(&mut self, r: Response, now: Instant) -> Result<(), Violation> {
         let Some(link) = self.link.as_mut() else {
             return Ok(());
         };
         let depth = link.ring.layout().depth;
-        if let Some(State::Issued { buf, .. }) = self
-            .by_id
-            .get(&r.id)
-            .and_then(|k| self.parts.get(k))
-            .map(|p| &p.state)
-        {
-            if r.buf >= depth {
-                return Err(Violation::OutsidePool {
-                    id: r.id,
-                    buf: r.buf,
-                    buffers: depth,
+        // The part that owns the buffer the answer names, if it is the
+        // answer's request.
+        let owner = link
+            .owners
+            .get(r.buf as usize)
+            .copied()
+            .flatten()
+            .filter(|&k| matches!(self.parts.get(k).map(|p| &p.state), Some(State::Issued { id, .. }) if *id == r.id));
+        let Some(key) = owner else {
+            // Not the buffer of that request: a buffer fault if the id is
+            // in flight, else whatever the contract makes of the id.
+            let issued = self.parts.iter().find_map(|(_, p)| match p.state {
+                State::Issued { id, buf } if id == r.id => Some(buf),
+                _ => None,
+            });
+            if let Some(expected) = issued {
+                return Err(if r.buf >= depth {
+                    Violation::OutsidePool {
+                        id: r.id,
+                        buf: r.buf,
+                        buffers: depth,
+                    }
+                } else {
+                    Violation::WrongBuffer {
+                        id: r.id,
+                        buf: r.buf,
+                        expected,
+                    }
                 });
             }
-            if r.buf != *buf {
-                return Err(Violation::WrongBuffer {
-                    id: r.id,
-                    buf: r.buf,
-                    expected: *buf,
-                });
-            }
-        }
-        let done = self.contract.check_response(&r, now)?;
-        self.failed_restarts = 0;
-        self.progress = true;
-        let Some(key) = self.by_id.remove(&done.id) else {
-            // The contract accepted an answer for no issued part: cannot
-            // happen while both are kept together, and is counted if it
-            // does.
+            self.contract.check_response(&r, now)?;
+            // Accepted for no issued part: cannot happen while the two are
+            // kept together, and is counted if it does.
             self.counters.duplicate_completions += 1;
             return Ok(());
         };
+        let done = self.contract.check_response(&r, now)?;
+        self.failed_restarts = 0;
+        self.progress = true;
         let buf = r.buf;
+        link.owners[buf as usize] = None;
         let result = if done.status == status::OK {
             if done.op == op::READ {
                 self.counters.bytes_read += u64::from(done.len);
@@ -330,7 +335,7 @@ impl Core {
     /// Marks a part done, counts it, wakes its client; an abandoned part
     /// is dropped at once.
     pub(crate) fn finish(&mut self, key: u64, result: io::Result<Option<ReadData>>) {
-        let Some(p) = self.parts.get_mut(&key) else {
+        let Some(p) = self.parts.get_mut(key) else {
             return;
         };
         if result.is_ok() {
@@ -351,7 +356,7 @@ impl Core {
     /// Whether a part is done (or unknown).
     pub(crate) fn is_done(&self, key: u64) -> bool {
         self.parts
-            .get(&key)
+            .get(key)
             .is_none_or(|p| matches!(p.state, State::Done(_)))
     }
 
@@ -361,7 +366,7 @@ impl Core {
         if !self.is_done(key) {
             return None;
         }
-        let p = self.parts.remove(&key)?;
+        let p = self.parts.remove(key)?;
         let State::Done(r) = p.state else {
             return None;
         };
@@ -386,7 +391,7 @@ impl Core {
         if self.is_done(key) {
             self.collect(key, None);
             self.pump(now);
-        } else if let Some(p) = self.parts.get_mut(&key) {
+        } else if let Some(p) = self.parts.get_mut(key) {
             p.abandoned = true;
             p.waiter = None;
         }
@@ -394,7 +399,7 @@ impl Core {
 
     /// Parks `t` as the waiter of a part not yet done.
     pub(crate) fn set_waiter(&mut self, key: u64, t: Thread) {
-        if let Some(p) = self.parts.get_mut(&key) {
+        if let Some(p) = self.parts.get_mut(key) {
             p.waiter = Some(t);
         }
     }
@@ -440,11 +445,19 @@ impl Core {
         self.progress = false;
         let again = self.contract.reissue(now);
         let n = again.len() as u64;
+        let by_id: HashMap<u64, u64> = self
+            .parts
+            .iter()
+            .filter_map(|(k, p)| match p.state {
+                State::Issued { id, .. } => Some((id, k)),
+                _ => None,
+            })
+            .collect();
         for mut req in again {
-            let Some(&key) = self.by_id.get(&req.id) else {
+            let Some(&key) = by_id.get(&req.id) else {
                 continue;
             };
-            let Some(p) = self.parts.get_mut(&key) else {
+            let Some(p) = self.parts.get_mut(key) else {
                 continue;
             };
             let buf = link
@@ -456,7 +469,8 @@ impl Core {
                 link.ring.write_buf(buf, &data[*at..*at + p.len as usize]);
             }
             link.ring.push(&req);
-            p.state = State::Issued { buf };
+            link.owners[buf as usize] = Some(key);
+            p.state = State::Issued { id: req.id, buf };
         }
         self.link = Some(link);
         self.counters.reissued += n;
@@ -476,24 +490,34 @@ impl Core {
             "the driver failed {} restarts in a row",
             self.config.max_failed_restarts
         );
-        for id in self.contract.fail_all() {
-            if let Some(key) = self.by_id.remove(&id) {
-                self.finish(key, Err(io_err(why.clone())));
-            }
+        let ids = self.contract.fail_all();
+        for key in self.issued_keys(ids) {
+            self.finish(key, Err(io_err(why.clone())));
         }
         self.pump(now);
     }
 
     /// Fails everything not done (the mediator is shutting down).
     pub(crate) fn fail_everything(&mut self, why: &str) {
-        for id in self.contract.fail_all() {
-            if let Some(key) = self.by_id.remove(&id) {
-                self.finish(key, Err(io_err(why)));
-            }
+        let ids = self.contract.fail_all();
+        for key in self.issued_keys(ids) {
+            self.finish(key, Err(io_err(why)));
         }
         while let Some(key) = self.queue.pop_front() {
             self.finish(key, Err(io_err(why)));
         }
+    }
+
+    /// The keys of the issued parts with these request ids.
+    fn issued_keys(&self, ids: Vec<u64>) -> Vec<u64> {
+        let ids: std::collections::HashSet<u64> = ids.into_iter().collect();
+        self.parts
+            .iter()
+            .filter_map(|(k, p)| match p.state {
+                State::Issued { id, .. } if ids.contains(&id) => Some(k),
+                _ => None,
+            })
+            .collect()
     }
 
     /// Fails what is queued (not yet sent to any driver).

@@ -24,6 +24,8 @@ pub(crate) struct Link {
     pub(crate) region: Arc<Region>,
     /// Buffers free for new requests.
     pub(crate) free: Vec<u32>,
+    /// The part each buffer is issued for (by buffer index).
+    pub(crate) owners: Vec<Option<u64>>,
     /// Readable once the driver has ended.
     pub(crate) exit: Arc<OwnedFd>,
     pub(crate) proc: Picoprocess,
@@ -81,6 +83,7 @@ impl Link {
             ring,
             region,
             free: (0..layout.depth).rev().collect(),
+            owners: vec![None; layout.depth as usize],
             exit,
             proc,
         };

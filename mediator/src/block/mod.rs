@@ -40,6 +40,7 @@
 
 mod core;
 mod link;
+mod parts;
 mod region;
 mod supervisor;
 
