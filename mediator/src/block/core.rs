@@ -82,7 +82,7 @@ pub(crate) struct Core {
     pub(crate) generation: u64,
     /// Driver starts so far (each picks its fault seed).
     pub(crate) incarnations: u64,
-    parts: Parts,
+    parts: Parts<Part>,
     /// Parts waiting for a driver, a free buffer or room in the contract.
     queue: VecDeque<u64>,
     pub(crate) counters: Counters,

@@ -3,16 +3,14 @@
 //! index and a sequence number, so a key whose part is gone never names
 //! the part that reuses its slot.
 
-use super::core::Part;
-
-pub(crate) struct Parts {
+pub(crate) struct Parts<Part> {
     slots: Vec<Option<(u64, Part)>>,
     free: Vec<u32>,
     seq: u64,
 }
 
-impl Parts {
-    pub(crate) fn new() -> Parts {
+impl<Part> Parts<Part> {
+    pub(crate) fn new() -> Parts<Part> {
         Parts {
             slots: Vec::new(),
             free: Vec::new(),
