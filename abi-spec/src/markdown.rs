@@ -56,7 +56,10 @@ pub fn render_markdown(spec: &Spec) -> String {
     let _ = writeln!(
         w,
         "- **Version.** `{}` (major {major}, minor {minor}); `abi_version` fields hold \
-         `major << 16 | minor` = `0x{:08x}`. A minor version only adds calls; a major version may change anything.",
+         `major << 16 | minor` = `0x{:08x}`. A minor version keeps every call (number, arguments, result) \
+         and only adds: calls, URI schemes, constant values, what a call does with them (1.1: shared sections). \
+         A host of minor version N runs images built for minor N or less of its major version; \
+         an image refuses a host of an older minor version (exit 126). A major version may change anything.",
         spec.version,
         (u32::from(major) << 16) | u32::from(minor)
     );

@@ -7,7 +7,7 @@ use super::*;
 fn embedded_spec_is_valid() {
     let s = parse(SPEC_TOML).unwrap();
     assert_eq!(s.calls.len(), 45);
-    assert_eq!(s.version_parts(), (1, 0));
+    assert_eq!(s.version_parts(), (1, 1));
     assert!(render("json").is_some() && render("md").is_some() && render("c").is_some());
     assert!(render("xml").is_none());
 }
@@ -101,8 +101,8 @@ fn rejects_unknown_key() {
     assert!(matches!(parse(&t), Err(SpecError::Toml(_))));
     let t = replace_once(
         SPEC_TOML,
-        "version = \"1.0\"",
-        "version = \"1.0\"\nname = \"x\"",
+        "version = \"1.1\"",
+        "version = \"1.1\"\nname = \"x\"",
     );
     assert!(matches!(parse(&t), Err(SpecError::Toml(_))));
 }
@@ -128,7 +128,7 @@ fn rejects_unknown_field_type() {
 
 #[test]
 fn rejects_bad_version() {
-    let t = replace_once(SPEC_TOML, "version = \"1.0\"", "version = \"1\"");
+    let t = replace_once(SPEC_TOML, "version = \"1.1\"", "version = \"1\"");
     assert!(matches!(parse(&t), Err(SpecError::Version(_))));
 }
 

@@ -20,7 +20,7 @@ _Static_assert(offsetof(moat_exception_info, fault_addr) == 8, "fault_addr offse
 _Static_assert(sizeof(moat_startup_block) == 64, "moat_startup_block size");
 _Static_assert(offsetof(moat_startup_block, table) == 16, "table offset");
 _Static_assert(offsetof(moat_startup_block, exception_upcall) == 48, "exception_upcall offset");
-_Static_assert(MOAT_ABI_VERSION == 0x00010000, "version");
+_Static_assert(MOAT_ABI_VERSION == 0x00010001, "version");
 _Static_assert(MOAT_E_INVALID_ARGUMENT == 1, "first error");
 _Static_assert(MOAT_PROT_READ == 1, "prot");
 _Static_assert(MOAT_TIMEOUT_INFINITE == -1, "timeout");

@@ -331,8 +331,8 @@ fn write_under_seccomp(m: u64, which: Filter) -> f64 {
             }];
             if which == Filter::Moat {
                 use moat_host_common::{sandbox, sys};
-                let p =
-                    sandbox::build_filter(&sys::pal_code_ranges(), libc::getpid() as i64).unwrap();
+                let p = sandbox::build_filter(&sys::pal_code_ranges(), libc::getpid() as i64, None)
+                    .unwrap();
                 filter = p
                     .iter()
                     .map(|i| libc::sock_filter {

@@ -216,6 +216,12 @@ mod tests {
     fn abi_versions() {
         assert_eq!(abi_problem(0x0001_0000, 0x0001_0000), None);
         assert_eq!(abi_problem(0x0001_0000, 0x0001_0002), None);
+        // 1.0 images on a 1.1 host (shared sections) run; 1.1 images on a
+        // 1.0 host would refuse to start.
+        assert_eq!(abi_problem(0x0001_0000, 0x0001_0001), None);
+        assert!(abi_problem(0x0001_0001, 0x0001_0000)
+            .unwrap()
+            .contains("newer"));
         assert!(abi_problem(0x0001_0003, 0x0001_0002)
             .unwrap()
             .contains("newer"));

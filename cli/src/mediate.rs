@@ -2,7 +2,7 @@
 //! behind the safe mediator.
 use crate::bad_input;
 use clap::{Args, ValueEnum};
-use moat_mediator::block::{Config, Counters, DriverSpec, FaultPlan, PIPE};
+use moat_mediator::block::{Config, Counters, DriverSpec, FaultPlan, SECTION};
 use moat_mediator::campaign::{self, Campaign};
 use moat_monitor::disklock::DiskLock;
 use moat_policy::{Access, DeviceSpec, Policy};
@@ -119,7 +119,7 @@ impl DriverArgs {
                 if read_only {
                     args.push("--read-only".into());
                 }
-                args.extend([PIPE.to_string(), uri]);
+                args.extend([SECTION.to_string(), uri]);
                 (
                     "blk-file",
                     args,
@@ -137,7 +137,7 @@ impl DriverArgs {
                 policy.add_device(d).map_err(|e| e.to_string())?;
                 (
                     "virtio-blk",
-                    vec!["blk0".into(), "serve".into(), PIPE.into()],
+                    vec!["blk0".into(), "serve".into(), SECTION.into()],
                     moat_monitor::Host::Kvm,
                 )
             }
@@ -314,6 +314,7 @@ pub fn demo(a: DemoArgs) -> i32 {
         kill_every: 500,
         hang_after: Duration::from_secs(10),
         time_limit: Duration::from_secs(a.seconds),
+        depth: 32,
     };
     let r = campaign::run(&c, |_, _| {});
     let _ = std::fs::remove_dir_all(&dir);
@@ -367,6 +368,9 @@ pub struct CampaignArgs {
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 3600)]
     pub time_limit: u64,
+    /// Requests the workload keeps in flight (1 to 1024).
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub depth: u16,
 }
 
 /// `moat campaign`: seeded faults through the mediator, every byte checked.
@@ -406,6 +410,7 @@ pub fn campaign(a: CampaignArgs) -> i32 {
         kill_every: a.kill_every,
         hang_after: Duration::from_secs(10),
         time_limit: Duration::from_secs(a.time_limit),
+        depth: a.depth.into(),
     };
     let bar = indicatif::ProgressBar::new(a.count);
     bar.set_style(

@@ -43,10 +43,13 @@ pub struct RunArgs {
     /// A manifest (TOML) with grants, limits, and optionally image and args.
     #[arg(long, value_name = "FILE")]
     pub manifest: Option<PathBuf>,
-    /// Grant reading and writing below URI_PREFIX (repeatable).
+    /// Grant reading and writing below URI_PREFIX (repeatable):
+    /// file:/dir, pipe.server:NAME, tcp.client:HOST:, shm:NAME (a shared
+    /// section), shm: (every one), ...
     #[arg(long, value_name = "URI_PREFIX")]
     pub allow: Vec<String>,
-    /// Grant reading below URI_PREFIX (repeatable).
+    /// Grant reading below URI_PREFIX (repeatable); a shared section
+    /// granted so opens and maps read-only.
     #[arg(long = "allow-ro", value_name = "URI_PREFIX")]
     pub allow_ro: Vec<String>,
     /// Grant a device (kvm only, repeatable): NAME=uart (a 16550 UART wired

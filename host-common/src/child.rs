@@ -40,6 +40,10 @@ pub struct ChildArgs {
     kvm: RawFd,
     /// argv[0] of the new program.
     arg0: *const libc::c_char,
+    /// The picoprocess's `threads` and `handles` limits (for the VMM's
+    /// descriptor limit).
+    threads: u64,
+    handles: u64,
 }
 
 const ARG0_VMM: &std::ffi::CStr = c"moat-vmm";
@@ -62,7 +66,10 @@ impl ChildArgs {
             rlim_max: v,
         };
         let mut rlimits = [(libc::RLIMIT_CORE, lim(0)); 4];
-        rlimits[1] = (libc::RLIMIT_NOFILE, lim(limits.handles.saturating_add(64)));
+        rlimits[1] = (
+            libc::RLIMIT_NOFILE,
+            lim(limits.handles.saturating_add(FD_OVERHEAD)),
+        );
         rlimits[2] = (
             libc::RLIMIT_AS,
             lim(mib(limits.memory_mib.saturating_add(768))),
@@ -84,9 +91,27 @@ impl ChildArgs {
             n_rlimits,
             kvm: -1,
             arg0: ARG0.as_ptr(),
+            threads: limits.threads,
+            handles: limits.handles,
         }
     }
 }
+
+/// Descriptors a loader may hold besides its guest's handles: the
+/// console and monitor socket (0-3), the PAL's own (the signal-safe report
+/// path, a zygote's leftovers) and the listening sockets of the pipe and
+/// TCP servers it opened ([`MAX_SERVERS`](crate::pal::MAX_SERVERS)), and
+/// the two descriptors each open shared-section stream holds besides its
+/// own ([`MAX_OPEN_SECTIONS`](crate::pal::MAX_OPEN_SECTIONS)).
+/// `RLIMIT_NOFILE` is the guest's `handles` plus this, so a guest that
+/// bypasses the ABI gets no more descriptors than that.
+pub const FD_OVERHEAD: u64 =
+    8 + crate::pal::MAX_SERVERS as u64 + 2 * crate::pal::MAX_OPEN_SECTIONS as u64;
+
+/// Descriptors a VMM holds besides a loader's: `/dev/kvm`, the VM, one
+/// vCPU per guest thread (added separately), each device's backing file
+/// and interrupt event.
+pub const VMM_FD_OVERHEAD: u64 = 8 + 2 * moat_policy::device::MAX_DEVICES as u64;
 
 impl ChildArgs {
     /// Start the zygote (`--zygote PATH`) instead of a loader.
@@ -115,8 +140,18 @@ impl ChildArgs {
         self.n_rlimits = 1;
     }
 
-    /// Hand `/dev/kvm` (descriptor `fd`) to the child as [`KVM_FD`].
+    /// Hand `/dev/kvm` (descriptor `fd`) to the child as [`KVM_FD`] (and
+    /// allow the VMM its own descriptors: see [`VMM_FD_OVERHEAD`]).
     pub fn set_kvm(&mut self, fd: RawFd) {
+        let n = self
+            .handles
+            .saturating_add(FD_OVERHEAD)
+            .saturating_add(VMM_FD_OVERHEAD)
+            .saturating_add(self.threads);
+        self.rlimits[1].1 = libc::rlimit {
+            rlim_cur: n,
+            rlim_max: n,
+        };
         self.kvm = fd;
         self.arg0 = ARG0_VMM.as_ptr();
     }

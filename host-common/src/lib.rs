@@ -11,9 +11,11 @@
 //!   policy calls brokered by the monitor; [`objects`] are its host
 //!   objects, [`image`] maps ELF images into the guest, [`elf`] checks
 //!   them (the monitor and `moat inspect` use it too).
-//! - [`sandbox`]: Landlock and the loader's seccomp allow-list;
+//! - [`sandbox`]: Landlock and the loader's seccomp allow-list; [`seal`]:
+//!   the PAL's code and table sealed (`mseal`);
 //!   [`signals`]: fault, timer and `SIGSYS` handling, reports;
-//!   [`mountns`]: the empty mount namespace; [`sys`]: system-call helpers.
+//!   [`mountns`]: the empty mount namespace; [`sys`]: system-call helpers;
+//!   [`startup`]: the start-up block both hosts hand the guest.
 //! - [`child`]: the child side of starting a confined process (between
 //!   `clone`/`fork` and `execve`); [`zygote`]: the zygote's loop, which
 //!   keeps a warm loader or VMM forked.
@@ -29,6 +31,8 @@ pub mod objects;
 pub mod pal;
 pub mod protocol;
 pub mod sandbox;
+pub mod seal;
 pub mod signals;
+pub mod startup;
 pub mod sys;
 pub mod zygote;

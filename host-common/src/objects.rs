@@ -1,6 +1,8 @@
 //! Kernel objects of the Linux PAL. Every waitable object has a
 //! descriptor that is readable exactly while the object is signalled, so
-//! DkObjectsWaitAny is one poll() over any mix of kinds.
+//! DkObjectsWaitAny is one poll() over any mix of kinds. A shared
+//! section's doorbell ([`Object::Doorbell`]) is an eventfd shared with
+//! other processes: its count is the kernel's, taken by one read.
 use crate::sys;
 use moat_pal::{stream_kind, Error, PalResult};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -140,6 +142,49 @@ pub struct StreamObj {
     /// host's device set: calls on the stream are dispatched by this, not
     /// by looking its name up.
     pub device: Option<u32>,
+    /// For a `shm:` stream (kind `SHM`): the section's side. `fd` is then
+    /// this side's doorbell.
+    pub section: Option<SectionObj>,
+}
+
+/// A side of a shared section, as one stream handle holds it (see
+/// `crate::pal::section`).
+pub struct SectionObj {
+    /// Whether this open made the section (the creator side).
+    pub creator: bool,
+    /// The other side's doorbell, rung by DkStreamFlush.
+    pub peer_bell: OwnedFd,
+    /// The memory, once the section is sized: a sealed descriptor
+    /// (read-only unless the stream is writable) and the size.
+    pub memory: std::sync::OnceLock<(OwnedFd, u64)>,
+    /// Counts the open section streams of the picoprocess while it lives.
+    pub open: OpenCount,
+}
+
+/// One of a bounded number of things open at once: takes a slot from a
+/// shared counter, gives it back when dropped.
+pub struct OpenCount(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl OpenCount {
+    /// A slot of `counter` if fewer than `max` are taken.
+    pub fn take(
+        counter: &std::sync::Arc<std::sync::atomic::AtomicUsize>,
+        max: usize,
+    ) -> Option<OpenCount> {
+        use std::sync::atomic::Ordering;
+        counter
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| OpenCount(counter.clone()))
+    }
+}
+
+impl Drop for OpenCount {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 impl StreamObj {
@@ -192,6 +237,10 @@ pub enum Object {
     Process(ProcessObj),
     /// DkStreamGetEvent: signalled while the stream's descriptor is readable.
     Readiness(OwnedFd),
+    /// DkStreamGetEvent of a shared section: this side's doorbell, an
+    /// auto-reset event whose count lives in a non-blocking eventfd shared
+    /// with the other side (which rings it by writing it).
+    Doorbell(OwnedFd),
 }
 
 impl Object {
@@ -203,7 +252,30 @@ impl Object {
             Object::Sync(s) => s.fd.as_raw_fd(),
             Object::Thread(t) => t.done.as_raw_fd(),
             Object::Process(p) => p.pipe.as_raw_fd(),
-            Object::Readiness(fd) => fd.as_raw_fd(),
+            Object::Readiness(fd) | Object::Doorbell(fd) => fd.as_raw_fd(),
         }
     }
+
+    /// A wait saw the descriptor readable: take the object as its kind
+    /// says (events, semaphores, doorbells). False if another waiter
+    /// (of this process or, for a doorbell, of another) got there first.
+    pub fn try_acquire(&self) -> bool {
+        match self {
+            Object::Sync(s) => s.try_acquire(),
+            Object::Doorbell(fd) => {
+                let rung = doorbell_take(fd.as_raw_fd());
+                // What the other side wrote before it rang is visible.
+                std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
+                rung
+            }
+            _ => true,
+        }
+    }
+}
+
+/// Consume the rings of a doorbell (one read of its eventfd, which resets
+/// it): whether it had any.
+pub fn doorbell_take(fd: RawFd) -> bool {
+    let mut v = [0u8; 8];
+    matches!(sys::read(fd, v.as_mut_ptr() as u64, 8), Ok(8))
 }

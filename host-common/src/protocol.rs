@@ -77,6 +77,15 @@ pub enum Request {
     /// The picoprocess is about to end abnormally; `text` says why. No
     /// answer: the loader exits right after sending it.
     Report { kind: ReportKind, text: String },
+    // New variants go last: `signals::encode_report` writes `Report`'s
+    // index by hand.
+    /// Size the shared section `uri` (`shm:`) once, to `size` bytes.
+    /// Answer: `Memory` with its memory (read-write) attached.
+    SectionSize { uri: String, size: u64 },
+    /// The memory of the shared section `uri`, read-write if `write` (the
+    /// grant is checked again). Answer: `Memory`, with the memory attached
+    /// once the section is sized.
+    SectionMemory { uri: String, write: bool },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -87,6 +96,8 @@ pub enum ReportKind {
     Exception,
     /// The loader could not start the image.
     Startup,
+    /// A limit the kernel enforces ended it (its memory, in its cgroup).
+    Limit,
 }
 
 /// What the monitor answers.
@@ -104,6 +115,18 @@ pub enum Response {
         writable: bool,
         executable: bool,
     },
+    /// A shared section opened (`Open` of `shm:`): whether this open made
+    /// it (the creator side) and its size (0: not sized yet). Attached:
+    /// the creator side's doorbell, the other side's, then its memory if
+    /// it is sized (read-only unless the open asked for WRITE).
+    Section {
+        size: u64,
+        creator: bool,
+    },
+    /// A section's memory: its size; attached, once sized, its memory.
+    Memory {
+        size: u64,
+    },
     /// A `moat_pal::Error` code (positive).
     Err {
         code: u32,
@@ -120,6 +143,72 @@ pub enum WireError {
     Decode(String),
     #[error("message too large")]
     TooLarge,
+    /// A zero-length message (told apart from end-of-file by the sender's
+    /// credentials, which only a message carries: see [`recv_from`]).
+    #[error("an empty message")]
+    Empty,
+}
+
+/// `SO_PASSRIGHTS` (Linux 6.16): off, a socket refuses descriptors, and
+/// whoever sends it one (`SCM_RIGHTS`) gets `EPERM`. Accepted sockets
+/// inherit it from their listener.
+pub const SO_PASSRIGHTS: libc::c_int = 83;
+
+/// Make `sock` refuse descriptors (every socket a picoprocess holds that
+/// another picoprocess can reach: see [`SO_PASSRIGHTS`]). `Ok(false)` if
+/// the kernel predates the option (then only the monitor's attribution of
+/// messages, [`recv_from`], keeps a passed monitor channel from speaking
+/// for its owner).
+pub fn refuse_descriptors(sock: BorrowedFd<'_>) -> std::io::Result<bool> {
+    let off: libc::c_int = 0;
+    // SAFETY: setsockopt reads an int from a local that outlives the call.
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_PASSRIGHTS,
+            &off as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::ENOPROTOOPT) {
+        return Ok(false);
+    }
+    Err(e)
+}
+
+/// Have every message `sock` receives carry its sender's credentials
+/// (`SO_PASSCRED`), for [`recv_from`].
+pub fn pass_credentials(sock: BorrowedFd<'_>) -> std::io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt reads an int from a local that outlives the call.
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PASSCRED,
+            &on as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// One message as the monitor receives it: what it says, the descriptors
+/// attached, and the process that sent it (its pid in the receiver's pid
+/// namespace, when the socket passes credentials).
+#[derive(Debug)]
+pub struct Received<T> {
+    pub msg: T,
+    pub fds: Vec<OwnedFd>,
+    pub sender: Option<i32>,
 }
 
 /// A connected `SOCK_SEQPACKET` pair, both ends close-on-exec: the
@@ -169,15 +258,26 @@ pub fn recv<T: DeserializeOwned>(sock: BorrowedFd<'_>) -> Result<(T, Vec<OwnedFd
         static BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; MAX_MSG]);
     }
     BUF.with(|b| recv_into(sock, &mut b.borrow_mut()))
+        .map(|r| (r.msg, r.fds))
+}
+
+/// Receive one message, with its sender when `sock` passes credentials
+/// ([`pass_credentials`]). A zero-length message is [`WireError::Empty`],
+/// not end-of-file: a message carries credentials, end-of-file none.
+pub fn recv_from<T: DeserializeOwned>(sock: BorrowedFd<'_>) -> Result<Received<T>, WireError> {
+    thread_local! {
+        static BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; MAX_MSG]);
+    }
+    BUF.with(|b| recv_into(sock, &mut b.borrow_mut()))
 }
 
 fn recv_into<T: DeserializeOwned>(
     sock: BorrowedFd<'_>,
     buf: &mut [u8],
-) -> Result<(T, Vec<OwnedFd>), WireError> {
-    let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS]);
+) -> Result<Received<T>, WireError> {
+    let mut cmsg = nix::cmsg_space!([RawFd; MAX_FDS], libc::ucred);
     let mut resets = 0;
-    let (n, fds, truncated) = loop {
+    let (n, fds, sender, creds, truncated) = loop {
         let mut iov = [IoSliceMut::new(buf)];
         match recvmsg::<()>(
             sock.as_raw_fd(),
@@ -196,29 +296,44 @@ fn recv_into<T: DeserializeOwned>(
             Err(e) => return Err(e.into()),
             Ok(m) => {
                 let mut fds = Vec::new();
+                let mut sender = None;
+                let mut creds = false;
                 for c in m.cmsgs()? {
-                    if let ControlMessageOwned::ScmRights(v) = c {
-                        for fd in v {
-                            // SAFETY: the kernel just installed this descriptor for us; nobody else owns it.
-                            fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+                    match c {
+                        ControlMessageOwned::ScmRights(v) => {
+                            for fd in v {
+                                // SAFETY: the kernel just installed this descriptor for us; nobody else owns it.
+                                fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+                            }
                         }
+                        // Pid 0: sent before the receiver passed credentials
+                        // (the kernel recorded none): not attributed.
+                        ControlMessageOwned::ScmCredentials(c) => {
+                            sender = Some(c.pid()).filter(|&p| p != 0);
+                            creds = true;
+                        }
+                        _ => {}
                     }
                 }
                 let trunc = m
                     .flags
                     .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
-                break (m.bytes, fds, trunc);
+                break (m.bytes, fds, sender, creds, trunc);
             }
         }
     };
     if n == 0 {
-        return Err(WireError::Closed);
+        return Err(if creds {
+            WireError::Empty
+        } else {
+            WireError::Closed
+        });
     }
     if truncated {
         return Err(WireError::TooLarge);
     }
     let msg = decode(&buf[..n])?;
-    Ok((msg, fds))
+    Ok(Received { msg, fds, sender })
 }
 
 /// Decode the bytes of one received message, as [`recv`] does: the

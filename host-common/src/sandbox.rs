@@ -106,11 +106,25 @@ pub fn allow_list(my_pid: i64) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String
 }
 
 /// Build the whole program: the instruction-pointer prefix, then the
-/// allow-list.
-pub fn build_filter(pal_ranges: &[(u64, u64)], my_pid: i64) -> Result<BpfProgram, String> {
+/// allow-list. With `seal_page`, `mseal` is allowed on that one page (the
+/// PAL table's, sealed once the table is in it; see `crate::seal`) and
+/// nothing else.
+pub fn build_filter(
+    pal_ranges: &[(u64, u64)],
+    my_pid: i64,
+    seal_page: Option<u64>,
+) -> Result<BpfProgram, String> {
     // clone3 (ENOSYS) is answered by the prefix: seccompiler gives all of
     // its rules one match action.
-    let rules = allow_list(my_pid)?;
+    let mut rules = allow_list(my_pid)?;
+    if let Some(page) = seal_page {
+        let e = |x: seccompiler::BackendError| x.to_string();
+        let c = |arg: u8, v: u64| Cond::new(arg, Len::Qword, Op::Eq, v).map_err(e);
+        rules.insert(
+            crate::seal::SYS_MSEAL,
+            vec![SeccompRule::new(vec![c(0, page)?, c(1, 4096)?, c(2, 0)?]).map_err(e)?],
+        );
+    }
     let filter = SeccompFilter::new(
         rules,
         SeccompAction::Trap,
@@ -201,12 +215,13 @@ pub fn ip_prefix(ranges: &[(u64, u64)]) -> Result<BpfProgram, String> {
     Ok(p)
 }
 
-/// Confine the calling process (all its threads) for good.
-pub fn install(pal_ranges: &[(u64, u64)]) -> Result<(), String> {
+/// Confine the calling process (all its threads) for good (see
+/// [`build_filter`] for `seal_page`).
+pub fn install(pal_ranges: &[(u64, u64)], seal_page: Option<u64>) -> Result<(), String> {
     landlock_restrict()?;
     // SAFETY: getpid has no preconditions.
     let pid = unsafe { libc::getpid() } as i64;
-    let prog = build_filter(pal_ranges, pid)?;
+    let prog = build_filter(pal_ranges, pid, seal_page)?;
     seccompiler::apply_filter_all_threads(&prog)
         .map_err(|e| format!("cannot install the seccomp filter: {e}"))?;
     Ok(())

@@ -21,6 +21,11 @@ pub trait GuestView: Sync {
     /// Whether `rip` lies in executable guest memory (without blocking:
     /// `false` when the answer is not available at once).
     fn is_guest_code(&self, rip: u64) -> bool;
+    /// Whether `addr` lies in guest memory of any protection (without
+    /// blocking, as [`GuestView::is_guest_code`]).
+    fn is_guest_memory(&self, _addr: u64) -> bool {
+        false
+    }
 }
 
 static GUEST: OnceLock<&'static dyn GuestView> = OnceLock::new();
@@ -94,6 +99,7 @@ pub fn encode_report(kind: ReportKind, text: &str, out: &mut [u8]) -> usize {
         ReportKind::Violation => 0,
         ReportKind::Exception => 1,
         ReportKind::Startup => 2,
+        ReportKind::Limit => 3,
     };
     let mut at = 0;
     push_varint(out, &mut at, REPORT_VARIANT);
@@ -167,7 +173,10 @@ extern "C" fn on_fault(sig: i32, info: *mut libc::siginfo_t, uc: *mut libc::c_vo
         libc::SIGFPE => (exception_kind::ARITHMETIC, "arithmetic exception"),
         _ => (exception_kind::BREAKPOINT, "breakpoint"),
     };
-    if in_guest_code(rip) {
+    // An instruction fetch from guest memory that is not executable (W^X)
+    // is the guest's fault too: only the guest's control flow goes there.
+    let guest_fetch = rip == addr && guest().is_some_and(|g| g.is_guest_memory(rip));
+    if in_guest_code(rip) || guest_fetch {
         let mut ei = ExceptionInfo {
             kind,
             code: sig as u32,
@@ -250,6 +259,9 @@ fn syscall_name_static(nr: i64) -> Option<&'static str> {
     let t = sys::SYSCALL_NAMES;
     match t.binary_search_by_key(&(nr as u32), |(n, _)| *n) {
         Ok(i) if nr >= 0 => Some(t[i].1),
+        // Calls newer than the kernel headers the table was built from,
+        // that moat itself names in reports.
+        _ if nr == crate::seal::SYS_MSEAL => Some("mseal"),
         _ => None,
     }
 }

@@ -337,9 +337,19 @@ pub fn borrow(fd: &OwnedFd) -> BorrowedFd<'_> {
     unsafe { BorrowedFd::borrow_raw(fd.as_raw_fd()) }
 }
 
-/// The executable ranges of every object loaded in this process (the
+/// A program header of an object loaded in this process: its type, its
+/// flags, and where it lies (`start..end`, not page-aligned).
+#[derive(Debug, Clone, Copy)]
+pub struct LoadedSegment {
+    pub p_type: u32,
+    pub p_flags: u32,
+    pub start: u64,
+    pub end: u64,
+}
+
+/// Every program header of every object loaded in this process (the
 /// loader, its libraries and the vDSO), from the dynamic linker's list.
-pub fn pal_code_ranges() -> Vec<(u64, u64)> {
+pub fn loaded_segments() -> Vec<LoadedSegment> {
     unsafe extern "C" fn cb(
         info: *mut libc::dl_phdr_info,
         _size: usize,
@@ -348,21 +358,35 @@ pub fn pal_code_ranges() -> Vec<(u64, u64)> {
         // SAFETY: the dynamic linker passes a valid info for the duration of
         // the call, and `data` is the Vec we passed below.
         unsafe {
-            let out = &mut *(data as *mut Vec<(u64, u64)>);
+            let out = &mut *(data as *mut Vec<LoadedSegment>);
             let info = &*info;
             for i in 0..info.dlpi_phnum as usize {
                 let ph = &*info.dlpi_phdr.add(i);
-                if ph.p_type == libc::PT_LOAD && ph.p_flags & libc::PF_X != 0 {
-                    let start = info.dlpi_addr + ph.p_vaddr;
-                    out.push((start & !0xfff, (start + ph.p_memsz + 0xfff) & !0xfff));
-                }
+                let start = info.dlpi_addr + ph.p_vaddr;
+                out.push(LoadedSegment {
+                    p_type: ph.p_type,
+                    p_flags: ph.p_flags,
+                    start,
+                    end: start + ph.p_memsz,
+                });
             }
         }
         0
     }
-    let mut v: Vec<(u64, u64)> = Vec::new();
+    let mut v: Vec<LoadedSegment> = Vec::new();
     // SAFETY: cb only touches `v` through the pointer we pass.
     unsafe { libc::dl_iterate_phdr(Some(cb), &mut v as *mut _ as *mut _) };
+    v
+}
+
+/// The executable ranges of every object loaded in this process,
+/// page-aligned.
+pub fn pal_code_ranges() -> Vec<(u64, u64)> {
+    let mut v: Vec<(u64, u64)> = loaded_segments()
+        .into_iter()
+        .filter(|s| s.p_type == libc::PT_LOAD && s.p_flags & libc::PF_X != 0)
+        .map(|s| (s.start & !0xfff, (s.end + 0xfff) & !0xfff))
+        .collect();
     // The filter tries ranges in order: the C library's first, since the
     // PAL's system calls go through its wrappers.
     let libc_addr = libc::write as *const () as u64;

@@ -168,6 +168,7 @@ impl DeviceSet {
             writable: acc & (access::WRITE | access::APPEND) != 0,
             append: false,
             device: Some(index as u32),
+            section: None,
         }))
     }
 
@@ -291,9 +292,10 @@ impl DeviceSet {
             let regions = lin.regions.read().unwrap();
             let mut ranges: Vec<std::ops::Range<u64>> = Vec::new();
             for (start, r) in regions.iter() {
-                // Read-write memory the picoprocess allocated, its stacks
-                // and its image's data; never a mapped file (a page past
-                // the file's end would fault in the VMM).
+                // Read-write memory the picoprocess allocated, its stacks,
+                // its image's data and the shared sections it mapped (sized
+                // and sealed: every page exists); never a mapped file (a
+                // page past the file's end would fault in the VMM).
                 if r.prot & (prot::READ | prot::WRITE) != prot::READ | prot::WRITE
                     || r.kind == moat_pal::memory::RegionKind::Mapped
                 {

@@ -12,6 +12,8 @@
 //!              the region map has checked it.
 //! 0xc000_0000  device MMIO windows, 4 KiB each (no memory slot: every
 //!              access is an MMIO exit to the device model)
+//! 0xc020_0000  the page-table pool (slot 2): a 4 KiB page table per 2 MiB
+//!              of guest RAM; guest-physical only (no page table maps it)
 //! ```
 pub const PML4: u64 = 0x1000;
 pub const PDPT: u64 = 0x2000;
@@ -21,6 +23,14 @@ pub const PD: [u64; 3] = [0x3000, 0x4000, 0x5000];
 pub const PD_MMIO: u64 = 0x6000;
 /// 4 KiB page table of the first 2 MiB (page 0 left out).
 pub const PT0: u64 = 0x7000;
+/// The page-table pool (memory slot 2): page table `i` (at
+/// `PT_POOL + i * 4096`) maps the 2 MiB of guest RAM from `i * 2 MiB`
+/// (table 0 is unused: [`PT0`] maps the first 2 MiB). No page table maps
+/// the pool, so no guest access, at any privilege, reaches it.
+pub const PT_POOL: u64 = MMIO_BASE + (2 << 20);
+/// The pool's largest size: a table per 2 MiB of [`MAX_RAM`].
+pub const PT_POOL_MAX: u64 = MAX_RAM / 512;
+const _: () = assert!(PT_POOL + PT_POOL_MAX <= 1 << 32);
 pub const GDT: u64 = 0x8000;
 pub const IDT: u64 = 0x9000;
 /// 32 exception stubs, 16 bytes each (CPL 0, supervisor-only page).

@@ -10,6 +10,9 @@
 //!   vCPU ([`pico::shell`]: the VM before its picoprocess, with its page
 //!   tables, GDT, IDT and stubs; the vCPU loop and exception delivery
 //!   inside); [`layout`] is its guest-physical map;
+//! - [`paging`]: the page tables' entries for guest RAM, kept equal to
+//!   the region map (W^X inside the VM), and the order of each change that
+//!   keeps every vCPU's TLB coherent;
 //! - [`pal`]: the KVM PAL (memory and threads here, everything else the
 //!   host-linux PAL's code over the same guest pointers); it reaches the
 //!   VM only through [`pal::SpawnThread`], and shares the per-vCPU-thread
@@ -26,6 +29,7 @@ pub mod devices;
 pub mod guest_thread;
 pub mod layout;
 pub mod longmode;
+pub mod paging;
 pub mod pal;
 pub mod pico;
 mod vm;

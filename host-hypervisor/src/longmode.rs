@@ -41,6 +41,9 @@ pub const EFER_SCE: u64 = 1 << 0;
 pub const EFER_LME: u64 = 1 << 8;
 /// EFER.LMA: long mode active.
 pub const EFER_LMA: u64 = 1 << 10;
+/// EFER.NXE: the page-table entries' no-execute bit ([`PTE_NX`]) is
+/// honoured.
+pub const EFER_NXE: u64 = 1 << 11;
 /// EFER of a vCPU in long mode.
 pub const EFER: u64 = EFER_LME | EFER_LMA;
 
@@ -190,6 +193,8 @@ pub const PTE_PWT: u64 = 1 << 3;
 pub const PTE_PCD: u64 = 1 << 4;
 /// A 2 MiB page (in a page directory entry).
 pub const PTE_HUGE: u64 = 1 << 7;
+/// No instruction fetch from this page (with [`EFER_NXE`] set).
+pub const PTE_NX: u64 = 1 << 63;
 
 /// MSRs of the system-call instructions.
 pub const MSR_STAR: u32 = 0xc000_0081;

@@ -13,20 +13,39 @@
 //! carries its device's index (see [`DeviceSet::of_stream`]); every other
 //! stream is host-common's `LinuxPal`'s.
 //!
-//! The PAL knows the VM only as data (where guest RAM ends, its devices)
-//! and as a [`SpawnThread`], which the VM implements: it does not depend
-//! on the VM's code, the VM's vCPU loop depends on it.
+//! A shared section (`shm:`, ABI 1.1) is such a stream: DkStreamMap of one
+//! takes the same path as a file's, placed in a free range of guest RAM
+//! (which the VMM maps only piecewise, as the guest gets memory) where
+//! host-common maps the section's memfd shared with `MAP_FIXED_NOREPLACE`,
+//! then the page tables follow. Since guest RAM is identity-mapped, the
+//! guest, the VMM, the host and the other picoprocesses then share the
+//! same pages; the region map keeps the mapping non-executable, and so do
+//! its page-table entries.
+//!
+//! Every call that changes the region map (memory alloc, free and
+//! protect, stream map and unmap, image map) changes the VM's page tables
+//! with it, in the order [`crate::paging`] gives: an access taken away
+//! leaves the entries before the host mapping changes, an access given
+//! enters them after. So inside the VM a page allows exactly what the
+//! region map says, on every vCPU, by the time the call returns.
+//!
+//! The PAL knows the VM only as data (where guest RAM ends, its page
+//! tables, its devices) and as a [`SpawnThread`], which the VM implements:
+//! it does not depend on the VM's code, the VM's vCPU loop depends on it.
 use crate::devices::Dev;
 use crate::devices::DeviceSet;
 use crate::guest_thread::{thread_object, thread_param};
 use crate::layout::RAM_START;
+use crate::paging::PageTables;
 use moat_host_common::objects::Object;
 use moat_host_common::pal::LinuxPal;
 use moat_pal::host::{GuestIn, GuestMemory, GuestOut};
 use moat_pal::host_calls::{
     MemoryCalls, OtherCalls, ProcessCalls, StreamCalls, SyncCalls, ThreadCalls,
 };
+use moat_pal::memory::{RegionKind, RegionMap};
 use moat_pal::uri::Uri;
+use moat_pal::validate;
 use moat_pal::{prot, Error, ImageInfo, PalResult, StreamAttributes};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -52,6 +71,8 @@ pub struct KvmPal {
     pub lin: &'static LinuxPal,
     /// Where guest RAM ends (the VMM's task-state area starts there).
     pub ram_end: u64,
+    /// The VM's page-table entries for guest RAM.
+    pub pt: Arc<PageTables>,
     pub devices: Arc<DeviceSet>,
     /// The VM, to start threads on.
     pub vm: Arc<dyn SpawnThread>,
@@ -87,6 +108,29 @@ impl KvmPal {
         Err(Error::NoMemory)
     }
 
+    /// Step 1 of a change (see [`crate::paging`]): if the call about to
+    /// run would find [addr, addr+size) a range it may change (`ok`), its
+    /// pages allow at most `p` from now on. A call that then fails has its
+    /// entries put back by [`KvmPal::synced`].
+    fn restrict(&self, addr: u64, size: u64, p: u32, ok: impl Fn(&RegionMap) -> bool) {
+        if validate::check_page_range(addr, size).is_err() {
+            return;
+        }
+        let map = self.lin.regions.read().unwrap();
+        if ok(&map) {
+            self.pt.restrict(addr, size, p);
+        }
+    }
+
+    /// Step 3: the entries of [addr, addr+size) as the region map now says
+    /// (nothing outside guest RAM; a range that failed validation is empty).
+    fn synced<T>(&self, addr: u64, size: u64, r: PalResult<T>) -> PalResult<T> {
+        if validate::check_page_range(addr, size).is_ok() {
+            self.pt.sync(&self.lin.regions.read().unwrap(), addr, size);
+        }
+        r
+    }
+
     /// The device behind `stream`, if it is a device stream.
     fn device(&self, stream: u64) -> Option<&Dev> {
         self.devices.of_stream(self.lin, stream)
@@ -109,18 +153,36 @@ impl GuestMemory for KvmPal {
 
 impl MemoryCalls for KvmPal {
     fn virtual_memory_alloc(&self, addr: u64, size: u64, p: u32) -> PalResult<u64> {
-        if addr != 0 {
-            return self.lin.virtual_memory_alloc(addr, size, p);
+        let _pt = self.pt.lock();
+        let r = if addr != 0 {
+            self.lin.virtual_memory_alloc(addr, size, p)
+        } else {
+            self.placed(size, |at| self.lin.virtual_memory_alloc(at, size, p))
+        };
+        match r {
+            Ok(at) => self.synced(at, size, r),
+            Err(_) => r,
         }
-        self.placed(size, |at| self.lin.virtual_memory_alloc(at, size, p))
     }
 
     fn virtual_memory_free(&self, addr: u64, size: u64) -> PalResult<()> {
-        self.lin.virtual_memory_free(addr, size)
+        let _pt = self.pt.lock();
+        self.restrict(addr, size, 0, |m| {
+            m.covered_by(addr, size, RegionKind::Alloc)
+        });
+        let r = self.lin.virtual_memory_free(addr, size);
+        self.synced(addr, size, r)
     }
 
     fn virtual_memory_protect(&self, addr: u64, size: u64, p: u32) -> PalResult<()> {
-        self.lin.virtual_memory_protect(addr, size, p)
+        let _pt = self.pt.lock();
+        if validate::check_prot(p).is_ok() {
+            self.restrict(addr, size, p, |m| {
+                m.covered_by(addr, size, RegionKind::Alloc)
+            });
+        }
+        let r = self.lin.virtual_memory_protect(addr, size, p);
+        self.synced(addr, size, r)
     }
 }
 
@@ -268,21 +330,43 @@ impl StreamCalls for KvmPal {
         if let Some(d) = self.device(stream) {
             return DeviceSet::stream_map(d, addr, p, offset, size);
         }
-        if addr != 0 {
-            return self.lin.stream_map(stream, addr, p, offset, size);
+        let _pt = self.pt.lock();
+        let r = if addr != 0 {
+            self.lin.stream_map(stream, addr, p, offset, size)
+        } else {
+            self.placed(size, |at| self.lin.stream_map(stream, at, p, offset, size))
+        };
+        match r {
+            Ok(at) => self.synced(at, size, r),
+            Err(_) => r,
         }
-        self.placed(size, |at| self.lin.stream_map(stream, at, p, offset, size))
     }
 
     fn stream_map_pe_binary(&self, stream: u64) -> PalResult<ImageInfo> {
-        self.lin.stream_map_pe_binary(stream)
+        let _pt = self.pt.lock();
+        let r = self.lin.stream_map_pe_binary(stream);
+        match r {
+            Ok(i) => {
+                let lo = i.base & !0xfff;
+                let hi = i.base.saturating_add(i.size).next_multiple_of(0x1000);
+                self.synced(lo, hi - lo, r)
+            }
+            Err(_) => r,
+        }
     }
 
     fn stream_unmap(&self, addr: u64, size: u64) -> PalResult<()> {
         if let Some(r) = self.devices.unmap(addr, size) {
             return r;
         }
-        self.lin.stream_unmap(addr, size)
+        let _pt = self.pt.lock();
+        self.restrict(addr, size, 0, |m| {
+            m.covered_by(addr, size, RegionKind::Mapped)
+                || m.covered_by(addr, size, RegionKind::Section)
+                || m.covered_by(addr, size, RegionKind::Image)
+        });
+        let r = self.lin.stream_unmap(addr, size);
+        self.synced(addr, size, r)
     }
 
     fn stream_set_length(&self, stream: u64, length: u64) -> PalResult<()> {

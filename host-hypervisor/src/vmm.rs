@@ -12,7 +12,7 @@ use moat_host_common::pal::LinuxPal;
 use moat_host_common::protocol::{self, Config, ReportKind};
 use moat_host_common::{image, signals, sys};
 use moat_pal::memory::RegionKind;
-use moat_pal::{prot, PalTable, StartupBlock};
+use moat_pal::{prot, PalTable};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -148,9 +148,7 @@ fn run(warm: Option<&moat_policy::Limits>) -> ! {
     drop(bytes);
 
     // The start-up block and the argument bytes, in one guest-writable page.
-    let argbytes = moat_pal::validate::join_args(&cfg.args);
-    let need = std::mem::size_of::<StartupBlock>() as u64 + argbytes.len() as u64;
-    let len = need.div_ceil(4096) * 4096;
+    let (argbytes, len) = moat_host_common::startup::layout(&cfg.args);
     let page = {
         let mut r = lin.regions.write().unwrap();
         let Some(at) = r.find_free(len, crate::layout::RAM_START, ram) else {
@@ -164,23 +162,17 @@ fn run(warm: Option<&moat_policy::Limits>) -> ! {
         }
         at
     };
-    let args_addr = page + std::mem::size_of::<StartupBlock>() as u64;
-    sys::copy_out(args_addr, &argbytes);
-    sys::put(
+    moat_host_common::startup::write(
+        lin,
         page,
-        StartupBlock {
-            magic: moat_pal::STARTUP_MAGIC,
-            abi_version: moat_pal::ABI_VERSION,
-            host_kind: moat_pal::host_kind::KVM,
-            table: TABLE as *const PalTable,
-            args: args_addr,
-            args_len: argbytes.len() as u64,
-            argc: cfg.args.len() as u64,
-            exception_upcall: 0,
-            process_handle: 0,
-        },
+        TABLE as *const PalTable,
+        &cfg.args,
+        &argbytes,
+        moat_pal::host_kind::KVM,
     );
-    lin.startup.store(page, Ordering::Release);
+    // The image and the start-up block into the page tables (no vCPU has
+    // run yet: nothing to invalidate).
+    vm.pt.map_all(&lin.regions.read().unwrap());
 
     let vm = Arc::new(vm);
     let pal = Arc::new(vm.pal());

@@ -11,13 +11,12 @@
 //! is only the loader's start-up.
 use moat_host_common::pal::{self as hpal, LinuxPal};
 use moat_host_common::protocol::{self, Config, ReportKind};
-use moat_host_common::{image, mountns, sandbox, signals, sys, zygote};
+use moat_host_common::{image, mountns, sandbox, seal, signals, startup, sys, zygote};
 use moat_pal::memory::RegionKind;
-use moat_pal::{prot, PalTable, StartupBlock};
+use moat_pal::{prot, PalTable};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::OnceLock;
 
-static TABLE: OnceLock<PalTable> = OnceLock::new();
 static TRACER: OnceLock<moat_pal::trace::TracePal<'static>> = OnceLock::new();
 
 fn trace_line(line: std::fmt::Arguments<'_>) {
@@ -84,7 +83,16 @@ pub fn run() -> ! {
     if ranges.is_empty() {
         fail("loader: cannot find its own code ranges");
     }
-    if let Err(e) = sandbox::install(&ranges) {
+    // PAL code stays PAL code: its mappings (and later the table's page)
+    // sealed before the guest can reach a system call (see `seal`).
+    if let Err(e) = seal::seal_code() {
+        fail(&format!("loader: {e}"));
+    }
+    let table_page = match seal::TablePage::new() {
+        Ok(p) => p,
+        Err(e) => fail(&format!("loader: {e}")),
+    };
+    if let Err(e) = sandbox::install(&ranges, Some(table_page.addr())) {
         fail(&e);
     }
 
@@ -114,9 +122,7 @@ pub fn run() -> ! {
 
     // The start-up block and the argument bytes live in one page of guest
     // memory (readable and writable: the guest stores its upcall there).
-    let argbytes = moat_pal::validate::join_args(&cfg.args);
-    let need = std::mem::size_of::<StartupBlock>() as u64 + argbytes.len() as u64;
-    let len = need.div_ceil(4096) * 4096;
+    let (argbytes, len) = startup::layout(&cfg.args);
     let page = match sys::mmap_anon(0, len, prot::READ | prot::WRITE) {
         Ok(a) => a,
         Err(_) => fail("cannot allocate the start-up block"),
@@ -137,26 +143,22 @@ pub fn run() -> ! {
             inner: pal,
             sink: trace_line,
         });
-        TABLE.get_or_init(|| moat_pal::table_from(tracer))
+        moat_pal::table_from(tracer)
     } else {
-        TABLE.get_or_init(|| moat_pal::table_from(pal))
+        moat_pal::table_from(pal)
     };
-    let args_addr = page + std::mem::size_of::<StartupBlock>() as u64;
-    sys::copy_out(args_addr, &argbytes);
-    let sb = StartupBlock {
-        magic: moat_pal::STARTUP_MAGIC,
-        abi_version: moat_pal::ABI_VERSION,
-        host_kind: moat_pal::host_kind::LINUX,
-        table: table as *const PalTable,
-        args: args_addr,
-        args_len: argbytes.len() as u64,
-        argc: cfg.args.len() as u64,
-        exception_upcall: 0,
-        process_handle: 0,
+    let table = match table_page.publish(table) {
+        Ok(t) => t,
+        Err(e) => fail(&format!("loader: {e}")),
     };
-    sys::put(page, sb);
-    pal.startup
-        .store(page, std::sync::atomic::Ordering::Release);
+    startup::write(
+        pal,
+        page,
+        table as *const PalTable,
+        &cfg.args,
+        &argbytes,
+        moat_pal::host_kind::LINUX,
+    );
 
     pal.start_main_thread(img.entry, page)
 }

@@ -5,8 +5,9 @@
 //! it a global allocator over `DkVirtualMemoryAlloc`, a panic handler that
 //! reports `panicked at FILE:LINE: MESSAGE` on stderr and exits 101,
 //! streams with [`io::Read`]/[`io::Write`], `print!`/`println!`, threads,
-//! locks and events, time, randomness, child processes, arguments and
-//! exception handlers.
+//! locks and events, time, randomness, child processes, arguments,
+//! exception handlers, and shared sections ([`section`]: memory shared
+//! with the session's other picoprocesses or the host, with doorbells).
 //!
 //! The libos calls the host through [`raw`]: [`raw::calls`], generated from
 //! `abi-spec/abi.toml`, calls the host's function table with one function
@@ -31,6 +32,7 @@ pub mod process;
 pub mod random;
 pub mod raw;
 pub mod rt;
+pub mod section;
 pub mod service;
 pub mod stream;
 pub mod sync;

@@ -3,7 +3,7 @@
 //! [`start`] checks the start-up block and the function table the host
 //! passed, stores them in [`crate::boot`], registers the exception upcall and
 //! runs `main`.
-use moat_pal::{StartupBlock, ABI_VERSION, NUM_CALLS, STARTUP_MAGIC};
+use moat_pal::{nr, StartupBlock, ABI_VERSION, NUM_CALLS, STARTUP_MAGIC};
 
 use crate::boot::{self, stop};
 
@@ -18,9 +18,24 @@ pub const fn version_compatible(host: u32, ours: u32) -> bool {
     host >> 16 == ours >> 16 && (host & 0xffff) >= (ours & 0xffff)
 }
 
+// A 1.1 host runs a 1.0 image; a 1.0 host refuses a 1.1 image.
+const _: () = assert!(version_compatible(0x0001_0001, 0x0001_0000));
+const _: () = assert!(!version_compatible(0x0001_0000, 0x0001_0001));
+const _: () = assert!(!version_compatible(0x0002_0000, 0x0001_0000));
+
 /// Number of calls this libos uses (the table must have at least these):
 /// every call of its ABI version, as [`crate::raw::calls`] wraps them all.
 const NEEDED_CALLS: u64 = NUM_CALLS as u64;
+
+/// The calls that say why the image refuses a host (DkDebugStringPrint,
+/// DkProcessExit): every table of the same major version has them at the
+/// same numbers (a minor version only adds calls), so an image can tell
+/// an older host of its major version why it does not start.
+const REPORT_CALLS: u64 = if nr::DK_DEBUG_STRING_PRINT > nr::DK_PROCESS_EXIT {
+    nr::DK_DEBUG_STRING_PRINT as u64
+} else {
+    nr::DK_PROCESS_EXIT as u64
+};
 
 /// The body of `_start` (see [`crate::entry!`]).
 ///
@@ -35,10 +50,16 @@ pub unsafe fn start(startup: *const StartupBlock, main: fn() -> i32) -> ! {
     // SAFETY: non-null block handed to us by the host.
     let sb = unsafe { &*startup };
     let table = sb.table;
-    let table_usable = !table.is_null() && {
+    let (table_usable, can_report) = if table.is_null() {
+        (false, false)
+    } else {
         // SAFETY: non-null table pointer from the host.
         let t = unsafe { &*table };
-        version_compatible(t.abi_version, ABI_VERSION) && u64::from(t.num_calls) >= NEEDED_CALLS
+        (
+            version_compatible(t.abi_version, ABI_VERSION)
+                && u64::from(t.num_calls) >= NEEDED_CALLS,
+            t.abi_version >> 16 == ABI_VERSION >> 16 && u64::from(t.num_calls) >= REPORT_CALLS,
+        )
     };
     let why = if sb.magic != STARTUP_MAGIC {
         Some("moat-libos: bad start-up block magic; is this a moat host?")
@@ -50,13 +71,12 @@ pub unsafe fn start(startup: *const StartupBlock, main: fn() -> i32) -> ! {
         None
     };
     if let Some(why) = why {
-        if !table_usable {
+        if !can_report {
             stop();
         }
         boot::set_table(table);
-        crate::debug::print(why);
         crate::debug::print_fmt(format_args!(
-            " (image ABI {}.{}, host {}.{})\n",
+            "{why} (image ABI {}.{}, host {}.{})\n",
             ABI_VERSION >> 16,
             ABI_VERSION & 0xffff,
             sb.abi_version >> 16,

@@ -1,20 +1,28 @@
-//! The server side of a mediated service: a driver picoprocess listens on
-//! `pipe.server:NAME`, the safe mediator in the host connects, and the
-//! driver answers the mediator's requests (wire format:
-//! `moat-service-proto`). [`serve_block`] runs the loop for a
-//! [`BlockDevice`]; the driver only implements the device.
+//! The server side of a mediated service: the safe mediator in the host
+//! lays out a shared section (`shm:NAME`, ABI 1.1) as request and answer
+//! rings with a buffer pool (`moat_service_proto::ring`), and the driver
+//! serves it. [`serve_block`] runs the loop for a [`BlockDevice`]; the
+//! driver only implements the device.
+//!
+//! The loop takes every request published, answers each in its own buffer
+//! (a read straight into it, a write straight from it) and publishes the
+//! answer at once; when the ring is empty it polls for the spin bound the
+//! mediator wrote in the header, then says it sleeps and waits on the
+//! section's doorbell. It rings the mediator's doorbell only when the
+//! mediator said it sleeps.
 //!
 //! [`Faults`] makes a driver misbehave on purpose, for the mediator's
 //! tests and fault campaigns: a seeded, reproducible choice, per request,
-//! of crashing, hanging, lying or flooding.
+//! of crashing, hanging, lying, flooding or breaking the ring.
 use alloc::vec;
 use alloc::vec::Vec;
+use core::ptr::NonNull;
 
-use moat_pal::{access, create};
+use moat_service_proto::ring::{Section, Server};
 pub use moat_service_proto::status;
-use moat_service_proto::{class, op, Request, Response, HEADER, MAX_PAYLOAD};
+use moat_service_proto::{class, op, Request, Response};
 
-use crate::stream::Stream;
+use crate::sync::Event;
 use crate::{Error, Result};
 
 /// A block device as a driver sees it. Offsets and lengths are checked
@@ -91,130 +99,232 @@ impl Faults {
     }
 }
 
-fn read_exact(s: &mut Stream, mut buf: &mut [u8]) -> Result<()> {
-    while !buf.is_empty() {
-        let n = s.read(buf)?;
-        if n == 0 {
-            return Err(Error::BrokenPipe);
-        }
-        buf = &mut buf[n..];
+/// The shared section, mapped, with its doorbell.
+struct Shared {
+    section: crate::section::Section,
+    map: crate::section::SectionMap,
+    /// Set when the mediator rings.
+    bell: Event,
+}
+
+impl Shared {
+    fn open(name: &str) -> Result<Shared> {
+        let section = crate::section::Section::open(name, true)?;
+        let map = section.map()?;
+        let bell = section.doorbell()?;
+        Ok(Shared { section, map, bell })
     }
-    Ok(())
+
+    fn section(&self) -> Section {
+        let base = NonNull::new(self.map.addr() as *mut u8).expect("a mapped section");
+        // SAFETY: the mapping (page-aligned, `len` bytes, read-write) lives
+        // as long as `self.map`, which `Shared` keeps until the driver
+        // ends; the driver makes no other references into it.
+        unsafe { Section::new(base, self.map.len() as usize) }
+    }
+
+    /// Rings the mediator's doorbell.
+    fn ring(&self) {
+        let _ = self.section.ring();
+    }
 }
 
-fn send(s: &mut Stream, r: Response, payload: &[u8]) -> Result<()> {
-    let mut msg = Vec::with_capacity(HEADER + payload.len());
-    msg.extend_from_slice(&r.encode());
-    msg.extend_from_slice(payload);
-    s.write_all(&msg)
+/// Pause iterations per microsecond, measured once: the spin bound is
+/// counted in iterations, so polling never asks the host for the time.
+fn spins_per_micro() -> u64 {
+    const N: u64 = 200_000;
+    let t0 = crate::time::now_micros();
+    for _ in 0..N {
+        core::hint::spin_loop();
+    }
+    let us = crate::time::elapsed_micros(t0).max(1);
+    (N / us).clamp(1, 10_000)
 }
 
-/// Serve `dev` to the mediator on `pipe.server:NAME` until the mediator
-/// goes away (Ok) or the connection breaks. With `faults`, misbehave as
-/// they say.
+/// Serve `dev` on the section `shm:NAME` until the driver is ended (the
+/// mediator ends it when it is done). With `faults`, misbehave as they say.
+/// Returns only on an error: the section cannot be opened or mapped, or
+/// the mediator's side of it is broken.
 pub fn serve_block(
     name: &str,
     dev: &mut dyn BlockDevice,
     mut faults: Option<Faults>,
 ) -> Result<()> {
-    let uri = alloc::format!("pipe.server:{name}");
-    let mut s = Stream::open(&uri, access::READ | access::WRITE, create::OPEN_EXISTING, 0)?;
-    let (capacity, block) = dev.geometry();
-    let mut buf: Vec<u8> = vec![0u8; MAX_PAYLOAD as usize];
-    loop {
-        let mut h = [0u8; HEADER];
-        if read_exact(&mut s, &mut h).is_err() {
-            return Ok(());
+    let shared = Shared::open(name)?;
+    // The mediator writes the header before it starts the driver, and
+    // rings once it has: wait for a valid one.
+    let mut srv = loop {
+        match Server::attach(shared.section()) {
+            Ok(s) => break s,
+            Err(_) => match shared.bell.wait(1_000_000) {
+                Ok(()) | Err(Error::TimedOut) => {}
+                Err(e) => return Err(e),
+            },
         }
-        let Ok(req) = Request::decode(&h) else {
-            // The mediator sent garbage: nothing sensible to answer.
-            return Err(Error::InvalidArgument);
+    };
+    let (capacity, block) = dev.geometry();
+    let spin = srv.layout().spin_ns / 1000 * spins_per_micro();
+    let depth = srv.layout().depth;
+    loop {
+        let req = match srv.next_request() {
+            Ok(Some(Ok(r))) => r,
+            // The host wrote a bad index or descriptor: nothing sensible
+            // to answer.
+            Ok(Some(Err(_))) | Err(_) => return Err(Error::InvalidArgument),
+            Ok(None) => {
+                let mut n = 0;
+                while n < spin && srv.pending() == Ok(0) {
+                    core::hint::spin_loop();
+                    n += 1;
+                }
+                if srv.pending() == Ok(0) && srv.prepare_sleep() {
+                    match shared.bell.wait(moat_pal::timeout::INFINITE) {
+                        Ok(()) | Err(Error::TimedOut) => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                srv.awake();
+                continue;
+            }
         };
-        let payload = &mut buf[..req.payload as usize];
-        read_exact(&mut s, payload)?;
-        let mut resp = Response {
-            status: status::OK,
-            class: class::BLOCK,
-            id: req.id,
-            len: 0,
-        };
-        let in_range = |off: u64, len: u64| {
-            off.is_multiple_of(block as u64)
-                && len.is_multiple_of(block as u64)
-                && off.checked_add(len).is_some_and(|e| e <= capacity)
-        };
-        let mut out_len = 0usize;
-        let result = match req.op {
-            op::INFO => {
-                buf[..8].copy_from_slice(&capacity.to_le_bytes());
-                buf[8..16].copy_from_slice(&(block as u64).to_le_bytes());
-                out_len = 16;
+        let resp = answer(&mut srv, dev, &req, capacity, block);
+        let f = faults.as_mut().map_or(0, |f| f.pick());
+        misbehave(&mut srv, &shared, f, resp, depth);
+    }
+}
+
+/// Carries out one request in its buffer; returns the answer to give.
+fn answer(
+    srv: &mut Server,
+    dev: &mut dyn BlockDevice,
+    req: &Request,
+    capacity: u64,
+    block: u32,
+) -> Response {
+    let mut resp = Response {
+        status: status::OK,
+        class: class::BLOCK,
+        buf: req.buf,
+        id: req.id,
+        len: 0,
+    };
+    let in_range = |off: u64, len: u64| {
+        off.is_multiple_of(block as u64)
+            && len.is_multiple_of(block as u64)
+            && off.checked_add(len).is_some_and(|e| e <= capacity)
+    };
+    let result = match req.op {
+        op::INFO => match srv.buf_mut(req.buf, 16) {
+            Some(b) => {
+                b[..8].copy_from_slice(&capacity.to_le_bytes());
+                b[8..16].copy_from_slice(&(block as u64).to_le_bytes());
+                resp.len = 16;
                 Ok(())
             }
-            op::READ if req.len <= MAX_PAYLOAD && in_range(req.offset, req.len as u64) => {
-                let r = dev.read(req.offset, &mut buf[..req.len as usize]);
-                if r.is_ok() {
-                    out_len = req.len as usize;
-                }
-                r
-            }
-            op::WRITE if req.payload == req.len && in_range(req.offset, req.len as u64) => {
-                dev.write(req.offset, &buf[..req.len as usize])
-            }
-            op::FLUSH => dev.flush(),
-            op::DISCARD if in_range(req.offset, req.len as u64) => {
-                dev.discard(req.offset, req.len as u64)
-            }
-            op::READ | op::WRITE | op::DISCARD => Err(status::INVALID),
-            _ => Err(status::UNSUPPORTED),
-        };
-        if let Err(st) = result {
-            resp.status = st;
+            None => Err(status::INVALID),
+        },
+        op::READ if in_range(req.offset, req.len as u64) => match srv.buf_mut(req.buf, req.len) {
+            Some(b) => dev.read(req.offset, b).map(|()| resp.len = req.len),
+            None => Err(status::INVALID),
+        },
+        op::WRITE if in_range(req.offset, req.len as u64) => match srv.buf_mut(req.buf, req.len) {
+            Some(b) => dev.write(req.offset, b),
+            None => Err(status::INVALID),
+        },
+        op::FLUSH => dev.flush(),
+        op::DISCARD if in_range(req.offset, req.len as u64) => {
+            dev.discard(req.offset, req.len as u64)
         }
-        resp.len = out_len as u32;
-        let f = faults.as_mut().map_or(0, |f| f.pick());
-        match f {
-            fault::CRASH => crate::process::exit_now(1),
-            fault::PANIC => panic!("injected fault: panic while serving request {}", req.id),
-            fault::HANG => loop {
-                let _ = crate::raw::thread_delay_execution(1_000_000);
-            },
-            fault::OOM => {
-                let mut hog: Vec<Vec<u8>> = Vec::new();
-                loop {
-                    // Each chunk touched, so the memory is really used.
-                    hog.push(vec![0x5a; 1 << 20]);
-                }
-            }
-            fault::DOUBLE => {
-                send(&mut s, resp, &buf[..out_len])?;
-                send(&mut s, resp, &buf[..out_len])?;
-            }
-            fault::WRONG_ID => {
-                resp.id = resp.id.wrapping_add(1_000_003);
-                send(&mut s, resp, &buf[..out_len])?;
-            }
-            fault::WRONG_LEN => {
-                let n = if out_len > 0 { out_len - 1 } else { 512 };
-                resp.len = n as u32;
-                send(&mut s, resp, &buf[..n])?;
-            }
-            fault::BAD_STATUS => {
-                resp.status = 0x7f;
-                send(&mut s, resp, &buf[..out_len])?;
-            }
-            fault::FLOOD => {
-                for i in 0..1000u64 {
-                    let junk = Response {
-                        status: status::OK,
-                        class: class::BLOCK,
-                        id: req.id ^ (i << 32) ^ 0xdead,
-                        len: 0,
-                    };
-                    send(&mut s, junk, &[])?;
-                }
-            }
-            _ => send(&mut s, resp, &buf[..out_len])?,
+        op::READ | op::WRITE | op::DISCARD => Err(status::INVALID),
+        _ => Err(status::UNSUPPORTED),
+    };
+    if let Err(st) = result {
+        resp.status = st;
+        resp.len = 0;
+    }
+    resp
+}
+
+/// Gives the answer, or, with fault `f`, does what the fault says instead.
+fn misbehave(srv: &mut Server, shared: &Shared, f: u32, mut resp: Response, depth: u32) {
+    let send = |srv: &mut Server, r: &Response| {
+        srv.complete(r);
+        if srv.publish() {
+            shared.ring();
         }
+    };
+    match f {
+        fault::CRASH => crate::process::exit_now(1),
+        fault::PANIC => panic!("injected fault: panic while serving request {}", resp.id),
+        fault::HANG => loop {
+            let _ = crate::raw::thread_delay_execution(1_000_000);
+        },
+        fault::OOM => {
+            let mut hog: Vec<Vec<u8>> = Vec::new();
+            loop {
+                // Each chunk touched, so the memory is really used.
+                hog.push(vec![0x5a; 1 << 20]);
+            }
+        }
+        fault::DOUBLE => {
+            send(srv, &resp);
+            send(srv, &resp);
+        }
+        fault::WRONG_ID => {
+            resp.id = resp.id.wrapping_add(1_000_003);
+            send(srv, &resp);
+        }
+        fault::WRONG_LEN => {
+            resp.len = if resp.len > 0 { resp.len - 1 } else { 512 };
+            send(srv, &resp);
+        }
+        fault::BAD_STATUS => {
+            resp.status = 0x7f;
+            send(srv, &resp);
+        }
+        fault::FLOOD => {
+            // A ring's worth of answers nobody asked for.
+            for i in 0..depth as u64 {
+                let junk = Response {
+                    id: resp.id ^ (i << 32) ^ 0xdead,
+                    len: 0,
+                    ..resp
+                };
+                srv.complete(&junk);
+            }
+            if srv.publish() {
+                shared.ring();
+            }
+        }
+        fault::BAD_INDEX => {
+            srv.complete(&resp);
+            let at = srv.answer_index();
+            srv.set_answer_index(at.wrapping_add(depth + 5));
+            if srv.publish() {
+                shared.ring();
+            }
+        }
+        fault::OUTSIDE_POOL => {
+            resp.buf = depth + 7;
+            send(srv, &resp);
+        }
+        fault::WRONG_BUF => {
+            resp.buf = (resp.buf + 1) % depth.max(2);
+            send(srv, &resp);
+        }
+        fault::TORN => {
+            // Published first, written after: the mediator may read what
+            // the slot held a lap ago.
+            let at = srv.answer_index();
+            srv.set_answer_index(at.wrapping_add(1));
+            if srv.publish() {
+                shared.ring();
+            }
+            for _ in 0..2000 {
+                core::hint::spin_loop();
+            }
+            srv.write_answer(at, &resp.encode());
+        }
+        _ => send(srv, &resp),
     }
 }

@@ -4,7 +4,7 @@
 //!
 //! `cargo run -p moat-mediator --example blockdev` (after `cargo build
 //! --workspace`, which builds the `blk-file` driver image).
-use moat_mediator::block::{Config, DriverSpec, MediatedBlock, PIPE};
+use moat_mediator::block::{Config, DriverSpec, MediatedBlock, SECTION};
 use moat_policy::{Access, Policy};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -24,7 +24,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dev = MediatedBlock::start(
         DriverSpec {
             image,
-            args: vec![PIPE.into(), uri],
+            args: vec![SECTION.into(), uri],
             host: moat_monitor::Host::Linux, // or Host::Kvm
             policy,
             faults: None,

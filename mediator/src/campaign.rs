@@ -4,13 +4,16 @@
 //!
 //! The driver picoprocess injects faults of the chosen kinds (crashes,
 //! hangs, double and wrong completions, bad lengths and statuses, memory
-//! exhaustion, floods); optionally the campaign also kills it from outside.
+//! exhaustion, floods, and on the rings bad indices, buffers outside the
+//! pool or not its own, answers published before they are written);
+//! optionally the campaign also kills it from outside. The workload keeps
+//! many requests in flight (32 by default).
 //! The workload keeps a model of the disk: each write stamps its blocks
 //! with a fresh version, each read is compared with the model, so a lost,
 //! duplicated, reordered or misplaced write shows up as a mismatch. A
 //! request that takes longer than `hang_after` counts as a hang.
-use crate::block::{Config, Counters, DriverSpec, FaultPlan, MediatedBlock};
-use std::collections::HashMap;
+use crate::block::{Config, Counters, DriverSpec, FaultPlan, MediatedBlock, Ticket};
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 /// What to run.
@@ -31,6 +34,9 @@ pub struct Campaign {
     pub hang_after: Duration,
     /// Give up after this long.
     pub time_limit: Duration,
+    /// Requests the workload keeps in flight (from one thread, submit and
+    /// wait).
+    pub depth: usize,
 }
 
 /// What happened.
@@ -82,7 +88,64 @@ fn fill(buf: &mut [u8], block: u64, version: u64) {
     }
 }
 
+/// One request of the workload, in flight.
+struct Op {
+    ticket: Ticket,
+    write: bool,
+    start: u64,
+    n: u64,
+    /// A write's version; a read's expected version per block (None: never
+    /// written, anything goes).
+    versions: Vec<Option<u64>>,
+    submitted: Instant,
+}
+
+/// Which blocks the requests in flight cover: readers, and whether a
+/// writer does.
+#[derive(Default)]
+struct Busy(HashMap<u64, (u32, bool)>);
+
+impl Busy {
+    fn conflicts(&self, start: u64, n: u64, write: bool) -> bool {
+        (start..start + n).any(|b| match self.0.get(&b) {
+            Some(&(readers, writer)) => writer || (write && readers > 0),
+            None => false,
+        })
+    }
+
+    fn add(&mut self, start: u64, n: u64, write: bool) {
+        for b in start..start + n {
+            let e = self.0.entry(b).or_default();
+            if write {
+                e.1 = true;
+            } else {
+                e.0 += 1;
+            }
+        }
+    }
+
+    fn remove(&mut self, start: u64, n: u64, write: bool) {
+        for b in start..start + n {
+            if let Some(e) = self.0.get_mut(&b) {
+                if write {
+                    e.1 = false;
+                } else {
+                    e.0 -= 1;
+                }
+                if *e == (0, false) {
+                    self.0.remove(&b);
+                }
+            }
+        }
+    }
+}
+
 /// Run the campaign; `progress` is called with (faults seen, target).
+///
+/// The workload keeps up to [`Campaign::depth`] requests in flight. Two
+/// requests in flight never overlap where one of them writes (a disk does
+/// not order concurrent writes to a block), so every read has one right
+/// answer: the model as it was when the read was submitted.
 pub fn run(c: &Campaign, mut progress: impl FnMut(u64, u64)) -> std::io::Result<Report> {
     let mut spec = c.driver.clone();
     spec.faults = Some(FaultPlan {
@@ -94,13 +157,52 @@ pub fn run(c: &Campaign, mut progress: impl FnMut(u64, u64)) -> std::io::Result<
     let bs = dev.block_size() as u64;
     // The workload uses the first 4 MiB (or the whole disk if smaller).
     let blocks = (dev.capacity() / bs).min((4 << 20) / bs);
+    let depth = c.depth.max(1);
     let mut model: HashMap<u64, u64> = HashMap::new();
     let mut rng = c.seed | 1;
     let mut version = 0u64;
     let mut r = Report::default();
     let t0 = Instant::now();
-    let mut buf = vec![0u8; (8 * bs) as usize];
+    let mut io = vec![0u8; (8 * bs) as usize];
     let mut want = vec![0u8; bs as usize];
+    let mut flight: VecDeque<Op> = VecDeque::with_capacity(depth);
+    let mut busy = Busy::default();
+    // Collects the oldest request and checks it.
+    let mut finish = |op: Op, model: &mut HashMap<u64, u64>, busy: &mut Busy, r: &mut Report| {
+        let len = (op.n * bs) as usize;
+        let res = if op.write {
+            let res = dev.wait(op.ticket);
+            if res.is_ok() {
+                for k in 0..op.n {
+                    model.insert(op.start + k, op.versions[0].unwrap_or(0));
+                }
+            }
+            res
+        } else {
+            let res = dev.wait_read(op.ticket, &mut io[..len]);
+            if res.is_ok() {
+                for (k, chunk) in io[..len].chunks_exact(bs as usize).enumerate() {
+                    if let Some(v) = op.versions[k] {
+                        fill(&mut want, op.start + k as u64, v);
+                        if chunk != &want[..] {
+                            r.mismatches += 1;
+                        }
+                    }
+                }
+            }
+            res
+        };
+        busy.remove(op.start, op.n, op.write);
+        r.requests += 1;
+        if op.submitted.elapsed() > c.hang_after {
+            r.hangs += 1;
+        }
+        if res.is_err() {
+            r.errors += 1;
+        }
+    };
+    let mut data = vec![0u8; (8 * bs) as usize];
+    let mut submitted = 0u64;
     loop {
         let seen = dev.counters().faults();
         progress(seen.min(c.faults), c.faults);
@@ -111,49 +213,52 @@ pub fn run(c: &Campaign, mut progress: impl FnMut(u64, u64)) -> std::io::Result<
             r.timed_out = true;
             break;
         }
-        if c.kill_every != 0 && r.requests % c.kill_every == c.kill_every - 1 {
+        if c.kill_every != 0 && submitted % c.kill_every == c.kill_every - 1 {
             dev.kill_driver();
         }
         let start = xorshift(&mut rng) % blocks;
         let n = (1 + xorshift(&mut rng) % 8).min(blocks - start);
-        let io = &mut buf[..(n * bs) as usize];
-        let t = Instant::now();
         let write = xorshift(&mut rng).is_multiple_of(2);
-        let res = if write {
+        while flight.len() >= depth || busy.conflicts(start, n, write) {
+            let Some(op) = flight.pop_front() else { break };
+            finish(op, &mut model, &mut busy, &mut r);
+        }
+        let len = (n * bs) as usize;
+        let submitted_at = Instant::now();
+        let (ticket, versions) = if write {
             version += 1;
-            for (k, chunk) in io.chunks_exact_mut(bs as usize).enumerate() {
+            for (k, chunk) in data[..len].chunks_exact_mut(bs as usize).enumerate() {
                 fill(chunk, start + k as u64, version);
             }
-            let res = dev.write_at(start * bs, io);
-            if res.is_ok() {
-                for k in 0..n {
-                    model.insert(start + k, version);
-                }
-            }
-            res
+            (
+                dev.submit_write(start * bs, &data[..len]),
+                vec![Some(version)],
+            )
         } else {
-            let res = dev.read_at(start * bs, io);
-            if res.is_ok() {
-                for (k, chunk) in io.chunks_exact(bs as usize).enumerate() {
-                    let b = start + k as u64;
-                    // A block never written holds whatever the disk held.
-                    if let Some(&v) = model.get(&b) {
-                        fill(&mut want, b, v);
-                        if chunk != &want[..] {
-                            r.mismatches += 1;
-                        }
-                    }
-                }
-            }
-            res
+            let v = (start..start + n).map(|b| model.get(&b).copied()).collect();
+            (dev.submit_read(start * bs, len), v)
         };
-        r.requests += 1;
-        if t.elapsed() > c.hang_after {
-            r.hangs += 1;
+        submitted += 1;
+        match ticket {
+            Ok(ticket) => {
+                busy.add(start, n, write);
+                flight.push_back(Op {
+                    ticket,
+                    write,
+                    start,
+                    n,
+                    versions,
+                    submitted: submitted_at,
+                });
+            }
+            Err(_) => {
+                r.requests += 1;
+                r.errors += 1;
+            }
         }
-        if res.is_err() {
-            r.errors += 1;
-        }
+    }
+    while let Some(op) = flight.pop_front() {
+        finish(op, &mut model, &mut busy, &mut r);
     }
     r.elapsed = t0.elapsed();
     r.counters = dev.counters();

@@ -1,9 +1,11 @@
 //! A short fault campaign through the mediator, on each host: at least
 //! 500 seeded faults of every kind (crashes, panics, hangs, double and
 //! wrong completions, wrong lengths, bad statuses, memory exhaustion,
-//! floods, kills from outside), every byte the workload reads checked.
+//! floods, broken ring indices, buffers outside the pool or not the
+//! request's, answers published before they are written, kills from
+//! outside), 32 requests in flight, every byte the workload reads checked.
 //! The long run (10,000 faults) is `moat campaign`; see BENCHMARKS.md.
-use moat_mediator::block::{Config, DriverSpec, PIPE};
+use moat_mediator::block::{Config, DriverSpec, SECTION};
 use moat_mediator::campaign::{self, Campaign};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -46,7 +48,7 @@ fn five_hundred_faults_change_nothing_the_clients_see() {
         let c = Campaign {
             driver: DriverSpec {
                 image: built("blk-file"),
-                args: vec![PIPE.into(), uri],
+                args: vec![SECTION.into(), uri],
                 host,
                 policy,
                 faults: None,
@@ -65,6 +67,7 @@ fn five_hundred_faults_change_nothing_the_clients_see() {
             kill_every: 97,
             hang_after: Duration::from_secs(10),
             time_limit: Duration::from_secs(240),
+            depth: 32,
         };
         let r = campaign::run(&c, |_, _| {}).unwrap();
         let kinds: Vec<_> = r.counters.violations.keys().copied().collect();
@@ -86,6 +89,9 @@ fn five_hundred_faults_change_nothing_the_clients_see() {
             "unknown_id",
             "wrong_length",
             "bad_status",
+            "bad_index",
+            "outside_pool",
+            "wrong_buffer",
         ] {
             assert!(
                 r.counters.violations.get(k).copied().unwrap_or(0) > 0,

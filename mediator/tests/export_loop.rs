@@ -297,7 +297,7 @@ fn kvm_usable() -> bool {
 #[test]
 fn ext4_over_a_mediated_driver_survives_its_kills() {
     let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    use moat_mediator::block::{Config, DriverSpec, MediatedBlock, PIPE};
+    use moat_mediator::block::{Config, DriverSpec, MediatedBlock, SECTION};
     if let Some(why) = missing_prerequisites() {
         assert!(
             std::env::var_os("MOAT_REQUIRE_ROOT_TOOLS").is_none(),
@@ -326,7 +326,7 @@ fn ext4_over_a_mediated_driver_survives_its_kills() {
         let dev = MediatedBlock::start(
             DriverSpec {
                 image: built("blk-file"),
-                args: vec![PIPE.into(), uri],
+                args: vec![SECTION.into(), uri],
                 host,
                 policy,
                 faults: None,

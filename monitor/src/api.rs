@@ -32,6 +32,7 @@ use crate::image_check::check_image;
 use crate::monitor::start;
 use crate::proc::Proc;
 use crate::session::{Console, LogSink, Session};
+use crate::shm::{HostSection, Section};
 use moat_policy::{Access, Limits, Policy};
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
@@ -61,6 +62,8 @@ pub struct Sandbox {
     log: LogSink,
     trace: bool,
     host: crate::Host,
+    /// Host sections to give the session before the picoprocess starts.
+    sections: Vec<(String, Arc<Section>, u64)>,
 }
 
 impl Sandbox {
@@ -75,6 +78,7 @@ impl Sandbox {
             log: LogSink::Stderr,
             trace: false,
             host: crate::Host::Linux,
+            sections: Vec::new(),
         }
     }
 
@@ -155,6 +159,17 @@ impl Sandbox {
         self
     }
 
+    /// Give the session the host's shared section `section` as
+    /// `shm:NAME` before the picoprocess starts (the host is its creator
+    /// side; see [`crate::shm`]). The picoprocess still needs a grant for
+    /// `shm:NAME` to open it.
+    pub fn section(mut self, name: &str, section: &HostSection) -> Result<Self, Error> {
+        crate::shm::check_name(name)?;
+        self.sections
+            .push((name.to_string(), section.shared().clone(), section.len()));
+        Ok(self)
+    }
+
     /// Check the image and start the picoprocess.
     pub fn spawn(self) -> Result<Picoprocess, Error> {
         self.policy.limits.validate()?;
@@ -187,6 +202,9 @@ impl Sandbox {
         let (console, host_ends) = make_console(self.stdio)?;
         let [stdin, stdout, stderr] = host_ends;
         let session = Session::on_host(self.host, self.policy, self.log, self.trace, console);
+        for (name, section, len) in self.sections {
+            session.attach(&name, section, len)?;
+        }
         let root = start(&session, image, name, args, None, false)?;
         Ok(Picoprocess {
             stdin,
@@ -307,6 +325,17 @@ impl Picoprocess {
         Killer(self.root.clone())
     }
 
+    /// A descriptor that becomes readable once the picoprocess has ended
+    /// (a duplicate of its pidfd), to wait for its end with `poll(2)`
+    /// beside other things. Reading it is not reaping it: call
+    /// [`Picoprocess::wait`] for that.
+    pub fn exit_fd(&self) -> Result<OwnedFd, Error> {
+        self.root
+            .pidfd
+            .try_clone()
+            .map_err(|e| Error::io("cannot duplicate the picoprocess's pidfd", e))
+    }
+
     /// Wait for the picoprocess to end, then kill whatever it started that
     /// is still running. The host ends of piped stdin are closed first, so
     /// that a picoprocess reading its input sees the end of it.
@@ -364,6 +393,13 @@ impl Picoprocess {
             .map_err(|e| Error::io(format!("pipe `{name}`"), e))?;
         l.try_clone()
             .map_err(|e| Error::io(format!("pipe `{name}`"), e))
+    }
+
+    /// Make a shared section of `size` bytes and give it to this
+    /// picoprocess's session as `shm:NAME` (see
+    /// [`Session::shm_create`]): the host's side of it.
+    pub fn shm_create(&self, name: &str, size: u64) -> Result<HostSection, Error> {
+        self.session.shm_create(name, size)
     }
 
     fn kill_descendants(&self) {

@@ -5,7 +5,9 @@
 //!   a [`Policy`](moat_policy::Policy) on a [`Host`], feed its console,
 //!   wait for its [`Exit`].
 //! - [`api`]: that API ([`error`]: its errors and exits);
-//!   [`session`]: what one picoprocess tree shares.
+//!   [`session`]: what one picoprocess tree shares; [`shm`]: shared
+//!   sections (`shm:NAME`), and [`HostSection`], the
+//!   host's side of one.
 //! - [`monitor`]: one thread per confined process, answering its requests;
 //!   [`broker`] decides each request with the policy as the only
 //!   authority, and answers with descriptors.
@@ -18,6 +20,7 @@
 //! processes). Nothing here runs guest code.
 pub mod api;
 pub mod broker;
+pub mod cgroup;
 pub mod disklock;
 pub mod error;
 mod image_check;
@@ -26,6 +29,7 @@ pub mod monitor;
 mod proc;
 pub mod process;
 pub mod session;
+pub mod shm;
 pub mod spawn;
 mod zygote_client;
 
@@ -33,6 +37,7 @@ pub use api::{Killer, Picoprocess, Sandbox, Stdio};
 pub use error::{Error, Exit, EXIT_BAD_INPUT, EXIT_HOST_FAILURE, EXIT_SANDBOX_VIOLATION};
 pub use moat_host_common::protocol::ReportKind;
 pub use session::LogSink;
+pub use shm::HostSection;
 
 /// Where a picoprocess runs. The same image, policy and console work on
 /// both; only [`Host::Kvm`] can be granted devices.

@@ -44,12 +44,33 @@ pub(crate) fn start(
         crate::Host::Linux => launch::spawn_loader(&launch::loader_path()?, &limits)?,
         crate::Host::Kvm => launch::spawn_vmm(&launch::vmm_path()?, &limits)?,
     };
+    // Every message on this socket carries its sender's pid, so the
+    // monitor can tell its picoprocess from anyone its channel was handed
+    // to, and an empty message from end-of-file.
+    protocol::pass_credentials(sp.sock.as_fd())
+        .map_err(|e| Error::io("cannot set up the monitor socket", e))?;
+    // The limits the kernel enforces: before the process runs guest code.
+    let cgroup = match crate::cgroup::PicoCgroup::create(sp.pid as u32, &limits) {
+        Some(Ok(g)) => Some(g),
+        Some(Err(e)) => {
+            let _ = crate::process::signal_pidfd(&sp.pidfd, libc::SIGKILL);
+            let _ = launch::wait_process(&sp.pidfd, sp.pid as u32);
+            return Err(Error::io("cannot put the picoprocess in its cgroup", e));
+        }
+        None => {
+            say_no_cgroups(session);
+            None
+        }
+    };
+    let report: ReportSlot = Arc::new(Mutex::new(None));
     let proc = Arc::new(Proc {
         pid: sp.pid as u32,
         name: crate::session::sanitize(&name),
         pidfd: sp.pidfd,
         exit: Mutex::new(None),
         ended: Condvar::new(),
+        report: report.clone(),
+        cgroup: Mutex::new(cgroup),
         _disks: disks,
     });
     let config = Config {
@@ -84,15 +105,17 @@ pub(crate) fn start(
             let _ = proc.signal(libc::SIGKILL);
         }
     }
-    let mut broker = Broker::new(session.clone(), name).with_start_child(start_child);
-    let report = broker.report_slot();
+    let mut broker = Broker::new(session.clone(), name)
+        .with_start_child(start_child)
+        .with_report_slot(report.clone());
     let sess = session.clone();
     let p = proc.clone();
     let sock = sp.sock;
     // One thread per picoprocess: it answers the loader until the socket
     // closes (the loader ended), then reaps it.
     let monitor = run_monitor_thread(Box::new(move || {
-        serve(sock, &mut broker, &p);
+        serve(sock, &mut broker, &p, &sess);
+        broker.finish();
         let last = {
             let mut t = sess.procs.lock().unwrap_or_else(|e| e.into_inner());
             t.serving -= 1;
@@ -216,37 +239,68 @@ fn run_monitor_thread(job: Job) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Answer the loader's requests until its socket closes. A malformed
-/// message ends the picoprocess.
-fn serve(sock: OwnedFd, broker: &mut Broker, proc: &Proc) {
-    loop {
-        let violation = match protocol::recv::<Request>(sock.as_fd()) {
-            Ok((req, fds)) if fds.is_empty() => {
-                if let Some(reply) = broker.handle(req) {
+/// Say once per host process that picoprocesses run without the limits
+/// only cgroups enforce.
+fn say_no_cgroups(session: &Session) {
+    static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if let Some(why) = crate::cgroup::unavailable() {
+        if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            session.log().line(&format!(
+                "moat: no cgroup per picoprocess here ({why}): a guest that bypasses the ABI is bounded in threads and memory only by the host-wide limits"
+            ));
+        }
+    }
+}
+
+/// How long a confined process may go on running after its monitor
+/// channel closed: a loader that ends closes it on its way out; one still
+/// running after this has broken its channel.
+const CLOSED_CHANNEL_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Answer the loader's requests until its socket closes. Anything but a
+/// well-formed request from the picoprocess itself ends the picoprocess
+/// as a protocol violation (exit 159 with a report): a malformed or empty
+/// message, descriptors attached, a message another process sent on the
+/// channel (it can only have been handed over), and a channel closed while
+/// the picoprocess goes on running.
+fn serve(sock: OwnedFd, broker: &mut Broker, proc: &Proc, session: &Session) {
+    let violation = loop {
+        match protocol::recv_from::<Request>(sock.as_fd()) {
+            Ok(r) if r.sender.is_some_and(|p| p != proc.pid as i32) => {
+                let other = r.sender.unwrap_or(0);
+                // The sender is a picoprocess too (nothing else can hold
+                // the channel): it breaks the protocol as much as the owner.
+                if let Some(o) = session.proc_by_pid(other as u32) {
+                    o.violation(format!(
+                        "protocol violation: it sent on the monitor channel of picoprocess {} (pid {})",
+                        proc.name, proc.pid
+                    ));
+                }
+                break format!("its monitor channel was used by another process (pid {other})");
+            }
+            Ok(r) if !r.fds.is_empty() => {
+                break "a request came with descriptors attached".to_string()
+            }
+            Ok(r) => {
+                if let Some(reply) = broker.handle(r.msg) {
                     let raw: Vec<_> = reply.fds.iter().map(|f| f.as_raw_fd()).collect();
                     if protocol::send(sock.as_fd(), &reply.response, &raw).is_err() {
                         return;
                     }
                 }
-                continue;
             }
-            Ok(_) => "a request came with descriptors attached".to_string(),
-            Err(WireError::Closed) | Err(WireError::Io(_)) => return,
-            Err(e @ (WireError::Decode(_) | WireError::TooLarge)) => e.to_string(),
-        };
-        {
-            let slot = broker.report_slot();
-            let mut r = slot.lock().unwrap_or_else(|e| e.into_inner());
-            if r.is_none() {
-                *r = Some((
-                    ReportKind::Violation,
-                    format!("protocol violation: {violation}"),
-                ));
+            Err(WireError::Closed) | Err(WireError::Io(_)) => {
+                if crate::process::exited_within(&proc.pidfd, CLOSED_CHANNEL_GRACE) {
+                    return;
+                }
+                break "it closed its monitor channel and went on running".to_string();
+            }
+            Err(e @ (WireError::Decode(_) | WireError::TooLarge | WireError::Empty)) => {
+                break e.to_string();
             }
         }
-        let _ = proc.signal(libc::SIGKILL);
-        return;
-    }
+    };
+    proc.violation(format!("protocol violation: {violation}"));
 }
 
 /// Reap the loader, compute its [`Exit`], tell whoever waits.
@@ -260,11 +314,26 @@ fn reap(
     // The socket is drained (the report, if any, was read): now the status.
     let status = launch::wait_process(&proc.pidfd, proc.pid);
     let mut report = report.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    // Gone: its cgroup can go too (after asking whether it hit its memory).
+    let cgroup = proc.cgroup.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let oom = cgroup.as_ref().is_some_and(|g| g.oom_killed());
+    drop(cgroup);
     let code = match status {
         Ok(Status::Exited(c)) => c,
         Ok(Status::Signaled(s)) => {
             if s == libc::SIGSYS && report.is_none() {
                 report = Some((ReportKind::Violation, "killed by seccomp (SIGSYS)".into()));
+            }
+            if s == libc::SIGKILL && oom && report.is_none() {
+                let limits = session.policy().limits;
+                report = Some((
+                    ReportKind::Limit,
+                    format!(
+                        "killed by the kernel at its memory limit (memory_mib = {}, plus {} MiB for the host's own use)",
+                        limits.memory_mib,
+                        crate::cgroup::MEMORY_OVERHEAD_MIB
+                    ),
+                ));
             }
             128 + s
         }

@@ -106,3 +106,23 @@ pub fn signal_pidfd(pidfd: &OwnedFd, sig: libc::c_int) -> Result<(), std::io::Er
 fn last_err() -> std::io::Error {
     std::io::Error::last_os_error()
 }
+
+/// Whether the process behind `pidfd` has ended, or ends within `timeout`
+/// (a pidfd becomes readable when its process exits). Errors count as
+/// ended: there is nothing left to wait for.
+pub fn exited_within(pidfd: &OwnedFd, timeout: std::time::Duration) -> bool {
+    let mut p = libc::pollfd {
+        fd: pidfd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    loop {
+        // SAFETY: one valid pollfd for the duration of the call.
+        let r = unsafe { libc::poll(&mut p, 1, ms) };
+        if r < 0 && last_err().raw_os_error() == Some(libc::EINTR) {
+            continue;
+        }
+        return r != 0;
+    }
+}

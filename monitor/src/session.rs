@@ -1,13 +1,13 @@
 //! What one picoprocess tree shares: the [`Session`] (policy, console,
-//! pipe and TCP listeners, the live processes), and where the monitor's
-//! log lines go ([`LogSink`]).
+//! pipe and TCP listeners, shared sections, the live processes), and where
+//! the monitor's log lines go ([`LogSink`]).
 use crate::proc::Proc;
-use moat_host_common::protocol::ReportKind;
+use crate::shm::{HostSection, Section, MAX_SECTIONS};
 use moat_policy::Policy;
 use std::collections::HashMap;
 use std::fs::File;
 use std::net::{SocketAddr, TcpListener};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::UnixListener;
 use std::sync::{Arc, Mutex};
@@ -16,8 +16,7 @@ use std::sync::{Arc, Mutex};
 /// picoprocess tree) may have at once: each is a descriptor of the host.
 pub const MAX_LISTENERS: usize = 64;
 
-/// The report a picoprocess leaves, shared by its broker and its waiter.
-pub type ReportSlot = Arc<Mutex<Option<(ReportKind, String)>>>;
+pub use crate::proc::ReportSlot;
 
 /// Where the monitor's log lines (refusals, `DkDebugStringPrint`, traces)
 /// go. Every line is one line: guest-provided text in it has its control
@@ -107,6 +106,8 @@ pub struct Session {
     pub(crate) tag: String,
     pipes: Mutex<HashMap<String, Arc<UnixListener>>>,
     tcp: Mutex<HashMap<SocketAddr, Arc<TcpListener>>>,
+    /// Shared sections by name (see [`crate::shm`]).
+    sections: Mutex<HashMap<String, Arc<Section>>>,
     pub(crate) procs: Mutex<ProcTable>,
 }
 
@@ -175,6 +176,7 @@ impl Session {
             tag: format!("moat-{}-{:016x}-", std::process::id(), random_u64()),
             pipes: Mutex::new(HashMap::new()),
             tcp: Mutex::new(HashMap::new()),
+            sections: Mutex::new(HashMap::new()),
             procs: Mutex::new(ProcTable::default()),
         })
     }
@@ -237,6 +239,9 @@ impl Session {
         let addr =
             std::os::unix::net::SocketAddr::from_abstract_name(format!("{}{name}", self.tag))?;
         let l = Arc::new(UnixListener::bind_addr(&addr)?);
+        // Its connections inherit it: no descriptor reaches a picoprocess
+        // through a pipe (another picoprocess's monitor channel least).
+        self.refuse_descriptors(l.as_fd())?;
         pipes.insert(name.to_string(), l.clone());
         Ok(l)
     }
@@ -245,6 +250,28 @@ impl Session {
     /// [`Session::pipe_listener`] has made it).
     pub fn pipe_addr(&self, name: &str) -> std::io::Result<std::os::unix::net::SocketAddr> {
         std::os::unix::net::SocketAddr::from_abstract_name(format!("{}{name}", self.tag))
+    }
+
+    /// Make `sock`, which a picoprocess will hold, refuse descriptors (see
+    /// `moat_host_common::protocol::SO_PASSRIGHTS`). On a kernel before
+    /// 6.16, which cannot, says once that picoprocesses connected by a pipe
+    /// can pass descriptors to each other there.
+    pub(crate) fn refuse_descriptors(&self, sock: BorrowedFd<'_>) -> std::io::Result<()> {
+        static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if !moat_host_common::protocol::refuse_descriptors(sock)?
+            && !SAID.swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            self.log.line(
+                "moat: this kernel has no SO_PASSRIGHTS (Linux 6.16): picoprocesses connected by a pipe can pass descriptors to each other; the monitor still attributes every message to the picoprocess it started",
+            );
+        }
+        Ok(())
+    }
+
+    /// The live picoprocess of this session with host pid `pid`.
+    pub(crate) fn proc_by_pid(&self, pid: u32) -> Option<Arc<Proc>> {
+        let t = self.procs.lock().unwrap_or_else(|e| e.into_inner());
+        t.live.get(&pid).cloned()
     }
 
     /// The session's TCP listener at `addr`, bound on first use.
@@ -260,5 +287,76 @@ impl Session {
         let l = Arc::new(TcpListener::bind(addr)?);
         tcp.insert(addr, l.clone());
         Ok(l)
+    }
+
+    /// The shared section `name`, opened with the creation disposition
+    /// `disp` of DkStreamOpen, and whether this open made it (the opener
+    /// is then its creator side). At most [`MAX_SECTIONS`].
+    pub(crate) fn section_open(
+        &self,
+        name: &str,
+        disp: u32,
+    ) -> Result<(Arc<Section>, bool), moat_pal::Error> {
+        use moat_pal::{create, Error as E};
+        let mut all = self.sections.lock().unwrap_or_else(|e| e.into_inner());
+        match (all.get(name), disp) {
+            (Some(_), create::CREATE_NEW) => Err(E::AlreadyExists),
+            (Some(s), _) => Ok((s.clone(), false)),
+            (None, create::OPEN_EXISTING) => Err(E::NotFound),
+            (None, _) if all.len() >= MAX_SECTIONS => Err(E::LimitExceeded),
+            (None, _) => {
+                let s = Arc::new(Section::new(name).map_err(|_| E::Io)?);
+                all.insert(name.to_string(), s.clone());
+                Ok((s, true))
+            }
+        }
+    }
+
+    /// The shared section `name`, if the session has it.
+    pub(crate) fn section(&self, name: &str) -> Option<Arc<Section>> {
+        let all = self.sections.lock().unwrap_or_else(|e| e.into_inner());
+        all.get(name).cloned()
+    }
+
+    /// Give the session the host's section `section` as `shm:NAME` (the
+    /// host is its creator side; the picoprocesses that open it are the
+    /// other side). Its size must not pass the session's memory limit.
+    pub fn shm_attach(&self, name: &str, section: &HostSection) -> Result<(), crate::Error> {
+        self.attach(name, section.shared().clone(), section.len())
+    }
+
+    pub(crate) fn attach(
+        &self,
+        name: &str,
+        section: Arc<Section>,
+        len: u64,
+    ) -> Result<(), crate::Error> {
+        let bad = crate::Error::BadInput;
+        crate::shm::check_name(name)?;
+        if len > self.policy.limits.memory_mib << 20 {
+            return Err(bad(format!(
+                "section `{name}` is {len} bytes, more than the memory limit ({} MiB)",
+                self.policy.limits.memory_mib
+            )));
+        }
+        let mut all = self.sections.lock().unwrap_or_else(|e| e.into_inner());
+        if all.contains_key(name) {
+            return Err(bad(format!("the session already has a section `{name}`")));
+        }
+        if all.len() >= MAX_SECTIONS {
+            return Err(bad(format!(
+                "the session already has {MAX_SECTIONS} sections"
+            )));
+        }
+        all.insert(name.to_string(), section);
+        Ok(())
+    }
+
+    /// Make a section of `size` bytes and give it to the session as
+    /// `shm:NAME` (see [`Session::shm_attach`] and [`HostSection::new`]).
+    pub fn shm_create(&self, name: &str, size: u64) -> Result<HostSection, crate::Error> {
+        let s = HostSection::new(size)?;
+        self.shm_attach(name, &s)?;
+        Ok(s)
     }
 }

@@ -45,13 +45,13 @@ pub trait SyncCalls {
     fn semaphore_release(&self, semaphore: u64, count: u32) -> PalResult<u64>;
     /// `DkSemaphorePeek` (number 14): The semaphore's current count.
     fn semaphore_peek(&self, semaphore: u64) -> PalResult<u64>;
-    /// `DkEventSet` (number 15): Set an event.
+    /// `DkEventSet` (number 15): Set an event (a shared section's doorbell too: as if the other side rang it).
     fn event_set(&self, event: u64) -> PalResult<()>;
-    /// `DkEventClear` (number 16): Clear an event.
+    /// `DkEventClear` (number 16): Clear an event (a shared section's doorbell too: the rings so far are consumed).
     fn event_clear(&self, event: u64) -> PalResult<()>;
-    /// `DkEventPeek` (number 17): Whether an event is set, without changing it.
+    /// `DkEventPeek` (number 17): Whether an event (or a shared section's doorbell) is set, without changing it.
     fn event_peek(&self, event: u64) -> PalResult<u64>;
-    /// `DkObjectsWaitAny` (number 18): Wait until one of the objects is signalled: events and semaphores (consumed as their kind says), threads and processes (exited), streams (readable or, for servers, a client waiting).
+    /// `DkObjectsWaitAny` (number 18): Wait until one of the objects is signalled: events and semaphores (consumed as their kind says; a shared section's doorbell is an auto-reset event), threads and processes (exited), streams (readable or, for servers, a client waiting; a shared section while its doorbell is rung, without consuming it).
     fn objects_wait_any(&self, handles: &[u64], timeout_micros: i64) -> PalResult<u64>;
     /// `DkAbortEventRegister` (number 19): Register an event that the host sets when it asks the picoprocess to end (the embedder's or CLI's stop request). 0 unregisters.
     fn abort_event_register(&self, event: u64) -> PalResult<()>;
@@ -69,13 +69,13 @@ pub trait ProcessCalls {
 
 /// The `streams` calls of the ABI, typed.
 pub trait StreamCalls {
-    /// `DkStreamOpen` (number 23): Open a stream by URI. Schemes: file: null: stdin: stdout: stderr: pipe.server: pipe.client: tcp: tcp.client: tcp.server: dns: dev:. Opening a server URI (pipe.server:, tcp.server:) the first time creates the server and waits for the first client; each further open of the same URI waits for the next client.
+    /// `DkStreamOpen` (number 23): Open a stream by URI. Schemes: file: null: stdin: stdout: stderr: pipe.server: pipe.client: tcp: tcp.client: tcp.server: dns: dev: shm: (1.1). Opening a server URI (pipe.server:, tcp.server:) the first time creates the server and waits for the first client; each further open of the same URI waits for the next client. A shared section (shm:) takes `create` as a file does, but CREATE_ALWAYS (a section cannot be truncated) is InvalidArgument: the open that creates it (CREATE_NEW, OPEN_ALWAYS) makes a new section of size 0 and is its *creator side*; every later open, by anyone of the session, is the *other side*. Creating needs a read-write grant; WRITE access needs one too. At most 64 sections per session (LimitExceeded), and at most 16 section handles open at once per picoprocess (LimitExceeded).
     fn stream_open(&self, uri: GuestIn, access: u32, create: u32, options: u32) -> PalResult<u64>;
-    /// `DkStreamRead` (number 24): Read up to `len` bytes. Files are read at `offset`; other streams ignore it. 0 means end of stream.
+    /// `DkStreamRead` (number 24): Read up to `len` bytes. Files are read at `offset`; other streams ignore it. 0 means end of stream. A shared section is read through a mapping: NotSupported.
     fn stream_read(&self, stream: u64, offset: u64, buf: GuestOut) -> PalResult<u64>;
-    /// `DkStreamWrite` (number 25): Write up to `len` bytes. Files are written at `offset` (ignored with APPEND); other streams ignore it.
+    /// `DkStreamWrite` (number 25): Write up to `len` bytes. Files are written at `offset` (ignored with APPEND); other streams ignore it. A shared section is written through a mapping: NotSupported.
     fn stream_write(&self, stream: u64, offset: u64, buf: GuestIn) -> PalResult<u64>;
-    /// `DkStreamMap` (number 26): Map part of a file (or a device's MMIO window) into memory.
+    /// `DkStreamMap` (number 26): Map part of a file (or a device's MMIO window, or a shared section) into memory. A shared section is mapped shared: what one side writes, every side sees. Its mapping lies within its size (past the end, or a section not sized yet: InvalidArgument), is never executable (PermissionDenied), and is writable only through a handle opened with WRITE under a read-write grant (PermissionDenied). It counts against the memory limit like any mapping, and it stays valid until unmapped: no side can shrink, grow or unmap another side's view.
     fn stream_map(
         &self,
         stream: u64,
@@ -88,13 +88,13 @@ pub trait StreamCalls {
     fn stream_map_pe_binary(&self, stream: u64) -> PalResult<ImageInfo>;
     /// `DkStreamUnmap` (number 28): Unmap memory mapped by DkStreamMap or DkStreamMapPeBinary.
     fn stream_unmap(&self, addr: u64, size: u64) -> PalResult<()>;
-    /// `DkStreamSetLength` (number 29): Truncate or extend a file.
+    /// `DkStreamSetLength` (number 29): Truncate or extend a file. A shared section is sized once, through a handle opened with WRITE, before anyone can map it: a multiple of the page size, from one page to the picoprocess's memory limit (more: NoMemory). Sizing it again, or a section someone else sized (the host's are sized when made), is PermissionDenied: a section's size never changes once set.
     fn stream_set_length(&self, stream: u64, length: u64) -> PalResult<()>;
-    /// `DkStreamFlush` (number 30): Make written data durable (files) or delivered (other streams).
+    /// `DkStreamFlush` (number 30): Make written data durable (files) or delivered (other streams). On a shared section: ring the other side's doorbell, after a release fence (what this side wrote to the section before is visible to the other side once its wait on the doorbell returns).
     fn stream_flush(&self, stream: u64) -> PalResult<()>;
-    /// `DkStreamDelete` (number 31): Files and directories: remove the named object (the handle stays usable until closed). Connections: shut down one or both directions.
+    /// `DkStreamDelete` (number 31): Files and directories: remove the named object (the handle stays usable until closed). Connections: shut down one or both directions. A shared section lives as long as its session: WrongHandleKind.
     fn stream_delete(&self, stream: u64, which: u32) -> PalResult<()>;
-    /// `DkStreamGetEvent` (number 32): A new notification-event-like handle that is signalled while the stream is readable (devices: while the interrupt is pending).
+    /// `DkStreamGetEvent` (number 32): A new notification-event-like handle that is signalled while the stream is readable (devices: while the interrupt is pending). On a shared section: a handle to this side's doorbell, an auto-reset event that the other side's DkStreamFlush sets and that a wait which sees it set consumes (rings while it is set are one ring; none is lost).
     fn stream_get_event(&self, stream: u64) -> PalResult<u64>;
     /// `DkStreamRename` (number 33): Rename a file or directory; the new URI must be granted for writing, like the old one.
     fn stream_rename(&self, stream: u64, new_uri: GuestIn) -> PalResult<()>;
@@ -105,9 +105,9 @@ pub trait StreamCalls {
         buf: GuestOut,
         cursor: u64,
     ) -> PalResult<(u64, u64)>;
-    /// `DkStreamAttributesQuery` (number 35): Attributes of the stream a URI names, without opening it.
+    /// `DkStreamAttributesQuery` (number 35): Attributes of the stream a URI names, without opening it (a shared section: kind SHM, its size, NotFound if the session has none by that name).
     fn stream_attributes_query(&self, uri: GuestIn) -> PalResult<StreamAttributes>;
-    /// `DkStreamAttributesQueryByHandle` (number 36): Attributes of an open stream.
+    /// `DkStreamAttributesQueryByHandle` (number 36): Attributes of an open stream (a shared section: kind SHM, its size, 0 until sized).
     fn stream_attributes_query_by_handle(&self, stream: u64) -> PalResult<StreamAttributes>;
 }
 

@@ -11,7 +11,12 @@ pub enum RegionKind {
     Image,
     Alloc,
     Stack,
+    /// A file mapped by DkStreamMap (its pages past the file's end fault).
     Mapped,
+    /// A shared section mapped by DkStreamMap: sized and sealed before it
+    /// was mapped, so every page of it exists while it is mapped (a device
+    /// may use it for DMA).
+    Section,
     Host,
 }
 

@@ -24,6 +24,8 @@ pub enum Uri {
     TcpServer(SocketAddr),
     Dns(String),
     Dev(String),
+    /// `shm:NAME` a shared section of the session (ABI 1.1).
+    Shm(String),
 }
 
 impl Uri {
@@ -60,6 +62,7 @@ impl Uri {
             "tcp.server" => Ok(Uri::TcpServer(parse_addr(rest)?)),
             "dns" => Ok(Uri::Dns(check_host(rest)?)),
             "dev" => Ok(Uri::Dev(check_name(rest)?)),
+            "shm" => Ok(Uri::Shm(check_name(rest)?)),
             _ => Err(Error::InvalidUri),
         }
     }
@@ -79,6 +82,7 @@ impl Uri {
             Uri::TcpServer(a) => format!("tcp.server:{a}"),
             Uri::Dns(n) => format!("dns:{n}"),
             Uri::Dev(n) => format!("dev:{n}"),
+            Uri::Shm(n) => format!("shm:{n}"),
         }
     }
 
@@ -95,6 +99,7 @@ impl Uri {
             Uri::TcpServer(_) => "tcp.server",
             Uri::Dns(_) => "dns",
             Uri::Dev(_) => "dev",
+            Uri::Shm(_) => "shm",
         }
     }
 }
@@ -196,6 +201,14 @@ mod tests {
             Uri::parse("pipe.client:ok-1.x").unwrap(),
             Uri::PipeClient("ok-1.x".into())
         );
+        assert_eq!(Uri::parse("shm:ring-0").unwrap(), Uri::Shm("ring-0".into()));
+        assert_eq!(Uri::parse("shm:"), Err(Error::InvalidUri));
+        assert_eq!(Uri::parse("shm:a/b"), Err(Error::InvalidUri));
+        assert_eq!(
+            Uri::parse(&alloc::format!("shm:{}", "x".repeat(65))),
+            Err(Error::InvalidUri)
+        );
+        assert_eq!(Uri::parse("shm:r").unwrap().canonical(), "shm:r");
         assert_eq!(
             Uri::parse("tcp:127.0.0.1:80").unwrap().canonical(),
             "tcp.client:127.0.0.1:80"

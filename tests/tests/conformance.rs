@@ -12,6 +12,7 @@ fn conformance_suite_passes() {
         let scratch = tempfile::tempdir().unwrap();
         let s = file_uri(scratch.path());
         let exit_img = file_uri(&image("exit-code"));
+        let peer_img = file_uri(&image("shm-peer"));
         let conf = image("conformance").display().to_string();
         let out = run_on(
             h,
@@ -20,6 +21,10 @@ fn conformance_suite_passes() {
                 &s,
                 "--allow-ro",
                 &exit_img,
+                "--allow-ro",
+                &peer_img,
+                "--allow",
+                "shm:",
                 "--allow",
                 "tcp.server:127.0.0.1:",
                 "--allow",
@@ -32,6 +37,8 @@ fn conformance_suite_passes() {
                 "--",
                 &s,
                 &exit_img,
+                "-",
+                &peer_img,
             ],
         );
         let fails: Vec<&str> = out

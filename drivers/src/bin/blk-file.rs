@@ -1,14 +1,14 @@
-//! `blk-file [--read-only] PIPE FILE_URI [FAULTS]`: a block driver serving
-//! a file as a disk of 512-byte blocks to the safe mediator, which
-//! connects to `pipe.server:PIPE`. The file must be granted read-write
+//! `blk-file [--read-only] SECTION FILE_URI [FAULTS]`: a block driver
+//! serving a file as a disk of 512-byte blocks to the safe mediator, over
+//! the rings the mediator lays out in the shared section `shm:SECTION`. The file must be granted read-write
 //! (read-only with `--read-only`, when every write fails); its size,
 //! rounded down to whole blocks, is the capacity (`moat serve` refuses a
 //! file that is not a whole number of blocks). FAULTS
 //! (`SEED:PER_MILLION:KIND[,KIND...]`, see `moat_libos::service::Faults`)
 //! makes it misbehave on purpose. Runs on both hosts.
 //!
-//! Exit codes: 0 the mediator went away; 2 bad arguments; 3 the file
-//! cannot be opened; 4 the service connection failed.
+//! It serves until the mediator ends it. Exit codes: 2 bad arguments; 3
+//! the file cannot be opened; 4 the section cannot be opened or is broken.
 #![no_std]
 #![no_main]
 extern crate alloc;
@@ -71,7 +71,7 @@ fn main() -> i32 {
         args.remove(1);
     }
     if !(3..=4).contains(&args.len()) {
-        eprintln!("usage: blk-file [--read-only] PIPE FILE_URI [SEED:PER_MILLION:KINDS]");
+        eprintln!("usage: blk-file [--read-only] SECTION FILE_URI [SEED:PER_MILLION:KINDS]");
         return 2;
     }
     let faults = match args.get(3) {
@@ -108,7 +108,7 @@ fn main() -> i32 {
     match serve_block(&args[1], &mut disk, faults) {
         Ok(()) => 0,
         Err(e) => {
-            eprintln!("blk-file: service connection failed: {}", e.name());
+            eprintln!("blk-file: the service section failed: {}", e.name());
             4
         }
     }

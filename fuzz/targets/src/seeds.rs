@@ -238,6 +238,7 @@ pub fn service_wire() -> Vec<Seed> {
     let ok = |id: u64, len: u32| Response {
         status: status::OK,
         class: class::BLOCK,
+        buf: 0,
         id,
         len,
     };

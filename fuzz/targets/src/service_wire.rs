@@ -1,7 +1,7 @@
 //! The service wire between the mediator and a driver, and the block
 //! contract that judges what a driver sends: client requests
 //! ([`BlockContract::check_client`], [`BlockContract::issue`]), driver
-//! answers as header bytes ([`Response::decode`]) and payload
+//! answers as descriptor bytes ([`Response::decode`]) and payload
 //! ([`BlockContract::check_info`], [`Contract::check_response`]),
 //! restarts, re-issues, the circuit breaker ([`Contract::fail_all`]) and
 //! deadlines, in any order, under arbitrary limits.
@@ -11,14 +11,14 @@
 //! invariants after every step: ids are fresh, non-zero and increasing;
 //! nothing is completed that is not in flight, and nothing twice; an
 //! answer is accepted exactly when the contract's rules say so, and a
-//! rejected one changes nothing; a header that decodes encodes back to the
+//! rejected one changes nothing; a descriptor that decodes encodes back to the
 //! same bytes.
 use crate::input::Input;
 use moat_mediator::contract::{
     BlockContract, BlockOp, BlockPhase, ClientError, Contract, ContractLimits, Geometry, Violation,
     INFO_LEN,
 };
-use moat_service_proto::{class, op, status, Request, Response, HEADER, MAX_PAYLOAD};
+use moat_service_proto::{class, op, status, Request, Response, DESCRIPTOR, MAX_PAYLOAD};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
@@ -149,11 +149,11 @@ fn agree(c: &BlockContract, m: &Model, now: Instant) {
 /// A header from the input: raw bytes, or an answer built to be nearly
 /// right (an id in flight, the expected length), perhaps with one byte
 /// changed.
-fn header(inp: &mut Input, m: &Model) -> [u8; HEADER] {
+fn header(inp: &mut Input, m: &Model) -> [u8; DESCRIPTOR] {
     let sel = inp.u8();
     if sel.is_multiple_of(8) {
-        let mut h = [0u8; HEADER];
-        let b = inp.bytes(HEADER);
+        let mut h = [0u8; DESCRIPTOR];
+        let b = inp.bytes(DESCRIPTOR);
         h[..b.len()].copy_from_slice(b);
         return h;
     }
@@ -187,12 +187,13 @@ fn header(inp: &mut Input, m: &Model) -> [u8; HEADER] {
         } else {
             class::BLOCK
         },
+        buf: if inp.bool() { 0 } else { inp.u32() },
         id,
         len,
     };
     let mut h = r.encode();
     if sel & 0x80 != 0 {
-        let i = usize::from(inp.u8()) % HEADER;
+        let i = usize::from(inp.u8()) % DESCRIPTOR;
         h[i] ^= inp.u8() | 1;
     }
     h
@@ -285,7 +286,9 @@ pub fn run(data: &[u8]) {
                             id: req.id,
                             offset,
                             len,
-                            payload: if o == op::WRITE { len } else { 0 },
+                            // The contract names no buffer: the ring
+                            // assigns one when it publishes the request.
+                            buf: 0,
                         };
                         assert_eq!(req, want);
                         assert_eq!(Request::decode(&req.encode()), Ok(req));
@@ -312,24 +315,21 @@ pub fn run(data: &[u8]) {
                 let r = match Response::decode(&h) {
                     Ok(r) => r,
                     Err(_) => {
-                        let reserved = h[6] != 0
-                            || h[7] != 0
+                        let reserved = h[2] != 0
+                            || h[3] != 0
                             || h[16..24].iter().any(|&b| b != 0)
                             || h[28..32].iter().any(|&b| b != 0);
                         let len = u32::from_le_bytes(h[24..28].try_into().unwrap());
-                        assert!(
-                            h[..4] != *b"MSRS" || reserved || len > MAX_PAYLOAD,
-                            "a good header refused"
-                        );
+                        assert!(reserved || len > MAX_PAYLOAD, "a good descriptor refused");
                         continue;
                     }
                 };
                 assert_eq!(
                     r.encode(),
                     h,
-                    "a header that decodes encodes back differently"
+                    "a descriptor that decodes encodes back differently"
                 );
-                // The mediator reads the payload after the header; a short
+                // The mediator reads the payload from the pool; a short
                 // input is a stream that ended early.
                 if m.phase == BlockPhase::Handshake && r.id == 0 {
                     let payload = info_payload(&mut inp, r.len.min(64) as usize);
@@ -373,7 +373,7 @@ pub fn run(data: &[u8]) {
             5 => {
                 let req = c.info_request();
                 assert_eq!(
-                    (req.op, req.class, req.id, req.len, req.payload),
+                    (req.op, req.class, req.id, req.len, req.buf),
                     (op::INFO, class::BLOCK, 0, 0, 0)
                 );
                 m.phase = BlockPhase::Handshake;
@@ -393,7 +393,7 @@ pub fn run(data: &[u8]) {
                             id: *id,
                             offset: f.op.offset,
                             len: f.op.len,
-                            payload: if f.op.op == op::WRITE { f.op.len } else { 0 },
+                            buf: 0,
                         }
                     })
                     .collect();

@@ -4,7 +4,8 @@
 //!
 //! Arguments: 1 (optional) a writable scratch directory URI (`file:/tmp/x`),
 //! 2 (optional) a readable `file:` URI of the `exit-code` image,
-//! 3 (optional) run only the cases whose name contains this text.
+//! 3 (optional) run only the cases whose name contains this text,
+//! 4 (optional) a readable `file:` URI of the `shm-peer` image.
 //! An argument `-` stands for "absent".
 use alloc::format;
 use alloc::string::String;
@@ -20,9 +21,11 @@ mod memory;
 mod misc;
 mod net;
 mod process;
+mod shm;
 mod streams;
 mod sync;
 mod threads;
+mod wx;
 
 /// Why a case did not pass.
 pub enum Fail {
@@ -36,6 +39,7 @@ pub type R = Result<(), Fail>;
 pub struct Ctx {
     pub scratch: Option<String>,
     pub exit_image: Option<String>,
+    pub shm_peer: Option<String>,
     pub host_kind: u32,
 }
 
@@ -202,8 +206,10 @@ fn all_cases() -> Vec<Case> {
     v.extend_from_slice(files::CASES);
     v.extend_from_slice(net::CASES);
     v.extend_from_slice(process::CASES);
+    v.extend_from_slice(shm::CASES);
     // Last: these take exceptions.
     v.extend_from_slice(exception::CASES);
+    v.extend_from_slice(wx::CASES);
     v
 }
 
@@ -219,6 +225,7 @@ pub fn run() -> i32 {
     let ctx = Ctx {
         scratch: arg(&args, 1),
         exit_image: arg(&args, 2),
+        shm_peer: arg(&args, 4),
         host_kind: moat_libos::env::host_kind(),
     };
     let filter = arg(&args, 3);

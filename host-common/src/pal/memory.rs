@@ -16,18 +16,7 @@ impl MemoryCalls for LinuxPal {
         if size > self.mem_limit {
             return Err(Error::NoMemory);
         }
-        if addr != 0 {
-            validate::check_page_range(addr, size)?;
-        }
-        // Reserve the accounting first, so concurrent allocations cannot
-        // both pass the limit.
-        let mut r = self.regions.write().unwrap();
-        if r.total() + size > self.mem_limit {
-            return Err(Error::NoMemory);
-        }
-        if addr != 0 && r.overlaps(addr, addr + size) {
-            return Err(Error::AlreadyExists);
-        }
+        let mut r = self.reserve(addr, size)?;
         let got = match sys::mmap_anon(addr, size, p) {
             Ok(a) => a,
             Err(libc::EEXIST) => return Err(Error::AlreadyExists),

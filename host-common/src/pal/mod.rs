@@ -1,7 +1,8 @@
 //! The in-process PAL of host-linux (and of the VMM for every call that
 //! is not about memory or threads): every ABI call, as the typed host
 //! traits of `moat_pal::host_calls`, one file per call group (`memory`,
-//! `threads`, `sync`, `process`, `streams`, `other`).
+//! `threads`, `sync`, `process`, `streams` with `section` for shared
+//! sections, `other`).
 //!
 //! Calls that need no policy run here on the fast path (memory, threads,
 //! synchronisation, I/O on descriptors already held, time, random). Calls
@@ -15,6 +16,7 @@
 mod memory;
 mod other;
 mod process;
+mod section;
 mod streams;
 mod sync;
 mod threads;
@@ -33,6 +35,12 @@ use std::collections::HashMap;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+
+/// Distinct pipe and TCP server URIs one picoprocess may open: each keeps
+/// a listening socket (see `open_server`), counted in its descriptor limit.
+pub const MAX_SERVERS: usize = 16;
+
+pub use section::MAX_OPEN_SECTIONS;
 
 /// How many times a picoprocess may call DkAbortEventRegister with an event.
 pub const MAX_ABORT_REGISTRATIONS: usize = 64;
@@ -55,6 +63,8 @@ pub struct LinuxPal {
     pub startup: AtomicU64,
     /// Every event ever registered with DkAbortEventRegister (see there).
     pub abort_event: Mutex<Vec<Arc<Object>>>,
+    /// Section streams open now (at most [`MAX_OPEN_SECTIONS`]).
+    sections_open: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 thread_local! {
@@ -79,6 +89,7 @@ impl LinuxPal {
             mem_limit,
             startup: AtomicU64::new(0),
             abort_event: Mutex::new(Vec::new()),
+            sections_open: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         }
     }
 
@@ -97,6 +108,28 @@ impl LinuxPal {
         let n = validate::check_uri_len(uri.len())?;
         let bytes = sys::copy_in(uri.addr(), n);
         Uri::parse_bytes(&bytes)
+    }
+
+    /// Before mapping `size` bytes at `addr` (0: the host chooses): the
+    /// region map, locked for the mapping, once the range is checked and
+    /// the memory limit has room. Holding the lock until the mapping is in
+    /// the map keeps concurrent mappings from both passing the limit.
+    pub(crate) fn reserve(
+        &self,
+        addr: u64,
+        size: u64,
+    ) -> PalResult<std::sync::RwLockWriteGuard<'_, RegionMap>> {
+        if addr != 0 {
+            validate::check_page_range(addr, size)?;
+        }
+        let r = self.regions.write().unwrap();
+        if r.total() + size > self.mem_limit {
+            return Err(Error::NoMemory);
+        }
+        if addr != 0 && r.overlaps(addr, addr + size) {
+            return Err(Error::AlreadyExists);
+        }
+        Ok(r)
     }
 
     pub fn obj(&self, h: u64) -> PalResult<Arc<Object>> {
@@ -135,14 +168,14 @@ impl LinuxPal {
         let g = self.monitor.lock().unwrap();
         let fd = sys::borrow(&g);
         if protocol::send(fd, req, &[]).is_err() {
-            sys::exit_process(crate::protocol::EXIT_HOST_FAILURE);
+            channel_broken();
         }
         match protocol::recv::<Response>(fd) {
             Ok((Response::Err { code }, _)) => {
                 Err(Error::from_code(-(code as i64)).unwrap_or(Error::Io))
             }
             Ok(r) => Ok(r),
-            Err(_) => sys::exit_process(crate::protocol::EXIT_HOST_FAILURE),
+            Err(_) => channel_broken(),
         }
     }
 
@@ -258,6 +291,9 @@ impl LinuxPal {
             let found = self.servers.lock().unwrap().get(&key).cloned();
             match found {
                 Some(l) => l,
+                None if self.servers.lock().unwrap().len() >= MAX_SERVERS => {
+                    return Err(Error::LimitExceeded)
+                }
                 None => {
                     let (fd, _) = self.ask_fd(&Request::Listen { uri: key.clone() })?;
                     let l = Arc::new(fd);
@@ -273,6 +309,16 @@ impl LinuxPal {
         let fd = sys::accept(listener.as_raw_fd(), nonblock).map_err(map_errno)?;
         Ok((fd, kind))
     }
+}
+
+/// The monitor channel broke (the guest closed or misused descriptor 3,
+/// or sent the monitor something it refused): the monitor sees it and
+/// ends this process with a violation report (exit 159), so wait for that
+/// rather than exit with a code of our own; should the monitor be gone
+/// instead, end as a violation after a while.
+fn channel_broken() -> ! {
+    std::thread::sleep(std::time::Duration::from_secs(10));
+    sys::exit_process(crate::protocol::EXIT_SANDBOX_VIOLATION)
 }
 
 impl GuestMemory for LinuxPal {
@@ -323,6 +369,12 @@ impl signals::GuestView for LinuxPal {
         self.regions
             .try_read()
             .is_ok_and(|r| r.check(rip, 1, prot::EXEC).is_ok())
+    }
+
+    fn is_guest_memory(&self, addr: u64) -> bool {
+        self.regions
+            .try_read()
+            .is_ok_and(|r| r.check(addr, 1, 0).is_ok())
     }
 }
 

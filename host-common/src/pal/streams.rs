@@ -1,7 +1,8 @@
 //! The stream calls: files, pipes, sockets and the console, as descriptors
 //! the monitor brokered (opening, attributes by URI, rename and delete go
 //! to it) or that this PAL holds (reads, writes, maps, attributes by
-//! handle, shutdowns).
+//! handle, shutdowns). Shared sections are `section`'s, dispatched from
+//! here by the stream's `section` part.
 use super::LinuxPal;
 use crate::errno::to_pal as map_errno;
 use crate::objects::{Object, StreamObj};
@@ -38,6 +39,7 @@ impl LinuxPal {
         let (fd, kind) = match &u {
             Uri::Dev(_) | Uri::Dns(_) => return Err(Error::NotSupported),
             Uri::PipeServer(_) | Uri::TcpServer(_) => self.open_server(&u, nonblock)?,
+            Uri::Shm(_) => return self.open_section(&u, acc, cr, options),
             _ => self.ask_fd(&Request::Open {
                 uri: u.canonical(),
                 access: acc,
@@ -53,6 +55,7 @@ impl LinuxPal {
             writable: acc & (access::WRITE | access::APPEND) != 0,
             append: acc & access::APPEND != 0,
             device: None,
+            section: None,
         }))
     }
 
@@ -94,6 +97,9 @@ impl StreamCalls for LinuxPal {
         let o = self.stream(stream)?;
         let s = inner(&o);
         let n = validate::check_io_len(buf.len())?;
+        if s.section.is_some() {
+            return Err(Error::NotSupported);
+        }
         if s.kind == stream_kind::DIRECTORY {
             return Err(Error::IsDirectory);
         }
@@ -126,6 +132,9 @@ impl StreamCalls for LinuxPal {
         let o = self.stream(stream)?;
         let s = inner(&o);
         let n = validate::check_io_len(buf.len())?;
+        if s.section.is_some() {
+            return Err(Error::NotSupported);
+        }
         if s.kind == stream_kind::DIRECTORY {
             return Err(Error::IsDirectory);
         }
@@ -165,6 +174,9 @@ impl StreamCalls for LinuxPal {
         {
             return Err(Error::InvalidArgument);
         }
+        if let Some(sec) = &s.section {
+            return self.section_map(s, sec, addr, p, offset, size);
+        }
         if s.kind != stream_kind::FILE {
             return Err(Error::WrongHandleKind);
         }
@@ -174,16 +186,7 @@ impl StreamCalls for LinuxPal {
         if offset > i64::MAX as u64 {
             return Err(Error::InvalidArgument);
         }
-        if addr != 0 {
-            validate::check_page_range(addr, size)?;
-        }
-        let mut r = self.regions.write().unwrap();
-        if r.total() + size > self.mem_limit {
-            return Err(Error::NoMemory);
-        }
-        if addr != 0 && r.overlaps(addr, addr + size) {
-            return Err(Error::AlreadyExists);
-        }
+        let mut r = self.reserve(addr, size)?;
         let shared = p & prot::WRITE != 0;
         let got = match sys::mmap_fd(addr, size, p, s.fd.as_raw_fd(), offset, shared) {
             Ok(a) => a,
@@ -219,6 +222,7 @@ impl StreamCalls for LinuxPal {
         validate::check_page_range(addr, size)?;
         let mut r = self.regions.write().unwrap();
         if !r.covered_by(addr, size, RegionKind::Mapped)
+            && !r.covered_by(addr, size, RegionKind::Section)
             && !r.covered_by(addr, size, RegionKind::Image)
         {
             return Err(Error::BadAddress);
@@ -233,6 +237,9 @@ impl StreamCalls for LinuxPal {
     fn stream_set_length(&self, stream: u64, length: u64) -> PalResult<()> {
         let o = self.stream(stream)?;
         let s = inner(&o);
+        if let Some(sec) = &s.section {
+            return self.section_set_length(s, sec, length);
+        }
         if s.kind != stream_kind::FILE {
             return Err(Error::WrongHandleKind);
         }
@@ -248,6 +255,10 @@ impl StreamCalls for LinuxPal {
     fn stream_flush(&self, stream: u64) -> PalResult<()> {
         let o = self.stream(stream)?;
         let s = inner(&o);
+        if let Some(sec) = &s.section {
+            self.section_ring(sec);
+            return Ok(());
+        }
         if s.kind == stream_kind::FILE && s.writable {
             sys::fsync(s.fd.as_raw_fd()).map_err(map_errno)?;
         }
@@ -281,6 +292,9 @@ impl StreamCalls for LinuxPal {
 
     fn stream_get_event(&self, stream: u64) -> PalResult<u64> {
         let o = self.stream(stream)?;
+        if inner(&o).section.is_some() {
+            return self.section_event(inner(&o));
+        }
         let dup = inner(&o).fd.try_clone().map_err(|_| Error::LimitExceeded)?;
         self.insert(Object::Readiness(dup))
     }
@@ -346,6 +360,10 @@ impl StreamCalls for LinuxPal {
 
     fn stream_attributes_query_by_handle(&self, stream: u64) -> PalResult<StreamAttributes> {
         let o = self.stream(stream)?;
-        self.stream_attrs(inner(&o))
+        let s = inner(&o);
+        match &s.section {
+            Some(sec) => self.section_attrs(s, sec),
+            None => self.stream_attrs(s),
+        }
     }
 }

@@ -22,6 +22,15 @@ fn inner(o: &Object) -> &SyncObj {
     }
 }
 
+impl LinuxPal {
+    /// A doorbell handle (a shared section's event); `None` for any
+    /// other object (the event calls then take events).
+    fn doorbell(&self, h: u64) -> PalResult<Option<Arc<Object>>> {
+        let o = self.obj(h)?;
+        Ok(matches!(&*o, Object::Doorbell(_)).then_some(o))
+    }
+}
+
 impl SyncCalls for LinuxPal {
     fn notification_event_create(&self, initial: u32) -> PalResult<u64> {
         if initial > 1 {
@@ -61,18 +70,30 @@ impl SyncCalls for LinuxPal {
     }
 
     fn event_set(&self, event: u64) -> PalResult<()> {
+        if let Some(d) = self.doorbell(event)? {
+            sys::eventfd_signal(d.wait_fd());
+            return Ok(());
+        }
         let o = self.sync(event, EVENTS)?;
         inner(&o).set();
         Ok(())
     }
 
     fn event_clear(&self, event: u64) -> PalResult<()> {
+        if let Some(d) = self.doorbell(event)? {
+            crate::objects::doorbell_take(d.wait_fd());
+            return Ok(());
+        }
         let o = self.sync(event, EVENTS)?;
         inner(&o).clear();
         Ok(())
     }
 
     fn event_peek(&self, event: u64) -> PalResult<u64> {
+        if let Some(d) = self.doorbell(event)? {
+            let rung = sys::poll(&[(d.wait_fd(), libc::POLLIN)], 0).map_err(map_errno)?;
+            return Ok((rung[0] & libc::POLLIN != 0) as u64);
+        }
         let o = self.sync(event, EVENTS)?;
         Ok((inner(&o).count() > 0) as u64)
     }
@@ -106,11 +127,7 @@ impl SyncCalls for LinuxPal {
                 if *r == 0 {
                     continue;
                 }
-                let taken = match &*objs[i] {
-                    Object::Sync(s) => s.try_acquire(),
-                    _ => true,
-                };
-                if taken {
+                if objs[i].try_acquire() {
                     return Ok(i as u64);
                 }
             }

@@ -6,6 +6,15 @@
 //! picoprocess to end as host-linux ends it for the same signal. A
 //! system-call instruction never reaches the host: it is reported as the
 //! sandbox violation it is.
+//!
+//! The page tables follow the region map (see [`crate::paging`]), so an
+//! instruction fetch from a page without EXEC, a write to a page without
+//! WRITE, and any access to a page the picoprocess does not have are page
+//! faults: a MEMORY_FAULT upcall with the faulting address, or, without a
+//! handler, exit 139 and the report host-linux gives for the SIGSEGV
+//! (`unhandled memory fault in the picoprocess at address A (instruction
+//! I)`). A page fault the region map allows is a translation cached
+//! before its page gained that access: the instruction is retried.
 use super::vcpu::{Cpu, Outcome};
 use super::PicoVm;
 use crate::guest_thread::trace_line;
@@ -90,6 +99,10 @@ impl PicoVm {
                 125,
             );
         }
+        if vector == 14 && self.stale_fault(cpu, err, fault_addr, rip) {
+            self.set_regs(cpu, &ctx);
+            return Ok(());
+        }
         let (kind, sig, what) = match vector {
             0 | 16 | 19 => (
                 exception_kind::ARITHMETIC,
@@ -114,6 +127,38 @@ impl PicoVm {
             rsp,
         };
         self.deliver(pal, cpu, info, ctx, what, sig)
+    }
+
+    /// Whether a page fault (error code `err`) at `addr` is one the region
+    /// map allows: a vCPU that cached the page's translation before a
+    /// change gave the page this access (see [`crate::paging`], step 3).
+    /// Waits for a change in progress first. The same fault three times in
+    /// a row is not stale.
+    fn stale_fault(&self, cpu: &mut Cpu, err: u64, addr: u64, rip: u64) -> bool {
+        const WRITE: u64 = 1 << 1;
+        const FETCH: u64 = 1 << 4;
+        let need = if err & FETCH != 0 {
+            prot::EXEC
+        } else if err & WRITE != 0 {
+            prot::WRITE
+        } else {
+            prot::READ
+        };
+        let allowed = {
+            let _pt = self.pt.lock();
+            let map = self.lin.regions.read().unwrap();
+            map.check(addr, 1, need).is_ok()
+        };
+        if !allowed {
+            cpu.stale = (0, 0, 0);
+            return false;
+        }
+        let n = match cpu.stale {
+            (r, a, n) if (r, a) == (rip, addr) => n + 1,
+            _ => 1,
+        };
+        cpu.stale = (rip, addr, n);
+        n <= 3
     }
 
     /// A system-call instruction never reaches the host from the VM (it
@@ -163,7 +208,7 @@ impl PicoVm {
         pal: &KvmPal,
         cpu: &mut Cpu,
         addr: u64,
-        write: bool,
+        _write: bool,
     ) -> Result<(), i32> {
         // Complete the pending emulated access before touching registers.
         cpu.vcpu.set_kvm_immediate_exit(1);
@@ -185,12 +230,9 @@ impl PicoVm {
             rip: r.rip,
             rsp: r.rsp,
         };
-        let what = if write {
-            "memory fault (write)"
-        } else {
-            "memory fault (read)"
-        };
-        self.deliver(pal, cpu, info, r, what, libc::SIGSEGV)
+        // Worded as host-linux words the SIGSEGV (which does not tell a
+        // read from a write either).
+        self.deliver(pal, cpu, info, r, "memory fault", libc::SIGSEGV)
     }
 
     /// Hand an exception to the guest's handler; resume where it says, or

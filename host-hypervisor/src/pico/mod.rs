@@ -19,6 +19,7 @@
 //!   faults delivered to the guest's handler.
 use crate::devices::DeviceSet;
 use crate::layout::*;
+use crate::paging::PageTables;
 use crate::pal::{KvmPal, SpawnThread};
 use crate::watchdog::Watchdog;
 use kvm_bindings::kvm_sregs;
@@ -59,6 +60,8 @@ pub struct PicoVm {
     next_id: AtomicU64,
     next_run: AtomicU64,
     template: kvm_sregs,
+    /// Its page tables' entries for guest RAM (see [`crate::paging`]).
+    pub pt: Arc<PageTables>,
     pub lin: &'static LinuxPal,
     pub devices: Arc<DeviceSet>,
     /// How long guest code may run without leaving the VM.
@@ -84,6 +87,7 @@ impl PicoVm {
             next_id: AtomicU64::new(1),
             next_run: AtomicU64::new(0),
             template: shell.template,
+            pt: shell.pt,
             lin,
             devices: Arc::new(devices),
             watchdog: Duration::from_secs(60),
@@ -97,6 +101,7 @@ impl PicoVm {
         KvmPal {
             lin: self.lin,
             ram_end: self.ram_end,
+            pt: self.pt.clone(),
             devices: self.devices.clone(),
             vm: self.clone(),
         }
@@ -119,6 +124,7 @@ impl PicoVm {
     fn stacks(&self) -> Result<Stacks, Error> {
         let r = &self.lin.regions;
         let rw = prot::READ | prot::WRITE;
+        let _pt = self.pt.lock();
         let mut g = r.write().unwrap();
         let total = STACK_SIZE + PAGE + ALTSTACK_SIZE;
         let base = g
@@ -135,14 +141,20 @@ impl PicoVm {
             let _ = sys::munmap(stack, STACK_SIZE + ALTSTACK_SIZE);
             return Err(Error::NoMemory);
         }
+        self.pt.sync(&g, stack, STACK_SIZE + ALTSTACK_SIZE);
         Ok(Stacks { stack, alt })
     }
 
     fn free_stacks(&self, s: &Stacks) {
+        // Entries first, then the host mapping (see crate::paging).
+        let _pt = self.pt.lock();
+        let len = STACK_SIZE + ALTSTACK_SIZE;
+        self.pt.restrict(s.stack, len, 0);
         let mut g = self.lin.regions.write().unwrap();
         g.remove(s.stack, STACK_SIZE);
         g.remove(s.alt, ALTSTACK_SIZE);
-        let _ = sys::munmap(s.stack, STACK_SIZE + ALTSTACK_SIZE);
+        let _ = sys::munmap(s.stack, len);
+        self.pt.sync(&g, s.stack, len);
     }
 
     /// Report and end the picoprocess.

@@ -1,17 +1,28 @@
 //! The VM shell: a VM before it has a picoprocess. KVM's VM and first
 //! vCPU, guest RAM (slot 1, at the same host address), the task-state
-//! area at the top of it, the watchdog, and the VMM area (slot 0) that
-//! `Low` writes once: page tables, GDT, IDT and exception stubs, the
+//! area at the top of it, the watchdog, the VMM area (slot 0) that `Low`
+//! writes once: page tables, GDT, IDT and exception stubs, the
 //! system-call and return trampolines, the hypercall stubs and the PAL
-//! function table. Everything here depends only on the memory size and
-//! the thread limit, so a warm VMM makes it ahead of need.
+//! function table; and the page-table pool (slot 2) whose entries
+//! [`PageTables`] keeps equal to the region map. Everything here depends
+//! only on the memory size and the thread limit, so a warm VMM makes it
+//! ahead of need.
+//!
+//! What the picoprocess (CPL 3) can reach of it: guest RAM, as the region
+//! map allows (none of it until the image is mapped); the page of call
+//! stubs (read and execute) and the page of the PAL table (read). The
+//! GDT, IDT, exception stubs and task-state area are supervisor-only;
+//! the page tables and the pool are mapped by no page table at all.
 use crate::layout::*;
-use crate::longmode::{self, PTE_HUGE, PTE_PCD, PTE_PRESENT, PTE_PWT, PTE_USER, PTE_WRITE};
+use crate::longmode::{self, PTE_HUGE, PTE_NX, PTE_PCD, PTE_PRESENT, PTE_PWT, PTE_USER, PTE_WRITE};
+use crate::paging::{PageTables, TABLE_SPAN};
 use crate::watchdog::Watchdog;
 use kvm_bindings::{kvm_sregs, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use moat_host_common::sys;
 use moat_pal::prot;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 
 const PAGE: u64 = 0x1000;
 /// Exception vectors in the IDT (the architecture's 32), 16 bytes each.
@@ -45,6 +56,8 @@ pub struct VmShell {
     pub(super) dog: Watchdog,
     pub(super) first: VcpuFd,
     pub(super) template: kvm_sregs,
+    /// The leaf entries of guest RAM.
+    pub(super) pt: Arc<PageTables>,
 }
 
 impl VmShell {
@@ -82,9 +95,15 @@ impl VmShell {
         let vm = kvm.create_vm().map_err(kvm_err("creating a VM"))?;
         let low = sys::mmap_anon(0, LOW_SIZE, prot::READ | prot::WRITE)
             .map_err(|_| PicoError::Setup("cannot allocate the VMM area".into()))?;
+        // A page table per 2 MiB of RAM (table 0 unused: PT0 maps the
+        // first 2 MiB); only the tables of mapped memory are ever touched.
+        let pool_size = ram / TABLE_SPAN * 0x1000;
+        let pool = sys::mmap_anon(0, pool_size, prot::READ | prot::WRITE)
+            .map_err(|_| PicoError::Setup("cannot allocate the page-table pool".into()))?;
         let slots = [
             (0u32, 0u64, LOW_SIZE, low),
             (1, RAM_START, ram - RAM_START, RAM_START),
+            (2, PT_POOL, pool_size, pool),
         ];
         for (slot, gpa, size, host) in slots {
             let region = kvm_userspace_memory_region {
@@ -94,14 +113,19 @@ impl VmShell {
                 userspace_addr: host,
                 flags: 0,
             };
-            // SAFETY: slot 0 is our private mapping, owned by the VM for
-            // its whole life; slot 1 is the guest RAM range, which only
-            // the region map's owners (the PAL) map and unmap; KVM follows
-            // those changes through its MMU notifiers.
+            // SAFETY: slots 0 and 2 are our private mappings, owned by the
+            // VM for its whole life; slot 1 is the guest RAM range, which
+            // only the region map's owners (the PAL) map and unmap; KVM
+            // follows those changes through its MMU notifiers.
             unsafe { vm.set_user_memory_region(region) }
                 .map_err(kvm_err("a guest memory region"))?;
         }
         Low(low as *mut u8).write(ram, tss_base);
+        let pt = Arc::new(PageTables::new(
+            table_entries(low + PT0, 512),
+            table_entries(pool, (pool_size / 8) as usize),
+            tss_base,
+        ));
         let dog = Watchdog::confined(Some(|| {
             crate::confine::apply(crate::confine::watchdog_rules())
         }))
@@ -121,6 +145,7 @@ impl VmShell {
         // read-only page.
         template.cr0 |= longmode::CR0_WP;
         template.efer |= longmode::EFER_SCE; // `syscall` enters SYSCALL_TRAP
+        template.efer |= longmode::EFER_NXE; // W^X: data pages are NX
         template.idt.base = IDT;
         template.idt.limit = IDT_LIMIT;
         // The VMM area is never unmapped: KVM maps it for the VM's life.
@@ -132,6 +157,7 @@ impl VmShell {
             dog,
             first,
             template,
+            pt,
         })
     }
 
@@ -142,6 +168,16 @@ impl VmShell {
     pub fn threads(&self) -> u64 {
         self.threads
     }
+}
+
+/// `n` page-table entries at host address `at`, for the VM's life.
+fn table_entries(at: u64, n: usize) -> &'static [AtomicU64] {
+    // SAFETY: `at` is a page-aligned private mapping of at least `n * 8`
+    // bytes that this VMM never unmaps (a memory slot of the VM, kept for
+    // the process's life), so the slice stays valid; AtomicU64 has u64's
+    // size and alignment, and from here on the VMM writes these entries
+    // only through the atomics (the vCPUs' page walks only read them).
+    unsafe { std::slice::from_raw_parts(at as *const AtomicU64, n) }
 }
 
 /// The VMM area (slot 0) in host memory, written during set-up only.
@@ -161,11 +197,13 @@ impl Low {
     }
 
     fn write(&self, ram_end: u64, tss_base: u64) {
-        // Page tables: the first 2 MiB in 4 KiB pages without page 0, the
-        // rest of RAM in 2 MiB pages, and one 2 MiB uncached page of
-        // device windows at MMIO_BASE.
-        // Every entry is user-accessible (U, bit 2): picoprocess code runs
-        // at CPL 3. The VMM area is read-only to it.
+        // Page tables: the first 2 MiB in 4 KiB pages (PT0), every further
+        // 2 MiB of guest RAM in its own table of the pool (its entries
+        // follow the region map: none is present yet), the task-state
+        // area in supervisor-only 2 MiB pages, and one 2 MiB uncached page
+        // of device windows at MMIO_BASE. The upper levels allow
+        // everything; each leaf says what its page allows. EFER.NXE is
+        // on: every page that holds no code is NX.
         const P_RW_U: u64 = PTE_PRESENT | PTE_WRITE | PTE_USER;
         self.w64(PML4, PDPT | P_RW_U);
         for (i, pd) in PD.iter().enumerate() {
@@ -173,28 +211,31 @@ impl Low {
         }
         self.w64(PDPT + 3 * 8, PD_MMIO | P_RW_U);
         self.w64(PD[0], PT0 | P_RW_U);
-        for p in 1..512u64 {
-            // The VMM area is supervisor-only, but the page of call stubs
-            // and trampolines and the page of the table (read-only).
-            let a = p * PAGE;
-            let flags = if a == CALL_STUBS || a == TABLE {
-                PTE_PRESENT | PTE_USER
-            } else if a < LOW_SIZE {
-                PTE_PRESENT | PTE_WRITE
-            } else {
-                P_RW_U
-            };
-            self.w64(PT0 + p * 8, (p * PAGE) | flags);
+        // The VMM area: the GDT (the CPU sets its accessed bits), the IDT
+        // and the exception stubs supervisor-only; the call stubs user
+        // read-and-execute; the PAL table user read-only. The page tables
+        // themselves, page 0 and the unused pages: not mapped at all.
+        let vmm_pages = [
+            (GDT, PTE_PRESENT | PTE_WRITE | PTE_NX),
+            (IDT, PTE_PRESENT | PTE_NX),
+            (EXC_STUBS, PTE_PRESENT),
+            (CALL_STUBS, PTE_PRESENT | PTE_USER),
+            (TABLE, PTE_PRESENT | PTE_USER | PTE_NX),
+        ];
+        for (at, flags) in vmm_pages {
+            self.w64(PT0 + at / PAGE * 8, at | flags);
         }
-        let big = 2u64 << 20;
-        for i in 1..ram_end / big {
-            let gpa = i * big;
+        for i in 1..ram_end / TABLE_SPAN {
+            let gpa = i * TABLE_SPAN;
             let pd = PD[(gpa >> 30) as usize];
-            let user = if gpa >= tss_base { 0 } else { PTE_USER };
-            let flags = PTE_PRESENT | PTE_WRITE | PTE_HUGE | user;
-            self.w64(pd + ((gpa >> 21) & 511) * 8, gpa | flags);
+            let e = if gpa >= tss_base {
+                gpa | PTE_PRESENT | PTE_WRITE | PTE_HUGE | PTE_NX
+            } else {
+                PageTables::table_gpa(i) | P_RW_U
+            };
+            self.w64(pd + ((gpa >> 21) & 511) * 8, e);
         }
-        let uncached = PTE_HUGE | PTE_PCD | PTE_PWT;
+        let uncached = PTE_HUGE | PTE_PCD | PTE_PWT | PTE_NX;
         self.w64(PD_MMIO, MMIO_BASE | uncached | P_RW_U);
         // GDT: null, kernel code and data (exception stubs), user code and
         // data (the picoprocess), and a 64-bit TSS descriptor (each vCPU's

@@ -74,6 +74,7 @@ impl PicoVm {
             tss,
             alt_top: stacks.alt + ALTSTACK_SIZE,
             depth: 0,
+            stale: (0, 0, 0),
         };
         let code = match self.run_until(pal, &mut cpu) {
             Outcome::ThreadExit(code) => code,
@@ -292,6 +293,8 @@ pub(super) struct Cpu {
     pub(super) alt_top: u64,
     /// How many exception upcalls it is in.
     pub(super) depth: u32,
+    /// The last page fault retried as stale: instruction, address, times.
+    pub(super) stale: (u64, u64, u32),
 }
 
 /// Why [`PicoVm::run_until`] returned.

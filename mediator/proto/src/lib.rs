@@ -1,35 +1,45 @@
-//! The service wire between the safe mediator (in the host) and a driver
-//! picoprocess, over one stream (the driver listens on
-//! `pipe.server:NAME`; the mediator connects).
+//! The service protocol between the safe mediator (in the host) and a
+//! driver picoprocess serving a block (or char, or generic) service: what a
+//! request and an answer say ([`Request`], [`Response`]), and the
+//! shared-memory rings that carry them ([`ring`]).
 //!
-//! Every message is a 32-byte header, then `len` payload bytes:
+//! The mediator creates a shared section (ABI 1.1, `shm:NAME`) per driver
+//! incarnation and lays it out as [`ring::Layout`] says: a header, a
+//! submission ring of requests (mediator to driver), a completion ring of
+//! answers (driver to mediator), and a pool of buffers that carry the
+//! bytes (a write's data, a read's answer). Each ring slot is a 32-byte
+//! descriptor:
 //!
 //! ```text
-//! offset size  request (mediator -> driver)   response (driver -> mediator)
-//!  0      4    magic "MSRQ"                   magic "MSRS"
-//!  4      1    op                             status
-//!  5      1    class (1 block, 2 char, 3 generic)
-//!  6      2    0                              0
+//! offset size  request (mediator -> driver)   answer (driver -> mediator)
+//!  0      1    op                             status
+//!  1      1    class (1 block, 2 char, 3 generic)
+//!  2      2    0                              0
+//!  4      4    buf: the pool buffer of the request (index)
 //!  8      8    id                             id of the request it completes
 //! 16      8    offset (bytes)                 0
-//! 24      4    len: request length            len: payload bytes that follow
-//! 28      4    payload bytes that follow      0
+//! 24      4    len: request length            len: bytes in the buffer
+//! 28      4    0                              0
 //! ```
 //!
-//! A block read of `len` bytes is answered with `len` payload bytes; a
-//! write carries its `len` bytes and is answered with none; flush and
-//! discard carry and return none; INFO (id 0, sent first after a driver
-//! starts) is answered with 16 bytes: capacity in bytes, then block size
-//! (both u64). All numbers little-endian. Everything a driver sends is
-//! hostile to the mediator, which checks it against the contract
-//! (`moat-mediator`); this crate only encodes and decodes.
+//! A block read of `len` bytes is answered with `len` bytes in its buffer;
+//! a write's `len` bytes are in its buffer and the answer has none; flush
+//! and discard carry and return none; INFO (id 0, sent first after a
+//! driver starts) is answered with 16 bytes: capacity in bytes, then block
+//! size (both u64). All numbers little-endian. Everything a driver writes
+//! is hostile to the mediator, which copies each answer out of the shared
+//! section once and checks the copy against the contract
+//! (`moat-mediator`); this crate encodes, decodes and moves descriptors.
 #![no_std]
 
-/// Header size.
-pub const HEADER: usize = 32;
-pub const REQUEST_MAGIC: [u8; 4] = *b"MSRQ";
-pub const RESPONSE_MAGIC: [u8; 4] = *b"MSRS";
-/// The largest payload of one message (a 1 MiB request).
+#[cfg(test)]
+extern crate std;
+
+pub mod ring;
+
+/// Descriptor size.
+pub const DESCRIPTOR: usize = 32;
+/// The largest buffer of one request (1 MiB).
 pub const MAX_PAYLOAD: u32 = 1 << 20;
 
 /// Service classes.
@@ -84,11 +94,20 @@ pub mod fault {
     pub const OOM: u32 = 1 << 7;
     /// Send a flood of unsolicited completions.
     pub const FLOOD: u32 = 1 << 8;
+    /// Move the completion ring's producer index past what the ring holds.
+    pub const BAD_INDEX: u32 = 1 << 9;
+    /// Answer naming a buffer outside the pool.
+    pub const OUTSIDE_POOL: u32 = 1 << 10;
+    /// Answer naming another request's buffer.
+    pub const WRONG_BUF: u32 = 1 << 11;
+    /// Publish an answer before writing it (the mediator sees what the
+    /// slot held before).
+    pub const TORN: u32 = 1 << 12;
     /// Every kind above.
-    pub const ALL: u32 = 0x1ff;
+    pub const ALL: u32 = 0x1fff;
 
     /// Names (`all` stands for [`ALL`]).
-    pub const NAMES: [(&str, u32); 10] = [
+    pub const NAMES: [(&str, u32); 14] = [
         ("crash", CRASH),
         ("panic", PANIC),
         ("hang", HANG),
@@ -98,6 +117,10 @@ pub mod fault {
         ("bad-status", BAD_STATUS),
         ("oom", OOM),
         ("flood", FLOOD),
+        ("bad-index", BAD_INDEX),
+        ("outside-pool", OUTSIDE_POOL),
+        ("wrong-buf", WRONG_BUF),
+        ("torn", TORN),
         ("all", ALL),
     ];
 
@@ -112,101 +135,94 @@ pub mod fault {
     }
 }
 
-/// A request header.
+/// A request descriptor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Request {
     pub op: u8,
     pub class: u8,
+    /// The pool buffer that carries its bytes (a write's data, a read's
+    /// answer).
+    pub buf: u32,
     pub id: u64,
     pub offset: u64,
     pub len: u32,
-    /// Payload bytes that follow (a write's data).
-    pub payload: u32,
 }
 
-/// A response header.
+/// An answer descriptor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Response {
     pub status: u8,
     pub class: u8,
+    /// The pool buffer its bytes are in (the request's own).
+    pub buf: u32,
     pub id: u64,
-    /// Payload bytes that follow (a read's data, INFO's 16 bytes).
+    /// Bytes in the buffer (a read's data, INFO's 16 bytes).
     pub len: u32,
 }
 
-/// Why a header does not decode.
+/// Why a descriptor does not decode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DecodeError {
-    BadMagic([u8; 4]),
-    /// A payload over [`MAX_PAYLOAD`].
+    /// A length over [`MAX_PAYLOAD`].
     TooLong(u32),
     /// Reserved bytes that are not zero.
     Reserved,
 }
 
-fn u32_at(b: &[u8; HEADER], i: usize) -> u32 {
+fn u32_at(b: &[u8; DESCRIPTOR], i: usize) -> u32 {
     u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
 }
 
-fn u64_at(b: &[u8; HEADER], i: usize) -> u64 {
+fn u64_at(b: &[u8; DESCRIPTOR], i: usize) -> u64 {
     let mut w = [0u8; 8];
     w.copy_from_slice(&b[i..i + 8]);
     u64::from_le_bytes(w)
 }
 
 impl Request {
-    pub fn encode(&self) -> [u8; HEADER] {
-        let mut b = [0u8; HEADER];
-        b[0..4].copy_from_slice(&REQUEST_MAGIC);
-        b[4] = self.op;
-        b[5] = self.class;
+    pub fn encode(&self) -> [u8; DESCRIPTOR] {
+        let mut b = [0u8; DESCRIPTOR];
+        b[0] = self.op;
+        b[1] = self.class;
+        b[4..8].copy_from_slice(&self.buf.to_le_bytes());
         b[8..16].copy_from_slice(&self.id.to_le_bytes());
         b[16..24].copy_from_slice(&self.offset.to_le_bytes());
         b[24..28].copy_from_slice(&self.len.to_le_bytes());
-        b[28..32].copy_from_slice(&self.payload.to_le_bytes());
         b
     }
 
-    pub fn decode(b: &[u8; HEADER]) -> Result<Request, DecodeError> {
-        let magic = [b[0], b[1], b[2], b[3]];
-        if magic != REQUEST_MAGIC {
-            return Err(DecodeError::BadMagic(magic));
-        }
-        if b[6] != 0 || b[7] != 0 {
+    pub fn decode(b: &[u8; DESCRIPTOR]) -> Result<Request, DecodeError> {
+        if b[2] != 0 || b[3] != 0 || u32_at(b, 28) != 0 {
             return Err(DecodeError::Reserved);
         }
-        let payload = u32_at(b, 28);
-        if payload > MAX_PAYLOAD {
-            return Err(DecodeError::TooLong(payload));
+        let len = u32_at(b, 24);
+        if len > MAX_PAYLOAD {
+            return Err(DecodeError::TooLong(len));
         }
         Ok(Request {
-            op: b[4],
-            class: b[5],
+            op: b[0],
+            class: b[1],
+            buf: u32_at(b, 4),
             id: u64_at(b, 8),
             offset: u64_at(b, 16),
-            len: u32_at(b, 24),
-            payload,
+            len,
         })
     }
 }
 
 impl Response {
-    pub fn encode(&self) -> [u8; HEADER] {
-        let mut b = [0u8; HEADER];
-        b[0..4].copy_from_slice(&RESPONSE_MAGIC);
-        b[4] = self.status;
-        b[5] = self.class;
+    pub fn encode(&self) -> [u8; DESCRIPTOR] {
+        let mut b = [0u8; DESCRIPTOR];
+        b[0] = self.status;
+        b[1] = self.class;
+        b[4..8].copy_from_slice(&self.buf.to_le_bytes());
         b[8..16].copy_from_slice(&self.id.to_le_bytes());
         b[24..28].copy_from_slice(&self.len.to_le_bytes());
         b
     }
 
-    pub fn decode(b: &[u8; HEADER]) -> Result<Response, DecodeError> {
-        let magic = [b[0], b[1], b[2], b[3]];
-        if magic != RESPONSE_MAGIC {
-            return Err(DecodeError::BadMagic(magic));
-        }
-        if b[6] != 0 || b[7] != 0 || b[16..24].iter().any(|&x| x != 0) || u32_at(b, 28) != 0 {
+    pub fn decode(b: &[u8; DESCRIPTOR]) -> Result<Response, DecodeError> {
+        if b[2] != 0 || b[3] != 0 || b[16..24].iter().any(|&x| x != 0) || u32_at(b, 28) != 0 {
             return Err(DecodeError::Reserved);
         }
         let len = u32_at(b, 24);
@@ -214,8 +230,9 @@ impl Response {
             return Err(DecodeError::TooLong(len));
         }
         Ok(Response {
-            status: b[4],
-            class: b[5],
+            status: b[0],
+            class: b[1],
+            buf: u32_at(b, 4),
             id: u64_at(b, 8),
             len,
         })
@@ -231,35 +248,33 @@ mod tests {
         let r = Request {
             op: op::WRITE,
             class: class::BLOCK,
+            buf: 3,
             id: 7,
             offset: 4096,
             len: 512,
-            payload: 512,
         };
         assert_eq!(Request::decode(&r.encode()), Ok(r));
         let s = Response {
             status: status::OK,
             class: class::BLOCK,
+            buf: 3,
             id: 7,
             len: 0,
         };
         assert_eq!(Response::decode(&s.encode()), Ok(s));
-        let mut b = s.encode();
-        b[0] = b'X';
-        assert!(matches!(
-            Response::decode(&b),
-            Err(DecodeError::BadMagic(_))
-        ));
         let mut b = s.encode();
         b[24..28].copy_from_slice(&(MAX_PAYLOAD + 1).to_le_bytes());
         assert_eq!(
             Response::decode(&b),
             Err(DecodeError::TooLong(MAX_PAYLOAD + 1))
         );
-        let mut b = s.encode();
-        b[20] = 1;
-        assert_eq!(Response::decode(&b), Err(DecodeError::Reserved));
-        // A request header is not a response.
-        assert!(Response::decode(&r.encode()).is_err());
+        for i in [2, 3, 16, 23, 28, 31] {
+            let mut b = s.encode();
+            b[i] = 1;
+            assert_eq!(Response::decode(&b), Err(DecodeError::Reserved), "byte {i}");
+        }
+        let mut b = r.encode();
+        b[29] = 1;
+        assert_eq!(Request::decode(&b), Err(DecodeError::Reserved));
     }
 }

@@ -32,7 +32,7 @@ impl ClassOp for BlockOp {
             id,
             offset: self.offset,
             len: self.len,
-            payload: if self.op == op::WRITE { self.len } else { 0 },
+            buf: 0,
         }
     }
 }
@@ -132,7 +132,7 @@ impl BlockContract {
             id: 0,
             offset: 0,
             len: 0,
-            payload: 0,
+            buf: 0,
         }
     }
 

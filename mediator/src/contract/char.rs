@@ -28,11 +28,7 @@ impl ClassOp for CharOp {
             id,
             offset: 0,
             len: self.len,
-            payload: if self.op == op::CHAR_WRITE {
-                self.len
-            } else {
-                0
-            },
+            buf: 0,
         }
     }
 }

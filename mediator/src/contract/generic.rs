@@ -25,7 +25,7 @@ impl ClassOp for CallOp {
             id,
             offset: 0,
             len: self.len,
-            payload: self.len,
+            buf: 0,
         }
     }
 }

@@ -15,10 +15,46 @@ use super::{Geometry, InfoProblem};
 /// flight. The contract's state is unchanged by the rejected answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Violation {
-    /// A header that does not decode (the caller decodes; the error is
+    /// A descriptor that does not decode (the caller decodes; the error is
     /// here so that every driver fault is one type).
-    #[error("the driver sent a malformed header: {}", ShowDecode(.0))]
+    #[error("the driver sent a malformed answer descriptor: {}", ShowDecode(.0))]
     BadHeader(DecodeError),
+    /// The completion ring's producer index moved further than the ring
+    /// holds, or back (the caller reads the ring).
+    #[error(
+        "the driver moved its completion index {ahead} slots past the mediator's, in a ring \
+         of {depth}"
+    )]
+    BadIndex {
+        /// The driver's index minus the mediator's, wrapping.
+        ahead: u32,
+        /// The ring's depth.
+        depth: u32,
+    },
+    /// An answer naming a buffer the pool does not have.
+    #[error(
+        "the driver answered request {id} in buffer {buf}, outside the pool of {buffers} buffers"
+    )]
+    OutsidePool {
+        /// The id in the answer.
+        id: u64,
+        /// The buffer in the answer.
+        buf: u32,
+        /// Buffers in the pool.
+        buffers: u32,
+    },
+    /// An answer naming another buffer than its request's.
+    #[error(
+        "the driver answered request {id} in buffer {buf}, but the request owns buffer {expected}"
+    )]
+    WrongBuffer {
+        /// The id in the answer.
+        id: u64,
+        /// The buffer in the answer.
+        buf: u32,
+        /// The request's buffer.
+        expected: u32,
+    },
     /// An answer to an id that was never issued.
     #[error("the driver answered request {id}, which was never issued")]
     UnknownId {
@@ -114,8 +150,11 @@ pub enum Violation {
 impl Violation {
     /// Every [`Violation::kind`], in a fixed order (the order of
     /// [`ViolationCounters::iter`]).
-    pub const KINDS: [&'static str; 11] = [
+    pub const KINDS: [&'static str; 14] = [
         "bad_header",
+        "bad_index",
+        "outside_pool",
+        "wrong_buffer",
         "unknown_id",
         "duplicate",
         "wrong_class",
@@ -131,16 +170,19 @@ impl Violation {
     fn index(&self) -> usize {
         match self {
             Violation::BadHeader(_) => 0,
-            Violation::UnknownId { .. } => 1,
-            Violation::Duplicate { .. } => 2,
-            Violation::WrongClass { .. } => 3,
-            Violation::BadStatus { .. } => 4,
-            Violation::WrongLength { .. } => 5,
-            Violation::TooLong { .. } => 6,
-            Violation::Unsolicited { .. } => 7,
-            Violation::Deadline => 8,
-            Violation::BadInfo(_) => 9,
-            Violation::GeometryChanged { .. } => 10,
+            Violation::BadIndex { .. } => 1,
+            Violation::OutsidePool { .. } => 2,
+            Violation::WrongBuffer { .. } => 3,
+            Violation::UnknownId { .. } => 4,
+            Violation::Duplicate { .. } => 5,
+            Violation::WrongClass { .. } => 6,
+            Violation::BadStatus { .. } => 7,
+            Violation::WrongLength { .. } => 8,
+            Violation::TooLong { .. } => 9,
+            Violation::Unsolicited { .. } => 10,
+            Violation::Deadline => 11,
+            Violation::BadInfo(_) => 12,
+            Violation::GeometryChanged { .. } => 13,
         }
     }
 
@@ -163,16 +205,11 @@ struct ShowDecode<'a>(&'a DecodeError);
 impl fmt::Display for ShowDecode<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.0 {
-            DecodeError::BadMagic(m) => write!(
-                f,
-                "magic {:02x} {:02x} {:02x} {:02x} is not \"MSRS\"",
-                m[0], m[1], m[2], m[3]
-            ),
             DecodeError::TooLong(n) => write!(
                 f,
                 "a payload of {n} bytes is over the limit of {MAX_PAYLOAD}"
             ),
-            DecodeError::Reserved => f.write_str("reserved header bytes are not zero"),
+            DecodeError::Reserved => f.write_str("reserved descriptor bytes are not zero"),
         }
     }
 }

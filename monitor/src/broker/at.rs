@@ -2,7 +2,7 @@
 //! descriptor (`openat2`, `mkdirat`, `unlinkat`, `renameat2`, ...). Each
 //! returns the errno on failure.
 use std::ffi::CString;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::linux::net::SocketAddrExt;
 
 pub const RESOLVE_NO_MAGICLINKS: u64 = 0x02;
@@ -181,8 +181,13 @@ pub fn set_nonblock(fd: BorrowedFd<'_>, on: bool) -> Result<(), i32> {
 }
 
 /// Connect a non-blocking Unix stream socket to an abstract address:
-/// EAGAIN when the listener's backlog is full.
-pub fn connect_nonblocking(addr: &std::os::unix::net::SocketAddr) -> Result<OwnedFd, i32> {
+/// EAGAIN when the listener's backlog is full. `before` runs on the new
+/// socket before it connects (the peer may send the moment it is
+/// connected, so what must hold for what it sends is set there).
+pub fn connect_nonblocking(
+    addr: &std::os::unix::net::SocketAddr,
+    before: impl FnOnce(BorrowedFd<'_>) -> Result<(), i32>,
+) -> Result<OwnedFd, i32> {
     let name = addr.as_abstract_name().ok_or(libc::EINVAL)?;
     // SAFETY: sockaddr_un is plain data; zeroed is a valid value.
     let mut sa: libc::sockaddr_un = unsafe { std::mem::zeroed() };
@@ -202,6 +207,7 @@ pub fn connect_nonblocking(addr: &std::os::unix::net::SocketAddr) -> Result<Owne
             0,
         )
     })?;
+    before(fd.as_fd())?;
     // SAFETY: `sa` is a valid sockaddr_un of which `len` bytes are used.
     let r = unsafe {
         libc::connect(

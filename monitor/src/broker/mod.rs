@@ -9,10 +9,12 @@
 //! `openat2(RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)`.
 //!
 //! A [`Session`] is what one picoprocess tree shares (policy, console,
-//! pipe and TCP listeners, the process count); a [`Broker`] is one
-//! picoprocess's view of it.
+//! pipe and TCP listeners, shared sections, the process count); a
+//! [`Broker`] is one picoprocess's view of it. Shared sections (`shm:`)
+//! are `section`'s.
 mod at;
 mod resolve;
+mod section;
 
 use crate::session::sanitize;
 pub use crate::session::{Console, LogSink, ReportSlot, Session, MAX_LISTENERS};
@@ -83,10 +85,54 @@ pub struct Broker {
     report: ReportSlot,
     /// DkDebugStringPrint bytes logged so far.
     debug_bytes: u64,
+    /// Refusal and debug lines it may still log now (see [`LOG_BURST`]).
+    lines: std::sync::Mutex<LineBudget>,
 }
 
 /// Most debug output one picoprocess may put in the host's log.
 pub const DEBUG_BUDGET: u64 = 1 << 20;
+
+/// Refusal and debug lines one picoprocess may log at once; after that,
+/// [`LOG_LINES_PER_SECOND`]. Lines over the rate are counted and summed
+/// up in one "N more lines suppressed" line (when logging resumes, and
+/// when the picoprocess ends), so a guest cannot flood the host's log.
+pub const LOG_BURST: f64 = 64.0;
+/// See [`LOG_BURST`].
+pub const LOG_LINES_PER_SECOND: f64 = 10.0;
+
+/// A token bucket of log lines.
+#[derive(Debug)]
+struct LineBudget {
+    tokens: f64,
+    at: std::time::Instant,
+    suppressed: u64,
+}
+
+impl LineBudget {
+    fn new() -> LineBudget {
+        LineBudget {
+            tokens: LOG_BURST,
+            at: std::time::Instant::now(),
+            suppressed: 0,
+        }
+    }
+
+    /// Whether one more line may go out now; if it may, how many were
+    /// suppressed before it (to say so first).
+    fn take(&mut self) -> Option<u64> {
+        let now = std::time::Instant::now();
+        let refill = now.duration_since(self.at).as_secs_f64() * LOG_LINES_PER_SECOND;
+        self.tokens = (self.tokens + refill).min(LOG_BURST);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Some(std::mem::take(&mut self.suppressed))
+        } else {
+            self.suppressed += 1;
+            None
+        }
+    }
+}
 
 pub(crate) type R<T> = Result<T, Error>;
 
@@ -99,7 +145,14 @@ impl Broker {
             start_child: None,
             name: sanitize(&name.into()),
             report: Arc::new(std::sync::Mutex::new(None)),
+            lines: std::sync::Mutex::new(LineBudget::new()),
         }
+    }
+
+    /// Keep the picoprocess's report in `slot` (shared with whoever reaps it).
+    pub fn with_report_slot(mut self, slot: ReportSlot) -> Broker {
+        self.report = slot;
+        self
     }
 
     /// Let this broker start child picoprocesses with `start`.
@@ -120,12 +173,24 @@ impl Broker {
             .clone()
     }
 
-    pub(crate) fn report_slot(&self) -> ReportSlot {
-        self.report.clone()
+    /// Log a refusal or debug line, within the picoprocess's line budget.
+    fn log(&self, line: &str) {
+        let mut b = self.lines.lock().unwrap_or_else(|e| e.into_inner());
+        match b.take() {
+            None => {}
+            Some(0) => self.session.log().line(line),
+            Some(n) => {
+                self.session.log().line(&self.suppressed_line(n));
+                self.session.log().line(line);
+            }
+        }
     }
 
-    fn log(&self, line: &str) {
-        self.session.log().line(line);
+    fn suppressed_line(&self, n: u64) -> String {
+        format!(
+            "[picoprocess {}] {n} more lines suppressed (refusals and debug output are limited to {LOG_LINES_PER_SECOND} lines a second after {LOG_BURST})",
+            self.name
+        )
     }
 
     /// Handle one request. `None` for requests that take no answer
@@ -147,6 +212,8 @@ impl Broker {
             Request::Stat { uri } => self.stat(&uri),
             Request::Rename { from, to } => self.rename(&from, &to).map(|()| Reply::ok()),
             Request::Delete { uri } => self.delete(&uri).map(|()| Reply::ok()),
+            Request::SectionSize { uri, size } => self.section_size(&uri, size),
+            Request::SectionMemory { uri, write } => self.section_memory(&uri, write),
             Request::ProcessCreate { uri, args } => self.process_create(&uri, args),
             Request::Debug { text } => {
                 // Bounded: a picoprocess cannot flood the host's log.
@@ -177,12 +244,19 @@ impl Broker {
                 Response::Ok => "ok".to_string(),
                 Response::Fd { kind } => format!("fd (kind {kind})"),
                 Response::Attrs { kind, size, .. } => format!("attrs (kind {kind}, size {size})"),
+                Response::Section { size, creator } => {
+                    format!("section (size {size}, creator side: {creator})")
+                }
+                Response::Memory { size } => format!("memory (size {size})"),
                 Response::Err { code } => match Error::from_code(-(*code as i64)) {
                     Some(e) => format!("{e:?}"),
                     None => format!("error {code}"),
                 },
             };
-            self.log(&format!("[picoprocess {}] {what} -> {res}", self.name));
+            // --trace asked for every line: not rate-limited.
+            self.session
+                .log()
+                .line(&format!("[picoprocess {}] {what} -> {res}", self.name));
         }
         Some(reply)
     }
@@ -264,7 +338,14 @@ impl Broker {
                 let l = self.session.pipe_listener(name).map_err(io_err)?;
                 drop(l);
                 let addr = self.session.pipe_addr(name).map_err(io_err)?;
-                let fd = at::connect_nonblocking(&addr).map_err(|e| match e {
+                // No descriptor reaches a picoprocess through a pipe: set
+                // before the connection exists, as the server may send at once.
+                let fd = at::connect_nonblocking(&addr, |s| {
+                    self.session
+                        .refuse_descriptors(s)
+                        .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))
+                })
+                .map_err(|e| match e {
                     libc::EAGAIN => Error::LimitExceeded,
                     e => map_errno(e),
                 })?;
@@ -274,6 +355,7 @@ impl Broker {
                 Ok(Reply::fd(stream_kind::PIPE, fd))
             }
             Uri::PipeServer(_) | Uri::TcpServer(_) => Err(Error::InvalidArgument),
+            Uri::Shm(name) => self.open_section(&u, name, acc, disp, options),
             Uri::Dns(_) => Err(Error::NotSupported),
             Uri::Dev(_) => {
                 self.log(&format!(
@@ -451,6 +533,7 @@ impl Broker {
                 };
                 attrs(kind, 0, true, true, false)
             }
+            Uri::Shm(name) => self.stat_section(&u, name),
             Uri::Dns(_) | Uri::Dev(_) => Err(Error::NotSupported),
         }
     }
@@ -587,6 +670,10 @@ fn summary(req: &Request) -> String {
         Request::Stat { uri } => format!("stat {}", sanitize(uri)),
         Request::Rename { from, to } => format!("rename {} {}", sanitize(from), sanitize(to)),
         Request::Delete { uri } => format!("delete {}", sanitize(uri)),
+        Request::SectionSize { uri, size } => format!("section-size {} {size}", sanitize(uri)),
+        Request::SectionMemory { uri, write } => {
+            format!("section-memory {} write={write}", sanitize(uri))
+        }
         Request::ProcessCreate { uri, args } => {
             format!("process-create {} ({} args)", sanitize(uri), args.len())
         }
@@ -609,5 +696,27 @@ pub(crate) fn io_err(e: std::io::Error) -> Error {
         Some(n) => map_errno(n),
         None if e.kind() == std::io::ErrorKind::ConnectionRefused => Error::ConnectionRefused,
         None => Error::Io,
+    }
+}
+
+impl Broker {
+    /// The picoprocess's channel is done: sum up what its line budget
+    /// suppressed (before its end is reported, so the summary is in the
+    /// log by the time anyone waiting learns of the end).
+    pub fn finish(&mut self) {
+        let n = self
+            .lines
+            .get_mut()
+            .map(|b| std::mem::take(&mut b.suppressed))
+            .unwrap_or_default();
+        if n > 0 {
+            self.session.log().line(&self.suppressed_line(n));
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.finish();
     }
 }

@@ -7,7 +7,8 @@
 //! bucket). Everything else needs a grant whose prefix covers the URI:
 //! `file:` grants cover a path and everything below it (component-wise);
 //! other grants are prefixes of the canonical URI text
-//! (`tcp.client:127.0.0.1:` covers every port on that address).
+//! (`tcp.client:127.0.0.1:` covers every port on that address; `shm:ring`
+//! is exactly that shared section, `shm:` every one).
 use moat_pal::uri::{normalize_path, path_within, Uri};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -190,7 +191,7 @@ impl Grant {
                 })
             }
             "tcp" | "tcp.client" | "tcp.server" | "pipe.server" | "pipe.client" | "dns" | "dev"
-            | "null" | "stdin" | "stdout" | "stderr" => {
+            | "shm" | "null" | "stdin" | "stdout" | "stderr" => {
                 let scheme = if scheme == "tcp" {
                     "tcp.client"
                 } else {
@@ -398,6 +399,14 @@ mod tests {
         assert!(q.check(&u("pipe.server:svc2"), true).is_err());
         assert!(q.check(&u("tcp.server:127.0.0.1:80"), true).is_ok());
         assert!(q.check(&u("tcp.server:127.0.0.1:8080"), true).is_err());
+        // Sections: exact names, or every name with `shm:`; read-only
+        // grants open (and map) read-only.
+        q.allow("shm:ring", Access::Ro).unwrap();
+        assert!(q.check(&u("shm:ring"), false).is_ok());
+        assert!(q.check(&u("shm:ring"), true).is_err());
+        assert!(q.check(&u("shm:ring2"), false).is_err());
+        q.allow("shm:", Access::Rw).unwrap();
+        assert!(q.check(&u("shm:ring2"), true).is_ok());
         let r = p.check(&u("file:/etc/passwd"), false).unwrap_err();
         assert!(r.to_string().contains("--allow-ro file:/etc/passwd"));
         assert!(Grant::new("file:rel", Access::Ro).is_err());

@@ -4,9 +4,9 @@
 //!
 //! Commands (numbers are decimal, or hexadecimal after `0x`):
 //!
-//! - `serve PIPE [FAULTS]`: serve the disk to the safe mediator, which
-//!   connects to `pipe.server:PIPE` (see `moat_libos::service`); FAULTS
-//!   makes it misbehave on purpose.
+//! - `serve SECTION [FAULTS]`: serve the disk to the safe mediator over
+//!   the rings in the shared section `shm:SECTION` (see
+//!   `moat_libos::service`); FAULTS makes it misbehave on purpose.
 //! - `check SECTORS SEED`: writes sectors `0..SECTORS` with the pattern of
 //!   [`fill_pattern`] for SEED, flushes, reads them back and compares. Prints
 //!   `virtio-blk: capacity N sectors, wrote S sectors, read back S sectors,
@@ -63,13 +63,13 @@ const CHUNK_SECTORS: u64 = 64;
 /// Sectors per `read-bench` read (4096 bytes).
 const BENCH_SECTORS: u64 = 8;
 
-const USAGE: &str = "usage: virtio-blk DEVICE serve PIPE [SEED:PER_MILLION:KINDS]\n       \
+const USAGE: &str = "usage: virtio-blk DEVICE serve SECTION [SEED:PER_MILLION:KINDS]\n       \
                      virtio-blk DEVICE check SECTORS SEED\n       \
                      virtio-blk DEVICE read-bench COUNT\n       \
                      virtio-blk DEVICE dump SECTOR";
 
 enum Command {
-    Serve { pipe: String, faults: Option<Faults> },
+    Serve { section: String, faults: Option<Faults> },
     Check { sectors: u64, seed: u64 },
     ReadBench { count: u64 },
     Dump { sector: u64 },
@@ -86,7 +86,7 @@ fn parse(args: &[String]) -> Option<(&str, Command)> {
         ("read-bench", 3) => Command::ReadBench { count: arg(2)? },
         ("dump", 3) => Command::Dump { sector: arg(2)? },
         ("serve", 3) | ("serve", 4) => Command::Serve {
-            pipe: args[2].clone(),
+            section: args[2].clone(),
             faults: match args.get(3) {
                 Some(f) => Some(Faults::parse(f)?),
                 None => None,
@@ -133,11 +133,11 @@ fn main() -> i32 {
     };
 
     let r = match command {
-        Command::Serve { pipe, faults } => {
-            return match serve_block(&pipe, &mut disk, faults) {
+        Command::Serve { section, faults } => {
+            return match serve_block(&section, &mut disk, faults) {
                 Ok(()) => 0,
                 Err(e) => {
-                    eprintln!("virtio-blk: service connection failed: {}", e.name());
+                    eprintln!("virtio-blk: the service section failed: {}", e.name());
                     EXIT_IO
                 }
             }

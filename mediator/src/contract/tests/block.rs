@@ -17,15 +17,15 @@ fn block_requests_are_encoded_with_fresh_ids() {
             id: 1,
             offset: 1024,
             len: 2048,
-            payload: 0
+            buf: 0
         }
     );
     let w = c.issue(op::WRITE, 0, 512, t).unwrap();
-    assert_eq!((w.id, w.payload, w.len), (2, 512, 512));
+    assert_eq!((w.id, w.op, w.len), (2, op::WRITE, 512));
     let d = c.issue(op::DISCARD, 512, 4096, t).unwrap();
-    assert_eq!((d.id, d.op, d.payload), (3, op::DISCARD, 0));
+    assert_eq!((d.id, d.op), (3, op::DISCARD));
     let f = c.issue(op::FLUSH, 0, 0, t).unwrap();
-    assert_eq!((f.id, f.offset, f.len, f.payload), (4, 0, 0, 0));
+    assert_eq!((f.id, f.offset, f.len), (4, 0, 0));
     let ids: Vec<u64> = c.in_flight().iter().map(|p| p.id).collect();
     assert_eq!(ids, [1, 2, 3, 4]);
     let p = c.in_flight()[0];

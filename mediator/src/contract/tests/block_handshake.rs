@@ -19,7 +19,7 @@ fn handshake_makes_the_contract_ready() {
             id: 0,
             offset: 0,
             len: 0,
-            payload: 0
+            buf: 0
         }
     );
     assert_eq!(c.phase(), BlockPhase::Handshake);

@@ -52,11 +52,11 @@ fn char_client_side() {
             id: 1,
             offset: 0,
             len: 10,
-            payload: 10
+            buf: 0
         }
     );
     let r = c.issue(op::CHAR_READ, 4096, t).unwrap();
-    assert_eq!((r.id, r.len, r.payload), (2, 4096, 0));
+    assert_eq!((r.id, r.len, r.op), (2, 4096, op::CHAR_READ));
     for _ in 0..2 {
         c.issue(op::CHAR_READ, 1, t).unwrap();
     }

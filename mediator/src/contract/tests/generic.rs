@@ -34,11 +34,11 @@ fn generic_contract() {
             id: 1,
             offset: 0,
             len: 0,
-            payload: 0
+            buf: 0
         }
     );
     let big = c.issue(4096, t).unwrap();
-    assert_eq!((big.id, big.len, big.payload), (2, 4096, 4096));
+    assert_eq!((big.id, big.len, big.op), (2, 4096, op::CALL));
     assert_eq!(
         call_err(&mut c, &call_ok(0, 0), t),
         Violation::Unsolicited { id: 0 }

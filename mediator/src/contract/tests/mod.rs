@@ -44,6 +44,7 @@ fn info_resp() -> Response {
     Response {
         status: status::OK,
         class: class::BLOCK,
+        buf: 0,
         id: 0,
         len: INFO_LEN,
     }
@@ -53,6 +54,7 @@ fn resp(id: u64, st: u8, cls: u8, len: u32) -> Response {
     Response {
         status: st,
         class: cls,
+        buf: 0,
         id,
         len,
     }

@@ -30,6 +30,7 @@ fn info_resp() -> Response {
     Response {
         status: status::OK,
         class: class::BLOCK,
+        buf: 0,
         id: 0,
         len: INFO_LEN,
     }
@@ -194,6 +195,7 @@ fn run<C: Contract>(
                 let r = Response {
                     status: *st,
                     class: *cls,
+                    buf: 0,
                     id,
                     len,
                 };
@@ -363,7 +365,7 @@ proptest! {
                        cap in any::<u64>(), bs_log in 0u32..20) {
         let mut c = BlockContract::new(limits());
         c.info_request();
-        let r = Response { status: st, class: cls, id, len };
+        let r = Response { status: st, class: cls, buf: 0, id, len };
         if let Ok(g) = c.check_info(&r, &payload) {
             prop_assert_eq!(Geometry::new(g.capacity, u64::from(g.block_size)), Ok(g));
             prop_assert!(c.is_ready());
@@ -397,7 +399,7 @@ proptest! {
             while c.in_flight_len() < MAX_IN_FLIGHT {
                 let Some((op, offset, len)) = queue.next() else { break };
                 let r = c.issue(op, offset, len, now).expect("a valid request is issued");
-                prop_assert_eq!(r.payload, if op == op::WRITE { len } else { 0 });
+                prop_assert_eq!((r.op, r.len, r.buf), (op, len, 0));
                 sent.insert(r.id, r);
             }
             let flight = c.in_flight();
@@ -419,7 +421,7 @@ proptest! {
             let p = flight[pick % flight.len()];
             let req = sent[&p.id];
             let len = right_len(&req, st, 0);
-            let r = Response { status: st, class: class::BLOCK, id: p.id, len };
+            let r = Response { status: st, class: class::BLOCK, buf: 0, id: p.id, len };
             let got = c.check_response(&r, now);
             prop_assert!(got.is_ok(), "{:?} -> {:?}", r, got);
             prop_assert!(done.insert(p.id));
@@ -458,8 +460,8 @@ proptest! {
             let ok = st == status::OK;
             let char_len = if ok && p.request.op == op::CHAR_READ { n % (p.request.len + 1) } else { 0 };
             let call_len = if ok { n % 1001 } else { 0 };
-            let a = ch.check_response(&Response { status: st, class: class::CHAR, id: p.id, len: char_len }, t);
-            let b = g.check_response(&Response { status: st, class: class::GENERIC, id: p.id, len: call_len }, t);
+            let a = ch.check_response(&Response { status: st, class: class::CHAR, buf: 0, id: p.id, len: char_len }, t);
+            let b = g.check_response(&Response { status: st, class: class::GENERIC, buf: 0, id: p.id, len: call_len }, t);
             prop_assert!(a.is_ok() && b.is_ok(), "{:?} {:?}", a, b);
             done += 1;
         }

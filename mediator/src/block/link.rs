@@ -1,0 +1,149 @@
+//! One driver incarnation and the section it serves on: start the driver
+//! picoprocess, create and lay out a fresh shared section for it (a dead
+//! driver's section is never used again), and run the INFO handshake on
+//! it. The engine installs a [`Link`] only after its handshake passed.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use moat_monitor::{Picoprocess, Sandbox, Stdio};
+use moat_service_proto::ring::{Layout, Submitter};
+use moat_service_proto::{class, op, Request, Response};
+
+use super::region::{wait_readable, Region};
+use super::{io_err, DriverSpec, SECTION};
+use crate::contract::INFO_LEN;
+
+/// A live driver incarnation: its process, its section and doorbells, and
+/// the buffers of the section no request holds.
+pub(crate) struct Link {
+    /// Which incarnation (1 for the first driver).
+    pub(crate) generation: u64,
+    pub(crate) ring: Submitter,
+    pub(crate) region: Arc<Region>,
+    /// Buffers free for new requests.
+    pub(crate) free: Vec<u32>,
+    /// The part each buffer is issued for (by buffer index).
+    pub(crate) owners: Vec<Option<u64>>,
+    /// Readable once the driver has ended.
+    pub(crate) exit: Arc<OwnedFd>,
+    pub(crate) proc: Picoprocess,
+}
+
+impl Link {
+    /// Starts incarnation `generation` of the driver (its `incarnation`-th
+    /// start, which picks its fault seed) on a new section laid out as
+    /// `layout` says.
+    pub(crate) fn start(
+        spec: &DriverSpec,
+        layout: Layout,
+        generation: u64,
+        incarnation: u64,
+    ) -> std::io::Result<Link> {
+        let mut args = spec.args.clone();
+        if let Some(f) = &spec.faults {
+            args.push(format!(
+                "{}:{}:{}",
+                f.seed.wrapping_add(incarnation),
+                f.per_million,
+                f.kinds
+            ));
+        }
+        let console = if spec.console {
+            Stdio::Inherit
+        } else {
+            Stdio::Null
+        };
+        // The section is laid out before the driver can see it.
+        let region = Arc::new(Region::new(layout)?);
+        let ring = Submitter::create(region.section(), layout)
+            .map_err(|e| io_err(format!("cannot lay the section out: {e:?}")))?;
+        let mut sb = Sandbox::new(&spec.image)
+            .args(args)
+            .policy(spec.policy.clone())
+            .host(spec.host)
+            .section(SECTION, region.host())
+            .map_err(|e| io_err(format!("the driver's section: {e}")))?
+            .stdin(Stdio::Null)
+            .stdout(console)
+            .stderr(console);
+        if !spec.console {
+            sb = sb.log(moat_monitor::LogSink::Callback(Arc::new(|_| {})));
+        }
+        let proc = sb
+            .spawn()
+            .map_err(|e| io_err(format!("cannot start the driver: {e}")))?;
+        let exit = Arc::new(
+            proc.exit_fd()
+                .map_err(|e| io_err(format!("the driver's exit: {e}")))?,
+        );
+        let link = Link {
+            generation,
+            ring,
+            region,
+            free: (0..layout.depth).rev().collect(),
+            owners: vec![None; layout.depth as usize],
+            exit,
+            proc,
+        };
+        Ok(link)
+    }
+
+    /// Sends INFO (id 0) and waits up to `timeout` for its answer; returns
+    /// the answer and the bytes of its buffer (at most [`INFO_LEN`]), for
+    /// the contract to check. Fails if the driver ends, answers in another
+    /// buffer or breaks the ring.
+    pub(crate) fn handshake(
+        &mut self,
+        info: Request,
+        timeout: Duration,
+    ) -> std::io::Result<(Response, Vec<u8>)> {
+        debug_assert_eq!((info.op, info.class), (op::INFO, class::BLOCK));
+        let buf = self.free.pop().expect("a fresh section has free buffers");
+        self.ring.push(&Request { buf, ..info });
+        if self.ring.publish() {
+            self.region.kick();
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut answer = None;
+            self.ring
+                .take(1, |a| {
+                    answer = Some(a);
+                    false
+                })
+                .map_err(|e| io_err(format!("driver handshake: a broken ring ({e:?})")))?;
+            if let Some(a) = answer {
+                let a =
+                    a.map_err(|e| io_err(format!("driver handshake: a malformed answer ({e:?})")))?;
+                if a.buf != buf {
+                    return Err(io_err(format!(
+                        "driver handshake: the answer names buffer {}, not the request's {buf}",
+                        a.buf
+                    )));
+                }
+                let mut bytes = vec![0u8; (a.len as usize).min(INFO_LEN as usize)];
+                self.region.read_buf(buf, &mut bytes);
+                self.free.push(buf);
+                return Ok((a, bytes));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io_err("the driver did not report its geometry in time"));
+            }
+            if !self.ring.prepare_sleep() {
+                continue;
+            }
+            let [rang, ended] =
+                wait_readable([Some(self.region.bell()), Some(self.exit.as_fd())], left);
+            self.ring.awake();
+            if rang {
+                self.region.reset_bell();
+            }
+            if ended {
+                return Err(io_err("the driver ended before reporting its geometry"));
+            }
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! The supervisor thread: what no client waits for. It sleeps until the
+//! next thing it knows of (the earliest deadline in flight, the circuit's
+//! retry time, the end of a drain), the driver's doorbell (rung only when
+//! no client polls), the driver's exit, or a word from the engine (a
+//! violation, a shutdown); never on a fixed tick. It ends the incarnations
+//! the engine gave up on, starts the next, and on shutdown drains what is
+//! in flight, then ends the driver.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::link::Link;
+use super::region::{wait_readable, Region};
+use super::{io_err, lock, Inner};
+use crate::contract::{Contract, Violation};
+
+/// Starts an incarnation and runs its handshake; the contract decides.
+pub(crate) fn start_incarnation(inner: &Inner) -> std::io::Result<Link> {
+    let (generation, incarnation, info) = {
+        let mut c = lock(&inner.core);
+        c.generation += 1;
+        c.incarnations += 1;
+        (c.generation, c.incarnations - 1, c.contract.info_request())
+    };
+    let mut link = Link::start(&inner.spec, inner.layout, generation, incarnation)?;
+    let checked = link
+        .handshake(info, inner.config.start_timeout)
+        .and_then(|(resp, bytes)| {
+            lock(&inner.core)
+                .contract
+                .check_info(&resp, &bytes)
+                .map_err(|v| io_err(format!("driver handshake: {v}")))
+        });
+    match checked {
+        Ok(_) => Ok(link),
+        Err(e) => {
+            end(link);
+            Err(e)
+        }
+    }
+}
+
+/// Ends an incarnation: killed now, reaped off this thread.
+pub(crate) fn end(mut link: Link) {
+    let _ = link.proc.kill();
+    std::thread::spawn(move || {
+        let _ = link.proc.wait();
+    });
+}
+
+pub(crate) fn run(inner: Arc<Inner>) {
+    let mut drain_until: Option<Instant> = None;
+    loop {
+        let now = Instant::now();
+        let (timeout, region, exit): (Duration, Option<Arc<Region>>, Option<Arc<OwnedFd>>) = {
+            let mut c = lock(&inner.core);
+            if c.closing {
+                let until = *drain_until.get_or_insert(now + c.config.deadline);
+                if c.contract.in_flight_len() == 0 || now >= until || c.link.is_none() {
+                    break;
+                }
+            }
+            // Answers nobody has taken yet count before any deadline.
+            c.reap(now);
+            if c.contract.expired(now).is_some() {
+                c.violation(Violation::Deadline.kind());
+            }
+            if !c.dead.is_empty() {
+                let dead = std::mem::take(&mut c.dead);
+                drop(c);
+                for l in dead {
+                    end(l);
+                }
+                restart(&inner, now);
+                continue;
+            }
+            if c.circuit_open_until.is_some_and(|t| now >= t) {
+                c.circuit_open_until = None;
+                c.failed_restarts = 0;
+                if c.link.is_none() {
+                    drop(c);
+                    restart(&inner, now);
+                    continue;
+                }
+            }
+            // Clients sleep and nobody polls: the driver is to ring.
+            if !c.poller && c.sleepers > 0 {
+                c.make_idle(now);
+            }
+            let mut next = now + c.config.deadline;
+            for t in [
+                c.contract.next_deadline(),
+                c.circuit_open_until,
+                drain_until,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                next = next.min(t);
+            }
+            let (region, exit) = match c.link.as_ref() {
+                Some(l) => (Some(l.region.clone()), Some(l.exit.clone())),
+                None => (None, None),
+            };
+            // Just past the deadline, so that it has passed when checked.
+            (
+                next.saturating_duration_since(now) + Duration::from_micros(100),
+                region,
+                exit,
+            )
+        };
+        let [control, rang, ended] = wait_readable(
+            [
+                Some(inner.control.fd()),
+                region.as_deref().map(Region::bell),
+                exit.as_deref().map(|e| e.as_fd()),
+            ],
+            timeout,
+        );
+        if control {
+            inner.control.reset();
+        }
+        let now = Instant::now();
+        let mut c = lock(&inner.core);
+        if rang {
+            if let Some(r) = &region {
+                r.reset_bell();
+            }
+            c.counters.bells += 1;
+            c.reap(now);
+        }
+        // The exit of the incarnation that is still live (not one the
+        // engine gave up on meanwhile): a crash. What it published before
+        // it died is not looked at.
+        if ended {
+            let same = match (&c.link, &exit) {
+                (Some(l), Some(e)) => Arc::ptr_eq(&l.exit, e),
+                _ => false,
+            };
+            if same {
+                c.violation("crash");
+            }
+        }
+    }
+    // Shut down: the driver is ended, what did not finish fails.
+    let mut c = lock(&inner.core);
+    let live = c.link.take();
+    let dead = std::mem::take(&mut c.dead);
+    c.fail_everything("the mediator shut down before the driver answered");
+    drop(c);
+    for l in live.into_iter().chain(dead) {
+        let mut l = l;
+        let _ = l.proc.kill();
+        let _ = l.proc.wait();
+    }
+}
+
+/// Replaces the driver: starts incarnations (backing off) until one passes
+/// its handshake, then re-issues on it what was in flight; opens the
+/// circuit after too many starts in a row without progress.
+fn restart(inner: &Inner, t0: Instant) {
+    {
+        let mut c = lock(&inner.core);
+        if c.closing {
+            return;
+        }
+        // A driver that failed with nothing to do, or after completing
+        // something, is no sign of a request that kills every driver.
+        if c.progress || c.contract.in_flight_len() == 0 {
+            c.failed_restarts = 0;
+        } else {
+            c.failed_restarts += 1;
+        }
+    }
+    loop {
+        {
+            let mut c = lock(&inner.core);
+            if c.closing {
+                return;
+            }
+            if c.failed_restarts >= c.config.max_failed_restarts {
+                c.open_circuit(Instant::now());
+                return;
+            }
+            c.counters.restarts += 1;
+        }
+        let t = Instant::now();
+        match start_incarnation(inner) {
+            Ok(link) => {
+                let mut c = lock(&inner.core);
+                let now = Instant::now();
+                c.install(link, now);
+                c.counters.recovery.push(t0.elapsed());
+                return;
+            }
+            Err(e) => {
+                let backoff = {
+                    let mut c = lock(&inner.core);
+                    c.counters.failed_starts += 1;
+                    c.counters.last_start_failure = Some(format!("{e} (after {:?})", t.elapsed()));
+                    c.failed_restarts += 1;
+                    Duration::from_millis(10u64 << c.failed_restarts.min(6))
+                };
+                std::thread::sleep(backoff);
+            }
+        }
+    }
+}
