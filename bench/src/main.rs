@@ -1,5 +1,5 @@
 //! `moat-bench [--quick] [--json] [GROUP...]`, groups `spawn`, `calls`,
-//! `pipe`, `kvm`, `mediator` (all of them by default, or `all`).
+//! `pipe`, `kvm`, `mediator`, `export` (all of them by default, or `all`).
 //!
 //! Output: a Markdown table row per benchmark, or with `--json` one JSON
 //! object per line (`name`, `moat`, `floor`, `unit`, `ratio`, `target`);
@@ -14,6 +14,7 @@
 //! runs its parts (see [`kvm`]) each in a process of its own.
 //! Results are medians of repeated samples; `--quick` runs a short
 //! version (used by the test suite to keep the harness working).
+mod export;
 mod kvm;
 mod mediator;
 
@@ -493,7 +494,7 @@ struct Args {
     /// to its parent).
     #[arg(long, hide = true)]
     no_header: bool,
-    /// What to run: spawn, calls, pipe, kvm, mediator, all (the default),
+    /// What to run: spawn, calls, pipe, kvm, mediator, export, all (the default),
     /// or one part of kvm (kvm-spawn, kvm-spawn-fresh, kvm-calls, kvm-blk,
     /// and those `kvm` lists).
     #[arg(value_name = "GROUP")]
@@ -511,7 +512,7 @@ fn main() {
         // zygote) is per process, and so is the CPU pinning.
         [] | ["all"] => {
             header();
-            run_in_children(&["spawn", "calls", "pipe", "kvm", "mediator"], quick);
+            run_in_children(&["spawn", "calls", "pipe", "kvm", "mediator", "export"], quick);
         }
         groups => {
             if !a.no_header {
@@ -538,6 +539,9 @@ fn main() {
                     // Unpinned: the engine, reader and writer threads of the
                     // mediator and the driver share both cores.
                     "mediator" => mediator::mediator_bench(quick),
+                    // Unpinned too: fio, the FUSE threads, the mediator and
+                    // the driver.
+                    "export" => export::export_bench(quick),
                     // Measured unpinned, as `spawn`.
                     "kvm-spawn" => kvm::spawn(quick),
                     "kvm-spawn-fresh" => kvm::spawn_fresh(quick),
@@ -553,7 +557,7 @@ fn main() {
                     }
                     other => {
                         eprintln!(
-                            "moat-bench: unknown benchmark `{other}` (spawn, calls, pipe, kvm, all)"
+                            "moat-bench: unknown benchmark `{other}` (spawn, calls, pipe, kvm, mediator, export, all)"
                         );
                         std::process::exit(2);
                     }

@@ -36,6 +36,17 @@ fn quick_benchmarks_print_ratios() {
             .unwrap_or_else(|_| panic!("no ratio in {line}"));
         assert!(ratio > 0.0 && ratio.is_finite(), "{line}");
     }
+    // The export rows need root, FUSE, losetup and fio; where those are
+    // required, they must be there.
+    if std::env::var_os("MOAT_REQUIRE_ROOT_TOOLS").is_some() {
+        for name in ["export.fio.randread4k.qd32", "export.fio.seq1m"] {
+            assert!(
+                out.stdout.lines().any(|l| l.contains(name) && l.ends_with('|')),
+                "no `{name}` row:\n{}",
+                out.stdout
+            );
+        }
+    }
 }
 
 /// `--json`: one object per measurement and line, with the fields the
