@@ -36,7 +36,7 @@ pub struct DriverArgs {
     pub max_failed_restarts: u32,
     /// Inject driver faults: SEED:PER_MILLION:KIND[,KIND...] with kinds
     /// crash, panic, hang, double, wrong-id, wrong-len, bad-status, oom,
-    /// flood, or all.
+    /// flood, bad-index, outside-pool, wrong-buf, torn, or all.
     #[arg(long, value_name = "SPEC")]
     pub faults: Option<String>,
     /// Show the driver's console and log lines.
