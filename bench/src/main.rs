@@ -15,6 +15,7 @@
 //! Results are medians of repeated samples; `--quick` runs a short
 //! version (used by the test suite to keep the harness working).
 mod export;
+mod handoff;
 mod kvm;
 mod mediator;
 

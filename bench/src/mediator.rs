@@ -131,6 +131,21 @@ pub fn mediator_bench(quick: bool) {
         "µs",
         "≤ 1.5",
     );
+    // What serving on another core costs by itself (bench/src/handoff.rs).
+    let other = crate::handoff::Handoff::start(file.try_clone().unwrap(), 4096);
+    let mut rng = 7u64;
+    let cross = per_op(rounds, n4k, |_| {
+        let off = (xorshift(&mut rng) % blocks) * 4096;
+        other.read_at(off, &mut buf);
+    });
+    drop(other);
+    crate::note(&format!(
+        "  breakdown: the same reads served by a polling thread of the client's process \
+         (no process, ring, contract or PAL): {:.2} µs ({:.2}x the floor); moat is {:.2}x that",
+        cross / 1000.0,
+        cross / floor,
+        moat / cross
+    ));
 
     // 4 KiB random reads, 32 in flight: IOPS.
     let iops = |ns: f64| 1e9 / ns;
