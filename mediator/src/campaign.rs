@@ -173,53 +173,54 @@ pub fn run(c: &Campaign, mut progress: impl FnMut(u64, u64)) -> std::io::Result<
     let mut flight: VecDeque<Op> = VecDeque::with_capacity(depth);
     let mut busy = Busy::default();
     // Collects the oldest request and checks it.
-    let mut finish = |op: Op, model: &mut HashMap<u64, Vec<u64>>, busy: &mut Busy, r: &mut Report| {
-        let len = (op.n * bs) as usize;
-        let res = if op.write {
-            let res = dev.wait(op.ticket);
-            let v = op.versions[0][0];
-            for k in 0..op.n {
-                let b = op.start + k;
-                if res.is_ok() {
-                    model.insert(b, vec![v]);
-                } else if let Some(possible) = model.get_mut(&b) {
-                    possible.push(v);
-                }
-            }
-            res
-        } else {
-            let res = dev.wait_read(op.ticket, &mut io[..len]);
-            if res.is_ok() {
-                for (k, chunk) in io[..len].chunks_exact(bs as usize).enumerate() {
-                    let b = op.start + k as u64;
-                    let possible = &op.versions[k];
-                    let found = possible.iter().find(|&&v| {
-                        fill(&mut want, b, v);
-                        chunk == &want[..]
-                    });
-                    match found {
-                        // No write to the block was in flight with this
-                        // read: what it read settles an undecided block.
-                        Some(&v) if possible.len() > 1 => {
-                            model.insert(b, vec![v]);
-                        }
-                        Some(_) => {}
-                        None if possible.is_empty() => {}
-                        None => r.mismatches += 1,
+    let mut finish =
+        |op: Op, model: &mut HashMap<u64, Vec<u64>>, busy: &mut Busy, r: &mut Report| {
+            let len = (op.n * bs) as usize;
+            let res = if op.write {
+                let res = dev.wait(op.ticket);
+                let v = op.versions[0][0];
+                for k in 0..op.n {
+                    let b = op.start + k;
+                    if res.is_ok() {
+                        model.insert(b, vec![v]);
+                    } else if let Some(possible) = model.get_mut(&b) {
+                        possible.push(v);
                     }
                 }
+                res
+            } else {
+                let res = dev.wait_read(op.ticket, &mut io[..len]);
+                if res.is_ok() {
+                    for (k, chunk) in io[..len].chunks_exact(bs as usize).enumerate() {
+                        let b = op.start + k as u64;
+                        let possible = &op.versions[k];
+                        let found = possible.iter().find(|&&v| {
+                            fill(&mut want, b, v);
+                            chunk == &want[..]
+                        });
+                        match found {
+                            // No write to the block was in flight with this
+                            // read: what it read settles an undecided block.
+                            Some(&v) if possible.len() > 1 => {
+                                model.insert(b, vec![v]);
+                            }
+                            Some(_) => {}
+                            None if possible.is_empty() => {}
+                            None => r.mismatches += 1,
+                        }
+                    }
+                }
+                res
+            };
+            busy.remove(op.start, op.n, op.write);
+            r.requests += 1;
+            if op.submitted.elapsed() > c.hang_after {
+                r.hangs += 1;
             }
-            res
+            if res.is_err() {
+                r.errors += 1;
+            }
         };
-        busy.remove(op.start, op.n, op.write);
-        r.requests += 1;
-        if op.submitted.elapsed() > c.hang_after {
-            r.hangs += 1;
-        }
-        if res.is_err() {
-            r.errors += 1;
-        }
-    };
     let mut data = vec![0u8; (8 * bs) as usize];
     let mut submitted = 0u64;
     loop {
