@@ -16,6 +16,7 @@
 //! version (used by the test suite to keep the harness working).
 mod kvm;
 mod mediator;
+mod mediator_kvm;
 
 use clap::Parser;
 use moat_monitor::{Sandbox, Stdio};
@@ -537,7 +538,12 @@ fn main() {
                     }
                     // Unpinned: the engine, reader and writer threads of the
                     // mediator and the driver share both cores.
-                    "mediator" => mediator::mediator_bench(quick),
+                    "mediator" => {
+                        mediator::mediator_bench(quick);
+                        if kvm::available() {
+                            mediator_kvm::rows(quick);
+                        }
+                    }
                     // Measured unpinned, as `spawn`.
                     "kvm-spawn" => kvm::spawn(quick),
                     "kvm-spawn-fresh" => kvm::spawn_fresh(quick),

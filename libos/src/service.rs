@@ -180,7 +180,7 @@ impl Shared {
 
 /// How long the loop polls a device with requests in flight before it
 /// waits for it (at least; the mediator's spin bound if longer).
-const BUSY_SPIN_MICROS: u64 = 500;
+const BUSY_SPIN_MICROS: u64 = 100;
 
 /// How long [`QueuedBlockDevice::wait`] may sleep at a time.
 const WAIT_MICROS: u64 = 1_000_000;
