@@ -18,6 +18,7 @@ mod export;
 mod handoff;
 mod kvm;
 mod mediator;
+mod mediator_kvm;
 
 use clap::Parser;
 use moat_monitor::{Sandbox, Stdio};
@@ -542,7 +543,12 @@ fn main() {
                     }
                     // Unpinned: the engine, reader and writer threads of the
                     // mediator and the driver share both cores.
-                    "mediator" => mediator::mediator_bench(quick),
+                    "mediator" => {
+                        mediator::mediator_bench(quick);
+                        if kvm::available() {
+                            mediator_kvm::rows(quick);
+                        }
+                    }
                     // Unpinned too: fio, the FUSE threads, the mediator and
                     // the driver.
                     "export" => export::export_bench(quick),

@@ -175,6 +175,10 @@ pub struct Counters {
     pub kicks: u64,
     /// Times the driver rang the mediator's (nobody polled).
     pub bells: u64,
+    /// What the drivers' VMMs counted (kvm only): VM exits by reason and
+    /// the work of the virtio-blk I/O threads, summed over incarnations (a
+    /// given-up incarnation's as it stood when it was given up).
+    pub vm: Option<moat_monitor::VmStats>,
 }
 
 impl Counters {
@@ -368,7 +372,7 @@ impl MediatedBlock {
     }
 
     pub fn counters(&self) -> Counters {
-        lock(&self.dev.inner.core).counters.clone()
+        lock(&self.dev.inner.core).counters()
     }
 
     /// Kill the current driver picoprocess (fault injection from
