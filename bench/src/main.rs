@@ -496,7 +496,7 @@ struct Args {
     no_header: bool,
     /// What to run: spawn, calls, pipe, kvm, mediator, all (the default),
     /// or one part of kvm (kvm-spawn, kvm-spawn-fresh, kvm-calls, kvm-blk,
-    /// and those `kvm` lists).
+    /// and those `kvm` lists), or mediator-kvm (the kvm rows of mediator).
     #[arg(value_name = "GROUP")]
     groups: Vec<String>,
 }
@@ -544,6 +544,12 @@ fn main() {
                             mediator_kvm::rows(quick);
                         }
                     }
+                    // The kvm rows of `mediator` alone.
+                    "mediator-kvm" => {
+                        if kvm::available() {
+                            mediator_kvm::rows(quick);
+                        }
+                    }
                     // Measured unpinned, as `spawn`.
                     "kvm-spawn" => kvm::spawn(quick),
                     "kvm-spawn-fresh" => kvm::spawn_fresh(quick),
@@ -559,7 +565,7 @@ fn main() {
                     }
                     other => {
                         eprintln!(
-                            "moat-bench: unknown benchmark `{other}` (spawn, calls, pipe, kvm, all)"
+                            "moat-bench: unknown benchmark `{other}` (spawn, calls, pipe, kvm, mediator, mediator-kvm, all)"
                         );
                         std::process::exit(2);
                     }
