@@ -496,9 +496,10 @@ struct Args {
     /// to its parent).
     #[arg(long, hide = true)]
     no_header: bool,
-    /// What to run: spawn, calls, pipe, kvm, mediator, export, all (the default),
+    /// What to run: spawn, calls, pipe, kvm, mediator, export, all (the
+    /// default),
     /// or one part of kvm (kvm-spawn, kvm-spawn-fresh, kvm-calls, kvm-blk,
-    /// and those `kvm` lists).
+    /// and those `kvm` lists), or mediator-kvm (the kvm rows of mediator).
     #[arg(value_name = "GROUP")]
     groups: Vec<String>,
 }
@@ -552,6 +553,12 @@ fn main() {
                     // Unpinned too: fio, the FUSE threads, the mediator and
                     // the driver.
                     "export" => export::export_bench(quick),
+                    // The kvm rows of `mediator` alone.
+                    "mediator-kvm" => {
+                        if kvm::available() {
+                            mediator_kvm::rows(quick);
+                        }
+                    }
                     // Measured unpinned, as `spawn`.
                     "kvm-spawn" => kvm::spawn(quick),
                     "kvm-spawn-fresh" => kvm::spawn_fresh(quick),
@@ -567,7 +574,7 @@ fn main() {
                     }
                     other => {
                         eprintln!(
-                            "moat-bench: unknown benchmark `{other}` (spawn, calls, pipe, kvm, mediator, export, all)"
+                            "moat-bench: unknown benchmark `{other}` (spawn, calls, pipe, kvm, mediator, mediator-kvm, export, all)"
                         );
                         std::process::exit(2);
                     }

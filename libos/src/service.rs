@@ -180,8 +180,12 @@ impl Shared {
 }
 
 /// How long the loop polls a device with requests in flight before it
-/// waits for it (at least; the mediator's spin bound if longer).
-const BUSY_SPIN_MICROS: u64 = 100;
+/// waits for it (at least; the mediator's spin bound if longer). A device
+/// answers within microseconds unless the thread that serves it waits for
+/// a core (on two cores shared by a client, the driver's vCPU and the
+/// device's I/O thread, it often does); each wait is a VM exit on kvm, so
+/// the bound is long: 1 ms of polling costs less than a stream of exits.
+const BUSY_SPIN_MICROS: u64 = 1000;
 
 /// Polling pauses this long before it starts yielding the processor.
 const PAUSE_FIRST_MICROS: u64 = 5;
@@ -239,10 +243,7 @@ pub fn serve_queued(
     };
     let geometry = dev.geometry();
     let spin = (srv.layout().spin_ns / 1000 * crate::time::spins_per_micro()).max(1);
-    // With requests in flight the device answers within microseconds
-    // unless its thread waits for a core; polling longer than the idle
-    // bound keeps the wait (on kvm, a VM exit) for a device that is
-    // really slow.
+    // With requests in flight, poll longer (see BUSY_SPIN_MICROS).
     let busy_spin = spin.max(BUSY_SPIN_MICROS * crate::time::spins_per_micro());
     let pause_for = PAUSE_FIRST_MICROS * crate::time::spins_per_micro();
     let yield_cost = yield_cost(crate::time::spins_per_micro());
