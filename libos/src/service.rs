@@ -10,7 +10,7 @@
 //! it, and publishes the answers of each round at once. When there is
 //! nothing to do it polls for the spin bound the mediator wrote in the
 //! header (pausing, then yielding the processor where a yield is cheap:
-//! [`yield_cost`]); then, with requests in flight, it waits for the device
+//! `yield_cost`); then, with requests in flight, it waits for the device
 //! ([`QueuedBlockDevice::wait`], its interrupt), and otherwise says it
 //! sleeps and waits on the section's doorbell. It rings the mediator's
 //! doorbell only when the mediator said it sleeps. A [`BlockDevice`]
