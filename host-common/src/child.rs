@@ -44,6 +44,9 @@ pub struct ChildArgs {
     /// descriptor limit).
     threads: u64,
     handles: u64,
+    /// Pass [`crate::seal::ENV_FORCE_SECCOMP`] on to the loader (it was in
+    /// our own environment).
+    seal_seccomp: bool,
 }
 
 const ARG0_VMM: &std::ffi::CStr = c"moat-vmm";
@@ -51,6 +54,7 @@ const ARG0_VMM: &std::ffi::CStr = c"moat-vmm";
 const ARG0: &std::ffi::CStr = c"moat-loader";
 const ZYGOTE_FLAG: &std::ffi::CStr = c"--zygote";
 const ENV0: &std::ffi::CStr = c"MALLOC_ARENA_MAX=1";
+const ENV_SEAL: &std::ffi::CStr = c"MOAT_SEAL=seccomp";
 
 impl ChildArgs {
     pub fn new(
@@ -93,6 +97,8 @@ impl ChildArgs {
             arg0: ARG0.as_ptr(),
             threads: limits.threads,
             handles: limits.handles,
+            seal_seccomp: std::env::var_os(crate::seal::ENV_FORCE_SECCOMP.0)
+                .is_some_and(|v| v == crate::seal::ENV_FORCE_SECCOMP.1),
         }
     }
 }
@@ -193,7 +199,12 @@ pub unsafe fn exec_loader_child(a: &ChildArgs) -> ! {
         } else {
             [a.arg0, std::ptr::null(), std::ptr::null(), std::ptr::null()]
         };
-        let envp: [*const libc::c_char; 2] = [ENV0.as_ptr(), std::ptr::null()];
+        let seal = if a.seal_seccomp {
+            ENV_SEAL.as_ptr()
+        } else {
+            std::ptr::null()
+        };
+        let envp: [*const libc::c_char; 3] = [ENV0.as_ptr(), seal, std::ptr::null()];
         libc::execve(a.path, argv.as_ptr(), envp.as_ptr());
         child_fail(4, e)
     }

@@ -12,7 +12,8 @@
 //!   objects, [`image`] maps ELF images into the guest, [`elf`] checks
 //!   them (the monitor and `moat inspect` use it too).
 //! - [`sandbox`]: Landlock and the loader's seccomp allow-list; [`seal`]:
-//!   the PAL's code and table sealed (`mseal`);
+//!   the PAL's code and table sealed (`mseal`, or [`seal_filter`] where the
+//!   kernel has none);
 //!   [`signals`]: fault, timer and `SIGSYS` handling, reports;
 //!   [`mountns`]: the empty mount namespace; [`sys`]: system-call helpers;
 //!   [`startup`]: the start-up block both hosts hand the guest;
@@ -33,6 +34,7 @@ pub mod pal;
 pub mod protocol;
 pub mod sandbox;
 pub mod seal;
+pub mod seal_filter;
 pub mod signals;
 pub mod startup;
 pub mod sys;

@@ -6,7 +6,8 @@
 //!    streams are descriptors the monitor brokered.
 //! 2. seccomp-bpf: a prefix that refuses any system call whose instruction
 //!    pointer lies outside the PAL's own code (the loader, its C library,
-//!    the vDSO), then an allow-list with argument checks (no W+X mappings,
+//!    the vDSO), on a kernel without `mseal` the sealing section of
+//!    [`crate::seal_filter`], then an allow-list with argument checks (no W+X mappings,
 //!    clone only for threads, fcntl only for flags, tgkill only of
 //!    ourselves). Everything else traps (SIGSYS) and the loader reports the
 //!    call by name, then exits with [`crate::protocol::EXIT_SANDBOX_VIOLATION`].
@@ -15,6 +16,8 @@ use seccompiler::{
     SeccompCondition as Cond, SeccompFilter, SeccompRule, TargetArch,
 };
 use std::collections::BTreeMap;
+
+use crate::seal::Sealing;
 
 /// Which system calls the sandboxed loader may make (each also only from
 /// the PAL's code range). Kept small; the count is documented in the README.
@@ -105,19 +108,22 @@ pub fn allow_list(my_pid: i64) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String
     Ok(m)
 }
 
-/// Build the whole program: the instruction-pointer prefix, then the
-/// allow-list. With `seal_page`, `mseal` is allowed on that one page (the
-/// PAL table's, sealed once the table is in it; see `crate::seal`) and
-/// nothing else.
+/// Build the whole program: the instruction-pointer prefix, then (under
+/// [`Sealing::Seccomp`](crate::seal::Sealing)) the sealing section of
+/// [`crate::seal_filter`], then the allow-list. `seal` carries the PAL
+/// table's page: under [`Sealing::Kernel`](crate::seal::Sealing), `mseal`
+/// is allowed on that one page (sealed once the table is in it; see
+/// `crate::seal`) and nothing else. `None`: no sealing at all (the
+/// benchmark's bare filter).
 pub fn build_filter(
     pal_ranges: &[(u64, u64)],
     my_pid: i64,
-    seal_page: Option<u64>,
+    seal: Option<(&Sealing, u64)>,
 ) -> Result<BpfProgram, String> {
     // clone3 (ENOSYS) is answered by the prefix: seccompiler gives all of
     // its rules one match action.
     let mut rules = allow_list(my_pid)?;
-    if let Some(page) = seal_page {
+    if let Some((Sealing::Kernel, page)) = seal {
         let e = |x: seccompiler::BackendError| x.to_string();
         let c = |arg: u8, v: u64| Cond::new(arg, Len::Qword, Op::Eq, v).map_err(e);
         rules.insert(
@@ -136,7 +142,16 @@ pub fn build_filter(
         .try_into()
         .map_err(|e: seccompiler::BackendError| e.to_string())?;
     let mut prog = ip_prefix(pal_ranges)?;
+    if let Some((Sealing::Seccomp(ranges), page)) = seal {
+        prog.extend(crate::seal_filter::program(ranges, page)?);
+    }
     prog.extend(main);
+    if prog.len() > 4096 {
+        return Err(format!(
+            "the seccomp program is too long ({} instructions; the kernel takes 4096)",
+            prog.len()
+        ));
+    }
     Ok(prog)
 }
 
@@ -216,12 +231,12 @@ pub fn ip_prefix(ranges: &[(u64, u64)]) -> Result<BpfProgram, String> {
 }
 
 /// Confine the calling process (all its threads) for good (see
-/// [`build_filter`] for `seal_page`).
-pub fn install(pal_ranges: &[(u64, u64)], seal_page: Option<u64>) -> Result<(), String> {
+/// [`build_filter`] for `seal`).
+pub fn install(pal_ranges: &[(u64, u64)], seal: Option<(&Sealing, u64)>) -> Result<(), String> {
     landlock_restrict()?;
     // SAFETY: getpid has no preconditions.
     let pid = unsafe { libc::getpid() } as i64;
-    let prog = build_filter(pal_ranges, pid, seal_page)?;
+    let prog = build_filter(pal_ranges, pid, seal)?;
     seccompiler::apply_filter_all_threads(&prog)
         .map_err(|e| format!("cannot install the seccomp filter: {e}"))?;
     Ok(())

@@ -18,10 +18,30 @@
 //! allow-list (and Landlock, namespaces, the broker, cgroups) stay the
 //! boundary.
 //!
-//! A kernel without `mseal` (before 6.10) leaves these mappings unsealed:
-//! [`seal_code`] says so (`Ok(false)`), and the README says what that
-//! means.
+//! A kernel without `mseal` (before 6.10) gets the same ranges refused by
+//! an argument check in the seccomp program instead
+//! ([`crate::seal_filter`]); [`seal_code`] says which of the two holds.
+//! `MOAT_SEAL=seccomp` in the environment of `moat` takes that path on a
+//! kernel that has `mseal` (the tests use it).
 use moat_pal::PalTable;
+
+/// How the PAL's code and table are kept from being changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sealing {
+    /// By the kernel (`mseal`).
+    Kernel,
+    /// By the seccomp program: these ranges (page-aligned) and the table's
+    /// page are refused to every memory call.
+    Seccomp(Vec<(u64, u64)>),
+}
+
+/// The environment variable (and its one value) that makes the loader
+/// seal by seccomp even where the kernel has `mseal`.
+pub const ENV_FORCE_SECCOMP: (&str, &str) = ("MOAT_SEAL", "seccomp");
+
+fn forced_seccomp() -> bool {
+    std::env::var_os(ENV_FORCE_SECCOMP.0).is_some_and(|v| v == ENV_FORCE_SECCOMP.1)
+}
 
 /// `mseal` (x86-64).
 pub const SYS_MSEAL: libc::c_long = 462;
@@ -57,13 +77,19 @@ pub fn code_and_relro_ranges() -> Vec<(u64, u64)> {
         .collect()
 }
 
-/// Seal every range of [`code_and_relro_ranges`]. `Ok(false)`: the kernel
-/// has no `mseal`.
-pub fn seal_code() -> Result<bool, String> {
-    for (s, e) in code_and_relro_ranges() {
+/// Seal every range of [`code_and_relro_ranges`] with `mseal`; where the
+/// kernel has none (or [`ENV_FORCE_SECCOMP`] asks), return the ranges for
+/// the seccomp program to refuse instead.
+pub fn seal_code() -> Result<Sealing, String> {
+    let ranges = code_and_relro_ranges();
+    if forced_seccomp() {
+        return Ok(Sealing::Seccomp(ranges));
+    }
+    for &(s, e) in &ranges {
         match mseal(s, e - s) {
             Ok(()) => {}
-            Err(libc::ENOSYS) => return Ok(false),
+            // The first call fails if any does: nothing is half sealed.
+            Err(libc::ENOSYS) => return Ok(Sealing::Seccomp(ranges)),
             Err(e2) => {
                 return Err(format!(
                     "cannot seal PAL code at {s:#x}..{e:#x}: {}",
@@ -72,7 +98,7 @@ pub fn seal_code() -> Result<bool, String> {
             }
         }
     }
-    Ok(true)
+    Ok(Sealing::Kernel)
 }
 
 /// The page the PAL table will live in: made writable now (before the
@@ -111,9 +137,11 @@ impl TablePage {
         false
     }
 
-    /// Write `table` in, make the page read-only and seal it (where the
-    /// kernel can). The table lives there for the life of the process.
-    pub fn publish(self, table: PalTable) -> Result<&'static PalTable, String> {
+    /// Write `table` in, make the page read-only and seal it (with
+    /// `mseal` under [`Sealing::Kernel`]; the seccomp program already
+    /// guards it otherwise). The table lives there for the life of the
+    /// process.
+    pub fn publish(self, table: PalTable, sealing: &Sealing) -> Result<&'static PalTable, String> {
         let p = self.addr as *mut PalTable;
         // SAFETY: the page is ours, read-write, page-aligned (so aligned for
         // PalTable) and large enough (checked above); nothing else uses it.
@@ -124,8 +152,12 @@ impl TablePage {
                 std::io::Error::from_raw_os_error(e)
             )
         })?;
+        if *sealing != Sealing::Kernel {
+            // SAFETY: written above; never unmapped or written again.
+            return Ok(unsafe { &*p });
+        }
         match mseal(self.addr, PAGE) {
-            Ok(()) | Err(libc::ENOSYS) => {}
+            Ok(()) => {}
             Err(e) => {
                 return Err(format!(
                     "cannot seal the PAL table: {}",

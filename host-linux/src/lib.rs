@@ -85,14 +85,15 @@ pub fn run() -> ! {
     }
     // PAL code stays PAL code: its mappings (and later the table's page)
     // sealed before the guest can reach a system call (see `seal`).
-    if let Err(e) = seal::seal_code() {
-        fail(&format!("loader: {e}"));
-    }
+    let sealing = match seal::seal_code() {
+        Ok(s) => s,
+        Err(e) => fail(&format!("loader: {e}")),
+    };
     let table_page = match seal::TablePage::new() {
         Ok(p) => p,
         Err(e) => fail(&format!("loader: {e}")),
     };
-    if let Err(e) = sandbox::install(&ranges, Some(table_page.addr())) {
+    if let Err(e) = sandbox::install(&ranges, Some((&sealing, table_page.addr()))) {
         fail(&e);
     }
 
@@ -147,7 +148,7 @@ pub fn run() -> ! {
     } else {
         moat_pal::table_from(pal)
     };
-    let table = match table_page.publish(table) {
+    let table = match table_page.publish(table, &sealing) {
         Ok(t) => t,
         Err(e) => fail(&format!("loader: {e}")),
     };

@@ -152,6 +152,14 @@ pub fn moat_in(args: &[&str], stdin: Option<&[u8]>) -> Output {
     run_cmd(c, stdin, Duration::from_secs(120))
 }
 
+/// `moat ARGS...` with `env` added to its environment.
+pub fn moat_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(built("moat"));
+    c.args(args);
+    c.envs(env.iter().copied());
+    run_cmd(c, None, Duration::from_secs(120))
+}
+
 /// `moat run --host HOST ARGS...`
 pub fn run_on(host: &str, args: &[&str]) -> Output {
     let mut a = vec!["run", "--host", host];

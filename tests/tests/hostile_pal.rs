@@ -120,45 +120,57 @@ fn calls_off_the_allow_list_through_the_c_library_are_violations() {
 }
 
 /// PAL code stays PAL code: the loader's text, the C library, the PAL
-/// table cannot be re-protected, unmapped, remapped or mapped over, and a
-/// write into the table faults.
+/// table cannot be re-protected, unmapped, remapped, mapped or moved
+/// over, and a write into the table faults. Twice on linux: sealed by the
+/// kernel (`mseal`), and by the seccomp program as on a kernel before 6.10
+/// (`MOAT_SEAL=seccomp`), which must refuse the same calls the same way.
 #[test]
 fn sealed_pal_code_and_table_cannot_be_changed() {
     if !sandbox_available() {
         return;
     }
-    for (mode, what) in [
-        ("patch-code", "mprotect of the loader's text"),
-        ("unmap-code", "munmap of the loader's text"),
-        ("remap-code", "mremap of the loader's text"),
-        ("map-over-code", "mmap over the loader's text"),
-        ("patch-table", "mprotect of the PAL table"),
-    ] {
+    for env in [&[][..], &[("MOAT_SEAL", "seccomp")][..]] {
+        let run = |h: &str, mode: &str| {
+            let image = img();
+            moat_env(
+                &["run", "--host", h, image.to_str().unwrap(), "--", mode],
+                env,
+            )
+        };
+        for (mode, what) in [
+            ("patch-code", "mprotect of the loader's text"),
+            ("unmap-code", "munmap of the loader's text"),
+            ("remap-code", "mremap of the loader's text"),
+            ("remap-onto-code", "mremap onto the loader's text"),
+            ("map-over-code", "mmap over the loader's text"),
+            ("patch-table", "mprotect of the PAL table"),
+        ] {
+            for h in hosts() {
+                let out = run(h, mode);
+                no_escape(&out);
+                if h == "kvm" {
+                    no_libc_on_kvm(&out);
+                    continue;
+                }
+                out.assert_code(0);
+                assert!(
+                    out.stdout.contains(&format!("REFUSED {what}: EPERM")),
+                    "{mode} {env:?}: {}",
+                    out.stdout
+                );
+            }
+        }
         for h in hosts() {
-            let out = run(h, &[], &[mode]);
+            let out = run(h, "write-table");
             no_escape(&out);
             if h == "kvm" {
                 no_libc_on_kvm(&out);
-                continue;
+            } else {
+                out.assert_code(139);
+                assert!(out.stderr.contains("memory fault"), "{}", out.stderr);
             }
-            out.assert_code(0);
-            assert!(
-                out.stdout.contains(&format!("REFUSED {what}: EPERM")),
-                "{mode}: {}",
-                out.stdout
-            );
+            host_intact(h);
         }
-    }
-    for h in hosts() {
-        let out = run(h, &[], &["write-table"]);
-        no_escape(&out);
-        if h == "kvm" {
-            no_libc_on_kvm(&out);
-        } else {
-            out.assert_code(139);
-            assert!(out.stderr.contains("memory fault"), "{}", out.stderr);
-        }
-        host_intact(h);
     }
 }
 

@@ -46,6 +46,8 @@ const PROT_EXEC: i64 = 4;
 const MAP_PRIVATE: i64 = 0x02;
 const MAP_FIXED: i64 = 0x10;
 const MAP_ANON: i64 = 0x20;
+const MREMAP_MAYMOVE: i64 = 1;
+const MREMAP_FIXED: i64 = 2;
 const EPERM: i64 = 1;
 const EMFILE: i64 = 24;
 const EAGAIN: i64 = 11;
@@ -133,6 +135,38 @@ fn main() -> i32 {
             "mremap of the loader's text",
             c.sys(SYS_MREMAP, [page_of(c.text), 4096, 8192, 1, 0, 0]),
         ),
+        "remap-onto-code" => {
+            // A page of our own, moved over the loader's text.
+            let p = c.sys(
+                SYS_MMAP,
+                [
+                    0,
+                    4096,
+                    PROT_READ | PROT_WRITE,
+                    MAP_PRIVATE | MAP_ANON,
+                    -1,
+                    0,
+                ],
+            );
+            if p < 0 {
+                println!("cannot map a page: {}", errno_name(p));
+                return 6;
+            }
+            expect_eperm(
+                "mremap onto the loader's text",
+                c.sys(
+                    SYS_MREMAP,
+                    [
+                        p,
+                        4096,
+                        4096,
+                        MREMAP_MAYMOVE | MREMAP_FIXED,
+                        page_of(c.text),
+                        0,
+                    ],
+                ),
+            )
+        }
         "map-over-code" => expect_eperm(
             "mmap over the loader's text",
             c.sys(
