@@ -152,18 +152,13 @@ impl TablePage {
                 std::io::Error::from_raw_os_error(e)
             )
         })?;
-        if *sealing != Sealing::Kernel {
-            // SAFETY: written above; never unmapped or written again.
-            return Ok(unsafe { &*p });
-        }
-        match mseal(self.addr, PAGE) {
-            Ok(()) => {}
-            Err(e) => {
-                return Err(format!(
+        if *sealing == Sealing::Kernel {
+            mseal(self.addr, PAGE).map_err(|e| {
+                format!(
                     "cannot seal the PAL table: {}",
                     std::io::Error::from_raw_os_error(e)
-                ))
-            }
+                )
+            })?;
         }
         // SAFETY: written above; never unmapped or written again.
         Ok(unsafe { &*p })
