@@ -512,7 +512,10 @@ fn main() {
         // zygote) is per process, and so is the CPU pinning.
         [] | ["all"] => {
             header();
-            run_in_children(&["spawn", "calls", "pipe", "kvm", "mediator", "export"], quick);
+            run_in_children(
+                &["spawn", "calls", "pipe", "kvm", "mediator", "export"],
+                quick,
+            );
         }
         groups => {
             if !a.no_header {

@@ -41,7 +41,9 @@ fn quick_benchmarks_print_ratios() {
     if std::env::var_os("MOAT_REQUIRE_ROOT_TOOLS").is_some() {
         for name in ["export.fio.randread4k.qd32", "export.fio.seq1m"] {
             assert!(
-                out.stdout.lines().any(|l| l.contains(name) && l.ends_with('|')),
+                out.stdout
+                    .lines()
+                    .any(|l| l.contains(name) && l.ends_with('|')),
                 "no `{name}` row:\n{}",
                 out.stdout
             );

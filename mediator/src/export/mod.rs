@@ -53,6 +53,8 @@
 //! that runs `losetup`, normally root.
 
 mod fs;
+mod gate;
+mod mediated;
 mod mountpoint;
 #[cfg(test)]
 mod tests;
@@ -100,6 +102,52 @@ pub trait BlockBackend: Send + Sync + 'static {
     fn read_only(&self) -> bool {
         false
     }
+    /// The backend's asynchronous side, if it has one: the exporter then
+    /// starts reads, aligned writes and flushes there and answers the
+    /// kernel when they complete, so that many are in flight at once
+    /// without a thread each (see the [module documentation](self)).
+    /// Called once per mount; the queue is dropped when the FUSE session
+    /// ends. Without one (the default), every request is a call of the
+    /// synchronous methods on the FUSE thread that received it.
+    ///
+    /// # Errors
+    ///
+    /// Starting the queue failed; the mount then fails with this error.
+    fn queue(&self) -> io::Result<Option<Box<dyn BlockQueue>>> {
+        Ok(None)
+    }
+}
+
+/// What a [`BlockQueue`] calls when a write or a flush is done, with its
+/// result.
+pub type Done = Box<dyn FnOnce(io::Result<()>) + Send>;
+
+/// What a [`BlockQueue`] calls when a read is done: with the bytes read
+/// (as many as were asked for), or the error.
+pub type ReadDone = Box<dyn FnOnce(io::Result<&[u8]>) + Send>;
+
+/// The asynchronous side of a [`BlockBackend`] ([`BlockBackend::queue`]).
+///
+/// A request is started here and the call returns at once; the queue calls
+/// the request's completion exactly once when it is done, from any thread
+/// (including the caller's, at once, for a request that cannot start).
+/// A completion answers the kernel and returns; it never waits on the
+/// queue. The exporter calls with the same alignment as on the synchronous
+/// side, never has more than [`depth`](Self::depth) requests started and
+/// not completed, and never two overlapping writes. Dropping the queue
+/// calls every completion still pending (with an error if its request is
+/// not done) before it returns.
+pub trait BlockQueue: Send + Sync {
+    /// How many requests the queue takes at once.
+    fn depth(&self) -> usize;
+    /// Starts reading `len` bytes at `offset`.
+    fn start_read(&self, offset: u64, len: usize, done: ReadDone);
+    /// Starts writing `data` at `offset` (the bytes are copied before this
+    /// returns).
+    fn start_write(&self, offset: u64, data: &[u8], done: Done);
+    /// Starts a flush: it makes durable every write whose completion was
+    /// called before it started.
+    fn start_flush(&self, done: Done);
 }
 
 /// The largest write the kernel is asked to send in one request (1 MiB).
@@ -186,7 +234,8 @@ pub fn mount_with(
     }
 
     let read_only = backend.read_only();
-    let fs = ExportFs::new(backend, geometry, OsString::from(name));
+    let queue = backend.queue()?;
+    let fs = ExportFs::new(backend, geometry, OsString::from(name), queue);
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         if read_only {
@@ -436,33 +485,5 @@ impl FileLayout {
     /// multiple of the block size, so this cannot overflow.
     fn align_up(&self, offset: u64) -> u64 {
         self.align_down(offset + self.block_size - 1)
-    }
-}
-
-/// A mediated block device is exported as it is: every access of the
-/// kernel goes through the mediator to the driver picoprocess.
-impl BlockBackend for crate::block::MediatedBlock {
-    fn capacity(&self) -> u64 {
-        crate::block::MediatedBlock::capacity(self)
-    }
-
-    fn block_size(&self) -> u32 {
-        crate::block::MediatedBlock::block_size(self)
-    }
-
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        crate::block::MediatedBlock::read_at(self, offset, buf)
-    }
-
-    fn write_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        crate::block::MediatedBlock::write_at(self, offset, data)
-    }
-
-    fn flush(&self) -> std::io::Result<()> {
-        crate::block::MediatedBlock::flush(self)
-    }
-
-    fn read_only(&self) -> bool {
-        crate::block::MediatedBlock::is_read_only(self)
     }
 }
