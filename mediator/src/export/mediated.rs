@@ -19,7 +19,9 @@
 //! Dropping the queue (when the FUSE session has ended, so no answer can
 //! reach the kernel any more) stops the thread, which first fails every
 //! completion still pending; their requests are abandoned to the mediator,
-//! which still completes them.
+//! which still completes them. A completion is never left uncalled: one
+//! that panics is caught, and should the thread itself fail, it fails
+//! what it holds and every request handed to it after.
 use std::io;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
@@ -72,10 +74,17 @@ enum Finish {
     Other(Done),
 }
 
+/// Tickets submitted, not yet taken by the completion thread.
+#[derive(Default)]
+struct Inbox {
+    tickets: Vec<(Ticket, Finish)>,
+    /// The completion thread has stopped: nothing is taken any more.
+    closed: bool,
+}
+
 /// What the FUSE threads and the completion thread share.
 struct Handoff {
-    /// Tickets submitted, not yet taken by the completion thread.
-    new: Mutex<Vec<(Ticket, Finish)>>,
+    new: Mutex<Inbox>,
     /// `new` may hold tickets.
     has_new: AtomicBool,
     /// The completion thread is about to sleep or sleeps: whoever gives it
@@ -111,7 +120,7 @@ pub(super) struct MediatedQueue {
 impl MediatedQueue {
     fn start(block: MediatedBlock) -> io::Result<Self> {
         let handoff = Arc::new(Handoff {
-            new: Mutex::new(Vec::new()),
+            new: Mutex::default(),
             has_new: AtomicBool::new(false),
             sleeping: AtomicBool::new(false),
             closing: AtomicBool::new(false),
@@ -131,10 +140,14 @@ impl MediatedQueue {
     /// Gives a submitted ticket to the completion thread.
     fn hand(&self, ticket: Ticket, finish: Finish) {
         let h = &*self.handoff;
-        h.new
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push((ticket, finish));
+        let mut inbox = h.new.lock().unwrap_or_else(PoisonError::into_inner);
+        if inbox.closed {
+            drop(inbox);
+            drop(ticket);
+            return call(finish, Err(stopped()), &[]);
+        }
+        inbox.tickets.push((ticket, finish));
+        drop(inbox);
         h.has_new.store(true, SeqCst);
         if h.sleeping.load(SeqCst) {
             self.completer.unpark();
@@ -188,23 +201,55 @@ fn call(finish: Finish, result: io::Result<()>, bytes: &[u8]) {
     }));
 }
 
+fn stopped() -> io::Error {
+    io::Error::other("the export stopped before the request completed")
+}
+
 /// The completion thread: collects tickets as they complete and calls
-/// their completions, until the queue is dropped.
+/// their completions, until the queue is dropped. Then, or should it
+/// panic, it fails every completion still pending (and any handed to it
+/// later, at once); their requests are abandoned to the mediator, which
+/// still completes them.
 fn complete_all(block: &MediatedBlock, h: &Handoff) {
     let mut tickets: Vec<Ticket> = Vec::new();
     let mut finishes: Vec<Finish> = Vec::new();
+    let _ = catch_unwind(AssertUnwindSafe(|| {
+        serve(block, h, &mut tickets, &mut finishes)
+    }));
+    let mut inbox = h.new.lock().unwrap_or_else(PoisonError::into_inner);
+    inbox.closed = true;
+    let new = std::mem::take(&mut inbox.tickets);
+    drop(inbox);
+    for (t, f) in new {
+        tickets.push(t);
+        finishes.push(f);
+    }
+    drop(tickets);
+    for f in finishes {
+        call(f, Err(stopped()), &[]);
+    }
+}
+
+/// Serves until the queue is being dropped. `tickets[i]` is answered with
+/// `finishes[i]`.
+fn serve(
+    block: &MediatedBlock,
+    h: &Handoff,
+    tickets: &mut Vec<Ticket>,
+    finishes: &mut Vec<Finish>,
+) {
     let mut ready: Vec<usize> = Vec::new();
     let mut buf: Vec<u8> = Vec::new();
     loop {
         if h.has_new.swap(false, SeqCst) {
-            let mut new = h.new.lock().unwrap_or_else(PoisonError::into_inner);
-            for (t, f) in new.drain(..) {
+            let mut inbox = h.new.lock().unwrap_or_else(PoisonError::into_inner);
+            for (t, f) in inbox.tickets.drain(..) {
                 tickets.push(t);
                 finishes.push(f);
             }
         }
         if h.closing.load(SeqCst) {
-            break;
+            return;
         }
         if tickets.is_empty() {
             if h.may_sleep() {
@@ -215,7 +260,7 @@ fn complete_all(block: &MediatedBlock, h: &Handoff) {
         }
         ready.clear();
         block.wait_any(
-            &tickets,
+            tickets,
             &|sleep| if sleep { !h.may_sleep() } else { h.called() },
             &mut ready,
         );
@@ -224,30 +269,13 @@ fn complete_all(block: &MediatedBlock, h: &Handoff) {
         // is not ready (or already gone) into the freed place.
         ready.sort_unstable();
         for &i in ready.iter().rev() {
-            if i >= tickets.len() {
+            if i >= tickets.len() || i >= finishes.len() {
                 continue;
             }
             let ticket = tickets.swap_remove(i);
             let finish = finishes.swap_remove(i);
             collect(block, ticket, finish, &mut buf);
         }
-    }
-    // Closing: the session has ended. What is still pending fails; the
-    // mediator finishes the requests and throws their results away.
-    let new = std::mem::take(&mut *h.new.lock().unwrap_or_else(PoisonError::into_inner));
-    for (t, f) in new {
-        tickets.push(t);
-        finishes.push(f);
-    }
-    drop(tickets);
-    for f in finishes {
-        call(
-            f,
-            Err(io::Error::other(
-                "the export stopped before the request completed",
-            )),
-            &[],
-        );
     }
 }
 
