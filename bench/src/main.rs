@@ -15,8 +15,10 @@
 //! Results are medians of repeated samples; `--quick` runs a short
 //! version (used by the test suite to keep the harness working).
 mod export;
+mod handoff;
 mod kvm;
 mod mediator;
+mod mediator_kvm;
 
 use clap::Parser;
 use moat_monitor::{Sandbox, Stdio};
@@ -494,9 +496,10 @@ struct Args {
     /// to its parent).
     #[arg(long, hide = true)]
     no_header: bool,
-    /// What to run: spawn, calls, pipe, kvm, mediator, export, all (the default),
+    /// What to run: spawn, calls, pipe, kvm, mediator, export, all (the
+    /// default),
     /// or one part of kvm (kvm-spawn, kvm-spawn-fresh, kvm-calls, kvm-blk,
-    /// and those `kvm` lists).
+    /// and those `kvm` lists), or mediator-kvm (the kvm rows of mediator).
     #[arg(value_name = "GROUP")]
     groups: Vec<String>,
 }
@@ -541,10 +544,21 @@ fn main() {
                     }
                     // Unpinned: the engine, reader and writer threads of the
                     // mediator and the driver share both cores.
-                    "mediator" => mediator::mediator_bench(quick),
+                    "mediator" => {
+                        mediator::mediator_bench(quick);
+                        if kvm::available() {
+                            mediator_kvm::rows(quick);
+                        }
+                    }
                     // Unpinned too: fio, the FUSE threads, the mediator and
                     // the driver.
                     "export" => export::export_bench(quick),
+                    // The kvm rows of `mediator` alone.
+                    "mediator-kvm" => {
+                        if kvm::available() {
+                            mediator_kvm::rows(quick);
+                        }
+                    }
                     // Measured unpinned, as `spawn`.
                     "kvm-spawn" => kvm::spawn(quick),
                     "kvm-spawn-fresh" => kvm::spawn_fresh(quick),
@@ -560,7 +574,7 @@ fn main() {
                     }
                     other => {
                         eprintln!(
-                            "moat-bench: unknown benchmark `{other}` (spawn, calls, pipe, kvm, mediator, export, all)"
+                            "moat-bench: unknown benchmark `{other}` (spawn, calls, pipe, kvm, mediator, mediator-kvm, export, all)"
                         );
                         std::process::exit(2);
                     }

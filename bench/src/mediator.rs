@@ -14,18 +14,20 @@
 //!   positioned reads and writes on one thread.
 //! - `mediator.recovery`: the driver killed, time until the next read
 //!   completes: median ms (no floor; the ratio is to the 5 ms target).
+//! - `mediator.kvm.*`: the same 4 KiB reads through the `virtio-blk`
+//!   driver on kvm (`crate::mediator_kvm`, run after these).
 //!
 //! The disk is a 64 MiB file, warm in the page cache on both sides.
-use crate::{header, image, median, p99, row};
+use crate::{image, median, p99, row};
 use moat_mediator::block::{Config, DriverSpec, MediatedBlock, Ticket, SECTION};
 use moat_policy::{Access, Policy};
 use std::collections::VecDeque;
 use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
-const DISK: u64 = 64 << 20;
+pub(crate) const DISK: u64 = 64 << 20;
 
-fn xorshift(x: &mut u64) -> u64 {
+pub(crate) fn xorshift(x: &mut u64) -> u64 {
     *x ^= *x << 13;
     *x ^= *x >> 7;
     *x ^= *x << 17;
@@ -33,7 +35,7 @@ fn xorshift(x: &mut u64) -> u64 {
 }
 
 /// ns per operation: `n` ops of `f(i)`, median of `rounds` rounds.
-fn per_op(rounds: usize, n: u64, mut f: impl FnMut(u64)) -> f64 {
+pub(crate) fn per_op(rounds: usize, n: u64, mut f: impl FnMut(u64)) -> f64 {
     let mut v = Vec::new();
     for _ in 0..rounds {
         let t = Instant::now();
@@ -47,7 +49,7 @@ fn per_op(rounds: usize, n: u64, mut f: impl FnMut(u64)) -> f64 {
 
 /// ns per operation with `depth` in flight: `submit(i)` starts op `i`,
 /// `finish(ticket)` collects one; median of `rounds` rounds.
-fn per_op_deep(
+pub(crate) fn per_op_deep(
     rounds: usize,
     n: u64,
     depth: usize,
@@ -74,20 +76,7 @@ fn per_op_deep(
 
 pub fn mediator_bench(quick: bool) {
     let dir = std::env::temp_dir().join(format!("moat-bench-med-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("disk.img");
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .unwrap();
-    // Fill it, so both sides read real data from the page cache.
-    let chunk = vec![0x5au8; 1 << 20];
-    for i in 0..(DISK >> 20) {
-        file.write_all_at(&chunk, i << 20).unwrap();
-    }
+    let (path, file) = disk_file(&dir);
     let uri = format!("file:{}", path.display());
     let mut policy = Policy::default();
     policy.limits.memory_mib = 64;
@@ -109,7 +98,6 @@ pub fn mediator_bench(quick: bool) {
     } else {
         (7, 100_000, 10_000)
     };
-    header();
 
     // 4 KiB random reads, QD1: latency per read.
     let blocks = DISK / 4096;
@@ -131,6 +119,21 @@ pub fn mediator_bench(quick: bool) {
         "µs",
         "≤ 1.5",
     );
+    // What serving on another core costs by itself (bench/src/handoff.rs).
+    let other = crate::handoff::Handoff::start(file.try_clone().unwrap(), 4096);
+    let mut rng = 7u64;
+    let cross = per_op(rounds, n4k, |_| {
+        let off = (xorshift(&mut rng) % blocks) * 4096;
+        other.read_at(off, &mut buf);
+    });
+    drop(other);
+    crate::note(&format!(
+        "  breakdown: the same reads served by a polling thread of the client's process \
+         (no process, ring, contract or PAL): {:.2} µs ({:.2}x the floor); moat is {:.2}x that",
+        cross / 1000.0,
+        cross / floor,
+        moat / cross
+    ));
 
     // 4 KiB random reads, 32 in flight: IOPS.
     let iops = |ns: f64| 1e9 / ns;
@@ -225,4 +228,23 @@ pub fn mediator_bench(quick: bool) {
     ));
     dev.shutdown();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A 64 MiB disk file in `dir`, filled (so reads come from the page
+/// cache, not holes), open for reading and writing.
+pub(crate) fn disk_file(dir: &std::path::Path) -> (std::path::PathBuf, std::fs::File) {
+    std::fs::create_dir_all(dir).unwrap();
+    let path = dir.join("disk.img");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    let chunk = vec![0x5au8; 1 << 20];
+    for i in 0..(DISK >> 20) {
+        file.write_all_at(&chunk, i << 20).unwrap();
+    }
+    (path, file)
 }

@@ -15,7 +15,8 @@
 //!   the PAL's code and table sealed (`mseal`);
 //!   [`signals`]: fault, timer and `SIGSYS` handling, reports;
 //!   [`mountns`]: the empty mount namespace; [`sys`]: system-call helpers;
-//!   [`startup`]: the start-up block both hosts hand the guest.
+//!   [`startup`]: the start-up block both hosts hand the guest;
+//!   [`vmstats`]: the VMM's statistics page (exits by reason).
 //! - [`child`]: the child side of starting a confined process (between
 //!   `clone`/`fork` and `execve`); [`zygote`]: the zygote's loop, which
 //!   keeps a warm loader or VMM forked.
@@ -35,4 +36,5 @@ pub mod seal;
 pub mod signals;
 pub mod startup;
 pub mod sys;
+pub mod vmstats;
 pub mod zygote;

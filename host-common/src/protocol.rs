@@ -35,8 +35,9 @@ pub const EXIT_SANDBOX_VIOLATION: i32 = 159;
 /// the failed stage and errno there first.
 pub const SETUP_FD: RawFd = 5;
 
-/// Sent once by the monitor, with the image descriptor (and the devices'
-/// backing files) attached.
+/// Sent once by the monitor, with the image descriptor attached, then the
+/// statistics page's if [`Config::stats`], then the devices' backing
+/// files.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Config {
     /// Arguments, the image name first.
@@ -47,6 +48,8 @@ pub struct Config {
     /// Devices granted (kvm only). Those with a backing file have its
     /// descriptor attached after the image's, in this order.
     pub devices: Vec<moat_policy::DeviceSpec>,
+    /// A statistics page is attached (kvm only; see `crate::vmstats`).
+    pub stats: bool,
 }
 
 /// What the loader asks of the monitor.

@@ -7,24 +7,45 @@
 //! synchronization event that DkStreamGetEvent hands the driver. A virtio
 //! device reaches guest memory only inside the picoprocess's own
 //! read-write regions, checked under the region lock for each request.
+//!
+//! A virtio-blk device's queue is served by an I/O thread of its own
+//! (`moat_devices::IoThread`, confined to [`crate::confine::io_rules`]),
+//! which polls while the driver keeps it busy and sleeps when it does not;
+//! the device offers `VIRTIO_RING_F_EVENT_IDX`, so a busy driver neither
+//! notifies it nor waits for interrupts. The `QueueNotify` register is an
+//! ioeventfd where KVM offers them (`register_notify`): a notification
+//! then wakes the thread from inside KVM, and the VMM counts it from the
+//! eventfd. Each pass of the thread holds the region map's read lock, and
+//! the device's DMA window is derived again whenever the map changed.
 use crate::layout::{MMIO_BASE, MMIO_WINDOW, RAM_START};
 use moat_devices::vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
-use moat_devices::{Device, Irq, Uart, VirtioBlk, UART_IO_PORTS, VIRTIO_BLK_MMIO_SIZE};
+use moat_devices::{
+    Device, Gate, IoConfig, IoEvent, IoThread, Irq, Uart, VirtioBlk, QUEUE_NOTIFY_OFFSET,
+    UART_IO_PORTS, VIRTIO_BLK_MMIO_SIZE,
+};
 use moat_host_common::objects::{Object, StreamObj, SyncKind, SyncObj};
 use moat_host_common::pal::LinuxPal;
 use moat_host_common::sys;
+use moat_host_common::vmstats::Counter;
 use moat_pal::{access, prot, stream_kind, Error, PalResult, StreamAttributes};
 use moat_policy::{DeviceKind, DeviceSpec};
 use std::fs::File;
 use std::io::Read;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// How long a virtio-blk I/O thread polls an empty queue before it sleeps:
+/// longer than a busy driver takes to come back with more requests (a few
+/// microseconds when both run; a preempted one takes far longer, and then
+/// a sleep and a notification cost less than the polling).
+const IO_SPIN: Duration = Duration::from_micros(300);
 
 const COM_PORTS: [u16; 4] = [0x3f8, 0x2f8, 0x3e8, 0x2e8];
 
 enum Model {
     Uart(Arc<Mutex<Uart>>),
-    Blk(Box<Mutex<VirtioBlk>>),
+    Blk(Arc<Mutex<VirtioBlk>>),
 }
 
 pub struct Dev {
@@ -40,6 +61,8 @@ pub struct Dev {
     mapped: AtomicBool,
     /// A UART's console input, until its pump thread takes it.
     input: Mutex<Option<File>>,
+    /// A virtio-blk device's I/O thread, once started.
+    io: Mutex<Option<IoThread>>,
 }
 
 /// The devices of one picoprocess.
@@ -96,6 +119,7 @@ impl DeviceSet {
                         event,
                         mapped: AtomicBool::new(false),
                         input: Mutex::new(input),
+                        io: Mutex::new(None),
                     }
                 }
                 DeviceKind::VirtioBlk => {
@@ -106,6 +130,7 @@ impl DeviceSet {
                     let mut blk = VirtioBlk::new(spec.name.clone(), file, mem, irq)
                         .map_err(|e| format!("device `{}`: {e}", spec.name))?;
                     blk.set_read_only(spec.read_only);
+                    blk.set_event_idx(true);
                     let base = MMIO_BASE + windows * MMIO_WINDOW;
                     windows += 1;
                     Dev {
@@ -115,10 +140,11 @@ impl DeviceSet {
                         mmio_base: base,
                         mmio_size: VIRTIO_BLK_MMIO_SIZE,
                         irq_line,
-                        model: Model::Blk(Box::new(Mutex::new(blk))),
+                        model: Model::Blk(Arc::new(Mutex::new(blk))),
                         event,
                         mapped: AtomicBool::new(false),
                         input: Mutex::new(None),
+                        io: Mutex::new(None),
                     }
                 }
             };
@@ -290,29 +316,100 @@ impl DeviceSet {
         };
         if let Model::Blk(b) = &d.model {
             let regions = lin.regions.read().unwrap();
-            let mut ranges: Vec<std::ops::Range<u64>> = Vec::new();
-            for (start, r) in regions.iter() {
-                // Read-write memory the picoprocess allocated, its stacks,
-                // its image's data and the shared sections it mapped (sized
-                // and sealed: every page exists); never a mapped file (a
-                // page past the file's end would fault in the VMM).
-                if r.prot & (prot::READ | prot::WRITE) != prot::READ | prot::WRITE
-                    || r.kind == moat_pal::memory::RegionKind::Mapped
-                {
-                    continue;
-                }
-                match ranges.last_mut() {
-                    Some(last) if last.end == start => last.end = r.end,
-                    _ => ranges.push(start..r.end),
-                }
-            }
             let mut b = b.lock().unwrap();
-            b.set_dma_ranges(&ranges);
+            b.set_dma_ranges(&dma_ranges(&regions));
             b.mmio_write(off, data);
             drop(b);
             drop(regions);
         }
         true
+    }
+
+    /// Start the I/O thread of each virtio-blk device, confined to its
+    /// own allow-list (call before the VMM confines its main thread);
+    /// `register` is offered each thread's kick eventfd and the address
+    /// of its device's `QueueNotify` register, to make it an ioeventfd.
+    /// A device whose thread cannot start is served on the vCPU threads.
+    pub fn start_io(
+        &self,
+        lin: &'static LinuxPal,
+        register: &dyn Fn(std::os::fd::BorrowedFd<'_>, u64) -> bool,
+    ) {
+        for d in &self.devs {
+            let Model::Blk(b) = &d.model else { continue };
+            let gate = Box::new(VmmGate {
+                dev: b.clone(),
+                lin,
+                seen: None,
+            });
+            let config = IoConfig {
+                spin: IO_SPIN,
+                prologue: Some(Arc::new(|| {
+                    if let Err(e) = crate::confine::apply(crate::confine::io_rules()) {
+                        moat_host_common::signals::die(
+                            moat_host_common::protocol::ReportKind::Startup,
+                            format_args!("vmm virtio-blk I/O thread: {e}"),
+                            moat_host_common::protocol::EXIT_HOST_FAILURE,
+                        );
+                    }
+                })),
+                report: Some(Arc::new(|e| match e {
+                    IoEvent::Served(n) => crate::stats::add(Counter::IoRequests, n),
+                    IoEvent::Slept => crate::stats::count(Counter::IoSleeps),
+                    IoEvent::Interrupts(n) => crate::stats::add(Counter::IoInterrupts, n),
+                    IoEvent::KernelKicks(n) => crate::stats::add(Counter::ExitNotifyInKernel, n),
+                })),
+            };
+            let Ok(io) = IoThread::spawn(&d.name, gate, config) else {
+                continue;
+            };
+            register(io.kick_fd(), d.mmio_base + QUEUE_NOTIFY_OFFSET);
+            b.lock().unwrap().set_kick(Some(io.kick()));
+            *d.io.lock().unwrap() = Some(io);
+        }
+    }
+}
+
+/// Where a device may do DMA: the read-write memory the picoprocess
+/// allocated, its stacks, its image's data and the shared sections it
+/// mapped (sized and sealed: every page exists); never a mapped file (a
+/// page past the file's end would fault in the VMM).
+fn dma_ranges(regions: &moat_pal::memory::RegionMap) -> Vec<std::ops::Range<u64>> {
+    let mut ranges: Vec<std::ops::Range<u64>> = Vec::new();
+    for (start, r) in regions.iter() {
+        if r.prot & (prot::READ | prot::WRITE) != prot::READ | prot::WRITE
+            || r.kind == moat_pal::memory::RegionKind::Mapped
+        {
+            continue;
+        }
+        match ranges.last_mut() {
+            Some(last) if last.end == start => last.end = r.end,
+            _ => ranges.push(start..r.end),
+        }
+    }
+    ranges
+}
+
+/// How a virtio-blk I/O thread enters its device: the region map read-
+/// locked (memory cannot be freed or re-protected under a pass), then the
+/// device; the DMA window derived again only when the map changed since
+/// the last pass. (The vCPU thread takes the same locks in the same order.)
+struct VmmGate {
+    dev: Arc<Mutex<VirtioBlk>>,
+    lin: &'static LinuxPal,
+    /// The region map's change count when the window was last derived.
+    seen: Option<u64>,
+}
+
+impl Gate for VmmGate {
+    fn enter(&mut self, f: &mut dyn FnMut(&mut VirtioBlk)) {
+        let regions = self.lin.regions.read().unwrap_or_else(|e| e.into_inner());
+        let mut dev = self.dev.lock().unwrap_or_else(|e| e.into_inner());
+        if self.seen != Some(regions.changes()) {
+            dev.set_dma_ranges(&dma_ranges(&regions));
+            self.seen = Some(regions.changes());
+        }
+        f(&mut dev);
     }
 }
 

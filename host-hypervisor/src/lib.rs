@@ -23,6 +23,8 @@
 //!   registers, GDT and segments, TSS, interrupt gates, page-table bits,
 //!   system-call MSRs), for [`pico`], [`MicroVm`] and the benchmarks' raw
 //!   VM;
+//! - [`stats`]: the statistics page the VMM counts its exits in, for the
+//!   host to read;
 //! - [`MicroVm`]: a bare VM (the floor the benchmarks compare with).
 pub mod confine;
 pub mod devices;
@@ -32,6 +34,7 @@ pub mod longmode;
 pub mod paging;
 pub mod pal;
 pub mod pico;
+pub mod stats;
 mod vm;
 pub mod vmm;
 mod watchdog;

@@ -88,6 +88,14 @@ fn run(warm: Option<&moat_policy::Limits>) -> ! {
         fail("vmm: the monitor sent no image descriptor");
     }
     let image_fd = fds.remove(0);
+    if cfg.stats {
+        if fds.is_empty() {
+            fail("vmm: the monitor sent no statistics page");
+        }
+        if let Err(e) = crate::stats::install(fds.remove(0)) {
+            fail(&format!("vmm: {e}"));
+        }
+    }
     let backing: Vec<std::fs::File> = fds.into_iter().map(std::fs::File::from).collect();
     let mem_limit = cfg.limits.memory_mib << 20;
     let ram = ram_for(cfg.limits.memory_mib);
@@ -127,6 +135,8 @@ fn run(warm: Option<&moat_policy::Limits>) -> ! {
         vm.watchdog = vm.watchdog.min(Duration::from_secs(cfg.limits.cpu_seconds));
     }
     crate::devices::start_inputs(&vm.devices);
+    vm.devices
+        .start_io(lin, &|fd, addr| vm.register_notify(fd, addr));
     // Confine before touching the image: this thread and every vCPU
     // thread (started from here or from a vCPU thread) keep to the vCPU
     // allow-list.

@@ -4,13 +4,18 @@
 //! serves it. [`serve_block`] runs the loop for a [`BlockDevice`]; the
 //! driver only implements the device.
 //!
-//! The loop takes every request published, answers each in its own buffer
-//! (a read straight into it, a write straight from it) and publishes the
-//! answer at once; when the ring is empty it polls for the spin bound the
-//! mediator wrote in the header (pausing, then yielding the processor
-//! where a yield is cheap: [`yield_cost`]), then says it sleeps and waits on the
-//! section's doorbell. It rings the mediator's doorbell only when the
-//! mediator said it sleeps.
+//! The loop takes the requests published, as many as the device holds,
+//! and lends each its own buffer (a read lands straight in it, a write
+//! goes straight from it); it answers each request as the device reports
+//! it, and publishes the answers of each round at once. When there is
+//! nothing to do it polls for the spin bound the mediator wrote in the
+//! header (pausing, then yielding the processor where a yield is cheap:
+//! `yield_cost`); then, with requests in flight, it waits for the device
+//! ([`QueuedBlockDevice::wait`], its interrupt), and otherwise says it
+//! sleeps and waits on the section's doorbell. It rings the mediator's
+//! doorbell only when the mediator said it sleeps. A [`BlockDevice`]
+//! (one request at a time) is served as a queue of one ([`serve_block`]),
+//! a [`QueuedBlockDevice`] with [`serve_queued`].
 //!
 //! [`Faults`] makes a driver misbehave on purpose, for the mediator's
 //! tests and fault campaigns: a seeded, reproducible choice, per request,
@@ -20,14 +25,15 @@ use alloc::vec::Vec;
 use core::ptr::NonNull;
 
 use moat_service_proto::ring::{Section, Server};
-pub use moat_service_proto::status;
-use moat_service_proto::{class, op, Request, Response};
+use moat_service_proto::{class, Request, Response};
+pub use moat_service_proto::{op, status};
 
 use crate::sync::Event;
 use crate::{Error, Result};
 
-/// A block device as a driver sees it. Offsets and lengths are checked
-/// against the geometry before these are called. `Err` is a status code.
+/// A block device as a driver sees it, one request at a time. Offsets and
+/// lengths are checked against the geometry before these are called.
+/// `Err` is a status code.
 pub trait BlockDevice {
     /// Capacity in bytes and block size.
     fn geometry(&mut self) -> (u64, u32);
@@ -37,6 +43,49 @@ pub trait BlockDevice {
     fn discard(&mut self, _offset: u64, _len: u64) -> core::result::Result<(), u8> {
         Err(status::UNSUPPORTED)
     }
+}
+
+/// One request the loop lends a [`QueuedBlockDevice`].
+#[derive(Debug, Clone, Copy)]
+pub struct BlockRequest {
+    /// `op::READ`, `op::WRITE`, `op::FLUSH` or `op::DISCARD`.
+    pub op: u8,
+    /// Byte offset (checked against the geometry).
+    pub offset: u64,
+    /// Bytes (checked against the geometry).
+    pub len: u32,
+    /// The request's buffer in the section: `len` bytes to fill (a read)
+    /// or to write; empty for a flush or a discard.
+    pub buf: NonNull<[u8]>,
+}
+
+/// A block device that holds several requests at once (a virtio queue).
+/// The service loop starts requests as the mediator publishes them, each
+/// in its own buffer of the section (the device reads or fills it in
+/// place), and answers each as the device reports it; it polls while
+/// anything is in flight and calls [`QueuedBlockDevice::wait`] only after
+/// the device has been quiet for the spin bound.
+pub trait QueuedBlockDevice {
+    /// Capacity in bytes and block size.
+    fn geometry(&mut self) -> (u64, u32);
+    /// Whether a request of kind `op` can start now (the loop keeps it
+    /// until it can).
+    fn can_start(&self, op: u8) -> bool;
+    /// Starts request `tag`; `Err(status)`: it failed at once (and will
+    /// not be reported).
+    ///
+    /// # Safety
+    ///
+    /// `r.buf` stays valid for reads and writes, and nothing else uses it,
+    /// until [`QueuedBlockDevice::complete`] reports `tag`.
+    unsafe fn start(&mut self, tag: u32, r: &BlockRequest) -> core::result::Result<(), u8>;
+    /// Reports each request that completed since the last call, once;
+    /// returns how many.
+    fn complete(&mut self, done: &mut dyn FnMut(u32, core::result::Result<(), u8>)) -> usize;
+    /// Requests started and not yet reported.
+    fn in_flight(&self) -> usize;
+    /// Sleeps until a request may have completed, at most `micros`.
+    fn wait(&mut self, micros: u64);
 }
 
 pub use moat_service_proto::fault;
@@ -130,17 +179,13 @@ impl Shared {
     }
 }
 
-/// Pause iterations per microsecond, measured once: the spin bound is
-/// counted in iterations, so polling never asks the host for the time.
-fn spins_per_micro() -> u64 {
-    const N: u64 = 200_000;
-    let t0 = crate::time::now_micros();
-    for _ in 0..N {
-        core::hint::spin_loop();
-    }
-    let us = crate::time::elapsed_micros(t0).max(1);
-    (N / us).clamp(1, 10_000)
-}
+/// How long the loop polls a device with requests in flight before it
+/// waits for it (at least; the mediator's spin bound if longer). A device
+/// answers within microseconds unless the thread that serves it waits for
+/// a core (on two cores shared by a client, the driver's vCPU and the
+/// device's I/O thread, it often does); each wait is a VM exit on kvm, so
+/// the bound is long: 1 ms of polling costs less than a stream of exits.
+const BUSY_SPIN_MICROS: u64 = 1000;
 
 /// Polling pauses this long before it starts yielding the processor.
 const PAUSE_FIRST_MICROS: u64 = 5;
@@ -149,7 +194,7 @@ const PAUSE_FIRST_MICROS: u64 = 5;
 const CHEAP_YIELD_MICROS: u64 = 2;
 
 /// What one `DkThreadYieldExecution` costs, in pause iterations, if it is
-/// cheap enough to poll with. Polling yields after its first
+/// cheap enough to poll with. An idle loop yields after its first
 /// [`PAUSE_FIRST_MICROS`] so that a driver waiting for work does not keep
 /// a core from the threads that make the work (a 2-core machine: the
 /// client, the kernel, other programs), which measured several times
@@ -166,13 +211,22 @@ fn yield_cost(per_micro: u64) -> Option<u64> {
     (us <= CHEAP_YIELD_MICROS * N).then(|| (us * per_micro / N).max(1))
 }
 
+/// How long [`QueuedBlockDevice::wait`] may sleep at a time.
+const WAIT_MICROS: u64 = 1_000_000;
+
 /// Serve `dev` on the section `shm:NAME` until the driver is ended (the
 /// mediator ends it when it is done). With `faults`, misbehave as they say.
 /// Returns only on an error: the section cannot be opened or mapped, or
 /// the mediator's side of it is broken.
-pub fn serve_block(
+pub fn serve_block(name: &str, dev: &mut dyn BlockDevice, faults: Option<Faults>) -> Result<()> {
+    serve_queued(name, &mut Immediate { dev, done: None }, faults)
+}
+
+/// Serve a device that holds several requests at once (see the module
+/// docs), like [`serve_block`].
+pub fn serve_queued(
     name: &str,
-    dev: &mut dyn BlockDevice,
+    dev: &mut dyn QueuedBlockDevice,
     mut faults: Option<Faults>,
 ) -> Result<()> {
     let shared = Shared::open(name)?;
@@ -187,56 +241,130 @@ pub fn serve_block(
             },
         }
     };
-    let (capacity, block) = dev.geometry();
-    let per_micro = spins_per_micro();
-    let spin = srv.layout().spin_ns / 1000 * per_micro;
-    let pause_for = PAUSE_FIRST_MICROS * per_micro;
-    let yield_cost = yield_cost(per_micro);
+    let geometry = dev.geometry();
+    let spin = (srv.layout().spin_ns / 1000 * crate::time::spins_per_micro()).max(1);
+    // With requests in flight, poll longer (see BUSY_SPIN_MICROS).
+    let busy_spin = spin.max(BUSY_SPIN_MICROS * crate::time::spins_per_micro());
+    let pause_for = PAUSE_FIRST_MICROS * crate::time::spins_per_micro();
+    let yield_cost = yield_cost(crate::time::spins_per_micro());
     let depth = srv.layout().depth;
+    // The request each buffer is lent to the device for, by buffer index:
+    // a buffer is lent to one request at a time.
+    let mut lent: Vec<Option<Request>> = vec![None; depth as usize];
+    // A request the device cannot take yet (it is full, or a flush waits
+    // for what is in flight).
+    let mut deferred: Option<Request> = None;
+    let mut quiet = 0u64;
     loop {
-        let req = match srv.next_request() {
-            Ok(Some(Ok(r))) => r,
-            // The host wrote a bad index or descriptor: nothing sensible
-            // to answer.
-            Ok(Some(Err(_))) | Err(_) => return Err(Error::InvalidArgument),
-            Ok(None) => {
-                let mut n = 0;
-                while n < spin && srv.pending() == Ok(0) {
-                    match yield_cost {
-                        Some(cost) if n >= pause_for => {
-                            let _ = crate::raw::thread_yield_execution();
-                            n += cost;
-                        }
-                        _ => {
-                            core::hint::spin_loop();
-                            n += 1;
-                        }
-                    }
+        let mut progress = false;
+        let mut answered = false;
+        // Start what the mediator published, while the device takes it.
+        loop {
+            let req = match deferred.take() {
+                Some(r) => r,
+                None => match srv.next_request() {
+                    Ok(None) => break,
+                    Ok(Some(Ok(r))) => r,
+                    // The host wrote a bad index or descriptor: nothing
+                    // sensible to answer.
+                    Ok(Some(Err(_))) | Err(_) => return Err(Error::InvalidArgument),
+                },
+            };
+            match begin(&mut srv, dev, &mut lent, &req, geometry)? {
+                Begun::Started => progress = true,
+                Begun::Answer(resp) => {
+                    finish(&mut srv, &shared, &mut faults, resp, depth);
+                    progress = true;
+                    answered = true;
                 }
-                if srv.pending() == Ok(0) && srv.prepare_sleep() {
-                    match shared.bell.wait(moat_pal::timeout::INFINITE) {
-                        Ok(()) | Err(Error::TimedOut) => {}
-                        Err(e) => return Err(e),
-                    }
+                Begun::Later => {
+                    deferred = Some(req);
+                    break;
                 }
-                srv.awake();
-                continue;
             }
-        };
-        let resp = answer(&mut srv, dev, &req, capacity, block);
-        let f = faults.as_mut().map_or(0, |f| f.pick());
-        misbehave(&mut srv, &shared, f, resp, depth);
+        }
+        // Answer what the device completed.
+        dev.complete(&mut |tag, result| {
+            // A tag the loop did not lend: the device's bug, nothing to
+            // answer.
+            let Some(req) = lent.get_mut(tag as usize).and_then(Option::take) else {
+                return;
+            };
+            let resp = Response {
+                status: result.err().unwrap_or(status::OK),
+                class: class::BLOCK,
+                buf: req.buf,
+                id: req.id,
+                len: if result.is_ok() && req.op == op::READ {
+                    req.len
+                } else {
+                    0
+                },
+            };
+            finish(&mut srv, &shared, &mut faults, resp, depth);
+            answered = true;
+        });
+        if answered {
+            progress = true;
+            if srv.publish() {
+                shared.ring();
+            }
+        }
+        if progress {
+            quiet = 0;
+            continue;
+        }
+        // Nothing happened: poll for the spin bound, then sleep.
+        let bound = if dev.in_flight() > 0 { busy_spin } else { spin };
+        if quiet < bound {
+            match yield_cost {
+                // Idle and polling for a while: let the threads that make
+                // the work have the core.
+                Some(cost) if quiet >= pause_for && dev.in_flight() == 0 => {
+                    let _ = crate::raw::thread_yield_execution();
+                    quiet += cost;
+                }
+                _ => {
+                    core::hint::spin_loop();
+                    quiet += 1;
+                }
+            }
+            continue;
+        }
+        quiet = 0;
+        if dev.in_flight() > 0 {
+            // The device completes (or the mediator sends more) soon.
+            dev.wait(WAIT_MICROS);
+        } else if srv.prepare_sleep() {
+            match shared.bell.wait(moat_pal::timeout::INFINITE) {
+                Ok(()) | Err(Error::TimedOut) => {}
+                Err(e) => return Err(e),
+            }
+            srv.awake();
+        }
     }
 }
 
-/// Carries out one request in its buffer; returns the answer to give.
-fn answer(
+/// What became of a request the loop took.
+enum Begun {
+    /// Lent to the device with its buffer.
+    Started,
+    /// Answered at once.
+    Answer(Response),
+    /// The device cannot take it yet.
+    Later,
+}
+
+/// Starts one request on the device, or answers it at once (INFO, a
+/// request out of range, an unknown operation, a device that refused it).
+/// Fails if the mediator named a buffer already lent out.
+fn begin(
     srv: &mut Server,
-    dev: &mut dyn BlockDevice,
+    dev: &mut dyn QueuedBlockDevice,
+    lent: &mut [Option<Request>],
     req: &Request,
-    capacity: u64,
-    block: u32,
-) -> Response {
+    (capacity, block): (u64, u32),
+) -> Result<Begun> {
     let mut resp = Response {
         status: status::OK,
         class: class::BLOCK,
@@ -244,51 +372,136 @@ fn answer(
         id: req.id,
         len: 0,
     };
+    let Some(slot) = lent.get_mut(req.buf as usize) else {
+        resp.status = status::INVALID;
+        return Ok(Begun::Answer(resp));
+    };
+    if slot.is_some() {
+        // Two requests in one buffer: the mediator broke the ring's rules.
+        return Err(Error::InvalidArgument);
+    }
     let in_range = |off: u64, len: u64| {
         off.is_multiple_of(block as u64)
             && len.is_multiple_of(block as u64)
             && off.checked_add(len).is_some_and(|e| e <= capacity)
     };
-    let result = match req.op {
-        op::INFO => match srv.buf_mut(req.buf, 16) {
-            Some(b) => {
-                b[..8].copy_from_slice(&capacity.to_le_bytes());
-                b[8..16].copy_from_slice(&(block as u64).to_le_bytes());
-                resp.len = 16;
-                Ok(())
+    let data = match req.op {
+        op::INFO => {
+            match srv.buf_mut(req.buf, 16) {
+                Some(b) => {
+                    b[..8].copy_from_slice(&capacity.to_le_bytes());
+                    b[8..16].copy_from_slice(&(block as u64).to_le_bytes());
+                    resp.len = 16;
+                }
+                None => resp.status = status::INVALID,
             }
-            None => Err(status::INVALID),
-        },
-        op::READ if in_range(req.offset, req.len as u64) => match srv.buf_mut(req.buf, req.len) {
-            Some(b) => dev.read(req.offset, b).map(|()| resp.len = req.len),
-            None => Err(status::INVALID),
-        },
-        op::WRITE if in_range(req.offset, req.len as u64) => match srv.buf_mut(req.buf, req.len) {
-            Some(b) => dev.write(req.offset, b),
-            None => Err(status::INVALID),
-        },
-        op::FLUSH => dev.flush(),
-        op::DISCARD if in_range(req.offset, req.len as u64) => {
-            dev.discard(req.offset, req.len as u64)
+            return Ok(Begun::Answer(resp));
         }
-        op::READ | op::WRITE | op::DISCARD => Err(status::INVALID),
-        _ => Err(status::UNSUPPORTED),
+        op::READ | op::WRITE if in_range(req.offset, req.len as u64) => {
+            srv.buf_ptr(req.buf, req.len)
+        }
+        op::FLUSH => Some(NonNull::slice_from_raw_parts(NonNull::dangling(), 0)),
+        op::DISCARD if in_range(req.offset, req.len as u64) => {
+            Some(NonNull::slice_from_raw_parts(NonNull::dangling(), 0))
+        }
+        op::READ | op::WRITE | op::DISCARD => None,
+        _ => {
+            resp.status = status::UNSUPPORTED;
+            return Ok(Begun::Answer(resp));
+        }
     };
-    if let Err(st) = result {
-        resp.status = st;
-        resp.len = 0;
+    let Some(buf) = data else {
+        resp.status = status::INVALID;
+        return Ok(Begun::Answer(resp));
+    };
+    if !dev.can_start(req.op) {
+        return Ok(Begun::Later);
     }
-    resp
+    let r = BlockRequest {
+        op: req.op,
+        offset: req.offset,
+        len: req.len,
+        buf,
+    };
+    // SAFETY: `buf` is this request's buffer in the mapped section (or
+    // empty), lent to no other request (checked above, and marked below
+    // until the device reports it), and the loop touches it no more
+    // until then; the section stays mapped while the loop runs.
+    match unsafe { dev.start(req.buf, &r) } {
+        Ok(()) => {
+            *slot = Some(*req);
+            Ok(Begun::Started)
+        }
+        Err(st) => {
+            resp.status = st;
+            Ok(Begun::Answer(resp))
+        }
+    }
 }
 
-/// Gives the answer, or, with fault `f`, does what the fault says instead.
-fn misbehave(srv: &mut Server, shared: &Shared, f: u32, mut resp: Response, depth: u32) {
-    let send = |srv: &mut Server, r: &Response| {
-        srv.complete(r);
-        if srv.publish() {
-            shared.ring();
+/// Gives one answer (not yet published), or misbehaves instead.
+fn finish(
+    srv: &mut Server,
+    shared: &Shared,
+    faults: &mut Option<Faults>,
+    resp: Response,
+    depth: u32,
+) {
+    let f = faults.as_mut().map_or(0, |f| f.pick());
+    misbehave(srv, shared, f, resp, depth);
+}
+
+/// A [`BlockDevice`] as a queue of one: each request runs as it starts.
+struct Immediate<'a> {
+    dev: &'a mut dyn BlockDevice,
+    done: Option<(u32, core::result::Result<(), u8>)>,
+}
+
+impl QueuedBlockDevice for Immediate<'_> {
+    fn geometry(&mut self) -> (u64, u32) {
+        self.dev.geometry()
+    }
+
+    fn can_start(&self, _op: u8) -> bool {
+        self.done.is_none()
+    }
+
+    unsafe fn start(&mut self, tag: u32, r: &BlockRequest) -> core::result::Result<(), u8> {
+        let result = match r.op {
+            // SAFETY: the caller lends the buffer until it is reported,
+            // which is after this use.
+            op::READ => self.dev.read(r.offset, unsafe { &mut *r.buf.as_ptr() }),
+            // SAFETY: as for a read.
+            op::WRITE => self.dev.write(r.offset, unsafe { &*r.buf.as_ptr() }),
+            op::FLUSH => self.dev.flush(),
+            op::DISCARD => self.dev.discard(r.offset, r.len as u64),
+            _ => Err(status::UNSUPPORTED),
+        };
+        self.done = Some((tag, result));
+        Ok(())
+    }
+
+    fn complete(&mut self, done: &mut dyn FnMut(u32, core::result::Result<(), u8>)) -> usize {
+        match self.done.take() {
+            Some((tag, r)) => {
+                done(tag, r);
+                1
+            }
+            None => 0,
         }
-    };
+    }
+
+    fn in_flight(&self) -> usize {
+        usize::from(self.done.is_some())
+    }
+
+    fn wait(&mut self, _micros: u64) {}
+}
+
+/// Gives the answer (the caller publishes it), or, with fault `f`, does
+/// what the fault says instead.
+fn misbehave(srv: &mut Server, shared: &Shared, f: u32, mut resp: Response, depth: u32) {
+    let send = |srv: &mut Server, r: &Response| srv.complete(r);
     match f {
         fault::CRASH => crate::process::exit_now(1),
         fault::PANIC => panic!("injected fault: panic while serving request {}", resp.id),

@@ -1,4 +1,8 @@
-//! Time.
+//! Time: the host's clock (a call), and a spin count calibrated against
+//! it once, so that a bounded poll never asks the host for the time (on
+//! kvm every call is a VM exit).
+use core::sync::atomic::{AtomicU64, Ordering};
+
 use crate::raw;
 
 /// Wall-clock microseconds since the Unix epoch.
@@ -10,4 +14,23 @@ pub fn now_micros() -> u64 {
 /// clock went back.
 pub fn elapsed_micros(start: u64) -> u64 {
     now_micros().saturating_sub(start)
+}
+
+/// Pause instructions per microsecond, measured once (200,000 of them
+/// against the clock) and remembered.
+pub fn spins_per_micro() -> u64 {
+    static MEASURED: AtomicU64 = AtomicU64::new(0);
+    let known = MEASURED.load(Ordering::Relaxed);
+    if known != 0 {
+        return known;
+    }
+    const N: u64 = 200_000;
+    let t0 = now_micros();
+    for _ in 0..N {
+        core::hint::spin_loop();
+    }
+    let us = elapsed_micros(t0).max(1);
+    let v = (N / us).clamp(1, 10_000);
+    MEASURED.store(v, Ordering::Relaxed);
+    v
 }

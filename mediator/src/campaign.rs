@@ -11,7 +11,10 @@
 //! The workload keeps a model of the disk: each write stamps its blocks
 //! with a fresh version, each read is compared with the model, so a lost,
 //! duplicated, reordered or misplaced write shows up as a mismatch. A
-//! request that takes longer than `hang_after` counts as a hang.
+//! write that fails (only while the circuit is open) may or may not have
+//! reached the disk: its blocks may hold the old or the new version until
+//! a read or a successful write settles them. A request that takes longer
+//! than `hang_after` counts as a hang.
 use crate::block::{Config, Counters, DriverSpec, FaultPlan, MediatedBlock, Ticket};
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -94,9 +97,9 @@ struct Op {
     write: bool,
     start: u64,
     n: u64,
-    /// A write's version; a read's expected version per block (None: never
-    /// written, anything goes).
-    versions: Vec<Option<u64>>,
+    /// A write's version (one entry); a read's possible versions per block
+    /// (empty: never written, anything goes).
+    versions: Vec<Vec<u64>>,
     submitted: Instant,
 }
 
@@ -158,7 +161,9 @@ pub fn run(c: &Campaign, mut progress: impl FnMut(u64, u64)) -> std::io::Result<
     // The workload uses the first 4 MiB (or the whole disk if smaller).
     let blocks = (dev.capacity() / bs).min((4 << 20) / bs);
     let depth = c.depth.max(1);
-    let mut model: HashMap<u64, u64> = HashMap::new();
+    // Each block's possible versions (one, unless a failed write left it
+    // undecided); absent: never written.
+    let mut model: HashMap<u64, Vec<u64>> = HashMap::new();
     let mut rng = c.seed | 1;
     let mut version = 0u64;
     let mut r = Report::default();
@@ -168,39 +173,54 @@ pub fn run(c: &Campaign, mut progress: impl FnMut(u64, u64)) -> std::io::Result<
     let mut flight: VecDeque<Op> = VecDeque::with_capacity(depth);
     let mut busy = Busy::default();
     // Collects the oldest request and checks it.
-    let mut finish = |op: Op, model: &mut HashMap<u64, u64>, busy: &mut Busy, r: &mut Report| {
-        let len = (op.n * bs) as usize;
-        let res = if op.write {
-            let res = dev.wait(op.ticket);
-            if res.is_ok() {
+    let mut finish =
+        |op: Op, model: &mut HashMap<u64, Vec<u64>>, busy: &mut Busy, r: &mut Report| {
+            let len = (op.n * bs) as usize;
+            let res = if op.write {
+                let res = dev.wait(op.ticket);
+                let v = op.versions[0][0];
                 for k in 0..op.n {
-                    model.insert(op.start + k, op.versions[0].unwrap_or(0));
+                    let b = op.start + k;
+                    if res.is_ok() {
+                        model.insert(b, vec![v]);
+                    } else if let Some(possible) = model.get_mut(&b) {
+                        possible.push(v);
+                    }
                 }
-            }
-            res
-        } else {
-            let res = dev.wait_read(op.ticket, &mut io[..len]);
-            if res.is_ok() {
-                for (k, chunk) in io[..len].chunks_exact(bs as usize).enumerate() {
-                    if let Some(v) = op.versions[k] {
-                        fill(&mut want, op.start + k as u64, v);
-                        if chunk != &want[..] {
-                            r.mismatches += 1;
+                res
+            } else {
+                let res = dev.wait_read(op.ticket, &mut io[..len]);
+                if res.is_ok() {
+                    for (k, chunk) in io[..len].chunks_exact(bs as usize).enumerate() {
+                        let b = op.start + k as u64;
+                        let possible = &op.versions[k];
+                        let found = possible.iter().find(|&&v| {
+                            fill(&mut want, b, v);
+                            chunk == &want[..]
+                        });
+                        match found {
+                            // No write to the block was in flight with this
+                            // read: what it read settles an undecided block.
+                            Some(&v) if possible.len() > 1 => {
+                                model.insert(b, vec![v]);
+                            }
+                            Some(_) => {}
+                            None if possible.is_empty() => {}
+                            None => r.mismatches += 1,
                         }
                     }
                 }
+                res
+            };
+            busy.remove(op.start, op.n, op.write);
+            r.requests += 1;
+            if op.submitted.elapsed() > c.hang_after {
+                r.hangs += 1;
             }
-            res
+            if res.is_err() {
+                r.errors += 1;
+            }
         };
-        busy.remove(op.start, op.n, op.write);
-        r.requests += 1;
-        if op.submitted.elapsed() > c.hang_after {
-            r.hangs += 1;
-        }
-        if res.is_err() {
-            r.errors += 1;
-        }
-    };
     let mut data = vec![0u8; (8 * bs) as usize];
     let mut submitted = 0u64;
     loop {
@@ -232,10 +252,12 @@ pub fn run(c: &Campaign, mut progress: impl FnMut(u64, u64)) -> std::io::Result<
             }
             (
                 dev.submit_write(start * bs, &data[..len]),
-                vec![Some(version)],
+                vec![vec![version]],
             )
         } else {
-            let v = (start..start + n).map(|b| model.get(&b).copied()).collect();
+            let v = (start..start + n)
+                .map(|b| model.get(&b).cloned().unwrap_or_default())
+                .collect();
             (dev.submit_read(start * bs, len), v)
         };
         submitted += 1;

@@ -319,6 +319,13 @@ impl Picoprocess {
         self.root.pid
     }
 
+    /// What its VMM has counted so far (`--host kvm` only): VM exits by
+    /// reason, and the work of its virtio-blk I/O threads. Readable after
+    /// it ended too (the last counts stay).
+    pub fn vm_stats(&self) -> Option<moat_host_common::vmstats::VmStats> {
+        self.root.vm_stats()
+    }
+
     /// A handle that can kill this picoprocess from any thread, while
     /// another waits for it (through its pidfd: never a reused pid).
     pub fn killer(&self) -> Killer {

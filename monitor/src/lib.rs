@@ -36,6 +36,7 @@ mod zygote_client;
 pub use api::{Killer, Picoprocess, Sandbox, Stdio};
 pub use error::{Error, Exit, EXIT_BAD_INPUT, EXIT_HOST_FAILURE, EXIT_SANDBOX_VIOLATION};
 pub use moat_host_common::protocol::ReportKind;
+pub use moat_host_common::vmstats::{Counter as VmCounter, VmStats};
 pub use session::LogSink;
 pub use shm::HostSection;
 

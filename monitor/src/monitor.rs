@@ -40,6 +40,13 @@ pub(crate) fn start(
         session.policy().devices.clone()
     };
     let (backing, disks) = open_backing_files(session.host(), &devices)?;
+    // A VMM counts its exits in a page the host can read.
+    let stats = match session.host() {
+        crate::Host::Kvm => Some(crate::shm::HostSection::new(
+            moat_host_common::vmstats::SIZE,
+        )?),
+        crate::Host::Linux => None,
+    };
     let sp = match session.host() {
         crate::Host::Linux => launch::spawn_loader(&launch::loader_path()?, &limits)?,
         crate::Host::Kvm => launch::spawn_vmm(&launch::vmm_path()?, &limits)?,
@@ -72,14 +79,19 @@ pub(crate) fn start(
         report: report.clone(),
         cgroup: Mutex::new(cgroup),
         _disks: disks,
+        stats,
     });
     let config = Config {
         args,
         limits,
         trace: session.trace(),
         devices,
+        stats: proc.stats.is_some(),
     };
     let mut fds = vec![image.as_raw_fd()];
+    if let Some(s) = &proc.stats {
+        fds.push(s.memory_fd());
+    }
     fds.extend(backing.iter().map(|f| f.as_raw_fd()));
     match protocol::send(sp.sock.as_fd(), &config, &fds) {
         Ok(()) => {}

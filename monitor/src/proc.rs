@@ -1,5 +1,6 @@
 //! One started picoprocess, as the monitor keeps it: its pid and pidfd,
-//! its exit once reaped, the disks it holds locked.
+//! its exit once reaped, the disks it holds locked, its VMM's statistics
+//! page.
 use crate::error::Exit;
 use crate::process;
 use moat_host_common::protocol::ReportKind;
@@ -24,6 +25,8 @@ pub(crate) struct Proc {
     pub(crate) cgroup: Mutex<Option<crate::cgroup::PicoCgroup>>,
     /// The disks its devices are backed by, locked while it runs.
     pub(crate) _disks: Vec<Arc<crate::disklock::DiskLock>>,
+    /// The statistics page its VMM counts in (kvm only).
+    pub(crate) stats: Option<crate::shm::HostSection>,
 }
 
 impl Proc {
@@ -41,6 +44,19 @@ impl Proc {
 
     pub(crate) fn signal(&self, sig: libc::c_int) -> std::io::Result<()> {
         process::signal_pidfd(&self.pidfd, sig)
+    }
+
+    /// What its VMM has counted so far (kvm only). The page outlives the
+    /// VMM, so the last counts stay readable after it ended.
+    pub(crate) fn vm_stats(&self) -> Option<moat_host_common::vmstats::VmStats> {
+        let page = self.stats.as_ref()?;
+        let mut s = moat_host_common::vmstats::VmStats::default();
+        for (i, c) in s.counts.iter_mut().enumerate() {
+            *c = page
+                .atomic_u64(8 * i as u64)
+                .map_or(0, |a| a.load(std::sync::atomic::Ordering::Relaxed));
+        }
+        Some(s)
     }
 
     pub(crate) fn wait(&self) -> Exit {

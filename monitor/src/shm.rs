@@ -231,6 +231,12 @@ impl HostSection {
         &self.section
     }
 
+    /// Its memory's descriptor (read-write), to hand to a confined process
+    /// that maps it itself (a VMM's statistics page).
+    pub(crate) fn memory_fd(&self) -> std::os::fd::RawFd {
+        self.section.memory.as_raw_fd()
+    }
+
     /// Its size in bytes.
     pub fn len(&self) -> u64 {
         self.len

@@ -35,6 +35,9 @@ pub struct RegionMap {
     /// With a window, only [lo, hi) can hold regions (the KVM host: guest
     /// RAM); anything outside counts as in use.
     window: Option<(u64, u64)>,
+    /// Changes so far: whoever caches something derived from the map
+    /// (a device's DMA window) compares it to know when to derive again.
+    changes: u64,
 }
 
 impl RegionMap {
@@ -47,8 +50,15 @@ impl RegionMap {
         self.total
     }
 
+    /// How many times the map changed (an insertion, a removal, a change
+    /// of protection), wrapping.
+    pub fn changes(&self) -> u64 {
+        self.changes
+    }
+
     /// Confine every region to [lo, hi): ranges outside count as in use.
     pub fn set_window(&mut self, lo: u64, hi: u64) {
+        self.changes = self.changes.wrapping_add(1);
         self.window = Some((lo, hi));
     }
 
@@ -96,6 +106,7 @@ impl RegionMap {
         }
         self.map.insert(start, Region { end, prot, kind });
         self.total += len;
+        self.changes = self.changes.wrapping_add(1);
         Ok(())
     }
 
@@ -116,6 +127,7 @@ impl RegionMap {
 
     /// Remove [start, start+len), splitting regions at the edges.
     pub fn remove(&mut self, start: u64, len: u64) {
+        self.changes = self.changes.wrapping_add(1);
         let end = start.saturating_add(len);
         self.split_at(start);
         self.split_at(end);
@@ -128,6 +140,7 @@ impl RegionMap {
 
     /// Change the protection of [start, start+len).
     pub fn protect(&mut self, start: u64, len: u64, prot: u32) {
+        self.changes = self.changes.wrapping_add(1);
         let end = start.saturating_add(len);
         self.split_at(start);
         self.split_at(end);

@@ -300,7 +300,10 @@ fn sigterm_waits_for_the_last_user_and_exits_clean() {
                 let mut n = 0u32;
                 while !stop.load(std::sync::atomic::Ordering::SeqCst) {
                     let data = vec![(n % 251) as u8; 4096 + (n as usize % 7) * 1000];
-                    let p = dir.join(format!("f{n}"));
+                    // A bounded set of names, rewritten in turn: a fast
+                    // I/O path must not fill the file system's inodes or
+                    // blocks before the signal's effect is checked.
+                    let p = dir.join(format!("f{}", n % 1000));
                     std::fs::write(&p, &data).unwrap();
                     if n.is_multiple_of(10) {
                         std::fs::File::open(&p).unwrap().sync_all().unwrap();

@@ -3,7 +3,9 @@
 //! into memory that is not the picoprocess's: beyond guest RAM, in the
 //! device-window area, in guest RAM it never allocated, and over the
 //! VMM's own low area. Then it makes one honest request, to show the
-//! device still works.
+//! device still works. The device serves its queue on a thread of its
+//! own, so after each notification the driver waits (up to a second) for
+//! the request to come back in the used ring before it judges it.
 //!
 //! Prints one line per attempt: `REFUSED <what> (status S)` when the
 //! device refused, `ESCAPED <what>` when it claims success; then
@@ -135,6 +137,10 @@ fn main() -> i32 {
         }
         q.next += 1;
         m.write32(QUEUE_NOTIFY, 0);
+        let t0 = moat_libos::time::now_micros();
+        while q.used_idx() == before && moat_libos::time::elapsed_micros(t0) < 1_000_000 {
+            core::hint::spin_loop();
+        }
         let done = q.used_idx() != before;
         // SAFETY: our status byte.
         let s = unsafe { (status as *const u8).read_volatile() };

@@ -57,6 +57,7 @@ fn manifest(text: &str) {
         limits: m.limits,
         trace: false,
         devices: m.devices.clone(),
+        stats: false,
     };
     let wire = postcard::to_allocvec(&config).unwrap();
     let back: Config = postcard::from_bytes(&wire).unwrap();

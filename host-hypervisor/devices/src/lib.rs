@@ -7,7 +7,8 @@
 //!
 //! - [`Uart`]: a 16550 UART on 8 I/O ports (built on `vm-superio`);
 //! - [`VirtioBlk`]: a virtio-mmio (version 2) block device backed by a host
-//!   file, with a 0x1000-byte MMIO window (built on `virtio-queue`).
+//!   file, with a 0x1000-byte MMIO window (built on `virtio-queue`), served
+//!   on the vCPU thread or by an [`IoThread`] of its own.
 //!
 //! The VMM assigns the resources (base port, MMIO base address) and forwards
 //! every access that falls into a device's range to the [`Device`] methods,
@@ -36,8 +37,8 @@ pub use moat_policy::device::{
 };
 pub use uart::{Uart, UART_IO_PORTS};
 pub use virtio_blk::{
-    BlkCounters, VirtioBlk, MAX_REQUEST_BYTES, QUEUE_MAX_SIZE, SECTOR_SIZE, SEG_MAX,
-    VIRTIO_BLK_MMIO_SIZE,
+    BlkCounters, Gate, IoConfig, IoEvent, IoThread, Kick, VirtioBlk, MAX_REQUEST_BYTES,
+    QUEUE_MAX_SIZE, QUEUE_NOTIFY_OFFSET, SECTOR_SIZE, SEG_MAX, VIRTIO_BLK_MMIO_SIZE,
 };
 /// The `vm-memory` crate this crate's API uses (`GuestMemoryMmap`).
 pub use vm_memory;

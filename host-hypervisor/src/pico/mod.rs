@@ -95,6 +95,23 @@ impl PicoVm {
         }
     }
 
+    /// Makes 4-byte writes of 0 at guest-physical `addr` signal the
+    /// eventfd `fd` inside KVM (an ioeventfd: the write never reaches the
+    /// VMM). False where KVM refuses it.
+    pub fn register_notify(&self, fd: std::os::fd::BorrowedFd<'_>, addr: u64) -> bool {
+        use std::os::fd::{FromRawFd, IntoRawFd};
+        let Ok(dup) = fd.try_clone_to_owned() else {
+            return false;
+        };
+        // SAFETY: `dup` is a descriptor owned here and nowhere else; the
+        // EventFd takes it over and closes it when dropped (KVM keeps its
+        // own reference to the eventfd).
+        let ev = unsafe { vmm_sys_util::eventfd::EventFd::from_raw_fd(dup.into_raw_fd()) };
+        self.vm
+            .register_ioevent(&ev, &kvm_ioctls::IoEventAddress::Mmio(addr), 0u32)
+            .is_ok()
+    }
+
     /// The PAL of this VM's threads: the VM's memory bounds and devices,
     /// and the VM itself to start more threads on.
     pub fn pal(self: &Arc<Self>) -> KvmPal {

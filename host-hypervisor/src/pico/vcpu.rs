@@ -14,6 +14,7 @@ use kvm_bindings::{kvm_regs, kvm_sregs};
 use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
 use moat_host_common::protocol::ReportKind;
 use moat_host_common::sys;
+use moat_host_common::vmstats::Counter;
 use moat_pal::dispatch::dispatch;
 use moat_pal::nr::{DK_PROCESS_EXIT, DK_THREAD_EXIT, DK_THREAD_RAISE_EXCEPTION};
 use moat_pal::{Error, Pal};
@@ -105,13 +106,13 @@ impl PicoVm {
                 Ok(VcpuExit::IoIn(port, data)) => {
                     let n = data.len().min(4);
                     match self.devices.pio_read(port, &mut data[..n]) {
-                        true => Ex::Handled,
+                        true => Ex::Handled(None),
                         false => Ex::BadPort(port),
                     }
                 }
                 Ok(VcpuExit::MmioRead(addr, data)) => {
                     if self.devices.mmio_read(addr, data) {
-                        Ex::Handled
+                        Ex::Handled(Some(false))
                     } else {
                         data.fill(0);
                         Ex::MemFault(addr, false)
@@ -119,7 +120,7 @@ impl PicoVm {
                 }
                 Ok(VcpuExit::MmioWrite(addr, data)) => {
                     if self.devices.mmio_write(self.lin, addr, data) {
-                        Ex::Handled
+                        Ex::Handled(Some(true))
                     } else {
                         Ex::MemFault(addr, true)
                     }
@@ -137,8 +138,9 @@ impl PicoVm {
                 Err(e) => Ex::Fatal(format!("KVM could not run the vCPU: {e}")),
             };
             let fired = armed.disarm();
+            crate::stats::count(exit.counter());
             match exit {
-                Ex::Handled => {}
+                Ex::Handled(_) => {}
                 Ex::Interrupted if fired => self.die(
                     ReportKind::Exception,
                     format_args!(
@@ -305,7 +307,8 @@ pub(super) enum Outcome {
 
 /// A vCPU exit, as the loop sorts it.
 enum Ex {
-    Handled,
+    /// A device access served: `Some(write)` for MMIO, `None` for a port.
+    Handled(Option<bool>),
     Interrupted,
     Out(u16, u32, usize),
     BadPort(u16),
@@ -313,6 +316,26 @@ enum Ex {
     TripleFault,
     HostFault,
     Fatal(String),
+}
+
+impl Ex {
+    /// The statistics counter of this exit.
+    fn counter(&self) -> Counter {
+        match self {
+            Ex::Out(HYPERCALL_PORT, _, 4) => Counter::ExitHypercall,
+            Ex::Out(..) | Ex::BadPort(_) => Counter::ExitPio,
+            Ex::Interrupted => Counter::ExitInterrupted,
+            Ex::Handled(Some(write)) | Ex::MemFault(_, write) => {
+                if *write {
+                    Counter::ExitMmioWrite
+                } else {
+                    Counter::ExitMmioRead
+                }
+            }
+            Ex::Handled(None) => Counter::ExitPio,
+            Ex::TripleFault | Ex::HostFault | Ex::Fatal(_) => Counter::ExitOther,
+        }
+    }
 }
 
 /// Whether an `out` to one of the VMM's internal ports came from the stub

@@ -15,7 +15,17 @@
 //! let dev = moat_libos_virtio::open("blk0")?;
 //! let mut blk = VirtIOBlk::<MoatHal, _>::new(dev.transport)?;
 //! ```
+//!
+//! [`EventIdx`] wraps a transport to do `VIRTIO_RING_F_EVENT_IDX` for the
+//! driver (notify a device only when it sleeps, be interrupted only when
+//! about to wait): see [`event_idx`].
 #![no_std]
+
+extern crate alloc;
+
+pub mod event_idx;
+
+pub use event_idx::{EventIdx, Rings};
 
 use core::fmt;
 use core::ptr::NonNull;
@@ -135,7 +145,6 @@ pub fn open(name: &str) -> Result<VirtioMmio, OpenError> {
 }
 
 fn alloc_leak(device: Device) -> &'static Device {
-    extern crate alloc;
     alloc::boxed::Box::leak(alloc::boxed::Box::new(device))
 }
 

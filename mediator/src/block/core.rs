@@ -38,6 +38,7 @@ use super::link::Link;
 use super::region::{Bell, Region};
 use super::{io_err, Config, Counters};
 use crate::contract::{BlockContract, ClientError, Contract, Violation};
+use moat_monitor::VmStats;
 
 /// A write's bytes: the client's data (shared by its parts) and where this
 /// part's start.
@@ -86,6 +87,8 @@ pub(crate) struct Core {
     /// Parts waiting for a driver, a free buffer or room in the contract.
     queue: VecDeque<u64>,
     pub(crate) counters: Counters,
+    /// What the VMMs of the incarnations given up on had counted (kvm).
+    pub(crate) vm_past: Option<VmStats>,
     /// Restarts in a row without progress (see `Config::max_failed_restarts`).
     pub(crate) failed_restarts: u32,
     /// The live driver completed a request.
@@ -117,6 +120,7 @@ impl Core {
             parts: Parts::new(),
             queue: VecDeque::new(),
             counters: Counters::default(),
+            vm_past: None,
             failed_restarts: 0,
             progress: false,
             circuit_open_until: None,
@@ -412,10 +416,27 @@ impl Core {
     pub(crate) fn violation(&mut self, kind: &'static str) {
         *self.counters.violations.entry(kind).or_insert(0) += 1;
         if let Some(l) = self.link.take() {
+            if let Some(s) = l.proc.vm_stats() {
+                self.vm_past.get_or_insert_with(VmStats::default).add(&s);
+            }
             self.dead.push(l);
         }
         self.poller = false;
         self.control.ring();
+    }
+
+    /// The counters, with what the drivers' VMMs counted so far.
+    pub(crate) fn counters(&self) -> Counters {
+        let mut c = self.counters.clone();
+        let live = self.link.as_ref().and_then(|l| l.proc.vm_stats());
+        c.vm = match (live, self.vm_past) {
+            (Some(mut s), past) => {
+                s.add(&past.unwrap_or_default());
+                Some(s)
+            }
+            (None, past) => past,
+        };
+        c
     }
 
     /// A poller is done polling: if anyone sleeps, the driver is to ring

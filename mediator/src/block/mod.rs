@@ -179,6 +179,10 @@ pub struct Counters {
     pub bells: u64,
     /// The most requests in flight to a driver at once.
     pub peak_in_flight: usize,
+    /// What the drivers' VMMs counted (kvm only): VM exits by reason and
+    /// the work of the virtio-blk I/O threads, summed over incarnations (a
+    /// given-up incarnation's as it stood when it was given up).
+    pub vm: Option<moat_monitor::VmStats>,
 }
 
 impl Counters {
@@ -378,7 +382,7 @@ impl MediatedBlock {
     }
 
     pub fn counters(&self) -> Counters {
-        lock(&self.dev.inner.core).counters.clone()
+        lock(&self.dev.inner.core).counters()
     }
 
     /// Kill the current driver picoprocess (fault injection from

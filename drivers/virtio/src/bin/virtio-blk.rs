@@ -19,10 +19,26 @@
 //! - `dump SECTOR`: prints one sector as 32 lines `OOO: XX XX ...`: the byte
 //!   offset (3 hex digits) and 16 bytes in two-digit lowercase hex.
 //!
-//! Reads and writes go through the non-blocking calls (`read_blocks_nb`,
-//! `write_blocks_nb`): the driver submits one request, waits on the
-//! device's interrupt event until the request is in the used ring, and
-//! completes it. The flush is `VirtIOBlk::flush`, which polls the used ring.
+//! **Requests in flight.** Reads and writes go through the non-blocking
+//! calls (`read_blocks_nb`, `write_blocks_nb`): `serve` keeps up to
+//! [`SLOTS`] requests in the device's queue at once (virtio-drivers' block
+//! queue has 16 descriptors, and a read or write takes three), each in the
+//! request's own buffer of the shared section, so the device reads and
+//! writes the mediator's buffers in place. The other commands run one
+//! request at a time through the same path. The flush is
+//! `VirtIOBlk::flush`, which polls the used ring; it starts only once
+//! nothing else is in flight.
+//!
+//! **No exits at steady state.** The transport is wrapped in
+//! `moat_libos_virtio::EventIdx`, which negotiates
+//! `VIRTIO_RING_F_EVENT_IDX`: the driver notifies the device (an MMIO
+//! write, a VM exit) only when the device said it is going to sleep, and
+//! the device raises no interrupt unless the driver asked before waiting.
+//! While requests are in flight the driver polls the used ring; it waits
+//! on the interrupt event (a call, an exit) only after the device has been
+//! quiet for the spin bound, asking for the interrupt first and looking
+//! once more. The interrupt is an event here, not a level: the driver does
+//! not acknowledge it in `InterruptStatus` (two more exits per wait).
 //!
 //! Exit codes: 0 success; 1 `check` read back different data; 2 bad
 //! arguments (also: sectors beyond the capacity); 3 the device cannot be
@@ -34,20 +50,22 @@
 extern crate alloc;
 
 use alloc::boxed::Box;
+use alloc::rc::Rc;
 use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
 use core::fmt::Write as _;
+use core::ptr::NonNull;
 
-use moat_libos::env::parse_u64;
 use moat_libos::device::Interrupt;
-use moat_libos::service::{serve_block, status, BlockDevice, Faults};
+use moat_libos::env::parse_u64;
+use moat_libos::service::{op, serve_queued, status, BlockRequest, Faults, QueuedBlockDevice};
 use moat_libos::{env, eprintln, print, println, process, time};
 use moat_libos_virtio::virtio_drivers::device::blk::{BlkReq, BlkResp, VirtIOBlk, SECTOR_SIZE};
 use moat_libos_virtio::virtio_drivers::transport::mmio::MmioTransport;
 use moat_libos_virtio::virtio_drivers::transport::{DeviceType, Transport};
 use moat_libos_virtio::virtio_drivers::Error as VirtioError;
-use moat_libos_virtio::MoatHal;
+use moat_libos_virtio::{EventIdx, MoatHal, Rings};
 
 moat_libos::entry!(main);
 
@@ -56,8 +74,14 @@ const EXIT_USAGE: i32 = 2;
 const EXIT_DEVICE: i32 = 3;
 const EXIT_IO: i32 = 4;
 
-/// How long one request may take.
+/// How long the device may go without completing anything while
+/// requests are in flight.
 const REQUEST_TIMEOUT_MICROS: u64 = 10_000_000;
+/// Requests in the device's queue at once.
+const SLOTS: usize = 5;
+/// How long `check`, `read-bench` and `dump` poll for a request before
+/// they wait for the interrupt.
+const POLL_MICROS: u64 = 50;
 /// Sectors per request in `check`.
 const CHUNK_SECTORS: u64 = 64;
 /// Sectors per `read-bench` read (4096 bytes).
@@ -69,10 +93,20 @@ const USAGE: &str = "usage: virtio-blk DEVICE serve SECTION [SEED:PER_MILLION:KI
                      virtio-blk DEVICE dump SECTOR";
 
 enum Command {
-    Serve { section: String, faults: Option<Faults> },
-    Check { sectors: u64, seed: u64 },
-    ReadBench { count: u64 },
-    Dump { sector: u64 },
+    Serve {
+        section: String,
+        faults: Option<Faults>,
+    },
+    Check {
+        sectors: u64,
+        seed: u64,
+    },
+    ReadBench {
+        count: u64,
+    },
+    Dump {
+        sector: u64,
+    },
 }
 
 fn parse(args: &[String]) -> Option<(&str, Command)> {
@@ -118,7 +152,9 @@ fn main() -> i32 {
         );
         return EXIT_DEVICE;
     }
-    let blk = match VirtIOBlk::<MoatHal, _>::new(dev.transport) {
+    let transport = EventIdx::new(dev.transport);
+    let rings = transport.rings();
+    let blk = match VirtIOBlk::<MoatHal, _>::new(transport) {
         Ok(b) => b,
         Err(e) => {
             eprintln!("virtio-blk: device `{name}`: initialisation failed: {e}");
@@ -127,14 +163,18 @@ fn main() -> i32 {
     };
     let mut disk = Disk {
         blk,
+        rings,
         irq: dev.interrupt,
-        req: Box::default(),
-        resp: Box::default(),
+        reqs: Box::default(),
+        resps: Box::default(),
+        slots: [None; SLOTS],
+        finished: Vec::new(),
+        stalled: 0,
     };
 
     let r = match command {
         Command::Serve { section, faults } => {
-            return match serve_block(&section, &mut disk, faults) {
+            return match serve_queued(&section, &mut disk, faults) {
                 Ok(()) => 0,
                 Err(e) => {
                     eprintln!("virtio-blk: the service section failed: {}", e.name());
@@ -164,13 +204,6 @@ fn failure(code: i32, args: core::fmt::Arguments<'_>) -> Failure {
     Failure(code, s)
 }
 
-fn io_failure(what: &str, sector: u64, e: VirtioError) -> Failure {
-    failure(
-        EXIT_IO,
-        format_args!("{what} at sector {sector} failed: {e}"),
-    )
-}
-
 /// End the picoprocess: used where a request may still be in the device's
 /// hands, so its buffers must never be freed or reused.
 fn fatal(args: core::fmt::Arguments<'_>) -> ! {
@@ -178,35 +211,141 @@ fn fatal(args: core::fmt::Arguments<'_>) -> ! {
     process::exit(EXIT_IO)
 }
 
-type Blk = VirtIOBlk<MoatHal, MmioTransport<'static>>;
+type Blk = VirtIOBlk<MoatHal, EventIdx<MmioTransport<'static>>>;
 
-/// The block device, its interrupt, and the header and status buffers of
-/// the one request in flight. Everything handed to the device (these, the
-/// data buffers, the rings) lives in memory from DkVirtualMemoryAlloc (the
-/// heap or DMA allocations), never on the stack.
+/// A request in the device's queue.
+#[derive(Clone, Copy)]
+struct Pending {
+    /// virtio-drivers' token (the head descriptor).
+    token: u16,
+    /// The service loop's tag.
+    tag: u32,
+    write: bool,
+    buf: NonNull<[u8]>,
+}
+
+/// The block device, its rings and interrupt, and the requests in its
+/// queue: each slot's header and status buffers (handed to the device, so
+/// they live in memory from DkVirtualMemoryAlloc, never on the stack) and
+/// what the slot's request is.
 struct Disk {
     blk: Blk,
+    rings: Rc<Rings>,
     irq: Option<Interrupt>,
-    req: Box<BlkReq>,
-    resp: Box<BlkResp>,
+    reqs: Box<[BlkReq; SLOTS]>,
+    resps: Box<[BlkResp; SLOTS]>,
+    slots: [Option<Pending>; SLOTS],
+    /// Requests done without the queue (a flush), not yet reported.
+    finished: Vec<(u32, Result<(), u8>)>,
+    /// Microseconds waited for the interrupt in vain since a request last
+    /// completed.
+    stalled: u64,
 }
 
 /// The disk as a mediated block service (`serve`).
-impl BlockDevice for Disk {
+impl QueuedBlockDevice for Disk {
     fn geometry(&mut self) -> (u64, u32) {
         (self.capacity() * SECTOR_SIZE as u64, SECTOR_SIZE as u32)
     }
 
-    fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), u8> {
-        Disk::read(self, offset / SECTOR_SIZE as u64, buf).map_err(|_| status::IO_ERROR)
+    fn can_start(&self, op: u8) -> bool {
+        match op {
+            // virtio-drivers' flush waits for its own request at the head
+            // of the used ring: nothing else may be in flight.
+            op::FLUSH => self.in_flight() == 0,
+            _ => self.slots.iter().any(Option::is_none),
+        }
     }
 
-    fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), u8> {
-        Disk::write(self, offset / SECTOR_SIZE as u64, data).map_err(|_| status::IO_ERROR)
+    unsafe fn start(&mut self, tag: u32, r: &BlockRequest) -> Result<(), u8> {
+        match r.op {
+            op::READ | op::WRITE => {
+                // SAFETY: the caller lends the buffer until `complete`
+                // reports `tag`.
+                unsafe { self.submit(tag, r.op == op::WRITE, r.offset, r.buf) }
+            }
+            op::FLUSH => {
+                let done = self.blk.flush().map_err(|_| status::IO_ERROR);
+                self.finished.push((tag, done));
+                Ok(())
+            }
+            _ => Err(status::UNSUPPORTED),
+        }
     }
 
-    fn flush(&mut self) -> Result<(), u8> {
-        self.blk.flush().map_err(|_| status::IO_ERROR)
+    fn complete(&mut self, done: &mut dyn FnMut(u32, Result<(), u8>)) -> usize {
+        let mut n = 0;
+        for (tag, r) in self.finished.drain(..) {
+            done(tag, r);
+            n += 1;
+        }
+        while let Some(token) = self.blk.peek_used() {
+            let Some(i) = self
+                .slots
+                .iter()
+                .position(|s| s.is_some_and(|p| p.token == token))
+            else {
+                fatal(format_args!(
+                    "the device completed request {token}, which is not in its queue"
+                ))
+            };
+            let Some(p) = self.slots[i].take() else {
+                unreachable!("slot {i} was just found full")
+            };
+            let (req, resp) = (&mut self.reqs[i], &mut self.resps[i]);
+            // SAFETY: the same buffers as given to `read_blocks_nb` /
+            // `write_blocks_nb` for this token; the loop lent `p.buf`
+            // until this report.
+            let r = unsafe {
+                if p.write {
+                    self.blk
+                        .complete_write_blocks(token, req, p.buf.as_ref(), resp)
+                } else {
+                    self.blk
+                        .complete_read_blocks(token, req, &mut *p.buf.as_ptr(), resp)
+                }
+            };
+            let r = Self::completed(r).map_err(|_| status::IO_ERROR);
+            self.stalled = 0;
+            done(p.tag, r);
+            n += 1;
+        }
+        n
+    }
+
+    fn in_flight(&self) -> usize {
+        self.slots.iter().filter(|s| s.is_some()).count() + self.finished.len()
+    }
+
+    /// Asks for the interrupt, looks at the used ring once more, and
+    /// waits. Without an interrupt, returns at once (the loop polls).
+    /// Ends the picoprocess once the device has completed nothing for
+    /// [`REQUEST_TIMEOUT_MICROS`] (its buffers may still be in the
+    /// device's hands: they must never be reused).
+    fn wait(&mut self, micros: u64) {
+        let Some(irq) = self.irq.as_ref() else {
+            return;
+        };
+        self.rings.want_interrupt(0);
+        if self.blk.peek_used().is_some() {
+            return;
+        }
+        // No clock reads here: on kvm each is a VM exit. The time waited
+        // in vain is counted in timeouts.
+        let micros = micros.min(REQUEST_TIMEOUT_MICROS);
+        match irq.wait(micros as i64) {
+            Ok(true) => {}
+            Ok(false) => {
+                self.stalled += micros;
+                if self.stalled >= REQUEST_TIMEOUT_MICROS {
+                    fatal(format_args!("a request did not complete within 10 s"));
+                }
+            }
+            Err(e) => fatal(format_args!(
+                "waiting for the interrupt failed: {}",
+                e.name()
+            )),
+        }
     }
 }
 
@@ -215,30 +354,92 @@ impl Disk {
         self.blk.capacity()
     }
 
+    /// Puts a read (or write) of `buf` at byte `offset` in a free slot.
+    ///
+    /// # Safety
+    ///
+    /// `buf` stays valid, and nothing else uses it, until `complete`
+    /// reports `tag`.
+    unsafe fn submit(
+        &mut self,
+        tag: u32,
+        write: bool,
+        offset: u64,
+        buf: NonNull<[u8]>,
+    ) -> Result<(), u8> {
+        if buf.is_empty() || !buf.len().is_multiple_of(SECTOR_SIZE) {
+            return Err(status::INVALID);
+        }
+        let Some(i) = self.slots.iter().position(Option::is_none) else {
+            return Err(status::IO_ERROR);
+        };
+        let sector = (offset / SECTOR_SIZE as u64) as usize;
+        let (req, resp) = (&mut self.reqs[i], &mut self.resps[i]);
+        // SAFETY: `req` and `resp` belong to slot `i`, which stays full
+        // (and so untouched) until the device hands the request back;
+        // the caller keeps `buf` for it until then.
+        let token = unsafe {
+            if write {
+                self.blk.write_blocks_nb(sector, req, buf.as_ref(), resp)
+            } else {
+                self.blk
+                    .read_blocks_nb(sector, req, &mut *buf.as_ptr(), resp)
+            }
+        };
+        let token = token.map_err(|_| status::IO_ERROR)?;
+        self.slots[i] = Some(Pending {
+            token,
+            tag,
+            write,
+            buf,
+        });
+        Ok(())
+    }
+
+    /// Runs one read or write of `buf` at `sector` to its end.
+    fn run_one(&mut self, write: bool, sector: u64, buf: &mut [u8]) -> Result<(), Failure> {
+        let what = if write { "write" } else { "read" };
+        let ptr = NonNull::from(&mut *buf);
+        // SAFETY: `buf` is borrowed for this whole function, which returns
+        // only once the request is reported (or ends the picoprocess).
+        if unsafe { self.submit(0, write, sector * SECTOR_SIZE as u64, ptr) }.is_err() {
+            return Err(failure(
+                EXIT_IO,
+                format_args!("{what} at sector {sector} could not be submitted"),
+            ));
+        }
+        let mut result = None;
+        let spin = POLL_MICROS * time::spins_per_micro();
+        let mut quiet = 0;
+        while result.is_none() {
+            if self.complete(&mut |_, r| result = Some(r)) > 0 {
+                continue;
+            }
+            quiet += 1;
+            if quiet < spin {
+                core::hint::spin_loop();
+            } else {
+                quiet = 0;
+                self.wait(REQUEST_TIMEOUT_MICROS);
+            }
+        }
+        match result {
+            Some(Ok(())) => Ok(()),
+            _ => Err(failure(
+                EXIT_IO,
+                format_args!("{what} at sector {sector} failed"),
+            )),
+        }
+    }
+
     /// Read `buf.len() / 512` sectors starting at `sector`.
     fn read(&mut self, sector: u64, buf: &mut [u8]) -> Result<(), Failure> {
-        let (req, resp) = (&mut *self.req, &mut *self.resp);
-        // SAFETY: `req`, `buf` and `resp` are not touched again until
-        // `complete_read_blocks` below: `wait_for` returns only once the
-        // device has used the request, and ends the picoprocess otherwise.
-        let token = unsafe { self.blk.read_blocks_nb(sector as usize, req, buf, resp) }
-            .map_err(|e| io_failure("read", sector, e))?;
-        Self::wait_for(&mut self.blk, self.irq.as_ref(), token);
-        // SAFETY: the same buffers as given to `read_blocks_nb`.
-        let r = unsafe { self.blk.complete_read_blocks(token, req, buf, resp) };
-        Self::completed(r).map_err(|e| io_failure("read", sector, e))
+        self.run_one(false, sector, buf)
     }
 
     /// Write `buf.len() / 512` sectors starting at `sector`.
-    fn write(&mut self, sector: u64, buf: &[u8]) -> Result<(), Failure> {
-        let (req, resp) = (&mut *self.req, &mut *self.resp);
-        // SAFETY: as in `read`.
-        let token = unsafe { self.blk.write_blocks_nb(sector as usize, req, buf, resp) }
-            .map_err(|e| io_failure("write", sector, e))?;
-        Self::wait_for(&mut self.blk, self.irq.as_ref(), token);
-        // SAFETY: the same buffers as given to `write_blocks_nb`.
-        let r = unsafe { self.blk.complete_write_blocks(token, req, buf, resp) };
-        Self::completed(r).map_err(|e| io_failure("write", sector, e))
+    fn write(&mut self, sector: u64, buf: &mut [u8]) -> Result<(), Failure> {
+        self.run_one(true, sector, buf)
     }
 
     /// The outcome of a completion. If the request could not be taken off
@@ -249,44 +450,6 @@ impl Disk {
                 fatal(format_args!("the device broke the used ring: {e}"))
             }
             r => r,
-        }
-    }
-
-    /// Wait until the request `token` is at the head of the used ring.
-    ///
-    /// Checks the used ring, and only if the request is not there waits on
-    /// the interrupt event and acknowledges the interrupt before checking
-    /// again, so a completion between the check and the wait is not missed
-    /// (it raises the interrupt). Without an interrupt, polls. Ends the
-    /// picoprocess if the request does not complete in time.
-    fn wait_for(blk: &mut Blk, irq: Option<&Interrupt>, token: u16) {
-        // The clock is read only once the request is not done at once.
-        let mut start = None;
-        loop {
-            match blk.peek_used() {
-                Some(t) if t == token => return,
-                Some(t) => fatal(format_args!(
-                    "the device completed request {t}, but only {token} was submitted"
-                )),
-                None => {}
-            }
-            let t0 = *start.get_or_insert_with(time::now_micros);
-            let left = REQUEST_TIMEOUT_MICROS.saturating_sub(time::elapsed_micros(t0));
-            if left == 0 {
-                fatal(format_args!("a request did not complete within 10 s"));
-            }
-            match irq {
-                Some(irq) => match irq.wait(left as i64) {
-                    Ok(_) => {
-                        blk.ack_interrupt();
-                    }
-                    Err(e) => fatal(format_args!(
-                        "waiting for the interrupt failed: {}",
-                        e.name()
-                    )),
-                },
-                None => core::hint::spin_loop(),
-            }
         }
     }
 }

@@ -7,6 +7,11 @@
 //! own code), `straddle` (512 bytes that start in its memory and end in a
 //! page it never had).
 //!
+//! The device serves its queue on a thread of its own, so after each
+//! notification the driver waits (up to a second) for the request to come
+//! back in the used ring, or for the device to say it needs a reset,
+//! before it judges the attempt.
+//!
 //! Prints `REFUSED <target> ...` for each attempt the device refused and
 //! `ESCAPED <target>` for one it carried out; then one honest request
 //! (`OK honest request`). Exit 0 when it could run the attempts, 2 when
@@ -38,6 +43,20 @@ const DEVICE: usize = 0xa0;
 const QSIZE: u16 = 8;
 const NEEDS_RESET: u32 = 0x40;
 const PAGE: u64 = 4096;
+/// How long the device may take to serve a request.
+const SERVE_MICROS: u64 = 1_000_000;
+
+/// Polls `done` until it holds or [`SERVE_MICROS`] have passed.
+fn wait_until(done: impl Fn() -> bool) -> bool {
+    let t0 = moat_libos::time::now_micros();
+    while !done() {
+        if moat_libos::time::elapsed_micros(t0) > SERVE_MICROS {
+            return false;
+        }
+        core::hint::spin_loop();
+    }
+    true
+}
 
 fn rd(a: u64) -> u8 {
     // SAFETY: the caller passes memory this driver may read.
@@ -137,8 +156,9 @@ fn main() -> i32 {
         };
         m.write32(QUEUE_NOTIFY, 0);
         // SAFETY: the used ring is the third page of our rings.
-        let after = unsafe { ((rings + 0x2002) as *const u16).read_volatile() };
-        (after != before, rd(status))
+        let used = || unsafe { ((rings + 0x2002) as *const u16).read_volatile() };
+        let done = wait_until(|| used() != before);
+        (done, rd(status))
     };
     let mut refused_all = true;
     for t in moat_libos::env::args().iter().skip(2) {
@@ -153,7 +173,7 @@ fn main() -> i32 {
         if dir == "ring" {
             start(addr);
             m.write32(QUEUE_NOTIFY, 0);
-            if m.read32(STATUS) & NEEDS_RESET != 0 {
+            if wait_until(|| m.read32(STATUS) & NEEDS_RESET != 0) {
                 println!("REFUSED {t} (rings: the device needs a reset)");
             } else {
                 refused_all = false;

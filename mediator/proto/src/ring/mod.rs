@@ -431,6 +431,20 @@ impl Server {
         self.s.store(D_IDLE, 0, Ordering::Relaxed);
     }
 
+    /// Where buffer `buf`'s first `len` bytes are, or `None` when the
+    /// mediator named a buffer or a length the layout does not have: for a
+    /// driver that keeps several requests in flight, each in its own buffer,
+    /// and hands the buffer to its device until the request completes.
+    /// Dereferencing it is the caller's business: the buffer is the
+    /// driver's until it answers, and nothing else in the process may use
+    /// it meanwhile (a driver hands one buffer to one request at a time).
+    pub fn buf_ptr(&self, buf: u32, len: u32) -> Option<core::ptr::NonNull<[u8]>> {
+        if buf >= self.l.depth || len > self.l.buf_size {
+            return None;
+        }
+        Some(self.s.ptr(self.l.buf(buf), len as usize))
+    }
+
     /// Buffer `buf`'s first `len` bytes, or `None` when the mediator named
     /// a buffer or a length the layout does not have.
     pub fn buf_mut(&mut self, buf: u32, len: u32) -> Option<&mut [u8]> {

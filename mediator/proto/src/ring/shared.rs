@@ -137,6 +137,14 @@ impl Section {
         unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) }
     }
 
+    /// The address of the `len` bytes at `off`, for a driver whose device
+    /// fills or reads them after this call (DMA). Using it is the caller's
+    /// business, under the terms of [`Section::slice_mut`].
+    pub fn ptr(&self, off: usize, len: usize) -> NonNull<[u8]> {
+        let p = self.at(off, len, 1);
+        NonNull::slice_from_raw_parts(NonNull::new(p).unwrap_or(self.base), len)
+    }
+
     /// The `len` bytes at `off` as a mutable slice, for a driver that reads
     /// a file straight into its answer's buffer.
     ///

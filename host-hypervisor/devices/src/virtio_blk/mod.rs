@@ -1,15 +1,33 @@
 //! A virtio-mmio (version 2) block device backed by a host file, on top of
-//! `virtio-queue`.
+//! `virtio-queue`: the register file and the queue here, the execution of
+//! one request in `backend.rs`, the I/O thread that may serve the queue in
+//! `serving.rs`.
+//!
+//! **Two ways to serve the queue.** By default a `QueueNotify` write
+//! serves the available ring at once, on the thread that wrote it (the
+//! vCPU thread, in the VMM): simple, and every request costs the driver a
+//! VM exit. Handed to an [`IoThread`] ([`VirtioBlk::set_kick`]), the
+//! device is served by that thread instead, which polls the available
+//! ring while requests keep coming and sleeps only when it has been empty
+//! for a while; with `VIRTIO_RING_F_EVENT_IDX` ([`VirtioBlk::set_event_idx`])
+//! the driver then notifies only a sleeping device (`avail_event`), and
+//! the device interrupts only a driver that asked (`used_event`).
+//!
+//! The device state is one value behind its owner's lock: the vCPU thread
+//! takes it for a register access, the I/O thread for one pass over the
+//! ring, so a queue is never reset or re-addressed in the middle of a pass.
+
+mod backend;
+mod serving;
 
 use std::fs::File;
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, Seek, SeekFrom};
 use std::ops::Range;
-use std::os::unix::fs::FileExt;
+use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
-    VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
-    VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_ID_BYTES,
 };
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FAILED,
@@ -17,11 +35,18 @@ use virtio_bindings::virtio_config::{
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_bindings::virtio_mmio::*;
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT, Reader, Writer};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap};
 
+use self::backend::Backend;
+pub use self::serving::{Gate, IoConfig, IoEvent, IoThread};
 use crate::dma::{normalize, DmaMemory};
 use crate::{Device, Irq};
+
+/// Offset of the `QueueNotify` register in the MMIO window (a VMM may
+/// make writes of 0 there an ioeventfd that wakes the [`IoThread`]).
+pub const QUEUE_NOTIFY_OFFSET: u64 = VIRTIO_MMIO_QUEUE_NOTIFY as u64;
 
 /// Size of a [`VirtioBlk`]'s MMIO window.
 pub const VIRTIO_BLK_MMIO_SIZE: u64 = 0x1000;
@@ -85,6 +110,9 @@ pub struct BlkCounters {
     pub queue_errors: u64,
     /// Times the interrupt eventfd could not be signalled.
     pub irq_errors: u64,
+    /// Used-buffer interrupts raised (with `EVENT_IDX`, only those the
+    /// driver asked for).
+    pub interrupts: u64,
 }
 
 /// A virtio-mmio (version 2, "modern") block device backed by a host file.
@@ -97,8 +125,9 @@ pub struct BlkCounters {
 /// request types complete with `VIRTIO_BLK_S_UNSUPP`.
 ///
 /// Requests are processed synchronously, on the thread that performs the
-/// `QueueNotify` write; afterwards `InterruptStatus` bit 0 is set and the
-/// [`Irq`] is signalled.
+/// `QueueNotify` write, unless an [`IoThread`] serves the queue (see the
+/// module docs); afterwards `InterruptStatus` bit 0 is set and the [`Irq`]
+/// is signalled (with `EVENT_IDX`, when the driver's `used_event` asks).
 ///
 /// The capacity is the backing file's size at construction, rounded down to
 /// whole sectors.
@@ -116,17 +145,15 @@ pub struct VirtioBlk {
     queue_sel: u32,
     status: u32,
     interrupt_status: u32,
+    /// Offer `VIRTIO_RING_F_EVENT_IDX`.
+    offer_event_idx: bool,
+    /// Set when an I/O thread serves the queue: called instead of serving
+    /// it on a `QueueNotify` write, and when the device starts running.
+    kick: Option<Kick>,
 }
 
-/// The part of the device that executes requests.
-struct Backend {
-    file: File,
-    capacity_sectors: u64,
-    read_only: bool,
-    id: [u8; ID_BYTES],
-    counters: BlkCounters,
-    buf: Vec<u8>,
-}
+/// How the device wakes the thread that serves its queue.
+pub type Kick = Arc<dyn Fn() + Send + Sync>;
 
 impl VirtioBlk {
     /// A block device named `name` over `file` (opened by the caller, for
@@ -169,7 +196,31 @@ impl VirtioBlk {
             queue_sel: 0,
             status: 0,
             interrupt_status: 0,
+            offer_event_idx: false,
+            kick: None,
         })
+    }
+
+    /// Offers `VIRTIO_RING_F_EVENT_IDX` (or stops offering it): the driver
+    /// then notifies only when the device asked (`avail_event`), and the
+    /// device interrupts only when the driver asked (`used_event`). Call it
+    /// before the guest driver negotiates features.
+    pub fn set_event_idx(&mut self, offer: bool) {
+        self.offer_event_idx = offer;
+    }
+
+    /// Hands the queue to another thread (an [`IoThread`]): a `QueueNotify`
+    /// write then calls `kick` instead of serving the queue, and so does
+    /// the device starting to run (`DRIVER_OK`, the queue made ready), so
+    /// that the thread looks. `None` serves on the writing thread again.
+    pub fn set_kick(&mut self, kick: Option<Kick>) {
+        self.kick = kick;
+    }
+
+    /// Adds `n` notifications that reached the serving thread without a
+    /// register write (through an ioeventfd) to the counters.
+    pub fn count_notifications(&mut self, n: u64) {
+        self.backend.counters.notifications += n;
     }
 
     /// Makes the device read-only (offering `VIRTIO_BLK_F_RO`, and failing
@@ -243,6 +294,9 @@ impl VirtioBlk {
         if self.backend.read_only {
             f |= 1 << VIRTIO_BLK_F_RO;
         }
+        if self.offer_event_idx {
+            f |= 1 << VIRTIO_RING_F_EVENT_IDX;
+        }
         f
     }
 
@@ -290,9 +344,23 @@ impl VirtioBlk {
             if !acceptable {
                 // The driver reads Status back and sees FEATURES_OK missing.
                 v &= !VIRTIO_CONFIG_S_FEATURES_OK;
+            } else {
+                let event_idx = self.driver_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+                self.queue.set_event_idx(event_idx);
             }
         }
+        let was_running = self.running();
         self.status = v;
+        if !was_running && self.running() {
+            self.wake();
+        }
+    }
+
+    /// Wakes the serving thread, if another thread serves the queue.
+    fn wake(&self) {
+        if let Some(k) = &self.kick {
+            k();
+        }
     }
 
     fn running(&self) -> bool {
@@ -307,6 +375,9 @@ impl VirtioBlk {
     }
 
     fn signal(&mut self, bits: u32) {
+        if bits & VIRTIO_MMIO_INT_VRING != 0 {
+            self.backend.counters.interrupts += 1;
+        }
         self.interrupt_status |= bits;
         if self.irq.trigger().is_err() {
             self.backend.counters.irq_errors += 1;
@@ -319,31 +390,61 @@ impl VirtioBlk {
         self.signal(VIRTIO_MMIO_INT_CONFIG);
     }
 
-    /// Processes every chain in the available ring.
+    /// A `QueueNotify` write: serve the queue here, or wake the thread
+    /// that serves it.
     fn notify(&mut self) {
         self.backend.counters.notifications += 1;
-        if !self.running() || !self.queue.ready() {
-            return;
+        if self.kick.is_some() {
+            self.wake();
+        } else {
+            self.serve();
+        }
+    }
+
+    /// Whether the device runs with its queue ready: there is something to
+    /// serve.
+    pub fn serving(&self) -> bool {
+        self.running() && self.queue.ready()
+    }
+
+    /// The DMA view of guest memory, if the queue's rings lie inside it;
+    /// otherwise the device needs a reset (and `None`).
+    fn rings(&mut self) -> Option<()> {
+        let dma = DmaMemory::new(&self.mem, self.dma_ranges.as_deref());
+        let q = &self.queue;
+        let n = usize::from(q.size());
+        // The used ring with its avail_event, the available ring with its
+        // used_event: 6 bytes of header and trailer each.
+        let ok = dma.check_range(GuestAddress(q.desc_table()), 16 * n)
+            && dma.check_range(GuestAddress(q.avail_ring()), 6 + 2 * n)
+            && dma.check_range(GuestAddress(q.used_ring()), 6 + 8 * n);
+        if ok {
+            Some(())
+        } else {
+            self.needs_reset();
+            None
+        }
+    }
+
+    /// Serves every chain in the available ring (at most a ring's worth)
+    /// and raises the interrupt if the driver asked for it; returns how
+    /// many chains were taken. Does nothing unless [`VirtioBlk::serving`].
+    pub fn serve(&mut self) -> usize {
+        if !self.serving() || self.rings().is_none() {
+            return 0;
         }
         let dma = DmaMemory::new(&self.mem, self.dma_ranges.as_deref());
         let q = &mut self.queue;
-        let n = usize::from(q.size());
-        let rings_ok = dma.check_range(GuestAddress(q.desc_table()), 16 * n)
-            && dma.check_range(GuestAddress(q.avail_ring()), 6 + 2 * n)
-            && dma.check_range(GuestAddress(q.used_ring()), 6 + 8 * n);
-        if !rings_ok {
-            self.needs_reset();
-            return;
-        }
         // At most `size` chains: `iter` refuses an available index that is
         // more than a ring's worth ahead.
         let chains: Vec<DescriptorChain<&DmaMemory>> = match q.iter(&dma) {
             Ok(it) => it.collect(),
             Err(_) => {
                 self.needs_reset();
-                return;
+                return 0;
             }
         };
+        let taken = chains.len();
         let mut used = false;
         let mut broken = false;
         for chain in chains {
@@ -365,6 +466,41 @@ impl VirtioBlk {
         }
         if notify {
             self.signal(VIRTIO_MMIO_INT_VRING);
+        }
+        taken
+    }
+
+    /// Before the serving thread sleeps: asks the driver to notify at its
+    /// next request (with `EVENT_IDX`, `avail_event` set to the next
+    /// available index), then looks once more. True: nothing is waiting,
+    /// the thread may sleep; false: requests came in meanwhile. A device
+    /// that is not serving, or whose rings are broken, may always sleep
+    /// (its driver must start it again, which wakes the thread).
+    pub fn enable_notification(&mut self) -> bool {
+        if !self.serving() || self.rings().is_none() {
+            return true;
+        }
+        let dma = DmaMemory::new(&self.mem, self.dma_ranges.as_deref());
+        match self.queue.enable_notification(&dma) {
+            Ok(pending) => !pending,
+            Err(_) => {
+                self.needs_reset();
+                true
+            }
+        }
+    }
+
+    /// After the serving thread woke: the driver need not notify while the
+    /// thread polls. (With `EVENT_IDX` this writes nothing: a driver
+    /// notifies only when it reaches `avail_event`, which the device moves
+    /// only when it is going to sleep.)
+    pub fn disable_notification(&mut self) {
+        if !self.serving() || self.rings().is_none() {
+            return;
+        }
+        let dma = DmaMemory::new(&self.mem, self.dma_ranges.as_deref());
+        if self.queue.disable_notification(&dma).is_err() {
+            self.needs_reset();
         }
     }
 
@@ -418,7 +554,10 @@ impl VirtioBlk {
             }
             VIRTIO_MMIO_QUEUE_READY if self.queue_sel == 0 => match v {
                 0 => self.queue.set_ready(false),
-                1 => self.queue.set_ready(true),
+                1 => {
+                    self.queue.set_ready(true);
+                    self.wake();
+                }
                 _ => {}
             },
             VIRTIO_MMIO_QUEUE_NOTIFY if v == 0 => self.notify(),
@@ -445,150 +584,6 @@ impl VirtioBlk {
             }
             _ => {}
         }
-    }
-}
-
-impl Backend {
-    /// Executes one request; returns the number of bytes written into the
-    /// chain's device-writable buffers (the used length).
-    fn execute(&mut self, dma: &DmaMemory, chain: DescriptorChain<&DmaMemory>) -> u32 {
-        self.counters.requests += 1;
-
-        // Bound the chain and find its status byte (the last byte of the
-        // last device-writable descriptor), before anything else reads it.
-        let mut count = 0;
-        let mut status_at = None;
-        for desc in chain.clone() {
-            count += 1;
-            if count > MAX_CHAIN_DESCRIPTORS {
-                // Too long, or a loop: there is no last descriptor.
-                return self.refuse(dma, None);
-            }
-            if desc.is_write_only() && desc.len() > 0 {
-                status_at = desc.addr().checked_add(u64::from(desc.len()) - 1);
-            }
-        }
-        let Some(status_at) = status_at else {
-            return self.refuse(dma, None);
-        };
-
-        // Every buffer is mapped through the DMA view: one outside guest
-        // memory or the window fails here.
-        let Ok(mut reader) = Reader::new(dma, chain.clone()) else {
-            return self.refuse(dma, Some(status_at));
-        };
-        let Ok(mut writer) = Writer::new(dma, chain) else {
-            return self.refuse(dma, Some(status_at));
-        };
-        let writable = writer.available_bytes();
-        if writable == 0 || reader.available_bytes() < REQUEST_HEADER_SIZE {
-            return self.refuse(dma, Some(status_at));
-        }
-        let Ok(mut status) = writer.split_at(writable - 1) else {
-            return self.refuse(dma, Some(status_at));
-        };
-        let mut header = [0u8; REQUEST_HEADER_SIZE];
-        if reader.read_exact(&mut header).is_err() {
-            return self.refuse(dma, Some(status_at));
-        }
-        let kind = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
-        let mut sector = [0u8; 8];
-        sector.copy_from_slice(&header[8..16]);
-        let sector = u64::from_le_bytes(sector);
-
-        let code = match kind {
-            VIRTIO_BLK_T_IN => self.read(sector, &mut writer),
-            VIRTIO_BLK_T_OUT => self.write(sector, &mut reader),
-            VIRTIO_BLK_T_FLUSH => self.flush(),
-            VIRTIO_BLK_T_GET_ID => self.get_id(&mut writer),
-            _ => {
-                self.counters.unsupported += 1;
-                VIRTIO_BLK_S_UNSUPP
-            }
-        };
-        if code == VIRTIO_BLK_S_IOERR {
-            self.counters.io_errors += 1;
-        }
-        if status.write_all(&[code as u8]).is_err() {
-            return self.refuse(dma, Some(status_at));
-        }
-        // At most MAX_REQUEST_BYTES + 1.
-        u32::try_from(writer.bytes_written() + 1).unwrap_or(u32::MAX)
-    }
-
-    /// Counts a refused chain and sets its status to IOERR if possible.
-    fn refuse(&mut self, dma: &DmaMemory, status_at: Option<GuestAddress>) -> u32 {
-        self.counters.refused += 1;
-        match status_at {
-            Some(at) if dma.write_obj(VIRTIO_BLK_S_IOERR as u8, at).is_ok() => 1,
-            _ => 0,
-        }
-    }
-
-    /// The byte offset of a transfer of `len` bytes at `sector`, if the
-    /// transfer is whole sectors, not too long, and inside the disk.
-    fn range(&self, sector: u64, len: usize) -> Option<u64> {
-        if len > MAX_REQUEST_BYTES || !(len as u64).is_multiple_of(SECTOR_SIZE) {
-            return None;
-        }
-        let start = sector.checked_mul(SECTOR_SIZE)?;
-        let end = start.checked_add(len as u64)?;
-        (end <= self.capacity_sectors * SECTOR_SIZE).then_some(start)
-    }
-
-    fn read(&mut self, sector: u64, data: &mut Writer) -> u32 {
-        let len = data.available_bytes();
-        let Some(offset) = self.range(sector, len) else {
-            return VIRTIO_BLK_S_IOERR;
-        };
-        self.buf.resize(len, 0);
-        if self
-            .file
-            .read_exact_at(&mut self.buf[..len], offset)
-            .is_err()
-            || data.write_all(&self.buf[..len]).is_err()
-        {
-            return VIRTIO_BLK_S_IOERR;
-        }
-        self.counters.reads += 1;
-        self.counters.bytes_read += len as u64;
-        VIRTIO_BLK_S_OK
-    }
-
-    fn write(&mut self, sector: u64, data: &mut Reader) -> u32 {
-        let len = data.available_bytes();
-        let Some(offset) = self.range(sector, len) else {
-            return VIRTIO_BLK_S_IOERR;
-        };
-        if self.read_only {
-            return VIRTIO_BLK_S_IOERR;
-        }
-        self.buf.resize(len, 0);
-        if data.read_exact(&mut self.buf[..len]).is_err()
-            || self.file.write_all_at(&self.buf[..len], offset).is_err()
-        {
-            return VIRTIO_BLK_S_IOERR;
-        }
-        self.counters.writes += 1;
-        self.counters.bytes_written += len as u64;
-        VIRTIO_BLK_S_OK
-    }
-
-    fn flush(&mut self) -> u32 {
-        if self.file.sync_data().is_err() {
-            return VIRTIO_BLK_S_IOERR;
-        }
-        self.counters.flushes += 1;
-        VIRTIO_BLK_S_OK
-    }
-
-    fn get_id(&mut self, data: &mut Writer) -> u32 {
-        let n = data.available_bytes().min(ID_BYTES);
-        if data.write_all(&self.id[..n]).is_err() {
-            return VIRTIO_BLK_S_IOERR;
-        }
-        self.counters.get_ids += 1;
-        VIRTIO_BLK_S_OK
     }
 }
 
