@@ -34,7 +34,7 @@ const FILE_INO: INodeNo = INodeNo(2);
 /// queue is shallower). The kernel sends the loop driver's requests as
 /// background requests, at most `max_background` ([`MAX_BACKGROUND`]) at
 /// once, so this is never the limit for them.
-pub(super) const MAX_IN_FLIGHT: usize = 128;
+const MAX_IN_FLIGHT: usize = 128;
 
 /// The kernel's limit on background requests (the loop driver's
 /// asynchronous direct I/O, readahead).
