@@ -285,8 +285,8 @@ fn measure(dir: &Path, mnt: &Path) -> Result<(Figures, Figures), String> {
     note(&format!(
         "export: the FUSE export of the plain file without the mediator: {:.0} IOPS ({:.2}x), \
          {:.0} MB/s ({:.2}x); CPU time per random read, whole machine: {:.1} µs plain loop, \
-         {:.1} µs FUSE alone, {:.1} µs through the mediator; {} requests to the driver, {} \
-         doorbells to it, {} from it",
+         {:.1} µs FUSE alone, {:.1} µs through the mediator; {} requests to the driver (at \
+         most {} in flight), {} doorbells to it, {} from it",
         bare.iops,
         bare.iops / floor.iops,
         bare.mbs,
@@ -295,6 +295,7 @@ fn measure(dir: &Path, mnt: &Path) -> Result<(Figures, Figures), String> {
         bare.cpu_us,
         moat.cpu_us,
         c.requests,
+        c.peak_in_flight,
         c.kicks,
         c.bells
     ));

@@ -213,6 +213,8 @@ impl Core {
             }
         }
         if pushed {
+            let n = self.contract.in_flight_len();
+            self.counters.peak_in_flight = self.counters.peak_in_flight.max(n);
             self.publish();
         }
     }

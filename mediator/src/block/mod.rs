@@ -21,7 +21,9 @@
 //! threads, and one thread can keep many in flight with the split form:
 //! [`MediatedBlock::submit_read`] / [`submit_write`](MediatedBlock::submit_write)
 //! return a [`Ticket`], [`MediatedBlock::wait_read`] / [`wait`](MediatedBlock::wait)
-//! collect it.
+//! collect it, and [`MediatedBlock::wait_any`] waits for whichever of many
+//! tickets completes first (the thread that calls it polls and sleeps as
+//! a waiting client does).
 //!
 //! **Recovery.** When the driver crashes, breaks the contract (a wrong id,
 //! length, status or buffer, a broken ring index, a malformed descriptor)
@@ -175,6 +177,8 @@ pub struct Counters {
     pub kicks: u64,
     /// Times the driver rang the mediator's (nobody polled).
     pub bells: u64,
+    /// The most requests in flight to a driver at once.
+    pub peak_in_flight: usize,
     /// What the drivers' VMMs counted (kvm only): VM exits by reason and
     /// the work of the virtio-blk I/O threads, summed over incarnations (a
     /// given-up incarnation's as it stood when it was given up).
@@ -369,6 +373,12 @@ impl MediatedBlock {
     /// The most bytes one request to the driver carries.
     pub fn max_io(&self) -> u32 {
         self.dev.inner.config.max_io
+    }
+
+    /// The most requests to the driver in flight at once (the depth of
+    /// the rings: [`Config::max_in_flight`], rounded up).
+    pub fn max_in_flight(&self) -> usize {
+        self.dev.inner.layout.depth as usize
     }
 
     pub fn counters(&self) -> Counters {
@@ -582,6 +592,106 @@ impl MediatedBlock {
         }
     }
 
+    /// Waits until at least one of `tickets` is done, and pushes the index
+    /// of every done one onto `done`: for a thread that keeps many requests
+    /// in flight and collects them as they complete (the FUSE export's
+    /// completion thread). It waits as a client does: it polls the
+    /// completion ring for up to [`Config::spin`] if no other client does,
+    /// then sleeps until whoever takes the answer of one of `tickets`
+    /// wakes it.
+    ///
+    /// `interrupt` is asked between looks whether to return early, with
+    /// nothing done (say, because the caller has new tickets to add); it
+    /// must be quick and must not use this device. Its argument is true
+    /// when the thread is about to sleep: from then on, whoever makes the
+    /// answer true must unpark the thread. After one sleep this returns
+    /// whatever woke it, so a caller loops.
+    pub fn wait_any(
+        &self,
+        tickets: &[Ticket],
+        interrupt: &dyn Fn(bool) -> bool,
+        done: &mut Vec<usize>,
+    ) {
+        let inner = &*self.dev.inner;
+        let spin = inner.config.spin;
+        let mut polling: Option<Instant> = None;
+        let mut parked = false;
+        loop {
+            let now = Instant::now();
+            let mut c = lock(&inner.core);
+            if parked {
+                c.sleepers -= 1;
+            }
+            if polling.is_some() && !c.poller {
+                // The role was taken away (the driver was given up on).
+                polling = None;
+            }
+            if polling.is_some() {
+                c.reap(now);
+            }
+            let before = done.len();
+            done_tickets(&c, tickets, done);
+            if done.len() > before || parked || interrupt(false) {
+                if polling.is_some() {
+                    c.end_poll(now);
+                }
+                return;
+            }
+            if c.link.is_some() && !spin.is_zero() && (polling.is_some() || !c.poller) {
+                let since = *polling.get_or_insert_with(|| {
+                    c.poller = true;
+                    if let Some(l) = c.link.as_ref() {
+                        l.ring.awake();
+                    }
+                    now
+                });
+                let polled = now.duration_since(since);
+                if polled.is_zero() {
+                    // Just became the poller: look at once.
+                    continue;
+                }
+                if c.poller && polled < spin {
+                    drop(c);
+                    if polled < YIELD_AFTER {
+                        for _ in 0..8 {
+                            std::hint::spin_loop();
+                        }
+                    } else {
+                        std::thread::yield_now();
+                    }
+                    continue;
+                }
+                c.poller = false;
+                polling = None;
+            }
+            // Sleep until the answer of one of them is taken (whoever takes
+            // it wakes this thread); if nobody polls, the driver is asked
+            // to ring.
+            c.sleepers += 1;
+            parked = true;
+            if !c.poller {
+                c.make_idle(now);
+            }
+            done_tickets(&c, tickets, done);
+            if done.len() > before {
+                continue;
+            }
+            let me = std::thread::current();
+            for t in tickets {
+                for &(key, _, _) in &t.parts {
+                    if !c.is_done(key) {
+                        c.set_waiter(key, me.clone());
+                    }
+                }
+            }
+            drop(c);
+            if interrupt(true) {
+                continue;
+            }
+            std::thread::park_timeout(inner.config.deadline.max(Duration::from_millis(10)));
+        }
+    }
+
     /// Read `buf.len()` bytes at `offset` (both multiples of the block
     /// size); a request over `max_io` goes to the driver as parts, all in
     /// flight at once.
@@ -608,5 +718,14 @@ impl MediatedBlock {
     /// ending the driver.
     pub fn shutdown(&self) {
         shutdown(&self.dev.inner, &self.dev.supervisor);
+    }
+}
+
+/// Pushes the index of every ticket whose parts are all done.
+fn done_tickets(c: &Core, tickets: &[Ticket], done: &mut Vec<usize>) {
+    for (i, t) in tickets.iter().enumerate() {
+        if t.parts.iter().all(|&(key, _, _)| c.is_done(key)) {
+            done.push(i);
+        }
     }
 }

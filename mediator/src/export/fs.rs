@@ -1,10 +1,18 @@
 //! The FUSE file system of an export: a root directory holding one file,
 //! served from a [`BlockBackend`] (the semantics are in the
 //! [module documentation](super)).
+//!
+//! A read, an aligned write or a flush goes to the backend's
+//! [`BlockQueue`] if it has one: the FUSE thread starts it and goes back
+//! to the kernel, and the completion, called when the request is done,
+//! answers (trimming a read to the bytes asked for) and gives back what
+//! the request held (its place among those in flight, a write's range
+//! lock). Otherwise, and for the read-modify-write of a partial block,
+//! the FUSE thread calls the backend and waits.
 use std::ffi::{OsStr, OsString};
 use std::io;
 use std::path::Path;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use fuser::{
@@ -13,7 +21,8 @@ use fuser::{
     ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
-use super::{BlockBackend, FileLayout, MAX_READ_REQUEST, MAX_WRITE};
+use super::gate::{DepthGate, RangeGuard, RangeLocks};
+use super::{BlockBackend, BlockQueue, FileLayout, MAX_READ_REQUEST, MAX_WRITE};
 
 /// How long the kernel may cache names and attributes. They never change.
 const TTL: Duration = Duration::from_secs(60);
@@ -21,62 +30,59 @@ const TTL: Duration = Duration::from_secs(60);
 const ROOT_INO: INodeNo = INodeNo::ROOT;
 const FILE_INO: INodeNo = INodeNo(2);
 
-/// Exclusive locks on ranges of blocks, held by writes.
-#[derive(Debug, Default)]
-struct RangeLocks {
-    held: Mutex<Vec<(u64, u64)>>,
-    released: Condvar,
+/// The most requests in flight on an asynchronous backend (fewer if its
+/// queue is shallower). The kernel sends the loop driver's requests as
+/// background requests, at most `max_background` ([`MAX_BACKGROUND`]) at
+/// once, so this is never the limit for them.
+const MAX_IN_FLIGHT: usize = 128;
+
+/// The kernel's limit on background requests (the loop driver's
+/// asynchronous direct I/O, readahead).
+const MAX_BACKGROUND: u16 = 64;
+
+/// The blocks a read covers, and what of them is answered.
+#[derive(Debug, Clone, Copy)]
+struct ReadSpan {
+    /// The first block's offset.
+    start: u64,
+    /// The whole blocks' length.
+    aligned: usize,
+    /// Where the bytes asked for start in them.
+    skip: usize,
+    /// How many bytes are answered.
+    len: usize,
 }
 
-impl RangeLocks {
-    /// Waits until no held range overlaps the blocks `start..end`, then
-    /// holds them until the guard is dropped.
-    fn lock(&self, start: u64, end: u64) -> RangeGuard<'_> {
-        let mut held = self.held();
-        while held.iter().any(|&(s, e)| s < end && start < e) {
-            held = self
-                .released
-                .wait(held)
-                .unwrap_or_else(PoisonError::into_inner);
-        }
-        held.push((start, end));
-        RangeGuard {
-            locks: self,
-            range: (start, end),
-        }
-    }
-
-    fn held(&self) -> MutexGuard<'_, Vec<(u64, u64)>> {
-        self.held.lock().unwrap_or_else(PoisonError::into_inner)
-    }
+/// A write, cut at the end of the file.
+#[derive(Debug, Clone, Copy)]
+struct WriteSpan {
+    offset: u64,
+    len: usize,
+    /// The blocks it covers: `start..end` in bytes.
+    start: u64,
+    end: u64,
 }
 
-struct RangeGuard<'a> {
-    locks: &'a RangeLocks,
-    range: (u64, u64),
-}
-
-impl Drop for RangeGuard<'_> {
-    fn drop(&mut self) {
-        let mut held = self.locks.held();
-        // Held ranges never overlap, so this one is there exactly once.
-        if let Some(i) = held.iter().position(|&r| r == self.range) {
-            held.swap_remove(i);
-        }
-        drop(held);
-        self.locks.released.notify_all();
+impl WriteSpan {
+    fn aligned(&self) -> bool {
+        self.start == self.offset && self.end == self.offset + self.len as u64
     }
 }
 
 /// The FUSE file system: a root directory holding one file.
 pub(super) struct ExportFs {
     backend: Arc<dyn BlockBackend>,
+    /// The backend's asynchronous side, if any (`None` again once the
+    /// session has ended).
+    queue: Option<Box<dyn BlockQueue>>,
+    /// Bounds the requests in flight on `queue`.
+    depth: Arc<DepthGate>,
     geometry: FileLayout,
     name: OsString,
     uid: u32,
     gid: u32,
     time: SystemTime,
-    writes: RangeLocks,
+    writes: Arc<RangeLocks>,
     read_only: bool,
 }
 
@@ -85,18 +91,24 @@ impl ExportFs {
         backend: Arc<dyn BlockBackend>,
         geometry: FileLayout,
         name: OsString,
+        queue: Option<Box<dyn BlockQueue>>,
     ) -> Self {
         let backend_read_only = backend.read_only();
         // SAFETY: getuid and getgid have no preconditions and cannot fail.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        let depth = queue
+            .as_ref()
+            .map_or(1, |q| q.depth().clamp(1, MAX_IN_FLIGHT));
         Self {
             backend,
+            queue,
+            depth: DepthGate::new(depth),
             geometry,
             name,
             uid,
             gid,
             time: SystemTime::now(),
-            writes: RangeLocks::default(),
+            writes: Arc::default(),
             read_only: backend_read_only,
         }
     }
@@ -128,85 +140,188 @@ impl ExportFs {
         })
     }
 
-    /// Reads up to `size` bytes at `offset`: fewer at the end of the file.
-    pub(super) fn read_range(&self, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
+    /// The blocks a read of up to `size` bytes at `offset` covers; `None`
+    /// if it reads nothing (at or past the end of the file).
+    fn read_span(&self, offset: u64, size: u32) -> Result<Option<ReadSpan>, Errno> {
         if size > MAX_READ_REQUEST {
             return Err(Errno::EINVAL);
         }
         let g = self.geometry;
         if offset >= g.capacity || size == 0 {
-            return Ok(Vec::new());
+            return Ok(None);
         }
         let len = u64::from(size).min(g.capacity - offset);
-        let end = offset + len;
-        let (start_al, end_al) = (g.align_down(offset), g.align_up(end));
+        let (start, end) = (g.align_down(offset), g.align_up(offset + len));
         // All of these are at most MAX_READ_REQUEST + 2 blocks.
-        let len = len as usize;
-        let mut buf = vec![0; (end_al - start_al) as usize];
+        Ok(Some(ReadSpan {
+            start,
+            aligned: (end - start) as usize,
+            skip: (offset - start) as usize,
+            len: len as usize,
+        }))
+    }
+
+    /// Reads up to `size` bytes at `offset`: fewer at the end of the file.
+    pub(super) fn read_range(&self, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
+        let Some(span) = self.read_span(offset, size)? else {
+            return Ok(Vec::new());
+        };
+        let mut buf = vec![0; span.aligned];
         self.backend
-            .read_at(start_al, &mut buf)
+            .read_at(span.start, &mut buf)
             .map_err(|_| Errno::EIO)?;
-        let skip = (offset - start_al) as usize;
-        if skip != 0 {
-            buf.copy_within(skip..skip + len, 0);
+        if span.skip != 0 {
+            buf.copy_within(span.skip..span.skip + span.len, 0);
         }
-        buf.truncate(len);
+        buf.truncate(span.len);
         Ok(buf)
     }
 
-    /// Writes `data` at `offset`; returns how much was written (less than
-    /// `data.len()` only at the end of the file).
-    pub(super) fn write_range(&self, offset: u64, data: &[u8]) -> Result<usize, Errno> {
+    /// Starts a read on the queue; its completion answers it.
+    fn start_read(&self, queue: &dyn BlockQueue, offset: u64, size: u32, reply: ReplyData) {
+        let span = match self.read_span(offset, size) {
+            Ok(Some(span)) => span,
+            Ok(None) => return reply.data(&[]),
+            Err(errno) => return reply.error(errno),
+        };
+        let permit = self.depth.enter();
+        queue.start_read(
+            span.start,
+            span.aligned,
+            Box::new(move |result| {
+                drop(permit);
+                match result.map(|b| b.get(span.skip..span.skip + span.len)) {
+                    Ok(Some(data)) => reply.data(data),
+                    // Fewer bytes than asked for: the backend's fault.
+                    Ok(None) | Err(_) => reply.error(Errno::EIO),
+                }
+            }),
+        );
+    }
+
+    /// What of a write of `data` at `offset` fits in the file, and the
+    /// blocks it covers; `None` if it writes nothing.
+    fn write_span(&self, offset: u64, data: &[u8]) -> Result<Option<WriteSpan>, Errno> {
         if self.read_only {
             return Err(Errno::EROFS);
         }
         let g = self.geometry;
         if data.is_empty() {
-            return Ok(0);
+            return Ok(None);
         }
         if offset >= g.capacity {
             return Err(Errno::ENOSPC);
         }
         let len = (data.len() as u64).min(g.capacity - offset);
-        let data = &data[..len as usize];
-        let end = offset + len;
-        let (start_al, end_al) = (g.align_down(offset), g.align_up(end));
-        let _guard = self
-            .writes
-            .lock(start_al / g.block_size, end_al / g.block_size);
-        if start_al == offset && end_al == end {
+        Ok(Some(WriteSpan {
+            offset,
+            len: len as usize,
+            start: g.align_down(offset),
+            end: g.align_up(offset + len),
+        }))
+    }
+
+    /// Locks the blocks a write covers against overlapping writes.
+    fn lock(&self, span: &WriteSpan) -> RangeGuard {
+        let bs = self.geometry.block_size;
+        self.writes.lock(span.start / bs, span.end / bs)
+    }
+
+    /// Writes `data` at `offset` on this thread; returns how much was
+    /// written (less than `data.len()` only at the end of the file).
+    #[cfg(test)]
+    pub(super) fn write_range(&self, offset: u64, data: &[u8]) -> Result<usize, Errno> {
+        let Some(span) = self.write_span(offset, data)? else {
+            return Ok(0);
+        };
+        let _guard = self.lock(&span);
+        self.write_locked(&span, &data[..span.len])
+    }
+
+    /// Writes `data` (already cut to the file) with its blocks locked.
+    fn write_locked(&self, span: &WriteSpan, data: &[u8]) -> Result<usize, Errno> {
+        let g = self.geometry;
+        if span.aligned() {
             self.backend
-                .write_at(offset, data)
+                .write_at(span.offset, data)
                 .map_err(|_| Errno::EIO)?;
             return Ok(data.len());
         }
         // Read-modify-write: read the partial first and last blocks, patch
         // them, write the whole aligned span at once.
         let bs = g.block_size as usize;
-        let mut buf = vec![0; (end_al - start_al) as usize];
-        let head_partial = start_al != offset;
-        let tail_partial = end_al != end;
+        let mut buf = vec![0; (span.end - span.start) as usize];
+        let head_partial = span.start != span.offset;
+        let tail_partial = span.end != span.offset + data.len() as u64;
         if head_partial {
             self.backend
-                .read_at(start_al, &mut buf[..bs])
+                .read_at(span.start, &mut buf[..bs])
                 .map_err(|_| Errno::EIO)?;
         }
         if tail_partial && !(head_partial && buf.len() == bs) {
             let at = buf.len() - bs;
             self.backend
-                .read_at(end_al - g.block_size, &mut buf[at..])
+                .read_at(span.end - g.block_size, &mut buf[at..])
                 .map_err(|_| Errno::EIO)?;
         }
-        let skip = (offset - start_al) as usize;
+        let skip = (span.offset - span.start) as usize;
         buf[skip..skip + data.len()].copy_from_slice(data);
         self.backend
-            .write_at(start_al, &buf)
+            .write_at(span.start, &buf)
             .map_err(|_| Errno::EIO)?;
         Ok(data.len())
     }
 
+    /// Serves a write: an aligned one is started on the queue, if there is
+    /// one, and answered by its completion (its blocks stay locked until
+    /// then); any other is written on this thread.
+    fn serve_write(&self, offset: u64, data: &[u8], reply: ReplyWrite) {
+        let span = match self.write_span(offset, data) {
+            Ok(Some(span)) => span,
+            Ok(None) => return reply.written(0),
+            Err(errno) => return reply.error(errno),
+        };
+        let guard = self.lock(&span);
+        let data = &data[..span.len];
+        // At most the request's length, which the kernel sends as a u32.
+        let written = data.len() as u32;
+        match &self.queue {
+            Some(queue) if span.aligned() => {
+                let permit = self.depth.enter();
+                queue.start_write(
+                    offset,
+                    data,
+                    Box::new(move |result| {
+                        drop((guard, permit));
+                        match result {
+                            Ok(()) => reply.written(written),
+                            Err(_) => reply.error(Errno::EIO),
+                        }
+                    }),
+                );
+            }
+            _ => match self.write_locked(&span, data) {
+                Ok(_) => reply.written(written),
+                Err(errno) => reply.error(errno),
+            },
+        }
+    }
+
     pub(super) fn flush_backend(&self) -> Result<(), Errno> {
         self.backend.flush().map_err(|_| Errno::EIO)
+    }
+
+    /// Serves `flush` and `fsync`: answered once every write answered
+    /// before it started is durable.
+    fn serve_flush(&self, reply: ReplyEmpty) {
+        let Some(queue) = &self.queue else {
+            return reply_empty(reply, self.flush_backend());
+        };
+        let permit = self.depth.enter();
+        queue.start_flush(Box::new(move |result| {
+            drop(permit);
+            reply_empty(reply, result.map_err(|_| Errno::EIO));
+        }));
     }
 }
 
@@ -225,8 +340,13 @@ impl Filesystem for ExportFs {
         // Lets the loop driver's asynchronous direct I/O have several
         // requests in flight. Without kernel support, requests are serialised.
         let _ = config.add_capabilities(InitFlags::FUSE_ASYNC_DIO);
-        let _ = config.set_max_background(64);
+        let _ = config.set_max_background(MAX_BACKGROUND);
         Ok(())
+    }
+
+    fn destroy(&mut self) {
+        // The session has ended: what is still pending fails now.
+        self.queue = None;
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
@@ -386,6 +506,9 @@ impl Filesystem for ExportFs {
         if ino != FILE_INO {
             return reply.error(Errno::EBADF);
         }
+        if let Some(queue) = &self.queue {
+            return self.start_read(&**queue, offset, size, reply);
+        }
         match self.read_range(offset, size) {
             Ok(data) => reply.data(&data),
             Err(errno) => reply.error(errno),
@@ -407,11 +530,7 @@ impl Filesystem for ExportFs {
         if ino != FILE_INO {
             return reply.error(Errno::EBADF);
         }
-        match self.write_range(offset, data) {
-            // At most the request's length, which the kernel sends as a u32.
-            Ok(written) => reply.written(written as u32),
-            Err(errno) => reply.error(errno),
-        }
+        self.serve_write(offset, data, reply);
     }
 
     fn flush(
@@ -422,7 +541,7 @@ impl Filesystem for ExportFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply_empty(reply, self.flush_backend());
+        self.serve_flush(reply);
     }
 
     fn fsync(
@@ -433,7 +552,7 @@ impl Filesystem for ExportFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        reply_empty(reply, self.flush_backend());
+        self.serve_flush(reply);
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {

@@ -8,6 +8,8 @@ use std::fs::OpenOptions;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+mod queue;
+
 /// An in-memory backend that fails any misaligned call.
 struct MemBackend {
     block_size: u32,
@@ -119,7 +121,7 @@ impl Rng {
 
 fn fs_for(backend: Arc<MemBackend>) -> ExportFs {
     let geometry = FileLayout::of(&*backend).unwrap();
-    ExportFs::new(backend, geometry, "disk".into())
+    ExportFs::new(backend, geometry, "disk".into(), None)
 }
 
 #[test]
