@@ -98,6 +98,13 @@ fn pal_trace_rs_is_up_to_date() {
     check("pal/src/trace.rs", &rustfmt(&src));
 }
 
+/// What layers are written against, laid out by rustfmt.
+#[test]
+fn pal_layer_rs_is_up_to_date() {
+    let src = moat_abi_spec::render_rust_layer(moat_abi_spec::spec());
+    check("pal/src/layer.rs", &rustfmt(&src));
+}
+
 /// The dispatcher, laid out by rustfmt.
 #[test]
 fn pal_dispatch_rs_is_up_to_date() {

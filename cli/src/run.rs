@@ -61,6 +61,11 @@ pub struct RunArgs {
     /// monitor brokers to standard error.
     #[arg(long)]
     pub trace: bool,
+    /// Stack layers between the picoprocess and the PAL, outermost first
+    /// (comma-separated, on either host): `trace` (a line per call),
+    /// `count` (calls counted by name, one line at the end).
+    #[arg(long = "layer", value_name = "NAME[,NAME...]")]
+    pub layer: Option<String>,
     /// The image: a path, or the name of a built image (see `moat images`).
     #[arg(value_name = "IMAGE")]
     pub image: Option<String>,
@@ -130,10 +135,15 @@ fn prepare(a: RunArgs) -> Result<Sandbox, String> {
         Host::Linux => moat_monitor::Host::Linux,
         Host::Kvm => moat_monitor::Host::Kvm,
     };
+    let layers = match &a.layer {
+        Some(l) => moat_layers::LayerName::parse_list(l).map_err(|e| format!("--layer: {e}"))?,
+        None => Vec::new(),
+    };
     Ok(Sandbox::new(path)
         .args(args)
         .policy(policy)
         .trace(a.trace)
+        .layers(&layers)
         .host(host))
 }
 

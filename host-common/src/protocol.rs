@@ -45,6 +45,9 @@ pub struct Config {
     pub limits: Limits,
     /// Print a line per ABI call to the monitor's log (`--trace`).
     pub trace: bool,
+    /// The layers between the guest and the PAL, outermost first (after
+    /// the trace layer of `trace`); see `moat_layers`.
+    pub layers: Vec<moat_layers::LayerName>,
     /// Devices granted (kvm only). Those with a backing file have its
     /// descriptor attached after the image's, in this order.
     pub devices: Vec<moat_policy::DeviceSpec>,

@@ -33,6 +33,15 @@ pub(crate) fn trace_line(line: std::fmt::Arguments<'_>) {
     }
 }
 
+/// Send a layer's line to the monitor.
+pub(crate) fn layer_line(line: std::fmt::Arguments<'_>) {
+    if let Some(p) = moat_host_common::pal::global_opt() {
+        p.tell(&moat_host_common::protocol::Request::Debug {
+            text: line.to_string(),
+        });
+    }
+}
+
 /// A thread object for DkThreadCreate (waitable; signalled at its end).
 pub fn thread_object() -> Result<Arc<Object>, Error> {
     let done = sys::eventfd().map_err(|_| Error::LimitExceeded)?;

@@ -130,7 +130,6 @@ fn run(warm: Option<&moat_policy::Limits>) -> ! {
         Err(e) => fail(&format!("cannot set up the devices: {e}")),
     };
     let mut vm = PicoVm::new(shell, lin, devices);
-    vm.trace = cfg.trace;
     if cfg.limits.cpu_seconds != 0 {
         vm.watchdog = vm.watchdog.min(Duration::from_secs(cfg.limits.cpu_seconds));
     }
@@ -186,6 +185,17 @@ fn run(warm: Option<&moat_policy::Limits>) -> ! {
 
     let vm = Arc::new(vm);
     let pal = Arc::new(vm.pal());
+    // The layers sit above this PAL for the life of the process.
+    let base: &'static crate::pal::KvmPal = Box::leak(Box::new(pal.clone()));
+    let stack = moat_layers::Stack::build(
+        &moat_layers::names(cfg.trace, &cfg.layers),
+        base,
+        crate::guest_thread::trace_line,
+        crate::guest_thread::layer_line,
+    );
+    if vm.layers.set(stack).is_err() {
+        fail("vmm: layers built twice");
+    }
     lin.threads_live.fetch_add(1, Ordering::AcqRel);
     if let Err(e) = vm.clone().spawn_thread(pal, img.entry, page, 0, None) {
         fail(&format!("cannot start the first thread: {e:?}"));

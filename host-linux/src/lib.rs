@@ -15,13 +15,17 @@ use moat_host_common::{image, mountns, sandbox, seal, signals, startup, sys, zyg
 use moat_pal::memory::RegionKind;
 use moat_pal::{prot, PalTable};
 use std::os::fd::{FromRawFd, OwnedFd};
-use std::sync::OnceLock;
-
-static TRACER: OnceLock<moat_pal::trace::TracePal<'static>> = OnceLock::new();
 
 fn trace_line(line: std::fmt::Arguments<'_>) {
     pal().tell(&protocol::Request::Debug {
         text: format!("trace: {line}"),
+    });
+}
+
+/// A layer's line to the monitor's log.
+fn layer_line(line: std::fmt::Arguments<'_>) {
+    pal().tell(&protocol::Request::Debug {
+        text: line.to_string(),
     });
 }
 
@@ -137,16 +141,18 @@ pub fn run() -> ! {
     {
         fail("start-up block overlaps the image");
     }
-    // `--trace`: the tracing layer between the image and the PAL, reporting
-    // every call to the monitor's log.
-    let table = if cfg.trace {
-        let tracer = TRACER.get_or_init(|| moat_pal::trace::TracePal {
-            inner: pal,
-            sink: trace_line,
-        });
-        moat_pal::table_from(tracer)
-    } else {
+    // `--trace` and `--layer`: the layers between the image and the PAL
+    // (see `moat_layers`); the guest's table enters the outermost.
+    let stack = moat_layers::Stack::build(
+        &moat_layers::names(cfg.trace, &cfg.layers),
+        pal,
+        trace_line,
+        layer_line,
+    );
+    let table = if stack.is_empty() {
         moat_pal::table_from(pal)
+    } else {
+        stack.table()
     };
     let table = match table_page.publish(table, &sealing) {
         Ok(t) => t,

@@ -61,6 +61,7 @@ pub struct Sandbox {
     stdio: [Stdio; 3],
     log: LogSink,
     trace: bool,
+    layers: Vec<moat_layers::LayerName>,
     host: crate::Host,
     /// Host sections to give the session before the picoprocess starts.
     sections: Vec<(String, Arc<Section>, u64)>,
@@ -77,6 +78,7 @@ impl Sandbox {
             stdio: [Stdio::Inherit; 3],
             log: LogSink::Stderr,
             trace: false,
+            layers: Vec::new(),
             host: crate::Host::Linux,
             sections: Vec::new(),
         }
@@ -159,6 +161,16 @@ impl Sandbox {
         self
     }
 
+    /// Stack `layers` between the picoprocess (and its children) and the
+    /// PAL, outermost first, on either host: the same layer code runs
+    /// above both PALs. Layers run inside the confined process, so a stack
+    /// is made of the layers moat has ([`LayerName`](moat_layers::LayerName));
+    /// at most [`MAX_LAYERS`](moat_layers::MAX_LAYERS).
+    pub fn layers(mut self, layers: &[moat_layers::LayerName]) -> Self {
+        self.layers = layers.to_vec();
+        self
+    }
+
     /// Give the session the host's shared section `section` as
     /// `shm:NAME` before the picoprocess starts (the host is its creator
     /// side; see [`crate::shm`]). The picoprocess still needs a grant for
@@ -201,7 +213,21 @@ impl Sandbox {
 
         let (console, host_ends) = make_console(self.stdio)?;
         let [stdin, stdout, stderr] = host_ends;
-        let session = Session::on_host(self.host, self.policy, self.log, self.trace, console);
+        if self.layers.len() > moat_layers::MAX_LAYERS {
+            return Err(Error::BadInput(format!(
+                "{} layers; a stack holds at most {}",
+                self.layers.len(),
+                moat_layers::MAX_LAYERS
+            )));
+        }
+        let session = Session::on_host(
+            self.host,
+            self.policy,
+            self.log,
+            self.trace,
+            self.layers,
+            console,
+        );
         for (name, section, len) in self.sections {
             session.attach(&name, section, len)?;
         }

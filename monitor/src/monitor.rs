@@ -85,6 +85,7 @@ pub(crate) fn start(
         args,
         limits,
         trace: session.trace(),
+        layers: session.layers().to_vec(),
         devices,
         stats: proc.stats.is_some(),
     };

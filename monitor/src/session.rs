@@ -101,6 +101,7 @@ pub struct Session {
     host: crate::Host,
     log: LogSink,
     trace: bool,
+    layers: Vec<moat_layers::LayerName>,
     pub(crate) console: Mutex<Option<Console>>,
     /// `\0moat-<pid>-<random>-`: the abstract socket prefix of this session.
     pub(crate) tag: String,
@@ -156,15 +157,17 @@ impl Session {
     /// A session with `policy`, logging to `log`, with `console` as the
     /// console streams.
     pub fn new(policy: Policy, log: LogSink, trace: bool, console: Console) -> Arc<Session> {
-        Session::on_host(crate::Host::Linux, policy, log, trace, console)
+        Session::on_host(crate::Host::Linux, policy, log, trace, Vec::new(), console)
     }
 
-    /// A session whose picoprocesses (the root and every child) run on `host`.
+    /// A session whose picoprocesses (the root and every child) run on
+    /// `host`, under `layers` (outermost first).
     pub fn on_host(
         host: crate::Host,
         policy: Policy,
         log: LogSink,
         trace: bool,
+        layers: Vec<moat_layers::LayerName>,
         console: Console,
     ) -> Arc<Session> {
         Arc::new(Session {
@@ -172,6 +175,7 @@ impl Session {
             host,
             log,
             trace,
+            layers,
             console: Mutex::new(Some(console)),
             tag: format!("moat-{}-{:016x}-", std::process::id(), random_u64()),
             pipes: Mutex::new(HashMap::new()),
@@ -216,6 +220,11 @@ impl Session {
 
     pub fn trace(&self) -> bool {
         self.trace
+    }
+
+    /// The layers every picoprocess of the session runs under.
+    pub fn layers(&self) -> &[moat_layers::LayerName] {
+        &self.layers
     }
 
     /// Drop the console descriptors (once no loader is served any more),

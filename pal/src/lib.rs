@@ -21,6 +21,7 @@ pub mod dispatch;
 pub mod handles;
 pub mod host;
 pub mod host_calls;
+pub mod layer;
 pub mod memory;
 pub mod table;
 pub mod trace;

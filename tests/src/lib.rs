@@ -172,3 +172,78 @@ pub mod root;
 pub fn file_uri(p: &Path) -> String {
     format!("file:{}", p.display())
 }
+
+/// Run the conformance guest on `host` with every grant it needs, `extra`
+/// before the image on `moat run`'s command line and `env` added to
+/// moat's environment; fails the test on any failing or skipped case.
+pub fn conformance_on(h: &str, extra: &[&str], env: &[(&str, &str)]) {
+    {
+        let scratch = tempfile::tempdir().unwrap();
+        let s = file_uri(scratch.path());
+        let exit_img = file_uri(&image("exit-code"));
+        let peer_img = file_uri(&image("shm-peer"));
+        let conf = image("conformance").display().to_string();
+        let mut args: Vec<&str> = vec!["run", "--host", h];
+        args.extend_from_slice(extra);
+        let out = moat_env(
+            &[
+                &args[..],
+                &[
+                    "--allow",
+                    &s,
+                    "--allow-ro",
+                    &exit_img,
+                    "--allow-ro",
+                    &peer_img,
+                    "--allow",
+                    "shm:",
+                    "--allow",
+                    "tcp.server:127.0.0.1:",
+                    "--allow",
+                    "tcp.client:127.0.0.1:",
+                    "--allow",
+                    "pipe.server:",
+                    "--allow",
+                    "pipe.client:",
+                    &conf,
+                    "--",
+                    &s,
+                    &exit_img,
+                    "-",
+                    &peer_img,
+                ],
+            ]
+            .concat(),
+            env,
+        );
+        let fails: Vec<&str> = out
+            .stdout
+            .lines()
+            .filter(|l| l.starts_with("FAIL"))
+            .collect();
+        assert!(
+            fails.is_empty(),
+            "host {h} {extra:?}: failing cases:\n{}\nstderr:\n{}",
+            fails.join("\n"),
+            out.stderr
+        );
+        let skips: Vec<&str> = out
+            .stdout
+            .lines()
+            .filter(|l| l.starts_with("skip"))
+            .collect();
+        assert!(
+            skips.is_empty(),
+            "host {h}: skipped cases (everything is granted):\n{}",
+            skips.join("\n")
+        );
+        out.assert_code(0);
+        let summary = out
+            .stdout
+            .lines()
+            .find(|l| l.starts_with("conformance:"))
+            .expect("summary line");
+        let passed: usize = summary.split_whitespace().nth(1).unwrap().parse().unwrap();
+        assert!(passed >= 40, "host {h}: only {passed} cases ran: {summary}");
+    }
+}

@@ -56,6 +56,7 @@ fn manifest(text: &str) {
         args: m.args.clone().unwrap_or_default(),
         limits: m.limits,
         trace: false,
+        layers: Vec::new(),
         devices: m.devices.clone(),
         stats: false,
     };

@@ -17,7 +17,6 @@
 //! before its page gained that access: the instruction is retried.
 use super::vcpu::{Cpu, Outcome};
 use super::PicoVm;
-use crate::guest_thread::trace_line;
 use crate::layout::*;
 use crate::longmode::USER_RFLAGS;
 use crate::pal::KvmPal;
@@ -36,11 +35,6 @@ impl PicoVm {
     /// the call returns the disposition. Err: the thread ended inside.
     pub(super) fn raise(&self, pal: &KvmPal, cpu: &mut Cpu, r: &kvm_regs) -> Result<i64, i32> {
         let (code, arg) = (r.rsi as u32, r.rdx);
-        if self.trace {
-            trace_line(format_args!(
-                "DkThreadRaiseException(code={code}, arg={arg:#x})"
-            ));
-        }
         let info = ExceptionInfo {
             kind: exception_kind::RAISED,
             code,

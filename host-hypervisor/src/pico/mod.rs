@@ -66,7 +66,9 @@ pub struct PicoVm {
     pub devices: Arc<DeviceSet>,
     /// How long guest code may run without leaving the VM.
     pub watchdog: Duration,
-    pub trace: bool,
+    /// The layers between the guest and the PAL (`--trace`, `--layer`),
+    /// set once the PAL exists; see `moat_layers`.
+    pub layers: std::sync::OnceLock<moat_layers::Stack>,
 }
 
 impl PicoVm {
@@ -91,7 +93,7 @@ impl PicoVm {
             lin,
             devices: Arc::new(devices),
             watchdog: Duration::from_secs(60),
-            trace: false,
+            layers: std::sync::OnceLock::new(),
         }
     }
 

@@ -6,7 +6,7 @@
 //! instructions, the end of an exception upcall), the watchdog, and the
 //! ways a vCPU cannot go on.
 use super::{PicoVm, Stacks, ALTSTACK_SIZE, STACK_SIZE};
-use crate::guest_thread::{set_thread_param, trace_line};
+use crate::guest_thread::set_thread_param;
 use crate::layout::*;
 use crate::longmode::{self, USER_RFLAGS};
 use crate::pal::KvmPal;
@@ -153,33 +153,32 @@ impl PicoVm {
                 Ex::Interrupted => {}
                 Ex::Out(HYPERCALL_PORT, nr, 4) => {
                     let r = cpu.vcpu.sync_regs().regs;
+                    // Calls served here rather than through the layers:
+                    // each layer still sees them (`Stack::enter`).
+                    let layers = self.layers.get().filter(|s| !s.is_empty());
                     if nr == DK_THREAD_EXIT || nr == DK_PROCESS_EXIT {
-                        let code = r.rsi as i32;
-                        if self.trace {
-                            trace_line(format_args!(
-                                "{}(code={code})",
-                                moat_pal::CALL_NAMES[nr as usize - 1]
-                            ));
+                        if let Some(s) = layers {
+                            s.enter(nr, &[r.rsi, r.rdx]);
                         }
+                        let code = r.rsi as i32;
                         if nr == DK_PROCESS_EXIT {
                             sys::exit_process(code);
                         }
                         return Outcome::ThreadExit(code);
                     }
                     let ret = if nr == DK_THREAD_RAISE_EXCEPTION {
+                        if let Some(s) = layers {
+                            s.enter(nr, &[r.rsi, r.rdx]);
+                        }
                         match self.raise(pal, cpu, &r) {
                             Ok(v) => v,
                             Err(code) => return Outcome::ThreadExit(code),
                         }
                     } else {
                         let words = [r.rsi, r.rdx, r.rcx, r.r8, r.r9, self.stack_arg(r.rsp)];
-                        let p: &dyn Pal = if self.trace {
-                            &moat_pal::trace::TracePal {
-                                inner: pal,
-                                sink: trace_line,
-                            }
-                        } else {
-                            pal
+                        let p: &dyn Pal = match layers {
+                            Some(s) => s.top,
+                            None => pal,
                         };
                         dispatch(p, nr, &words).unwrap_or(Error::NotSupported.code())
                     };

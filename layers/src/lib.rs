@@ -1,0 +1,221 @@
+//! The layers moat stacks between a picoprocess and its PAL: the same ABI
+//! in and out, the same code above both hosts. host-linux builds the
+//! stack in the loader, over its `LinuxPal`, and makes the guest's PAL
+//! table from the top; host-hypervisor builds it in the VMM, over its
+//! `KvmPal`, and dispatches the guest's hypercalls to the top.
+//!
+//! A stack is named outermost first: `--layer count,trace` puts `count`
+//! next to the guest and `trace` next to the PAL, so `trace` reports what
+//! `count` passed down. `--trace` adds a `trace` layer outermost, seeing
+//! exactly what the guest called.
+//!
+//! - [`LayerName`]: the layers there are (a layer is code in the confined
+//!   process, so the set is fixed at build time; adding one is adding a
+//!   variant here).
+//! - [`Stack`]: a built stack, with the hooks a host calls for the calls
+//!   it serves itself rather than through the stack (on kvm the vCPU loop
+//!   ends threads and raises exceptions; see [`Stack::enter`]).
+//! - [`count`]: the example layer (how to write one), counting calls by
+//!   name and reporting them when the picoprocess ends.
+//!
+//! Invariant: a layer never makes the ABI tell the guest it is there;
+//! the conformance suite runs under every layer and every stack
+//! (`tests/tests/layers.rs`).
+use core::fmt::Arguments;
+use moat_pal::layer::Layered;
+use moat_pal::trace::{TracePal, TraceSink};
+use moat_pal::Pal;
+use serde::{Deserialize, Serialize};
+
+pub mod count;
+
+/// The layers there are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LayerName {
+    /// A line per call, with its arguments and result, to the log.
+    Trace,
+    /// Calls counted by name, one summary line at the end.
+    Count,
+}
+
+impl LayerName {
+    /// Every layer, in the order `moat run --help` lists them.
+    pub const ALL: [LayerName; 2] = [LayerName::Trace, LayerName::Count];
+
+    /// Its name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            LayerName::Trace => "trace",
+            LayerName::Count => "count",
+        }
+    }
+
+    /// A stack from `--layer`'s list (`count,trace`), outermost first.
+    pub fn parse_list(s: &str) -> Result<Vec<LayerName>, String> {
+        let names: Vec<&str> = s.split(',').map(str::trim).collect();
+        if names.len() > MAX_LAYERS {
+            return Err(format!(
+                "{} layers named; a stack holds at most {MAX_LAYERS}",
+                names.len()
+            ));
+        }
+        names
+            .into_iter()
+            .map(|n| {
+                LayerName::ALL
+                    .into_iter()
+                    .find(|l| l.name() == n)
+                    .ok_or_else(|| {
+                        let all: Vec<&str> = LayerName::ALL.iter().map(|l| l.name()).collect();
+                        format!("no layer named `{n}` (there are: {})", all.join(", "))
+                    })
+            })
+            .collect()
+    }
+}
+
+/// The most layers one stack holds (a stack is built once per
+/// picoprocess and each layer is a call per ABI call: a bound keeps a
+/// hostile manifest from making every call slow).
+pub const MAX_LAYERS: usize = 8;
+
+/// Where a layer writes: a line (without its end) to the picoprocess's
+/// log, which the host sends to the monitor.
+pub type LogSink = fn(Arguments<'_>);
+
+/// The stack a picoprocess runs under: `--trace`'s layer outermost, then
+/// `layers`.
+pub fn names(trace: bool, layers: &[LayerName]) -> Vec<LayerName> {
+    let mut v = Vec::with_capacity(layers.len() + 1);
+    if trace {
+        v.push(LayerName::Trace);
+    }
+    v.extend_from_slice(layers);
+    v
+}
+
+/// A built stack.
+pub struct Stack {
+    /// What the guest calls: the outermost layer, or the PAL itself.
+    pub top: &'static dyn Pal,
+    depth: usize,
+    hooks: Vec<Hook>,
+}
+
+/// What a layer does for a call the host serves itself.
+enum Hook {
+    /// The trace layer: its line.
+    Trace(TraceSink),
+    /// A [`Layer`](moat_pal::layer::Layer): its `enter`.
+    Layer(&'static dyn Hooks),
+}
+
+/// A stack's top as a sized [`Pal`], for [`moat_pal::table_from`].
+struct Top(&'static dyn Pal);
+
+impl moat_pal::layer::Layer for Top {
+    fn inner(&self) -> &dyn Pal {
+        self.0
+    }
+}
+
+/// A layer's hooks, for calls a host serves without the stack.
+trait Hooks: Send + Sync {
+    fn enter(&self, nr: u32);
+}
+
+impl<L: moat_pal::layer::Layer> Hooks for Layered<L> {
+    fn enter(&self, nr: u32) {
+        self.0.enter(nr)
+    }
+}
+
+impl Stack {
+    /// Build `names` (outermost first) over `base`. `trace` receives the
+    /// trace layer's lines, `log` every other layer's. The stack lives as
+    /// long as the process (one picoprocess per process).
+    pub fn build(
+        names: &[LayerName],
+        base: &'static dyn Pal,
+        trace: TraceSink,
+        log: LogSink,
+    ) -> Stack {
+        let mut top = base;
+        let mut hooks: Vec<Hook> = Vec::new();
+        for name in names.iter().rev() {
+            top = match name {
+                LayerName::Trace => {
+                    hooks.push(Hook::Trace(trace));
+                    Box::leak(Box::new(TracePal {
+                        inner: top,
+                        sink: trace,
+                    }))
+                }
+                LayerName::Count => {
+                    let l: &'static Layered<count::Count> =
+                        Box::leak(Box::new(Layered(count::Count::new(top, log))));
+                    hooks.push(Hook::Layer(l));
+                    l
+                }
+            };
+        }
+        // Outermost first, as the calls pass them.
+        hooks.reverse();
+        Stack {
+            top,
+            depth: names.len(),
+            hooks,
+        }
+    }
+
+    /// Whether the stack is empty (the guest calls the PAL itself).
+    pub fn is_empty(&self) -> bool {
+        self.depth == 0
+    }
+
+    /// A PAL table whose calls enter the stack's top (host-linux hands
+    /// the guest this table; with no layers it makes the table from its
+    /// PAL directly, one indirection fewer).
+    pub fn table(&self) -> moat_pal::PalTable {
+        moat_pal::table_from(Box::leak(Box::new(Layered(Top(self.top)))))
+    }
+
+    /// A call the host serves itself, not through [`Stack::top`] (on kvm:
+    /// DkThreadExit, DkProcessExit and DkThreadRaiseException, which need
+    /// the vCPU), with its argument words: each layer sees it, outermost
+    /// first (a [`Layer`](moat_pal::layer::Layer)'s `enter`, the trace
+    /// layer's line as its `Pal` would write it, without a result), so
+    /// what a layer counts or reports is the same on both hosts. A layer
+    /// cannot change such a call.
+    pub fn enter(&self, nr: u32, args: &[u64; 2]) {
+        let name = moat_pal::CALL_NAMES
+            .get((nr as usize).wrapping_sub(1))
+            .unwrap_or(&"?");
+        for h in &self.hooks {
+            match h {
+                Hook::Layer(l) => l.enter(nr),
+                Hook::Trace(sink) if nr == moat_pal::nr::DK_THREAD_RAISE_EXCEPTION => sink(
+                    format_args!("{name}(code={}, arg={})", args[0] as u32, args[1]),
+                ),
+                Hook::Trace(sink) => sink(format_args!("{name}(code={})", args[0] as i32)),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lists_parse_outermost_first_and_bad_names_are_named() {
+        assert_eq!(
+            LayerName::parse_list("count, trace").unwrap(),
+            vec![LayerName::Count, LayerName::Trace]
+        );
+        let e = LayerName::parse_list("count,remix").unwrap_err();
+        assert!(e.contains("`remix`") && e.contains("trace, count"), "{e}");
+        assert!(LayerName::parse_list("").is_err());
+        assert!(LayerName::parse_list(&["count"; 9].join(",")).is_err());
+    }
+}
