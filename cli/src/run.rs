@@ -63,7 +63,8 @@ pub struct RunArgs {
     pub trace: bool,
     /// Stack layers between the picoprocess and the PAL, outermost first
     /// (comma-separated, on either host): `trace` (a line per call),
-    /// `count` (calls counted by name, one line at the end).
+    /// `count` (calls counted by name, one line at the end), `remap` (the
+    /// manifest's `[[remap]]` mappings; added innermost when there are any).
     #[arg(long = "layer", value_name = "NAME[,NAME...]")]
     pub layer: Option<String>,
     /// The image: a path, or the name of a built image (see `moat images`).

@@ -48,6 +48,8 @@ pub struct Config {
     /// The layers between the guest and the PAL, outermost first (after
     /// the trace layer of `trace`); see `moat_layers`.
     pub layers: Vec<moat_layers::LayerName>,
+    /// The policy's `[[remap]]` mappings (for the `remap` layer).
+    pub remaps: Vec<moat_policy::remap::Remap>,
     /// Devices granted (kvm only). Those with a backing file have its
     /// descriptor attached after the image's, in this order.
     pub devices: Vec<moat_policy::DeviceSpec>,

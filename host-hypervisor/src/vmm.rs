@@ -188,10 +188,16 @@ fn run(warm: Option<&moat_policy::Limits>) -> ! {
     // The layers sit above this PAL for the life of the process.
     let base: &'static crate::pal::KvmPal = Box::leak(Box::new(pal.clone()));
     let stack = moat_layers::Stack::build(
-        &moat_layers::names(cfg.trace, &cfg.layers),
+        &moat_layers::names(cfg.trace, &cfg.layers, !cfg.remaps.is_empty()),
         base,
-        crate::guest_thread::trace_line,
-        crate::guest_thread::layer_line,
+        moat_layers::Parts {
+            trace: crate::guest_thread::trace_line,
+            log: crate::guest_thread::layer_line,
+            // Guest RAM is identity-mapped: the shared PAL's checks and
+            // copies are the VMM's too.
+            mem: lin,
+            remaps: cfg.remaps.clone(),
+        },
     );
     if vm.layers.set(stack).is_err() {
         fail("vmm: layers built twice");

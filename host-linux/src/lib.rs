@@ -144,10 +144,14 @@ pub fn run() -> ! {
     // `--trace` and `--layer`: the layers between the image and the PAL
     // (see `moat_layers`); the guest's table enters the outermost.
     let stack = moat_layers::Stack::build(
-        &moat_layers::names(cfg.trace, &cfg.layers),
+        &moat_layers::names(cfg.trace, &cfg.layers, !cfg.remaps.is_empty()),
         pal,
-        trace_line,
-        layer_line,
+        moat_layers::Parts {
+            trace: trace_line,
+            log: layer_line,
+            mem: pal,
+            remaps: cfg.remaps.clone(),
+        },
     );
     let table = if stack.is_empty() {
         moat_pal::table_from(pal)

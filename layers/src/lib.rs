@@ -17,6 +17,10 @@
 //!   ends threads and raises exceptions; see [`Stack::enter`]).
 //! - [`count`]: the example layer (how to write one), counting calls by
 //!   name and reporting them when the picoprocess ends.
+//! - [`remap`]: the manifest's `[[remap]]` mappings of `file:` URIs,
+//!   through [`GuestAccess`], the host's checked copies of guest memory.
+//!   A picoprocess whose policy has mappings gets a `remap` layer
+//!   innermost unless its stack names one.
 //!
 //! Invariant: a layer never makes the ABI tell the guest it is there;
 //! the conformance suite runs under every layer and every stack
@@ -28,6 +32,7 @@ use moat_pal::Pal;
 use serde::{Deserialize, Serialize};
 
 pub mod count;
+pub mod remap;
 
 /// The layers there are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -36,17 +41,20 @@ pub enum LayerName {
     Trace,
     /// Calls counted by name, one summary line at the end.
     Count,
+    /// The policy's `[[remap]]` mappings applied to `file:` URIs.
+    Remap,
 }
 
 impl LayerName {
     /// Every layer, in the order `moat run --help` lists them.
-    pub const ALL: [LayerName; 2] = [LayerName::Trace, LayerName::Count];
+    pub const ALL: [LayerName; 3] = [LayerName::Trace, LayerName::Count, LayerName::Remap];
 
     /// Its name on the command line.
     pub fn name(self) -> &'static str {
         match self {
             LayerName::Trace => "trace",
             LayerName::Count => "count",
+            LayerName::Remap => "remap",
         }
     }
 
@@ -84,14 +92,39 @@ pub const MAX_LAYERS: usize = 8;
 pub type LogSink = fn(Arguments<'_>);
 
 /// The stack a picoprocess runs under: `--trace`'s layer outermost, then
-/// `layers`.
-pub fn names(trace: bool, layers: &[LayerName]) -> Vec<LayerName> {
-    let mut v = Vec::with_capacity(layers.len() + 1);
+/// `layers`, then (with `remaps`, unless `layers` places it) `remap`.
+pub fn names(trace: bool, layers: &[LayerName], remaps: bool) -> Vec<LayerName> {
+    let mut v = Vec::with_capacity(layers.len() + 2);
     if trace {
         v.push(LayerName::Trace);
     }
     v.extend_from_slice(layers);
+    if remaps && !layers.contains(&LayerName::Remap) {
+        v.push(LayerName::Remap);
+    }
     v
+}
+
+/// Guest memory as the host checks it, for layers that read or write
+/// through a guest pointer: both copy once, after checking the whole
+/// range against the picoprocess's memory map.
+pub trait GuestAccess: Send + Sync {
+    /// `len` bytes from readable guest memory at `addr`, or `BadAddress`.
+    fn copy_in(&self, addr: u64, len: u64) -> moat_pal::PalResult<Vec<u8>>;
+    /// `data` into writable guest memory at `addr`, or `BadAddress`.
+    fn copy_out(&self, addr: u64, data: &[u8]) -> moat_pal::PalResult<()>;
+}
+
+/// What a stack is built from besides its names.
+pub struct Parts {
+    /// Where the trace layer's lines go.
+    pub trace: TraceSink,
+    /// Where every other layer's lines go.
+    pub log: LogSink,
+    /// The host's checked access to guest memory.
+    pub mem: &'static dyn GuestAccess,
+    /// The policy's mappings (for `remap`).
+    pub remaps: Vec<moat_policy::remap::Remap>,
 }
 
 /// A built stack.
@@ -131,15 +164,15 @@ impl<L: moat_pal::layer::Layer> Hooks for Layered<L> {
 }
 
 impl Stack {
-    /// Build `names` (outermost first) over `base`. `trace` receives the
-    /// trace layer's lines, `log` every other layer's. The stack lives as
+    /// Build `names` (outermost first) over `base`. The stack lives as
     /// long as the process (one picoprocess per process).
-    pub fn build(
-        names: &[LayerName],
-        base: &'static dyn Pal,
-        trace: TraceSink,
-        log: LogSink,
-    ) -> Stack {
+    pub fn build(names: &[LayerName], base: &'static dyn Pal, parts: Parts) -> Stack {
+        let Parts {
+            trace,
+            log,
+            mem,
+            remaps,
+        } = parts;
         let mut top = base;
         let mut hooks: Vec<Hook> = Vec::new();
         for name in names.iter().rev() {
@@ -154,6 +187,13 @@ impl Stack {
                 LayerName::Count => {
                     let l: &'static Layered<count::Count> =
                         Box::leak(Box::new(Layered(count::Count::new(top, log))));
+                    hooks.push(Hook::Layer(l));
+                    l
+                }
+                LayerName::Remap => {
+                    let l: &'static Layered<remap::RemapLayer> = Box::leak(Box::new(Layered(
+                        remap::RemapLayer::new(top, mem, remaps.clone(), log),
+                    )));
                     hooks.push(Hook::Layer(l));
                     l
                 }
@@ -214,7 +254,10 @@ mod tests {
             vec![LayerName::Count, LayerName::Trace]
         );
         let e = LayerName::parse_list("count,remix").unwrap_err();
-        assert!(e.contains("`remix`") && e.contains("trace, count"), "{e}");
+        assert!(
+            e.contains("`remix`") && e.contains("trace, count, remap"),
+            "{e}"
+        );
         assert!(LayerName::parse_list("").is_err());
         assert!(LayerName::parse_list(&["count"; 9].join(",")).is_err());
     }

@@ -86,6 +86,7 @@ pub(crate) fn start(
         limits,
         trace: session.trace(),
         layers: session.layers().to_vec(),
+        remaps: session.policy().remaps.clone(),
         devices,
         stats: proc.stats.is_some(),
     };

@@ -177,9 +177,23 @@ pub fn file_uri(p: &Path) -> String {
 /// before the image on `moat run`'s command line and `env` added to
 /// moat's environment; fails the test on any failing or skipped case.
 pub fn conformance_on(h: &str, extra: &[&str], env: &[(&str, &str)]) {
+    let scratch = tempfile::tempdir().unwrap();
+    let s = file_uri(scratch.path());
+    conformance_in(h, extra, env, &s, &s);
+}
+
+/// [`conformance_on`] with its scratch directory given: `host_scratch`
+/// granted read-write, `guest_scratch` the URI the guest is told (the
+/// same, or a remapped name for it).
+pub fn conformance_in(
+    h: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+    host_scratch: &str,
+    guest_scratch: &str,
+) {
     {
-        let scratch = tempfile::tempdir().unwrap();
-        let s = file_uri(scratch.path());
+        let s = host_scratch;
         let exit_img = file_uri(&image("exit-code"));
         let peer_img = file_uri(&image("shm-peer"));
         let conf = image("conformance").display().to_string();
@@ -190,7 +204,7 @@ pub fn conformance_on(h: &str, extra: &[&str], env: &[(&str, &str)]) {
                 &args[..],
                 &[
                     "--allow",
-                    &s,
+                    s,
                     "--allow-ro",
                     &exit_img,
                     "--allow-ro",
@@ -207,7 +221,7 @@ pub fn conformance_on(h: &str, extra: &[&str], env: &[(&str, &str)]) {
                     "pipe.client:",
                     &conf,
                     "--",
-                    &s,
+                    guest_scratch,
                     &exit_img,
                     "-",
                     &peer_img,

@@ -117,7 +117,7 @@ fn a_bad_stack_is_bad_input() {
     out.assert_code(2);
     assert!(
         out.stderr
-            .contains("no layer named `remix` (there are: trace, count)"),
+            .contains("no layer named `remix` (there are: trace, count, remap)"),
         "{}",
         out.stderr
     );
@@ -161,7 +161,13 @@ fn conformance_passes_under_every_layer_and_stack() {
         return;
     }
     for h in hosts() {
-        for stack in ["trace", "count", "count,trace", "trace,count,trace"] {
+        for stack in [
+            "trace",
+            "count",
+            "remap",
+            "count,trace",
+            "trace,count,remap,trace",
+        ] {
             conformance_on(h, &["--layer", stack], &[]);
         }
     }

@@ -57,6 +57,7 @@ fn manifest(text: &str) {
         limits: m.limits,
         trace: false,
         layers: Vec::new(),
+        remaps: Vec::new(),
         devices: m.devices.clone(),
         stats: false,
     };

@@ -335,6 +335,19 @@ impl GuestMemory for LinuxPal {
     }
 }
 
+impl moat_layers::GuestAccess for LinuxPal {
+    fn copy_in(&self, addr: u64, len: u64) -> PalResult<Vec<u8>> {
+        self.check_guest(addr, len, prot::READ)?;
+        Ok(sys::copy_in(addr, len as usize))
+    }
+
+    fn copy_out(&self, addr: u64, data: &[u8]) -> PalResult<()> {
+        self.check_guest(addr, data.len() as u64, prot::WRITE)?;
+        sys::copy_out(addr, data);
+        Ok(())
+    }
+}
+
 /// Whether `addr` lies in executable guest memory.
 fn exec_region(pal: &LinuxPal, addr: u64) -> bool {
     pal.regions

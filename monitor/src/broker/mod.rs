@@ -282,8 +282,12 @@ impl Broker {
         })
     }
 
+    /// The grant that lets a `file:` URI through, as the directory to
+    /// resolve it beneath (narrowed to a mapping's target where it lies in
+    /// one: [`moat_policy::Policy::resolve_in`]).
     fn file_grant(&self, uri: &Uri, write: bool) -> R<&Grant> {
-        self.check(uri, write)?.ok_or(Error::PermissionDenied)
+        let g = self.check(uri, write)?.ok_or(Error::PermissionDenied)?;
+        Ok(self.session.policy().resolve_in(uri, g))
     }
 
     fn open(&self, uri: &str, acc: u32, disp: u32, options: u32) -> R<Reply> {

@@ -25,6 +25,8 @@ pub enum PolicyError {
     BadLimit(&'static str, u64, &'static str),
     #[error("{0}")]
     Device(#[from] device::DeviceSpecError),
+    #[error("{0}")]
+    Remap(#[from] remap::RemapError),
 }
 
 /// Access a grant gives.
@@ -53,6 +55,7 @@ fn default_access() -> Access {
 }
 
 pub mod device;
+pub mod remap;
 
 /// The most guest memory the kvm host gives a picoprocess (its layout
 /// keeps the fourth GiB for device windows).
@@ -137,6 +140,10 @@ pub struct Manifest {
     pub grants: Vec<GrantSpec>,
     #[serde(default, rename = "device")]
     pub devices: Vec<DeviceSpec>,
+    /// `[[remap]]`: guest `file:` prefixes shown as host ones (see
+    /// [`remap`]).
+    #[serde(default, rename = "remap")]
+    pub remaps: Vec<remap::RemapSpec>,
 }
 
 impl Manifest {
@@ -259,6 +266,11 @@ pub struct Policy {
     pub limits: Limits,
     /// Devices granted (the hypervisor host only; names are unique).
     pub devices: Vec<DeviceSpec>,
+    /// `file:` prefixes remapped by the `remap` layer (see [`remap`]).
+    pub remaps: Vec<remap::Remap>,
+    /// Each mapping's host target as a directory to resolve beneath (its
+    /// symlinks resolved now, as a grant's are): see [`Policy::resolve_in`].
+    pub remap_roots: Vec<Grant>,
 }
 
 /// Why a URI was refused, for the one-line report.
@@ -295,7 +307,13 @@ impl Policy {
             grants: Vec::new(),
             limits: m.limits,
             devices: Vec::new(),
+            remaps: remap::check_all(&m.remaps)?,
+            remap_roots: Vec::new(),
         };
+        for r in &p.remaps {
+            p.remap_roots
+                .push(Grant::new(&format!("file:{}", r.host), Access::Ro)?);
+        }
         for g in &m.grants {
             p.grants.push(Grant::new(&g.uri, g.access)?);
         }
@@ -321,6 +339,27 @@ impl Policy {
     pub fn allow(&mut self, uri: &str, access: Access) -> Result<(), PolicyError> {
         self.grants.push(Grant::new(uri, access)?);
         Ok(())
+    }
+
+    /// Where a `file:` path that `grant` lets through is resolved: beneath
+    /// the target of the innermost mapping it lies in, where that target
+    /// lies in the grant (so neither `..` nor a symlink leaves a mapping,
+    /// whether the guest named the path through it or directly), else
+    /// beneath the grant. Authority is the grant's; this only narrows
+    /// where the kernel resolves.
+    pub fn resolve_in<'a>(&'a self, uri: &Uri, grant: &'a Grant) -> &'a Grant {
+        let (Uri::File(path), Some(gp)) = (uri, grant.path.as_deref()) else {
+            return grant;
+        };
+        self.remap_roots
+            .iter()
+            .filter(|r| {
+                r.path.as_deref().is_some_and(|rp| {
+                    moat_pal::uri::path_within(path, rp) && moat_pal::uri::path_within(rp, gp)
+                })
+            })
+            .max_by_key(|r| r.path.as_ref().map_or(0, |p| p.len()))
+            .unwrap_or(grant)
     }
 
     /// The grant that lets `uri` be used (`write`: with write access).
