@@ -32,14 +32,40 @@ pub fn render_rust_layer(spec: &Spec) -> String {
          //! alone. Calls that do not return get `enter` only.\n\
          #![allow(clippy::too_many_arguments)]\n\
          use crate::abi::*;\n\n\
+         /// How a call's arguments are laid out, per argument (for layers that\n\
+         /// read them generically, as the tracer does): the kind in the low\n\
+         /// nibble ([`arg`]), for bytes the index of the length argument in\n\
+         /// the high one. Indexed by call number - 1; unused slots are 0.\n\
+         pub mod arg {\n\
+         /// An integer (or flags).\n\
+         pub const INT: u8 = 0;\n\
+         /// A handle.\n\
+         pub const HANDLE: u8 = 1;\n\
+         /// Bytes the guest passes in (length: the argument in the high nibble).\n\
+         pub const BYTES_IN: u8 = 2;\n\
+         /// Bytes the call writes out (capacity: the argument in the high nibble).\n\
+         pub const BYTES_OUT: u8 = 3;\n\
+         /// Where the call writes a new handle.\n\
+         pub const HANDLE_OUT: u8 = 4;\n\
+         /// Where the call writes (or reads and writes) one value.\n\
+         pub const VALUE_OUT: u8 = 5;\n\
+         /// Any other pointer (a struct, an array of handles, code).\n\
+         pub const OTHER_PTR: u8 = 6;\n\
+         }\n\n\
          /// A layer: every call defaults to the PAL below.\n\
          pub trait Layer: Send + Sync {\n\
+         /// What [`Layer::enter`] hands [`Layer::leave`] for the same call (a\n\
+         /// start time, ...); `()` for most layers.\n\
+         type Token: Copy + Default;\n\
          /// The PAL below this layer.\n\
          fn inner(&self) -> &dyn Pal;\n\
-         /// Before every call, with its number ([`nr`]).\n\
-         fn enter(&self, _nr: u32) {}\n\
-         /// After every call that returns, with its number and result.\n\
-         fn leave(&self, _nr: u32, _result: i64) {}\n",
+         /// Before every call, with its number ([`nr`]) and argument words\n\
+         /// (as the guest passed them; unused ones 0).\n\
+         fn enter(&self, _nr: u32, _args: &[u64; 6]) -> Self::Token {\n\
+         Self::Token::default()\n\
+         }\n\
+         /// After every call that returns, with its result.\n\
+         fn leave(&self, _nr: u32, _args: &[u64; 6], _result: i64, _token: Self::Token) {}\n",
     );
     for c in &spec.calls {
         let name = snake_case(&c.name);
@@ -74,21 +100,62 @@ pub fn render_rust_layer(spec: &Spec) -> String {
         let sep = if names.is_empty() { "" } else { ", " };
         let ret = if c.is_never() { "!" } else { "i64" };
         let nr = format!("nr::{}", upper_snake_case(&c.name));
+        let mut words: Vec<String> = names.iter().map(|n| format!("{n} as u64")).collect();
+        words.resize(6, "0".into());
         let _ = writeln!(w, "fn {name}(&self{sep}{}) -> {ret} {{", params.join(", "));
-        let _ = writeln!(w, "self.0.enter({nr});");
+        let _ = writeln!(w, "let call_args = [{}];", words.join(", "));
         if c.is_never() {
+            let _ = writeln!(w, "self.0.enter({nr}, &call_args);");
             let _ = writeln!(w, "Layer::{name}(&self.0{sep}{})", names.join(", "));
         } else {
+            let _ = writeln!(w, "let t = self.0.enter({nr}, &call_args);");
             let _ = writeln!(
                 w,
                 "let r = Layer::{name}(&self.0{sep}{});",
                 names.join(", ")
             );
-            let _ = writeln!(w, "self.0.leave({nr}, r);");
+            let _ = writeln!(w, "self.0.leave({nr}, &call_args, r, t);");
             let _ = writeln!(w, "r");
         }
         let _ = writeln!(w, "}}");
     }
-    w.push_str("}\n");
+    w.push_str("}\n\n");
+    let _ = writeln!(
+        w,
+        "/// Argument layout per call (see [`arg`]), indexed by call number - 1.\n\
+         pub const ARGS: [[u8; 6]; {}] = [",
+        spec.calls.len()
+    );
+    for c in &spec.calls {
+        let mut cells = Vec::new();
+        for a in &c.args {
+            // The values of the `arg` constants above.
+            let kind = match a.ty.as_str() {
+                "u32" | "i32" | "u64" | "i64" => 0,
+                "handle" => 1,
+                "bytes_in" => 2,
+                "bytes_out" => 3,
+                "handle_out" => 4,
+                "i32_out" | "u64_inout" => 5,
+                _ => 6,
+            };
+            let len = a
+                .len
+                .as_ref()
+                .and_then(|l| c.args.iter().position(|x| &x.name == l))
+                .unwrap_or(0);
+            cells.push(format!("{:#04x}", kind | (len << 4)));
+        }
+        cells.resize(6, "0".into());
+        let names: Vec<&str> = c.args.iter().map(|a| a.name.as_str()).collect();
+        let _ = writeln!(
+            w,
+            "// {}({})\n[{}],",
+            c.name,
+            names.join(", "),
+            cells.join(", ")
+        );
+    }
+    w.push_str("];\n");
     w
 }

@@ -66,11 +66,13 @@ impl Count {
 }
 
 impl Layer for Count {
+    type Token = ();
+
     fn inner(&self) -> &dyn Pal {
         self.inner
     }
 
-    fn enter(&self, n: u32) {
+    fn enter(&self, n: u32, _args: &[u64; 6]) {
         if let Some(c) = (n as usize).checked_sub(1).and_then(|i| self.calls.get(i)) {
             c.fetch_add(1, Ordering::Relaxed);
         }
@@ -81,7 +83,7 @@ impl Layer for Count {
         }
     }
 
-    fn leave(&self, n: u32, result: i64) {
+    fn leave(&self, n: u32, _args: &[u64; 6], result: i64, _token: ()) {
         if n == nr::DK_THREAD_CREATE && result == 0 {
             self.threads.fetch_add(1, Ordering::AcqRel);
         }

@@ -147,6 +147,8 @@ enum Hook {
 struct Top(&'static dyn Pal);
 
 impl moat_pal::layer::Layer for Top {
+    type Token = ();
+
     fn inner(&self) -> &dyn Pal {
         self.0
     }
@@ -154,12 +156,12 @@ impl moat_pal::layer::Layer for Top {
 
 /// A layer's hooks, for calls a host serves without the stack.
 trait Hooks: Send + Sync {
-    fn enter(&self, nr: u32);
+    fn enter(&self, nr: u32, args: &[u64; 6]);
 }
 
 impl<L: moat_pal::layer::Layer> Hooks for Layered<L> {
-    fn enter(&self, nr: u32) {
-        self.0.enter(nr)
+    fn enter(&self, nr: u32, args: &[u64; 6]) {
+        let _ = self.0.enter(nr, args);
     }
 }
 
@@ -231,9 +233,10 @@ impl Stack {
         let name = moat_pal::CALL_NAMES
             .get((nr as usize).wrapping_sub(1))
             .unwrap_or(&"?");
+        let words = [args[0], args[1], 0, 0, 0, 0];
         for h in &self.hooks {
             match h {
-                Hook::Layer(l) => l.enter(nr),
+                Hook::Layer(l) => l.enter(nr, &words),
                 Hook::Trace(sink) if nr == moat_pal::nr::DK_THREAD_RAISE_EXCEPTION => sink(
                     format_args!("{name}(code={}, arg={})", args[0] as u32, args[1]),
                 ),

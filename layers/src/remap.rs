@@ -120,6 +120,8 @@ impl RemapLayer {
 }
 
 impl Layer for RemapLayer {
+    type Token = ();
+
     fn inner(&self) -> &dyn Pal {
         self.inner
     }

@@ -13,14 +13,41 @@
 #![allow(clippy::too_many_arguments)]
 use crate::abi::*;
 
+/// How a call's arguments are laid out, per argument (for layers that
+/// read them generically, as the tracer does): the kind in the low
+/// nibble ([`arg`]), for bytes the index of the length argument in
+/// the high one. Indexed by call number - 1; unused slots are 0.
+pub mod arg {
+    /// An integer (or flags).
+    pub const INT: u8 = 0;
+    /// A handle.
+    pub const HANDLE: u8 = 1;
+    /// Bytes the guest passes in (length: the argument in the high nibble).
+    pub const BYTES_IN: u8 = 2;
+    /// Bytes the call writes out (capacity: the argument in the high nibble).
+    pub const BYTES_OUT: u8 = 3;
+    /// Where the call writes a new handle.
+    pub const HANDLE_OUT: u8 = 4;
+    /// Where the call writes (or reads and writes) one value.
+    pub const VALUE_OUT: u8 = 5;
+    /// Any other pointer (a struct, an array of handles, code).
+    pub const OTHER_PTR: u8 = 6;
+}
+
 /// A layer: every call defaults to the PAL below.
 pub trait Layer: Send + Sync {
+    /// What [`Layer::enter`] hands [`Layer::leave`] for the same call (a
+    /// start time, ...); `()` for most layers.
+    type Token: Copy + Default;
     /// The PAL below this layer.
     fn inner(&self) -> &dyn Pal;
-    /// Before every call, with its number ([`nr`]).
-    fn enter(&self, _nr: u32) {}
-    /// After every call that returns, with its number and result.
-    fn leave(&self, _nr: u32, _result: i64) {}
+    /// Before every call, with its number ([`nr`]) and argument words
+    /// (as the guest passed them; unused ones 0).
+    fn enter(&self, _nr: u32, _args: &[u64; 6]) -> Self::Token {
+        Self::Token::default()
+    }
+    /// After every call that returns, with its result.
+    fn leave(&self, _nr: u32, _args: &[u64; 6], _result: i64, _token: Self::Token) {}
     /// `DkVirtualMemoryAlloc`: passed down.
     fn dk_virtual_memory_alloc(&self, addr: u64, size: u64, prot: u32) -> i64 {
         self.inner().dk_virtual_memory_alloc(addr, size, prot)
@@ -245,115 +272,142 @@ pub struct Layered<L>(pub L);
 
 impl<L: Layer> Pal for Layered<L> {
     fn dk_virtual_memory_alloc(&self, addr: u64, size: u64, prot: u32) -> i64 {
-        self.0.enter(nr::DK_VIRTUAL_MEMORY_ALLOC);
+        let call_args = [addr as u64, size as u64, prot as u64, 0, 0, 0];
+        let t = self.0.enter(nr::DK_VIRTUAL_MEMORY_ALLOC, &call_args);
         let r = Layer::dk_virtual_memory_alloc(&self.0, addr, size, prot);
-        self.0.leave(nr::DK_VIRTUAL_MEMORY_ALLOC, r);
+        self.0.leave(nr::DK_VIRTUAL_MEMORY_ALLOC, &call_args, r, t);
         r
     }
     fn dk_virtual_memory_free(&self, addr: u64, size: u64) -> i64 {
-        self.0.enter(nr::DK_VIRTUAL_MEMORY_FREE);
+        let call_args = [addr as u64, size as u64, 0, 0, 0, 0];
+        let t = self.0.enter(nr::DK_VIRTUAL_MEMORY_FREE, &call_args);
         let r = Layer::dk_virtual_memory_free(&self.0, addr, size);
-        self.0.leave(nr::DK_VIRTUAL_MEMORY_FREE, r);
+        self.0.leave(nr::DK_VIRTUAL_MEMORY_FREE, &call_args, r, t);
         r
     }
     fn dk_virtual_memory_protect(&self, addr: u64, size: u64, prot: u32) -> i64 {
-        self.0.enter(nr::DK_VIRTUAL_MEMORY_PROTECT);
+        let call_args = [addr as u64, size as u64, prot as u64, 0, 0, 0];
+        let t = self.0.enter(nr::DK_VIRTUAL_MEMORY_PROTECT, &call_args);
         let r = Layer::dk_virtual_memory_protect(&self.0, addr, size, prot);
-        self.0.leave(nr::DK_VIRTUAL_MEMORY_PROTECT, r);
+        self.0
+            .leave(nr::DK_VIRTUAL_MEMORY_PROTECT, &call_args, r, t);
         r
     }
     fn dk_thread_create(&self, entry: u64, param: u64, thread: *mut u64) -> i64 {
-        self.0.enter(nr::DK_THREAD_CREATE);
+        let call_args = [entry as u64, param as u64, thread as u64, 0, 0, 0];
+        let t = self.0.enter(nr::DK_THREAD_CREATE, &call_args);
         let r = Layer::dk_thread_create(&self.0, entry, param, thread);
-        self.0.leave(nr::DK_THREAD_CREATE, r);
+        self.0.leave(nr::DK_THREAD_CREATE, &call_args, r, t);
         r
     }
     fn dk_thread_delay_execution(&self, micros: u64) -> i64 {
-        self.0.enter(nr::DK_THREAD_DELAY_EXECUTION);
+        let call_args = [micros as u64, 0, 0, 0, 0, 0];
+        let t = self.0.enter(nr::DK_THREAD_DELAY_EXECUTION, &call_args);
         let r = Layer::dk_thread_delay_execution(&self.0, micros);
-        self.0.leave(nr::DK_THREAD_DELAY_EXECUTION, r);
+        self.0
+            .leave(nr::DK_THREAD_DELAY_EXECUTION, &call_args, r, t);
         r
     }
     fn dk_thread_yield_execution(&self) -> i64 {
-        self.0.enter(nr::DK_THREAD_YIELD_EXECUTION);
+        let call_args = [0, 0, 0, 0, 0, 0];
+        let t = self.0.enter(nr::DK_THREAD_YIELD_EXECUTION, &call_args);
         let r = Layer::dk_thread_yield_execution(&self.0);
-        self.0.leave(nr::DK_THREAD_YIELD_EXECUTION, r);
+        self.0
+            .leave(nr::DK_THREAD_YIELD_EXECUTION, &call_args, r, t);
         r
     }
     fn dk_thread_exit(&self, code: i32) -> ! {
-        self.0.enter(nr::DK_THREAD_EXIT);
+        let call_args = [code as u64, 0, 0, 0, 0, 0];
+        self.0.enter(nr::DK_THREAD_EXIT, &call_args);
         Layer::dk_thread_exit(&self.0, code)
     }
     fn dk_thread_get_parameter(&self) -> i64 {
-        self.0.enter(nr::DK_THREAD_GET_PARAMETER);
+        let call_args = [0, 0, 0, 0, 0, 0];
+        let t = self.0.enter(nr::DK_THREAD_GET_PARAMETER, &call_args);
         let r = Layer::dk_thread_get_parameter(&self.0);
-        self.0.leave(nr::DK_THREAD_GET_PARAMETER, r);
+        self.0.leave(nr::DK_THREAD_GET_PARAMETER, &call_args, r, t);
         r
     }
     fn dk_thread_raise_exception(&self, code: u32, arg: u64) -> i64 {
-        self.0.enter(nr::DK_THREAD_RAISE_EXCEPTION);
+        let call_args = [code as u64, arg as u64, 0, 0, 0, 0];
+        let t = self.0.enter(nr::DK_THREAD_RAISE_EXCEPTION, &call_args);
         let r = Layer::dk_thread_raise_exception(&self.0, code, arg);
-        self.0.leave(nr::DK_THREAD_RAISE_EXCEPTION, r);
+        self.0
+            .leave(nr::DK_THREAD_RAISE_EXCEPTION, &call_args, r, t);
         r
     }
     fn dk_notification_event_create(&self, initial: u32, event: *mut u64) -> i64 {
-        self.0.enter(nr::DK_NOTIFICATION_EVENT_CREATE);
+        let call_args = [initial as u64, event as u64, 0, 0, 0, 0];
+        let t = self.0.enter(nr::DK_NOTIFICATION_EVENT_CREATE, &call_args);
         let r = Layer::dk_notification_event_create(&self.0, initial, event);
-        self.0.leave(nr::DK_NOTIFICATION_EVENT_CREATE, r);
+        self.0
+            .leave(nr::DK_NOTIFICATION_EVENT_CREATE, &call_args, r, t);
         r
     }
     fn dk_synchronization_event_create(&self, initial: u32, event: *mut u64) -> i64 {
-        self.0.enter(nr::DK_SYNCHRONIZATION_EVENT_CREATE);
+        let call_args = [initial as u64, event as u64, 0, 0, 0, 0];
+        let t = self
+            .0
+            .enter(nr::DK_SYNCHRONIZATION_EVENT_CREATE, &call_args);
         let r = Layer::dk_synchronization_event_create(&self.0, initial, event);
-        self.0.leave(nr::DK_SYNCHRONIZATION_EVENT_CREATE, r);
+        self.0
+            .leave(nr::DK_SYNCHRONIZATION_EVENT_CREATE, &call_args, r, t);
         r
     }
     fn dk_semaphore_create(&self, initial: u32, max: u32, semaphore: *mut u64) -> i64 {
-        self.0.enter(nr::DK_SEMAPHORE_CREATE);
+        let call_args = [initial as u64, max as u64, semaphore as u64, 0, 0, 0];
+        let t = self.0.enter(nr::DK_SEMAPHORE_CREATE, &call_args);
         let r = Layer::dk_semaphore_create(&self.0, initial, max, semaphore);
-        self.0.leave(nr::DK_SEMAPHORE_CREATE, r);
+        self.0.leave(nr::DK_SEMAPHORE_CREATE, &call_args, r, t);
         r
     }
     fn dk_semaphore_release(&self, semaphore: u64, count: u32) -> i64 {
-        self.0.enter(nr::DK_SEMAPHORE_RELEASE);
+        let call_args = [semaphore as u64, count as u64, 0, 0, 0, 0];
+        let t = self.0.enter(nr::DK_SEMAPHORE_RELEASE, &call_args);
         let r = Layer::dk_semaphore_release(&self.0, semaphore, count);
-        self.0.leave(nr::DK_SEMAPHORE_RELEASE, r);
+        self.0.leave(nr::DK_SEMAPHORE_RELEASE, &call_args, r, t);
         r
     }
     fn dk_semaphore_peek(&self, semaphore: u64) -> i64 {
-        self.0.enter(nr::DK_SEMAPHORE_PEEK);
+        let call_args = [semaphore as u64, 0, 0, 0, 0, 0];
+        let t = self.0.enter(nr::DK_SEMAPHORE_PEEK, &call_args);
         let r = Layer::dk_semaphore_peek(&self.0, semaphore);
-        self.0.leave(nr::DK_SEMAPHORE_PEEK, r);
+        self.0.leave(nr::DK_SEMAPHORE_PEEK, &call_args, r, t);
         r
     }
     fn dk_event_set(&self, event: u64) -> i64 {
-        self.0.enter(nr::DK_EVENT_SET);
+        let call_args = [event as u64, 0, 0, 0, 0, 0];
+        let t = self.0.enter(nr::DK_EVENT_SET, &call_args);
         let r = Layer::dk_event_set(&self.0, event);
-        self.0.leave(nr::DK_EVENT_SET, r);
+        self.0.leave(nr::DK_EVENT_SET, &call_args, r, t);
         r
     }
     fn dk_event_clear(&self, event: u64) -> i64 {
-        self.0.enter(nr::DK_EVENT_CLEAR);
+        let call_args = [event as u64, 0, 0, 0, 0, 0];
+        let t = self.0.enter(nr::DK_EVENT_CLEAR, &call_args);
         let r = Layer::dk_event_clear(&self.0, event);
-        self.0.leave(nr::DK_EVENT_CLEAR, r);
+        self.0.leave(nr::DK_EVENT_CLEAR, &call_args, r, t);
         r
     }
     fn dk_event_peek(&self, event: u64) -> i64 {
-        self.0.enter(nr::DK_EVENT_PEEK);
+        let call_args = [event as u64, 0, 0, 0, 0, 0];
+        let t = self.0.enter(nr::DK_EVENT_PEEK, &call_args);
         let r = Layer::dk_event_peek(&self.0, event);
-        self.0.leave(nr::DK_EVENT_PEEK, r);
+        self.0.leave(nr::DK_EVENT_PEEK, &call_args, r, t);
         r
     }
     fn dk_objects_wait_any(&self, count: u32, handles: *const u64, timeout_micros: i64) -> i64 {
-        self.0.enter(nr::DK_OBJECTS_WAIT_ANY);
+        let call_args = [count as u64, handles as u64, timeout_micros as u64, 0, 0, 0];
+        let t = self.0.enter(nr::DK_OBJECTS_WAIT_ANY, &call_args);
         let r = Layer::dk_objects_wait_any(&self.0, count, handles, timeout_micros);
-        self.0.leave(nr::DK_OBJECTS_WAIT_ANY, r);
+        self.0.leave(nr::DK_OBJECTS_WAIT_ANY, &call_args, r, t);
         r
     }
     fn dk_abort_event_register(&self, event: u64) -> i64 {
-        self.0.enter(nr::DK_ABORT_EVENT_REGISTER);
+        let call_args = [event as u64, 0, 0, 0, 0, 0];
+        let t = self.0.enter(nr::DK_ABORT_EVENT_REGISTER, &call_args);
         let r = Layer::dk_abort_event_register(&self.0, event);
-        self.0.leave(nr::DK_ABORT_EVENT_REGISTER, r);
+        self.0.leave(nr::DK_ABORT_EVENT_REGISTER, &call_args, r, t);
         r
     }
     fn dk_process_create(
@@ -364,19 +418,29 @@ impl<L: Layer> Pal for Layered<L> {
         args_len: u64,
         process: *mut u64,
     ) -> i64 {
-        self.0.enter(nr::DK_PROCESS_CREATE);
+        let call_args = [
+            uri as u64,
+            uri_len as u64,
+            args as u64,
+            args_len as u64,
+            process as u64,
+            0,
+        ];
+        let t = self.0.enter(nr::DK_PROCESS_CREATE, &call_args);
         let r = Layer::dk_process_create(&self.0, uri, uri_len, args, args_len, process);
-        self.0.leave(nr::DK_PROCESS_CREATE, r);
+        self.0.leave(nr::DK_PROCESS_CREATE, &call_args, r, t);
         r
     }
     fn dk_process_get_exit_code(&self, process: u64, code: *mut i32) -> i64 {
-        self.0.enter(nr::DK_PROCESS_GET_EXIT_CODE);
+        let call_args = [process as u64, code as u64, 0, 0, 0, 0];
+        let t = self.0.enter(nr::DK_PROCESS_GET_EXIT_CODE, &call_args);
         let r = Layer::dk_process_get_exit_code(&self.0, process, code);
-        self.0.leave(nr::DK_PROCESS_GET_EXIT_CODE, r);
+        self.0.leave(nr::DK_PROCESS_GET_EXIT_CODE, &call_args, r, t);
         r
     }
     fn dk_process_exit(&self, code: i32) -> ! {
-        self.0.enter(nr::DK_PROCESS_EXIT);
+        let call_args = [code as u64, 0, 0, 0, 0, 0];
+        self.0.enter(nr::DK_PROCESS_EXIT, &call_args);
         Layer::dk_process_exit(&self.0, code)
     }
     fn dk_stream_open(
@@ -388,69 +452,94 @@ impl<L: Layer> Pal for Layered<L> {
         options: u32,
         stream: *mut u64,
     ) -> i64 {
-        self.0.enter(nr::DK_STREAM_OPEN);
+        let call_args = [
+            uri as u64,
+            uri_len as u64,
+            access as u64,
+            create as u64,
+            options as u64,
+            stream as u64,
+        ];
+        let t = self.0.enter(nr::DK_STREAM_OPEN, &call_args);
         let r = Layer::dk_stream_open(&self.0, uri, uri_len, access, create, options, stream);
-        self.0.leave(nr::DK_STREAM_OPEN, r);
+        self.0.leave(nr::DK_STREAM_OPEN, &call_args, r, t);
         r
     }
     fn dk_stream_read(&self, stream: u64, offset: u64, buf: *mut u8, len: u64) -> i64 {
-        self.0.enter(nr::DK_STREAM_READ);
+        let call_args = [stream as u64, offset as u64, buf as u64, len as u64, 0, 0];
+        let t = self.0.enter(nr::DK_STREAM_READ, &call_args);
         let r = Layer::dk_stream_read(&self.0, stream, offset, buf, len);
-        self.0.leave(nr::DK_STREAM_READ, r);
+        self.0.leave(nr::DK_STREAM_READ, &call_args, r, t);
         r
     }
     fn dk_stream_write(&self, stream: u64, offset: u64, buf: *const u8, len: u64) -> i64 {
-        self.0.enter(nr::DK_STREAM_WRITE);
+        let call_args = [stream as u64, offset as u64, buf as u64, len as u64, 0, 0];
+        let t = self.0.enter(nr::DK_STREAM_WRITE, &call_args);
         let r = Layer::dk_stream_write(&self.0, stream, offset, buf, len);
-        self.0.leave(nr::DK_STREAM_WRITE, r);
+        self.0.leave(nr::DK_STREAM_WRITE, &call_args, r, t);
         r
     }
     fn dk_stream_map(&self, stream: u64, addr: u64, prot: u32, offset: u64, size: u64) -> i64 {
-        self.0.enter(nr::DK_STREAM_MAP);
+        let call_args = [
+            stream as u64,
+            addr as u64,
+            prot as u64,
+            offset as u64,
+            size as u64,
+            0,
+        ];
+        let t = self.0.enter(nr::DK_STREAM_MAP, &call_args);
         let r = Layer::dk_stream_map(&self.0, stream, addr, prot, offset, size);
-        self.0.leave(nr::DK_STREAM_MAP, r);
+        self.0.leave(nr::DK_STREAM_MAP, &call_args, r, t);
         r
     }
     fn dk_stream_map_pe_binary(&self, stream: u64, info: *mut ImageInfo) -> i64 {
-        self.0.enter(nr::DK_STREAM_MAP_PE_BINARY);
+        let call_args = [stream as u64, info as u64, 0, 0, 0, 0];
+        let t = self.0.enter(nr::DK_STREAM_MAP_PE_BINARY, &call_args);
         let r = Layer::dk_stream_map_pe_binary(&self.0, stream, info);
-        self.0.leave(nr::DK_STREAM_MAP_PE_BINARY, r);
+        self.0.leave(nr::DK_STREAM_MAP_PE_BINARY, &call_args, r, t);
         r
     }
     fn dk_stream_unmap(&self, addr: u64, size: u64) -> i64 {
-        self.0.enter(nr::DK_STREAM_UNMAP);
+        let call_args = [addr as u64, size as u64, 0, 0, 0, 0];
+        let t = self.0.enter(nr::DK_STREAM_UNMAP, &call_args);
         let r = Layer::dk_stream_unmap(&self.0, addr, size);
-        self.0.leave(nr::DK_STREAM_UNMAP, r);
+        self.0.leave(nr::DK_STREAM_UNMAP, &call_args, r, t);
         r
     }
     fn dk_stream_set_length(&self, stream: u64, length: u64) -> i64 {
-        self.0.enter(nr::DK_STREAM_SET_LENGTH);
+        let call_args = [stream as u64, length as u64, 0, 0, 0, 0];
+        let t = self.0.enter(nr::DK_STREAM_SET_LENGTH, &call_args);
         let r = Layer::dk_stream_set_length(&self.0, stream, length);
-        self.0.leave(nr::DK_STREAM_SET_LENGTH, r);
+        self.0.leave(nr::DK_STREAM_SET_LENGTH, &call_args, r, t);
         r
     }
     fn dk_stream_flush(&self, stream: u64) -> i64 {
-        self.0.enter(nr::DK_STREAM_FLUSH);
+        let call_args = [stream as u64, 0, 0, 0, 0, 0];
+        let t = self.0.enter(nr::DK_STREAM_FLUSH, &call_args);
         let r = Layer::dk_stream_flush(&self.0, stream);
-        self.0.leave(nr::DK_STREAM_FLUSH, r);
+        self.0.leave(nr::DK_STREAM_FLUSH, &call_args, r, t);
         r
     }
     fn dk_stream_delete(&self, stream: u64, which: u32) -> i64 {
-        self.0.enter(nr::DK_STREAM_DELETE);
+        let call_args = [stream as u64, which as u64, 0, 0, 0, 0];
+        let t = self.0.enter(nr::DK_STREAM_DELETE, &call_args);
         let r = Layer::dk_stream_delete(&self.0, stream, which);
-        self.0.leave(nr::DK_STREAM_DELETE, r);
+        self.0.leave(nr::DK_STREAM_DELETE, &call_args, r, t);
         r
     }
     fn dk_stream_get_event(&self, stream: u64, event: *mut u64) -> i64 {
-        self.0.enter(nr::DK_STREAM_GET_EVENT);
+        let call_args = [stream as u64, event as u64, 0, 0, 0, 0];
+        let t = self.0.enter(nr::DK_STREAM_GET_EVENT, &call_args);
         let r = Layer::dk_stream_get_event(&self.0, stream, event);
-        self.0.leave(nr::DK_STREAM_GET_EVENT, r);
+        self.0.leave(nr::DK_STREAM_GET_EVENT, &call_args, r, t);
         r
     }
     fn dk_stream_rename(&self, stream: u64, new_uri: *const u8, new_uri_len: u64) -> i64 {
-        self.0.enter(nr::DK_STREAM_RENAME);
+        let call_args = [stream as u64, new_uri as u64, new_uri_len as u64, 0, 0, 0];
+        let t = self.0.enter(nr::DK_STREAM_RENAME, &call_args);
         let r = Layer::dk_stream_rename(&self.0, stream, new_uri, new_uri_len);
-        self.0.leave(nr::DK_STREAM_RENAME, r);
+        self.0.leave(nr::DK_STREAM_RENAME, &call_args, r, t);
         r
     }
     fn dk_stream_enumerate_children(
@@ -460,9 +549,11 @@ impl<L: Layer> Pal for Layered<L> {
         len: u64,
         cursor: *mut u64,
     ) -> i64 {
-        self.0.enter(nr::DK_STREAM_ENUMERATE_CHILDREN);
+        let call_args = [stream as u64, buf as u64, len as u64, cursor as u64, 0, 0];
+        let t = self.0.enter(nr::DK_STREAM_ENUMERATE_CHILDREN, &call_args);
         let r = Layer::dk_stream_enumerate_children(&self.0, stream, buf, len, cursor);
-        self.0.leave(nr::DK_STREAM_ENUMERATE_CHILDREN, r);
+        self.0
+            .leave(nr::DK_STREAM_ENUMERATE_CHILDREN, &call_args, r, t);
         r
     }
     fn dk_stream_attributes_query(
@@ -471,9 +562,11 @@ impl<L: Layer> Pal for Layered<L> {
         uri_len: u64,
         attrs: *mut StreamAttributes,
     ) -> i64 {
-        self.0.enter(nr::DK_STREAM_ATTRIBUTES_QUERY);
+        let call_args = [uri as u64, uri_len as u64, attrs as u64, 0, 0, 0];
+        let t = self.0.enter(nr::DK_STREAM_ATTRIBUTES_QUERY, &call_args);
         let r = Layer::dk_stream_attributes_query(&self.0, uri, uri_len, attrs);
-        self.0.leave(nr::DK_STREAM_ATTRIBUTES_QUERY, r);
+        self.0
+            .leave(nr::DK_STREAM_ATTRIBUTES_QUERY, &call_args, r, t);
         r
     }
     fn dk_stream_attributes_query_by_handle(
@@ -481,63 +574,172 @@ impl<L: Layer> Pal for Layered<L> {
         stream: u64,
         attrs: *mut StreamAttributes,
     ) -> i64 {
-        self.0.enter(nr::DK_STREAM_ATTRIBUTES_QUERY_BY_HANDLE);
+        let call_args = [stream as u64, attrs as u64, 0, 0, 0, 0];
+        let t = self
+            .0
+            .enter(nr::DK_STREAM_ATTRIBUTES_QUERY_BY_HANDLE, &call_args);
         let r = Layer::dk_stream_attributes_query_by_handle(&self.0, stream, attrs);
-        self.0.leave(nr::DK_STREAM_ATTRIBUTES_QUERY_BY_HANDLE, r);
+        self.0
+            .leave(nr::DK_STREAM_ATTRIBUTES_QUERY_BY_HANDLE, &call_args, r, t);
         r
     }
     fn dk_system_time_query(&self) -> i64 {
-        self.0.enter(nr::DK_SYSTEM_TIME_QUERY);
+        let call_args = [0, 0, 0, 0, 0, 0];
+        let t = self.0.enter(nr::DK_SYSTEM_TIME_QUERY, &call_args);
         let r = Layer::dk_system_time_query(&self.0);
-        self.0.leave(nr::DK_SYSTEM_TIME_QUERY, r);
+        self.0.leave(nr::DK_SYSTEM_TIME_QUERY, &call_args, r, t);
         r
     }
     fn dk_random_bits_read(&self, buf: *mut u8, len: u64) -> i64 {
-        self.0.enter(nr::DK_RANDOM_BITS_READ);
+        let call_args = [buf as u64, len as u64, 0, 0, 0, 0];
+        let t = self.0.enter(nr::DK_RANDOM_BITS_READ, &call_args);
         let r = Layer::dk_random_bits_read(&self.0, buf, len);
-        self.0.leave(nr::DK_RANDOM_BITS_READ, r);
+        self.0.leave(nr::DK_RANDOM_BITS_READ, &call_args, r, t);
         r
     }
     fn dk_instruction_cache_flush(&self, addr: u64, size: u64) -> i64 {
-        self.0.enter(nr::DK_INSTRUCTION_CACHE_FLUSH);
+        let call_args = [addr as u64, size as u64, 0, 0, 0, 0];
+        let t = self.0.enter(nr::DK_INSTRUCTION_CACHE_FLUSH, &call_args);
         let r = Layer::dk_instruction_cache_flush(&self.0, addr, size);
-        self.0.leave(nr::DK_INSTRUCTION_CACHE_FLUSH, r);
+        self.0
+            .leave(nr::DK_INSTRUCTION_CACHE_FLUSH, &call_args, r, t);
         r
     }
     fn dk_object_reference(&self, object: u64) -> i64 {
-        self.0.enter(nr::DK_OBJECT_REFERENCE);
+        let call_args = [object as u64, 0, 0, 0, 0, 0];
+        let t = self.0.enter(nr::DK_OBJECT_REFERENCE, &call_args);
         let r = Layer::dk_object_reference(&self.0, object);
-        self.0.leave(nr::DK_OBJECT_REFERENCE, r);
+        self.0.leave(nr::DK_OBJECT_REFERENCE, &call_args, r, t);
         r
     }
     fn dk_object_close(&self, object: u64) -> i64 {
-        self.0.enter(nr::DK_OBJECT_CLOSE);
+        let call_args = [object as u64, 0, 0, 0, 0, 0];
+        let t = self.0.enter(nr::DK_OBJECT_CLOSE, &call_args);
         let r = Layer::dk_object_close(&self.0, object);
-        self.0.leave(nr::DK_OBJECT_CLOSE, r);
+        self.0.leave(nr::DK_OBJECT_CLOSE, &call_args, r, t);
         r
     }
     fn dk_input_event_read(&self, buf: *mut u8, len: u64) -> i64 {
-        self.0.enter(nr::DK_INPUT_EVENT_READ);
+        let call_args = [buf as u64, len as u64, 0, 0, 0, 0];
+        let t = self.0.enter(nr::DK_INPUT_EVENT_READ, &call_args);
         let r = Layer::dk_input_event_read(&self.0, buf, len);
-        self.0.leave(nr::DK_INPUT_EVENT_READ, r);
+        self.0.leave(nr::DK_INPUT_EVENT_READ, &call_args, r, t);
         r
     }
     fn dk_frame_buffer_export(&self, addr: u64, width: u32, height: u32) -> i64 {
-        self.0.enter(nr::DK_FRAME_BUFFER_EXPORT);
+        let call_args = [addr as u64, width as u64, height as u64, 0, 0, 0];
+        let t = self.0.enter(nr::DK_FRAME_BUFFER_EXPORT, &call_args);
         let r = Layer::dk_frame_buffer_export(&self.0, addr, width, height);
-        self.0.leave(nr::DK_FRAME_BUFFER_EXPORT, r);
+        self.0.leave(nr::DK_FRAME_BUFFER_EXPORT, &call_args, r, t);
         r
     }
     fn dk_frame_buffer_notify_update(&self, x: u32, y: u32, width: u32, height: u32) -> i64 {
-        self.0.enter(nr::DK_FRAME_BUFFER_NOTIFY_UPDATE);
+        let call_args = [x as u64, y as u64, width as u64, height as u64, 0, 0];
+        let t = self.0.enter(nr::DK_FRAME_BUFFER_NOTIFY_UPDATE, &call_args);
         let r = Layer::dk_frame_buffer_notify_update(&self.0, x, y, width, height);
-        self.0.leave(nr::DK_FRAME_BUFFER_NOTIFY_UPDATE, r);
+        self.0
+            .leave(nr::DK_FRAME_BUFFER_NOTIFY_UPDATE, &call_args, r, t);
         r
     }
     fn dk_debug_string_print(&self, msg: *const u8, len: u64) -> i64 {
-        self.0.enter(nr::DK_DEBUG_STRING_PRINT);
+        let call_args = [msg as u64, len as u64, 0, 0, 0, 0];
+        let t = self.0.enter(nr::DK_DEBUG_STRING_PRINT, &call_args);
         let r = Layer::dk_debug_string_print(&self.0, msg, len);
-        self.0.leave(nr::DK_DEBUG_STRING_PRINT, r);
+        self.0.leave(nr::DK_DEBUG_STRING_PRINT, &call_args, r, t);
         r
     }
 }
+
+/// Argument layout per call (see [`arg`]), indexed by call number - 1.
+pub const ARGS: [[u8; 6]; 45] = [
+    // DkVirtualMemoryAlloc(addr, size, prot)
+    [0x00, 0x00, 0x00, 0, 0, 0],
+    // DkVirtualMemoryFree(addr, size)
+    [0x00, 0x00, 0, 0, 0, 0],
+    // DkVirtualMemoryProtect(addr, size, prot)
+    [0x00, 0x00, 0x00, 0, 0, 0],
+    // DkThreadCreate(entry, param, thread)
+    [0x00, 0x00, 0x04, 0, 0, 0],
+    // DkThreadDelayExecution(micros)
+    [0x00, 0, 0, 0, 0, 0],
+    // DkThreadYieldExecution()
+    [0, 0, 0, 0, 0, 0],
+    // DkThreadExit(code)
+    [0x00, 0, 0, 0, 0, 0],
+    // DkThreadGetParameter()
+    [0, 0, 0, 0, 0, 0],
+    // DkThreadRaiseException(code, arg)
+    [0x00, 0x00, 0, 0, 0, 0],
+    // DkNotificationEventCreate(initial, event)
+    [0x00, 0x04, 0, 0, 0, 0],
+    // DkSynchronizationEventCreate(initial, event)
+    [0x00, 0x04, 0, 0, 0, 0],
+    // DkSemaphoreCreate(initial, max, semaphore)
+    [0x00, 0x00, 0x04, 0, 0, 0],
+    // DkSemaphoreRelease(semaphore, count)
+    [0x01, 0x00, 0, 0, 0, 0],
+    // DkSemaphorePeek(semaphore)
+    [0x01, 0, 0, 0, 0, 0],
+    // DkEventSet(event)
+    [0x01, 0, 0, 0, 0, 0],
+    // DkEventClear(event)
+    [0x01, 0, 0, 0, 0, 0],
+    // DkEventPeek(event)
+    [0x01, 0, 0, 0, 0, 0],
+    // DkObjectsWaitAny(count, handles, timeout_micros)
+    [0x00, 0x06, 0x00, 0, 0, 0],
+    // DkAbortEventRegister(event)
+    [0x01, 0, 0, 0, 0, 0],
+    // DkProcessCreate(uri, uri_len, args, args_len, process)
+    [0x12, 0x00, 0x32, 0x00, 0x04, 0],
+    // DkProcessGetExitCode(process, code)
+    [0x01, 0x05, 0, 0, 0, 0],
+    // DkProcessExit(code)
+    [0x00, 0, 0, 0, 0, 0],
+    // DkStreamOpen(uri, uri_len, access, create, options, stream)
+    [0x12, 0x00, 0x00, 0x00, 0x00, 0x04],
+    // DkStreamRead(stream, offset, buf, len)
+    [0x01, 0x00, 0x33, 0x00, 0, 0],
+    // DkStreamWrite(stream, offset, buf, len)
+    [0x01, 0x00, 0x32, 0x00, 0, 0],
+    // DkStreamMap(stream, addr, prot, offset, size)
+    [0x01, 0x00, 0x00, 0x00, 0x00, 0],
+    // DkStreamMapPeBinary(stream, info)
+    [0x01, 0x06, 0, 0, 0, 0],
+    // DkStreamUnmap(addr, size)
+    [0x00, 0x00, 0, 0, 0, 0],
+    // DkStreamSetLength(stream, length)
+    [0x01, 0x00, 0, 0, 0, 0],
+    // DkStreamFlush(stream)
+    [0x01, 0, 0, 0, 0, 0],
+    // DkStreamDelete(stream, which)
+    [0x01, 0x00, 0, 0, 0, 0],
+    // DkStreamGetEvent(stream, event)
+    [0x01, 0x04, 0, 0, 0, 0],
+    // DkStreamRename(stream, new_uri, new_uri_len)
+    [0x01, 0x22, 0x00, 0, 0, 0],
+    // DkStreamEnumerateChildren(stream, buf, len, cursor)
+    [0x01, 0x23, 0x00, 0x05, 0, 0],
+    // DkStreamAttributesQuery(uri, uri_len, attrs)
+    [0x12, 0x00, 0x06, 0, 0, 0],
+    // DkStreamAttributesQueryByHandle(stream, attrs)
+    [0x01, 0x06, 0, 0, 0, 0],
+    // DkSystemTimeQuery()
+    [0, 0, 0, 0, 0, 0],
+    // DkRandomBitsRead(buf, len)
+    [0x13, 0x00, 0, 0, 0, 0],
+    // DkInstructionCacheFlush(addr, size)
+    [0x00, 0x00, 0, 0, 0, 0],
+    // DkObjectReference(object)
+    [0x01, 0, 0, 0, 0, 0],
+    // DkObjectClose(object)
+    [0x01, 0, 0, 0, 0, 0],
+    // DkInputEventRead(buf, len)
+    [0x13, 0x00, 0, 0, 0, 0],
+    // DkFrameBufferExport(addr, width, height)
+    [0x00, 0x00, 0x00, 0, 0, 0],
+    // DkFrameBufferNotifyUpdate(x, y, width, height)
+    [0x00, 0x00, 0x00, 0x00, 0, 0],
+    // DkDebugStringPrint(msg, len)
+    [0x12, 0x00, 0, 0, 0, 0],
+];
