@@ -100,7 +100,15 @@ pub fn render_rust_layer(spec: &Spec) -> String {
         let sep = if names.is_empty() { "" } else { ", " };
         let ret = if c.is_never() { "!" } else { "i64" };
         let nr = format!("nr::{}", upper_snake_case(&c.name));
-        let mut words: Vec<String> = names.iter().map(|n| format!("{n} as u64")).collect();
+        // `u64` arguments as they are (no cast for clippy to flag).
+        let mut words: Vec<String> = c
+            .args
+            .iter()
+            .map(|a| match a.ty.as_str() {
+                "u64" | "handle" => a.name.clone(),
+                _ => format!("{} as u64", a.name),
+            })
+            .collect();
         words.resize(6, "0".into());
         let _ = writeln!(w, "fn {name}(&self{sep}{}) -> {ret} {{", params.join(", "));
         let _ = writeln!(w, "let call_args = [{}];", words.join(", "));
@@ -155,6 +163,27 @@ pub fn render_rust_layer(spec: &Spec) -> String {
             names.join(", "),
             cells.join(", ")
         );
+    }
+    w.push_str("];\n\n");
+    let _ = writeln!(
+        w,
+        "/// Argument names per call, indexed by call number - 1.\n\
+         pub const ARG_NAMES: [&[&str]; {}] = [",
+        spec.calls.len()
+    );
+    for c in &spec.calls {
+        let names: Vec<String> = c.args.iter().map(|a| format!("\"{}\"", a.name)).collect();
+        let _ = writeln!(w, "&[{}],", names.join(", "));
+    }
+    w.push_str("];\n\n");
+    let _ = writeln!(
+        w,
+        "/// Each call's group (`memory`, `threads`, ...), indexed by call number - 1.\n\
+         pub const CALL_GROUPS: [&str; {}] = [",
+        spec.calls.len()
+    );
+    for c in &spec.calls {
+        let _ = writeln!(w, "\"{}\",", c.group);
     }
     w.push_str("];\n");
     w

@@ -12,6 +12,7 @@ mod inspect;
 mod mediate;
 mod resolve;
 mod run;
+mod trace;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -42,6 +43,8 @@ enum Cmd {
     /// Serve a disk through a driver picoprocess and the mediator, as a
     /// file in a FUSE mount (attach it with `losetup`).
     Serve(mediate::ServeArgs),
+    /// Decode a binary trace saved by `moat run --trace=FILE`.
+    Trace(trace::TraceArgs),
 }
 
 /// Print `moat: <msg>` and return the bad-input exit code.
@@ -54,6 +57,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let code = match cli.cmd {
         Cmd::Run(a) => run::main(a),
+        Cmd::Trace(a) => trace::main(a),
         Cmd::Abi(a) => abi::main(a),
         Cmd::Inspect(a) => inspect::main(a),
         Cmd::Images(a) => images::main(a),

@@ -57,10 +57,21 @@ pub struct RunArgs {
     /// by FILE).
     #[arg(long = "device", value_name = "NAME=KIND[:ARG]")]
     pub devices: Vec<String>,
-    /// Log every ABI call (through the tracing layer) and every request the
-    /// monitor brokers to standard error.
-    #[arg(long)]
-    pub trace: bool,
+    /// Trace every ABI call (a trace layer outermost, records in a ring
+    /// the monitor drains) and every brokered request: decoded lines on
+    /// standard error, or with FILE saved for `moat trace FILE`.
+    /// `lossless`: the guest waits for the reader instead of records being
+    /// dropped (and counted). `--trace=lossless,FILE` for both.
+    #[arg(long, value_name = "lossless|FILE", num_args = 0..=1, require_equals = true, default_missing_value = "")]
+    pub trace: Option<String>,
+    /// Trace only these calls: names (DkStreamOpen) and groups (memory,
+    /// threads, sync, process, streams, other), comma-separated.
+    #[arg(long = "trace-filter", value_name = "CALLS")]
+    pub trace_filter: Option<String>,
+    /// The trace ring's size in records (a power of two, 64 to 1048576;
+    /// 256 bytes each; default 16384).
+    #[arg(long = "trace-ring", value_name = "RECORDS")]
+    pub trace_ring: Option<u64>,
     /// Stack layers between the picoprocess and the PAL, outermost first
     /// (comma-separated, on either host): `trace` (a line per call),
     /// `count` (calls counted by name, one line at the end), `remap` (the
@@ -140,12 +151,27 @@ fn prepare(a: RunArgs) -> Result<Sandbox, String> {
         Some(l) => moat_layers::LayerName::parse_list(l).map_err(|e| format!("--layer: {e}"))?,
         None => Vec::new(),
     };
-    Ok(Sandbox::new(path)
-        .args(args)
-        .policy(policy)
-        .trace(a.trace)
-        .layers(&layers)
-        .host(host))
+    let traced = a.trace.is_some() || layers.contains(&moat_layers::LayerName::Trace);
+    if !traced && (a.trace_filter.is_some() || a.trace_ring.is_some()) {
+        return Err("--trace-filter and --trace-ring need --trace (or a trace layer)".into());
+    }
+    let mut trace = moat_monitor::trace::TraceOptions::parse(a.trace.as_deref())?;
+    if let Some(f) = &a.trace_filter {
+        trace.filter = moat_monitor::trace::parse_filter(f)?;
+    }
+    if let Some(n) = a.trace_ring {
+        moat_layers::ring::check_records(n).map_err(|e| format!("--trace-ring: {e}"))?;
+        trace.records = n;
+    }
+    let mut sandbox = Sandbox::new(path);
+    if a.trace.is_some() {
+        sandbox = sandbox.trace_with(trace);
+    } else if traced {
+        // A trace layer named in the stack: the ring's options, no layer
+        // added on top.
+        sandbox = sandbox.trace_ring(trace);
+    }
+    Ok(sandbox.args(args).policy(policy).layers(&layers).host(host))
 }
 
 pub fn main(a: RunArgs) -> i32 {

@@ -17,7 +17,8 @@
 //!   [`signals`]: fault, timer and `SIGSYS` handling, reports;
 //!   [`mountns`]: the empty mount namespace; [`sys`]: system-call helpers;
 //!   [`startup`]: the start-up block both hosts hand the guest;
-//!   [`vmstats`]: the VMM's statistics page (exits by reason).
+//!   [`vmstats`]: the VMM's statistics page (exits by reason);
+//!   [`trace_ring`]: the trace layers' ring, mapped.
 //! - [`child`]: the child side of starting a confined process (between
 //!   `clone`/`fork` and `execve`); [`zygote`]: the zygote's loop, which
 //!   keeps a warm loader or VMM forked.
@@ -38,5 +39,6 @@ pub mod seal_filter;
 pub mod signals;
 pub mod startup;
 pub mod sys;
+pub mod trace_ring;
 pub mod vmstats;
 pub mod zygote;

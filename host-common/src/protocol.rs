@@ -43,8 +43,11 @@ pub struct Config {
     /// Arguments, the image name first.
     pub args: Vec<String>,
     pub limits: Limits,
-    /// Print a line per ABI call to the monitor's log (`--trace`).
+    /// A trace layer outermost (`--trace`).
     pub trace: bool,
+    /// The trace ring, attached after the statistics page (when the stack
+    /// has a trace layer).
+    pub trace_ring: Option<moat_layers::TraceSetup>,
     /// The layers between the guest and the PAL, outermost first (after
     /// the trace layer of `trace`); see `moat_layers`.
     pub layers: Vec<moat_layers::LayerName>,

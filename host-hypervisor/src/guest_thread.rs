@@ -24,15 +24,6 @@ pub fn thread_param() -> u64 {
     PARAM.with(|p| p.get())
 }
 
-/// Send one `--trace` line to the monitor.
-pub(crate) fn trace_line(line: std::fmt::Arguments<'_>) {
-    if let Some(p) = moat_host_common::pal::global_opt() {
-        p.tell(&moat_host_common::protocol::Request::Debug {
-            text: format!("trace: {line}"),
-        });
-    }
-}
-
 /// Send a layer's line to the monitor.
 pub(crate) fn layer_line(line: std::fmt::Arguments<'_>) {
     if let Some(p) = moat_host_common::pal::global_opt() {

@@ -96,6 +96,14 @@ fn run(warm: Option<&moat_policy::Limits>) -> ! {
             fail(&format!("vmm: {e}"));
         }
     }
+    let ring = match (cfg.trace_ring, fds.is_empty()) {
+        (None, _) => None,
+        (Some(_), true) => fail("vmm: the monitor sent no trace ring"),
+        (Some(t), false) => match moat_host_common::trace_ring::map(fds.remove(0), t.records) {
+            Ok(p) => Some((p, t.filter)),
+            Err(e) => fail(&format!("vmm: {e}")),
+        },
+    };
     let backing: Vec<std::fs::File> = fds.into_iter().map(std::fs::File::from).collect();
     let mem_limit = cfg.limits.memory_mib << 20;
     let ram = ram_for(cfg.limits.memory_mib);
@@ -191,14 +199,15 @@ fn run(warm: Option<&moat_policy::Limits>) -> ! {
         &moat_layers::names(cfg.trace, &cfg.layers, !cfg.remaps.is_empty()),
         base,
         moat_layers::Parts {
-            trace: crate::guest_thread::trace_line,
             log: crate::guest_thread::layer_line,
+            ring,
             // Guest RAM is identity-mapped: the shared PAL's checks and
             // copies are the VMM's too.
             mem: lin,
             remaps: cfg.remaps.clone(),
         },
-    );
+    )
+    .unwrap_or_else(|e| fail(&format!("vmm: {e}")));
     if vm.layers.set(stack).is_err() {
         fail("vmm: layers built twice");
     }

@@ -16,12 +16,6 @@ use moat_pal::memory::RegionKind;
 use moat_pal::{prot, PalTable};
 use std::os::fd::{FromRawFd, OwnedFd};
 
-fn trace_line(line: std::fmt::Arguments<'_>) {
-    pal().tell(&protocol::Request::Debug {
-        text: format!("trace: {line}"),
-    });
-}
-
 /// A layer's line to the monitor's log.
 fn layer_line(line: std::fmt::Arguments<'_>) {
     pal().tell(&protocol::Request::Debug {
@@ -105,8 +99,17 @@ pub fn run() -> ! {
         Ok(v) => v,
         Err(e) => fail(&format!("loader: no configuration from the monitor: {e}")),
     };
-    let Some(image_fd) = fds.pop() else {
-        fail("loader: the monitor sent no image descriptor")
+    if fds.is_empty() {
+        fail("loader: the monitor sent no image descriptor");
+    }
+    let image_fd = fds.remove(0);
+    let ring = match (cfg.trace_ring, fds.is_empty()) {
+        (None, _) => None,
+        (Some(_), true) => fail("loader: the monitor sent no trace ring"),
+        (Some(t), false) => match moat_host_common::trace_ring::map(fds.remove(0), t.records) {
+            Ok(p) => Some((p, t.filter)),
+            Err(e) => fail(&format!("loader: {e}")),
+        },
     };
     let mem_limit = cfg.limits.memory_mib << 20;
     let p = LinuxPal::new(sock, cfg.limits.threads, cfg.limits.handles, mem_limit);
@@ -147,12 +150,13 @@ pub fn run() -> ! {
         &moat_layers::names(cfg.trace, &cfg.layers, !cfg.remaps.is_empty()),
         pal,
         moat_layers::Parts {
-            trace: trace_line,
             log: layer_line,
+            ring,
             mem: pal,
             remaps: cfg.remaps.clone(),
         },
-    );
+    )
+    .unwrap_or_else(|e| fail(&format!("loader: {e}")));
     let table = if stack.is_empty() {
         moat_pal::table_from(pal)
     } else {

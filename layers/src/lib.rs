@@ -27,17 +27,19 @@
 //! (`tests/tests/layers.rs`).
 use core::fmt::Arguments;
 use moat_pal::layer::Layered;
-use moat_pal::trace::{TracePal, TraceSink};
 use moat_pal::Pal;
 use serde::{Deserialize, Serialize};
 
 pub mod count;
 pub mod remap;
+pub mod ring;
+pub mod tracer;
 
 /// The layers there are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum LayerName {
-    /// A line per call, with its arguments and result, to the log.
+    /// A binary record per call into the trace ring the monitor drains
+    /// ([`tracer`]).
     Trace,
     /// Calls counted by name, one summary line at the end.
     Count,
@@ -115,12 +117,23 @@ pub trait GuestAccess: Send + Sync {
     fn copy_out(&self, addr: u64, data: &[u8]) -> moat_pal::PalResult<()>;
 }
 
+/// What the monitor asks of the trace layers (the ring itself is
+/// shared memory handed over with the configuration).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceSetup {
+    /// The ring's capacity in records (see [`ring::check_records`]).
+    pub records: u64,
+    /// Bit `nr - 1`: call `nr` is traced ([`tracer::ALL_CALLS`]: all).
+    pub filter: u64,
+}
+
 /// What a stack is built from besides its names.
 pub struct Parts {
-    /// Where the trace layer's lines go.
-    pub trace: TraceSink,
-    /// Where every other layer's lines go.
+    /// Where layers' lines go (the picoprocess's log).
     pub log: LogSink,
+    /// The trace ring (required when the stack has a trace layer), and
+    /// which calls to trace.
+    pub ring: Option<(&'static ring::Producer, u64)>,
     /// The host's checked access to guest memory.
     pub mem: &'static dyn GuestAccess,
     /// The policy's mappings (for `remap`).
@@ -137,8 +150,8 @@ pub struct Stack {
 
 /// What a layer does for a call the host serves itself.
 enum Hook {
-    /// The trace layer: its line.
-    Trace(TraceSink),
+    /// The trace layer: its record.
+    Trace(&'static Layered<tracer::Tracer>),
     /// A [`Layer`](moat_pal::layer::Layer): its `enter`.
     Layer(&'static dyn Hooks),
 }
@@ -167,24 +180,34 @@ impl<L: moat_pal::layer::Layer> Hooks for Layered<L> {
 
 impl Stack {
     /// Build `names` (outermost first) over `base`. The stack lives as
-    /// long as the process (one picoprocess per process).
-    pub fn build(names: &[LayerName], base: &'static dyn Pal, parts: Parts) -> Stack {
+    /// long as the process (one picoprocess per process). Fails on a
+    /// trace layer without a ring.
+    pub fn build(
+        names: &[LayerName],
+        base: &'static dyn Pal,
+        parts: Parts,
+    ) -> Result<Stack, String> {
         let Parts {
-            trace,
             log,
+            ring,
             mem,
             remaps,
         } = parts;
+        let mut traces = names.iter().filter(|n| **n == LayerName::Trace).count();
         let mut top = base;
         let mut hooks: Vec<Hook> = Vec::new();
         for name in names.iter().rev() {
             top = match name {
                 LayerName::Trace => {
-                    hooks.push(Hook::Trace(trace));
-                    Box::leak(Box::new(TracePal {
-                        inner: top,
-                        sink: trace,
-                    }))
+                    let (producer, filter) =
+                        ring.ok_or("a trace layer without a trace ring from the monitor")?;
+                    // Numbered outermost first.
+                    traces -= 1;
+                    let l: &'static Layered<tracer::Tracer> = Box::leak(Box::new(Layered(
+                        tracer::Tracer::new(top, mem, producer, traces as u8, filter),
+                    )));
+                    hooks.push(Hook::Trace(l));
+                    l
                 }
                 LayerName::Count => {
                     let l: &'static Layered<count::Count> =
@@ -203,11 +226,11 @@ impl Stack {
         }
         // Outermost first, as the calls pass them.
         hooks.reverse();
-        Stack {
+        Ok(Stack {
             top,
             depth: names.len(),
             hooks,
-        }
+        })
     }
 
     /// Whether the stack is empty (the guest calls the PAL itself).
@@ -224,23 +247,22 @@ impl Stack {
 
     /// A call the host serves itself, not through [`Stack::top`] (on kvm:
     /// DkThreadExit, DkProcessExit and DkThreadRaiseException, which need
-    /// the vCPU), with its argument words: each layer sees it, outermost
-    /// first (a [`Layer`](moat_pal::layer::Layer)'s `enter`, the trace
-    /// layer's line as its `Pal` would write it, without a result), so
+    /// the vCPU), with its first two argument words: each layer sees it,
+    /// outermost first (a [`Layer`](moat_pal::layer::Layer)'s `enter`; the
+    /// trace layer records it, a raised exception without its result), so
     /// what a layer counts or reports is the same on both hosts. A layer
     /// cannot change such a call.
     pub fn enter(&self, nr: u32, args: &[u64; 2]) {
-        let name = moat_pal::CALL_NAMES
-            .get((nr as usize).wrapping_sub(1))
-            .unwrap_or(&"?");
         let words = [args[0], args[1], 0, 0, 0, 0];
         for h in &self.hooks {
             match h {
                 Hook::Layer(l) => l.enter(nr, &words),
-                Hook::Trace(sink) if nr == moat_pal::nr::DK_THREAD_RAISE_EXCEPTION => sink(
-                    format_args!("{name}(code={}, arg={})", args[0] as u32, args[1]),
-                ),
-                Hook::Trace(sink) => sink(format_args!("{name}(code={})", args[0] as i32)),
+                Hook::Trace(t) if nr == moat_pal::nr::DK_THREAD_RAISE_EXCEPTION => {
+                    t.0.host_served(nr, &words)
+                }
+                Hook::Trace(t) => {
+                    let _ = moat_pal::layer::Layer::enter(&t.0, nr, &words);
+                }
             }
         }
     }

@@ -60,7 +60,7 @@ pub struct Sandbox {
     policy: Policy,
     stdio: [Stdio; 3],
     log: LogSink,
-    trace: bool,
+    trace: Option<crate::trace::TraceOptions>,
     layers: Vec<moat_layers::LayerName>,
     host: crate::Host,
     /// Host sections to give the session before the picoprocess starts.
@@ -77,7 +77,7 @@ impl Sandbox {
             policy: Policy::default(),
             stdio: [Stdio::Inherit; 3],
             log: LogSink::Stderr,
-            trace: false,
+            trace: None,
             layers: Vec::new(),
             host: crate::Host::Linux,
             sections: Vec::new(),
@@ -157,7 +157,26 @@ impl Sandbox {
     /// Log a line per brokered request, and ask the loader to log a line
     /// per ABI call.
     pub fn trace(mut self, on: bool) -> Self {
-        self.trace = on;
+        self.trace = on.then(crate::trace::TraceOptions::default);
+        self
+    }
+
+    /// Trace every ABI call through a trace layer outermost (and, when
+    /// the lines go to the log, every brokered request): records in a
+    /// ring the monitor drains, decoded to the log or saved to
+    /// `options.file` (see [`crate::trace`]).
+    pub fn trace_with(mut self, options: crate::trace::TraceOptions) -> Self {
+        self.trace = Some(options);
+        self
+    }
+
+    /// The options of the trace layers the stack names
+    /// ([`Sandbox::layers`]), without adding one on top.
+    pub fn trace_ring(mut self, options: crate::trace::TraceOptions) -> Self {
+        self.trace = Some(crate::trace::TraceOptions {
+            outermost: false,
+            ..options
+        });
         self
     }
 
@@ -227,7 +246,7 @@ impl Sandbox {
             self.trace,
             self.layers,
             console,
-        );
+        )?;
         for (name, section, len) in self.sections {
             session.attach(&name, section, len)?;
         }

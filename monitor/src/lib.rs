@@ -31,6 +31,7 @@ pub mod process;
 pub mod session;
 pub mod shm;
 pub mod spawn;
+pub mod trace;
 mod zygote_client;
 
 pub use api::{Killer, Picoprocess, Sandbox, Stdio};

@@ -80,11 +80,33 @@ pub(crate) fn start(
         cgroup: Mutex::new(cgroup),
         _disks: disks,
         stats,
+        gone: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        trace_drain: Mutex::new(None),
     });
+    // A trace layer anywhere in the stack: a ring for it.
+    let traced = session.trace_options().is_some()
+        || session.layers().contains(&moat_layers::LayerName::Trace);
+    let trace_opts = session.trace_options().cloned().unwrap_or_default();
+    let ring = if traced {
+        match crate::trace::Ring::new(&trace_opts) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                let _ = proc.signal(libc::SIGKILL);
+                let _ = launch::wait_process(&proc.pidfd, proc.pid);
+                return Err(e);
+            }
+        }
+    } else {
+        None
+    };
     let config = Config {
         args,
         limits,
-        trace: session.trace(),
+        trace: session.trace_options().is_some_and(|t| t.outermost),
+        trace_ring: ring.as_ref().map(|r| moat_layers::TraceSetup {
+            records: r.records,
+            filter: trace_opts.filter,
+        }),
         layers: session.layers().to_vec(),
         remaps: session.policy().remaps.clone(),
         devices,
@@ -93,6 +115,9 @@ pub(crate) fn start(
     let mut fds = vec![image.as_raw_fd()];
     if let Some(s) = &proc.stats {
         fds.push(s.memory_fd());
+    }
+    if let Some(r) = &ring {
+        fds.push(r.section.memory_fd());
     }
     fds.extend(backing.iter().map(|f| f.as_raw_fd()));
     match protocol::send(sp.sock.as_fd(), &config, &fds) {
@@ -117,6 +142,22 @@ pub(crate) fn start(
         t.serving += 1;
         if t.closed {
             let _ = proc.signal(libc::SIGKILL);
+        }
+    }
+    if let Some(r) = ring {
+        let gone = proc.gone.clone();
+        match crate::trace::spawn_drain(
+            r,
+            proc.name.clone(),
+            proc.pid,
+            session.trace_sink(),
+            Box::new(move || gone.load(std::sync::atomic::Ordering::Acquire)),
+        ) {
+            Ok(h) => *proc.trace_drain.lock().unwrap_or_else(|e| e.into_inner()) = Some(h),
+            Err(e) => {
+                let _ = proc.signal(libc::SIGKILL);
+                return Err(Error::io("cannot start the trace reader", e));
+            }
         }
     }
     let mut broker = Broker::new(session.clone(), name)
@@ -327,6 +368,16 @@ fn reap(
 ) {
     // The socket is drained (the report, if any, was read): now the status.
     let status = launch::wait_process(&proc.pidfd, proc.pid);
+    // Its trace: what is left in the ring, before anyone learns it ended.
+    proc.gone.store(true, std::sync::atomic::Ordering::Release);
+    let drain = proc
+        .trace_drain
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
+    if let Some(d) = drain {
+        let _ = d.join();
+    }
     let mut report = report.lock().unwrap_or_else(|e| e.into_inner()).clone();
     // Gone: its cgroup can go too (after asking whether it hit its memory).
     let cgroup = proc.cgroup.lock().unwrap_or_else(|e| e.into_inner()).take();

@@ -27,6 +27,12 @@ pub(crate) struct Proc {
     pub(crate) _disks: Vec<Arc<crate::disklock::DiskLock>>,
     /// The statistics page its VMM counts in (kvm only).
     pub(crate) stats: Option<crate::shm::HostSection>,
+    /// Set once its process is reaped: its trace drain takes what is left
+    /// and ends.
+    pub(crate) gone: Arc<std::sync::atomic::AtomicBool>,
+    /// The thread draining its trace ring, joined before its exit is
+    /// published, so every record is out when a waiter returns.
+    pub(crate) trace_drain: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl Proc {

@@ -100,7 +100,9 @@ pub struct Session {
     policy: Arc<Policy>,
     host: crate::Host,
     log: LogSink,
-    trace: bool,
+    trace: Option<crate::trace::TraceOptions>,
+    /// With `trace.file`: the trace file every picoprocess's drain appends to.
+    trace_file: Option<Arc<Mutex<crate::trace::file::Writer>>>,
     layers: Vec<moat_layers::LayerName>,
     pub(crate) console: Mutex<Option<Console>>,
     /// `\0moat-<pid>-<random>-`: the abstract socket prefix of this session.
@@ -157,7 +159,9 @@ impl Session {
     /// A session with `policy`, logging to `log`, with `console` as the
     /// console streams.
     pub fn new(policy: Policy, log: LogSink, trace: bool, console: Console) -> Arc<Session> {
+        let trace = trace.then(crate::trace::TraceOptions::default);
         Session::on_host(crate::Host::Linux, policy, log, trace, Vec::new(), console)
+            .expect("a trace without a file opens nothing")
     }
 
     /// A session whose picoprocesses (the root and every child) run on
@@ -166,15 +170,27 @@ impl Session {
         host: crate::Host,
         policy: Policy,
         log: LogSink,
-        trace: bool,
+        trace: Option<crate::trace::TraceOptions>,
         layers: Vec<moat_layers::LayerName>,
         console: Console,
-    ) -> Arc<Session> {
-        Arc::new(Session {
+    ) -> Result<Arc<Session>, crate::Error> {
+        let trace_file = match trace.as_ref().and_then(|t| t.file.as_ref()) {
+            Some(p) => Some(Arc::new(Mutex::new(
+                crate::trace::file::Writer::create(p).map_err(|e| {
+                    crate::Error::BadInput(format!(
+                        "cannot create the trace file `{}`: {e}",
+                        p.display()
+                    ))
+                })?,
+            ))),
+            None => None,
+        };
+        Ok(Arc::new(Session {
             policy: Arc::new(policy),
             host,
             log,
             trace,
+            trace_file,
             layers,
             console: Mutex::new(Some(console)),
             tag: format!("moat-{}-{:016x}-", std::process::id(), random_u64()),
@@ -182,7 +198,7 @@ impl Session {
             tcp: Mutex::new(HashMap::new()),
             sections: Mutex::new(HashMap::new()),
             procs: Mutex::new(ProcTable::default()),
-        })
+        }))
     }
 
     /// A session whose console is `/dev/null` (for tests and tools).
@@ -218,8 +234,28 @@ impl Session {
         self.host
     }
 
+    /// Whether brokered requests are logged (tracing to the log, not to
+    /// a file).
     pub fn trace(&self) -> bool {
         self.trace
+            .as_ref()
+            .is_some_and(|t| t.outermost && t.file.is_none())
+    }
+
+    /// How the session traces, if it does (`--trace`).
+    pub fn trace_options(&self) -> Option<&crate::trace::TraceOptions> {
+        self.trace.as_ref()
+    }
+
+    /// Where a picoprocess's trace ring drains to.
+    pub(crate) fn trace_sink(&self) -> crate::trace::Sink {
+        match &self.trace_file {
+            Some(f) => crate::trace::Sink::File(f.clone()),
+            None => {
+                let log = self.log.clone();
+                crate::trace::Sink::Log(Arc::new(move |l: &str| log.line(l)))
+            }
+        }
     }
 
     /// The layers every picoprocess of the session runs under.

@@ -254,6 +254,18 @@ impl HostSection {
         self.addr as *mut u8
     }
 
+    /// The whole section as u64 words that other processes may change at
+    /// any time (the trace ring).
+    pub(crate) fn words(&self) -> &[AtomicU64] {
+        // SAFETY: [addr, addr+len) is a page-aligned shared read-write
+        // mapping (len a multiple of the page size, so of 8) that lives as
+        // long as `self`; AtomicU64 has u64's size and alignment, and every
+        // access through the slice is atomic, whatever the other side does.
+        unsafe {
+            std::slice::from_raw_parts(self.addr as *const AtomicU64, (self.len / 8) as usize)
+        }
+    }
+
     /// The whole section as bytes that other processes may change at any
     /// time.
     pub fn bytes(&self) -> &[AtomicU8] {

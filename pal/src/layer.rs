@@ -272,21 +272,21 @@ pub struct Layered<L>(pub L);
 
 impl<L: Layer> Pal for Layered<L> {
     fn dk_virtual_memory_alloc(&self, addr: u64, size: u64, prot: u32) -> i64 {
-        let call_args = [addr as u64, size as u64, prot as u64, 0, 0, 0];
+        let call_args = [addr, size, prot as u64, 0, 0, 0];
         let t = self.0.enter(nr::DK_VIRTUAL_MEMORY_ALLOC, &call_args);
         let r = Layer::dk_virtual_memory_alloc(&self.0, addr, size, prot);
         self.0.leave(nr::DK_VIRTUAL_MEMORY_ALLOC, &call_args, r, t);
         r
     }
     fn dk_virtual_memory_free(&self, addr: u64, size: u64) -> i64 {
-        let call_args = [addr as u64, size as u64, 0, 0, 0, 0];
+        let call_args = [addr, size, 0, 0, 0, 0];
         let t = self.0.enter(nr::DK_VIRTUAL_MEMORY_FREE, &call_args);
         let r = Layer::dk_virtual_memory_free(&self.0, addr, size);
         self.0.leave(nr::DK_VIRTUAL_MEMORY_FREE, &call_args, r, t);
         r
     }
     fn dk_virtual_memory_protect(&self, addr: u64, size: u64, prot: u32) -> i64 {
-        let call_args = [addr as u64, size as u64, prot as u64, 0, 0, 0];
+        let call_args = [addr, size, prot as u64, 0, 0, 0];
         let t = self.0.enter(nr::DK_VIRTUAL_MEMORY_PROTECT, &call_args);
         let r = Layer::dk_virtual_memory_protect(&self.0, addr, size, prot);
         self.0
@@ -294,14 +294,14 @@ impl<L: Layer> Pal for Layered<L> {
         r
     }
     fn dk_thread_create(&self, entry: u64, param: u64, thread: *mut u64) -> i64 {
-        let call_args = [entry as u64, param as u64, thread as u64, 0, 0, 0];
+        let call_args = [entry, param, thread as u64, 0, 0, 0];
         let t = self.0.enter(nr::DK_THREAD_CREATE, &call_args);
         let r = Layer::dk_thread_create(&self.0, entry, param, thread);
         self.0.leave(nr::DK_THREAD_CREATE, &call_args, r, t);
         r
     }
     fn dk_thread_delay_execution(&self, micros: u64) -> i64 {
-        let call_args = [micros as u64, 0, 0, 0, 0, 0];
+        let call_args = [micros, 0, 0, 0, 0, 0];
         let t = self.0.enter(nr::DK_THREAD_DELAY_EXECUTION, &call_args);
         let r = Layer::dk_thread_delay_execution(&self.0, micros);
         self.0
@@ -329,7 +329,7 @@ impl<L: Layer> Pal for Layered<L> {
         r
     }
     fn dk_thread_raise_exception(&self, code: u32, arg: u64) -> i64 {
-        let call_args = [code as u64, arg as u64, 0, 0, 0, 0];
+        let call_args = [code as u64, arg, 0, 0, 0, 0];
         let t = self.0.enter(nr::DK_THREAD_RAISE_EXCEPTION, &call_args);
         let r = Layer::dk_thread_raise_exception(&self.0, code, arg);
         self.0
@@ -362,35 +362,35 @@ impl<L: Layer> Pal for Layered<L> {
         r
     }
     fn dk_semaphore_release(&self, semaphore: u64, count: u32) -> i64 {
-        let call_args = [semaphore as u64, count as u64, 0, 0, 0, 0];
+        let call_args = [semaphore, count as u64, 0, 0, 0, 0];
         let t = self.0.enter(nr::DK_SEMAPHORE_RELEASE, &call_args);
         let r = Layer::dk_semaphore_release(&self.0, semaphore, count);
         self.0.leave(nr::DK_SEMAPHORE_RELEASE, &call_args, r, t);
         r
     }
     fn dk_semaphore_peek(&self, semaphore: u64) -> i64 {
-        let call_args = [semaphore as u64, 0, 0, 0, 0, 0];
+        let call_args = [semaphore, 0, 0, 0, 0, 0];
         let t = self.0.enter(nr::DK_SEMAPHORE_PEEK, &call_args);
         let r = Layer::dk_semaphore_peek(&self.0, semaphore);
         self.0.leave(nr::DK_SEMAPHORE_PEEK, &call_args, r, t);
         r
     }
     fn dk_event_set(&self, event: u64) -> i64 {
-        let call_args = [event as u64, 0, 0, 0, 0, 0];
+        let call_args = [event, 0, 0, 0, 0, 0];
         let t = self.0.enter(nr::DK_EVENT_SET, &call_args);
         let r = Layer::dk_event_set(&self.0, event);
         self.0.leave(nr::DK_EVENT_SET, &call_args, r, t);
         r
     }
     fn dk_event_clear(&self, event: u64) -> i64 {
-        let call_args = [event as u64, 0, 0, 0, 0, 0];
+        let call_args = [event, 0, 0, 0, 0, 0];
         let t = self.0.enter(nr::DK_EVENT_CLEAR, &call_args);
         let r = Layer::dk_event_clear(&self.0, event);
         self.0.leave(nr::DK_EVENT_CLEAR, &call_args, r, t);
         r
     }
     fn dk_event_peek(&self, event: u64) -> i64 {
-        let call_args = [event as u64, 0, 0, 0, 0, 0];
+        let call_args = [event, 0, 0, 0, 0, 0];
         let t = self.0.enter(nr::DK_EVENT_PEEK, &call_args);
         let r = Layer::dk_event_peek(&self.0, event);
         self.0.leave(nr::DK_EVENT_PEEK, &call_args, r, t);
@@ -404,7 +404,7 @@ impl<L: Layer> Pal for Layered<L> {
         r
     }
     fn dk_abort_event_register(&self, event: u64) -> i64 {
-        let call_args = [event as u64, 0, 0, 0, 0, 0];
+        let call_args = [event, 0, 0, 0, 0, 0];
         let t = self.0.enter(nr::DK_ABORT_EVENT_REGISTER, &call_args);
         let r = Layer::dk_abort_event_register(&self.0, event);
         self.0.leave(nr::DK_ABORT_EVENT_REGISTER, &call_args, r, t);
@@ -420,9 +420,9 @@ impl<L: Layer> Pal for Layered<L> {
     ) -> i64 {
         let call_args = [
             uri as u64,
-            uri_len as u64,
+            uri_len,
             args as u64,
-            args_len as u64,
+            args_len,
             process as u64,
             0,
         ];
@@ -432,7 +432,7 @@ impl<L: Layer> Pal for Layered<L> {
         r
     }
     fn dk_process_get_exit_code(&self, process: u64, code: *mut i32) -> i64 {
-        let call_args = [process as u64, code as u64, 0, 0, 0, 0];
+        let call_args = [process, code as u64, 0, 0, 0, 0];
         let t = self.0.enter(nr::DK_PROCESS_GET_EXIT_CODE, &call_args);
         let r = Layer::dk_process_get_exit_code(&self.0, process, code);
         self.0.leave(nr::DK_PROCESS_GET_EXIT_CODE, &call_args, r, t);
@@ -454,7 +454,7 @@ impl<L: Layer> Pal for Layered<L> {
     ) -> i64 {
         let call_args = [
             uri as u64,
-            uri_len as u64,
+            uri_len,
             access as u64,
             create as u64,
             options as u64,
@@ -466,77 +466,70 @@ impl<L: Layer> Pal for Layered<L> {
         r
     }
     fn dk_stream_read(&self, stream: u64, offset: u64, buf: *mut u8, len: u64) -> i64 {
-        let call_args = [stream as u64, offset as u64, buf as u64, len as u64, 0, 0];
+        let call_args = [stream, offset, buf as u64, len, 0, 0];
         let t = self.0.enter(nr::DK_STREAM_READ, &call_args);
         let r = Layer::dk_stream_read(&self.0, stream, offset, buf, len);
         self.0.leave(nr::DK_STREAM_READ, &call_args, r, t);
         r
     }
     fn dk_stream_write(&self, stream: u64, offset: u64, buf: *const u8, len: u64) -> i64 {
-        let call_args = [stream as u64, offset as u64, buf as u64, len as u64, 0, 0];
+        let call_args = [stream, offset, buf as u64, len, 0, 0];
         let t = self.0.enter(nr::DK_STREAM_WRITE, &call_args);
         let r = Layer::dk_stream_write(&self.0, stream, offset, buf, len);
         self.0.leave(nr::DK_STREAM_WRITE, &call_args, r, t);
         r
     }
     fn dk_stream_map(&self, stream: u64, addr: u64, prot: u32, offset: u64, size: u64) -> i64 {
-        let call_args = [
-            stream as u64,
-            addr as u64,
-            prot as u64,
-            offset as u64,
-            size as u64,
-            0,
-        ];
+        let call_args = [stream, addr, prot as u64, offset, size, 0];
         let t = self.0.enter(nr::DK_STREAM_MAP, &call_args);
         let r = Layer::dk_stream_map(&self.0, stream, addr, prot, offset, size);
         self.0.leave(nr::DK_STREAM_MAP, &call_args, r, t);
         r
     }
     fn dk_stream_map_pe_binary(&self, stream: u64, info: *mut ImageInfo) -> i64 {
-        let call_args = [stream as u64, info as u64, 0, 0, 0, 0];
+        let call_args = [stream, info as u64, 0, 0, 0, 0];
         let t = self.0.enter(nr::DK_STREAM_MAP_PE_BINARY, &call_args);
         let r = Layer::dk_stream_map_pe_binary(&self.0, stream, info);
         self.0.leave(nr::DK_STREAM_MAP_PE_BINARY, &call_args, r, t);
         r
     }
     fn dk_stream_unmap(&self, addr: u64, size: u64) -> i64 {
-        let call_args = [addr as u64, size as u64, 0, 0, 0, 0];
+        let call_args = [addr, size, 0, 0, 0, 0];
         let t = self.0.enter(nr::DK_STREAM_UNMAP, &call_args);
         let r = Layer::dk_stream_unmap(&self.0, addr, size);
         self.0.leave(nr::DK_STREAM_UNMAP, &call_args, r, t);
         r
     }
     fn dk_stream_set_length(&self, stream: u64, length: u64) -> i64 {
-        let call_args = [stream as u64, length as u64, 0, 0, 0, 0];
+        let call_args = [stream, length, 0, 0, 0, 0];
         let t = self.0.enter(nr::DK_STREAM_SET_LENGTH, &call_args);
         let r = Layer::dk_stream_set_length(&self.0, stream, length);
         self.0.leave(nr::DK_STREAM_SET_LENGTH, &call_args, r, t);
         r
     }
     fn dk_stream_flush(&self, stream: u64) -> i64 {
-        let call_args = [stream as u64, 0, 0, 0, 0, 0];
+        let call_args = [stream, 0, 0, 0, 0, 0];
         let t = self.0.enter(nr::DK_STREAM_FLUSH, &call_args);
         let r = Layer::dk_stream_flush(&self.0, stream);
         self.0.leave(nr::DK_STREAM_FLUSH, &call_args, r, t);
         r
     }
     fn dk_stream_delete(&self, stream: u64, which: u32) -> i64 {
-        let call_args = [stream as u64, which as u64, 0, 0, 0, 0];
+        let call_args = [stream, which as u64, 0, 0, 0, 0];
         let t = self.0.enter(nr::DK_STREAM_DELETE, &call_args);
         let r = Layer::dk_stream_delete(&self.0, stream, which);
         self.0.leave(nr::DK_STREAM_DELETE, &call_args, r, t);
         r
     }
     fn dk_stream_get_event(&self, stream: u64, event: *mut u64) -> i64 {
-        let call_args = [stream as u64, event as u64, 0, 0, 0, 0];
+        let call_args = [stream, event as u64, 0, 0, 0, 0];
         let t = self.0.enter(nr::DK_STREAM_GET_EVENT, &call_args);
         let r = Layer::dk_stream_get_event(&self.0, stream, event);
         self.0.leave(nr::DK_STREAM_GET_EVENT, &call_args, r, t);
         r
     }
     fn dk_stream_rename(&self, stream: u64, new_uri: *const u8, new_uri_len: u64) -> i64 {
-        let call_args = [stream as u64, new_uri as u64, new_uri_len as u64, 0, 0, 0];
+        let call_args = [stream, new_uri as u64, new_uri_len, 0, 0, 0];
         let t = self.0.enter(nr::DK_STREAM_RENAME, &call_args);
         let r = Layer::dk_stream_rename(&self.0, stream, new_uri, new_uri_len);
         self.0.leave(nr::DK_STREAM_RENAME, &call_args, r, t);
@@ -549,7 +542,7 @@ impl<L: Layer> Pal for Layered<L> {
         len: u64,
         cursor: *mut u64,
     ) -> i64 {
-        let call_args = [stream as u64, buf as u64, len as u64, cursor as u64, 0, 0];
+        let call_args = [stream, buf as u64, len, cursor as u64, 0, 0];
         let t = self.0.enter(nr::DK_STREAM_ENUMERATE_CHILDREN, &call_args);
         let r = Layer::dk_stream_enumerate_children(&self.0, stream, buf, len, cursor);
         self.0
@@ -562,7 +555,7 @@ impl<L: Layer> Pal for Layered<L> {
         uri_len: u64,
         attrs: *mut StreamAttributes,
     ) -> i64 {
-        let call_args = [uri as u64, uri_len as u64, attrs as u64, 0, 0, 0];
+        let call_args = [uri as u64, uri_len, attrs as u64, 0, 0, 0];
         let t = self.0.enter(nr::DK_STREAM_ATTRIBUTES_QUERY, &call_args);
         let r = Layer::dk_stream_attributes_query(&self.0, uri, uri_len, attrs);
         self.0
@@ -574,7 +567,7 @@ impl<L: Layer> Pal for Layered<L> {
         stream: u64,
         attrs: *mut StreamAttributes,
     ) -> i64 {
-        let call_args = [stream as u64, attrs as u64, 0, 0, 0, 0];
+        let call_args = [stream, attrs as u64, 0, 0, 0, 0];
         let t = self
             .0
             .enter(nr::DK_STREAM_ATTRIBUTES_QUERY_BY_HANDLE, &call_args);
@@ -591,14 +584,14 @@ impl<L: Layer> Pal for Layered<L> {
         r
     }
     fn dk_random_bits_read(&self, buf: *mut u8, len: u64) -> i64 {
-        let call_args = [buf as u64, len as u64, 0, 0, 0, 0];
+        let call_args = [buf as u64, len, 0, 0, 0, 0];
         let t = self.0.enter(nr::DK_RANDOM_BITS_READ, &call_args);
         let r = Layer::dk_random_bits_read(&self.0, buf, len);
         self.0.leave(nr::DK_RANDOM_BITS_READ, &call_args, r, t);
         r
     }
     fn dk_instruction_cache_flush(&self, addr: u64, size: u64) -> i64 {
-        let call_args = [addr as u64, size as u64, 0, 0, 0, 0];
+        let call_args = [addr, size, 0, 0, 0, 0];
         let t = self.0.enter(nr::DK_INSTRUCTION_CACHE_FLUSH, &call_args);
         let r = Layer::dk_instruction_cache_flush(&self.0, addr, size);
         self.0
@@ -606,28 +599,28 @@ impl<L: Layer> Pal for Layered<L> {
         r
     }
     fn dk_object_reference(&self, object: u64) -> i64 {
-        let call_args = [object as u64, 0, 0, 0, 0, 0];
+        let call_args = [object, 0, 0, 0, 0, 0];
         let t = self.0.enter(nr::DK_OBJECT_REFERENCE, &call_args);
         let r = Layer::dk_object_reference(&self.0, object);
         self.0.leave(nr::DK_OBJECT_REFERENCE, &call_args, r, t);
         r
     }
     fn dk_object_close(&self, object: u64) -> i64 {
-        let call_args = [object as u64, 0, 0, 0, 0, 0];
+        let call_args = [object, 0, 0, 0, 0, 0];
         let t = self.0.enter(nr::DK_OBJECT_CLOSE, &call_args);
         let r = Layer::dk_object_close(&self.0, object);
         self.0.leave(nr::DK_OBJECT_CLOSE, &call_args, r, t);
         r
     }
     fn dk_input_event_read(&self, buf: *mut u8, len: u64) -> i64 {
-        let call_args = [buf as u64, len as u64, 0, 0, 0, 0];
+        let call_args = [buf as u64, len, 0, 0, 0, 0];
         let t = self.0.enter(nr::DK_INPUT_EVENT_READ, &call_args);
         let r = Layer::dk_input_event_read(&self.0, buf, len);
         self.0.leave(nr::DK_INPUT_EVENT_READ, &call_args, r, t);
         r
     }
     fn dk_frame_buffer_export(&self, addr: u64, width: u32, height: u32) -> i64 {
-        let call_args = [addr as u64, width as u64, height as u64, 0, 0, 0];
+        let call_args = [addr, width as u64, height as u64, 0, 0, 0];
         let t = self.0.enter(nr::DK_FRAME_BUFFER_EXPORT, &call_args);
         let r = Layer::dk_frame_buffer_export(&self.0, addr, width, height);
         self.0.leave(nr::DK_FRAME_BUFFER_EXPORT, &call_args, r, t);
@@ -642,7 +635,7 @@ impl<L: Layer> Pal for Layered<L> {
         r
     }
     fn dk_debug_string_print(&self, msg: *const u8, len: u64) -> i64 {
-        let call_args = [msg as u64, len as u64, 0, 0, 0, 0];
+        let call_args = [msg as u64, len, 0, 0, 0, 0];
         let t = self.0.enter(nr::DK_DEBUG_STRING_PRINT, &call_args);
         let r = Layer::dk_debug_string_print(&self.0, msg, len);
         self.0.leave(nr::DK_DEBUG_STRING_PRINT, &call_args, r, t);
@@ -742,4 +735,62 @@ pub const ARGS: [[u8; 6]; 45] = [
     [0x00, 0x00, 0x00, 0x00, 0, 0],
     // DkDebugStringPrint(msg, len)
     [0x12, 0x00, 0, 0, 0, 0],
+];
+
+/// Argument names per call, indexed by call number - 1.
+pub const ARG_NAMES: [&[&str]; 45] = [
+    &["addr", "size", "prot"],
+    &["addr", "size"],
+    &["addr", "size", "prot"],
+    &["entry", "param", "thread"],
+    &["micros"],
+    &[],
+    &["code"],
+    &[],
+    &["code", "arg"],
+    &["initial", "event"],
+    &["initial", "event"],
+    &["initial", "max", "semaphore"],
+    &["semaphore", "count"],
+    &["semaphore"],
+    &["event"],
+    &["event"],
+    &["event"],
+    &["count", "handles", "timeout_micros"],
+    &["event"],
+    &["uri", "uri_len", "args", "args_len", "process"],
+    &["process", "code"],
+    &["code"],
+    &["uri", "uri_len", "access", "create", "options", "stream"],
+    &["stream", "offset", "buf", "len"],
+    &["stream", "offset", "buf", "len"],
+    &["stream", "addr", "prot", "offset", "size"],
+    &["stream", "info"],
+    &["addr", "size"],
+    &["stream", "length"],
+    &["stream"],
+    &["stream", "which"],
+    &["stream", "event"],
+    &["stream", "new_uri", "new_uri_len"],
+    &["stream", "buf", "len", "cursor"],
+    &["uri", "uri_len", "attrs"],
+    &["stream", "attrs"],
+    &[],
+    &["buf", "len"],
+    &["addr", "size"],
+    &["object"],
+    &["object"],
+    &["buf", "len"],
+    &["addr", "width", "height"],
+    &["x", "y", "width", "height"],
+    &["msg", "len"],
+];
+
+/// Each call's group (`memory`, `threads`, ...), indexed by call number - 1.
+pub const CALL_GROUPS: [&str; 45] = [
+    "memory", "memory", "memory", "threads", "threads", "threads", "threads", "threads", "threads",
+    "sync", "sync", "sync", "sync", "sync", "sync", "sync", "sync", "sync", "sync", "process",
+    "process", "process", "streams", "streams", "streams", "streams", "streams", "streams",
+    "streams", "streams", "streams", "streams", "streams", "streams", "streams", "streams",
+    "other", "other", "other", "other", "other", "other", "other", "other", "other",
 ];

@@ -56,6 +56,7 @@ fn manifest(text: &str) {
         args: m.args.clone().unwrap_or_default(),
         limits: m.limits,
         trace: false,
+        trace_ring: None,
         layers: Vec::new(),
         remaps: Vec::new(),
         devices: m.devices.clone(),
