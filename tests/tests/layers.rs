@@ -77,37 +77,49 @@ fn the_count_layer_counts_threads_on_both_hosts() {
     }
 }
 
+/// Order: `--layer trace,remap,trace` puts a trace on each side of the
+/// remap layer: the outer one sees the guest's URI, the inner one (`[trace
+/// 1]`) the host's.
 #[test]
 fn stacks_are_applied_in_order() {
     if !sandbox_available() {
         return;
     }
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join("f"), "x").unwrap();
+    let host = file_uri(d.path());
+    let m = d.path().join("m.toml");
+    std::fs::write(
+        &m,
+        format!("[[remap]]\nguest = \"file:/data\"\nhost = \"{host}\"\n"),
+    )
+    .unwrap();
     for h in hosts() {
-        // count outside trace: trace reports each call once; count's line
-        // comes before trace reports DkProcessExit (count saw it first).
         let out = run_on(
             h,
-            &["--layer", "count,trace", image("hello").to_str().unwrap()],
+            &[
+                "--manifest",
+                m.to_str().unwrap(),
+                "--allow-ro",
+                &host,
+                "--layer",
+                "trace,remap,trace",
+                image("files").to_str().unwrap(),
+                "--",
+                "read",
+                "file:/data/f",
+            ],
         );
         out.assert_code(0);
-        let at = |pat: &str| {
-            out.stderr
-                .find(pat)
-                .unwrap_or_else(|| panic!("host {h}: no `{pat}` in:\n{}", out.stderr))
-        };
-        assert!(
-            at("] count: ") < at("trace: DkProcessExit(code=0)"),
-            "host {h}"
-        );
-        // trace outside count: the other way round.
-        let out = run_on(
-            h,
-            &["--layer", "trace,count", image("hello").to_str().unwrap()],
-        );
-        out.assert_code(0);
-        let t = out.stderr.find("trace: DkProcessExit(code=0)").unwrap();
-        let c = out.stderr.find("] count: ").unwrap();
-        assert!(t < c, "host {h}: {}", out.stderr);
+        assert_eq!(out.stdout.trim(), "ok x", "{h}");
+        let lines: Vec<&str> = out.stderr.lines().collect();
+        let outer = lines
+            .iter()
+            .any(|l| !l.contains("[trace 1]") && l.contains("DkStreamOpen(\"file:/data/f\""));
+        let inner = lines.iter().any(|l| {
+            l.contains("[trace 1] DkStreamOpen(") && l.contains(&format!("(\"{host}/f\""))
+        });
+        assert!(outer && inner, "{h}:\n{}", out.stderr);
     }
 }
 
@@ -147,7 +159,10 @@ fn the_embedding_api_takes_a_stack() {
             .unwrap();
         assert_eq!(p.wait().unwrap().code, 0);
         let lines = log.lock().unwrap().join("\n");
-        assert!(lines.contains("trace: DkStreamWrite("), "{h:?}: {lines}");
+        assert!(
+            lines.contains("] trace: ") && lines.contains("DkStreamWrite("),
+            "{h:?}: {lines}"
+        );
         let c = count_line(&lines);
         assert_eq!(count_of(&c, "DkProcessExit"), 1, "{h:?}: {c}");
     }
