@@ -19,6 +19,7 @@ mod handoff;
 mod kvm;
 mod mediator;
 mod mediator_kvm;
+mod trace;
 
 use clap::Parser;
 use moat_monitor::{Sandbox, Stdio};
@@ -107,7 +108,19 @@ fn header() {
 }
 
 fn run_sandbox(img: &PathBuf, args: &[String]) -> (i32, String) {
-    let mut p = Sandbox::new(img)
+    run_sandbox_with(img, args, None)
+}
+
+pub(crate) fn run_sandbox_with(
+    img: &PathBuf,
+    args: &[String],
+    trace: Option<moat_monitor::trace::TraceOptions>,
+) -> (i32, String) {
+    let mut p = Sandbox::new(img);
+    if let Some(t) = trace {
+        p = p.trace_with(t);
+    }
+    let mut p = p
         .args(args.iter().cloned())
         .stdout(Stdio::Piped)
         .stderr(Stdio::Inherit);
@@ -305,6 +318,7 @@ fn calls_bench(quick: bool) {
         "ns",
         "-",
     );
+    trace::bench(quick, median(&mut tq));
 }
 
 #[derive(Clone, Copy, PartialEq)]

@@ -262,6 +262,14 @@ pub enum Item {
     Lost(&'static str),
 }
 
+/// What [`Consumer::poll_raw`] hands over.
+pub enum Raw<'a> {
+    /// A complete slot's words, not yet checked.
+    Slot(&'a [u64; RECORD_WORDS]),
+    /// Anything else.
+    Item(Item),
+}
+
 /// The reading side, in the monitor.
 pub struct Consumer<'a> {
     mem: &'a [AtomicU64],
@@ -296,10 +304,26 @@ impl<'a> Consumer<'a> {
     /// producer is gone, so an incomplete slot will never complete.
     /// Returns how many items were added.
     pub fn poll(&mut self, out: &mut Vec<Item>, max: usize, last: bool) -> usize {
-        let before = out.len();
+        self.poll_raw(max, last, |raw| {
+            out.push(match raw {
+                Raw::Slot(w) => match Record::from_words(w) {
+                    Ok(r) => Item::Record(r),
+                    Err(why) => Item::Lost(why),
+                },
+                Raw::Item(i) => i,
+            })
+        })
+    }
+
+    /// [`Consumer::poll`] without decoding: each complete slot's words as
+    /// copied (word 0 zero; check them with [`Record::from_words`] before
+    /// use), for a reader that saves them as they are.
+    pub fn poll_raw(&mut self, max: usize, last: bool, mut f: impl FnMut(Raw<'_>)) -> usize {
+        let mut n = 0;
         let dropped = self.mem[H_DROPPED].load(Ordering::Relaxed);
         if dropped > self.dropped_seen {
-            out.push(Item::Dropped(dropped - self.dropped_seen));
+            f(Raw::Item(Item::Dropped(dropped - self.dropped_seen)));
+            n += 1;
         }
         self.dropped_seen = dropped;
         for _ in 0..max {
@@ -310,11 +334,10 @@ impl<'a> Consumer<'a> {
                 for (d, s) in w.iter_mut().zip(slot.iter()).skip(1) {
                     *d = s.load(Ordering::Relaxed);
                 }
-                out.push(match Record::from_words(&w) {
-                    Ok(r) => Item::Record(r),
-                    Err(why) => Item::Lost(why),
-                });
+                // Copied: the slot may be reused from here on.
                 self.advance();
+                f(Raw::Slot(&w));
+                n += 1;
                 continue;
             }
             // Not complete: is anything claimed at all?
@@ -332,13 +355,14 @@ impl<'a> Consumer<'a> {
                 }
             };
             if last || stuck {
-                out.push(Item::Lost("a record claimed and never written"));
+                f(Raw::Item(Item::Lost("a record claimed and never written")));
+                n += 1;
                 self.advance();
                 continue;
             }
             break;
         }
-        out.len() - before
+        n
     }
 
     fn advance(&mut self) {

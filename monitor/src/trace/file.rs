@@ -77,6 +77,21 @@ impl Writer {
         }
     }
 
+    /// Append a ring slot's words as read (checked when the file is read).
+    pub fn slot(&mut self, pid: u32, words: &[u64; RECORD_WORDS]) {
+        if self.failed {
+            return;
+        }
+        let mut b = [0u8; BLOCK];
+        b[..8].copy_from_slice(&(K_RECORD | (pid as u64) << 32).to_le_bytes());
+        for (i, x) in words.iter().enumerate().skip(1) {
+            b[i * 8..i * 8 + 8].copy_from_slice(&x.to_le_bytes());
+        }
+        if self.out.write_all(&b).is_err() {
+            self.failed = true;
+        }
+    }
+
     pub fn flush(&mut self) -> std::io::Result<()> {
         if self.failed {
             return Err(std::io::Error::other("a write to the trace file failed"));

@@ -11,7 +11,7 @@
 //! or one that does not decode (a guest scribbled on the ring) is named as
 //! such.
 use crate::shm::HostSection;
-use moat_layers::ring::{self, Consumer, Item};
+use moat_layers::ring::{self, Consumer};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -144,9 +144,24 @@ pub(crate) fn spawn_drain(
             let mut idle = Duration::from_micros(100);
             loop {
                 let done = ended();
-                items.clear();
-                let n = c.poll(&mut items, 4096, done);
-                emit(&sink, &mut dec, &name, pid, &items);
+                let n = match &sink {
+                    Sink::Log(log) => {
+                        items.clear();
+                        let n = c.poll(&mut items, 4096, done);
+                        for it in &items {
+                            log(&format!("[picoprocess {name}] trace: {}", dec.item(it)));
+                        }
+                        n
+                    }
+                    // Saved as read: no decoding on the way.
+                    Sink::File(f) => {
+                        let mut w = f.lock().unwrap_or_else(|e| e.into_inner());
+                        c.poll_raw(4096, done, |raw| match raw {
+                            ring::Raw::Slot(words) => w.slot(pid, words),
+                            ring::Raw::Item(it) => w.item(pid, &it),
+                        })
+                    }
+                };
                 if n == 0 {
                     if done {
                         break;
@@ -161,20 +176,4 @@ pub(crate) fn spawn_drain(
                 let _ = f.lock().unwrap_or_else(|e| e.into_inner()).flush();
             }
         })
-}
-
-fn emit(sink: &Sink, dec: &mut decode::Decoder, name: &str, pid: u32, items: &[Item]) {
-    match sink {
-        Sink::Log(log) => {
-            for it in items {
-                log(&format!("[picoprocess {name}] trace: {}", dec.item(it)));
-            }
-        }
-        Sink::File(f) => {
-            let mut w = f.lock().unwrap_or_else(|e| e.into_inner());
-            for it in items {
-                w.item(pid, it);
-            }
-        }
-    }
 }
