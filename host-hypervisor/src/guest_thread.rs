@@ -1,8 +1,8 @@
 //! What a VMM thread that runs a vCPU knows about its guest thread, for
 //! the PAL ([`crate::pal`]) and the vCPU loop ([`crate::pico`]) alike:
 //! its DkThreadGetParameter value (a thread-local, set when the thread
-//! starts), the thread objects DkThreadCreate hands out, and the trace
-//! lines of `--trace`.
+//! starts), the thread objects DkThreadCreate hands out, and the lines
+//! layers write to the picoprocess's log.
 use moat_host_common::objects::{Object, ThreadObj};
 use moat_host_common::sys;
 use moat_pal::Error;
