@@ -162,6 +162,41 @@ fn remove_stale(h: &Hierarchy) {
 
 /// The cgroup(s) of one picoprocess; removed when dropped (its process
 /// must be gone by then).
+/// The group made ahead for the next picoprocess, with the limits it was
+/// made for (threads, memory): making one (directories, limits) costs
+/// about 100 µs here, which a spawn then does not wait for.
+type Spare = ((u64, u64), PicoCgroup);
+static SPARE: std::sync::Mutex<Option<Spare>> = std::sync::Mutex::new(None);
+
+/// Make the next spare group, for `limits` (the last spawn's: the next
+/// one most likely asks the same), on the helper thread, off the spawn's
+/// path.
+fn refill(limits: Limits) {
+    static HELPER: OnceLock<Option<std::sync::mpsc::Sender<Limits>>> = OnceLock::new();
+    let tx = HELPER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<Limits>();
+        std::thread::Builder::new()
+            .name("moat-cgroups".into())
+            .spawn(move || {
+                while let Ok(l) = rx.recv() {
+                    // Let the spawn in progress have the CPU first (as the
+                    // zygote's refill does).
+                    std::thread::sleep(std::time::Duration::from_micros(300));
+                    let Ok(h) = hierarchy() else { continue };
+                    if let Ok(g) = PicoCgroup::make(h, &l) {
+                        *SPARE.lock().unwrap_or_else(|e| e.into_inner()) =
+                            Some(((l.threads, l.memory_mib), g));
+                    }
+                }
+            })
+            .ok()
+            .map(|_| tx)
+    });
+    if let Some(tx) = tx {
+        let _ = tx.send(limits);
+    }
+}
+
 #[derive(Debug)]
 pub struct PicoCgroup {
     dirs: Vec<PathBuf>,
@@ -180,11 +215,35 @@ impl PicoCgroup {
     /// the caller, see [`unavailable`]).
     pub fn create(pid: u32, limits: &Limits) -> Option<std::io::Result<PicoCgroup>> {
         let h = hierarchy().ok()?;
-        Some(Self::make(h, pid, limits))
+        let key = (limits.threads, limits.memory_mib);
+        // A group made ahead for these limits, if there is one (one of
+        // other limits is removed as it drops).
+        let spare = SPARE
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .filter(|s| s.0 == key);
+        let made = match spare {
+            Some((_, g)) => Ok(g),
+            None => Self::make(h, limits),
+        };
+        let r = made.and_then(|g| g.enter(pid).map(|()| g));
+        refill(*limits);
+        Some(r)
     }
 
-    fn make(h: &Hierarchy, pid: u32, limits: &Limits) -> std::io::Result<PicoCgroup> {
-        let name = format!("moat-{}-{pid}", std::process::id());
+    /// Put `pid` in the group.
+    fn enter(&self, pid: u32) -> std::io::Result<()> {
+        for d in &self.dirs {
+            write(d, "cgroup.procs", &pid.to_string())?;
+        }
+        Ok(())
+    }
+
+    fn make(h: &Hierarchy, limits: &Limits) -> std::io::Result<PicoCgroup> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("moat-{}-g{n}", std::process::id());
         let tasks = limits.threads.saturating_add(TASK_OVERHEAD).to_string();
         let bytes = limits
             .memory_mib
@@ -204,7 +263,6 @@ impl PicoCgroup {
                 write(&d, "memory.max", &bytes)?;
                 // No swap to hide in, where the kernel accounts it.
                 let _ = write(&d, "memory.swap.max", "0");
-                write(&d, "cgroup.procs", &pid.to_string())?;
             }
             Hierarchy::V1 { pids, memory } => {
                 let p = pids.join(&name);
@@ -220,8 +278,6 @@ impl PicoCgroup {
                 if m.join("memory.memsw.limit_in_bytes").exists() {
                     write(&m, "memory.memsw.limit_in_bytes", &bytes)?;
                 }
-                write(&p, "cgroup.procs", &pid.to_string())?;
-                write(&m, "cgroup.procs", &pid.to_string())?;
             }
         }
         Ok(g)

@@ -132,8 +132,36 @@ impl LinuxPal {
         Ok(r)
     }
 
+    /// The object behind handle `h`. Each thread remembers the last one
+    /// it looked up (weakly: a remembered object is never kept alive),
+    /// valid until any handle is closed, so a thread that calls on one
+    /// stream over and over does not take the table's lock each time.
     pub fn obj(&self, h: u64) -> PalResult<Arc<Object>> {
-        self.handles.lock().unwrap().get(h)
+        let me = self as *const LinuxPal as usize;
+        let closes = HANDLE_CLOSES.load(Ordering::Acquire);
+        let hit = LAST_OBJECT.with(|c| {
+            let c = c.borrow();
+            let (who, lh, lc, w) = c.as_ref()?;
+            if *who == me && *lh == h && *lc == closes {
+                w.upgrade()
+            } else {
+                None
+            }
+        });
+        if let Some(o) = hit {
+            return Ok(o);
+        }
+        let o = self.handles.lock().unwrap().get(h)?;
+        LAST_OBJECT.with(|c| *c.borrow_mut() = Some((me, h, closes, Arc::downgrade(&o))));
+        Ok(o)
+    }
+
+    /// Close one reference of handle `h`; the object if it was the last.
+    /// Every thread's remembered lookup ([`LinuxPal::obj`]) is stale after.
+    pub fn close_handle(&self, h: u64) -> PalResult<Option<Arc<Object>>> {
+        let r = self.handles.lock().unwrap().close(h);
+        HANDLE_CLOSES.fetch_add(1, Ordering::AcqRel);
+        r
     }
 
     /// Insert an object shared with the host (a thread's completion, a
@@ -333,6 +361,17 @@ impl GuestMemory for LinuxPal {
     fn write_value<T: Copy>(&self, addr: u64, value: T) {
         sys::put(addr, value)
     }
+}
+
+/// Handles closed so far, in any LinuxPal of the process: a thread's
+/// remembered lookup is valid only while this has not moved.
+static HANDLE_CLOSES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Each thread's last lookup: (whose table, handle, closes then, object).
+type Remembered = Option<(usize, u64, u64, std::sync::Weak<Object>)>;
+
+thread_local! {
+    static LAST_OBJECT: std::cell::RefCell<Remembered> = const { std::cell::RefCell::new(None) };
 }
 
 impl moat_layers::GuestAccess for LinuxPal {

@@ -44,7 +44,7 @@ impl OtherCalls for LinuxPal {
     }
 
     fn object_close(&self, object: u64) -> PalResult<()> {
-        let last = self.handles.lock().unwrap().close(object)?;
+        let last = self.close_handle(object)?;
         // Drop the object (and its descriptor) outside the table lock.
         drop(last);
         Ok(())

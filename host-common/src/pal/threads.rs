@@ -39,7 +39,7 @@ impl ThreadCalls for LinuxPal {
             .stack_size(256 << 10)
             .spawn(move || me.run_guest_thread(entry, param, param, Some(done)));
         if spawned.is_err() {
-            let _ = self.handles.lock().unwrap().close(h);
+            let _ = self.close_handle(h);
             return undo(Error::NoMemory);
         }
         Ok(h)
