@@ -21,7 +21,7 @@ pub struct TraceArgs {
 pub fn main(a: TraceArgs) -> i32 {
     let filter = match a.filter.as_deref().map(parse_filter).transpose() {
         Ok(f) => f,
-        Err(e) => return crate::bad_input(e),
+        Err(e) => return crate::bad_input(e.replacen("--trace-filter", "--filter", 1)),
     };
     let items = match file::read(&a.file) {
         Ok(i) => i,

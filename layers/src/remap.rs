@@ -18,7 +18,8 @@
 //! URI directly, and gets what the grants give it. A read-only mapping
 //! refuses opens for writing or creation and renames into it
 //! (PermissionDenied, with a log line); handles opened through it are
-//! read-only, so the PAL refuses writes on them.
+//! read-only, so the PAL refuses writes on them, and the layer remembers
+//! them, so deleting or renaming through one is refused too.
 //!
 //! URIs that are not `file:`, are under no mapping, or do not parse pass
 //! down unchanged (the PAL gives its own answer). Each mapped call costs
@@ -29,6 +30,8 @@ use moat_pal::layer::Layer;
 use moat_pal::uri::Uri;
 use moat_pal::{access, create, limits, prot, Error, Pal};
 use moat_policy::remap::{map_path, Mapped, Remap};
+use std::collections::HashMap;
+use std::sync::Mutex;
 
 /// The remap layer.
 pub struct RemapLayer {
@@ -36,6 +39,10 @@ pub struct RemapLayer {
     mem: &'static dyn GuestAccess,
     remaps: Vec<Remap>,
     log: LogSink,
+    /// Handles opened through a read-only mapping, with their references
+    /// (DkObjectReference adds one, DkObjectClose takes one); bounded by
+    /// the picoprocess's handle limit.
+    read_only: Mutex<HashMap<u64, u32>>,
 }
 
 /// What to do with a URI argument.
@@ -44,8 +51,9 @@ enum Decision {
     Pass,
     /// Answer this error.
     Refuse(Error),
-    /// Pass the call down with this URI.
-    Host(String),
+    /// Pass the call down with this URI (and whether its mapping is
+    /// read-only).
+    Host(String, bool),
 }
 
 impl RemapLayer {
@@ -60,7 +68,22 @@ impl RemapLayer {
             mem,
             remaps,
             log,
+            read_only: Mutex::new(HashMap::new()),
         }
+    }
+
+    fn is_read_only(&self, h: u64) -> bool {
+        self.read_only
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(&h)
+    }
+
+    fn refuse_read_only(&self, what: &str) -> i64 {
+        (self.log)(format_args!(
+            "remap: refused to {what} a stream opened through a read-only mapping"
+        ));
+        Error::PermissionDenied.code()
     }
 
     fn decide(&self, uri: *const u8, len: u64, writes: bool) -> Decision {
@@ -82,7 +105,7 @@ impl RemapLayer {
                 ));
                 Decision::Refuse(Error::PermissionDenied)
             }
-            Mapped::To(host, _) => Decision::Host(format!("file:{host}")),
+            Mapped::To(host, ro) => Decision::Host(format!("file:{host}"), ro),
         }
     }
 
@@ -111,10 +134,22 @@ impl RemapLayer {
         writes: bool,
         call: impl FnOnce(*const u8, u64) -> i64,
     ) -> i64 {
+        self.mapped_ro(uri, len, writes, call).0
+    }
+
+    /// [`RemapLayer::mapped`], and whether the URI was in a read-only
+    /// mapping.
+    fn mapped_ro(
+        &self,
+        uri: *const u8,
+        len: u64,
+        writes: bool,
+        call: impl FnOnce(*const u8, u64) -> i64,
+    ) -> (i64, bool) {
         match self.decide(uri, len, writes) {
-            Decision::Pass => call(uri, len),
-            Decision::Refuse(e) => e.code(),
-            Decision::Host(h) => self.with_uri(&h, call),
+            Decision::Pass => (call(uri, len), false),
+            Decision::Refuse(e) => (e.code(), false),
+            Decision::Host(h, ro) => (self.with_uri(&h, call), ro),
         }
     }
 }
@@ -136,9 +171,56 @@ impl Layer for RemapLayer {
         stream: *mut u64,
     ) -> i64 {
         let writes = acc & (access::WRITE | access::APPEND) != 0 || cr != create::OPEN_EXISTING;
-        self.mapped(uri, uri_len, writes, |u, n| {
+        let (r, ro) = self.mapped_ro(uri, uri_len, writes, |u, n| {
             self.inner.dk_stream_open(u, n, acc, cr, options, stream)
-        })
+        });
+        if r >= 0 && ro {
+            // The new handle, as the PAL wrote it (it checked the pointer).
+            if let Ok(b) = self.mem.copy_in(stream as u64, 8) {
+                let h = u64::from_le_bytes(b.try_into().unwrap_or_default());
+                self.read_only
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(h, 1);
+            }
+        }
+        r
+    }
+
+    fn dk_stream_delete(&self, stream: u64, which: u32) -> i64 {
+        if self.is_read_only(stream) {
+            return self.refuse_read_only("delete");
+        }
+        self.inner.dk_stream_delete(stream, which)
+    }
+
+    fn dk_object_reference(&self, object: u64) -> i64 {
+        let r = self.inner.dk_object_reference(object);
+        if r >= 0 {
+            if let Some(n) = self
+                .read_only
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get_mut(&object)
+            {
+                *n = n.saturating_add(1);
+            }
+        }
+        r
+    }
+
+    fn dk_object_close(&self, object: u64) -> i64 {
+        let r = self.inner.dk_object_close(object);
+        if r >= 0 {
+            let mut ro = self.read_only.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(n) = ro.get_mut(&object) {
+                *n -= 1;
+                if *n == 0 {
+                    ro.remove(&object);
+                }
+            }
+        }
+        r
     }
 
     fn dk_stream_attributes_query(
@@ -153,6 +235,9 @@ impl Layer for RemapLayer {
     }
 
     fn dk_stream_rename(&self, stream: u64, new_uri: *const u8, new_uri_len: u64) -> i64 {
+        if self.is_read_only(stream) {
+            return self.refuse_read_only("rename");
+        }
         self.mapped(new_uri, new_uri_len, true, |u, n| {
             self.inner.dk_stream_rename(stream, u, n)
         })

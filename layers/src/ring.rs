@@ -320,12 +320,14 @@ impl<'a> Consumer<'a> {
     /// use), for a reader that saves them as they are.
     pub fn poll_raw(&mut self, max: usize, last: bool, mut f: impl FnMut(Raw<'_>)) -> usize {
         let mut n = 0;
+        // Only ever up: a counter that goes back (scribbled) is ignored
+        // until it passes what was reported.
         let dropped = self.mem[H_DROPPED].load(Ordering::Relaxed);
         if dropped > self.dropped_seen {
             f(Raw::Item(Item::Dropped(dropped - self.dropped_seen)));
             n += 1;
+            self.dropped_seen = dropped;
         }
-        self.dropped_seen = dropped;
         for _ in 0..max {
             let base = HEADER_WORDS + (self.tail & (self.cap - 1)) as usize * RECORD_WORDS;
             let slot = &self.mem[base..base + RECORD_WORDS];
@@ -334,9 +336,21 @@ impl<'a> Consumer<'a> {
                 for (d, s) in w.iter_mut().zip(slot.iter()).skip(1) {
                     *d = s.load(Ordering::Relaxed);
                 }
+                // Still the same record? (A producer that claimed this
+                // slot's next turn writes it only after `tail` moves, so a
+                // changed sequence means a writer that does not follow the
+                // protocol: the copy may be torn.)
+                std::sync::atomic::fence(Ordering::Acquire);
+                let torn = slot[0].load(Ordering::Relaxed) != self.tail.wrapping_add(1);
                 // Copied: the slot may be reused from here on.
                 self.advance();
-                f(Raw::Slot(&w));
+                if torn {
+                    f(Raw::Item(Item::Lost(
+                        "a record overwritten while it was read",
+                    )));
+                } else {
+                    f(Raw::Slot(&w));
+                }
                 n += 1;
                 continue;
             }

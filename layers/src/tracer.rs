@@ -9,6 +9,11 @@
 //!
 //! Guest memory is read only through [`GuestAccess`] (checked, copied
 //! once); a pointer that does not check leaves the record without data.
+//! Bytes are copied when the call returns: a guest thread that changes a
+//! buffer while another thread's call runs changes what the trace shows
+//! (a trace is the guest's account of itself, for debugging, never
+//! evidence; the monitor's own log of brokered requests is what the
+//! host decided on).
 //! Calls outside the filter cost one bit test. Exits are recorded before
 //! they are made.
 use crate::ring::{self, Producer, Record, DATA_BYTES, RECORD_WORDS};

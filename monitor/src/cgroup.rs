@@ -160,8 +160,6 @@ fn remove_stale(h: &Hierarchy) {
     }
 }
 
-/// The cgroup(s) of one picoprocess; removed when dropped (its process
-/// must be gone by then).
 /// The group made ahead for the next picoprocess, with the limits it was
 /// made for (threads, memory): making one (directories, limits) costs
 /// about 100 µs here, which a spawn then does not wait for.
@@ -197,6 +195,10 @@ fn refill(limits: Limits) {
     }
 }
 
+/// The cgroup(s) of one picoprocess; removed when dropped (its process
+/// must be gone by then). A spare made ahead and never used stays until
+/// the next moat on this host removes the groups of moat processes that
+/// are gone.
 #[derive(Debug)]
 pub struct PicoCgroup {
     dirs: Vec<PathBuf>,

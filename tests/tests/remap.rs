@@ -145,11 +145,48 @@ fn mapped_paths_reach_the_target_and_nothing_else() {
         );
         assert!(!Path::new(&w.path("tenant/data/x")).exists());
         assert!(!Path::new(&w.path("tenant/data/f2")).exists());
+        // Nor through a handle opened by it: no delete, no rename out.
+        assert_eq!(
+            f(&["delete", "file:/ro/f"]),
+            "error PermissionDenied",
+            "{h}"
+        );
+        assert_eq!(
+            f(&["rename", "file:/ro/f", "file:/data/f3"]),
+            "error PermissionDenied",
+            "{h}"
+        );
+        assert!(Path::new(&w.path("tenant/data/f")).exists());
+        // The same file through the writable mapping can go.
+        std::fs::copy(w.path("tenant/data/f"), w.path("tenant/data/g")).unwrap();
+        assert_eq!(f(&["delete", "file:/data/g"]), "ok", "{h}");
+        assert!(!Path::new(&w.path("tenant/data/g")).exists());
         // A child's image through a mapping.
         std::fs::copy(image("exit-code"), w.path("tenant/data/child")).unwrap();
         // (exit-code without arguments exits 3)
         assert_eq!(f(&["run", "file:/ro/child"]), "ok 3", "{h}");
         std::fs::remove_file(w.path("tenant/data/child")).unwrap();
+    }
+}
+
+/// A mapping whose target is a symlink out of the grant narrows nothing:
+/// the path resolves beneath the grant, which refuses the way out.
+#[test]
+fn a_mapping_onto_a_symlink_out_of_the_grant_widens_nothing() {
+    if !sandbox_available() {
+        return;
+    }
+    let w = World::new();
+    std::fs::create_dir_all(w.path("outside")).unwrap();
+    std::fs::write(w.path("outside/o"), "out").unwrap();
+    std::os::unix::fs::symlink(w.path("outside"), w.path("tenant/evil")).unwrap();
+    let m = w.manifest("tenant", &[("file:/evil", "tenant/evil", false)]);
+    for h in hosts() {
+        assert_eq!(
+            files(h, &m, &["read", "file:/evil/o"]),
+            "error PermissionDenied",
+            "{h}"
+        );
     }
 }
 

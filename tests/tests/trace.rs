@@ -54,7 +54,7 @@ fn trace_lines_read_like_strace_on_both_hosts() {
         // as a string.
         assert!(
             t.iter().any(|l| l.contains(&format!(
-                "DkStreamWrite(stream={handle}<{uri}>, offset=0, \"hello\") = 5"
+                "DkStreamWrite(stream={handle}<\"{uri}\">, offset=0, \"hello\") = 5"
             ))),
             "{h}:\n{}",
             out.stderr

@@ -6,7 +6,8 @@
 //! - `write URI TEXT`: create or truncate, write TEXT
 //! - `stat URI`: `ok <size>`
 //! - `list URI`: `ok <names, sorted, comma-separated>`
-//! - `rename URI NEW_URI`
+//! - `rename URI NEW_URI`: open URI for reading, rename it
+//! - `delete URI`: open URI for reading, delete it
 //! - `run URI`: start URI as a child picoprocess, `ok <exit code>`
 #![no_std]
 #![no_main]
@@ -23,7 +24,7 @@ fn main() -> i32 {
     let args = moat_libos::env::args();
     let arg = |i: usize| args.get(i).map(String::as_str);
     let (Some(op), Some(uri)) = (arg(1), arg(2)) else {
-        println!("usage: files read|write|stat|list|rename|run URI [ARG]");
+        println!("usage: files read|write|stat|list|rename|delete|run URI [ARG]");
         return 2;
     };
     let r: moat_libos::Result<String> = match (op, arg(3)) {
@@ -34,6 +35,9 @@ fn main() -> i32 {
             v.sort();
             v.join(",")
         }),
+        ("delete", None) => Stream::open_read(uri)
+            .and_then(|s| s.remove())
+            .map(|_| String::new()),
         ("rename", Some(to)) => Stream::open_read(uri)
             .and_then(|s| s.rename(to))
             .map(|_| String::new()),
@@ -41,7 +45,7 @@ fn main() -> i32 {
             .and_then(|p| p.wait())
             .map(|c| alloc::format!("{c}")),
         _ => {
-            println!("usage: files read|write|stat|list|rename|run URI [ARG]");
+            println!("usage: files read|write|stat|list|rename|delete|run URI [ARG]");
             return 2;
         }
     };

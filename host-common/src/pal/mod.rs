@@ -51,6 +51,9 @@ pub const STACK_SIZE: u64 = 1 << 20;
 pub const ALTSTACK_SIZE: u64 = 64 << 10;
 
 pub struct LinuxPal {
+    /// Unique in the process (the key of each thread's remembered lookup,
+    /// see [`LinuxPal::obj`]).
+    id: u64,
     pub regions: RwLock<RegionMap>,
     pub(crate) handles: Mutex<HandleTable<Object>>,
     monitor: Mutex<OwnedFd>,
@@ -78,7 +81,9 @@ use crate::errno::to_pal as map_errno;
 impl LinuxPal {
     pub fn new(monitor: OwnedFd, max_threads: u64, max_handles: u64, mem_limit: u64) -> LinuxPal {
         let monitor_fd = monitor.as_raw_fd();
+        static IDS: AtomicU64 = AtomicU64::new(1);
         LinuxPal {
+            id: IDS.fetch_add(1, Ordering::Relaxed),
             regions: RwLock::new(RegionMap::new()),
             handles: Mutex::new(HandleTable::new(max_handles as usize)),
             monitor: Mutex::new(monitor),
@@ -137,7 +142,7 @@ impl LinuxPal {
     /// valid until any handle is closed, so a thread that calls on one
     /// stream over and over does not take the table's lock each time.
     pub fn obj(&self, h: u64) -> PalResult<Arc<Object>> {
-        let me = self as *const LinuxPal as usize;
+        let me = self.id;
         let closes = HANDLE_CLOSES.load(Ordering::Acquire);
         let hit = LAST_OBJECT.with(|c| {
             let c = c.borrow();
@@ -368,7 +373,7 @@ impl GuestMemory for LinuxPal {
 static HANDLE_CLOSES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Each thread's last lookup: (whose table, handle, closes then, object).
-type Remembered = Option<(usize, u64, u64, std::sync::Weak<Object>)>;
+type Remembered = Option<(u64, u64, u64, std::sync::Weak<Object>)>;
 
 thread_local! {
     static LAST_OBJECT: std::cell::RefCell<Remembered> = const { std::cell::RefCell::new(None) };

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! +0.000412 t1 DkStreamOpen("file:/tmp/x", access=READ|WRITE, create=OPEN_ALWAYS, options=0) = 0, stream=0x100000004 <3.1us>
-//! +0.000431 t1 DkStreamWrite(stream=0x100000004<file:/tmp/x>, offset=0, "hello\n", len=6) = 6 <1.2us>
+//! +0.000431 t1 DkStreamWrite(stream=0x100000004<"file:/tmp/x">, offset=0, "hello\n") = 6 <1.2us>
 //! +0.000440 t1 DkStreamOpen("file:/etc", access=READ, create=OPEN_EXISTING, options=0) = -5 PermissionDenied <20.4us>
 //! ... 12 records dropped here (the reader fell behind; --trace=lossless waits instead)
 //! ```
@@ -218,8 +218,12 @@ impl Decoder {
             return;
         }
         let what = match n {
-            nr::DK_STREAM_OPEN => String::from_utf8_lossy(&r.data).into_owned(),
-            nr::DK_PROCESS_CREATE => format!("process {}", String::from_utf8_lossy(&r.data)),
+            // Guest bytes: quoted and escaped like every string shown.
+            nr::DK_STREAM_OPEN => quote(&r.data, r.flags & ring::F_TRUNCATED != 0),
+            nr::DK_PROCESS_CREATE => format!(
+                "process {}",
+                quote(&r.data, r.flags & ring::F_TRUNCATED != 0)
+            ),
             nr::DK_NOTIFICATION_EVENT_CREATE | nr::DK_SYNCHRONIZATION_EVENT_CREATE => {
                 "event".into()
             }
@@ -274,7 +278,7 @@ mod tests {
         };
         assert_eq!(
             d.record(&write),
-            "+0.000431 t1 DkStreamWrite(stream=0x100000004<file:/tmp/x>, offset=0, \"hello\\n\") = 6 <1.2us>"
+            "+0.000431 t1 DkStreamWrite(stream=0x100000004<\"file:/tmp/x\">, offset=0, \"hello\\n\") = 6 <1.2us>"
         );
         let denied = Record {
             nr: nr::DK_STREAM_OPEN as u16,
@@ -293,5 +297,22 @@ mod tests {
         assert!(d
             .item(&Item::Dropped(12))
             .starts_with("... 12 records dropped here"));
+        // A guest-made label cannot break the line or reach the terminal.
+        let evil = Record {
+            nr: nr::DK_STREAM_OPEN as u16,
+            flags: ring::F_RETURNED | ring::F_OUT,
+            out: 7,
+            data: b"x\n[picoprocess root] moat: \x1b[2J".to_vec(),
+            ..Default::default()
+        };
+        d.record(&evil);
+        let close = Record {
+            nr: nr::DK_OBJECT_CLOSE as u16,
+            flags: ring::F_RETURNED,
+            args: [7, 0, 0, 0, 0, 0],
+            ..Default::default()
+        };
+        let l = d.record(&close);
+        assert!(!l.contains('\n') && !l.contains('\x1b'), "{l}");
     }
 }

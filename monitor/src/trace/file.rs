@@ -22,8 +22,9 @@ const K_DROPPED: u64 = 2;
 const K_LOST: u64 = 3;
 
 /// Reasons a record is lost, by index in the file.
-const LOST: [&str; 4] = [
+const LOST: [&str; 5] = [
     "a record claimed and never written",
+    "a record overwritten while it was read",
     "a call number the ABI does not have",
     "more data than a record holds",
     "data of an argument the call does not have",

@@ -116,6 +116,11 @@ impl Ring {
         ring::check_records(o.records).map_err(crate::Error::BadInput)?;
         let size = ring::ring_bytes(o.records).next_multiple_of(4096);
         let section = HostSection::new(size)?;
+        // Touch every page here, so the ring's memory is the monitor's,
+        // not counted against the picoprocess's memory limit.
+        for w in section.words().iter().step_by(512) {
+            w.store(0, std::sync::atomic::Ordering::Relaxed);
+        }
         ring::init(section.words(), o.records, o.lossless);
         Ok(Ring {
             section,
@@ -173,7 +178,17 @@ pub(crate) fn spawn_drain(
                 }
             }
             if let Sink::File(f) = &sink {
-                let _ = f.lock().unwrap_or_else(|e| e.into_inner()).flush();
+                if let Err(e) = f.lock().unwrap_or_else(|e| e.into_inner()).flush() {
+                    log_error(&format!(
+                        "moat: [picoprocess {name}] the trace file is incomplete: {e}"
+                    ));
+                }
             }
         })
+}
+
+/// A line about the trace itself, where the monitor's own messages go.
+fn log_error(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
 }

@@ -346,19 +346,28 @@ impl Policy {
     /// lies in the grant (so neither `..` nor a symlink leaves a mapping,
     /// whether the guest named the path through it or directly), else
     /// beneath the grant. Authority is the grant's; this only narrows
-    /// where the kernel resolves.
+    /// where the kernel resolves. A target counts only as its symlinks
+    /// resolved when the policy was made (its real path), inside the
+    /// grant's real path: a target that is (or sits below) a symlink out
+    /// of the grant narrows nothing, and one that became a symlink since
+    /// is refused when resolved (its real path is opened without
+    /// following symlinks), so a mapping never widens where a path
+    /// resolves.
     pub fn resolve_in<'a>(&'a self, uri: &Uri, grant: &'a Grant) -> &'a Grant {
         let (Uri::File(path), Some(gp)) = (uri, grant.path.as_deref()) else {
             return grant;
         };
+        let g_real = grant.real_path.as_deref().unwrap_or(gp);
         self.remap_roots
             .iter()
             .filter(|r| {
-                r.path.as_deref().is_some_and(|rp| {
-                    moat_pal::uri::path_within(path, rp) && moat_pal::uri::path_within(rp, gp)
-                })
+                let (Some(rp), Some(rr)) = (r.path.as_deref(), r.real_path.as_deref()) else {
+                    return false;
+                };
+                use moat_pal::uri::path_within;
+                (path_within(path, rp) || path_within(path, rr)) && path_within(rr, g_real)
             })
-            .max_by_key(|r| r.path.as_ref().map_or(0, |p| p.len()))
+            .max_by_key(|r| r.real_path.as_ref().map_or(0, |p| p.len()))
             .unwrap_or(grant)
     }
 
