@@ -380,4 +380,9 @@ pub enum ZygoteEvent {
     /// A loader handed out for request `id` ended (`signal` 0: exited
     /// with `code`). Only handed-out loaders are reported.
     Exited { id: u64, code: i32, signal: i32 },
+    /// A warm loader was forked ahead of need, with these limits;
+    /// attached: its pidfd. The monitor puts it in its cgroup now, off
+    /// the spawn's path (moving a process between cgroups can take
+    /// milliseconds).
+    Warm { limits: moat_policy::Limits },
 }

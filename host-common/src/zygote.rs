@@ -103,7 +103,7 @@ pub fn main_with(binary: &str, child: fn(&Limits) -> !, kvm: bool) -> ! {
         kvm,
     };
     // Warm one with the default limits before the first request.
-    st.warm = fork_loader(&st, &Limits::default()).ok();
+    st.warm = warm_up(&st, &Limits::default());
     loop {
         let mut p = [
             libc::pollfd {
@@ -137,7 +137,7 @@ pub fn main_with(binary: &str, child: fn(&Limits) -> !, kvm: bool) -> ! {
             if std::time::Instant::now() >= at && p[0].revents == 0 {
                 st.refill = None;
                 if st.warm.is_none() {
-                    st.warm = fork_loader(&st, &limits).ok();
+                    st.warm = warm_up(&st, &limits);
                 }
             }
         }
@@ -172,10 +172,8 @@ fn serve(id: u64, limits: &Limits, reply: &OwnedFd, st: &mut State) {
     };
     match warm {
         Ok(w) => {
-            // SAFETY: pidfd_open of our own child.
-            let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, w.pid, 0) } as i32;
-            if pidfd < 0 {
-                let errno = crate::sys::errno();
+            let pidfd = pidfd_of(w.pid);
+            if let Err(errno) = pidfd {
                 // SAFETY: killing our own child that we cannot hand over.
                 unsafe { libc::kill(w.pid, libc::SIGKILL) };
                 send(
@@ -186,9 +184,7 @@ fn serve(id: u64, limits: &Limits, reply: &OwnedFd, st: &mut State) {
                     },
                     &[],
                 );
-            } else {
-                // SAFETY: a fresh descriptor we own.
-                let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+            } else if let Ok(pidfd) = pidfd {
                 if send(
                     &ZygoteEvent::Spawned { id, pid: w.pid },
                     &[pidfd.as_raw_fd(), w.sock.as_raw_fd()],
@@ -241,6 +237,27 @@ fn reap(sfd: &OwnedFd, st: &mut State) {
 
 /// Fork a loader that sets itself up, confines itself and waits for its
 /// configuration. Errors: (stage, errno) as the child reported them.
+/// Fork a warm loader and tell the monitor (with its pidfd), which puts it
+/// in its cgroup before anyone asks for it.
+fn warm_up(st: &State, limits: &Limits) -> Option<Warm> {
+    let w = fork_loader(st, limits).ok()?;
+    if let Ok(pidfd) = pidfd_of(w.pid) {
+        send(&ZygoteEvent::Warm { limits: *limits }, &[pidfd.as_raw_fd()]);
+    }
+    Some(w)
+}
+
+/// A pidfd of our own child `pid`, or the errno.
+fn pidfd_of(pid: i32) -> Result<OwnedFd, i32> {
+    // SAFETY: pidfd_open of our own child.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+    if fd < 0 {
+        return Err(crate::sys::errno());
+    }
+    // SAFETY: a fresh descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 fn fork_loader(st: &State, limits: &Limits) -> Result<Warm, (u8, i32)> {
     let errno = crate::sys::errno;
     let (mon, child_end) =

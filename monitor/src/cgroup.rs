@@ -160,6 +160,29 @@ fn remove_stale(h: &Hierarchy) {
     }
 }
 
+/// `pids.max` and the memory limit for `limits`.
+fn limit_values(limits: &Limits) -> (String, String) {
+    let tasks = limits.threads.saturating_add(TASK_OVERHEAD).to_string();
+    let bytes = limits
+        .memory_mib
+        .saturating_add(MEMORY_OVERHEAD_MIB)
+        .saturating_mul(1 << 20)
+        .to_string();
+    (tasks, bytes)
+}
+
+/// The warm loader's group, made and entered on the zygote's notice
+/// ([`PicoCgroup::prepare`]), and the pids spawns took before a notice
+/// came (never to be moved after).
+struct Prepared {
+    group: Option<(u32, (u64, u64), PicoCgroup)>,
+    claimed: std::collections::VecDeque<u32>,
+}
+static PREPARED: std::sync::Mutex<Prepared> = std::sync::Mutex::new(Prepared {
+    group: None,
+    claimed: std::collections::VecDeque::new(),
+});
+
 /// The group made ahead for the next picoprocess, with the limits it was
 /// made for (threads, memory): making one (directories, limits) costs
 /// about 100 µs here, which a spawn then does not wait for.
@@ -218,6 +241,26 @@ impl PicoCgroup {
     pub fn create(pid: u32, limits: &Limits) -> Option<std::io::Result<PicoCgroup>> {
         let h = hierarchy().ok()?;
         let key = (limits.threads, limits.memory_mib);
+        {
+            let mut pre = PREPARED.lock().unwrap_or_else(|e| e.into_inner());
+            // The warm loader handed out, already in a group of its own:
+            // only its limits may need writing.
+            if pre.group.as_ref().is_some_and(|(p, _, _)| *p == pid) {
+                let (_, k, g) = pre.group.take().expect("checked");
+                let r = if k == key {
+                    Ok(())
+                } else {
+                    g.set_limits(limits)
+                };
+                return Some(r.map(|()| g));
+            }
+            // Not prepared (yet): the zygote's notice for it, should it
+            // come later, must leave it alone.
+            pre.claimed.push_back(pid);
+            if pre.claimed.len() > 64 {
+                pre.claimed.pop_front();
+            }
+        }
         // A group made ahead for these limits, if there is one (one of
         // other limits is removed as it drops).
         let spare = SPARE
@@ -234,6 +277,60 @@ impl PicoCgroup {
         Some(r)
     }
 
+    /// A warm loader `pid`, forked with `limits`, goes into a group of its
+    /// own now (on the zygote's notice, before any spawn takes it):
+    /// moving a process into a cgroup can take milliseconds (the kernel
+    /// waits for an RCU grace period), which a spawn then does not wait
+    /// for.
+    pub fn prepare(pid: u32, limits: &Limits) {
+        let Ok(h) = hierarchy() else { return };
+        let mut pre = PREPARED.lock().unwrap_or_else(|e| e.into_inner());
+        if pre.claimed.contains(&pid) {
+            return;
+        }
+        let key = (limits.threads, limits.memory_mib);
+        let spare = SPARE
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .filter(|s| s.0 == key);
+        let made = match spare {
+            Some((_, g)) => Ok(g),
+            None => Self::make(h, limits),
+        };
+        let Ok(g) = made else { return };
+        if g.enter(pid).is_err() {
+            return;
+        }
+        // A warm loader never handed out (killed for other limits) leaves
+        // its group; removing it can wait for its process to go, so not
+        // here.
+        if let Some((_, _, old)) = pre.group.replace((pid, key, g)) {
+            let _ = std::thread::Builder::new()
+                .name("moat-cgroup-rm".into())
+                .spawn(move || drop(old));
+        }
+    }
+
+    /// Write the limits of the group's controllers.
+    fn set_limits(&self, limits: &Limits) -> std::io::Result<()> {
+        let (tasks, bytes) = limit_values(limits);
+        if self.v2 {
+            let d = &self.dirs[0];
+            write(d, "pids.max", &tasks)?;
+            return write(d, "memory.max", &bytes);
+        }
+        write(&self.dirs[0], "pids.max", &tasks)?;
+        let m = &self.dirs[1];
+        if m.join("memory.memsw.limit_in_bytes").exists() {
+            // memsw must stay at or above the memory limit while both move.
+            let _ = write(m, "memory.memsw.limit_in_bytes", &bytes);
+            write(m, "memory.limit_in_bytes", &bytes)?;
+            return write(m, "memory.memsw.limit_in_bytes", &bytes);
+        }
+        write(m, "memory.limit_in_bytes", &bytes)
+    }
+
     /// Put `pid` in the group.
     fn enter(&self, pid: u32) -> std::io::Result<()> {
         for d in &self.dirs {
@@ -246,12 +343,7 @@ impl PicoCgroup {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let name = format!("moat-{}-g{n}", std::process::id());
-        let tasks = limits.threads.saturating_add(TASK_OVERHEAD).to_string();
-        let bytes = limits
-            .memory_mib
-            .saturating_add(MEMORY_OVERHEAD_MIB)
-            .saturating_mul(1 << 20)
-            .to_string();
+        let (tasks, bytes) = limit_values(limits);
         let mut g = PicoCgroup {
             dirs: Vec::new(),
             v2: matches!(h, Hierarchy::V2(_)),

@@ -124,6 +124,11 @@ fn read_events(z: Arc<Zygote>, zpidfd: OwnedFd) {
                     }
                 }
             }
+            Ok((ZygoteEvent::Warm { limits }, fds)) if fds.len() == 1 => {
+                if let Some(pid) = host_pid(fds[0].as_raw_fd()) {
+                    crate::cgroup::PicoCgroup::prepare(pid as u32, &limits);
+                }
+            }
             Ok(_) => {}
             Err(_) => break,
         }
