@@ -261,18 +261,7 @@ impl PicoCgroup {
                 pre.claimed.pop_front();
             }
         }
-        // A group made ahead for these limits, if there is one (one of
-        // other limits is removed as it drops).
-        let spare = SPARE
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-            .filter(|s| s.0 == key);
-        let made = match spare {
-            Some((_, g)) => Ok(g),
-            None => Self::make(h, limits),
-        };
-        let r = made.and_then(|g| g.enter(pid).map(|()| g));
+        let r = Self::spare_or_make(h, limits).and_then(|g| g.enter(pid).map(|()| g));
         refill(*limits);
         Some(r)
     }
@@ -289,16 +278,9 @@ impl PicoCgroup {
             return;
         }
         let key = (limits.threads, limits.memory_mib);
-        let spare = SPARE
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-            .filter(|s| s.0 == key);
-        let made = match spare {
-            Some((_, g)) => Ok(g),
-            None => Self::make(h, limits),
+        let Ok(g) = Self::spare_or_make(h, limits) else {
+            return;
         };
-        let Ok(g) = made else { return };
         if g.enter(pid).is_err() {
             return;
         }
@@ -329,6 +311,21 @@ impl PicoCgroup {
             return write(m, "memory.memsw.limit_in_bytes", &bytes);
         }
         write(m, "memory.limit_in_bytes", &bytes)
+    }
+
+    /// The group made ahead for these limits, if there is one (one of
+    /// other limits is removed as it drops), else a new one.
+    fn spare_or_make(h: &Hierarchy, limits: &Limits) -> std::io::Result<PicoCgroup> {
+        let key = (limits.threads, limits.memory_mib);
+        let spare = SPARE
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .filter(|s| s.0 == key);
+        match spare {
+            Some((_, g)) => Ok(g),
+            None => Self::make(h, limits),
+        }
     }
 
     /// Put `pid` in the group.
