@@ -171,17 +171,53 @@ fn limit_values(limits: &Limits) -> (String, String) {
     (tasks, bytes)
 }
 
-/// The warm loader's group, made and entered on the zygote's notice
-/// ([`PicoCgroup::prepare`]), and the pids spawns took before a notice
-/// came (never to be moved after).
-struct Prepared {
-    group: Option<(u32, (u64, u64), PicoCgroup)>,
-    claimed: std::collections::VecDeque<u32>,
+/// Warm loaders' groups, made and entered on the zygotes' notices
+/// ([`PicoCgroup::prepare`]); the lock also serializes every move of a
+/// process into a group of this monitor.
+struct PreparedGroup {
+    pid: u32,
+    /// The warm loader's pidfd: while it has not exited, `pid` is it.
+    pidfd: std::os::fd::OwnedFd,
+    key: (u64, u64),
+    group: PicoCgroup,
 }
-static PREPARED: std::sync::Mutex<Prepared> = std::sync::Mutex::new(Prepared {
-    group: None,
-    claimed: std::collections::VecDeque::new(),
-});
+struct Prepared {
+    groups: Vec<PreparedGroup>,
+}
+static PREPARED: std::sync::Mutex<Prepared> =
+    std::sync::Mutex::new(Prepared { groups: Vec::new() });
+
+/// Whether the process behind `pidfd` still runs (a pidfd polls readable
+/// once it has exited).
+fn alive(pidfd: &std::os::fd::OwnedFd) -> bool {
+    use std::os::fd::AsFd;
+    let mut fds = [nix::poll::PollFd::new(
+        pidfd.as_fd(),
+        nix::poll::PollFlags::POLLIN,
+    )];
+    matches!(
+        nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO),
+        Ok(0)
+    )
+}
+
+/// Whether `pid` is already in a group this monitor made (its
+/// `/proc/PID/cgroup` names one).
+fn in_a_group_of_ours(pid: u32) -> bool {
+    let mine = format!("/moat-{}-g", std::process::id());
+    std::fs::read_to_string(format!("/proc/{pid}/cgroup")).is_ok_and(|t| t.contains(&mine))
+}
+
+/// Remove groups whose process may still be going away, off the callers'
+/// path (removal retries for up to 100 ms).
+fn drop_later(groups: Vec<PicoCgroup>) {
+    if groups.is_empty() {
+        return;
+    }
+    let _ = std::thread::Builder::new()
+        .name("moat-cgroup-rm".into())
+        .spawn(move || drop(groups));
+}
 
 /// The group made ahead for the next picoprocess, with the limits it was
 /// made for (threads, memory): making one (directories, limits) costs
@@ -241,76 +277,66 @@ impl PicoCgroup {
     pub fn create(pid: u32, limits: &Limits) -> Option<std::io::Result<PicoCgroup>> {
         let h = hierarchy().ok()?;
         let key = (limits.threads, limits.memory_mib);
-        {
-            let mut pre = PREPARED.lock().unwrap_or_else(|e| e.into_inner());
-            // The warm loader handed out, already in a group of its own:
-            // only its limits may need writing.
-            if pre.group.as_ref().is_some_and(|(p, _, _)| *p == pid) {
-                let (_, k, g) = pre.group.take().expect("checked");
-                let r = if k == key {
-                    Ok(())
-                } else {
-                    g.set_limits(limits)
-                };
-                return Some(r.map(|()| g));
+        let mut pre = PREPARED.lock().unwrap_or_else(|e| e.into_inner());
+        let mut stale = Vec::new();
+        // The warm loader handed out, already in its group: the same
+        // process (its pidfd says it has not exited, so its pid was not
+        // reused) with the same limits.
+        if let Some(at) = pre.groups.iter().position(|e| e.pid == pid) {
+            let e = pre.groups.swap_remove(at);
+            if e.key == key && alive(&e.pidfd) {
+                return Some(Ok(e.group));
             }
-            // Not prepared (yet): the zygote's notice for it, should it
-            // come later, must leave it alone.
-            pre.claimed.push_back(pid);
-            if pre.claimed.len() > 64 {
-                pre.claimed.pop_front();
-            }
+            stale.push(e.group);
         }
-        let r = Self::spare_or_make(h, limits).and_then(|g| g.enter(pid).map(|()| g));
+        // Not prepared: made and entered here, under the same lock as
+        // `prepare`, which then sees the process in a group and leaves it.
+        let r = Self::spare_or_make(h, limits).and_then(|g| match g.enter(pid) {
+            Ok(()) => Ok(g),
+            Err(e) => {
+                stale.push(g);
+                Err(e)
+            }
+        });
+        drop(pre);
+        drop_later(stale);
         refill(*limits);
         Some(r)
     }
 
-    /// A warm loader `pid`, forked with `limits`, goes into a group of its
-    /// own now (on the zygote's notice, before any spawn takes it):
-    /// moving a process into a cgroup can take milliseconds (the kernel
-    /// waits for an RCU grace period), which a spawn then does not wait
-    /// for.
-    pub fn prepare(pid: u32, limits: &Limits) {
+    /// A warm loader `pid` (its `pidfd`), forked with `limits`, goes into
+    /// a group of its own now, on the zygote's notice, before any spawn
+    /// takes it: moving a process into a cgroup can take milliseconds (the
+    /// kernel waits for an RCU grace period), which a spawn then does not
+    /// wait for. A process already in a group of this monitor (a spawn
+    /// took it before the notice came) is left where it is.
+    pub fn prepare(pid: u32, pidfd: std::os::fd::OwnedFd, limits: &Limits) {
         let Ok(h) = hierarchy() else { return };
         let mut pre = PREPARED.lock().unwrap_or_else(|e| e.into_inner());
-        if pre.claimed.contains(&pid) {
+        if !alive(&pidfd) || in_a_group_of_ours(pid) {
             return;
         }
-        let key = (limits.threads, limits.memory_mib);
+        let mut stale = Vec::new();
         let Ok(g) = Self::spare_or_make(h, limits) else {
             return;
         };
         if g.enter(pid).is_err() {
-            return;
+            stale.push(g);
+        } else {
+            // One per zygote at a time (a loader's and a VMM's), a few
+            // more for notices of loaders killed unused: the oldest go.
+            while pre.groups.len() >= 4 {
+                stale.push(pre.groups.remove(0).group);
+            }
+            pre.groups.push(PreparedGroup {
+                pid,
+                pidfd,
+                key: (limits.threads, limits.memory_mib),
+                group: g,
+            });
         }
-        // A warm loader never handed out (killed for other limits) leaves
-        // its group; removing it can wait for its process to go, so not
-        // here.
-        if let Some((_, _, old)) = pre.group.replace((pid, key, g)) {
-            let _ = std::thread::Builder::new()
-                .name("moat-cgroup-rm".into())
-                .spawn(move || drop(old));
-        }
-    }
-
-    /// Write the limits of the group's controllers.
-    fn set_limits(&self, limits: &Limits) -> std::io::Result<()> {
-        let (tasks, bytes) = limit_values(limits);
-        if self.v2 {
-            let d = &self.dirs[0];
-            write(d, "pids.max", &tasks)?;
-            return write(d, "memory.max", &bytes);
-        }
-        write(&self.dirs[0], "pids.max", &tasks)?;
-        let m = &self.dirs[1];
-        if m.join("memory.memsw.limit_in_bytes").exists() {
-            // memsw must stay at or above the memory limit while both move.
-            let _ = write(m, "memory.memsw.limit_in_bytes", &bytes);
-            write(m, "memory.limit_in_bytes", &bytes)?;
-            return write(m, "memory.memsw.limit_in_bytes", &bytes);
-        }
-        write(m, "memory.limit_in_bytes", &bytes)
+        drop(pre);
+        drop_later(stale);
     }
 
     /// The group made ahead for these limits, if there is one (one of

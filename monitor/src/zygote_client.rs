@@ -4,7 +4,7 @@
 //! control socket and wait here for whoever waits on the picoprocess.
 use crate::process::{self, SpawnError, Spawned, Status};
 use crate::spawn;
-use moat_host_common::protocol::{self, ZygoteEvent, ZygoteRequest};
+use moat_host_common::protocol::{self, WireError, ZygoteEvent, ZygoteRequest};
 use moat_policy::Limits;
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
@@ -124,12 +124,18 @@ fn read_events(z: Arc<Zygote>, zpidfd: OwnedFd) {
                     }
                 }
             }
-            Ok((ZygoteEvent::Warm { limits }, fds)) if fds.len() == 1 => {
-                if let Some(pid) = host_pid(fds[0].as_raw_fd()) {
-                    crate::cgroup::PicoCgroup::prepare(pid as u32, &limits);
+            Ok((ZygoteEvent::Warm { limits }, mut fds)) if fds.len() == 1 => {
+                let pidfd = fds.pop().expect("one");
+                if let Some(pid) = host_pid(pidfd.as_raw_fd()) {
+                    crate::cgroup::PicoCgroup::prepare(pid as u32, pidfd, &limits);
                 }
             }
             Ok(_) => {}
+            // A message this side cannot take (a descriptor over the
+            // limit, an event it does not know): skipped, the channel
+            // stays. Only a closed or failing channel means the zygote is
+            // gone.
+            Err(WireError::Decode(_) | WireError::TooLarge | WireError::Empty) => {}
             Err(_) => break,
         }
     }
