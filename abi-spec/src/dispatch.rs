@@ -12,7 +12,7 @@ use crate::{arg_rust_type, snake_case, upper_snake_case, Spec};
 
 pub fn render_rust_dispatch(spec: &Spec) -> String {
     let mut w = String::new();
-    let _ = writeln!(w, "{}", crate::TRACE_HEADER);
+    let _ = writeln!(w, "{}", crate::rust::RUST_HEADER);
     w.push_str(
         "//! Calling a [`Pal`] by call number with raw argument words (as a\n\
          //! hypercall delivers them): integers are truncated to their type,\n\

@@ -133,7 +133,7 @@ fn doc(w: &mut String, text: &str) {
 
 pub fn render_rust_host(spec: &Spec) -> String {
     let mut w = String::new();
-    let _ = writeln!(w, "{}", crate::TRACE_HEADER);
+    let _ = writeln!(w, "{}", crate::rust::RUST_HEADER);
     w.push_str(
         "//! The typed host side of the ABI, one trait per call group, and the\n\
          //! adapter that makes every [`PalHost`] a [`Pal`] (see [`crate::host`]\n\

@@ -6,7 +6,7 @@
 //! parses and validates it ([`spec`], [`parse`]) and renders it as JSON
 //! ([`render_json`]), a Markdown reference ([`render_markdown`]), a C header
 //! ([`render_c_header`]), the Rust modules `pal/src/abi.rs`
-//! ([`render_rust`]), `pal/src/trace.rs` ([`render_rust_trace`]),
+//! ([`render_rust`]),
 //! `pal/src/layer.rs` ([`render_rust_layer`]) and
 //! `pal/src/dispatch.rs` ([`render_rust_dispatch`]), and libos's raw calls
 //! `libos/src/raw/calls.rs` ([`render_libos_raw_calls`]).
@@ -30,17 +30,15 @@ mod layer;
 mod libos_raw;
 mod markdown;
 mod rust;
-mod trace;
 
 pub use c::render_c_header;
 pub use dispatch::render_rust_dispatch;
 pub use host::{group_trait, render_rust_host};
 pub use json::render_json;
-pub use layer::{render_rust_layer, LAYER_HEADER};
+pub use layer::render_rust_layer;
 pub use libos_raw::render_libos_raw_calls;
 pub use markdown::render_markdown;
 pub use rust::render_rust;
-pub use trace::{render_rust_trace, TRACE_HEADER};
 
 /// The text of the embedded `abi.toml`.
 pub const SPEC_TOML: &str = include_str!("../abi.toml");

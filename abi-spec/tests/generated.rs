@@ -91,13 +91,6 @@ fn rustfmt(src: &str) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-/// The tracing layer, laid out by rustfmt (as `cargo fmt` keeps it).
-#[test]
-fn pal_trace_rs_is_up_to_date() {
-    let src = moat_abi_spec::render_rust_trace(moat_abi_spec::spec());
-    check("pal/src/trace.rs", &rustfmt(&src));
-}
-
 /// What layers are written against, laid out by rustfmt.
 #[test]
 fn pal_layer_rs_is_up_to_date() {

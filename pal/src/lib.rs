@@ -4,7 +4,8 @@
 //!   [`PalTable`], the start-up block, errors, flags, the [`Pal`] trait and
 //!   the adapters [`table_from`] (trait -> table) and [`TablePal`]
 //!   (table -> trait). Hosts and layers plug in through these two.
-//! - [`trace`] (generated): a tracing layer, `TracePal`, over any `Pal`.
+//! - [`layer`] (generated): what a layer is written against (`Layer`,
+//!   `Layered`); the layers themselves are in moat-layers.
 //! - [`host`] and [`host_calls`] (generated): the typed host side a host
 //!   implements (checked guest ranges in, `PalResult` out), one trait per
 //!   call group, and the adapter that makes every such host a `Pal`.
@@ -24,7 +25,6 @@ pub mod host_calls;
 pub mod layer;
 pub mod memory;
 pub mod table;
-pub mod trace;
 pub mod uri;
 pub mod validate;
 
