@@ -219,45 +219,10 @@ fn drop_later(groups: Vec<PicoCgroup>) {
         .spawn(move || drop(groups));
 }
 
-/// The group made ahead for the next picoprocess, with the limits it was
-/// made for (threads, memory): making one (directories, limits) costs
-/// about 100 µs here, which a spawn then does not wait for.
-type Spare = ((u64, u64), PicoCgroup);
-static SPARE: std::sync::Mutex<Option<Spare>> = std::sync::Mutex::new(None);
-
-/// Make the next spare group, for `limits` (the last spawn's: the next
-/// one most likely asks the same), on the helper thread, off the spawn's
-/// path.
-fn refill(limits: Limits) {
-    static HELPER: OnceLock<Option<std::sync::mpsc::Sender<Limits>>> = OnceLock::new();
-    let tx = HELPER.get_or_init(|| {
-        let (tx, rx) = std::sync::mpsc::channel::<Limits>();
-        std::thread::Builder::new()
-            .name("moat-cgroups".into())
-            .spawn(move || {
-                while let Ok(l) = rx.recv() {
-                    // Let the spawn in progress have the CPU first (as the
-                    // zygote's refill does).
-                    std::thread::sleep(std::time::Duration::from_micros(300));
-                    let Ok(h) = hierarchy() else { continue };
-                    if let Ok(g) = PicoCgroup::make(h, &l) {
-                        *SPARE.lock().unwrap_or_else(|e| e.into_inner()) =
-                            Some(((l.threads, l.memory_mib), g));
-                    }
-                }
-            })
-            .ok()
-            .map(|_| tx)
-    });
-    if let Some(tx) = tx {
-        let _ = tx.send(limits);
-    }
-}
-
 /// The cgroup(s) of one picoprocess; removed when dropped (its process
-/// must be gone by then). A spare made ahead and never used stays until
-/// the next moat on this host removes the groups of moat processes that
-/// are gone.
+/// must be gone by then). A warm loader's group left when moat exits
+/// stays until the next moat on this host removes the groups of moat
+/// processes that are gone.
 #[derive(Debug)]
 pub struct PicoCgroup {
     dirs: Vec<PathBuf>,
@@ -291,7 +256,7 @@ impl PicoCgroup {
         }
         // Not prepared: made and entered here, under the same lock as
         // `prepare`, which then sees the process in a group and leaves it.
-        let r = Self::spare_or_make(h, limits).and_then(|g| match g.enter(pid) {
+        let r = Self::make(h, limits).and_then(|g| match g.enter(pid) {
             Ok(()) => Ok(g),
             Err(e) => {
                 stale.push(g);
@@ -300,7 +265,6 @@ impl PicoCgroup {
         });
         drop(pre);
         drop_later(stale);
-        refill(*limits);
         Some(r)
     }
 
@@ -317,7 +281,7 @@ impl PicoCgroup {
             return;
         }
         let mut stale = Vec::new();
-        let Ok(g) = Self::spare_or_make(h, limits) else {
+        let Ok(g) = Self::make(h, limits) else {
             return;
         };
         if g.enter(pid).is_err() {
@@ -337,21 +301,6 @@ impl PicoCgroup {
         }
         drop(pre);
         drop_later(stale);
-    }
-
-    /// The group made ahead for these limits, if there is one (one of
-    /// other limits is removed as it drops), else a new one.
-    fn spare_or_make(h: &Hierarchy, limits: &Limits) -> std::io::Result<PicoCgroup> {
-        let key = (limits.threads, limits.memory_mib);
-        let spare = SPARE
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-            .filter(|s| s.0 == key);
-        match spare {
-            Some((_, g)) => Ok(g),
-            None => Self::make(h, limits),
-        }
     }
 
     /// Put `pid` in the group.

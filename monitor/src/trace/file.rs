@@ -50,9 +50,6 @@ impl Writer {
     /// Append one item of picoprocess `pid`. A write error stops the file
     /// (reported once by [`Writer::flush`]), never the picoprocess.
     pub fn item(&mut self, pid: u32, it: &Item) {
-        if self.failed {
-            return;
-        }
         let mut w = [0u64; RECORD_WORDS];
         let kind = match it {
             Item::Record(r) => {
@@ -68,24 +65,22 @@ impl Writer {
                 K_LOST
             }
         };
-        w[0] = kind | (pid as u64) << 32;
-        let mut b = [0u8; BLOCK];
-        for (i, x) in w.iter().enumerate() {
-            b[i * 8..i * 8 + 8].copy_from_slice(&x.to_le_bytes());
-        }
-        if self.out.write_all(&b).is_err() {
-            self.failed = true;
-        }
+        self.block(kind, pid, &w);
     }
 
     /// Append a ring slot's words as read (checked when the file is read).
     pub fn slot(&mut self, pid: u32, words: &[u64; RECORD_WORDS]) {
+        self.block(K_RECORD, pid, words);
+    }
+
+    /// One block: `kind` and `pid` in word 0, then words 1.. of `w`.
+    fn block(&mut self, kind: u64, pid: u32, w: &[u64; RECORD_WORDS]) {
         if self.failed {
             return;
         }
         let mut b = [0u8; BLOCK];
-        b[..8].copy_from_slice(&(K_RECORD | (pid as u64) << 32).to_le_bytes());
-        for (i, x) in words.iter().enumerate().skip(1) {
+        b[..8].copy_from_slice(&(kind | (pid as u64) << 32).to_le_bytes());
+        for (i, x) in w.iter().enumerate().skip(1) {
             b[i * 8..i * 8 + 8].copy_from_slice(&x.to_le_bytes());
         }
         if self.out.write_all(&b).is_err() {
