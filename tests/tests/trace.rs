@@ -140,14 +140,16 @@ fn dropped_records_are_counted_and_placed() {
     if !sandbox_available() {
         return;
     }
+    let d = tempfile::tempdir().unwrap();
     for h in hosts() {
         let n: u64 = if h == "kvm" { 20_000 } else { 200_000 };
-        // Decoding to the log is slower than the guest's calls, and the
-        // ring holds 64: records are dropped, and every one is counted.
-        let out = run_on(
+        // The ring holds 64 records and the reader is held up (the trace
+        // file is a FIFO nobody reads until the guest has made its calls):
+        // records are dropped, and every one is counted.
+        let saved = d.path().join(format!("{h}.trace"));
+        let out = run_with_a_stalled_trace_file(
             h,
             &[
-                "--trace",
                 "--trace-ring",
                 "64",
                 "--trace-filter",
@@ -156,9 +158,13 @@ fn dropped_records_are_counted_and_placed() {
                 "--",
                 &n.to_string(),
             ],
+            "time_query ",
+            &saved,
         );
         out.assert_code(0);
-        let t = trace_lines(&out.stderr);
+        let dec = moat(&["trace", saved.to_str().unwrap()]);
+        dec.assert_code(0);
+        let t: Vec<&str> = dec.stdout.lines().collect();
         let seen = t
             .iter()
             .filter(|l| l.contains("DkSystemTimeQuery()"))
@@ -186,6 +192,91 @@ fn dropped_records_are_counted_and_placed() {
                 .all(|l| l.contains("DkSystemTimeQuery()") || l.starts_with("... ")),
             "{h}"
         );
+    }
+}
+
+/// `moat run --host HOST --trace=FIFO ARGS...`, the FIFO not read until
+/// the guest has printed a line starting with `until` on its standard
+/// output (the FIFO holds one page): the monitor's trace reader is stalled
+/// for as long as the guest takes to get there, however fast or loaded the
+/// machine is. What the FIFO carried is saved to `saved`.
+fn run_with_a_stalled_trace_file(
+    host: &str,
+    args: &[&str],
+    until: &str,
+    saved: &std::path::Path,
+) -> Output {
+    use std::io::{BufRead, Read};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::process::{Command, Stdio};
+    let fifo = saved.with_extension("fifo");
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success(), "mkfifo {}", fifo.display());
+    // Opened for reading first (without waiting for a writer), so that
+    // moat's open for writing finds a reader.
+    let mut rd = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&fifo)
+        .unwrap();
+    // SAFETY: fcntl on a FIFO descriptor this function owns; no memory is
+    // passed.
+    let r = unsafe { libc::fcntl(rd.as_raw_fd(), libc::F_SETPIPE_SZ, 4096) };
+    assert!(r > 0, "F_SETPIPE_SZ: {}", std::io::Error::last_os_error());
+    let mut child = Command::new(built("moat"))
+        .args(["run", "--host", host])
+        .arg(format!("--trace={}", fifo.display()))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot start moat");
+    let mut se = child.stderr.take().unwrap();
+    let stderr = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = se.read_to_string(&mut s);
+        s
+    });
+    let pid = child.id() as i32;
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if rx
+            .recv_timeout(std::time::Duration::from_secs(120))
+            .is_err()
+        {
+            // SAFETY: a signal to the child this test started and has not
+            // yet waited for.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    });
+    let mut so = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut stdout = String::new();
+    while !stdout.lines().any(|l| l.starts_with(until)) {
+        if so.read_line(&mut stdout).unwrap_or(0) == 0 {
+            break;
+        }
+    }
+    let rest = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = so.read_to_string(&mut s);
+        s
+    });
+    // SAFETY: fcntl on the FIFO descriptor owned here: blocking reads
+    // from now on.
+    unsafe { libc::fcntl(rd.as_raw_fd(), libc::F_SETFL, 0) };
+    let mut trace = Vec::new();
+    rd.read_to_end(&mut trace).unwrap();
+    std::fs::write(saved, &trace).unwrap();
+    stdout.push_str(&rest.join().unwrap());
+    let status = child.wait().unwrap();
+    let _ = tx.send(());
+    watchdog.join().unwrap();
+    Output {
+        code: status.code().unwrap_or(-1),
+        stdout,
+        stderr: stderr.join().unwrap(),
     }
 }
 
