@@ -49,23 +49,19 @@ pub const TABLE: u64 = 0xc000;
 /// Per thread, at the top of guest RAM in supervisor-only 2 MiB pages
 /// (out of the picoprocess's reach): its TSS (104 bytes, an I/O bitmap
 /// that opens every port, the end byte) and the CPL 0 stack its
-/// exception stubs push their frame on.
-pub const TSS_SLOT: u64 = 0x3000;
+/// exception stubs push their frame on. The area's size is part of the
+/// guest window both hosts share (`moat_pal::layout`).
+pub use moat_pal::layout::{tss_area, TSS_SLOT};
 /// The TSS's limit (it ends with a full I/O permission bitmap).
 pub const TSS_LIMIT: u64 = crate::longmode::TSS_LIMIT;
 /// Where a slot's CPL 0 stack starts (it grows down from the slot end).
 pub const TSS_STACK_TOP: u64 = TSS_SLOT;
 
-/// Bytes of guest RAM the TSS area of `threads` threads takes.
-pub const fn tss_area(threads: u64) -> u64 {
-    let bytes = threads * TSS_SLOT;
-    let big = 2 << 20;
-    bytes.div_ceil(big) * big
-}
 /// Size of the VMM area (memory slot 0).
 pub const LOW_SIZE: u64 = 0x10000;
 /// Guest RAM starts here (memory slot 1).
-pub const RAM_START: u64 = LOW_SIZE;
+pub const RAM_START: u64 = moat_pal::layout::GUEST_BASE;
+const _: () = assert!(RAM_START == LOW_SIZE);
 /// The largest guest RAM this layout holds.
 pub const MAX_RAM: u64 = moat_policy::KVM_MAX_MEMORY_MIB << 20;
 const _: () = assert!(MAX_RAM <= MMIO_BASE);

@@ -47,7 +47,7 @@ pub fn main() -> ! {
 }
 
 fn ram_for(memory_mib: u64) -> u64 {
-    (memory_mib << 20).max(4 << 20).next_multiple_of(2 << 20)
+    moat_pal::layout::guest_ram(memory_mib)
 }
 
 /// Run one picoprocess. A warm VMM (forked by the zygote with `limits`)

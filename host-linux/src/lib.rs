@@ -113,6 +113,9 @@ pub fn run() -> ! {
     };
     let mem_limit = cfg.limits.memory_mib << 20;
     let p = LinuxPal::new(sock, cfg.limits.threads, cfg.limits.handles, mem_limit);
+    // Guest memory in the window both hosts share (`moat_pal::layout`).
+    let (lo, hi) = moat_pal::layout::window(cfg.limits.memory_mib, cfg.limits.threads);
+    p.regions.write().unwrap().set_window(lo, hi);
     if hpal::install(p).is_none() {
         fail("loader: initialised twice");
     }
@@ -131,19 +134,19 @@ pub fn run() -> ! {
     // The start-up block and the argument bytes live in one page of guest
     // memory (readable and writable: the guest stores its upcall there).
     let (argbytes, len) = startup::layout(&cfg.args);
-    let page = match sys::mmap_anon(0, len, prot::READ | prot::WRITE) {
-        Ok(a) => a,
-        Err(_) => fail("cannot allocate the start-up block"),
+    let page = {
+        let mut r = pal.regions.write().unwrap();
+        let Some(at) = r.find_free(len, 0, u64::MAX) else {
+            fail("no guest memory left for the start-up block")
+        };
+        if sys::mmap_anon(at, len, prot::READ | prot::WRITE).is_err()
+            || r.insert(at, len, prot::READ | prot::WRITE, RegionKind::Host)
+                .is_err()
+        {
+            fail("cannot allocate the start-up block");
+        }
+        at
     };
-    if pal
-        .regions
-        .write()
-        .unwrap()
-        .insert(page, len, prot::READ | prot::WRITE, RegionKind::Host)
-        .is_err()
-    {
-        fail("start-up block overlaps the image");
-    }
     // `--trace` and `--layer`: the layers between the image and the PAL
     // (see `moat_layers`); the guest's table enters the outermost.
     let stack = moat_layers::Stack::build(

@@ -23,6 +23,7 @@ pub mod handles;
 pub mod host;
 pub mod host_calls;
 pub mod layer;
+pub mod layout;
 pub mod memory;
 pub mod table;
 pub mod uri;

@@ -62,6 +62,11 @@ impl RegionMap {
         self.window = Some((lo, hi));
     }
 
+    /// The window regions are confined to, if any.
+    pub fn window(&self) -> Option<(u64, u64)> {
+        self.window
+    }
+
     /// The lowest page-aligned free range of `len` bytes at or above `from`,
     /// inside the window (or below `limit` without one).
     pub fn find_free(&self, len: u64, from: u64, limit: u64) -> Option<u64> {

@@ -16,7 +16,7 @@ impl MemoryCalls for LinuxPal {
         if size > self.mem_limit {
             return Err(Error::NoMemory);
         }
-        let mut r = self.reserve(addr, size)?;
+        let (mut r, addr) = self.reserve(addr, size)?;
         let got = match sys::mmap_anon(addr, size, p) {
             Ok(a) => a,
             Err(libc::EEXIST) => return Err(Error::AlreadyExists),

@@ -117,13 +117,17 @@ impl LinuxPal {
 
     /// Before mapping `size` bytes at `addr` (0: the host chooses): the
     /// region map, locked for the mapping, once the range is checked and
-    /// the memory limit has room. Holding the lock until the mapping is in
-    /// the map keeps concurrent mappings from both passing the limit.
+    /// the memory limit has room, and the address to map at. Holding the
+    /// lock until the mapping is in the map keeps concurrent mappings from
+    /// both passing the limit. With a window (always, once the loader or
+    /// the VMM has set it: see `moat_pal::layout`) the host's choice is
+    /// the lowest free range inside it, so that every region lies where
+    /// either host can rebuild it.
     pub(crate) fn reserve(
         &self,
         addr: u64,
         size: u64,
-    ) -> PalResult<std::sync::RwLockWriteGuard<'_, RegionMap>> {
+    ) -> PalResult<(std::sync::RwLockWriteGuard<'_, RegionMap>, u64)> {
         if addr != 0 {
             validate::check_page_range(addr, size)?;
         }
@@ -134,7 +138,11 @@ impl LinuxPal {
         if addr != 0 && r.overlaps(addr, addr + size) {
             return Err(Error::AlreadyExists);
         }
-        Ok(r)
+        let at = match (addr, r.window()) {
+            (0, Some(_)) => r.find_free(size, 0, u64::MAX).ok_or(Error::NoMemory)?,
+            _ => addr,
+        };
+        Ok((r, at))
     }
 
     /// The object behind handle `h`. Each thread remembers the last one
@@ -227,29 +235,48 @@ impl LinuxPal {
 
     // ------------------------------------------------------------ threads
 
-    /// Allocate a guest stack (with a guard page) and a signal stack.
+    /// Allocate a guest stack (with a guard page) and a signal stack, in
+    /// the guest window.
     pub(crate) fn alloc_stacks(&self) -> PalResult<((u64, u64), (u64, u64))> {
         let total = STACK_SIZE + PAGE;
-        let base =
-            sys::mmap_anon(0, total, prot::READ | prot::WRITE).map_err(|_| Error::NoMemory)?;
+        let rw = prot::READ | prot::WRITE;
+        let mut r = self.regions.write().unwrap();
+        let place = |r: &RegionMap, len: u64| match r.window() {
+            Some(_) => r.find_free(len, 0, u64::MAX).ok_or(Error::NoMemory),
+            None => Ok(0),
+        };
+        let at = place(&r, total)?;
+        let base = sys::mmap_anon(at, total, rw).map_err(|_| Error::NoMemory)?;
         let _ = sys::mprotect(base, PAGE, 0);
-        let alt = match sys::mmap_anon(0, ALTSTACK_SIZE, prot::READ | prot::WRITE) {
+        // The guard page stays in the map (no access) so that nothing is
+        // placed on it.
+        if let Err(e) = r
+            .insert(base, PAGE, 0, RegionKind::Stack)
+            .and_then(|()| r.insert(base + PAGE, STACK_SIZE, rw, RegionKind::Stack))
+        {
+            r.remove(base, PAGE);
+            let _ = sys::munmap(base, total);
+            return Err(e);
+        }
+        let alt = place(&r, ALTSTACK_SIZE)
+            .and_then(|at| sys::mmap_anon(at, ALTSTACK_SIZE, rw).map_err(|_| Error::NoMemory));
+        let alt = match alt.and_then(|a| {
+            r.insert(a, ALTSTACK_SIZE, rw, RegionKind::Stack)
+                .map(|()| a)
+        }) {
             Ok(a) => a,
-            Err(_) => {
+            Err(e) => {
+                r.remove(base, total);
                 let _ = sys::munmap(base, total);
-                return Err(Error::NoMemory);
+                return Err(e);
             }
         };
-        let mut r = self.regions.write().unwrap();
-        let rw = prot::READ | prot::WRITE;
-        r.insert(base + PAGE, STACK_SIZE, rw, RegionKind::Stack)?;
-        r.insert(alt, ALTSTACK_SIZE, rw, RegionKind::Stack)?;
         Ok(((base, total), (alt, ALTSTACK_SIZE)))
     }
 
     pub(crate) fn free_stacks(&self, stack: (u64, u64), alt: (u64, u64)) {
         let mut r = self.regions.write().unwrap();
-        r.remove(stack.0 + PAGE, STACK_SIZE);
+        r.remove(stack.0, stack.1);
         r.remove(alt.0, alt.1);
         drop(r);
         let _ = sys::munmap(stack.0, stack.1);

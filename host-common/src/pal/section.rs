@@ -151,7 +151,7 @@ impl LinuxPal {
         if offset.checked_add(size).is_none_or(|end| end > total) {
             return Err(Error::InvalidArgument);
         }
-        let mut r = self.reserve(addr, size)?;
+        let (mut r, addr) = self.reserve(addr, size)?;
         let got = match sys::mmap_fd(addr, size, p, fd, offset, true) {
             Ok(a) => a,
             Err(libc::EACCES) => return Err(Error::PermissionDenied),

@@ -186,7 +186,7 @@ impl StreamCalls for LinuxPal {
         if offset > i64::MAX as u64 {
             return Err(Error::InvalidArgument);
         }
-        let mut r = self.reserve(addr, size)?;
+        let (mut r, addr) = self.reserve(addr, size)?;
         let shared = p & prot::WRITE != 0;
         let got = match sys::mmap_fd(addr, size, p, s.fd.as_raw_fd(), offset, shared) {
             Ok(a) => a,
