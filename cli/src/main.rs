@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 mod abi;
+mod checkpoint;
 mod images;
 mod inspect;
 mod mediate;
@@ -45,6 +46,11 @@ enum Cmd {
     Serve(mediate::ServeArgs),
     /// Decode a binary trace saved by `moat run --trace=FILE`.
     Trace(trace::TraceArgs),
+    /// Freeze a `moat run --checkpointable` picoprocess and write it to a
+    /// file (it ends, unless --leave-running).
+    Checkpoint(checkpoint::CheckpointArgs),
+    /// Resume a checkpointed picoprocess, on either host.
+    Restore(checkpoint::RestoreArgs),
 }
 
 /// Print `moat: <msg>` and return the bad-input exit code.
@@ -58,6 +64,8 @@ fn main() -> ExitCode {
     let code = match cli.cmd {
         Cmd::Run(a) => run::main(a),
         Cmd::Trace(a) => trace::main(a),
+        Cmd::Checkpoint(a) => checkpoint::checkpoint(a),
+        Cmd::Restore(a) => checkpoint::restore(a),
         Cmd::Abi(a) => abi::main(a),
         Cmd::Inspect(a) => inspect::main(a),
         Cmd::Images(a) => images::main(a),

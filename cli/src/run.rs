@@ -78,6 +78,14 @@ pub struct RunArgs {
     /// manifest's `[[remap]]` mappings; added innermost when there are any).
     #[arg(long = "layer", value_name = "NAME[,NAME...]")]
     pub layer: Option<String>,
+    /// Make the picoprocess checkpointable: `moat checkpoint <this moat's
+    /// pid> FILE` freezes it and writes it to FILE (`moat restore FILE`
+    /// resumes it, on either host).
+    #[arg(long)]
+    pub checkpointable: bool,
+    /// IMAGE is a checkpoint to restore (`moat restore`).
+    #[arg(skip)]
+    pub restore: bool,
     /// The image: a path, or the name of a built image (see `moat images`).
     #[arg(value_name = "IMAGE")]
     pub image: Option<String>,
@@ -142,7 +150,11 @@ fn prepare(a: RunArgs) -> Result<Sandbox, String> {
     }
     let image =
         image.ok_or("no image given: `moat run IMAGE` (or `image = \"...\"` in the manifest)")?;
-    let path = crate::resolve::resolve(&image)?;
+    let path = if a.restore {
+        PathBuf::from(&image)
+    } else {
+        crate::resolve::resolve(&image)?
+    };
     let host = match a.host {
         Host::Linux => moat_monitor::Host::Linux,
         Host::Kvm => moat_monitor::Host::Kvm,
@@ -163,7 +175,14 @@ fn prepare(a: RunArgs) -> Result<Sandbox, String> {
         moat_layers::ring::check_records(n).map_err(|e| format!("--trace-ring: {e}"))?;
         trace.records = n;
     }
-    let mut sandbox = Sandbox::new(path);
+    let mut sandbox = if a.restore {
+        Sandbox::restore(path)
+    } else {
+        Sandbox::new(path)
+    };
+    if a.checkpointable {
+        sandbox = sandbox.checkpointable();
+    }
     if a.trace.is_some() {
         sandbox = sandbox.trace_with(trace);
     } else if traced {
@@ -171,10 +190,15 @@ fn prepare(a: RunArgs) -> Result<Sandbox, String> {
         // added on top.
         sandbox = sandbox.trace_ring(trace);
     }
+    let mut layers = layers;
+    if a.checkpointable && !layers.contains(&moat_layers::LayerName::Checkpoint) {
+        layers.push(moat_layers::LayerName::Checkpoint);
+    }
     Ok(sandbox.args(args).policy(policy).layers(&layers).host(host))
 }
 
 pub fn main(a: RunArgs) -> i32 {
+    let checkpointable = a.checkpointable;
     let sandbox = match prepare(a) {
         Ok(s) => s,
         Err(msg) => return bad_input(msg),
@@ -186,6 +210,13 @@ pub fn main(a: RunArgs) -> i32 {
             return e.exit_code();
         }
     };
+    if checkpointable {
+        if let Err(e) = crate::checkpoint::listen(p.controller()) {
+            eprintln!("moat: {e}");
+            let _ = p.kill();
+            return EXIT_HOST_FAILURE;
+        }
+    }
     match p.wait() {
         Ok(exit) => {
             if let Some((_, text)) = &exit.report {

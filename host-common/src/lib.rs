@@ -28,6 +28,7 @@
 pub mod child;
 pub mod elf;
 pub mod errno;
+pub mod freeze;
 pub mod image;
 pub mod mountns;
 pub mod objects;

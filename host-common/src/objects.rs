@@ -95,6 +95,11 @@ impl SyncObj {
         self.state().0
     }
 
+    /// A semaphore's maximum (1 for events).
+    pub fn max(&self) -> u32 {
+        self.state().1
+    }
+
     /// Semaphore release: the count before, or LimitExceeded (unchanged).
     pub fn release(&self, n: u32) -> PalResult<u32> {
         let mut s = self.state();

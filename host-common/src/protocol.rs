@@ -58,6 +58,30 @@ pub struct Config {
     pub devices: Vec<moat_policy::DeviceSpec>,
     /// A statistics page is attached (kvm only; see `crate::vmstats`).
     pub stats: bool,
+    /// The checkpoint layer is in the stack: a control socket is attached
+    /// last, on which the monitor asks for checkpoints ([`Control`]).
+    pub checkpoint: bool,
+    /// The first descriptor is a checkpoint to restore, not an image.
+    pub restore: bool,
+}
+
+/// What the monitor asks of a picoprocess with a checkpoint layer, on its
+/// control socket.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Control {
+    /// Freeze, write the checkpoint to the attached descriptor (empty,
+    /// writable), then end (or, with `leave_running`, go on). Answer:
+    /// [`ControlReply`].
+    Checkpoint { leave_running: bool },
+}
+
+/// The answer to a [`Control`] request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ControlReply {
+    /// Written: the file's length.
+    Done { bytes: u64 },
+    /// Not written; the picoprocess goes on. Why, in one line.
+    Failed { why: String },
 }
 
 /// What the loader asks of the monitor.

@@ -26,6 +26,11 @@ pub trait GuestView: Sync {
     fn is_guest_memory(&self, _addr: u64) -> bool {
         false
     }
+    /// Whether `[addr, addr+len)` is writable guest memory (without
+    /// blocking, as [`GuestView::is_guest_code`]).
+    fn is_guest_writable(&self, _addr: u64, _len: u64) -> bool {
+        false
+    }
 }
 
 static GUEST: OnceLock<&'static dyn GuestView> = OnceLock::new();
@@ -149,15 +154,37 @@ pub fn call_upcall(info: &mut ExceptionInfo) -> Option<i64> {
     // declared it as its LibOsExceptionDispatch. `info` is valid for the call.
     let f: LibOsExceptionDispatchFn =
         unsafe { std::mem::transmute::<u64, LibOsExceptionDispatchFn>(upcall) };
+    UPCALLS.with(|u| u.set(u.get() + 1));
     // SAFETY: see above.
-    Some(unsafe { f(info) })
+    let d = unsafe { f(info) };
+    UPCALLS.with(|u| u.set(u.get() - 1));
+    Some(d)
 }
 
-fn in_guest_code(rip: u64) -> bool {
+pub(crate) fn in_guest_code(rip: u64) -> bool {
     guest().is_some_and(|g| g.is_guest_code(rip))
 }
 
+/// Whether `[addr, addr+len)` is writable guest memory (without blocking).
+pub(crate) fn is_guest_writable(addr: u64, len: u64) -> bool {
+    guest().is_some_and(|g| g.is_guest_writable(addr, len))
+}
+
+thread_local! {
+    /// Exception upcalls the calling thread is inside.
+    static UPCALLS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Whether the calling thread is running an exception upcall.
+pub(crate) fn in_upcall() -> bool {
+    UPCALLS.with(|u| u.get() > 0)
+}
+
 extern "C" fn on_fault(sig: i32, info: *mut libc::siginfo_t, uc: *mut libc::c_void) {
+    // A step of a thread the freeze moves to guest code.
+    if sig == libc::SIGTRAP && crate::freeze::on_trap(uc) {
+        return;
+    }
     // SAFETY: the kernel passes valid siginfo and ucontext to an SA_SIGINFO handler.
     let (ctx, addr) = unsafe {
         (
@@ -324,6 +351,17 @@ pub fn install_all() -> Result<(), String> {
     // SAFETY: ignoring SIGPIPE so writes to closed pipes return EPIPE.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
     install(libc::SIGTERM, on_term as *const () as usize, false)?;
+    // Checkpoints (see `crate::freeze`); inert unless freezing is on.
+    install(
+        crate::freeze::SIG_FREEZE,
+        crate::freeze::on_freeze as *const () as usize,
+        true,
+    )?;
+    install(
+        crate::freeze::SIG_RESUME,
+        crate::freeze::on_resume as *const () as usize,
+        true,
+    )?;
     Ok(())
 }
 

@@ -160,6 +160,54 @@ pub fn pwrite(fd: RawFd, addr: u64, len: usize, off: u64) -> Result<usize, i32> 
     ret(unsafe { libc::pwrite(fd, addr as *const _, len, off as i64) })
 }
 
+pub fn gettid() -> i32 {
+    // SAFETY: no arguments, no memory.
+    unsafe { libc::gettid() }
+}
+
+/// Send `sig` to thread `tid` of this process (async-signal-safe).
+pub fn signal_thread(tid: i32, sig: i32) {
+    // SAFETY: a signal to a thread of this process; no memory passed.
+    unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, sig) };
+}
+
+/// Send `sig` to the calling thread.
+pub fn signal_self(sig: i32) {
+    signal_thread(gettid(), sig);
+}
+
+/// Wait while `*w == val`, at most `limit` (or until woken).
+pub fn futex_wait(w: &std::sync::atomic::AtomicU32, val: u32, limit: std::time::Duration) {
+    let ts = libc::timespec {
+        tv_sec: limit.as_secs() as libc::time_t,
+        tv_nsec: limit.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: FUTEX_WAIT on a live atomic's address with a valid timespec;
+    // the kernel only reads both.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            w.as_ptr(),
+            libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+            val,
+            &ts as *const libc::timespec,
+        )
+    };
+}
+
+/// Wake every waiter on `w`.
+pub fn futex_wake(w: &std::sync::atomic::AtomicU32) {
+    // SAFETY: FUTEX_WAKE on a live atomic's address; no memory is written.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            w.as_ptr(),
+            libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+            i32::MAX,
+        )
+    };
+}
+
 pub fn eventfd() -> Result<OwnedFd, i32> {
     // SAFETY: plain syscall; on success we own the new descriptor.
     let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };

@@ -205,6 +205,7 @@ fn run(warm: Option<&moat_policy::Limits>) -> ! {
             // copies are the VMM's too.
             mem: lin,
             remaps: cfg.remaps.clone(),
+            freeze: None,
         },
     )
     .unwrap_or_else(|e| fail(&format!("vmm: {e}")));

@@ -16,6 +16,8 @@ use moat_pal::memory::RegionKind;
 use moat_pal::{prot, PalTable};
 use std::os::fd::{FromRawFd, OwnedFd};
 
+mod resume;
+
 /// A layer's line to the monitor's log.
 fn layer_line(line: std::fmt::Arguments<'_>) {
     pal().tell(&protocol::Request::Debug {
@@ -103,6 +105,17 @@ pub fn run() -> ! {
         fail("loader: the monitor sent no image descriptor");
     }
     let image_fd = fds.remove(0);
+    // The control socket of a checkpointable picoprocess comes last.
+    let ctl = match (cfg.checkpoint, fds.pop()) {
+        (false, _) => None,
+        (true, Some(c)) => Some(c),
+        (true, None) => fail("loader: the monitor sent no control socket"),
+    };
+    if cfg.checkpoint || cfg.restore {
+        if let Err(e) = moat_host_common::freeze::enable() {
+            fail(&format!("loader: {e}"));
+        }
+    }
     let ring = match (cfg.trace_ring, fds.is_empty()) {
         (None, _) => None,
         (Some(_), true) => fail("loader: the monitor sent no trace ring"),
@@ -120,6 +133,79 @@ pub fn run() -> ! {
         fail("loader: initialised twice");
     }
     let pal = pal();
+    // A picoprocess from an image, or from a checkpoint (its regions
+    // mapped from the file; see `moat_host_common::freeze::restore`).
+    let restored = if cfg.restore {
+        Some(resume::map(pal, image_fd))
+    } else {
+        start_image(pal, image_fd, &cfg.args);
+        None
+    };
+    // `--trace` and `--layer`: the layers between the image and the PAL
+    // (see `moat_layers`); the guest's table enters the outermost.
+    let freeze: &'static moat_host_common::freeze::Host = &moat_host_common::freeze::Host;
+    let stack = moat_layers::Stack::build(
+        &moat_layers::names(cfg.trace, &cfg.layers, !cfg.remaps.is_empty()),
+        pal,
+        moat_layers::Parts {
+            log: layer_line,
+            ring,
+            mem: pal,
+            remaps: cfg.remaps.clone(),
+            freeze: Some(freeze),
+        },
+    )
+    .unwrap_or_else(|e| fail(&format!("loader: {e}")));
+    let table = if stack.is_empty() {
+        moat_pal::table_from(pal)
+    } else {
+        stack.table()
+    };
+    let table = match table_page.publish(table, &sealing) {
+        Ok(t) => t,
+        Err(e) => fail(&format!("loader: {e}")),
+    };
+    moat_host_common::freeze::set_table(table);
+    let layer = stack.checkpointer();
+    if let (Some(ctl), Some(layer)) = (ctl, layer) {
+        let started = moat_host_common::freeze::control::start(
+            ctl,
+            pal,
+            layer,
+            cfg.args.clone(),
+            cfg.limits.memory_mib,
+        );
+        if let Err(e) = started {
+            fail(&format!("loader: {e}"));
+        }
+    }
+    match restored {
+        Some((c, startup)) => resume::start(pal, layer, c, startup, table),
+        None => {
+            let (page, entry) = STARTED
+                .get()
+                .copied()
+                .unwrap_or_else(|| fail("loader: no image"));
+            let (argbytes, _) = startup::layout(&cfg.args);
+            startup::write(
+                pal,
+                page,
+                table as *const PalTable,
+                &cfg.args,
+                &argbytes,
+                moat_pal::host_kind::LINUX,
+            );
+            pal.start_main_thread(entry, page)
+        }
+    }
+}
+
+/// The start-up block's page and the image's entry, once mapped.
+static STARTED: std::sync::OnceLock<(u64, u64)> = std::sync::OnceLock::new();
+
+/// Map the image and make the start-up block's page (written once the
+/// table exists).
+fn start_image(pal: &'static LinuxPal, image_fd: OwnedFd, args: &[String]) {
     let bytes = match image::read_all(std::os::fd::AsRawFd::as_raw_fd(&image_fd)) {
         Ok(b) => b,
         Err(e) => fail(&format!("cannot read the image: {e}")),
@@ -130,10 +216,9 @@ pub fn run() -> ! {
         Err(e) => fail(&format!("cannot load the image: {e}")),
     };
     drop(bytes);
-
     // The start-up block and the argument bytes live in one page of guest
     // memory (readable and writable: the guest stores its upcall there).
-    let (argbytes, len) = startup::layout(&cfg.args);
+    let (_, len) = startup::layout(args);
     let page = {
         let mut r = pal.regions.write().unwrap();
         let Some(at) = r.find_free(len, 0, u64::MAX) else {
@@ -147,36 +232,5 @@ pub fn run() -> ! {
         }
         at
     };
-    // `--trace` and `--layer`: the layers between the image and the PAL
-    // (see `moat_layers`); the guest's table enters the outermost.
-    let stack = moat_layers::Stack::build(
-        &moat_layers::names(cfg.trace, &cfg.layers, !cfg.remaps.is_empty()),
-        pal,
-        moat_layers::Parts {
-            log: layer_line,
-            ring,
-            mem: pal,
-            remaps: cfg.remaps.clone(),
-        },
-    )
-    .unwrap_or_else(|e| fail(&format!("loader: {e}")));
-    let table = if stack.is_empty() {
-        moat_pal::table_from(pal)
-    } else {
-        stack.table()
-    };
-    let table = match table_page.publish(table, &sealing) {
-        Ok(t) => t,
-        Err(e) => fail(&format!("loader: {e}")),
-    };
-    startup::write(
-        pal,
-        page,
-        table as *const PalTable,
-        &cfg.args,
-        &argbytes,
-        moat_pal::host_kind::LINUX,
-    );
-
-    pal.start_main_thread(img.entry, page)
+    let _ = STARTED.set((page, img.entry));
 }

@@ -30,6 +30,7 @@ use moat_pal::layer::Layered;
 use moat_pal::Pal;
 use serde::{Deserialize, Serialize};
 
+pub mod checkpointer;
 pub mod count;
 pub mod remap;
 pub mod ring;
@@ -45,11 +46,19 @@ pub enum LayerName {
     Count,
     /// The policy's `[[remap]]` mappings applied to `file:` URIs.
     Remap,
+    /// What the picoprocess holds, for `moat checkpoint` ([`checkpointer`]);
+    /// always innermost.
+    Checkpoint,
 }
 
 impl LayerName {
     /// Every layer, in the order `moat run --help` lists them.
-    pub const ALL: [LayerName; 3] = [LayerName::Trace, LayerName::Count, LayerName::Remap];
+    pub const ALL: [LayerName; 4] = [
+        LayerName::Trace,
+        LayerName::Count,
+        LayerName::Remap,
+        LayerName::Checkpoint,
+    ];
 
     /// Its name on the command line.
     pub fn name(self) -> &'static str {
@@ -57,6 +66,7 @@ impl LayerName {
             LayerName::Trace => "trace",
             LayerName::Count => "count",
             LayerName::Remap => "remap",
+            LayerName::Checkpoint => "checkpoint",
         }
     }
 
@@ -94,15 +104,20 @@ pub const MAX_LAYERS: usize = 8;
 pub type LogSink = fn(Arguments<'_>);
 
 /// The stack a picoprocess runs under: `--trace`'s layer outermost, then
-/// `layers`, then (with `remaps`, unless `layers` places it) `remap`.
+/// `layers`, then (with `remaps`, unless `layers` places it) `remap`, and
+/// `checkpoint` innermost wherever it was named (it records what the PAL
+/// itself was asked).
 pub fn names(trace: bool, layers: &[LayerName], remaps: bool) -> Vec<LayerName> {
     let mut v = Vec::with_capacity(layers.len() + 2);
     if trace {
         v.push(LayerName::Trace);
     }
-    v.extend_from_slice(layers);
+    v.extend(layers.iter().filter(|l| **l != LayerName::Checkpoint));
     if remaps && !layers.contains(&LayerName::Remap) {
         v.push(LayerName::Remap);
+    }
+    if layers.contains(&LayerName::Checkpoint) {
+        v.push(LayerName::Checkpoint);
     }
     v
 }
@@ -138,6 +153,9 @@ pub struct Parts {
     pub mem: &'static dyn GuestAccess,
     /// The policy's mappings (for `remap`).
     pub remaps: Vec<moat_policy::remap::Remap>,
+    /// The host's side of freezing (required when the stack has a
+    /// checkpoint layer).
+    pub freeze: Option<&'static dyn checkpointer::FreezeHost>,
 }
 
 /// A built stack.
@@ -146,6 +164,7 @@ pub struct Stack {
     pub top: &'static dyn Pal,
     depth: usize,
     hooks: Vec<Hook>,
+    checkpointer: Option<&'static checkpointer::Checkpointer>,
 }
 
 /// What a layer does for a call the host serves itself.
@@ -192,7 +211,9 @@ impl Stack {
             ring,
             mem,
             remaps,
+            freeze,
         } = parts;
+        let mut checkpointer = None;
         let mut traces = names.iter().filter(|n| **n == LayerName::Trace).count();
         let mut top = base;
         let mut hooks: Vec<Hook> = Vec::new();
@@ -222,6 +243,18 @@ impl Stack {
                     hooks.push(Hook::Layer(l));
                     l
                 }
+                // No hook for calls the host serves itself: those end
+                // the thread (or raise an exception whose upcall the
+                // freeze waits out), so the layer's call depth must not
+                // count them.
+                LayerName::Checkpoint => {
+                    let host = freeze.ok_or("a checkpoint layer without the host's freeze")?;
+                    let l: &'static Layered<checkpointer::Checkpointer> = Box::leak(Box::new(
+                        Layered(checkpointer::Checkpointer::new(top, mem, host)),
+                    ));
+                    checkpointer = Some(&l.0);
+                    l
+                }
             };
         }
         // Outermost first, as the calls pass them.
@@ -230,7 +263,13 @@ impl Stack {
             top,
             depth: names.len(),
             hooks,
+            checkpointer,
         })
+    }
+
+    /// The stack's checkpoint layer, if it has one.
+    pub fn checkpointer(&self) -> Option<&'static checkpointer::Checkpointer> {
+        self.checkpointer
     }
 
     /// Whether the stack is empty (the guest calls the PAL itself).
@@ -280,7 +319,7 @@ mod tests {
         );
         let e = LayerName::parse_list("count,remix").unwrap_err();
         assert!(
-            e.contains("`remix`") && e.contains("trace, count, remap"),
+            e.contains("`remix`") && e.contains("trace, count, remap, checkpoint"),
             "{e}"
         );
         assert!(LayerName::parse_list("").is_err());

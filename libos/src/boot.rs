@@ -13,10 +13,20 @@ use moat_pal::{PalTable, StartupBlock};
 static TABLE: AtomicPtr<PalTable> = AtomicPtr::new(core::ptr::null_mut());
 static STARTUP: AtomicPtr<StartupBlock> = AtomicPtr::new(core::ptr::null_mut());
 
-/// The function table stored at start-up (null before start-up).
+/// The function table: the one the start-up block names, read at each
+/// call (not kept), so that a host restoring this picoprocess from a
+/// checkpoint (on either host) points it at its own table; before the
+/// block is stored, the table start-up is checking (null before that).
 #[inline]
 pub fn table() -> *const PalTable {
-    TABLE.load(Ordering::Relaxed)
+    let sb = STARTUP.load(Ordering::Relaxed);
+    if sb.is_null() {
+        return TABLE.load(Ordering::Relaxed);
+    }
+    // SAFETY: stored by `rt::start` from the host's start-up block, valid
+    // for the life of the picoprocess; the host changes its `table` only
+    // while no thread of the picoprocess runs (a restore).
+    unsafe { core::ptr::addr_of!((*sb).table).read() }
 }
 
 /// The function table, to call through.

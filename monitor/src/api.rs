@@ -65,6 +65,8 @@ pub struct Sandbox {
     host: crate::Host,
     /// Host sections to give the session before the picoprocess starts.
     sections: Vec<(String, Arc<Section>, u64)>,
+    /// `image` is a checkpoint to restore ([`Sandbox::restore`]).
+    restore: bool,
 }
 
 impl Sandbox {
@@ -80,6 +82,7 @@ impl Sandbox {
             trace: None,
             layers: Vec::new(),
             host: crate::Host::Linux,
+            restore: false,
             sections: Vec::new(),
         }
     }
@@ -201,26 +204,58 @@ impl Sandbox {
         Ok(self)
     }
 
+    /// A picoprocess restored from the checkpoint at `path` (`moat
+    /// checkpoint`): it goes on where it was frozen, on this sandbox's
+    /// host, with this sandbox's grants (a checkpoint carries none: every
+    /// file it held is opened again under them) and console. Its limits
+    /// must be at least those it ran with. It can be checkpointed again.
+    pub fn restore(path: impl AsRef<Path>) -> Self {
+        let mut s = Sandbox::new(path);
+        s.restore = true;
+        s.layers.push(moat_layers::LayerName::Checkpoint);
+        s
+    }
+
+    /// Make the picoprocess checkpointable: a checkpoint layer innermost
+    /// in its stack, and a control socket for [`Picoprocess::checkpoint`].
+    pub fn checkpointable(mut self) -> Self {
+        if !self.layers.contains(&moat_layers::LayerName::Checkpoint) {
+            self.layers.push(moat_layers::LayerName::Checkpoint);
+        }
+        self
+    }
+
     /// Check the image and start the picoprocess.
-    pub fn spawn(self) -> Result<Picoprocess, Error> {
+    pub fn spawn(mut self) -> Result<Picoprocess, Error> {
         self.policy.limits.validate()?;
         let shown = self.image.display().to_string();
         let image = File::open(&self.image).map_err(|e| Error::Image {
             path: shown.clone(),
             msg: format!("cannot open: {e}"),
         })?;
-        check_image(&image, &self.policy.limits).map_err(|msg| Error::Image {
-            path: shown.clone(),
-            msg,
-        })?;
-        let name = self
-            .image
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| shown.clone());
-        let mut args = Vec::with_capacity(self.args.len() + 1);
-        args.push(name.clone());
-        args.extend(self.args);
+        let (name, args) = if self.restore {
+            if !self.layers.contains(&moat_layers::LayerName::Checkpoint) {
+                self.layers.push(moat_layers::LayerName::Checkpoint);
+            }
+            let c = crate::checkpoint_file::check(&image, &self.policy.limits)
+                .map_err(|msg| Error::BadInput(format!("{shown} {msg}")))?;
+            (c.args[0].clone(), c.args)
+        } else {
+            check_image(&image, &self.policy.limits).map_err(|msg| Error::Image {
+                path: shown.clone(),
+                msg,
+            })?;
+            let name = self
+                .image
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| shown.clone());
+            let mut args = Vec::with_capacity(self.args.len() + 1);
+            args.push(name.clone());
+            args.extend(self.args);
+            (name, args)
+        };
+        let restore = self.restore;
         let total: usize = args.iter().map(|a| a.len() + 1).sum();
         if total > moat_pal::limits::MAX_ARGS_LEN as usize || args.iter().any(|a| a.contains('\0'))
         {
@@ -250,7 +285,7 @@ impl Sandbox {
         for (name, section, len) in self.sections {
             session.attach(&name, section, len)?;
         }
-        let root = start(&session, image, name, args, None, false)?;
+        let root = start(&session, image, name, args, None, false, restore)?;
         Ok(Picoprocess {
             stdin,
             stdout,
@@ -328,6 +363,20 @@ impl Killer {
     /// SIGKILL the picoprocess (a no-op once it has ended).
     pub fn kill(&self) {
         let _ = self.0.signal(libc::SIGKILL);
+    }
+}
+
+/// A handle that asks a checkpointable picoprocess for checkpoints from
+/// any thread ([`Picoprocess::controller`]).
+#[derive(Clone)]
+pub struct Controller(Arc<Proc>);
+
+impl Controller {
+    /// As [`Picoprocess::checkpoint`].
+    pub fn checkpoint(&self, file: &File, leave_running: bool) -> Result<u64, Error> {
+        self.0
+            .checkpoint(file, leave_running)
+            .map_err(|why| Error::BadInput(format!("cannot checkpoint the picoprocess: {why}")))
     }
 }
 
@@ -409,6 +458,23 @@ impl Picoprocess {
             .map_err(|e| Error::io("cannot kill the picoprocess", e))?;
         self.kill_descendants();
         Ok(())
+    }
+
+    /// A handle for checkpoints from another thread while one waits.
+    pub fn controller(&self) -> Controller {
+        Controller(self.root.clone())
+    }
+
+    /// Freeze the picoprocess and write it to `file` (empty, writable; see
+    /// `moat_checkpoint`); then it ends (exit 0), or goes on with
+    /// `leave_running`. Returns the file's length. Fails (the picoprocess
+    /// going on) if it was not made [`Sandbox::checkpointable`], holds
+    /// what cannot be carried, or does not stop in time; the error says
+    /// which.
+    pub fn checkpoint(&self, file: &File, leave_running: bool) -> Result<u64, Error> {
+        self.root
+            .checkpoint(file, leave_running)
+            .map_err(|why| Error::BadInput(format!("cannot checkpoint the picoprocess: {why}")))
     }
 
     /// Ask the picoprocess to stop: SIGTERM, which the loader turns into

@@ -21,6 +21,7 @@
 pub mod api;
 pub mod broker;
 pub mod cgroup;
+mod checkpoint_file;
 pub mod disklock;
 pub mod error;
 mod image_check;
@@ -34,7 +35,7 @@ pub mod spawn;
 pub mod trace;
 mod zygote_client;
 
-pub use api::{Killer, Picoprocess, Sandbox, Stdio};
+pub use api::{Controller, Killer, Picoprocess, Sandbox, Stdio};
 pub use error::{Error, Exit, EXIT_BAD_INPUT, EXIT_HOST_FAILURE, EXIT_SANDBOX_VIOLATION};
 pub use moat_host_common::protocol::ReportKind;
 pub use moat_host_common::vmstats::{Counter as VmCounter, VmStats};

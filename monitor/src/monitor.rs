@@ -24,6 +24,7 @@ pub(crate) fn start(
     args: Vec<String>,
     notify: Option<OwnedFd>,
     child: bool,
+    restore: bool,
 ) -> Result<Arc<Proc>, Error> {
     let limits = session.policy().limits;
     // Devices belong to the root picoprocess; its children get none.
@@ -82,7 +83,21 @@ pub(crate) fn start(
         stats,
         gone: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         trace_drain: Mutex::new(None),
+        control: Mutex::new(None),
     });
+    // A checkpointable root: its control socket (see `Proc::checkpoint`).
+    let checkpointable = !child
+        && session
+            .layers()
+            .contains(&moat_layers::LayerName::Checkpoint);
+    let control = if checkpointable {
+        let (mine, theirs) = protocol::seqpacket_pair()
+            .map_err(|e| Error::io("cannot make the control socket", e))?;
+        *proc.control.lock().unwrap_or_else(|e| e.into_inner()) = Some(mine);
+        Some(theirs)
+    } else {
+        None
+    };
     // A trace layer anywhere in the stack: a ring for it.
     let traced = session.trace_options().is_some()
         || session.layers().contains(&moat_layers::LayerName::Trace);
@@ -111,6 +126,8 @@ pub(crate) fn start(
         remaps: session.policy().remaps.clone(),
         devices,
         stats: proc.stats.is_some(),
+        checkpoint: control.is_some(),
+        restore,
     };
     let mut fds = vec![image.as_raw_fd()];
     if let Some(s) = &proc.stats {
@@ -120,6 +137,9 @@ pub(crate) fn start(
         fds.push(r.section.memory_fd());
     }
     fds.extend(backing.iter().map(|f| f.as_raw_fd()));
+    if let Some(c) = &control {
+        fds.push(c.as_raw_fd());
+    }
     match protocol::send(sp.sock.as_fd(), &config, &fds) {
         Ok(()) => {}
         // The loader already ended (it failed to set itself up): its
@@ -196,7 +216,7 @@ fn start_child(
     args: Vec<String>,
     notify: OwnedFd,
 ) -> Result<(), String> {
-    start(session, image, name, args, Some(notify), true)
+    start(session, image, name, args, Some(notify), true, false)
         .map(|_| ())
         .map_err(|e| e.to_string())
 }

@@ -33,6 +33,8 @@ pub(crate) struct Proc {
     /// The thread draining its trace ring, joined before its exit is
     /// published, so every record is out when a waiter returns.
     pub(crate) trace_drain: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// The monitor's end of its control socket (a checkpointable root).
+    pub(crate) control: Mutex<Option<OwnedFd>>,
 }
 
 impl Proc {
@@ -63,6 +65,32 @@ impl Proc {
                 .map_or(0, |a| a.load(std::sync::atomic::Ordering::Relaxed));
         }
         Some(s)
+    }
+
+    /// Ask it to write a checkpoint to `file` (empty, writable) and end,
+    /// or go on with `leave_running`: the file's length, or why not.
+    pub(crate) fn checkpoint(
+        &self,
+        file: &std::fs::File,
+        leave_running: bool,
+    ) -> Result<u64, String> {
+        use moat_host_common::protocol::{self, Control, ControlReply};
+        use std::os::fd::{AsFd, AsRawFd};
+        let c = self.control.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(sock) = c.as_ref() else {
+            return Err("it was not started checkpointable (moat run --checkpointable, or the `checkpoint` layer)".into());
+        };
+        protocol::send(
+            sock.as_fd(),
+            &Control::Checkpoint { leave_running },
+            &[file.as_raw_fd()],
+        )
+        .map_err(|e| format!("it cannot be reached: {e}"))?;
+        match protocol::recv::<ControlReply>(sock.as_fd()) {
+            Ok((ControlReply::Done { bytes }, _)) => Ok(bytes),
+            Ok((ControlReply::Failed { why }, _)) => Err(why),
+            Err(e) => Err(format!("it ended before the checkpoint was written ({e})")),
+        }
     }
 
     pub(crate) fn wait(&self) -> Exit {

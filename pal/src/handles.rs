@@ -35,6 +35,11 @@ impl<T> HandleTable<T> {
         }
     }
 
+    /// The most live handles the table holds.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     pub fn len(&self) -> usize {
         self.live
     }
@@ -106,6 +111,56 @@ impl<T> HandleTable<T> {
         Ok(o)
     }
 
+    /// Every live handle with its references and object, in slot order
+    /// (for a checkpoint).
+    pub fn entries(&self) -> Vec<(u64, u32, Arc<T>)> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| {
+                let o = s.object.as_ref()?;
+                Some((
+                    ((s.generation as u64) << 32) | (i as u64 + 1),
+                    s.refs,
+                    o.clone(),
+                ))
+            })
+            .collect()
+    }
+
+    /// Put `object` under the given handle number with `refs` references
+    /// (a restore rebuilding the table a checkpoint describes): the slot
+    /// must be free, the generation not 0, the references 1 to
+    /// [`MAX_REFS`], and the table must have room.
+    pub fn insert_at(&mut self, h: u64, refs: u32, object: Arc<T>) -> PalResult<()> {
+        let idx = (h & 0xffff_ffff) as usize;
+        let generation = (h >> 32) as u32;
+        if idx == 0 || generation == 0 || refs == 0 || refs > MAX_REFS {
+            return Err(Error::InvalidArgument);
+        }
+        if self.live >= self.capacity || idx > self.capacity.max(1) * 2 + 64 {
+            return Err(Error::LimitExceeded);
+        }
+        while self.slots.len() < idx {
+            self.free.push(self.slots.len() as u32);
+            self.slots.push(Slot {
+                generation: 0,
+                refs: 0,
+                object: None,
+            });
+        }
+        let slot = &mut self.slots[idx - 1];
+        if slot.object.is_some() {
+            return Err(Error::AlreadyExists);
+        }
+        self.free.retain(|&f| f as usize != idx - 1);
+        slot.generation = generation;
+        slot.refs = refs;
+        slot.object = Some(object);
+        self.live += 1;
+        Ok(())
+    }
+
     /// Every live object (for teardown).
     pub fn drain(&mut self) -> Vec<Arc<T>> {
         self.live = 0;
@@ -140,5 +195,28 @@ mod tests {
         let c = t.insert(Arc::new(4)).unwrap();
         assert_ne!(b, c, "a reused slot gets a new generation");
         assert_eq!(t.get(b).err(), Some(Error::BadHandle));
+    }
+
+    #[test]
+    fn a_table_is_rebuilt_with_the_same_numbers() {
+        let mut t = HandleTable::new(8);
+        let a = t.insert(Arc::new(1)).unwrap();
+        let b = t.insert(Arc::new(2)).unwrap();
+        t.reference(b).unwrap();
+        t.close(a).unwrap();
+        let c = t.insert(Arc::new(3)).unwrap();
+        let mut u = HandleTable::new(8);
+        for (h, refs, o) in t.entries() {
+            u.insert_at(h, refs, o).unwrap();
+        }
+        assert_eq!(*u.get(b).unwrap(), 2);
+        assert_eq!(*u.get(c).unwrap(), 3);
+        assert_eq!(u.get(a).err(), Some(Error::BadHandle));
+        assert!(u.close(b).unwrap().is_none(), "two references carried");
+        assert_eq!(u.insert_at(c, 1, Arc::new(9)), Err(Error::AlreadyExists));
+        assert_eq!(u.insert_at(5, 1, Arc::new(9)), Err(Error::InvalidArgument));
+        // Free slots below are used by later inserts.
+        let d = u.insert(Arc::new(4)).unwrap();
+        assert_eq!(*u.get(d).unwrap(), 4);
     }
 }

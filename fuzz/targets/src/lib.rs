@@ -11,11 +11,13 @@
 //! - [`service_wire`]: the mediator ↔ driver wire and the block contract,
 //!   fed client requests and driver answers;
 //! - [`manifest`]: manifests (TOML) and device declarations;
-//! - [`elf_image`]: the image checks on arbitrary files.
+//! - [`elf_image`]: the image checks on arbitrary files;
+//! - [`checkpoint_file`]: the checkpoint file's reader.
 //!
 //! The `cargo fuzz` binaries (`fuzz/fuzz_targets/`) call these with
 //! libFuzzer's input; `tests/tests/fuzz.rs` runs them over the committed
 //! corpus (`fuzz/corpus/<target>/`). [`run`] names them all.
+pub mod checkpoint_file;
 pub mod elf_image;
 pub mod hypercall_dispatch;
 pub mod input;
@@ -28,12 +30,13 @@ pub mod service_wire;
 pub type Target = fn(&[u8]);
 
 /// Every target, by the name of its `cargo fuzz` binary and corpus folder.
-pub const TARGETS: [(&str, Target); 5] = [
+pub const TARGETS: [(&str, Target); 6] = [
     ("hypercall_dispatch", hypercall_dispatch::run),
     ("monitor_protocol", monitor_protocol::run),
     ("service_wire", service_wire::run),
     ("manifest", manifest::run),
     ("elf_image", elf_image::run),
+    ("checkpoint_file", checkpoint_file::run),
 ];
 
 /// The libFuzzer options a target's runs take beyond the defaults

@@ -61,6 +61,8 @@ fn manifest(text: &str) {
         remaps: Vec::new(),
         devices: m.devices.clone(),
         stats: false,
+        checkpoint: false,
+        restore: false,
     };
     let wire = postcard::to_allocvec(&config).unwrap();
     let back: Config = postcard::from_bytes(&wire).unwrap();

@@ -552,6 +552,150 @@ pub fn elf_image(dir: &Path, max: usize) -> Vec<Seed> {
     out
 }
 
+// ---------------------------------------------------------------- checkpoints
+
+/// A checkpoint as `moat checkpoint` writes one: two threads (one carried
+/// as about to wait again), an image, a heap, a stack with its guard page,
+/// the start-up page, a file, the console, events, a semaphore.
+fn checkpoint_sample() -> moat_checkpoint::Checkpoint {
+    use moat_checkpoint::*;
+    use moat_pal::prot;
+    let region = |start: u64, len: u64, prot: u32, kind, data| Region {
+        start,
+        len,
+        prot,
+        kind,
+        data,
+    };
+    let thread = |rip: u64, restart| Thread {
+        param: 0,
+        regs: Regs({
+            let mut r = [0; 18];
+            r[Regs::RIP] = rip;
+            r[Regs::RSP] = 0x40_0000;
+            r
+        }),
+        fpu: vec![0; 832],
+        restart,
+    };
+    Checkpoint {
+        args: vec!["counter".into(), "100".into()],
+        memory_mib: 64,
+        threads_limit: 64,
+        handles_limit: 1024,
+        startup: 0x30_0000,
+        regions: vec![
+            region(
+                0x1_0000,
+                0x2000,
+                prot::READ | prot::EXEC,
+                RegionKind::Image,
+                0,
+            ),
+            region(
+                0x1_2000,
+                0x1000,
+                prot::READ | prot::WRITE,
+                RegionKind::Image,
+                0x2000,
+            ),
+            region(0x20_0000, 0x1000, 0, RegionKind::Stack, 0x3000),
+            region(
+                0x20_1000,
+                0x2000,
+                prot::READ | prot::WRITE,
+                RegionKind::Stack,
+                0x4000,
+            ),
+            region(
+                0x30_0000,
+                0x1000,
+                prot::READ | prot::WRITE,
+                RegionKind::Host,
+                0x6000,
+            ),
+            region(
+                0x40_0000,
+                0x4000,
+                prot::READ | prot::WRITE,
+                RegionKind::Alloc,
+                0x7000,
+            ),
+        ],
+        handles: vec![
+            Handle {
+                handle: 1 << 32 | 1,
+                refs: 1,
+                held: Held::Console {
+                    uri: "stdout:".into(),
+                    access: 2,
+                },
+            },
+            Handle {
+                handle: 1 << 32 | 2,
+                refs: 2,
+                held: Held::File {
+                    uri: "file:/tmp/ticks".into(),
+                    access: 3,
+                    options: 0,
+                    directory: false,
+                    size: 70,
+                    mtime_ns: 1_700_000_000_000_000_000,
+                },
+            },
+            Handle {
+                handle: 1 << 32 | 3,
+                refs: 1,
+                held: Held::SynchronizationEvent { set: false },
+            },
+            Handle {
+                handle: 1 << 32 | 4,
+                refs: 1,
+                held: Held::Semaphore { count: 0, max: 1 },
+            },
+            Handle {
+                handle: 2 << 32 | 5,
+                refs: 1,
+                held: Held::Thread { thread: Some(1) },
+            },
+            Handle {
+                handle: 1 << 32 | 6,
+                refs: 1,
+                held: Held::NotificationEvent { set: true },
+            },
+        ],
+        threads: vec![
+            thread(0x1_0100, None),
+            thread(
+                0x1_0200,
+                Some(Restart {
+                    nr: moat_pal::nr::DK_OBJECTS_WAIT_ANY,
+                    args: [1, 0x20_2000, u64::MAX, 0, 0, 0],
+                }),
+            ),
+        ],
+        abort_events: vec![1 << 32 | 6],
+    }
+}
+
+/// Seeds of `checkpoint_file`: the sample as a whole file (data of
+/// zeros), and as a meta section for the target's framed mode.
+pub fn checkpoint_file() -> Vec<Seed> {
+    let c = checkpoint_sample();
+    let data_len: u64 = c.regions.iter().map(|r| r.len).sum();
+    let data = vec![0u8; data_len as usize];
+    let mut file = vec![0u8];
+    file.extend(
+        moat_checkpoint::encode_front(&c, data_len, moat_checkpoint::data_crc(&data)).unwrap(),
+    );
+    file.extend_from_slice(&data);
+    let meta = postcard::to_allocvec(&c).unwrap();
+    let mut framed = vec![1u8];
+    framed.extend_from_slice(&data_len.to_le_bytes());
+    framed.extend_from_slice(&meta);
+    vec![("file".into(), file), ("meta".into(), framed)]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -585,5 +729,15 @@ mod tests {
             refused(Tiny { pie: true, ..t }),
             elf::ImageError::WrongType(_)
         ));
+    }
+
+    #[test]
+    fn checkpoint_seeds_are_accepted_not_refused_early() {
+        let seeds = super::checkpoint_file();
+        let file = &seeds[0].1[1..];
+        let h = moat_checkpoint::parse_header(file, file.len() as u64).unwrap();
+        let meta = &file[h.meta_off as usize..(h.meta_off + h.meta_len) as usize];
+        moat_checkpoint::decode_meta(&h, meta).unwrap();
+        crate::checkpoint_file::run(&seeds[1].1);
     }
 }

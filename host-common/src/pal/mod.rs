@@ -285,7 +285,14 @@ impl LinuxPal {
 
     /// Run a guest thread on the calling OS thread until it calls
     /// DkThreadExit; then clean up, and end the process if it was the last.
-    pub fn run_guest_thread(&self, entry: u64, arg: u64, param: u64, done: Option<Arc<Object>>) {
+    pub fn run_guest_thread(
+        &self,
+        entry: u64,
+        arg: u64,
+        param: u64,
+        handle: Option<u64>,
+        done: Option<Arc<Object>>,
+    ) {
         let (stack, alt) = match self.alloc_stacks() {
             Ok(s) => s,
             Err(_) => {
@@ -298,15 +305,88 @@ impl LinuxPal {
         let mut saved: u64 = 0;
         EXIT_SLOT.with(|s| s.set(&mut saved));
         let top = stack.0 + stack.1 - 64;
+        crate::freeze::register(handle, param, alt, None);
+        crate::freeze::before_guest(entry, arg, top - 8);
         // SAFETY: entry was checked to lie in executable guest memory; top
         // is 16-byte aligned inside the stack we just mapped; `saved`
         // outlives the call, which returns only through leave_guest.
         unsafe { sys::run_on_stack(entry, arg, top, &mut saved) };
+        crate::freeze::unregister();
         EXIT_SLOT.with(|s| s.set(std::ptr::null_mut()));
         signals::disable_altstack();
         self.free_stacks(stack, alt);
         let code = EXIT_CODE.with(|c| c.get());
         self.thread_ended(done, code);
+    }
+
+    /// Run a thread a checkpoint carried (its stack is one of the regions
+    /// restored): it starts on a trampoline that loads `state` (see
+    /// `crate::freeze`), and ends as any guest thread. Its stack stays
+    /// mapped after it ends (the checkpoint does not say which region it
+    /// was).
+    pub fn run_restored_thread(
+        &self,
+        handle: Option<u64>,
+        state: crate::freeze::Saved,
+        param: u64,
+        done: Option<Arc<Object>>,
+    ) {
+        let rsp = state.regs.0[moat_checkpoint::Regs::RSP];
+        // The trampoline's few frames go below the guest's red zone.
+        let top = (rsp.wrapping_sub(4096)) & !15;
+        let usable = self.check_w(top.wrapping_sub(4096), 4096).is_ok();
+        let alt = match self.alloc_alt() {
+            Ok(a) if usable => a,
+            Ok(a) => {
+                self.free_alt(a);
+                self.thread_ended(done, 134);
+                return;
+            }
+            Err(_) => {
+                self.thread_ended(done, 134);
+                return;
+            }
+        };
+        signals::set_altstack(alt.0, alt.1);
+        PARAM.with(|p| p.set(param));
+        let mut saved: u64 = 0;
+        EXIT_SLOT.with(|s| s.set(&mut saved));
+        crate::freeze::register(handle, param, alt, Some(state));
+        let entry = crate::freeze::resume_trampoline as *const () as u64;
+        // SAFETY: the trampoline is PAL code that loads the carried state
+        // through a signal and never returns; `top` is 16-byte aligned
+        // with a writable page of guest stack below it (checked); `saved`
+        // outlives the call, which returns only through leave_guest.
+        unsafe { sys::run_on_stack(entry, 0, top, &mut saved) };
+        crate::freeze::unregister();
+        EXIT_SLOT.with(|s| s.set(std::ptr::null_mut()));
+        signals::disable_altstack();
+        self.free_alt(alt);
+        let code = EXIT_CODE.with(|c| c.get());
+        self.thread_ended(done, code);
+    }
+
+    /// A signal stack alone (a restored thread's guest stack is carried).
+    fn alloc_alt(&self) -> PalResult<(u64, u64)> {
+        let rw = prot::READ | prot::WRITE;
+        let mut r = self.regions.write().unwrap();
+        let at = match r.window() {
+            Some(_) => r
+                .find_free(ALTSTACK_SIZE, 0, u64::MAX)
+                .ok_or(Error::NoMemory)?,
+            None => 0,
+        };
+        let a = sys::mmap_anon(at, ALTSTACK_SIZE, rw).map_err(|_| Error::NoMemory)?;
+        if let Err(e) = r.insert(a, ALTSTACK_SIZE, rw, RegionKind::Stack) {
+            let _ = sys::munmap(a, ALTSTACK_SIZE);
+            return Err(e);
+        }
+        Ok((a, ALTSTACK_SIZE))
+    }
+
+    fn free_alt(&self, alt: (u64, u64)) {
+        self.regions.write().unwrap().remove(alt.0, alt.1);
+        let _ = sys::munmap(alt.0, alt.1);
     }
 
     pub(crate) fn thread_ended(&self, done: Option<Arc<Object>>, code: i32) {
@@ -323,7 +403,7 @@ impl LinuxPal {
     pub fn start_main_thread(&self, entry: u64, startup: u64) -> ! {
         self.threads_live.fetch_add(1, Ordering::AcqRel);
         // The first thread's entry gets the start-up block; its parameter is 0.
-        self.run_guest_thread(entry, startup, 0, None);
+        self.run_guest_thread(entry, startup, 0, None, None);
         // Other threads still run; the last one to end exits the process.
         loop {
             std::thread::park();
@@ -459,6 +539,12 @@ impl signals::GuestView for LinuxPal {
         self.regions
             .try_read()
             .is_ok_and(|r| r.check(addr, 1, 0).is_ok())
+    }
+
+    fn is_guest_writable(&self, addr: u64, len: u64) -> bool {
+        self.regions
+            .try_read()
+            .is_ok_and(|r| r.check(addr, len, prot::WRITE).is_ok())
     }
 }
 

@@ -108,8 +108,17 @@ impl SyncCalls for LinuxPal {
             .collect::<PalResult<Vec<_>>>()?;
         let deadline = (timeout_micros >= 0)
             .then(|| Instant::now() + Duration::from_micros(timeout_micros as u64));
-        let fds: Vec<(RawFd, i16)> = objs.iter().map(|o| (o.wait_fd(), libc::POLLIN)).collect();
+        let mut fds: Vec<(RawFd, i16)> = objs.iter().map(|o| (o.wait_fd(), libc::POLLIN)).collect();
+        // With freezing on, a freeze cuts the wait short: TimedOut, which
+        // the checkpoint layer carries as the wait with the time left.
+        let wake = crate::freeze::wake_fd();
+        if let Some(w) = wake {
+            fds.push((w, libc::POLLIN));
+        }
         loop {
+            if wake.is_some() && crate::freeze::freezing() {
+                return Err(Error::TimedOut);
+            }
             let ms = match deadline {
                 None => -1,
                 Some(d) => {
@@ -123,7 +132,7 @@ impl SyncCalls for LinuxPal {
                 Err(libc::EINTR) => continue,
                 Err(e) => return Err(map_errno(e)),
             };
-            for (i, r) in rev.iter().enumerate() {
+            for (i, r) in rev.iter().enumerate().take(objs.len()) {
                 if *r == 0 {
                     continue;
                 }

@@ -37,7 +37,7 @@ impl ThreadCalls for LinuxPal {
         let me: &'static LinuxPal = crate::pal::global();
         let spawned = std::thread::Builder::new()
             .stack_size(256 << 10)
-            .spawn(move || me.run_guest_thread(entry, param, param, Some(done)));
+            .spawn(move || me.run_guest_thread(entry, param, param, Some(h), Some(done)));
         if spawned.is_err() {
             let _ = self.close_handle(h);
             return undo(Error::NoMemory);
@@ -49,8 +49,25 @@ impl ThreadCalls for LinuxPal {
         if micros > 1 << 40 {
             return Err(Error::InvalidArgument);
         }
-        std::thread::sleep(Duration::from_micros(micros));
-        Ok(())
+        // With freezing on, a freeze cuts the delay short (the checkpoint
+        // layer carries it as the delay left).
+        let Some(wake) = crate::freeze::wake_fd() else {
+            std::thread::sleep(Duration::from_micros(micros));
+            return Ok(());
+        };
+        let end = std::time::Instant::now() + Duration::from_micros(micros);
+        loop {
+            let left = end.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() || crate::freeze::freezing() {
+                return Ok(());
+            }
+            let ms = left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
+            if left < Duration::from_millis(2) {
+                std::thread::sleep(left);
+                continue;
+            }
+            let _ = sys::poll(&[(wake, libc::POLLIN)], ms.saturating_sub(1).max(1));
+        }
     }
 
     fn thread_yield_execution(&self) -> PalResult<()> {
@@ -64,6 +81,7 @@ impl ThreadCalls for LinuxPal {
             sys::exit_process(code);
         }
         EXIT_CODE.with(|c| c.set(code));
+        crate::freeze::exiting();
         // SAFETY: slot points at the `saved` local of run_guest_thread on
         // this thread, written by run_on_stack; nothing in the frames we
         // abandon (this call and guest code) owns resources.

@@ -18,6 +18,7 @@ fn main() {
         ("service_wire", seeds::service_wire()),
         ("manifest", seeds::manifest(repo)),
         ("elf_image", seeds::elf_image(images, seeds::MAX_IMAGE_SEED)),
+        ("checkpoint_file", seeds::checkpoint_file()),
     ];
     for (target, seeds) in all {
         let dir = out.join(target);

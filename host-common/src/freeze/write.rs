@@ -1,0 +1,206 @@
+//! Writing a frozen picoprocess down: its regions (the bytes straight
+//! from guest memory, pages of zeros left as holes), its handles (what
+//! the checkpoint layer says each was made as, with the state the host's
+//! objects hold), its threads as frozen. Anything that cannot be carried
+//! fails the checkpoint with what it is.
+use super::Frozen;
+use crate::objects::{Object, SyncKind};
+use crate::pal::LinuxPal;
+use crate::sys;
+use moat_checkpoint::{Checkpoint, Handle, Held, Region, RegionKind, PAGE};
+use moat_layers::checkpointer::{Checkpointer, Made};
+use moat_pal::memory::RegionKind as Kind;
+use moat_pal::{prot, stream_kind};
+use std::os::fd::{AsRawFd, RawFd};
+
+/// Describe the frozen picoprocess (threads from [`super::freeze_all`]).
+pub fn describe(
+    pal: &LinuxPal,
+    layer: &Checkpointer,
+    frozen: &[Frozen],
+    args: &[String],
+    memory_mib: u64,
+) -> Result<Checkpoint, String> {
+    // Regions, except the signal stacks (the host's, made again).
+    let alts: Vec<(u64, u64)> = frozen.iter().map(|f| f.alt).collect();
+    let mut regions = Vec::new();
+    let mut data = 0u64;
+    for (start, r) in pal.regions.read().unwrap().iter() {
+        let len = r.end - start;
+        if alts.iter().any(|&(a, l)| start >= a && start < a + l) {
+            continue;
+        }
+        let kind = match r.kind {
+            Kind::Image => RegionKind::Image,
+            Kind::Alloc => RegionKind::Alloc,
+            Kind::Stack => RegionKind::Stack,
+            Kind::Host => RegionKind::Host,
+            Kind::Mapped => {
+                return Err(format!(
+                    "the file mapped at {start:#x} cannot be carried (unmap it first)"
+                ))
+            }
+            Kind::Section => {
+                return Err(format!(
+                    "the shared section mapped at {start:#x} cannot be carried"
+                ))
+            }
+        };
+        regions.push(Region {
+            start,
+            len,
+            prot: r.prot,
+            kind,
+            data,
+        });
+        data += len;
+    }
+    // Threads: the first one first.
+    let mut order: Vec<&Frozen> = frozen.iter().collect();
+    order.sort_by_key(|f| f.handle.map_or(0, |h| h + 1));
+    if order.first().is_none_or(|f| f.handle.is_some()) {
+        return Err("the first thread has ended; a picoprocess whose first thread ended cannot be carried yet".into());
+    }
+    let threads: Vec<moat_checkpoint::Thread> = order.iter().map(|f| f.thread.clone()).collect();
+    let index = |h: u64| {
+        order
+            .iter()
+            .position(|f| f.handle == Some(h))
+            .map(|i| i as u32)
+    };
+    // Handles.
+    let entries = pal.handles.lock().unwrap().entries();
+    let mut handles = Vec::with_capacity(entries.len());
+    for (h, refs, o) in entries {
+        let made = layer.held(h).map(|(m, _)| m);
+        let held = match (&*o, made) {
+            (Object::Stream(s), Some(Made::Stream { uri, access, options })) => match s.kind {
+                stream_kind::FILE | stream_kind::DIRECTORY => {
+                    let st = sys::fstat(s.fd.as_raw_fd())
+                        .map_err(|e| format!("cannot look at {uri}: errno {e}"))?;
+                    Held::File {
+                        uri,
+                        access,
+                        options,
+                        directory: s.kind == stream_kind::DIRECTORY,
+                        size: st.st_size as u64,
+                        mtime_ns: st.st_mtime * 1_000_000_000 + st.st_mtime_nsec,
+                    }
+                }
+                stream_kind::CONSOLE | stream_kind::NULL => Held::Console { uri, access },
+                _ => {
+                    return Err(format!(
+                        "handle {h:#x} ({uri}) cannot be carried: pipes, sockets, servers, devices and shared sections stay with the host; close it first"
+                    ))
+                }
+            },
+            (Object::Sync(s), _) => match s.kind {
+                SyncKind::Notification => Held::NotificationEvent { set: s.count() > 0 },
+                SyncKind::Synchronization => Held::SynchronizationEvent { set: s.count() > 0 },
+                SyncKind::Semaphore => Held::Semaphore {
+                    count: s.count(),
+                    max: s.max(),
+                },
+            },
+            (Object::Thread(_), _) => Held::Thread { thread: index(h) },
+            (Object::Process(_), _) => {
+                return Err(format!(
+                    "handle {h:#x} is a child picoprocess, which cannot be carried"
+                ))
+            }
+            _ => {
+                return Err(format!(
+                    "handle {h:#x} cannot be carried (a stream's event or a doorbell)"
+                ))
+            }
+        };
+        handles.push(Handle {
+            handle: h,
+            refs,
+            held,
+        });
+    }
+    let abort = layer.abort_events();
+    let abort_events = match abort.last() {
+        Some(&e) if e != 0 => vec![e],
+        _ => Vec::new(),
+    };
+    Ok(Checkpoint {
+        args: args.to_vec(),
+        memory_mib,
+        threads_limit: pal.max_threads,
+        handles_limit: pal.handles.lock().unwrap().capacity() as u64,
+        startup: pal.startup.load(std::sync::atomic::Ordering::Acquire),
+        regions,
+        handles,
+        threads,
+        abort_events,
+    })
+}
+
+/// Write `c` to `fd` (empty, writable): each region's bytes at its
+/// offset (pages of zeros as holes) while their checksum is taken, then
+/// the front (header and meta, which hold it), then the length.
+pub fn write(fd: RawFd, c: &Checkpoint) -> Result<u64, String> {
+    let data_len: u64 = c.regions.iter().map(|r| r.len).sum();
+    // The front's length does not depend on the checksum.
+    let data_off = moat_checkpoint::encode_front(c, data_len, 0)?.len() as u64;
+    let io = |e: i32| format!("cannot write the checkpoint: errno {e}");
+    let mut crc = moat_checkpoint::DataCrc::default();
+    let zero = [0u8; PAGE as usize];
+    let mut err = None;
+    for r in &c.regions {
+        with_readable(r, |at, bytes| {
+            crc.update(bytes);
+            for (i, page) in bytes.chunks(PAGE as usize).enumerate() {
+                if page == &zero[..page.len()] || err.is_some() {
+                    continue;
+                }
+                let off = data_off + r.data + at + i as u64 * PAGE;
+                if let Err(e) = pwrite_all(fd, page, off) {
+                    err = Some(e);
+                }
+            }
+        });
+    }
+    if let Some(e) = err {
+        return Err(io(e));
+    }
+    let front = moat_checkpoint::encode_front(c, data_len, crc.finish())?;
+    pwrite_all(fd, &front, 0).map_err(io)?;
+    sys::ftruncate(fd, data_off + data_len).map_err(io)?;
+    Ok(data_off + data_len)
+}
+
+/// Run `f` over a region's bytes, made readable for the while if the
+/// guest had taken reading away (every thread is stopped).
+fn with_readable(r: &Region, mut f: impl FnMut(u64, &[u8])) {
+    let unreadable = r.prot & prot::READ == 0;
+    let readable = !unreadable || sys::mprotect(r.start, r.len, prot::READ).is_ok();
+    let mut at = 0u64;
+    while at < r.len {
+        let n = (r.len - at).min(1 << 20);
+        if readable {
+            f(at, &sys::copy_in(r.start + at, n as usize));
+        } else {
+            // Left as zeros.
+            f(at, &vec![0u8; n as usize]);
+        }
+        at += n;
+    }
+    if unreadable && readable {
+        let _ = sys::mprotect(r.start, r.len, r.prot);
+    }
+}
+
+fn pwrite_all(fd: RawFd, mut b: &[u8], mut at: u64) -> Result<(), i32> {
+    while !b.is_empty() {
+        let n = sys::pwrite(fd, b.as_ptr() as u64, b.len(), at)?;
+        if n == 0 {
+            return Err(libc::EIO);
+        }
+        b = &b[n..];
+        at += n as u64;
+    }
+    Ok(())
+}

@@ -1,0 +1,73 @@
+//! A checkpoint file checked before a restore starts a confined process
+//! for it (`moat restore`): the header, the meta and every relation in it
+//! (`moat_checkpoint`), the data's checksum over the whole file, and the
+//! limits of this run against those it ran with. The confined process
+//! checks the meta again itself and maps the data; nothing here maps it.
+use moat_checkpoint::Checkpoint;
+use moat_policy::Limits;
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+
+/// The checked description, or what is wrong (one line, to follow the
+/// file's name).
+pub(crate) fn check(f: &File, limits: &Limits) -> Result<Checkpoint, String> {
+    let len = f
+        .metadata()
+        .map_err(|e| format!("cannot be read: {e}"))?
+        .len();
+    let mut head = [0u8; moat_checkpoint::HEADER];
+    f.read_exact_at(&mut head, 0)
+        .map_err(|_| "is not a moat checkpoint (shorter than its header)".to_string())?;
+    let h = moat_checkpoint::parse_header(&head, len)?;
+    let mut meta = vec![0u8; h.meta_len as usize];
+    f.read_exact_at(&mut meta, h.meta_off)
+        .map_err(|_| "is truncated inside its meta section".to_string())?;
+    let c = moat_checkpoint::decode_meta(&h, &meta)?;
+    // The data's checksum: one pass over the file.
+    let mut crc = moat_checkpoint::DataCrc::default();
+    let mut r = f.try_clone().map_err(|e| format!("cannot be read: {e}"))?;
+    std::io::Seek::seek(&mut r, std::io::SeekFrom::Start(h.data_off))
+        .map_err(|e| format!("cannot be read: {e}"))?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = h.data_len;
+    while left > 0 {
+        let n = r
+            .read(&mut buf[..left.min(1 << 20) as usize])
+            .map_err(|e| format!("cannot be read: {e}"))?;
+        if n == 0 {
+            return Err("is truncated inside its data".into());
+        }
+        crc.update(&buf[..n]);
+        left -= n as u64;
+    }
+    if crc.finish() != h.data_crc {
+        return Err("is damaged (the data's checksum does not match)".into());
+    }
+    for (what, had, have) in [
+        ("memory_mib", c.memory_mib, limits.memory_mib),
+        ("threads", c.threads_limit, limits.threads),
+        ("handles", c.handles_limit, limits.handles),
+    ] {
+        if have < had {
+            return Err(format!(
+                "ran with {what} = {had}; restore it with at least that (this run gives {have})"
+            ));
+        }
+    }
+    if limits.memory_mib != c.memory_mib || limits.threads != c.threads_limit {
+        // Another window: every region must still fit in it.
+        let (lo, hi) = moat_pal::layout::window(limits.memory_mib, limits.threads);
+        if let Some(r) = c
+            .regions
+            .iter()
+            .find(|r| r.start < lo || r.start + r.len > hi)
+        {
+            return Err(format!(
+                "has memory at {:#x} that this run's limits do not reach; restore it with the limits it ran with (memory_mib = {}, threads = {})",
+                r.start, c.memory_mib, c.threads_limit
+            ));
+        }
+    }
+    Ok(c)
+}
