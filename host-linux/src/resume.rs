@@ -3,6 +3,13 @@
 //! table, its handles made again, its threads started from their carried
 //! state (see `moat_host_common::freeze`).
 use super::fail;
+
+/// The checkpoint cannot be restored as given (a changed file, a grant
+/// missing, limits too small): bad input, exit 2.
+fn refuse(msg: &str) -> ! {
+    moat_host_common::signals::report(moat_host_common::protocol::ReportKind::Startup, msg);
+    sys::exit_process(moat_host_common::protocol::EXIT_BAD_INPUT)
+}
 use moat_checkpoint::Checkpoint;
 use moat_host_common::freeze::{self, restore};
 use moat_host_common::pal::LinuxPal;
@@ -15,9 +22,9 @@ use std::sync::atomic::Ordering;
 /// Read the checkpoint and map its regions.
 pub(crate) fn map(pal: &'static LinuxPal, fd: OwnedFd) -> (Checkpoint, u64) {
     let (c, data_off) = restore::read(fd.as_raw_fd())
-        .unwrap_or_else(|e| fail(&format!("cannot restore: the checkpoint {e}")));
+        .unwrap_or_else(|e| refuse(&format!("cannot restore: the checkpoint {e}")));
     if let Err(e) = restore::map_regions(pal, fd.as_raw_fd(), &c, data_off) {
-        fail(&format!("cannot restore: {e}"));
+        refuse(&format!("cannot restore: {e}"));
     }
     let startup = c.startup;
     (c, startup)
@@ -53,7 +60,7 @@ pub(crate) fn start(
     );
     pal.startup.store(startup, Ordering::Release);
     let done = restore::make_handles(pal, layer, &c)
-        .unwrap_or_else(|e| fail(&format!("cannot restore: {e}")));
+        .unwrap_or_else(|e| refuse(&format!("cannot restore: {e}")));
     let handle_of = |i: usize| {
         c.handles.iter().find_map(|h| match h.held {
             moat_checkpoint::Held::Thread { thread: Some(t) } if t as usize == i => Some(h.handle),

@@ -237,7 +237,7 @@ impl Sandbox {
             if !self.layers.contains(&moat_layers::LayerName::Checkpoint) {
                 self.layers.push(moat_layers::LayerName::Checkpoint);
             }
-            let c = crate::checkpoint_file::check(&image, &self.policy.limits)
+            let c = crate::checkpoint_file::check(&image, &self.policy)
                 .map_err(|msg| Error::BadInput(format!("{shown} {msg}")))?;
             (c.args[0].clone(), c.args)
         } else {

@@ -4,14 +4,15 @@
 //! limits of this run against those it ran with. The confined process
 //! checks the meta again itself and maps the data; nothing here maps it.
 use moat_checkpoint::Checkpoint;
-use moat_policy::Limits;
+use moat_policy::Policy;
 use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::FileExt;
 
 /// The checked description, or what is wrong (one line, to follow the
 /// file's name).
-pub(crate) fn check(f: &File, limits: &Limits) -> Result<Checkpoint, String> {
+pub(crate) fn check(f: &File, policy: &Policy) -> Result<Checkpoint, String> {
+    let limits = &policy.limits;
     let len = f
         .metadata()
         .map_err(|e| format!("cannot be read: {e}"))?
@@ -67,6 +68,19 @@ pub(crate) fn check(f: &File, limits: &Limits) -> Result<Checkpoint, String> {
                 "has memory at {:#x} that this run's limits do not reach; restore it with the limits it ran with (memory_mib = {}, threads = {})",
                 r.start, c.memory_mib, c.threads_limit
             ));
+        }
+    }
+    // Every file it held, granted to this run as it was opened (the
+    // loader opens each again through the broker, which decides; this is
+    // the same question asked early, for a clear answer).
+    for h in &c.handles {
+        if let moat_checkpoint::Held::File { uri, access, .. } = &h.held {
+            let u = moat_pal::uri::Uri::parse_bytes(uri.as_bytes())
+                .map_err(|_| format!("names a file `{uri}` that is not a URI"))?;
+            let write = access & (moat_pal::access::WRITE | moat_pal::access::APPEND) != 0;
+            policy
+                .check(&u, write)
+                .map_err(|r| format!("held {uri}, which this run does not grant: {r}"))?;
         }
     }
     Ok(c)

@@ -25,6 +25,8 @@ struct Shared {
     go: Event,
     done: Semaphore,
     count: AtomicU64,
+    /// Where the next line goes in the file.
+    at: AtomicU64,
     n: u64,
     file: Option<Stream>,
 }
@@ -52,6 +54,7 @@ fn main() -> i32 {
         go: Event::synchronization(false).expect("event"),
         done: Semaphore::new(0, 1).expect("semaphore"),
         count: AtomicU64::new(0),
+        at: AtomicU64::new(0),
         n,
         file,
     });
@@ -66,9 +69,8 @@ fn main() -> i32 {
             moat_libos::print!("{line}");
             moat_libos::io::try_flush_stdout();
             if let Some(f) = &s.file {
-                if f.write_all_at(i * line.len() as u64, line.as_bytes())
-                    .is_err()
-                {
+                let at = s.at.fetch_add(line.len() as u64, Ordering::AcqRel);
+                if f.write_all_at(at, line.as_bytes()).is_err() {
                     return 1;
                 }
             }

@@ -1,0 +1,302 @@
+//! Checkpoint and restore (`moat run --checkpointable`, `moat checkpoint`,
+//! `moat restore`): a running multi-threaded guest moved by checkpoints
+//! many times prints exactly what an uninterrupted run prints and leaves
+//! the same file; what cannot be checkpointed or restored says so in one
+//! line with exit 2 and leaves nothing behind.
+use moat_tests::*;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A `moat` whose standard output and error go to files.
+fn start(args: &[&str], out: &Path) -> Child {
+    Command::new(built("moat"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(out).unwrap())
+        .stderr(std::fs::File::create(out.with_extension("err")).unwrap())
+        .spawn()
+        .expect("cannot start moat")
+}
+
+fn read(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_default()
+}
+
+/// Wait until `out` has at least `n` lines (or the child ended).
+fn wait_lines(child: &mut Child, out: &Path, n: usize) {
+    let t0 = Instant::now();
+    while read(out).lines().count() < n {
+        if child.try_wait().unwrap().is_some() {
+            return;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "{} never reached {n} lines",
+            out.display()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn finish(mut child: Child, out: &Path) -> i32 {
+    let t0 = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s.code().unwrap_or(-1);
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!(
+                "moat did not end; its errors:\n{}",
+                read(&out.with_extension("err"))
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn ticks(n: u64) -> String {
+    (0..n).map(|i| format!("tick {i}\n")).collect()
+}
+
+/// `counter N FILE` moved by ten checkpoints, each restored on the next
+/// host of `route`: its output, joined, and its file are those of an
+/// uninterrupted run.
+fn hops(route: &[&str]) {
+    let d = tempfile::tempdir().unwrap();
+    let grant = file_uri(d.path());
+    let ticks_file = d.path().join("ticks");
+    let n: u64 = 220;
+    let n_s = n.to_string();
+    let file_arg = file_uri(&ticks_file);
+    let mut outs: Vec<PathBuf> = Vec::new();
+    let out0 = d.path().join("out0");
+    let mut child = start(
+        &[
+            "run",
+            "--host",
+            route[0],
+            "--checkpointable",
+            "--allow",
+            &grant,
+            "counter",
+            &n_s,
+            &file_arg,
+        ],
+        &out0,
+    );
+    outs.push(out0);
+    let mut seen = 0;
+    for hop in 1..=10 {
+        let out = outs.last().unwrap().clone();
+        // A few ticks into this leg, then freeze it.
+        wait_lines(&mut child, &out, 5);
+        let ck = d.path().join(format!("hop{hop}.ckpt"));
+        let r = moat(&["checkpoint", &child.id().to_string(), ck.to_str().unwrap()]);
+        assert_eq!(
+            r.code,
+            0,
+            "hop {hop}: checkpoint failed: {}\nthe run's errors:\n{}",
+            r.stderr,
+            read(&out.with_extension("err"))
+        );
+        assert_eq!(
+            finish(child, &out),
+            0,
+            "hop {hop}: the checkpointed run's exit"
+        );
+        seen += read(&out).lines().count();
+        assert!(
+            (seen as u64) < n,
+            "hop {hop}: the counter finished too early"
+        );
+        let host = route[hop % route.len()];
+        let next = d.path().join(format!("out{hop}"));
+        child = start(
+            &[
+                "restore",
+                "--host",
+                host,
+                "--allow",
+                &grant,
+                ck.to_str().unwrap(),
+            ],
+            &next,
+        );
+        outs.push(next);
+    }
+    let last = outs.last().unwrap().clone();
+    let code = finish(child, &last);
+    assert_eq!(
+        code,
+        0,
+        "the last leg: {}",
+        read(&last.with_extension("err"))
+    );
+    let joined: String = outs.iter().map(|o| read(o)).collect();
+    assert_eq!(joined, ticks(n), "the output of ten hops ({route:?})");
+    assert_eq!(
+        std::fs::read_to_string(&ticks_file).unwrap(),
+        ticks(n),
+        "the file the counter kept open"
+    );
+}
+
+#[test]
+fn a_counter_moved_ten_times_prints_what_an_uninterrupted_one_prints() {
+    if !sandbox_available() {
+        return;
+    }
+    hops(&["linux"]);
+}
+
+#[test]
+fn what_cannot_be_checkpointed_or_restored_is_bad_input() {
+    if !sandbox_available() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let ck = d.path().join("c.ckpt");
+    // Not a moat run at all.
+    let r = moat(&["checkpoint", "1", ck.to_str().unwrap()]);
+    r.assert_code(2);
+    assert!(
+        r.stderr.contains("is not a `moat run --checkpointable`"),
+        "{}",
+        r.stderr
+    );
+    assert!(!ck.exists(), "a failed checkpoint leaves no file");
+    // A run that is not checkpointable.
+    let out = d.path().join("plain");
+    let mut plain = start(&["run", "counter", "300"], &out);
+    wait_lines(&mut plain, &out, 2);
+    let r = moat(&["checkpoint", &plain.id().to_string(), ck.to_str().unwrap()]);
+    r.assert_code(2);
+    assert!(!ck.exists());
+    assert_eq!(finish(plain, &out), 0, "the run goes on");
+    // A file that cannot be written.
+    let out = d.path().join("run");
+    let mut run = start(&["run", "--checkpointable", "counter", "300"], &out);
+    wait_lines(&mut run, &out, 2);
+    let r = moat(&["checkpoint", &run.id().to_string(), "/proc/nope/c.ckpt"]);
+    r.assert_code(2);
+    assert!(r.stderr.contains("cannot write"), "{}", r.stderr);
+    // --leave-running: the run goes on to its end, and the checkpoint
+    // restores.
+    let r = moat(&[
+        "checkpoint",
+        "--leave-running",
+        &run.id().to_string(),
+        ck.to_str().unwrap(),
+    ]);
+    r.assert_code(0);
+    assert_eq!(finish(run, &out), 0);
+    assert_eq!(
+        read(&out),
+        ticks(300),
+        "a run left running is not disturbed"
+    );
+    let restored = moat(&["restore", ck.to_str().unwrap()]);
+    restored.assert_code(0);
+    assert!(
+        restored.stdout.ends_with("tick 299\n"),
+        "{}",
+        restored.stdout
+    );
+
+    // Bad files: missing, garbage, truncated, damaged, another version.
+    let bytes = std::fs::read(&ck).unwrap();
+    let bad = d.path().join("bad.ckpt");
+    let missing = moat(&["restore", d.path().join("none").to_str().unwrap()]);
+    missing.assert_code(2);
+    for (what, b, says) in [
+        (
+            "garbage",
+            b"not a checkpoint at all, just text".to_vec(),
+            "is not a moat checkpoint",
+        ),
+        (
+            "truncated",
+            bytes[..bytes.len() - 4096].to_vec(),
+            "truncated",
+        ),
+        (
+            "damaged",
+            {
+                let mut b = bytes.clone();
+                let n = b.len();
+                b[n - 4096 - 100] ^= 0x40;
+                b
+            },
+            "damaged",
+        ),
+        (
+            "another version",
+            {
+                let mut b = bytes.clone();
+                b[8] = 9;
+                b
+            },
+            "version 9",
+        ),
+    ] {
+        std::fs::write(&bad, &b).unwrap();
+        let r = moat(&["restore", bad.to_str().unwrap()]);
+        r.assert_code(2);
+        assert!(r.stderr.contains(says), "{what}: {}", r.stderr);
+        assert_eq!(
+            r.stderr.lines().count(),
+            1,
+            "{what}: one line: {}",
+            r.stderr
+        );
+    }
+}
+
+#[test]
+fn a_restore_needs_the_grants_and_the_files_it_had() {
+    if !sandbox_available() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let grant = file_uri(d.path());
+    let f = d.path().join("ticks");
+    let ck = d.path().join("c.ckpt");
+    let out = d.path().join("run");
+    let mut run = start(
+        &[
+            "run",
+            "--checkpointable",
+            "--allow",
+            &grant,
+            "counter",
+            "300",
+            &file_uri(&f),
+        ],
+        &out,
+    );
+    wait_lines(&mut run, &out, 3);
+    let r = moat(&["checkpoint", &run.id().to_string(), ck.to_str().unwrap()]);
+    r.assert_code(0);
+    assert_eq!(finish(run, &out), 0);
+    // Without the grant: refused before anything runs.
+    let r = moat(&["restore", ck.to_str().unwrap()]);
+    r.assert_code(2);
+    assert!(r.stderr.contains("not granted"), "{}", r.stderr);
+    assert!(r.stdout.is_empty());
+    // The file changed since.
+    std::fs::write(&f, b"something else").unwrap();
+    let r = moat(&["restore", "--allow", &grant, ck.to_str().unwrap()]);
+    r.assert_code(2);
+    assert!(
+        r.stderr.contains("changed since the checkpoint"),
+        "{}",
+        r.stderr
+    );
+    // The file is gone.
+    std::fs::remove_file(&f).unwrap();
+    let r = moat(&["restore", "--allow", &grant, ck.to_str().unwrap()]);
+    r.assert_code(2);
+    assert!(r.stderr.contains("is gone"), "{}", r.stderr);
+}
