@@ -331,7 +331,13 @@ pub fn install_for_vmm() -> Result<(), String> {
     // mapped file shorter than its mapping) is reported as a loader
     // reports a fault inside the PAL, and ends the picoprocess.
     install(libc::SIGSEGV, on_fault as *const () as usize, true)?;
-    install(libc::SIGBUS, on_fault as *const () as usize, true)
+    install(libc::SIGBUS, on_fault as *const () as usize, true)?;
+    // A checkpoint's freeze interrupts KVM_RUN (see `crate::freeze`).
+    install(
+        crate::freeze::SIG_FREEZE,
+        crate::freeze::on_freeze as *const () as usize,
+        true,
+    )
 }
 
 /// Install all handlers. No helper thread: a loader stays single-threaded

@@ -74,7 +74,7 @@ const fn ioc(dir: u64, nr: u64, size: usize) -> u64 {
 /// The KVM requests a vCPU thread makes on its vCPU (and KVM_CREATE_VCPU
 /// on the VM, KVM_GET_VCPU_MMAP_SIZE on /dev/kvm for a new thread's vCPU).
 fn kvm_ioctls() -> Vec<u64> {
-    use kvm_bindings::{kvm_msrs, kvm_regs, kvm_sregs};
+    use kvm_bindings::{kvm_msrs, kvm_regs, kvm_sregs, kvm_xcrs};
     let (w, r) = (1, 2);
     vec![
         ioc(0, 0x80, 0),                                // KVM_RUN
@@ -85,6 +85,10 @@ fn kvm_ioctls() -> Vec<u64> {
         ioc(r, 0x83, std::mem::size_of::<kvm_sregs>()), // KVM_GET_SREGS
         ioc(w, 0x84, std::mem::size_of::<kvm_sregs>()), // KVM_SET_SREGS
         ioc(w, 0x89, std::mem::size_of::<kvm_msrs>()),  // KVM_SET_MSRS
+        // A checkpoint's vector state (see `pico`'s `frozen`).
+        ioc(r, 0xa4, 4096),                            // KVM_GET_XSAVE
+        ioc(w, 0xa5, 4096),                            // KVM_SET_XSAVE
+        ioc(r, 0xa6, std::mem::size_of::<kvm_xcrs>()), // KVM_GET_XCRS
     ]
 }
 

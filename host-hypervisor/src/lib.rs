@@ -34,6 +34,7 @@ pub mod longmode;
 pub mod paging;
 pub mod pal;
 pub mod pico;
+mod resume;
 pub mod stats;
 mod vm;
 pub mod vmm;

@@ -62,6 +62,7 @@ pub trait SpawnThread: Send + Sync {
         entry: u64,
         arg: u64,
         param: u64,
+        handle: Option<u64>,
         done: Option<Arc<Object>>,
     ) -> Result<(), Error>;
 }
@@ -214,11 +215,14 @@ impl ThreadCalls for KvmPal {
             Ok(h) => h,
             Err(e) => return undo(e),
         };
-        if let Err(e) =
-            self.vm
-                .clone()
-                .spawn_thread(Arc::new(self.clone()), entry, param, param, Some(done))
-        {
+        if let Err(e) = self.vm.clone().spawn_thread(
+            Arc::new(self.clone()),
+            entry,
+            param,
+            param,
+            Some(h),
+            Some(done),
+        ) {
             let _ = self.lin.object_close(h);
             return undo(e);
         }

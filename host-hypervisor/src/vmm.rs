@@ -46,6 +46,54 @@ pub fn main() -> ! {
     run(None)
 }
 
+/// What the first thread starts from.
+enum Start {
+    Image(u64),
+    Restore(Box<moat_checkpoint::Checkpoint>),
+}
+
+/// Map the image and make the start-up block (the image's entry and the
+/// block's address).
+fn start_image(lin: &'static LinuxPal, image_fd: OwnedFd, args: &[String], ram: u64) -> (u64, u64) {
+    let bytes = match image::read_all(image_fd.as_raw_fd()) {
+        Ok(b) => b,
+        Err(e) => fail(&format!("cannot read the image: {e}")),
+    };
+    drop(image_fd);
+    let img = match image::map(&lin.regions, lin.mem_limit, &bytes) {
+        Ok(i) => i,
+        Err(e) => fail(&format!(
+            "cannot load the image: {e} (on kvm an image must lie inside guest memory, {:#x}..{ram:#x})",
+            crate::layout::RAM_START
+        )),
+    };
+    drop(bytes);
+    // The start-up block and the argument bytes, in one guest-writable page.
+    let (argbytes, len) = moat_host_common::startup::layout(args);
+    let page = {
+        let mut r = lin.regions.write().unwrap();
+        let Some(at) = r.find_free(len, crate::layout::RAM_START, ram) else {
+            fail("no guest memory left for the start-up block")
+        };
+        if sys::mmap_anon(at, len, prot::READ | prot::WRITE).is_err()
+            || r.insert(at, len, prot::READ | prot::WRITE, RegionKind::Host)
+                .is_err()
+        {
+            fail("cannot allocate the start-up block");
+        }
+        at
+    };
+    moat_host_common::startup::write(
+        lin,
+        page,
+        TABLE as *const PalTable,
+        args,
+        &argbytes,
+        moat_pal::host_kind::KVM,
+    );
+    (img.entry, page)
+}
+
 fn ram_for(memory_mib: u64) -> u64 {
     moat_pal::layout::guest_ram(memory_mib)
 }
@@ -88,6 +136,18 @@ fn run(warm: Option<&moat_policy::Limits>) -> ! {
         fail("vmm: the monitor sent no image descriptor");
     }
     let image_fd = fds.remove(0);
+    // The control socket of a checkpointable picoprocess comes last.
+    let ctl = match (cfg.checkpoint, cfg.checkpoint.then(|| fds.pop()).flatten()) {
+        (false, _) => None,
+        (true, Some(c)) => Some(c),
+        (true, None) => fail("vmm: the monitor sent no control socket"),
+    };
+    if cfg.checkpoint || cfg.restore {
+        if let Err(e) = moat_host_common::freeze::enable() {
+            fail(&format!("vmm: {e}"));
+        }
+        moat_host_common::freeze::set_vcpus();
+    }
     if cfg.stats {
         if fds.is_empty() {
             fail("vmm: the monitor sent no statistics page");
@@ -150,43 +210,15 @@ fn run(warm: Option<&moat_policy::Limits>) -> ! {
     if let Err(e) = crate::confine::apply(crate::confine::vcpu_rules()) {
         fail(&e);
     }
-    let bytes = match image::read_all(image_fd.as_raw_fd()) {
-        Ok(b) => b,
-        Err(e) => fail(&format!("cannot read the image: {e}")),
+    // A picoprocess from an image, or from a checkpoint (its regions
+    // mapped from the file; see `moat_host_common::freeze::restore`).
+    let (start, page) = if cfg.restore {
+        let (c, startup) = crate::resume::map(lin, image_fd);
+        (Start::Restore(Box::new(c)), startup)
+    } else {
+        let (entry, page) = start_image(lin, image_fd, &cfg.args, ram);
+        (Start::Image(entry), page)
     };
-    drop(image_fd);
-    let img = match image::map(&lin.regions, lin.mem_limit, &bytes) {
-        Ok(i) => i,
-        Err(e) => fail(&format!(
-            "cannot load the image: {e} (on kvm an image must lie inside guest memory, {:#x}..{ram:#x})",
-            crate::layout::RAM_START
-        )),
-    };
-    drop(bytes);
-
-    // The start-up block and the argument bytes, in one guest-writable page.
-    let (argbytes, len) = moat_host_common::startup::layout(&cfg.args);
-    let page = {
-        let mut r = lin.regions.write().unwrap();
-        let Some(at) = r.find_free(len, crate::layout::RAM_START, ram) else {
-            fail("no guest memory left for the start-up block")
-        };
-        if sys::mmap_anon(at, len, prot::READ | prot::WRITE).is_err()
-            || r.insert(at, len, prot::READ | prot::WRITE, RegionKind::Host)
-                .is_err()
-        {
-            fail("cannot allocate the start-up block");
-        }
-        at
-    };
-    moat_host_common::startup::write(
-        lin,
-        page,
-        TABLE as *const PalTable,
-        &cfg.args,
-        &argbytes,
-        moat_pal::host_kind::KVM,
-    );
     // The image and the start-up block into the page tables (no vCPU has
     // run yet: nothing to invalidate).
     vm.pt.map_all(&lin.regions.read().unwrap());
@@ -205,16 +237,35 @@ fn run(warm: Option<&moat_policy::Limits>) -> ! {
             // copies are the VMM's too.
             mem: lin,
             remaps: cfg.remaps.clone(),
-            freeze: None,
+            freeze: Some(&moat_host_common::freeze::Host),
         },
     )
     .unwrap_or_else(|e| fail(&format!("vmm: {e}")));
+    let layer = stack.checkpointer();
     if vm.layers.set(stack).is_err() {
         fail("vmm: layers built twice");
     }
-    lin.threads_live.fetch_add(1, Ordering::AcqRel);
-    if let Err(e) = vm.clone().spawn_thread(pal, img.entry, page, 0, None) {
-        fail(&format!("cannot start the first thread: {e:?}"));
+    // The stubs' table: what a restarted call enters (see `pico`).
+    if let (Some(ctl), Some(layer)) = (ctl, layer) {
+        let started = moat_host_common::freeze::control::start(
+            ctl,
+            lin,
+            layer,
+            cfg.args.clone(),
+            cfg.limits.memory_mib,
+        );
+        if let Err(e) = started {
+            fail(&format!("vmm: {e}"));
+        }
+    }
+    match start {
+        Start::Image(entry) => {
+            lin.threads_live.fetch_add(1, Ordering::AcqRel);
+            if let Err(e) = vm.clone().spawn_thread(pal, entry, page, 0, None, None) {
+                fail(&format!("cannot start the first thread: {e:?}"));
+            }
+        }
+        Start::Restore(c) => crate::resume::start(&vm, pal, layer, &c, page),
     }
     // The last guest thread to end exits the process.
     loop {

@@ -11,11 +11,11 @@ fn refuse(msg: &str) -> ! {
     sys::exit_process(moat_host_common::protocol::EXIT_BAD_INPUT)
 }
 use moat_checkpoint::Checkpoint;
-use moat_host_common::freeze::{self, restore};
+use moat_host_common::freeze::restore;
 use moat_host_common::pal::LinuxPal;
 use moat_host_common::sys;
 use moat_layers::checkpointer::Checkpointer;
-use moat_pal::{PalTable, StartupBlock};
+use moat_pal::PalTable;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
 
@@ -43,52 +43,25 @@ pub(crate) fn start(
         fail("cannot restore: the loader has no checkpoint layer")
     };
     // This loader's table and host in the carried start-up block.
-    if pal
-        .check_w(startup, std::mem::size_of::<StartupBlock>() as u64)
-        .is_err()
-    {
-        fail("cannot restore: the start-up block is not writable guest memory");
-    }
-    let field = |off: usize| startup + off as u64;
-    sys::put(
-        field(std::mem::offset_of!(StartupBlock, table)),
-        table as *const PalTable,
-    );
-    sys::put(
-        field(std::mem::offset_of!(StartupBlock, host_kind)),
+    if let Err(e) = restore::point_startup(
+        pal,
+        startup,
+        table as *const PalTable as u64,
         moat_pal::host_kind::LINUX,
-    );
-    pal.startup.store(startup, Ordering::Release);
+    ) {
+        refuse(&format!("cannot restore: {e}"));
+    }
     let done = restore::make_handles(pal, layer, &c)
         .unwrap_or_else(|e| refuse(&format!("cannot restore: {e}")));
-    let handle_of = |i: usize| {
-        c.handles.iter().find_map(|h| match h.held {
-            moat_checkpoint::Held::Thread { thread: Some(t) } if t as usize == i => Some(h.handle),
-            _ => None,
-        })
-    };
     pal.threads_live
         .fetch_add(c.threads.len() as u64, Ordering::AcqRel);
     let mut first = None;
-    for (i, t) in c.threads.iter().enumerate() {
-        let state = freeze::Saved {
-            regs: t.regs,
-            fpu: {
-                let mut b = Box::new([0u8; moat_checkpoint::MAX_FPU]);
-                b[..t.fpu.len()].copy_from_slice(&t.fpu);
-                b
-            },
-            fpu_len: t.fpu.len(),
-            restart: t.restart,
-            load: true,
-        };
+    for (i, (handle, state, param)) in restore::thread_states(&c).into_iter().enumerate() {
         if i == 0 {
-            first = Some((state, t.param));
+            first = Some((state, param));
             continue;
         }
-        let handle = handle_of(i);
         let done = done[i].clone();
-        let param = t.param;
         let spawned = std::thread::Builder::new()
             .stack_size(256 << 10)
             .spawn(move || pal.run_restored_thread(handle, state, param, done));

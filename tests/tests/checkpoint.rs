@@ -151,6 +151,24 @@ fn a_counter_moved_ten_times_prints_what_an_uninterrupted_one_prints() {
     hops(&["linux"]);
 }
 
+/// Linux, then kvm, then linux...: the migration the hosts' shared window
+/// and ABI make possible.
+#[test]
+fn a_counter_moves_between_the_hosts_ten_times() {
+    if !sandbox_available() || hosts().len() < 2 {
+        return;
+    }
+    hops(&["linux", "kvm"]);
+}
+
+#[test]
+fn a_counter_moved_ten_times_on_kvm() {
+    if !sandbox_available() || hosts().len() < 2 {
+        return;
+    }
+    hops(&["kvm"]);
+}
+
 #[test]
 fn what_cannot_be_checkpointed_or_restored_is_bad_input() {
     if !sandbox_available() {

@@ -110,6 +110,11 @@ pub fn set_table(t: &moat_pal::PalTable) {
     let _ = ENTRIES.set((t.ctx as u64, entries));
 }
 
+/// The calling thread's slot, if it is a registered guest thread.
+pub fn current() -> Option<&'static Slot> {
+    mine()
+}
+
 fn mine() -> Option<&'static Slot> {
     let p = MINE.with(|m| m.get());
     // SAFETY: MINE points into an Arc held by THREADS from `register`
@@ -203,7 +208,8 @@ fn at_guest_level(rip: u64) -> bool {
 }
 
 /// Wait in the handler until thawed; then apply what resuming asks.
-fn park(s: &Slot) {
+/// Wait (the calling thread, stopped) until thawed.
+pub fn park(s: &Slot) {
     s.state.store(STOPPED, Ordering::Release);
     sys::futex_wake(&s.state);
     while s.state.load(Ordering::Acquire) == STOPPED {
@@ -263,6 +269,10 @@ fn apply_restart(f: &mut context::Frame<'_>, r: Restart) {
 }
 
 pub(crate) extern "C" fn on_freeze(_sig: i32, _info: *mut libc::siginfo_t, uc: *mut libc::c_void) {
+    // In a VMM the signal only interrupts KVM_RUN; the vCPU loop stops.
+    if VCPUS.load(Ordering::Acquire) {
+        return;
+    }
     let Some(s) = mine() else { return };
     if s.state.load(Ordering::Acquire) != FREEZE {
         return;
@@ -329,6 +339,35 @@ pub extern "C" fn resume_trampoline(_arg: u64) {
 /// What the host does for the checkpoint layer.
 pub struct Host;
 
+/// Threads run in vCPUs (the kvm host): a stop on return is taken by the
+/// vCPU loop after the call ([`take_stop`]), and the freeze signal only
+/// interrupts KVM_RUN.
+static VCPUS: AtomicBool = AtomicBool::new(false);
+
+/// Say that guest threads run in vCPUs (the VMM, before any runs).
+pub fn set_vcpus() {
+    VCPUS.store(true, Ordering::Release);
+}
+
+thread_local! {
+    /// A stop the checkpoint layer asked for as the current call returns
+    /// (vCPU threads): `Some(restart)`.
+    static STOP: Cell<Option<Option<Restart>>> = const { Cell::new(None) };
+}
+
+/// The stop the checkpoint layer asked for during the call the vCPU loop
+/// just served, if any.
+pub fn take_stop() -> Option<Option<Restart>> {
+    STOP.with(|s| s.take())
+}
+
+impl Slot {
+    /// The coordinator asked this thread to stop.
+    pub fn wants_stop(&self) -> bool {
+        self.state.load(Ordering::Acquire) == FREEZE
+    }
+}
+
 impl moat_layers::checkpointer::FreezeHost for Host {
     fn freezing(&self) -> bool {
         freezing()
@@ -336,6 +375,13 @@ impl moat_layers::checkpointer::FreezeHost for Host {
 
     fn stop_on_return(&self, restart: Option<Restart>) {
         let Some(s) = mine() else { return };
+        if VCPUS.load(Ordering::Acquire) {
+            let _ = s
+                .state
+                .compare_exchange(RUN, FREEZE, Ordering::AcqRel, Ordering::Acquire);
+            STOP.with(|c| c.set(Some(restart)));
+            return;
+        }
         s.saved.lock().unwrap().restart = restart;
         let _ = s
             .state

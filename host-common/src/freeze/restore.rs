@@ -184,3 +184,56 @@ fn reopen(pal: &LinuxPal, uri: &str, acc: u32, options: u32) -> Result<Arc<Objec
         _ => Err(format!("{uri} cannot be opened again")),
     }
 }
+
+/// Point the carried start-up block at this host's PAL table and kind,
+/// and record it as the picoprocess's.
+pub fn point_startup(
+    pal: &LinuxPal,
+    startup: u64,
+    table: u64,
+    host_kind: u32,
+) -> Result<(), String> {
+    use moat_pal::StartupBlock;
+    if pal
+        .check_w(startup, std::mem::size_of::<StartupBlock>() as u64)
+        .is_err()
+    {
+        return Err("the start-up block is not writable guest memory".into());
+    }
+    sys::put(
+        startup + std::mem::offset_of!(StartupBlock, table) as u64,
+        table,
+    );
+    sys::put(
+        startup + std::mem::offset_of!(StartupBlock, host_kind) as u64,
+        host_kind,
+    );
+    pal.startup
+        .store(startup, std::sync::atomic::Ordering::Release);
+    Ok(())
+}
+
+/// Each carried thread as it starts again: its handle (`None`: the
+/// first), its state, its parameter; the first thread first.
+pub fn thread_states(c: &Checkpoint) -> Vec<(Option<u64>, super::Saved, u64)> {
+    c.threads
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let handle = c.handles.iter().find_map(|h| match h.held {
+                Held::Thread { thread: Some(n) } if n as usize == i => Some(h.handle),
+                _ => None,
+            });
+            let mut fpu = Box::new([0u8; moat_checkpoint::MAX_FPU]);
+            fpu[..t.fpu.len()].copy_from_slice(&t.fpu);
+            let saved = super::Saved {
+                regs: t.regs,
+                fpu,
+                fpu_len: t.fpu.len(),
+                restart: t.restart,
+                load: true,
+            };
+            (handle, saved, t.param)
+        })
+        .collect()
+}

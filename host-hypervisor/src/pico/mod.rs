@@ -35,6 +35,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 mod exception;
+mod frozen;
 pub mod shell;
 mod vcpu;
 
@@ -164,6 +165,74 @@ impl PicoVm {
         Ok(Stacks { stack, alt })
     }
 
+    /// An exception stack alone (a restored thread's stack is carried).
+    fn alt_stack(&self) -> Result<u64, Error> {
+        let rw = prot::READ | prot::WRITE;
+        let _pt = self.pt.lock();
+        let mut g = self.lin.regions.write().unwrap();
+        let alt = g
+            .find_free(ALTSTACK_SIZE, RAM_START, self.ram_end)
+            .ok_or(Error::NoMemory)?;
+        sys::mmap_anon(alt, ALTSTACK_SIZE, rw).map_err(|_| Error::NoMemory)?;
+        if g.insert(alt, ALTSTACK_SIZE, rw, RegionKind::Stack).is_err() {
+            let _ = sys::munmap(alt, ALTSTACK_SIZE);
+            return Err(Error::NoMemory);
+        }
+        self.pt.sync(&g, alt, ALTSTACK_SIZE);
+        Ok(alt)
+    }
+
+    fn free_alt_stack(&self, alt: u64) {
+        let _pt = self.pt.lock();
+        self.pt.restrict(alt, ALTSTACK_SIZE, 0);
+        let mut g = self.lin.regions.write().unwrap();
+        g.remove(alt, ALTSTACK_SIZE);
+        let _ = sys::munmap(alt, ALTSTACK_SIZE);
+        self.pt.sync(&g, alt, ALTSTACK_SIZE);
+    }
+
+    /// Start a thread a checkpoint carried (see `frozen`): a vCPU loaded
+    /// with its state, run by a new VMM thread. Its stack is a restored
+    /// region and stays mapped after it ends.
+    pub fn spawn_restored(
+        self: Arc<Self>,
+        pal: Arc<KvmPal>,
+        handle: Option<u64>,
+        state: moat_host_common::freeze::Saved,
+        param: u64,
+        done: Option<Arc<Object>>,
+    ) -> Result<(), Error> {
+        let (id, vcpu) = self.vcpu()?;
+        let alt = match self.alt_stack() {
+            Ok(a) => a,
+            Err(e) => {
+                self.idle.lock().unwrap().push(vcpu);
+                return Err(e);
+            }
+        };
+        let me = self;
+        let spawned = std::thread::Builder::new()
+            .stack_size(512 << 10)
+            .spawn(move || {
+                if let Ok(s) = sys::mmap_anon(0, SIGNAL_STACK, prot::READ | prot::WRITE) {
+                    signals::set_altstack(s, SIGNAL_STACK);
+                }
+                moat_host_common::freeze::register(handle, param, (alt, ALTSTACK_SIZE), None);
+                let code = me.run_restored_thread(&pal, id, vcpu, alt, &state, param);
+                moat_host_common::freeze::unregister();
+                me.free_alt_stack(alt);
+                if let Some(o) = done {
+                    if let Object::Thread(t) = &*o {
+                        sys::eventfd_signal(std::os::fd::AsRawFd::as_raw_fd(&t.done));
+                    }
+                }
+                if me.lin.threads_live.fetch_sub(1, Ordering::AcqRel) == 1 {
+                    sys::exit_process(code);
+                }
+            });
+        spawned.map(|_| ()).map_err(|_| Error::NoMemory)
+    }
+
     fn free_stacks(&self, s: &Stacks) {
         // Entries first, then the host mapping (see crate::paging).
         let _pt = self.pt.lock();
@@ -191,6 +260,7 @@ impl SpawnThread for PicoVm {
         entry: u64,
         arg: u64,
         param: u64,
+        handle: Option<u64>,
         done: Option<Arc<Object>>,
     ) -> Result<(), Error> {
         let (id, vcpu) = self.vcpu()?;
@@ -210,7 +280,14 @@ impl SpawnThread for PicoVm {
                 if let Ok(alt) = sys::mmap_anon(0, SIGNAL_STACK, prot::READ | prot::WRITE) {
                     signals::set_altstack(alt, SIGNAL_STACK);
                 }
+                moat_host_common::freeze::register(
+                    handle,
+                    param,
+                    (stacks.alt, ALTSTACK_SIZE),
+                    None,
+                );
                 let code = me.run_thread(&pal, id, vcpu, &stacks, entry, arg, param);
+                moat_host_common::freeze::unregister();
                 me.free_stacks(&stacks);
                 if let Some(o) = done {
                     if let Object::Thread(t) = &*o {

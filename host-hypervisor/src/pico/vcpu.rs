@@ -20,26 +20,13 @@ use moat_pal::nr::{DK_PROCESS_EXIT, DK_THREAD_EXIT, DK_THREAD_RAISE_EXCEPTION};
 use moat_pal::{Error, Pal};
 
 impl PicoVm {
-    /// Run one guest thread to its end; returns its exit code.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn run_thread(
-        &self,
-        pal: &KvmPal,
-        id: u64,
-        mut vcpu: VcpuFd,
-        stacks: &Stacks,
-        entry: u64,
-        arg: u64,
-        param: u64,
-    ) -> i32 {
-        set_thread_param(param);
-        // The thread's TSS (RSP0: where an exception from CPL 3 pushes its
-        // frame) sits at the bottom of its exception stack.
-        // Its I/O permission bitmap allows every port (a nested PVM host
-        // checks the bitmap, not IOPL): the VMM decides on each access.
-        let Some(slot) = self.tss_free.lock().unwrap().pop() else {
-            return 125;
-        };
+    /// Set a vCPU up for a thread: its TSS slot (RSP0: where an exception
+    /// from CPL 3 pushes its frame, at the bottom of its exception stack;
+    /// an I/O permission bitmap that allows every port, since a nested
+    /// PVM host checks the bitmap, not IOPL: the VMM decides on each
+    /// access), user mode, the system-call MSRs. `None` if KVM refuses.
+    fn prepare(&self, vcpu: &VcpuFd) -> Option<(u64, u64, kvm_sregs)> {
+        let slot = self.tss_free.lock().unwrap().pop()?;
         let tss = self.tss_base + slot * TSS_SLOT;
         // The VMM's own memory (outside the region map), at the same
         // address in the VMM: write it directly.
@@ -50,10 +37,30 @@ impl PicoVm {
         // SYSCALL_TRAP, which reports it to the VMM: it never reaches the
         // host.
         if vcpu.set_sregs(&sregs).is_err()
-            || longmode::set_syscall_msrs(&vcpu, SYSCALL_TRAP).is_err()
+            || longmode::set_syscall_msrs(vcpu, SYSCALL_TRAP).is_err()
         {
-            return 125;
+            self.tss_free.lock().unwrap().push(slot);
+            return None;
         }
+        Some((slot, tss, sregs))
+    }
+
+    /// Run one guest thread to its end; returns its exit code.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn run_thread(
+        &self,
+        pal: &KvmPal,
+        id: u64,
+        vcpu: VcpuFd,
+        stacks: &Stacks,
+        entry: u64,
+        arg: u64,
+        param: u64,
+    ) -> i32 {
+        set_thread_param(param);
+        let Some((slot, tss, sregs)) = self.prepare(&vcpu) else {
+            return 125;
+        };
         let top = stacks.stack + STACK_SIZE - 16;
         // The return address: a thread whose entry returns ends.
         sys::put(top - 8, THREAD_RETURN);
@@ -64,6 +71,44 @@ impl PicoVm {
             rflags: USER_RFLAGS,
             ..Default::default()
         };
+        self.run_from(pal, id, vcpu, (slot, tss, sregs), regs, None, stacks.alt)
+    }
+
+    /// Run a thread a checkpoint carried, from its state, to its end.
+    pub(super) fn run_restored_thread(
+        &self,
+        pal: &KvmPal,
+        id: u64,
+        vcpu: VcpuFd,
+        alt: u64,
+        state: &moat_host_common::freeze::Saved,
+        param: u64,
+    ) -> i32 {
+        set_thread_param(param);
+        let Some(prepared) = self.prepare(&vcpu) else {
+            return 125;
+        };
+        let mut regs = super::frozen::from_regs(&state.regs);
+        if let Some(r) = state.restart {
+            if !super::frozen::make_again(self, &mut regs, r) {
+                return 134;
+            }
+        }
+        let fpu = &state.fpu[..state.fpu_len];
+        self.run_from(pal, id, vcpu, prepared, regs, Some(fpu), alt)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run_from(
+        &self,
+        pal: &KvmPal,
+        id: u64,
+        mut vcpu: VcpuFd,
+        (slot, tss, sregs): (u64, u64, kvm_sregs),
+        regs: kvm_regs,
+        fpu: Option<&[u8]>,
+        alt: u64,
+    ) -> i32 {
         if vcpu.set_regs(&regs).is_err() {
             return 125;
         }
@@ -73,10 +118,15 @@ impl PicoVm {
             vcpu,
             sregs,
             tss,
-            alt_top: stacks.alt + ALTSTACK_SIZE,
+            alt_top: alt + ALTSTACK_SIZE,
             depth: 0,
             stale: (0, 0, 0),
         };
+        if let Some(f) = fpu {
+            if !super::frozen::load_fpu(&cpu, f) {
+                return 125;
+            }
+        }
         let code = match self.run_until(pal, &mut cpu) {
             Outcome::ThreadExit(code) => code,
             Outcome::UpcallReturned(_) => self.die(
@@ -150,7 +200,11 @@ impl PicoVm {
                     // As the CPU-time limit ends a linux picoprocess.
                     128 + libc::SIGKILL,
                 ),
-                Ex::Interrupted => {}
+                Ex::Interrupted => {
+                    if moat_host_common::freeze::freezing() {
+                        self.maybe_stop(cpu, None);
+                    }
+                }
                 Ex::Out(HYPERCALL_PORT, nr, 4) => {
                     let r = cpu.vcpu.sync_regs().regs;
                     // Calls served here rather than through the layers:
@@ -161,6 +215,7 @@ impl PicoVm {
                             s.enter(nr, &[r.rsi, r.rdx]);
                         }
                         let code = r.rsi as i32;
+                        moat_host_common::freeze::exiting();
                         if nr == DK_PROCESS_EXIT {
                             sys::exit_process(code);
                         }
@@ -187,6 +242,10 @@ impl PicoVm {
                     // Written back whole: keep IOPL 3 (the hypercall `out`).
                     regs.rflags |= USER_RFLAGS;
                     cpu.vcpu.set_sync_dirty_reg(SyncReg::Register);
+                    // The checkpoint layer asked for a stop as it returns.
+                    if let Some(stop) = moat_host_common::freeze::take_stop() {
+                        self.maybe_stop(cpu, Some(stop));
+                    }
                 }
                 // The VMM's own ports answer only their stubs: guest code
                 // that writes to them directly is refused like any other
