@@ -25,6 +25,10 @@ pub struct CheckpointArgs {
     /// Let the picoprocess go on after the checkpoint (it ends by default).
     #[arg(long = "leave-running")]
     pub leave_running: bool,
+    /// Carry what cannot be carried (pipes, sockets, servers, devices,
+    /// child picoprocesses) as closed handles, instead of failing.
+    #[arg(long = "close-uncarried")]
+    pub close_uncarried: bool,
 }
 
 #[derive(Args, Debug)]
@@ -141,9 +145,9 @@ fn serve_one(c: &moat_monitor::Controller, conn: &OwnedFd) {
     let me = unsafe { libc::geteuid() };
     let reply = match peer_uid(conn) {
         Some(uid) if uid == me || uid == 0 => match protocol::recv::<Control>(conn.as_fd()) {
-            Ok((Control::Checkpoint { leave_running }, mut fds)) if fds.len() == 1 => {
+            Ok((Control::Checkpoint(opts), mut fds)) if fds.len() == 1 => {
                 let file = std::fs::File::from(fds.remove(0));
-                match c.checkpoint(&file, leave_running) {
+                match c.checkpoint(&file, opts) {
                     Ok(bytes) => ControlReply::Done { bytes },
                     Err(e) => ControlReply::Failed { why: e.to_string() },
                 }
@@ -191,9 +195,10 @@ pub fn checkpoint(a: CheckpointArgs) -> i32 {
     };
     let sent = protocol::send(
         sock.as_fd(),
-        &Control::Checkpoint {
+        &Control::Checkpoint(protocol::CheckpointOptions {
             leave_running: a.leave_running,
-        },
+            close_uncarried: a.close_uncarried,
+        }),
         &[file.as_raw_fd()],
     );
     let reply = sent

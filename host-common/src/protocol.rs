@@ -70,9 +70,20 @@ pub struct Config {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Control {
     /// Freeze, write the checkpoint to the attached descriptor (empty,
-    /// writable), then end (or, with `leave_running`, go on). Answer:
-    /// [`ControlReply`].
-    Checkpoint { leave_running: bool },
+    /// writable), then end (or go on). Answer: [`ControlReply`].
+    Checkpoint(CheckpointOptions),
+}
+
+/// How a checkpoint is taken.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointOptions {
+    /// The picoprocess goes on after the checkpoint (it ends by default).
+    pub leave_running: bool,
+    /// Handles that cannot be carried (pipes, sockets, servers, devices,
+    /// child picoprocesses, stream events) are carried as closed: the
+    /// restored picoprocess gets BadHandle for them. By default the
+    /// checkpoint fails, naming the first.
+    pub close_uncarried: bool,
 }
 
 /// The answer to a [`Control`] request.

@@ -33,6 +33,7 @@ use crate::monitor::start;
 use crate::proc::Proc;
 use crate::session::{Console, LogSink, Session};
 use crate::shm::{HostSection, Section};
+pub use moat_host_common::protocol::CheckpointOptions;
 use moat_policy::{Access, Limits, Policy};
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
@@ -373,9 +374,9 @@ pub struct Controller(Arc<Proc>);
 
 impl Controller {
     /// As [`Picoprocess::checkpoint`].
-    pub fn checkpoint(&self, file: &File, leave_running: bool) -> Result<u64, Error> {
+    pub fn checkpoint(&self, file: &File, opts: CheckpointOptions) -> Result<u64, Error> {
         self.0
-            .checkpoint(file, leave_running)
+            .checkpoint(file, opts)
             .map_err(|why| Error::BadInput(format!("cannot checkpoint the picoprocess: {why}")))
     }
 }
@@ -467,13 +468,13 @@ impl Picoprocess {
 
     /// Freeze the picoprocess and write it to `file` (empty, writable; see
     /// `moat_checkpoint`); then it ends (exit 0), or goes on with
-    /// `leave_running`. Returns the file's length. Fails (the picoprocess
+    /// `opts.leave_running`. Returns the file's length. Fails (the picoprocess
     /// going on) if it was not made [`Sandbox::checkpointable`], holds
     /// what cannot be carried, or does not stop in time; the error says
     /// which.
-    pub fn checkpoint(&self, file: &File, leave_running: bool) -> Result<u64, Error> {
+    pub fn checkpoint(&self, file: &File, opts: CheckpointOptions) -> Result<u64, Error> {
         self.root
-            .checkpoint(file, leave_running)
+            .checkpoint(file, opts)
             .map_err(|why| Error::BadInput(format!("cannot checkpoint the picoprocess: {why}")))
     }
 

@@ -35,7 +35,7 @@ pub mod spawn;
 pub mod trace;
 mod zygote_client;
 
-pub use api::{Controller, Killer, Picoprocess, Sandbox, Stdio};
+pub use api::{CheckpointOptions, Controller, Killer, Picoprocess, Sandbox, Stdio};
 pub use error::{Error, Exit, EXIT_BAD_INPUT, EXIT_HOST_FAILURE, EXIT_SANDBOX_VIOLATION};
 pub use moat_host_common::protocol::ReportKind;
 pub use moat_host_common::vmstats::{Counter as VmCounter, VmStats};

@@ -68,11 +68,11 @@ impl Proc {
     }
 
     /// Ask it to write a checkpoint to `file` (empty, writable) and end,
-    /// or go on with `leave_running`: the file's length, or why not.
+    /// or go on (`opts`): the file's length, or why not.
     pub(crate) fn checkpoint(
         &self,
         file: &std::fs::File,
-        leave_running: bool,
+        opts: moat_host_common::protocol::CheckpointOptions,
     ) -> Result<u64, String> {
         use moat_host_common::protocol::{self, Control, ControlReply};
         use std::os::fd::{AsFd, AsRawFd};
@@ -82,7 +82,7 @@ impl Proc {
         };
         protocol::send(
             sock.as_fd(),
-            &Control::Checkpoint { leave_running },
+            &Control::Checkpoint(opts),
             &[file.as_raw_fd()],
         )
         .map_err(|e| format!("it cannot be reached: {e}"))?;

@@ -318,3 +318,50 @@ fn a_restore_needs_the_grants_and_the_files_it_had() {
     r.assert_code(2);
     assert!(r.stderr.contains("is gone"), "{}", r.stderr);
 }
+
+/// Through the embedding API, on each host and across: a guest waiting
+/// on its registered abort event is checkpointed mid-wait; the restored
+/// one waits on (the wait made again), and the host's stop request still
+/// reaches its abort event.
+#[test]
+fn the_abort_event_and_a_wait_in_progress_are_carried() {
+    use moat_monitor::{CheckpointOptions, Host, Sandbox, Stdio};
+    use std::io::{BufRead, BufReader};
+    if !sandbox_available() {
+        return;
+    }
+    let host = |h: &str| if h == "kvm" { Host::Kvm } else { Host::Linux };
+    for from in hosts() {
+        for to in hosts() {
+            let d = tempfile::tempdir().unwrap();
+            let ck = d.path().join("s.ckpt");
+            let mut p = Sandbox::new(image("stoppable"))
+                .host(host(from))
+                .checkpointable()
+                .stdout(Stdio::Piped)
+                .spawn()
+                .unwrap();
+            let mut out = BufReader::new(p.stdout.take().unwrap());
+            let mut line = String::new();
+            out.read_line(&mut line).unwrap();
+            assert_eq!(line.trim(), "ready");
+            let f = std::fs::File::create(&ck).unwrap();
+            p.checkpoint(&f, CheckpointOptions::default())
+                .unwrap_or_else(|e| panic!("{from}: {e}"));
+            assert_eq!(p.wait().unwrap().code, 0, "{from}: a checkpoint ends it");
+            let mut q = Sandbox::restore(&ck)
+                .host(host(to))
+                .stdout(Stdio::Piped)
+                .spawn()
+                .unwrap_or_else(|e| panic!("{from} -> {to}: {e}"));
+            let mut out = BufReader::new(q.stdout.take().unwrap());
+            // Still waiting: nothing printed yet.
+            std::thread::sleep(Duration::from_millis(100));
+            q.request_stop().unwrap();
+            line.clear();
+            out.read_line(&mut line).unwrap();
+            assert_eq!(line.trim(), "stopping", "{from} -> {to}");
+            assert_eq!(q.wait().unwrap().code, 7, "{from} -> {to}");
+        }
+    }
+}

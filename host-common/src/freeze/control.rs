@@ -41,7 +41,7 @@ fn serve(
             // The monitor is gone (or sent nonsense): no more checkpoints.
             return;
         };
-        let Control::Checkpoint { leave_running } = req;
+        let Control::Checkpoint(opts) = req;
         let reply = match fds.pop() {
             None => ControlReply::Failed {
                 why: "no file came with the request".into(),
@@ -50,7 +50,16 @@ fn serve(
                 let r = super::freeze_all(FREEZE_LIMIT, &|| {
                     pal.threads_live.load(std::sync::atomic::Ordering::Acquire)
                 })
-                .and_then(|frozen| super::write::describe(pal, layer, &frozen, &args, memory_mib))
+                .and_then(|frozen| {
+                    super::write::describe(
+                        pal,
+                        layer,
+                        &frozen,
+                        &args,
+                        memory_mib,
+                        opts.close_uncarried,
+                    )
+                })
                 .and_then(|c| super::write::write(file.as_raw_fd(), &c));
                 match r {
                     Ok(bytes) => ControlReply::Done { bytes },
@@ -60,7 +69,7 @@ fn serve(
         };
         let done = matches!(reply, ControlReply::Done { .. });
         let _ = protocol::send(ctl.as_fd(), &reply, &[]);
-        if done && !leave_running {
+        if done && !opts.leave_running {
             sys::exit_process(0);
         }
         super::thaw_all();

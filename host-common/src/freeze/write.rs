@@ -20,6 +20,7 @@ pub fn describe(
     frozen: &[Frozen],
     args: &[String],
     memory_mib: u64,
+    close_uncarried: bool,
 ) -> Result<Checkpoint, String> {
     // Regions, except the signal stacks (the host's, made again).
     let alts: Vec<(u64, u64)> = frozen.iter().map(|f| f.alt).collect();
@@ -73,7 +74,8 @@ pub fn describe(
     let mut handles = Vec::with_capacity(entries.len());
     for (h, refs, o) in entries {
         let made = layer.held(h).map(|(m, _)| m);
-        let held = match (&*o, made) {
+        let held: Result<Held, String> = (|| {
+            Ok(match (&*o, made) {
             (Object::Stream(s), Some(Made::Stream { uri, access, options })) => match s.kind {
                 stream_kind::FILE | stream_kind::DIRECTORY => {
                     let st = sys::fstat(s.fd.as_raw_fd())
@@ -111,6 +113,17 @@ pub fn describe(
             _ => {
                 return Err(format!(
                     "handle {h:#x} cannot be carried (a stream's event or a doorbell)"
+                ))
+            }
+        })
+        })();
+        let held = match held {
+            Ok(held) => held,
+            // Carried as closed: left out.
+            Err(_) if close_uncarried => continue,
+            Err(e) => {
+                return Err(format!(
+                    "{e} (or checkpoint with --close-uncarried to carry it as closed)"
                 ))
             }
         };
