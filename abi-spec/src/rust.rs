@@ -437,11 +437,27 @@ pub fn render_rust(spec: &Spec) -> String {
          ///\n\
          /// `table` must point to a valid [`PalTable`] that outlives the `TablePal`.\n\
          pub const unsafe fn new(table: *const PalTable) -> Self {\n\
-         TablePal { table: table as *const core::ffi::c_void }\n\
+         TablePal { table: table as *const core::ffi::c_void, indirect: false }\n\
+         }\n\n\
+         /// Call through the table whose address is kept at `slot`, read\n\
+         /// at each call (a host restoring the picoprocess from a checkpoint\n\
+         /// points the start-up block's at its own table).\n\
+         ///\n\
+         /// # Safety\n\
+         ///\n\
+         /// `slot` must stay valid, and hold the address of a valid\n\
+         /// [`PalTable`], for as long as the `TablePal`.\n\
+         pub const unsafe fn through(slot: *const *const PalTable) -> Self {\n\
+         TablePal { table: slot as *const core::ffi::c_void, indirect: true }\n\
          }\n\n\
          /// The table called through.\n\
          pub fn table(&self) -> *const PalTable {\n\
+         if self.indirect {\n\
+         // SAFETY: `through`'s contract: the slot is valid.\n\
+         unsafe { core::ptr::read_volatile(self.table as *const *const PalTable) }\n\
+         } else {\n\
          self.table as *const PalTable\n\
+         }\n\
          }\n\n\
          fn t(&self) -> &PalTable {\n\
          // SAFETY: `new`'s contract: the table is valid for as long as `self`.\n\

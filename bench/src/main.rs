@@ -14,6 +14,7 @@
 //! runs its parts (see [`kvm`]) each in a process of its own.
 //! Results are medians of repeated samples; `--quick` runs a short
 //! version (used by the test suite to keep the harness working).
+mod checkpoint;
 mod export;
 mod handoff;
 mod kvm;
@@ -510,8 +511,8 @@ struct Args {
     /// to its parent).
     #[arg(long, hide = true)]
     no_header: bool,
-    /// What to run: spawn, calls, pipe, kvm, mediator, export, all (the
-    /// default),
+    /// What to run: spawn, calls, pipe, kvm, mediator, export, checkpoint,
+    /// all (the default),
     /// or one part of kvm (kvm-spawn, kvm-spawn-fresh, kvm-calls, kvm-blk,
     /// and those `kvm` lists), or mediator-kvm (the kvm rows of mediator).
     #[arg(value_name = "GROUP")]
@@ -530,7 +531,15 @@ fn main() {
         [] | ["all"] => {
             header();
             run_in_children(
-                &["spawn", "calls", "pipe", "kvm", "mediator", "export"],
+                &[
+                    "spawn",
+                    "calls",
+                    "pipe",
+                    "kvm",
+                    "mediator",
+                    "export",
+                    "checkpoint",
+                ],
                 quick,
             );
         }
@@ -543,6 +552,8 @@ fn main() {
                     // Spawning is measured unpinned, floor and moat alike:
                     // the zygote keeps a loader warm on the other core.
                     "spawn" => spawn_bench(quick),
+                    // Unpinned, as `spawn`.
+                    "checkpoint" => checkpoint::bench(quick),
                     "calls" => {
                         pin_cpu0();
                         calls_bench(quick)
@@ -588,7 +599,7 @@ fn main() {
                     }
                     other => {
                         eprintln!(
-                            "moat-bench: unknown benchmark `{other}` (spawn, calls, pipe, kvm, mediator, mediator-kvm, export, all)"
+                            "moat-bench: unknown benchmark `{other}` (spawn, calls, pipe, kvm, mediator, mediator-kvm, export, checkpoint, all)"
                         );
                         std::process::exit(2);
                     }

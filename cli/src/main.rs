@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 mod abi;
 mod checkpoint;
+mod control;
 mod images;
 mod inspect;
 mod mediate;

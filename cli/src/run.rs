@@ -211,7 +211,7 @@ pub fn main(a: RunArgs) -> i32 {
         }
     };
     if checkpointable {
-        if let Err(e) = crate::checkpoint::listen(p.controller()) {
+        if let Err(e) = crate::control::listen(p.controller()) {
             eprintln!("moat: {e}");
             let _ = p.kill();
             return EXIT_HOST_FAILURE;

@@ -182,7 +182,7 @@ pub(crate) fn in_upcall() -> bool {
 
 extern "C" fn on_fault(sig: i32, info: *mut libc::siginfo_t, uc: *mut libc::c_void) {
     // A step of a thread the freeze moves to guest code.
-    if sig == libc::SIGTRAP && crate::freeze::on_trap(uc) {
+    if sig == libc::SIGTRAP && TRAP_HOOK.get().is_some_and(|hook| hook(uc)) {
         return;
     }
     // SAFETY: the kernel passes valid siginfo and ucontext to an SA_SIGINFO handler.
@@ -331,13 +331,7 @@ pub fn install_for_vmm() -> Result<(), String> {
     // mapped file shorter than its mapping) is reported as a loader
     // reports a fault inside the PAL, and ends the picoprocess.
     install(libc::SIGSEGV, on_fault as *const () as usize, true)?;
-    install(libc::SIGBUS, on_fault as *const () as usize, true)?;
-    // A checkpoint's freeze interrupts KVM_RUN (see `crate::freeze`).
-    install(
-        crate::freeze::SIG_FREEZE,
-        crate::freeze::on_freeze as *const () as usize,
-        true,
-    )
+    install(libc::SIGBUS, on_fault as *const () as usize, true)
 }
 
 /// Install all handlers. No helper thread: a loader stays single-threaded
@@ -357,18 +351,23 @@ pub fn install_all() -> Result<(), String> {
     // SAFETY: ignoring SIGPIPE so writes to closed pipes return EPIPE.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
     install(libc::SIGTERM, on_term as *const () as usize, false)?;
-    // Checkpoints (see `crate::freeze`); inert unless freezing is on.
-    install(
-        crate::freeze::SIG_FREEZE,
-        crate::freeze::on_freeze as *const () as usize,
-        true,
-    )?;
-    install(
-        crate::freeze::SIG_RESUME,
-        crate::freeze::on_resume as *const () as usize,
-        true,
-    )?;
     Ok(())
+}
+
+/// What takes a `SIGTRAP` before the guest's exception path: the freeze's
+/// single steps (see `crate::freeze`), which answer whether it was theirs.
+type TrapHook = fn(*mut libc::c_void) -> bool;
+static TRAP_HOOK: OnceLock<TrapHook> = OnceLock::new();
+
+/// Install `hook` (once) for `SIGTRAP`s.
+pub(crate) fn set_trap_hook(hook: TrapHook) {
+    let _ = TRAP_HOOK.set(hook);
+}
+
+/// Install an `SA_SIGINFO` handler for `sig` (before the sandbox closes
+/// `sigaction`).
+pub(crate) fn install_handler(sig: i32, handler: usize) -> Result<(), String> {
+    install(sig, handler, true)
 }
 
 pub fn set_altstack(base: u64, size: u64) {

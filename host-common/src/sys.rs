@@ -113,6 +113,14 @@ pub fn copy_in(addr: u64, len: usize) -> Vec<u8> {
     v
 }
 
+/// Copy guest memory at `addr` into `out` (the caller checked the range
+/// readable).
+pub fn copy_in_to(addr: u64, out: &mut [u8]) {
+    // SAFETY: [addr, addr+len) was checked readable guest memory; it is
+    // copied once into memory of ours.
+    unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, out.as_mut_ptr(), out.len()) };
+}
+
 /// Copy `data` out to guest memory checked writable by the caller.
 pub fn copy_out(addr: u64, data: &[u8]) {
     // SAFETY: [addr, addr+len) was checked writable guest memory.

@@ -109,7 +109,9 @@ fn run(warm: Option<&moat_policy::Limits>) -> ! {
             OwnedFd::from_raw_fd(moat_host_common::protocol::KVM_FD),
         )
     };
-    if let Err(e) = signals::install_for_vmm() {
+    if let Err(e) =
+        signals::install_for_vmm().and_then(|()| moat_host_common::freeze::install_handlers())
+    {
         fail(&format!("vmm: {e}"));
     }
     // A panic (a VMM bug) is reported before the process aborts.

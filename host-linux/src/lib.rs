@@ -76,7 +76,9 @@ pub fn run() -> ! {
     {
         fail("loader: cannot start a thread");
     }
-    if let Err(e) = signals::install_all() {
+    if let Err(e) =
+        signals::install_all().and_then(|()| moat_host_common::freeze::install_handlers())
+    {
         fail(&format!("loader: {e}"));
     }
     let ranges = sys::pal_code_ranges();
@@ -106,7 +108,7 @@ pub fn run() -> ! {
     }
     let image_fd = fds.remove(0);
     // The control socket of a checkpointable picoprocess comes last.
-    let ctl = match (cfg.checkpoint, fds.pop()) {
+    let ctl = match (cfg.checkpoint, cfg.checkpoint.then(|| fds.pop()).flatten()) {
         (false, _) => None,
         (true, Some(c)) => Some(c),
         (true, None) => fail("loader: the monitor sent no control socket"),

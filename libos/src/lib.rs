@@ -54,9 +54,19 @@ pub type Result<T, E = Error> = core::result::Result<T, E>;
 /// it then faults.
 #[inline]
 pub fn pal() -> TablePal {
-    // SAFETY: the table pointer was stored by `rt::start` from the start-up
-    // block, which the host keeps valid for the life of the picoprocess.
-    unsafe { TablePal::new(boot::table()) }
+    let sb = boot::startup_ptr();
+    if sb.is_null() {
+        // SAFETY: the table pointer was stored by `rt::start` from the
+        // start-up block, which the host keeps valid for the life of the
+        // picoprocess.
+        return unsafe { TablePal::new(boot::table()) };
+    }
+    // Through the start-up block's table field, read at each call: a
+    // `TablePal` kept across a checkpoint and restore reaches the
+    // restoring host's table (see `boot::table`).
+    // SAFETY: the block is valid for the life of the picoprocess and its
+    // `table` field always holds the current host's table.
+    unsafe { TablePal::through(core::ptr::addr_of!((*sb).table)) }
 }
 
 /// The 16 bytes the `.moat_abi` section of every image holds:

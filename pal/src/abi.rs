@@ -1640,12 +1640,33 @@ impl TablePal {
     pub const unsafe fn new(table: *const PalTable) -> Self {
         TablePal {
             table: table as *const core::ffi::c_void,
+            indirect: false,
+        }
+    }
+
+    /// Call through the table whose address is kept at `slot`, read
+    /// at each call (a host restoring the picoprocess from a checkpoint
+    /// points the start-up block's at its own table).
+    ///
+    /// # Safety
+    ///
+    /// `slot` must stay valid, and hold the address of a valid
+    /// [`PalTable`], for as long as the `TablePal`.
+    pub const unsafe fn through(slot: *const *const PalTable) -> Self {
+        TablePal {
+            table: slot as *const core::ffi::c_void,
+            indirect: true,
         }
     }
 
     /// The table called through.
     pub fn table(&self) -> *const PalTable {
-        self.table as *const PalTable
+        if self.indirect {
+            // SAFETY: `through`'s contract: the slot is valid.
+            unsafe { core::ptr::read_volatile(self.table as *const *const PalTable) }
+        } else {
+            self.table as *const PalTable
+        }
     }
 
     fn t(&self) -> &PalTable {

@@ -11,8 +11,10 @@ pub type Ctx = *mut core::ffi::c_void;
 /// `TablePal::new`).
 #[derive(Debug, Clone, Copy)]
 pub struct TablePal {
-    /// The `PalTable` called through (see `TablePal::new`'s contract).
+    /// The `PalTable` called through (see `TablePal::new`'s contract),
+    /// or with `indirect` where its address is kept (`TablePal::through`).
     pub(crate) table: *const core::ffi::c_void,
+    pub(crate) indirect: bool,
 }
 
 // SAFETY: the table is immutable and its functions may be called from any thread.

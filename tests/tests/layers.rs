@@ -129,7 +129,7 @@ fn a_bad_stack_is_bad_input() {
     out.assert_code(2);
     assert!(
         out.stderr
-            .contains("no layer named `remix` (there are: trace, count, remap)"),
+            .contains("no layer named `remix` (there are: trace, count, remap, checkpoint)"),
         "{}",
         out.stderr
     );
@@ -182,6 +182,8 @@ fn conformance_passes_under_every_layer_and_stack() {
             "remap",
             "count,trace",
             "trace,count,remap,trace",
+            "checkpoint",
+            "trace,count,remap,checkpoint",
         ] {
             conformance_on(h, &["--layer", stack], &[]);
         }

@@ -81,6 +81,14 @@ thread_local! {
     static MINE: Cell<*const Slot> = const { Cell::new(std::ptr::null()) };
 }
 
+/// Install the freeze's signal handlers (a loader or a VMM, before its
+/// sandbox closes `sigaction`); inert until freezing is on.
+pub fn install_handlers() -> Result<(), String> {
+    crate::signals::set_trap_hook(on_trap);
+    crate::signals::install_handler(SIG_FREEZE, on_freeze as *const () as usize)?;
+    crate::signals::install_handler(SIG_RESUME, on_resume as *const () as usize)
+}
+
 /// Turn freezing on for this process (a picoprocess with a checkpoint
 /// layer): waits watch the returned descriptor from now on.
 pub fn enable() -> Result<(), String> {
@@ -268,7 +276,7 @@ fn apply_restart(f: &mut context::Frame<'_>, r: Restart) {
     }
 }
 
-pub(crate) extern "C" fn on_freeze(_sig: i32, _info: *mut libc::siginfo_t, uc: *mut libc::c_void) {
+extern "C" fn on_freeze(_sig: i32, _info: *mut libc::siginfo_t, uc: *mut libc::c_void) {
     // In a VMM the signal only interrupts KVM_RUN; the vCPU loop stops.
     if VCPUS.load(Ordering::Acquire) {
         return;
@@ -290,7 +298,7 @@ pub(crate) extern "C" fn on_freeze(_sig: i32, _info: *mut libc::siginfo_t, uc: *
 
 /// A `SIGTRAP`: ours if the thread is stepping towards guest code
 /// (handled: true), else the guest's breakpoint.
-pub(crate) fn on_trap(uc: *mut libc::c_void) -> bool {
+fn on_trap(uc: *mut libc::c_void) -> bool {
     let Some(s) = mine() else { return false };
     if !s.stepping.load(Ordering::Relaxed) {
         return false;
@@ -310,7 +318,7 @@ pub(crate) fn on_trap(uc: *mut libc::c_void) -> bool {
     true
 }
 
-pub(crate) extern "C" fn on_resume(_sig: i32, _info: *mut libc::siginfo_t, uc: *mut libc::c_void) {
+extern "C" fn on_resume(_sig: i32, _info: *mut libc::siginfo_t, uc: *mut libc::c_void) {
     let Some(s) = mine() else { return };
     // SAFETY: uc is this SA_SIGINFO handler's context.
     let mut f = unsafe { context::Frame::new(uc) };
@@ -476,7 +484,7 @@ pub fn freeze_all(limit: Duration, live: &dyn Fn() -> u64) -> Result<Vec<Frozen>
                 limit.as_millis()
             ));
         }
-        std::thread::sleep(Duration::from_millis(1));
+        std::thread::sleep(Duration::from_micros(100));
     }
 }
 

@@ -152,32 +152,43 @@ pub fn describe(
 }
 
 /// Write `c` to `fd` (empty, writable): each region's bytes at its
-/// offset (pages of zeros as holes) while their checksum is taken, then
-/// the front (header and meta, which hold it), then the length.
+/// offset while their checksum is taken (runs of pages that are not all
+/// zeros in one write each; zero pages stay holes), then the front
+/// (header and meta, which hold the checksum), then the length.
 pub fn write(fd: RawFd, c: &Checkpoint) -> Result<u64, String> {
     let data_len: u64 = c.regions.iter().map(|r| r.len).sum();
     // The front's length does not depend on the checksum.
     let data_off = moat_checkpoint::encode_front(c, data_len, 0)?.len() as u64;
     let io = |e: i32| format!("cannot write the checkpoint: errno {e}");
     let mut crc = moat_checkpoint::DataCrc::default();
-    let zero = [0u8; PAGE as usize];
-    let mut err = None;
     for r in &c.regions {
-        with_readable(r, |at, bytes| {
-            crc.update(bytes);
-            for (i, page) in bytes.chunks(PAGE as usize).enumerate() {
-                if page == &zero[..page.len()] || err.is_some() {
-                    continue;
-                }
-                let off = data_off + r.data + at + i as u64 * PAGE;
-                if let Err(e) = pwrite_all(fd, page, off) {
-                    err = Some(e);
-                }
-            }
-        });
-    }
-    if let Some(e) = err {
-        return Err(io(e));
+        let unreadable = r.prot & prot::READ == 0;
+        let readable = !unreadable || sys::mprotect(r.start, r.len, prot::READ).is_ok();
+        let zeros = vec![0u8; if readable { 0 } else { CHUNK as usize }];
+        let mut at = 0u64;
+        let mut result = Ok(());
+        while at < r.len && result.is_ok() {
+            let n = (r.len - at).min(CHUNK) as usize;
+            let chunk: &[u8] = if readable {
+                // SAFETY: [start, start+len) is a region of the guest's,
+                // readable (made so above), mapped while the map is not
+                // changed (every guest thread is stopped, and only they
+                // change it); nothing writes it meanwhile: the guest's
+                // threads are stopped and a picoprocess whose devices
+                // could write it is not carried (`describe` refused it).
+                unsafe { std::slice::from_raw_parts((r.start + at) as *const u8, n) }
+            } else {
+                // Left as zeros.
+                &zeros[..n]
+            };
+            crc.update(chunk);
+            result = write_runs(fd, chunk, data_off + r.data + at);
+            at += n as u64;
+        }
+        if unreadable && readable {
+            let _ = sys::mprotect(r.start, r.len, r.prot);
+        }
+        result.map_err(io)?;
     }
     let front = moat_checkpoint::encode_front(c, data_len, crc.finish())?;
     pwrite_all(fd, &front, 0).map_err(io)?;
@@ -185,25 +196,36 @@ pub fn write(fd: RawFd, c: &Checkpoint) -> Result<u64, String> {
     Ok(data_off + data_len)
 }
 
-/// Run `f` over a region's bytes, made readable for the while if the
-/// guest had taken reading away (every thread is stopped).
-fn with_readable(r: &Region, mut f: impl FnMut(u64, &[u8])) {
-    let unreadable = r.prot & prot::READ == 0;
-    let readable = !unreadable || sys::mprotect(r.start, r.len, prot::READ).is_ok();
-    let mut at = 0u64;
-    while at < r.len {
-        let n = (r.len - at).min(1 << 20);
-        if readable {
-            f(at, &sys::copy_in(r.start + at, n as usize));
-        } else {
-            // Left as zeros.
-            f(at, &vec![0u8; n as usize]);
+/// Bytes checked and written at a time.
+const CHUNK: u64 = 1 << 20;
+
+/// Write the pages of `chunk` that are not all zeros at `off` onward, a
+/// run of them at a time.
+fn write_runs(fd: RawFd, chunk: &[u8], off: u64) -> Result<(), i32> {
+    let page = PAGE as usize;
+    let is_zero = |p: &[u8]| {
+        let (head, words, tail) = {
+            // SAFETY: any bytes are valid u64s; align_to only reinterprets.
+            unsafe { p.align_to::<u64>() }
+        };
+        head.iter().all(|&b| b == 0)
+            && words.iter().all(|&w| w == 0)
+            && tail.iter().all(|&b| b == 0)
+    };
+    let mut i = 0;
+    while i < chunk.len() {
+        if is_zero(&chunk[i..(i + page).min(chunk.len())]) {
+            i += page;
+            continue;
         }
-        at += n;
+        let start = i;
+        while i < chunk.len() && !is_zero(&chunk[i..(i + page).min(chunk.len())]) {
+            i += page;
+        }
+        let end = i.min(chunk.len());
+        pwrite_all(fd, &chunk[start..end], off + start as u64)?;
     }
-    if unreadable && readable {
-        let _ = sys::mprotect(r.start, r.len, r.prot);
-    }
+    Ok(())
 }
 
 fn pwrite_all(fd: RawFd, mut b: &[u8], mut at: u64) -> Result<(), i32> {

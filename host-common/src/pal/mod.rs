@@ -274,11 +274,13 @@ impl LinuxPal {
         Ok(((base, total), (alt, ALTSTACK_SIZE)))
     }
 
+    /// Unmap a thread's stacks. Under the map's lock: a range the map
+    /// calls free is free in the process too (another thread placing a
+    /// stack there must find it unmapped).
     pub(crate) fn free_stacks(&self, stack: (u64, u64), alt: (u64, u64)) {
         let mut r = self.regions.write().unwrap();
         r.remove(stack.0, stack.1);
         r.remove(alt.0, alt.1);
-        drop(r);
         let _ = sys::munmap(stack.0, stack.1);
         let _ = sys::munmap(alt.0, alt.1);
     }
@@ -385,7 +387,9 @@ impl LinuxPal {
     }
 
     fn free_alt(&self, alt: (u64, u64)) {
-        self.regions.write().unwrap().remove(alt.0, alt.1);
+        // Under the map's lock, as `free_stacks`.
+        let mut r = self.regions.write().unwrap();
+        r.remove(alt.0, alt.1);
         let _ = sys::munmap(alt.0, alt.1);
     }
 

@@ -14,8 +14,10 @@ use super::vcpu::Cpu;
 use super::PicoVm;
 use crate::layout::{CALL_STUBS, RAM_START};
 use crate::longmode::USER_RFLAGS;
+use crate::pal::KvmPal;
 use kvm_bindings::{kvm_regs, kvm_xsave};
 use kvm_ioctls::SyncReg;
+use kvm_ioctls::VcpuFd;
 use moat_checkpoint::{Regs, Restart, MAX_FPU};
 use moat_host_common::freeze;
 use moat_host_common::sys;
@@ -99,12 +101,11 @@ fn xsave_bytes(x: &kvm_xsave) -> Vec<u8> {
 /// Load a carried XSAVE image over the vCPU's own (so that what the file
 /// does not say stays valid): the legacy area with MXCSR masked, and the
 /// extended state of the components this vCPU has enabled.
-pub(super) fn load_fpu(cpu: &Cpu, saved: &[u8]) -> bool {
-    let Ok(mut x) = cpu.vcpu.get_xsave() else {
+pub(super) fn load_fpu(vcpu: &VcpuFd, saved: &[u8]) -> bool {
+    let Ok(mut x) = vcpu.get_xsave() else {
         return false;
     };
-    let xcr0 = cpu
-        .vcpu
+    let xcr0 = vcpu
         .get_xcrs()
         .ok()
         .and_then(|c| {
@@ -115,25 +116,30 @@ pub(super) fn load_fpu(cpu: &Cpu, saved: &[u8]) -> bool {
         })
         .unwrap_or(3);
     let mut b = xsave_bytes(&x);
+    let word = |b: &[u8], at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
     let mask = u32::from_le_bytes(b[28..32].try_into().unwrap());
     let mask = if mask == 0 { 0xffbf } else { mask };
     let n = saved.len().min(MAX_FPU).min(b.len());
-    if n >= 512 {
-        b[..464].copy_from_slice(&saved[..464]);
-        b[28..32].copy_from_slice(&mask.to_le_bytes());
-        let mxcsr = u32::from_le_bytes(b[24..28].try_into().unwrap()) & mask;
-        b[24..28].copy_from_slice(&mxcsr.to_le_bytes());
+    if n < 512 {
+        return true;
     }
+    b[..464].copy_from_slice(&saved[..464]);
+    b[28..32].copy_from_slice(&mask.to_le_bytes());
+    let mxcsr = u32::from_le_bytes(b[24..28].try_into().unwrap()) & mask;
+    b[24..28].copy_from_slice(&mxcsr.to_le_bytes());
+    // x87 and SSE come from the legacy area; the other components the
+    // file has, where this vCPU has them enabled (or in use).
+    let mut bv = word(&b, 512) | 3;
     if n >= 576 {
         b[576..n].copy_from_slice(&saved[576..n]);
-        let bv = u64::from_le_bytes(saved[512..520].try_into().unwrap()) & xcr0;
-        b[512..520].copy_from_slice(&bv.to_le_bytes());
-        b[520..576].fill(0);
+        bv = 3 | (word(saved, 512) & (xcr0 | word(&b, 512)) & !3);
     }
+    b[512..520].copy_from_slice(&bv.to_le_bytes());
+    b[520..576].fill(0);
     for (w, c) in x.region.iter_mut().zip(b.chunks_exact(4)) {
         *w = u32::from_le_bytes(c.try_into().unwrap());
     }
-    cpu.vcpu.set_xsave(&x).is_ok()
+    vcpu.set_xsave(&x).is_ok()
 }
 
 impl PicoVm {
@@ -196,5 +202,34 @@ impl PicoVm {
                 cpu.vcpu.set_sync_dirty_reg(SyncReg::Register);
             }
         }
+    }
+
+    /// Run a thread a checkpoint carried, from its state, to its end.
+    pub(super) fn run_restored_thread(
+        &self,
+        pal: &KvmPal,
+        id: u64,
+        vcpu: VcpuFd,
+        alt: u64,
+        state: &moat_host_common::freeze::Saved,
+        param: u64,
+    ) -> i32 {
+        crate::guest_thread::set_thread_param(param);
+        let mut regs = from_regs(&state.regs);
+        if let Some(r) = state.restart {
+            if !make_again(self, &mut regs, r) {
+                return 134;
+            }
+        }
+        // After `prepare`: the vCPU's XCR0 says which state it takes.
+        let Some(prepared) = self.prepare(&vcpu) else {
+            return 125;
+        };
+        if !load_fpu(&vcpu, &state.fpu[..state.fpu_len]) {
+            self.tss_free.lock().unwrap().push(prepared.0);
+            self.idle.lock().unwrap().push(vcpu);
+            return 125;
+        }
+        self.run_from(pal, id, vcpu, prepared, regs, alt)
     }
 }

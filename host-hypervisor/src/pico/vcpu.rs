@@ -25,7 +25,7 @@ impl PicoVm {
     /// an I/O permission bitmap that allows every port, since a nested
     /// PVM host checks the bitmap, not IOPL: the VMM decides on each
     /// access), user mode, the system-call MSRs. `None` if KVM refuses.
-    fn prepare(&self, vcpu: &VcpuFd) -> Option<(u64, u64, kvm_sregs)> {
+    pub(super) fn prepare(&self, vcpu: &VcpuFd) -> Option<(u64, u64, kvm_sregs)> {
         let slot = self.tss_free.lock().unwrap().pop()?;
         let tss = self.tss_base + slot * TSS_SLOT;
         // The VMM's own memory (outside the region map), at the same
@@ -71,42 +71,17 @@ impl PicoVm {
             rflags: USER_RFLAGS,
             ..Default::default()
         };
-        self.run_from(pal, id, vcpu, (slot, tss, sregs), regs, None, stacks.alt)
-    }
-
-    /// Run a thread a checkpoint carried, from its state, to its end.
-    pub(super) fn run_restored_thread(
-        &self,
-        pal: &KvmPal,
-        id: u64,
-        vcpu: VcpuFd,
-        alt: u64,
-        state: &moat_host_common::freeze::Saved,
-        param: u64,
-    ) -> i32 {
-        set_thread_param(param);
-        let Some(prepared) = self.prepare(&vcpu) else {
-            return 125;
-        };
-        let mut regs = super::frozen::from_regs(&state.regs);
-        if let Some(r) = state.restart {
-            if !super::frozen::make_again(self, &mut regs, r) {
-                return 134;
-            }
-        }
-        let fpu = &state.fpu[..state.fpu_len];
-        self.run_from(pal, id, vcpu, prepared, regs, Some(fpu), alt)
+        self.run_from(pal, id, vcpu, (slot, tss, sregs), regs, stacks.alt)
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn run_from(
+    pub(super) fn run_from(
         &self,
         pal: &KvmPal,
         id: u64,
         mut vcpu: VcpuFd,
         (slot, tss, sregs): (u64, u64, kvm_sregs),
         regs: kvm_regs,
-        fpu: Option<&[u8]>,
         alt: u64,
     ) -> i32 {
         if vcpu.set_regs(&regs).is_err() {
@@ -122,11 +97,6 @@ impl PicoVm {
             depth: 0,
             stale: (0, 0, 0),
         };
-        if let Some(f) = fpu {
-            if !super::frozen::load_fpu(&cpu, f) {
-                return 125;
-            }
-        }
         let code = match self.run_until(pal, &mut cpu) {
             Outcome::ThreadExit(code) => code,
             Outcome::UpcallReturned(_) => self.die(
