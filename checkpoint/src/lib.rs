@@ -47,8 +47,9 @@ pub const PAGE: u64 = 4096;
 
 /// The most abort-event registrations (as the hosts allow).
 pub const MAX_ABORT_EVENTS: usize = 64;
-/// The largest meta section.
-pub const MAX_META: u64 = 16 << 20;
+/// The largest meta section (decoding may take several times this in
+/// memory, so it is kept small: a meta of the largest counts fits).
+pub const MAX_META: u64 = 4 << 20;
 /// The most regions, handles and threads a checkpoint may hold.
 pub const MAX_REGIONS: usize = 1 << 16;
 pub const MAX_HANDLES: usize = 1 << 16;
@@ -375,6 +376,18 @@ impl Checkpoint {
             return Err("has limits out of range".into());
         }
         let (lo, hi) = moat_pal::layout::window(self.memory_mib, self.threads_limit);
+        if self
+            .regions
+            .iter()
+            .map(|r| r.len)
+            .try_fold(0u64, |a, l| a.checked_add(l))
+            != Some(data_len)
+        {
+            return Err(
+                "has a data section whose length is not its regions' (a file grown or forged)"
+                    .into(),
+            );
+        }
         if self.regions.is_empty() || self.regions.len() > MAX_REGIONS {
             return Err(format!(
                 "has {} regions (1 to {MAX_REGIONS})",
@@ -420,7 +433,10 @@ impl Checkpoint {
         if !sorted.iter().any(|r| {
             r.kind == RegionKind::Host
                 && self.startup >= r.start
-                && self.startup + 4096 <= r.start + r.len
+                && self
+                    .startup
+                    .checked_add(4096)
+                    .is_some_and(|e| e <= r.start + r.len)
         }) {
             return Err("has no start-up block".into());
         }
@@ -444,10 +460,13 @@ impl Checkpoint {
                 }
             }
             let rip = t.regs.0[Regs::RIP];
-            if !sorted
-                .iter()
-                .any(|r| r.prot & prot::EXEC != 0 && rip >= r.start && rip < r.start + r.len)
-            {
+            // The region at or below rip (sorted, apart).
+            let k = sorted.partition_point(|r| r.start <= rip);
+            let inside = k > 0 && {
+                let r = sorted[k - 1];
+                r.prot & prot::EXEC != 0 && rip < r.start + r.len
+            };
+            if !inside {
                 return Err(format!(
                     "thread {i} stopped at {rip:#x}, outside executable guest memory"
                 ));

@@ -62,12 +62,43 @@ pub fn checkpoint(a: CheckpointArgs) -> i32 {
             a.pid
         ));
     }
+    // The listener must be that process, run by this user (or root): an
+    // abstract name can be taken by anyone first.
+    use nix::sys::socket::{getsockopt, setsockopt, sockopt};
+    let me = nix::unistd::geteuid().as_raw();
+    match getsockopt(&sock, sockopt::PeerCredentials) {
+        Ok(c) if c.pid() as u32 == a.pid && (c.uid() == me || c.uid() == 0) => {}
+        _ => {
+            return bad_input(format!(
+                "the control socket of process {} is not that process's (or not its user's); refusing to hand it a file",
+                a.pid
+            ))
+        }
+    }
+    let _ = setsockopt(
+        &sock,
+        sockopt::ReceiveTimeout,
+        &nix::sys::time::TimeVal::new(150, 0),
+    );
+    // Written beside FILE, then renamed over it: a failure leaves FILE as
+    // it was, and picoprocesses restored from the old FILE (which map it)
+    // keep the old file.
+    let tmp = {
+        let name = a.file.file_name().map(|n| n.to_string_lossy().into_owned());
+        let Some(name) = name else {
+            return bad_input(format!(
+                "cannot write {}: not a file name",
+                a.file.display()
+            ));
+        };
+        a.file
+            .with_file_name(format!(".{name}.moat-{}.tmp", std::process::id()))
+    };
     let file = match std::fs::OpenOptions::new()
         .read(true)
         .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&a.file)
+        .create_new(true)
+        .open(&tmp)
     {
         Ok(f) => f,
         Err(e) => return bad_input(format!("cannot write {}: {e}", a.file.display())),
@@ -83,22 +114,36 @@ pub fn checkpoint(a: CheckpointArgs) -> i32 {
     let reply = sent
         .map_err(|e| e.to_string())
         .and_then(|()| protocol::recv::<ControlReply>(sock.as_fd()).map_err(|e| e.to_string()));
+    drop(file);
+    let failed = |msg: String| {
+        let _ = std::fs::remove_file(&tmp);
+        bad_input(msg)
+    };
     match reply {
-        Ok((ControlReply::Done { bytes }, _)) => {
-            eprintln!(
-                "moat: checkpoint written to {} ({bytes} bytes)",
-                a.file.display()
-            );
-            0
-        }
-        Ok((ControlReply::Failed { why }, _)) => {
-            let _ = std::fs::remove_file(&a.file);
-            bad_input(why)
-        }
-        Err(e) => {
-            let _ = std::fs::remove_file(&a.file);
-            bad_input(format!("process {} did not answer: {e}", a.pid))
-        }
+        Ok((ControlReply::Done { bytes }, _)) => match std::fs::rename(&tmp, &a.file) {
+            Ok(()) => {
+                eprintln!(
+                    "moat: checkpoint written to {} ({bytes} bytes)",
+                    a.file.display()
+                );
+                0
+            }
+            Err(e) => failed(format!("cannot write {}: {e}", a.file.display())),
+        },
+        // One line, control characters escaped: the answer came through
+        // another process.
+        Ok((ControlReply::Failed { why }, _)) => failed(
+            why.chars()
+                .map(|c| {
+                    if c.is_control() {
+                        c.escape_default().to_string()
+                    } else {
+                        c.to_string()
+                    }
+                })
+                .collect(),
+        ),
+        Err(e) => failed(format!("process {} did not answer: {e}", a.pid)),
     }
 }
 

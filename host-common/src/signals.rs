@@ -26,9 +26,10 @@ pub trait GuestView: Sync {
     fn is_guest_memory(&self, _addr: u64) -> bool {
         false
     }
-    /// Whether `[addr, addr+len)` is writable guest memory (without
-    /// blocking, as [`GuestView::is_guest_code`]).
-    fn is_guest_writable(&self, _addr: u64, _len: u64) -> bool {
+    /// Whether `[addr, addr+len)` is writable guest memory, waiting for the
+    /// map if need be: only for a thread that holds no lock of the PAL's
+    /// (a thread stopped at guest level).
+    fn guest_writable(&self, _addr: u64, _len: u64) -> bool {
         false
     }
 }
@@ -165,19 +166,31 @@ pub(crate) fn in_guest_code(rip: u64) -> bool {
     guest().is_some_and(|g| g.is_guest_code(rip))
 }
 
-/// Whether `[addr, addr+len)` is writable guest memory (without blocking).
-pub(crate) fn is_guest_writable(addr: u64, len: u64) -> bool {
-    guest().is_some_and(|g| g.is_guest_writable(addr, len))
-}
-
 thread_local! {
     /// Exception upcalls the calling thread is inside.
     static UPCALLS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
 }
 
+/// See [`GuestView::guest_writable`].
+pub(crate) fn guest_writable(addr: u64, len: u64) -> bool {
+    guest().is_some_and(|g| g.guest_writable(addr, len))
+}
+
 /// Whether the calling thread is running an exception upcall.
-pub(crate) fn in_upcall() -> bool {
+pub fn in_upcall() -> bool {
     UPCALLS.with(|u| u.get() > 0)
+}
+
+/// The calling thread starts (`true`) or ends an exception upcall that a
+/// host runs itself (the kvm vCPU loop; `call_upcall` counts its own).
+pub fn upcall(starts: bool) {
+    UPCALLS.with(|u| {
+        u.set(if starts {
+            u.get() + 1
+        } else {
+            u.get().saturating_sub(1)
+        })
+    });
 }
 
 extern "C" fn on_fault(sig: i32, info: *mut libc::siginfo_t, uc: *mut libc::c_void) {

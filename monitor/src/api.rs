@@ -375,9 +375,12 @@ pub struct Controller(Arc<Proc>);
 impl Controller {
     /// As [`Picoprocess::checkpoint`].
     pub fn checkpoint(&self, file: &File, opts: CheckpointOptions) -> Result<u64, Error> {
-        self.0
-            .checkpoint(file, opts)
-            .map_err(|why| Error::BadInput(format!("cannot checkpoint the picoprocess: {why}")))
+        self.0.checkpoint(file, opts).map_err(|why| {
+            Error::BadInput(format!(
+                "cannot checkpoint the picoprocess: {}",
+                crate::session::sanitize(&why)
+            ))
+        })
     }
 }
 
@@ -473,9 +476,7 @@ impl Picoprocess {
     /// what cannot be carried, or does not stop in time; the error says
     /// which.
     pub fn checkpoint(&self, file: &File, opts: CheckpointOptions) -> Result<u64, Error> {
-        self.root
-            .checkpoint(file, opts)
-            .map_err(|why| Error::BadInput(format!("cannot checkpoint the picoprocess: {why}")))
+        self.controller().checkpoint(file, opts)
     }
 
     /// Ask the picoprocess to stop: SIGTERM, which the loader turns into

@@ -93,6 +93,13 @@ pub(crate) fn start(
     let control = if checkpointable {
         let (mine, theirs) = protocol::seqpacket_pair()
             .map_err(|e| Error::io("cannot make the control socket", e))?;
+        let t = crate::proc::CONTROL_TIMEOUT;
+        nix::sys::socket::setsockopt(
+            &mine,
+            nix::sys::socket::sockopt::ReceiveTimeout,
+            &nix::sys::time::TimeVal::new(t.as_secs() as _, 0),
+        )
+        .map_err(|e| Error::io("cannot set up the control socket", e.into()))?;
         *proc.control.lock().unwrap_or_else(|e| e.into_inner()) = Some(mine);
         Some(theirs)
     } else {

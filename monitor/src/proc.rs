@@ -10,6 +10,10 @@ pub type ReportSlot = Arc<Mutex<Option<(ReportKind, String)>>>;
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Condvar, Mutex};
 
+/// How long a checkpoint may take before its picoprocess is given up on
+/// (the control socket's receive timeout).
+pub(crate) const CONTROL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// One running (or ended) picoprocess of a session.
 pub(crate) struct Proc {
     pub(crate) pid: u32,
@@ -76,9 +80,9 @@ impl Proc {
     ) -> Result<u64, String> {
         use moat_host_common::protocol::{self, Control, ControlReply};
         use std::os::fd::{AsFd, AsRawFd};
-        let c = self.control.lock().unwrap_or_else(|e| e.into_inner());
+        let mut c = self.control.lock().unwrap_or_else(|e| e.into_inner());
         let Some(sock) = c.as_ref() else {
-            return Err("it was not started checkpointable (moat run --checkpointable, or the `checkpoint` layer)".into());
+            return Err("it was not started checkpointable (moat run --checkpointable, or the `checkpoint` layer), or its control channel was closed after a checkpoint that did not answer".into());
         };
         protocol::send(
             sock.as_fd(),
@@ -86,9 +90,20 @@ impl Proc {
             &[file.as_raw_fd()],
         )
         .map_err(|e| format!("it cannot be reached: {e}"))?;
+        // The confined process answers (its word is hostile input: one
+        // line, escaped); one that does not answer within the socket's
+        // timeout loses its control channel, so that a late answer is
+        // never taken for the next request's.
         match protocol::recv::<ControlReply>(sock.as_fd()) {
             Ok((ControlReply::Done { bytes }, _)) => Ok(bytes),
             Ok((ControlReply::Failed { why }, _)) => Err(why),
+            Err(protocol::WireError::Io(nix::Error::EAGAIN)) => {
+                *c = None;
+                Err(format!(
+                    "it did not answer within {} s; no more checkpoints of it",
+                    CONTROL_TIMEOUT.as_secs()
+                ))
+            }
             Err(e) => Err(format!("it ended before the checkpoint was written ({e})")),
         }
     }

@@ -365,3 +365,215 @@ fn the_abort_event_and_a_wait_in_progress_are_carried() {
         }
     }
 }
+
+/// A checkpoint file forged with the right checksums (anyone can write
+/// one): every forged field is refused with exit 2, or at worst ends its
+/// own picoprocess with a fault report; nothing hangs, nothing of the
+/// host's breaks, on either host.
+#[test]
+fn forged_checkpoints_end_their_own_picoprocess_at_worst() {
+    use moat_checkpoint::{Checkpoint, Held, Regs, Restart};
+    if !sandbox_available() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let ck = d.path().join("real.ckpt");
+    let out = d.path().join("run");
+    let mut run = start(&["run", "--checkpointable", "counter", "40"], &out);
+    wait_lines(&mut run, &out, 3);
+    moat(&["checkpoint", &run.id().to_string(), ck.to_str().unwrap()]).assert_code(0);
+    assert_eq!(finish(run, &out), 0);
+    let bytes = std::fs::read(&ck).unwrap();
+    let h = moat_checkpoint::parse_header(&bytes, bytes.len() as u64).unwrap();
+    let meta = &bytes[h.meta_off as usize..(h.meta_off + h.meta_len) as usize];
+    let real = moat_checkpoint::decode_meta(&h, meta).unwrap();
+    let data = &bytes[h.data_off as usize..];
+    let forge = |c: &Checkpoint| -> Vec<u8> {
+        // Unchecked: the forger writes what it likes, with right sums.
+        let meta = postcard::to_allocvec(c).unwrap();
+        let hd = moat_checkpoint::Header {
+            meta_off: 64,
+            meta_len: meta.len() as u64,
+            data_off: (64 + meta.len() as u64).next_multiple_of(4096),
+            data_len: data.len() as u64,
+            meta_crc: crc(&meta),
+            data_crc: h.data_crc,
+        };
+        let mut f = hd.encode().to_vec();
+        f.extend_from_slice(&meta);
+        f.resize(hd.data_off as usize, 0);
+        f.extend_from_slice(data);
+        f
+    };
+    let exec = *real
+        .regions
+        .iter()
+        .find(|r| r.prot & moat_pal::prot::EXEC != 0)
+        .unwrap();
+    let data_region = *real
+        .regions
+        .iter()
+        .find(|r| r.prot & moat_pal::prot::WRITE != 0)
+        .unwrap();
+    type Forgery = (&'static str, Box<dyn Fn(&mut Checkpoint)>);
+    let forgeries: Vec<Forgery> = vec![
+        (
+            "rip in data",
+            Box::new(move |c| c.threads[0].regs.0[Regs::RIP] = data_region.start),
+        ),
+        (
+            "rip inside an instruction",
+            Box::new(move |c| c.threads[0].regs.0[Regs::RIP] = exec.start + 1),
+        ),
+        (
+            "no stack",
+            Box::new(|c| {
+                for t in &mut c.threads {
+                    t.regs.0[Regs::RSP] = 8;
+                }
+            }),
+        ),
+        (
+            "every flag",
+            Box::new(|c| c.threads[0].regs.0[Regs::RFLAGS] = u64::MAX),
+        ),
+        (
+            "vector state of ones",
+            Box::new(|c| {
+                for t in &mut c.threads {
+                    t.fpu.iter_mut().for_each(|b| *b = 0xff);
+                }
+            }),
+        ),
+        (
+            "restart process exit",
+            Box::new(|c| {
+                c.threads[0].restart = Some(Restart {
+                    nr: moat_pal::nr::DK_PROCESS_EXIT,
+                    args: [42, 0, 0, 0, 0, 0],
+                })
+            }),
+        ),
+        (
+            "restart with a wild pointer",
+            Box::new(|c| {
+                c.threads[0].restart = Some(Restart {
+                    nr: moat_pal::nr::DK_OBJECTS_WAIT_ANY,
+                    args: [3, 0xdead_0000, 10, 0, 0, 0],
+                })
+            }),
+        ),
+        (
+            "writable code",
+            Box::new(|c| {
+                for r in &mut c.regions {
+                    if r.prot & moat_pal::prot::EXEC != 0 {
+                        r.prot |= moat_pal::prot::WRITE;
+                    }
+                }
+            }),
+        ),
+        (
+            "a region past the window",
+            Box::new(|c| c.regions[0].start = 3 << 30),
+        ),
+        (
+            "a region over another",
+            Box::new(|c| {
+                let s = c.regions[0].start;
+                c.regions[1].start = s;
+            }),
+        ),
+        (
+            "bytes past the file",
+            Box::new(|c| c.regions[0].data = 1 << 40),
+        ),
+        (
+            "a thread handle for the first thread",
+            Box::new(|c| {
+                c.handles.push(moat_checkpoint::Handle {
+                    handle: 7 << 32 | 99,
+                    refs: 1,
+                    held: Held::Thread { thread: Some(0) },
+                })
+            }),
+        ),
+        (
+            "a file never granted",
+            Box::new(|c| {
+                c.handles.push(moat_checkpoint::Handle {
+                    handle: 7 << 32 | 99,
+                    refs: 1,
+                    held: Held::File {
+                        uri: "file:/etc/shadow".into(),
+                        access: 1,
+                        options: 0,
+                        directory: false,
+                        size: 0,
+                        mtime_ns: 0,
+                    },
+                })
+            }),
+        ),
+        (
+            "an oversized semaphore",
+            Box::new(|c| {
+                c.handles.push(moat_checkpoint::Handle {
+                    handle: 7 << 32 | 99,
+                    refs: 1,
+                    held: Held::Semaphore { count: 9, max: 1 },
+                })
+            }),
+        ),
+        (
+            "more threads than any limit",
+            Box::new(|c| {
+                let mut t = c.threads[0].clone();
+                t.fpu.truncate(512);
+                c.threads = vec![t; moat_checkpoint::MAX_THREADS + 1];
+            }),
+        ),
+    ];
+    let bad = d.path().join("forged.ckpt");
+    for h in hosts() {
+        for (what, f) in &forgeries {
+            let mut c = real.clone();
+            f(&mut c);
+            std::fs::write(&bad, forge(&c)).unwrap();
+            let t0 = Instant::now();
+            let r = moat(&["restore", "--host", h, bad.to_str().unwrap()]);
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "{h}: {what}: took {:?}",
+                t0.elapsed()
+            );
+            // Refused (2), ended by its own fault or the host's report
+            // (128+N, 134), or harmless (0; 1, the counter's answer to a
+            // call that failed; the exit it forged: 42).
+            assert!(
+                [0, 1, 2, 42, 132, 133, 134, 135, 136, 139].contains(&r.code),
+                "{h}: {what}: exit {}\n{}",
+                r.code,
+                r.stderr
+            );
+            assert!(!r.stderr.contains("panicked"), "{h}: {what}: {}", r.stderr);
+        }
+    }
+}
+
+/// The CRC-32 (IEEE) the file uses, written out here so the test does not
+/// trust the reader's.
+fn crc(b: &[u8]) -> u32 {
+    let mut c = !0u32;
+    for &x in b {
+        c ^= x as u32;
+        for _ in 0..8 {
+            c = if c & 1 != 0 {
+                (c >> 1) ^ 0xedb8_8320
+            } else {
+                c >> 1
+            };
+        }
+    }
+    !c
+}

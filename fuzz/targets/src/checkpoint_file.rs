@@ -19,8 +19,17 @@ pub fn run(data: &[u8]) {
         }
         let mut w = [0u8; 8];
         w.copy_from_slice(&rest[..8]);
-        let data_len = (u64::from_le_bytes(w) % (1 << 24)).next_multiple_of(4096);
         let meta = &rest[8..];
+        // The data's length is its regions' (else the reader refuses the
+        // file at once); from the input when the meta does not decode.
+        let data_len = match postcard::from_bytes::<moat_checkpoint::Checkpoint>(meta) {
+            Ok(c) => c
+                .regions
+                .iter()
+                .fold(0u64, |a, r| a.saturating_add(r.len))
+                .min(1 << 40),
+            Err(_) => (u64::from_le_bytes(w) % (1 << 24)).next_multiple_of(4096),
+        };
         let h = moat_checkpoint::Header {
             meta_off: moat_checkpoint::HEADER as u64,
             meta_len: meta.len() as u64,

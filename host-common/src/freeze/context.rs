@@ -73,6 +73,18 @@ impl<'a> Frame<'a> {
         self.reg(libc::REG_RIP)
     }
 
+    /// Whether `sig` was blocked where the thread was interrupted.
+    pub fn blocks(&self, sig: libc::c_int) -> bool {
+        let n = (sig - 1) as usize;
+        // The kernel's sigset: 64 bits, bit sig-1.
+        // SAFETY: sigset_t is plain data of at least 8 bytes; only its
+        // first word is read.
+        let first: u64 = unsafe {
+            std::ptr::read_unaligned(&self.uc.uc_sigmask as *const libc::sigset_t as *const u64)
+        };
+        n < 64 && first & (1 << n) != 0
+    }
+
     /// Set or clear the trap flag the thread resumes with.
     pub fn set_trap(&mut self, on: bool) {
         let f = self.reg(libc::REG_EFL);

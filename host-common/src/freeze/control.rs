@@ -51,16 +51,19 @@ fn serve(
                     pal.threads_live.load(std::sync::atomic::Ordering::Acquire)
                 })
                 .and_then(|frozen| {
+                    // The map held until the memory is written.
+                    let map = pal.regions.read().unwrap();
                     super::write::describe(
                         pal,
+                        &map,
                         layer,
                         &frozen,
                         &args,
                         memory_mib,
                         opts.close_uncarried,
                     )
-                })
-                .and_then(|c| super::write::write(file.as_raw_fd(), &c));
+                    .and_then(|c| super::write::write(file.as_raw_fd(), &c))
+                });
                 match r {
                     Ok(bytes) => ControlReply::Done { bytes },
                     Err(why) => ControlReply::Failed { why },

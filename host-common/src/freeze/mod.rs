@@ -71,6 +71,10 @@ pub struct Slot {
 }
 
 static ENABLED: OnceLock<OwnedFd> = OnceLock::new();
+/// The host's code (the loader's or VMM's executable segments, the C
+/// library's, the vDSO): fixed once the process is confined, so a signal
+/// handler tells guest code from host code without a lock.
+static HOST_CODE: OnceLock<Vec<(u64, u64)>> = OnceLock::new();
 static FREEZING: AtomicBool = AtomicBool::new(false);
 static THREADS: Mutex<Vec<Arc<Slot>>> = Mutex::new(Vec::new());
 /// The guest's PAL table: its context word and its entry of each call,
@@ -84,6 +88,7 @@ thread_local! {
 /// Install the freeze's signal handlers (a loader or a VMM, before its
 /// sandbox closes `sigaction`); inert until freezing is on.
 pub fn install_handlers() -> Result<(), String> {
+    let _ = HOST_CODE.set(sys::pal_code_ranges());
     crate::signals::set_trap_hook(on_trap);
     crate::signals::install_handler(SIG_FREEZE, on_freeze as *const () as usize)?;
     crate::signals::install_handler(SIG_RESUME, on_resume as *const () as usize)
@@ -207,15 +212,24 @@ pub fn unregister() {
         .retain(|s| !std::ptr::eq(Arc::as_ptr(s), p));
 }
 
-/// Whether the interrupted state is the guest's own: guest code, outside
-/// any call and any exception upcall.
+/// Whether `rip` is the host's code.
+fn host_code(rip: u64) -> bool {
+    HOST_CODE
+        .get()
+        .is_some_and(|v| v.iter().any(|&(a, b)| (a..b).contains(&rip)))
+}
+
+/// Whether the interrupted state is the guest's own: not the host's code
+/// (so the guest's: nothing else executes), outside any call and any
+/// exception upcall. Lock-free, so that a thread stepping out of PAL code
+/// stops at its first guest instruction, never a later one.
 fn at_guest_level(rip: u64) -> bool {
-    crate::signals::in_guest_code(rip)
+    HOST_CODE.get().is_some()
+        && !host_code(rip)
         && !moat_layers::checkpointer::in_call()
         && !crate::signals::in_upcall()
 }
 
-/// Wait in the handler until thawed; then apply what resuming asks.
 /// Wait (the calling thread, stopped) until thawed.
 pub fn park(s: &Slot) {
     s.state.store(STOPPED, Ordering::Release);
@@ -254,7 +268,8 @@ fn apply_restart(f: &mut context::Frame<'_>, r: Restart) {
         return;
     };
     let rsp = f.reg(libc::REG_RSP).wrapping_sub(8);
-    if !crate::signals::is_guest_writable(rsp, 8) {
+    // Blocking: this thread is at guest level and holds no lock.
+    if !crate::signals::guest_writable(rsp, 8) {
         return;
     }
     sys::put(rsp, f.rip());
@@ -289,8 +304,14 @@ extern "C" fn on_freeze(_sig: i32, _info: *mut libc::siginfo_t, uc: *mut libc::c
     let mut f = unsafe { context::Frame::new(uc) };
     if at_guest_level(f.rip()) {
         stop(s, &mut f);
-    } else if !moat_layers::checkpointer::in_call() {
-        // PAL code outside a call (starting, an upcall): step to the guest.
+    } else if !moat_layers::checkpointer::in_call()
+        && !crate::signals::in_upcall()
+        && !f.blocks(libc::SIGTRAP)
+    {
+        // PAL code outside a call (a thread starting or ending): step to
+        // the guest. Never where a step's trap would be blocked (inside
+        // the SIGTRAP handler itself, or an upcall it runs): the
+        // coordinator asks again later.
         s.stepping.store(true, Ordering::Relaxed);
         f.set_trap(true);
     }
@@ -305,15 +326,20 @@ fn on_trap(uc: *mut libc::c_void) -> bool {
     }
     // SAFETY: uc is the SIGTRAP handler's context.
     let mut f = unsafe { context::Frame::new(uc) };
-    if s.state.load(Ordering::Acquire) != FREEZE {
-        s.stepping.store(false, Ordering::Relaxed);
-        f.set_trap(false);
+    if !at_guest_level(f.rip()) {
         return true;
     }
-    if at_guest_level(f.rip()) {
-        s.stepping.store(false, Ordering::Relaxed);
-        f.set_trap(false);
+    s.stepping.store(false, Ordering::Relaxed);
+    f.set_trap(false);
+    if s.state.load(Ordering::Acquire) == FREEZE && freezing() {
         stop(s, &mut f);
+    } else {
+        // Thawed on the way (the freeze gave up): a call it cut short is
+        // made again now, as if the freeze had not happened.
+        let r = s.saved.lock().unwrap().restart.take();
+        if let Some(r) = r {
+            apply_restart(&mut f, r);
+        }
     }
     true
 }
@@ -387,6 +413,12 @@ impl moat_layers::checkpointer::FreezeHost for Host {
             let _ = s
                 .state
                 .compare_exchange(RUN, FREEZE, Ordering::AcqRel, Ordering::Acquire);
+            if !freezing() {
+                let _ = s
+                    .state
+                    .compare_exchange(FREEZE, RUN, Ordering::AcqRel, Ordering::Acquire);
+            }
+            // The vCPU loop stops, or makes a cut-short call again.
             STOP.with(|c| c.set(Some(restart)));
             return;
         }
@@ -444,13 +476,19 @@ pub fn freeze_all(limit: Duration, live: &dyn Fn() -> u64) -> Result<Vec<Frozen>
                     }
                     waiting.push(s.handle);
                 }
+                // Still leaving the last freeze: it goes back to RUN.
+                THAW => waiting.push(s.handle),
                 _ => {}
             }
         }
         if kick {
             last_kick = Instant::now();
         }
-        if waiting.is_empty() && slots.len() as u64 >= live() {
+        // Every thread that exists has a slot (one just made registers
+        // before it runs guest code; one ending keeps its slot until it is
+        // no longer counted), and every slot is stopped or ending.
+        let n = live();
+        if waiting.is_empty() && n > 0 && slots.len() as u64 == n {
             return Ok(slots
                 .iter()
                 .filter(|s| s.state.load(Ordering::Acquire) == STOPPED)

@@ -92,7 +92,7 @@ pub fn make_handles(
                 if let Object::Stream(s) = &*o {
                     let st = sys::fstat(s.fd.as_raw_fd())
                         .map_err(|e| format!("cannot look at {uri}: errno {e}"))?;
-                    let m = st.st_mtime * 1_000_000_000 + st.st_mtime_nsec;
+                    let m = super::write::mtime_ns(&st);
                     if st.st_size as u64 != *size || m != *mtime_ns {
                         return Err(format!(
                             "{uri} changed since the checkpoint (its size or modification time differs); restore needs the files as they were"

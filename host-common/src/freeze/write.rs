@@ -13,9 +13,13 @@ use moat_pal::memory::RegionKind as Kind;
 use moat_pal::{prot, stream_kind};
 use std::os::fd::{AsRawFd, RawFd};
 
-/// Describe the frozen picoprocess (threads from [`super::freeze_all`]).
+/// Describe the frozen picoprocess (threads from [`super::freeze_all`]),
+/// its regions as `map` has them (the caller holds the map until the
+/// memory is written, so that no thread ending meanwhile unmaps a stack
+/// the writer reads).
 pub fn describe(
     pal: &LinuxPal,
+    map: &moat_pal::memory::RegionMap,
     layer: &Checkpointer,
     frozen: &[Frozen],
     args: &[String],
@@ -26,7 +30,7 @@ pub fn describe(
     let alts: Vec<(u64, u64)> = frozen.iter().map(|f| f.alt).collect();
     let mut regions = Vec::new();
     let mut data = 0u64;
-    for (start, r) in pal.regions.read().unwrap().iter() {
+    for (start, r) in map.iter() {
         let len = r.end - start;
         if alts.iter().any(|&(a, l)| start >= a && start < a + l) {
             continue;
@@ -86,7 +90,7 @@ pub fn describe(
                         options,
                         directory: s.kind == stream_kind::DIRECTORY,
                         size: st.st_size as u64,
-                        mtime_ns: st.st_mtime * 1_000_000_000 + st.st_mtime_nsec,
+                        mtime_ns: mtime_ns(&st),
                     }
                 }
                 stream_kind::CONSOLE | stream_kind::NULL => Held::Console { uri, access },
@@ -105,6 +109,13 @@ pub fn describe(
                 },
             },
             (Object::Thread(_), _) => Held::Thread { thread: index(h) },
+            // Devices are never carried, not even as closed: their I/O
+            // may still write guest memory while it is read.
+            (Object::Stream(s), _) if s.kind == stream_kind::DEVICE => {
+                return Err(format!(
+                    "handle {h:#x} is a device, which cannot be carried; a picoprocess holding one cannot be checkpointed"
+                ))
+            }
             (Object::Process(_), _) => {
                 return Err(format!(
                     "handle {h:#x} is a child picoprocess, which cannot be carried"
@@ -119,8 +130,8 @@ pub fn describe(
         })();
         let held = match held {
             Ok(held) => held,
-            // Carried as closed: left out.
-            Err(_) if close_uncarried => continue,
+            // Carried as closed: left out (never a device).
+            Err(e) if close_uncarried && !e.contains("is a device") => continue,
             Err(e) => {
                 return Err(format!(
                     "{e} (or checkpoint with --close-uncarried to carry it as closed)"
@@ -157,6 +168,8 @@ pub fn describe(
 /// (header and meta, which hold the checksum), then the length.
 pub fn write(fd: RawFd, c: &Checkpoint) -> Result<u64, String> {
     let data_len: u64 = c.regions.iter().map(|r| r.len).sum();
+    // Holes must read as zeros: whatever the file held goes.
+    sys::ftruncate(fd, 0).map_err(|e| format!("cannot write the checkpoint: errno {e}"))?;
     // The front's length does not depend on the checksum.
     let data_off = moat_checkpoint::encode_front(c, data_len, 0)?.len() as u64;
     let io = |e: i32| format!("cannot write the checkpoint: errno {e}");
@@ -238,4 +251,11 @@ fn pwrite_all(fd: RawFd, mut b: &[u8], mut at: u64) -> Result<(), i32> {
         at += n as u64;
     }
     Ok(())
+}
+
+/// A file's modification time in nanoseconds (saturating).
+pub(crate) fn mtime_ns(st: &libc::stat) -> i64 {
+    st.st_mtime
+        .saturating_mul(1_000_000_000)
+        .saturating_add(st.st_mtime_nsec)
 }

@@ -545,10 +545,8 @@ impl signals::GuestView for LinuxPal {
             .is_ok_and(|r| r.check(addr, 1, 0).is_ok())
     }
 
-    fn is_guest_writable(&self, addr: u64, len: u64) -> bool {
-        self.regions
-            .try_read()
-            .is_ok_and(|r| r.check(addr, len, prot::WRITE).is_ok())
+    fn guest_writable(&self, addr: u64, len: u64) -> bool {
+        self.check_w(addr, len).is_ok()
     }
 }
 

@@ -110,8 +110,11 @@ impl SyncCalls for LinuxPal {
             .then(|| Instant::now() + Duration::from_micros(timeout_micros as u64));
         let mut fds: Vec<(RawFd, i16)> = objs.iter().map(|o| (o.wait_fd(), libc::POLLIN)).collect();
         // With freezing on, a freeze cuts the wait short: TimedOut, which
-        // the checkpoint layer carries as the wait with the time left.
-        let wake = crate::freeze::wake_fd();
+        // the checkpoint layer carries as the wait with the time left. Not
+        // a poll (nothing to cut), nor a wait inside an exception upcall
+        // (the freeze waits for the upcall to end).
+        let wake =
+            crate::freeze::wake_fd().filter(|_| timeout_micros != 0 && !signals::in_upcall());
         if let Some(w) = wake {
             fds.push((w, libc::POLLIN));
         }

@@ -51,7 +51,7 @@ impl ThreadCalls for LinuxPal {
         }
         // With freezing on, a freeze cuts the delay short (the checkpoint
         // layer carries it as the delay left).
-        let Some(wake) = crate::freeze::wake_fd() else {
+        let Some(wake) = crate::freeze::wake_fd().filter(|_| !signals::in_upcall()) else {
             std::thread::sleep(Duration::from_micros(micros));
             return Ok(());
         };

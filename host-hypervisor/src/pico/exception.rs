@@ -318,7 +318,10 @@ impl PicoVm {
         };
         self.set_regs(cpu, &call);
         cpu.depth += 1;
+        // Seen by the freeze too: waits inside an upcall are not cut.
+        moat_host_common::signals::upcall(true);
         let out = self.run_until(pal, cpu);
+        moat_host_common::signals::upcall(false);
         cpu.depth -= 1;
         match out {
             Outcome::ThreadExit(code) => Err(code),

@@ -150,10 +150,22 @@ impl PicoVm {
         let Some(slot) = freeze::current() else {
             return;
         };
-        if !slot.wants_stop() || cpu.depth > 0 {
+        let mut regs = cpu.vcpu.sync_regs().regs;
+        if !slot.wants_stop() || cpu.depth > 0 || !freeze::freezing() {
+            // Not stopping here after all: a call the freeze cut short is
+            // made again at once, as if there had been no freeze.
+            if let Some(Some(r)) = after_call {
+                if self.lin.check_r(regs.rsp, 8).is_ok() {
+                    regs.rip = sys::get(regs.rsp);
+                    regs.rsp += 8;
+                    if make_again(self, &mut regs, r) {
+                        cpu.vcpu.sync_regs_mut().regs = regs;
+                        cpu.vcpu.set_sync_dirty_reg(SyncReg::Register);
+                    }
+                }
+            }
             return;
         }
-        let mut regs = cpu.vcpu.sync_regs().regs;
         let restart = match after_call {
             Some(r) => {
                 // The stub's `ret` has not run: run it here.
