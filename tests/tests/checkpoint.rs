@@ -577,3 +577,87 @@ fn crc(b: &[u8]) -> u32 {
     }
     !c
 }
+
+/// The conformance suite with a hop halfway (its argument `hop`): state
+/// of every kind a checkpoint carries is made, the picoprocess is
+/// checkpointed and restored on the other host, the state is checked,
+/// and the rest of the suite passes there; each way.
+#[test]
+fn conformance_passes_across_a_hop_each_way() {
+    if !sandbox_available() {
+        return;
+    }
+    let hs = hosts();
+    let routes: Vec<(&str, &str)> = if hs.len() > 1 {
+        vec![("linux", "kvm"), ("kvm", "linux")]
+    } else {
+        vec![("linux", "linux")]
+    };
+    for (from, to) in routes {
+        let d = tempfile::tempdir().unwrap();
+        let scratch = d.path().join("scratch");
+        std::fs::create_dir(&scratch).unwrap();
+        let s = file_uri(&scratch);
+        let exit_img = file_uri(&image("exit-code"));
+        let peer_img = file_uri(&image("shm-peer"));
+        let grants: Vec<&str> = vec![
+            "--allow",
+            &s,
+            "--allow-ro",
+            &exit_img,
+            "--allow-ro",
+            &peer_img,
+            "--allow",
+            "shm:",
+            "--allow",
+            "tcp.server:127.0.0.1:",
+            "--allow",
+            "tcp.client:127.0.0.1:",
+            "--allow",
+            "pipe.server:",
+            "--allow",
+            "pipe.client:",
+        ];
+        let conf = image("conformance").display().to_string();
+        let out1 = d.path().join("before");
+        let mut args = vec!["run", "--host", from, "--checkpointable"];
+        args.extend_from_slice(&grants);
+        args.extend_from_slice(&[&conf, "--", &s, &exit_img, "-", &peer_img, "hop"]);
+        let mut run = start(&args, &out1);
+        let t0 = Instant::now();
+        while !read(&out1).lines().any(|l| l == "hop") {
+            assert!(
+                run.try_wait().unwrap().is_none(),
+                "{from}: ended before the hop:\n{}",
+                read(&out1)
+            );
+            assert!(t0.elapsed() < Duration::from_secs(60), "{from}: no hop");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let ck = d.path().join("c.ckpt");
+        let r = moat(&["checkpoint", &run.id().to_string(), ck.to_str().unwrap()]);
+        assert_eq!(r.code, 0, "{from}: {}", r.stderr);
+        assert_eq!(finish(run, &out1), 0);
+        std::fs::write(scratch.join("hop-done"), b"").unwrap();
+        let out2 = d.path().join("after");
+        let mut args = vec!["restore", "--host", to];
+        args.extend_from_slice(&grants);
+        args.push(ck.to_str().unwrap());
+        let rest = start(&args, &out2);
+        let code = finish(rest, &out2);
+        let all = read(&out1) + &read(&out2);
+        let fails: Vec<&str> = all.lines().filter(|l| l.starts_with("FAIL")).collect();
+        assert!(
+            fails.is_empty() && code == 0,
+            "{from} -> {to}: exit {code}, failing cases:\n{}\nerrors:\n{}",
+            fails.join("\n"),
+            read(&out2.with_extension("err"))
+        );
+        assert!(all.contains("\nok hop_state_carried\n"), "{from} -> {to}");
+        assert!(
+            all.lines().last().unwrap_or("").contains(" 0 failed"),
+            "{from} -> {to}: {}",
+            all.lines().last().unwrap_or("")
+        );
+    }
+}

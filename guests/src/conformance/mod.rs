@@ -5,7 +5,9 @@
 //! Arguments: 1 (optional) a writable scratch directory URI (`file:/tmp/x`),
 //! 2 (optional) a readable `file:` URI of the `exit-code` image,
 //! 3 (optional) run only the cases whose name contains this text,
-//! 4 (optional) a readable `file:` URI of the `shm-peer` image.
+//! 4 (optional) a readable `file:` URI of the `shm-peer` image,
+//! 5 (optional) `hop`: halfway, wait for a checkpoint and restore and
+//! check what it carried (see `hop`).
 //! An argument `-` stands for "absent".
 use alloc::format;
 use alloc::string::String;
@@ -17,6 +19,7 @@ use moat_libos::println;
 mod exception;
 mod files;
 mod handles;
+mod hop;
 mod memory;
 mod misc;
 mod net;
@@ -222,7 +225,8 @@ fn arg(args: &[String], i: usize) -> Option<String> {
 /// Run the suite; the exit code.
 pub fn run() -> i32 {
     let args = moat_libos::env::args();
-    let ctx = Ctx {
+    let hop_at = (arg(&args, 5).as_deref() == Some("hop")).then(|| all_cases().len() / 2);
+    let mut ctx = Ctx {
         scratch: arg(&args, 1),
         exit_image: arg(&args, 2),
         shm_peer: arg(&args, 4),
@@ -230,7 +234,21 @@ pub fn run() -> i32 {
     };
     let filter = arg(&args, 3);
     let (mut passed, mut failed, mut skipped) = (0u32, 0u32, 0u32);
-    for (name, case) in all_cases() {
+    for (i, (name, case)) in all_cases().into_iter().enumerate() {
+        if hop_at == Some(i) {
+            match hop::hop(&ctx) {
+                Ok(()) => {
+                    passed += 1;
+                    println!("ok hop_state_carried");
+                }
+                Err(Fail::Fail(why)) | Err(Fail::Skip(why)) => {
+                    failed += 1;
+                    println!("FAIL hop_state_carried: {}", why);
+                }
+            }
+            // Maybe another host now.
+            ctx.host_kind = moat_libos::env::host_kind();
+        }
         if let Some(f) = &filter {
             if !name.contains(f.as_str()) {
                 continue;
