@@ -37,6 +37,13 @@ pub fn listen(c: moat_monitor::Controller) -> Result<(), String> {
             };
             // SAFETY: a fresh descriptor from accept4, owned by nobody else.
             let conn = unsafe { OwnedFd::from_raw_fd(fd) };
+            // A peer that connects and says nothing does not hold the
+            // next one up for long.
+            let _ = sock::setsockopt(
+                &conn,
+                sock::sockopt::ReceiveTimeout,
+                &nix::sys::time::TimeVal::new(5, 0),
+            );
             serve_one(&c, &conn);
         })
         .map(|_| ())
