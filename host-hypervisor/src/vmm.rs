@@ -248,17 +248,15 @@ fn run(warm: Option<&moat_policy::Limits>) -> ! {
         fail("vmm: layers built twice");
     }
     // The stubs' table: what a restarted call enters (see `pico`).
-    if let (Some(ctl), Some(layer)) = (ctl, layer) {
-        let started = moat_host_common::freeze::control::start(
-            ctl,
-            lin,
-            layer,
-            cfg.args.clone(),
-            cfg.limits.memory_mib,
-        );
-        if let Err(e) = started {
-            fail(&format!("vmm: {e}"));
-        }
+    let started = moat_host_common::freeze::control::start(
+        ctl,
+        lin,
+        layer,
+        cfg.args.clone(),
+        cfg.limits.memory_mib,
+    );
+    if let Err(e) = started {
+        fail(&format!("vmm: {e}"));
     }
     match start {
         Start::Image(entry) => {

@@ -169,17 +169,15 @@ pub fn run() -> ! {
     };
     moat_host_common::freeze::set_table(table);
     let layer = stack.checkpointer();
-    if let (Some(ctl), Some(layer)) = (ctl, layer) {
-        let started = moat_host_common::freeze::control::start(
-            ctl,
-            pal,
-            layer,
-            cfg.args.clone(),
-            cfg.limits.memory_mib,
-        );
-        if let Err(e) = started {
-            fail(&format!("loader: {e}"));
-        }
+    let started = moat_host_common::freeze::control::start(
+        ctl,
+        pal,
+        layer,
+        cfg.args.clone(),
+        cfg.limits.memory_mib,
+    );
+    if let Err(e) = started {
+        fail(&format!("loader: {e}"));
     }
     match restored {
         Some((c, startup)) => resume::start(pal, layer, c, startup, table),

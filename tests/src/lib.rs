@@ -173,6 +173,38 @@ pub fn file_uri(p: &Path) -> String {
     format!("file:{}", p.display())
 }
 
+/// What the conformance guest needs on `moat run`'s command line: the
+/// grants (`host_scratch` read-write, the images it starts, sections,
+/// local sockets, pipes), and its own arguments (`guest_scratch`, the
+/// URI it is told for it).
+pub fn conformance_args(host_scratch: &str, guest_scratch: &str) -> (Vec<String>, Vec<String>) {
+    let exit_img = file_uri(&image("exit-code"));
+    let peer_img = file_uri(&image("shm-peer"));
+    let grants = [
+        "--allow",
+        host_scratch,
+        "--allow-ro",
+        &exit_img,
+        "--allow-ro",
+        &peer_img,
+        "--allow",
+        "shm:",
+        "--allow",
+        "tcp.server:127.0.0.1:",
+        "--allow",
+        "tcp.client:127.0.0.1:",
+        "--allow",
+        "pipe.server:",
+        "--allow",
+        "pipe.client:",
+    ];
+    let guest = [guest_scratch, &exit_img, "-", &peer_img];
+    (
+        grants.iter().map(|s| s.to_string()).collect(),
+        guest.iter().map(|s| s.to_string()).collect(),
+    )
+}
+
 /// Run the conformance guest on `host` with every grant it needs, `extra`
 /// before the image on `moat run`'s command line and `env` added to
 /// moat's environment; fails the test on any failing or skipped case.
@@ -193,43 +225,14 @@ pub fn conformance_in(
     guest_scratch: &str,
 ) {
     {
-        let s = host_scratch;
-        let exit_img = file_uri(&image("exit-code"));
-        let peer_img = file_uri(&image("shm-peer"));
+        let (grants, guest) = conformance_args(host_scratch, guest_scratch);
         let conf = image("conformance").display().to_string();
         let mut args: Vec<&str> = vec!["run", "--host", h];
         args.extend_from_slice(extra);
-        let out = moat_env(
-            &[
-                &args[..],
-                &[
-                    "--allow",
-                    s,
-                    "--allow-ro",
-                    &exit_img,
-                    "--allow-ro",
-                    &peer_img,
-                    "--allow",
-                    "shm:",
-                    "--allow",
-                    "tcp.server:127.0.0.1:",
-                    "--allow",
-                    "tcp.client:127.0.0.1:",
-                    "--allow",
-                    "pipe.server:",
-                    "--allow",
-                    "pipe.client:",
-                    &conf,
-                    "--",
-                    guest_scratch,
-                    &exit_img,
-                    "-",
-                    &peer_img,
-                ],
-            ]
-            .concat(),
-            env,
-        );
+        args.extend(grants.iter().map(String::as_str));
+        args.extend_from_slice(&[&conf, "--"]);
+        args.extend(guest.iter().map(String::as_str));
+        let out = moat_env(&args, env);
         let fails: Vec<&str> = out
             .stdout
             .lines()

@@ -396,7 +396,7 @@ fn forged_checkpoints_end_their_own_picoprocess_at_worst() {
             meta_len: meta.len() as u64,
             data_off: (64 + meta.len() as u64).next_multiple_of(4096),
             data_len: data.len() as u64,
-            meta_crc: crc(&meta),
+            meta_crc: moat_fuzz_targets::checkpoint_file::crc(&meta),
             data_crc: h.data_crc,
         };
         let mut f = hd.encode().to_vec();
@@ -561,23 +561,6 @@ fn forged_checkpoints_end_their_own_picoprocess_at_worst() {
     }
 }
 
-/// The CRC-32 (IEEE) the file uses, written out here so the test does not
-/// trust the reader's.
-fn crc(b: &[u8]) -> u32 {
-    let mut c = !0u32;
-    for &x in b {
-        c ^= x as u32;
-        for _ in 0..8 {
-            c = if c & 1 != 0 {
-                (c >> 1) ^ 0xedb8_8320
-            } else {
-                c >> 1
-            };
-        }
-    }
-    !c
-}
-
 /// The conformance suite with a hop halfway (its argument `hop`): state
 /// of every kind a checkpoint carries is made, the picoprocess is
 /// checkpointed and restored on the other host, the state is checked,
@@ -598,31 +581,15 @@ fn conformance_passes_across_a_hop_each_way() {
         let scratch = d.path().join("scratch");
         std::fs::create_dir(&scratch).unwrap();
         let s = file_uri(&scratch);
-        let exit_img = file_uri(&image("exit-code"));
-        let peer_img = file_uri(&image("shm-peer"));
-        let grants: Vec<&str> = vec![
-            "--allow",
-            &s,
-            "--allow-ro",
-            &exit_img,
-            "--allow-ro",
-            &peer_img,
-            "--allow",
-            "shm:",
-            "--allow",
-            "tcp.server:127.0.0.1:",
-            "--allow",
-            "tcp.client:127.0.0.1:",
-            "--allow",
-            "pipe.server:",
-            "--allow",
-            "pipe.client:",
-        ];
+        let (grants, guest_args) = conformance_args(&s, &s);
+        let grants: Vec<&str> = grants.iter().map(String::as_str).collect();
         let conf = image("conformance").display().to_string();
         let out1 = d.path().join("before");
         let mut args = vec!["run", "--host", from, "--checkpointable"];
         args.extend_from_slice(&grants);
-        args.extend_from_slice(&[&conf, "--", &s, &exit_img, "-", &peer_img, "hop"]);
+        args.extend_from_slice(&[&conf, "--"]);
+        args.extend(guest_args.iter().map(String::as_str));
+        args.push("hop");
         let mut run = start(&args, &out1);
         let t0 = Instant::now();
         while !read(&out1).lines().any(|l| l == "hop") {

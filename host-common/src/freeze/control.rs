@@ -13,14 +13,18 @@ use std::time::Duration;
 /// How long the freeze waits for every thread to stop.
 pub const FREEZE_LIMIT: Duration = Duration::from_secs(2);
 
-/// Start the checkpoint thread.
+/// Start the checkpoint thread, if the picoprocess is checkpointable (a
+/// control socket came, and the stack has a checkpoint layer).
 pub fn start(
-    ctl: OwnedFd,
+    ctl: Option<OwnedFd>,
     pal: &'static LinuxPal,
-    layer: &'static Checkpointer,
+    layer: Option<&'static Checkpointer>,
     args: Vec<String>,
     memory_mib: u64,
 ) -> Result<(), String> {
+    let (Some(ctl), Some(layer)) = (ctl, layer) else {
+        return Ok(());
+    };
     // No name: naming a thread is a system call the sandbox refuses.
     std::thread::Builder::new()
         .stack_size(256 << 10)

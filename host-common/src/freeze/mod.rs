@@ -12,7 +12,7 @@
 //! which sends the signal again, now from PAL code); a thread in PAL
 //! code anywhere else resumes with the trap flag set and is stopped at
 //! the first guest instruction it reaches (the `SIGTRAP` of each step is
-//! taken by [`on_trap`] before the exception path sees it). Blocking
+//! taken by `on_trap` before the exception path sees it). Blocking
 //! waits and delays watch [`wake_fd`] and end early while freezing.
 //!
 //! So every thread is carried at an instruction boundary of guest code

@@ -302,23 +302,43 @@ impl LinuxPal {
                 return;
             }
         };
+        let top = stack.0 + stack.1 - 64;
+        let code = self.run_here(handle, param, alt, None, (entry, arg, top));
+        self.free_stacks(stack, alt);
+        self.thread_ended(done, code);
+    }
+
+    /// Run guest code on this OS thread, registered for the freeze, with
+    /// the signal stack `alt`: `entry(arg)` on the stack at `top`; or,
+    /// with `load`, the carried state (`entry` the resume trampoline).
+    /// Returns the code the thread ended with (DkThreadExit). Private:
+    /// its two callers pass an entry checked to be executable guest code
+    /// (or the trampoline, PAL code) and a 16-byte aligned `top` with
+    /// writable memory below it.
+    fn run_here(
+        &self,
+        handle: Option<u64>,
+        param: u64,
+        alt: (u64, u64),
+        load: Option<crate::freeze::Saved>,
+        (entry, arg, top): (u64, u64, u64),
+    ) -> i32 {
         signals::set_altstack(alt.0, alt.1);
         PARAM.with(|p| p.set(param));
         let mut saved: u64 = 0;
         EXIT_SLOT.with(|s| s.set(&mut saved));
-        let top = stack.0 + stack.1 - 64;
-        crate::freeze::register(handle, param, alt, None);
-        crate::freeze::before_guest(entry, arg, top - 8);
-        // SAFETY: entry was checked to lie in executable guest memory; top
-        // is 16-byte aligned inside the stack we just mapped; `saved`
+        let fresh = load.is_none();
+        crate::freeze::register(handle, param, alt, load);
+        if fresh {
+            crate::freeze::before_guest(entry, arg, top - 8);
+        }
+        // SAFETY: per the callers' contract above (entry and top); `saved`
         // outlives the call, which returns only through leave_guest.
         unsafe { sys::run_on_stack(entry, arg, top, &mut saved) };
         crate::freeze::unregister();
         EXIT_SLOT.with(|s| s.set(std::ptr::null_mut()));
         signals::disable_altstack();
-        self.free_stacks(stack, alt);
-        let code = EXIT_CODE.with(|c| c.get());
-        self.thread_ended(done, code);
+        EXIT_CODE.with(|c| c.get())
     }
 
     /// Run a thread a checkpoint carried (its stack is one of the regions
@@ -349,22 +369,12 @@ impl LinuxPal {
                 return;
             }
         };
-        signals::set_altstack(alt.0, alt.1);
-        PARAM.with(|p| p.set(param));
-        let mut saved: u64 = 0;
-        EXIT_SLOT.with(|s| s.set(&mut saved));
-        crate::freeze::register(handle, param, alt, Some(state));
+        // The trampoline loads the carried state through a signal and
+        // never returns; below `top` a page of guest stack is writable
+        // (checked above).
         let entry = crate::freeze::resume_trampoline as *const () as u64;
-        // SAFETY: the trampoline is PAL code that loads the carried state
-        // through a signal and never returns; `top` is 16-byte aligned
-        // with a writable page of guest stack below it (checked); `saved`
-        // outlives the call, which returns only through leave_guest.
-        unsafe { sys::run_on_stack(entry, 0, top, &mut saved) };
-        crate::freeze::unregister();
-        EXIT_SLOT.with(|s| s.set(std::ptr::null_mut()));
-        signals::disable_altstack();
+        let code = self.run_here(handle, param, alt, Some(state), (entry, 0, top));
         self.free_alt(alt);
-        let code = EXIT_CODE.with(|c| c.get());
         self.thread_ended(done, code);
     }
 

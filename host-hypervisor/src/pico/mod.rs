@@ -210,17 +210,37 @@ impl PicoVm {
                 return Err(e);
             }
         };
+        self.vcpu_thread(handle, param, alt, done, move |me| {
+            let code = me.run_restored_thread(&pal, id, vcpu, alt, &state, param);
+            me.free_alt_stack(alt);
+            code
+        })
+    }
+
+    /// Run `body` (a guest thread's vCPU loop, to its end) on a new VMM
+    /// thread registered as the guest thread `handle` for the freeze, with
+    /// its exception stack at `alt`; then signal `done`, and end the
+    /// process with the last thread.
+    fn vcpu_thread(
+        self: Arc<Self>,
+        handle: Option<u64>,
+        param: u64,
+        alt: u64,
+        done: Option<Arc<Object>>,
+        body: impl FnOnce(&Arc<Self>) -> i32 + Send + 'static,
+    ) -> Result<(), Error> {
         let me = self;
         let spawned = std::thread::Builder::new()
             .stack_size(512 << 10)
             .spawn(move || {
+                // A signal stack of our own: a fault in the VMM is reported
+                // from it (see vmm.rs), even on an overflowed stack.
                 if let Ok(s) = sys::mmap_anon(0, SIGNAL_STACK, prot::READ | prot::WRITE) {
                     signals::set_altstack(s, SIGNAL_STACK);
                 }
                 moat_host_common::freeze::register(handle, param, (alt, ALTSTACK_SIZE), None);
-                let code = me.run_restored_thread(&pal, id, vcpu, alt, &state, param);
+                let code = body(&me);
                 moat_host_common::freeze::unregister();
-                me.free_alt_stack(alt);
                 if let Some(o) = done {
                     if let Object::Thread(t) = &*o {
                         sys::eventfd_signal(std::os::fd::AsRawFd::as_raw_fd(&t.done));
@@ -271,34 +291,12 @@ impl SpawnThread for PicoVm {
                 return Err(e);
             }
         };
-        let me = self;
-        let spawned = std::thread::Builder::new()
-            .stack_size(512 << 10)
-            .spawn(move || {
-                // A signal stack of our own: a fault in the VMM is reported
-                // from it (see vmm.rs), even on an overflowed stack.
-                if let Ok(alt) = sys::mmap_anon(0, SIGNAL_STACK, prot::READ | prot::WRITE) {
-                    signals::set_altstack(alt, SIGNAL_STACK);
-                }
-                moat_host_common::freeze::register(
-                    handle,
-                    param,
-                    (stacks.alt, ALTSTACK_SIZE),
-                    None,
-                );
-                let code = me.run_thread(&pal, id, vcpu, &stacks, entry, arg, param);
-                moat_host_common::freeze::unregister();
-                me.free_stacks(&stacks);
-                if let Some(o) = done {
-                    if let Object::Thread(t) = &*o {
-                        sys::eventfd_signal(std::os::fd::AsRawFd::as_raw_fd(&t.done));
-                    }
-                }
-                if me.lin.threads_live.fetch_sub(1, Ordering::AcqRel) == 1 {
-                    sys::exit_process(code);
-                }
-            });
-        spawned.map(|_| ()).map_err(|_| Error::NoMemory)
+        let alt = stacks.alt;
+        self.vcpu_thread(handle, param, alt, done, move |me| {
+            let code = me.run_thread(&pal, id, vcpu, &stacks, entry, arg, param);
+            me.free_stacks(&stacks);
+            code
+        })
     }
 }
 
