@@ -22,8 +22,10 @@ pub struct CheckpointArgs {
     /// Let the picoprocess go on after the checkpoint (it ends by default).
     #[arg(long = "leave-running")]
     pub leave_running: bool,
-    /// Carry what cannot be carried (pipes, sockets, servers, devices,
-    /// child picoprocesses) as closed handles, instead of failing.
+    /// Carry what cannot be carried (pipes, sockets, servers, shared
+    /// sections, child picoprocesses) as closed handles, instead of
+    /// failing. Never a device: a picoprocess holding one cannot be
+    /// checkpointed.
     #[arg(long = "close-uncarried")]
     pub close_uncarried: bool,
 }

@@ -79,10 +79,11 @@ pub enum Control {
 pub struct CheckpointOptions {
     /// The picoprocess goes on after the checkpoint (it ends by default).
     pub leave_running: bool,
-    /// Handles that cannot be carried (pipes, sockets, servers, devices,
-    /// child picoprocesses, stream events) are carried as closed: the
-    /// restored picoprocess gets BadHandle for them. By default the
-    /// checkpoint fails, naming the first.
+    /// Handles that cannot be carried (pipes, sockets, servers, shared
+    /// sections, child picoprocesses, stream events) are carried as
+    /// closed: the restored picoprocess gets BadHandle for them. By
+    /// default the checkpoint fails, naming the first. Devices are never
+    /// carried, even so.
     pub close_uncarried: bool,
 }
 
