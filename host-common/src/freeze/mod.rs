@@ -516,6 +516,12 @@ pub fn freeze_all(limit: Duration, live: &dyn Fn() -> u64) -> Result<Vec<Frozen>
                 })
                 .collect();
             thaw_all();
+            if names.is_empty() {
+                return Err(format!(
+                    "its threads were still starting or ending after {} ms; try again",
+                    limit.as_millis()
+                ));
+            }
             return Err(format!(
                 "{} did not stop within {} ms (a call that cannot be cut short, such as a read that waits for data, holds it); try again when it is idle",
                 names.join(", "),
