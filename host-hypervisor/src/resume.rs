@@ -23,8 +23,8 @@ fn refuse(msg: &str) -> ! {
 }
 
 /// Read the checkpoint, map its regions, point its start-up block at the
-/// VM's table: the checkpoint and the block's address.
-pub(crate) fn map(lin: &'static LinuxPal, fd: OwnedFd) -> (Checkpoint, u64) {
+/// VM's table.
+pub(crate) fn map(lin: &'static LinuxPal, fd: OwnedFd) -> Checkpoint {
     let (c, data_off) =
         restore::read(fd.as_raw_fd()).unwrap_or_else(|e| refuse(&format!("the checkpoint {e}")));
     if let Err(e) = restore::map_regions(lin, fd.as_raw_fd(), &c, data_off) {
@@ -33,22 +33,20 @@ pub(crate) fn map(lin: &'static LinuxPal, fd: OwnedFd) -> (Checkpoint, u64) {
     if let Err(e) = restore::point_startup(lin, c.startup, TABLE, moat_pal::host_kind::KVM) {
         refuse(&e);
     }
-    let startup = c.startup;
-    (c, startup)
+    c
 }
 
 /// Make the handles and start a vCPU per thread.
 pub(crate) fn start(
     vm: &Arc<PicoVm>,
+    lin: &LinuxPal,
     pal: Arc<KvmPal>,
     layer: Option<&'static Checkpointer>,
     c: &Checkpoint,
-    _startup: u64,
 ) {
     let Some(layer) = layer else {
         refuse("the VMM has no checkpoint layer")
     };
-    let lin = moat_host_common::pal::global();
     let done = restore::make_handles(lin, layer, c).unwrap_or_else(|e| refuse(&e));
     lin.threads_live
         .fetch_add(c.threads.len() as u64, Ordering::AcqRel);

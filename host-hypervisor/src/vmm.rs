@@ -215,7 +215,8 @@ fn run(warm: Option<&moat_policy::Limits>) -> ! {
     // A picoprocess from an image, or from a checkpoint (its regions
     // mapped from the file; see `moat_host_common::freeze::restore`).
     let (start, page) = if cfg.restore {
-        let (c, startup) = crate::resume::map(lin, image_fd);
+        let c = crate::resume::map(lin, image_fd);
+        let startup = c.startup;
         (Start::Restore(Box::new(c)), startup)
     } else {
         let (entry, page) = start_image(lin, image_fd, &cfg.args, ram);
@@ -265,7 +266,7 @@ fn run(warm: Option<&moat_policy::Limits>) -> ! {
                 fail(&format!("cannot start the first thread: {e:?}"));
             }
         }
-        Start::Restore(c) => crate::resume::start(&vm, pal, layer, &c, page),
+        Start::Restore(c) => crate::resume::start(&vm, lin, pal, layer, &c),
     }
     // The last guest thread to end exits the process.
     loop {

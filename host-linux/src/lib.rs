@@ -137,11 +137,10 @@ pub fn run() -> ! {
     let pal = pal();
     // A picoprocess from an image, or from a checkpoint (its regions
     // mapped from the file; see `moat_host_common::freeze::restore`).
-    let restored = if cfg.restore {
-        Some(resume::map(pal, image_fd))
+    let start = if cfg.restore {
+        Start::Restore(Box::new(resume::map(pal, image_fd)))
     } else {
-        start_image(pal, image_fd, &cfg.args);
-        None
+        start_image(pal, image_fd, &cfg.args)
     };
     // `--trace` and `--layer`: the layers between the image and the PAL
     // (see `moat_layers`); the guest's table enters the outermost.
@@ -179,13 +178,9 @@ pub fn run() -> ! {
     if let Err(e) = started {
         fail(&format!("loader: {e}"));
     }
-    match restored {
-        Some((c, startup)) => resume::start(pal, layer, c, startup, table),
-        None => {
-            let (page, entry) = STARTED
-                .get()
-                .copied()
-                .unwrap_or_else(|| fail("loader: no image"));
+    match start {
+        Start::Restore(c) => resume::start(pal, layer, *c, table),
+        Start::Image { page, entry } => {
             let (argbytes, _) = startup::layout(&cfg.args);
             startup::write(
                 pal,
@@ -200,12 +195,17 @@ pub fn run() -> ! {
     }
 }
 
-/// The start-up block's page and the image's entry, once mapped.
-static STARTED: std::sync::OnceLock<(u64, u64)> = std::sync::OnceLock::new();
+/// What the first thread starts from: an image (its entry, and the page
+/// of the start-up block, written once the table exists), or a
+/// checkpoint.
+enum Start {
+    Image { page: u64, entry: u64 },
+    Restore(Box<moat_checkpoint::Checkpoint>),
+}
 
 /// Map the image and make the start-up block's page (written once the
 /// table exists).
-fn start_image(pal: &'static LinuxPal, image_fd: OwnedFd, args: &[String]) {
+fn start_image(pal: &'static LinuxPal, image_fd: OwnedFd, args: &[String]) -> Start {
     let bytes = match image::read_all(std::os::fd::AsRawFd::as_raw_fd(&image_fd)) {
         Ok(b) => b,
         Err(e) => fail(&format!("cannot read the image: {e}")),
@@ -232,5 +232,8 @@ fn start_image(pal: &'static LinuxPal, image_fd: OwnedFd, args: &[String]) {
         }
         at
     };
-    let _ = STARTED.set((page, img.entry));
+    Start::Image {
+        page,
+        entry: img.entry,
+    }
 }

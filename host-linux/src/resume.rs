@@ -20,14 +20,13 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
 
 /// Read the checkpoint and map its regions.
-pub(crate) fn map(pal: &'static LinuxPal, fd: OwnedFd) -> (Checkpoint, u64) {
+pub(crate) fn map(pal: &'static LinuxPal, fd: OwnedFd) -> Checkpoint {
     let (c, data_off) = restore::read(fd.as_raw_fd())
         .unwrap_or_else(|e| refuse(&format!("cannot restore: the checkpoint {e}")));
     if let Err(e) = restore::map_regions(pal, fd.as_raw_fd(), &c, data_off) {
         refuse(&format!("cannot restore: {e}"));
     }
-    let startup = c.startup;
-    (c, startup)
+    c
 }
 
 /// Make the handles and start the threads; this thread becomes the
@@ -36,7 +35,6 @@ pub(crate) fn start(
     pal: &'static LinuxPal,
     layer: Option<&'static Checkpointer>,
     c: Checkpoint,
-    startup: u64,
     table: &'static PalTable,
 ) -> ! {
     let Some(layer) = layer else {
@@ -45,7 +43,7 @@ pub(crate) fn start(
     // This loader's table and host in the carried start-up block.
     if let Err(e) = restore::point_startup(
         pal,
-        startup,
+        c.startup,
         table as *const PalTable as u64,
         moat_pal::host_kind::LINUX,
     ) {

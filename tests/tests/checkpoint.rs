@@ -628,3 +628,56 @@ fn conformance_passes_across_a_hop_each_way() {
         );
     }
 }
+
+/// A picoprocess holding what cannot be carried (here a TCP connection):
+/// the checkpoint fails naming it and the picoprocess goes on; with
+/// `--close-uncarried` it is carried as closed and the restored one runs
+/// to its end.
+#[test]
+fn what_cannot_be_carried_is_named_or_closed() {
+    if !sandbox_available() {
+        return;
+    }
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = server.local_addr().unwrap().port();
+    let keep = std::thread::spawn(move || server.accept().map(|(c, _)| c));
+    let d = tempfile::tempdir().unwrap();
+    let ck = d.path().join("c.ckpt");
+    let out = d.path().join("run");
+    let tcp = format!("tcp.client:127.0.0.1:{port}");
+    let mut run = start(
+        &[
+            "run",
+            "--checkpointable",
+            "--allow",
+            "tcp.client:127.0.0.1:",
+            "counter",
+            "60",
+            "-",
+            &tcp,
+        ],
+        &out,
+    );
+    wait_lines(&mut run, &out, 3);
+    let _conn = keep.join().unwrap().unwrap();
+    let r = moat(&["checkpoint", &run.id().to_string(), ck.to_str().unwrap()]);
+    r.assert_code(2);
+    assert!(
+        r.stderr.contains(&tcp) && r.stderr.contains("cannot be carried"),
+        "{}",
+        r.stderr
+    );
+    assert!(!ck.exists(), "a failed checkpoint leaves no file");
+    let r = moat(&[
+        "checkpoint",
+        "--close-uncarried",
+        &run.id().to_string(),
+        ck.to_str().unwrap(),
+    ]);
+    r.assert_code(0);
+    assert_eq!(finish(run, &out), 0);
+    let before = read(&out);
+    let restored = moat(&["restore", ck.to_str().unwrap()]);
+    restored.assert_code(0);
+    assert_eq!(before + &restored.stdout, ticks(60));
+}

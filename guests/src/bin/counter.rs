@@ -1,10 +1,12 @@
-//! `counter N [FILE_URI]`: prints `tick 0` to `tick N-1`, one line every
+//! `counter N [FILE_URI|-] [HOLD_URI]`: prints `tick 0` to `tick N-1`, one line every
 //! 10 ms, then exits 0. Two threads share the work: the first paces the
 //! ticks (a delay, then a synchronization event to the second, then a
 //! wait on a semaphore); the second prints each tick, counting in memory,
 //! and with FILE_URI also writes it into a file it keeps open. Its state
 //! lives in memory, events, a semaphore and an open file: the guest the
-//! checkpoint tests move between hosts.
+//! checkpoint tests move between hosts. With HOLD_URI it also opens that
+//! stream and keeps it, unused (a socket, to show what a checkpoint
+//! cannot carry).
 #![no_std]
 #![no_main]
 
@@ -40,7 +42,17 @@ fn main() -> i32 {
             return 2;
         }
     };
-    let file = match args.get(2) {
+    let hold = match args.get(3) {
+        Some(uri) => match Stream::open_read(uri) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                println!("counter: cannot open {uri}: {e:?}");
+                return 1;
+            }
+        },
+        None => None,
+    };
+    let file = match args.get(2).filter(|a| a.as_str() != "-") {
         Some(uri) => match Stream::create(uri) {
             Ok(s) => Some(s),
             Err(e) => {
@@ -87,5 +99,6 @@ fn main() -> i32 {
             return 1;
         }
     }
+    drop(hold);
     printer.join().unwrap_or(1)
 }

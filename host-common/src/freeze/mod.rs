@@ -118,7 +118,10 @@ pub fn freezing() -> bool {
 pub fn set_table(t: &moat_pal::PalTable) {
     let base = t as *const moat_pal::PalTable as u64;
     let n = (t.num_calls as u64).min(moat_pal::NUM_CALLS as u64);
-    // The functions follow the version, the count and the context word.
+    // The functions follow the version, the count and the context word,
+    // in call order (the generated table is `repr(C)`).
+    const FIRST: usize = std::mem::offset_of!(moat_pal::PalTable, dk_virtual_memory_alloc);
+    const _: () = assert!(FIRST == 16);
     let entries = (0..n).map(|i| sys::get::<u64>(base + 16 + 8 * i)).collect();
     let _ = ENTRIES.set((t.ctx as u64, entries));
 }
@@ -396,6 +399,13 @@ pub fn take_stop() -> Option<Option<Restart>> {
 }
 
 impl Slot {
+    /// Move the state from `from` to `to`; whether it was `from`.
+    fn cas(&self, from: u32, to: u32) -> bool {
+        self.state
+            .compare_exchange(from, to, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
     /// The coordinator asked this thread to stop.
     pub fn wants_stop(&self) -> bool {
         self.state.load(Ordering::Acquire) == FREEZE
@@ -409,32 +419,17 @@ impl moat_layers::checkpointer::FreezeHost for Host {
 
     fn stop_on_return(&self, restart: Option<Restart>) {
         let Some(s) = mine() else { return };
+        // Marked for the freeze, unless it has ended meanwhile (then
+        // nobody waits for this thread).
+        let _ = s.cas(RUN, FREEZE);
+        let stopping = freezing() || !s.cas(FREEZE, RUN);
         if VCPUS.load(Ordering::Acquire) {
-            let _ = s
-                .state
-                .compare_exchange(RUN, FREEZE, Ordering::AcqRel, Ordering::Acquire);
-            if !freezing() {
-                let _ = s
-                    .state
-                    .compare_exchange(FREEZE, RUN, Ordering::AcqRel, Ordering::Acquire);
-            }
             // The vCPU loop stops, or makes a cut-short call again.
             STOP.with(|c| c.set(Some(restart)));
-            return;
+        } else if stopping {
+            s.saved.lock().unwrap().restart = restart;
+            sys::signal_self(SIG_FREEZE);
         }
-        s.saved.lock().unwrap().restart = restart;
-        let _ = s
-            .state
-            .compare_exchange(RUN, FREEZE, Ordering::AcqRel, Ordering::Acquire);
-        if !freezing() {
-            // Thawed meanwhile: nobody waits for this thread.
-            let _ = s
-                .state
-                .compare_exchange(FREEZE, RUN, Ordering::AcqRel, Ordering::Acquire);
-            s.saved.lock().unwrap().restart = None;
-            return;
-        }
-        sys::signal_self(SIG_FREEZE);
     }
 }
 
@@ -462,10 +457,7 @@ pub fn freeze_all(limit: Duration, live: &dyn Fn() -> u64) -> Result<Vec<Frozen>
         for s in &slots {
             match s.state.load(Ordering::Acquire) {
                 RUN => {
-                    if s.state
-                        .compare_exchange(RUN, FREEZE, Ordering::AcqRel, Ordering::Acquire)
-                        .is_ok()
-                    {
+                    if s.cas(RUN, FREEZE) {
                         sys::signal_thread(s.tid, SIG_FREEZE);
                     }
                     waiting.push(s.handle);
@@ -539,15 +531,10 @@ pub fn thaw_all() {
         sys::eventfd_drain(fd);
     }
     for s in THREADS.lock().unwrap().iter() {
-        if s.state
-            .compare_exchange(STOPPED, THAW, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-        {
+        if s.cas(STOPPED, THAW) {
             sys::futex_wake(&s.state);
         } else {
-            let _ = s
-                .state
-                .compare_exchange(FREEZE, RUN, Ordering::AcqRel, Ordering::Acquire);
+            let _ = s.cas(FREEZE, RUN);
         }
     }
 }
