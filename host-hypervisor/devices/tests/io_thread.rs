@@ -324,8 +324,11 @@ fn scribbled_rings_make_the_device_need_a_reset_not_the_thread_stop() {
     assert!(g.offer_read(0, 2));
     g.w32(QUEUE_NOTIFY, 0);
     g.wait_used(1);
-    // An available index a ring and more ahead, while the thread polls.
+    // An available index a ring and more ahead, while the thread polls;
+    // and a notification, for a thread that went to sleep meanwhile (its
+    // spin is 1 ms: a busy machine can delay this test longer).
     g.put(AVAIL_RING + 2, g.avail.wrapping_add(QSIZE + 3).to_le());
+    g.w32(QUEUE_NOTIFY, 0);
     let t = Instant::now();
     while g.r32(STATUS) & S_NEEDS_RESET == 0 {
         assert!(t.elapsed() < Duration::from_secs(5), "no NEEDS_RESET");
