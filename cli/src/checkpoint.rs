@@ -145,6 +145,9 @@ pub fn checkpoint(a: CheckpointArgs) -> i32 {
                 })
                 .collect(),
         ),
+        Ok((ControlReply::Template(_), _)) => {
+            failed(format!("process {} answered out of turn", a.pid))
+        }
         Err(e) => failed(format!("process {} did not answer: {e}", a.pid)),
     }
 }

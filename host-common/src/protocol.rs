@@ -63,6 +63,11 @@ pub struct Config {
     pub checkpoint: bool,
     /// The first descriptor is a checkpoint to restore, not an image.
     pub restore: bool,
+    /// Take a template at the first stream open (see
+    /// `moat_layers::checkpointer`), written to a descriptor attached
+    /// after the control socket; answered on the control socket with
+    /// [`ControlReply::Template`], unasked.
+    pub template: bool,
 }
 
 /// What the monitor asks of a picoprocess with a checkpoint layer, on its
@@ -94,6 +99,9 @@ pub enum ControlReply {
     Done { bytes: u64 },
     /// Not written; the picoprocess goes on. Why, in one line.
     Failed { why: String },
+    /// The template [`Config::template`] asked for: its length, or why
+    /// it was not written (the picoprocess goes on either way).
+    Template(Result<u64, String>),
 }
 
 /// What the loader asks of the monitor.

@@ -138,11 +138,9 @@ fn run(warm: Option<&moat_policy::Limits>) -> ! {
         fail("vmm: the monitor sent no image descriptor");
     }
     let image_fd = fds.remove(0);
-    // The control socket of a checkpointable picoprocess comes last.
-    let ctl = match (cfg.checkpoint, cfg.checkpoint.then(|| fds.pop()).flatten()) {
-        (false, _) => None,
-        (true, Some(c)) => Some(c),
-        (true, None) => fail("vmm: the monitor sent no control socket"),
+    let (ctl, template) = match moat_host_common::freeze::control::take_fds(&cfg, &mut fds) {
+        Ok(v) => v,
+        Err(e) => fail(&format!("vmm: {e}")),
     };
     if cfg.checkpoint || cfg.restore {
         if let Err(e) = moat_host_common::freeze::enable() {
@@ -251,6 +249,7 @@ fn run(warm: Option<&moat_policy::Limits>) -> ! {
     // The stubs' table: what a restarted call enters (see `pico`).
     let started = moat_host_common::freeze::control::start(
         ctl,
+        template,
         lin,
         layer,
         cfg.args.clone(),

@@ -107,11 +107,9 @@ pub fn run() -> ! {
         fail("loader: the monitor sent no image descriptor");
     }
     let image_fd = fds.remove(0);
-    // The control socket of a checkpointable picoprocess comes last.
-    let ctl = match (cfg.checkpoint, cfg.checkpoint.then(|| fds.pop()).flatten()) {
-        (false, _) => None,
-        (true, Some(c)) => Some(c),
-        (true, None) => fail("loader: the monitor sent no control socket"),
+    let (ctl, template) = match moat_host_common::freeze::control::take_fds(&cfg, &mut fds) {
+        Ok(v) => v,
+        Err(e) => fail(&format!("loader: {e}")),
     };
     if cfg.checkpoint || cfg.restore {
         if let Err(e) = moat_host_common::freeze::enable() {
@@ -170,6 +168,7 @@ pub fn run() -> ! {
     let layer = stack.checkpointer();
     let started = moat_host_common::freeze::control::start(
         ctl,
+        template,
         pal,
         layer,
         cfg.args.clone(),

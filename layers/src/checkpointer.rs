@@ -20,6 +20,14 @@
 //! every other call completes first (a stream read that waits for data
 //! holds the freeze up until data comes or the freeze gives up).
 //!
+//! Templates: armed ([`Checkpointer::arm_template`]), the layer takes a
+//! checkpoint of the picoprocess at its first `DkStreamOpen`, before the
+//! open is made: the thread is carried as making that open, and the
+//! picoprocess goes on (the open made now). What a template holds is
+//! what the picoprocess built before it opened anything but its console:
+//! its image, its memory, its threads. Each start from it opens again,
+//! under the grants of that start (a driver's fresh section, say).
+//!
 //! The layer is innermost in the stack (`names` puts it there), so the
 //! URIs it records are the ones the PAL opened (after any `remap`).
 use crate::GuestAccess;
@@ -28,6 +36,7 @@ use moat_pal::layer::Layer;
 use moat_pal::{nr, Error, Pal};
 use std::cell::Cell;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -39,6 +48,12 @@ pub trait FreezeHost: Sync {
     /// its outermost call); with `restart`, carry it as making that call
     /// again.
     fn stop_on_return(&self, restart: Option<Restart>);
+    /// Take the template now: the freeze has begun when this returns
+    /// true (the calling thread is then carried by `stop_on_return` as it
+    /// leaves the call). False: no template is wanted after all.
+    fn take_template(&self) -> bool {
+        false
+    }
 }
 
 /// What a handle was made as.
@@ -69,12 +84,17 @@ pub struct Checkpointer {
     held: Mutex<HashMap<u64, (Made, u32)>>,
     /// DkAbortEventRegister's events, latest last (0 clears).
     abort: Mutex<Vec<u64>>,
+    /// The first stream open takes a template.
+    template: AtomicBool,
 }
 
 thread_local! {
     /// Calls this thread is inside (an exception upcall inside a call
     /// makes calls of its own).
     static DEPTH: Cell<u32> = const { Cell::new(0) };
+    /// This thread's stream open was not made: the template is being
+    /// taken, and the thread is carried as making it.
+    static TEMPLATE_CUT: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Whether the calling thread is inside a call of a picoprocess that has
@@ -104,7 +124,14 @@ impl Checkpointer {
             host,
             held: Mutex::new(HashMap::new()),
             abort: Mutex::new(Vec::new()),
+            template: AtomicBool::new(false),
         }
+    }
+
+    /// Take a template at the picoprocess's first `DkStreamOpen` (before
+    /// any guest code runs, so that no open comes first).
+    pub fn arm_template(&self) {
+        self.template.store(true, Ordering::Release);
     }
 
     /// What handle `h` was made as, and its references, if it is live.
@@ -139,6 +166,18 @@ impl Checkpointer {
     /// A restore registered `e` as the abort event again.
     pub fn restored_abort(&self, e: u64) {
         self.abort.lock().unwrap().push(e);
+    }
+
+    /// Whether the URI at `uri` names the console (opened lazily by a
+    /// runtime, carried as the restoring run's: no reason for a template
+    /// to wait).
+    fn console(&self, uri: u64, len: u64) -> bool {
+        let Ok(b) = self.mem.copy_in(uri, len.min(7)) else {
+            return false;
+        };
+        [&b"stdin:"[..], b"stdout:", b"stderr:"]
+            .iter()
+            .any(|c| b.starts_with(c))
     }
 
     fn out_handle(&self, at: u64) -> Option<u64> {
@@ -232,8 +271,12 @@ impl Layer for Checkpointer {
             d.set(v);
             v
         });
+        let template = TEMPLATE_CUT.with(|c| c.replace(false));
         if depth > 0 || !self.host.freezing() {
             return;
+        }
+        if template && n == nr::DK_STREAM_OPEN {
+            return self.host.stop_on_return(Some(Restart { nr: n, args: *a }));
         }
         // A wait or delay that ended before its time while freezing was
         // cut short: carried as the same call with the time left.
@@ -265,6 +308,30 @@ impl Layer for Checkpointer {
             }
         });
         self.host.stop_on_return(restart);
+    }
+
+    fn dk_stream_open(
+        &self,
+        uri: *const u8,
+        uri_len: u64,
+        access: u32,
+        create: u32,
+        options: u32,
+        stream: *mut u64,
+    ) -> i64 {
+        // The outermost call only (an open inside an exception upcall is
+        // no place to carry a thread at).
+        if DEPTH.with(|d| d.get()) == 1
+            && self.template.load(Ordering::Acquire)
+            && !self.console(uri as u64, uri_len)
+            && self.template.swap(false, Ordering::AcqRel)
+            && self.host.take_template()
+        {
+            TEMPLATE_CUT.with(|c| c.set(true));
+            return CUT;
+        }
+        self.inner
+            .dk_stream_open(uri, uri_len, access, create, options, stream)
     }
 
     fn dk_thread_exit(&self, code: i32) -> ! {

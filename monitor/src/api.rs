@@ -68,6 +68,8 @@ pub struct Sandbox {
     sections: Vec<(String, Arc<Section>, u64)>,
     /// `image` is a checkpoint to restore ([`Sandbox::restore`]).
     restore: bool,
+    /// Where to write a template ([`Sandbox::template`]).
+    template: Option<File>,
 }
 
 impl Sandbox {
@@ -85,6 +87,7 @@ impl Sandbox {
             host: crate::Host::Linux,
             restore: false,
             sections: Vec::new(),
+            template: None,
         }
     }
 
@@ -226,8 +229,27 @@ impl Sandbox {
         self
     }
 
+    /// Take a template of the picoprocess: a checkpoint written to `file`
+    /// (empty, writable) at its first `DkStreamOpen`, before that open is
+    /// made, while it goes on (see [`Picoprocess::template_written`]).
+    /// What it holds then is what it built before opening anything but
+    /// its console; each [`Sandbox::restore`] of the file starts there,
+    /// its memory mapped copy-on-write from the file, and makes that
+    /// open under its own grants (a fresh section, another file). Makes
+    /// the picoprocess [`checkpointable`](Sandbox::checkpointable). Not
+    /// with [`Sandbox::restore`]: a template is taken from an image.
+    pub fn template(mut self, file: File) -> Self {
+        self.template = Some(file);
+        self.checkpointable()
+    }
+
     /// Check the image and start the picoprocess.
     pub fn spawn(mut self) -> Result<Picoprocess, Error> {
+        if self.restore && self.template.is_some() {
+            return Err(Error::BadInput(
+                "a template is taken from an image, not from a restore".into(),
+            ));
+        }
         self.policy.limits.validate()?;
         let shown = self.image.display().to_string();
         let image = File::open(&self.image).map_err(|e| Error::Image {
@@ -286,7 +308,16 @@ impl Sandbox {
         for (name, section, len) in self.sections {
             session.attach(&name, section, len)?;
         }
-        let root = start(&session, image, name, args, None, false, restore)?;
+        let root = start(
+            &session,
+            image,
+            name,
+            args,
+            None,
+            false,
+            restore,
+            self.template,
+        )?;
         Ok(Picoprocess {
             stdin,
             stdout,
@@ -477,6 +508,17 @@ impl Picoprocess {
     /// which.
     pub fn checkpoint(&self, file: &File, opts: CheckpointOptions) -> Result<u64, Error> {
         self.controller().checkpoint(file, opts)
+    }
+
+    /// The template [`Sandbox::template`] asked for: its length once
+    /// written, `None` if it is not within `limit` (the picoprocess has
+    /// not opened a stream yet). Fails if it was not asked for, could
+    /// not be written (the picoprocess goes on), or the picoprocess
+    /// ended first.
+    pub fn template_written(&self, limit: std::time::Duration) -> Result<Option<u64>, Error> {
+        self.root.template_written(limit).map_err(|why| {
+            Error::BadInput(format!("no template: {}", crate::session::sanitize(&why)))
+        })
     }
 
     /// Ask the picoprocess to stop: SIGTERM, which the loader turns into

@@ -25,6 +25,7 @@ pub(crate) fn start(
     notify: Option<OwnedFd>,
     child: bool,
     restore: bool,
+    template: Option<File>,
 ) -> Result<Arc<Proc>, Error> {
     let limits = session.policy().limits;
     // Devices belong to the root picoprocess; its children get none.
@@ -84,6 +85,11 @@ pub(crate) fn start(
         gone: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         trace_drain: Mutex::new(None),
         control: Mutex::new(None),
+        template: Mutex::new(if template.is_some() {
+            crate::proc::Template::Pending
+        } else {
+            crate::proc::Template::None
+        }),
     });
     // A checkpointable root: its control socket (see `Proc::checkpoint`).
     let checkpointable = !child
@@ -135,6 +141,7 @@ pub(crate) fn start(
         stats: proc.stats.is_some(),
         checkpoint: control.is_some(),
         restore,
+        template: template.is_some() && control.is_some(),
     };
     let mut fds = vec![image.as_raw_fd()];
     if let Some(s) = &proc.stats {
@@ -146,6 +153,9 @@ pub(crate) fn start(
     fds.extend(backing.iter().map(|f| f.as_raw_fd()));
     if let Some(c) = &control {
         fds.push(c.as_raw_fd());
+        if let Some(t) = &template {
+            fds.push(t.as_raw_fd());
+        }
     }
     match protocol::send(sp.sock.as_fd(), &config, &fds) {
         Ok(()) => {}
@@ -223,7 +233,7 @@ fn start_child(
     args: Vec<String>,
     notify: OwnedFd,
 ) -> Result<(), String> {
-    start(session, image, name, args, Some(notify), true, false)
+    start(session, image, name, args, Some(notify), true, false, None)
         .map(|_| ())
         .map_err(|e| e.to_string())
 }

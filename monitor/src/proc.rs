@@ -39,6 +39,20 @@ pub(crate) struct Proc {
     pub(crate) trace_drain: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// The monitor's end of its control socket (a checkpointable root).
     pub(crate) control: Mutex<Option<OwnedFd>>,
+    /// The template it was asked to take (its answer comes on the control
+    /// socket, unasked).
+    pub(crate) template: Mutex<Template>,
+}
+
+/// Where a picoprocess's template stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Template {
+    /// None was asked for.
+    None,
+    /// Asked for; its answer has not been read.
+    Pending,
+    /// Its answer: the length written, or why not.
+    Answered(Result<u64, String>),
 }
 
 impl Proc {
@@ -81,6 +95,10 @@ impl Proc {
         use moat_host_common::protocol::{self, Control, ControlReply};
         use std::os::fd::{AsFd, AsRawFd};
         let mut c = self.control.lock().unwrap_or_else(|e| e.into_inner());
+        // A template's answer comes first on the socket.
+        if *self.template.lock().unwrap_or_else(|e| e.into_inner()) == Template::Pending {
+            self.read_template(&mut c, CONTROL_TIMEOUT)?;
+        }
         let Some(sock) = c.as_ref() else {
             return Err("it was not started checkpointable (moat run --checkpointable, or the `checkpoint` layer), or its control channel was closed after a checkpoint that did not answer".into());
         };
@@ -97,6 +115,10 @@ impl Proc {
         match protocol::recv::<ControlReply>(sock.as_fd()) {
             Ok((ControlReply::Done { bytes }, _)) => Ok(bytes),
             Ok((ControlReply::Failed { why }, _)) => Err(why),
+            Ok((ControlReply::Template(_), _)) => {
+                *c = None;
+                Err("it answered out of turn; no more checkpoints of it".into())
+            }
             Err(protocol::WireError::Io(nix::Error::EAGAIN)) => {
                 *c = None;
                 Err(format!(
@@ -106,6 +128,61 @@ impl Proc {
             }
             Err(e) => Err(format!("it ended before the checkpoint was written ({e})")),
         }
+    }
+
+    /// As `Picoprocess::template_written`.
+    pub(crate) fn template_written(
+        &self,
+        limit: std::time::Duration,
+    ) -> Result<Option<u64>, String> {
+        let mut c = self.control.lock().unwrap_or_else(|e| e.into_inner());
+        let t = self
+            .template
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        match t {
+            Template::None => Err("none was asked for".into()),
+            Template::Answered(r) => r.map(Some),
+            Template::Pending => self.read_template(&mut c, limit),
+        }
+    }
+
+    /// Wait up to `limit` for the template's answer on the control socket
+    /// `c` (held locked), and keep it.
+    fn read_template(
+        &self,
+        c: &mut Option<OwnedFd>,
+        limit: std::time::Duration,
+    ) -> Result<Option<u64>, String> {
+        use moat_host_common::protocol::{self, ControlReply};
+        use std::os::fd::AsFd;
+        let Some(sock) = c.as_ref() else {
+            return Err("its control channel is closed".into());
+        };
+        let ms = limit.as_millis().min(i32::MAX as u128) as i32;
+        let mut fds = [nix::poll::PollFd::new(
+            sock.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        match nix::poll::poll(
+            &mut fds,
+            nix::poll::PollTimeout::try_from(ms).unwrap_or(nix::poll::PollTimeout::MAX),
+        ) {
+            Ok(0) => return Ok(None),
+            Ok(_) => {}
+            Err(e) => return Err(format!("cannot wait for it: {e}")),
+        }
+        let r = match protocol::recv::<ControlReply>(sock.as_fd()) {
+            Ok((ControlReply::Template(r), _)) => r,
+            Ok(_) => {
+                *c = None;
+                Err("it answered out of turn; no more checkpoints of it".into())
+            }
+            Err(e) => Err(format!("it ended before the template was written ({e})")),
+        };
+        *self.template.lock().unwrap_or_else(|e| e.into_inner()) = Template::Answered(r.clone());
+        r.map(Some)
     }
 
     pub(crate) fn wait(&self) -> Exit {

@@ -63,6 +63,7 @@ fn manifest(text: &str) {
         stats: false,
         checkpoint: false,
         restore: false,
+        template: false,
     };
     let wire = postcard::to_allocvec(&config).unwrap();
     let back: Config = postcard::from_bytes(&wire).unwrap();

@@ -77,6 +77,9 @@ static ENABLED: OnceLock<OwnedFd> = OnceLock::new();
 static HOST_CODE: OnceLock<Vec<(u64, u64)>> = OnceLock::new();
 static FREEZING: AtomicBool = AtomicBool::new(false);
 static THREADS: Mutex<Vec<Arc<Slot>>> = Mutex::new(Vec::new());
+/// Rung when the checkpoint layer takes a template (the checkpoint
+/// thread waits on it; see `control`).
+static TEMPLATE_BELL: OnceLock<OwnedFd> = OnceLock::new();
 /// The guest's PAL table: its context word and its entry of each call,
 /// for a restart.
 static ENTRIES: OnceLock<(u64, Vec<u64>)> = OnceLock::new();
@@ -260,6 +263,16 @@ fn stop(s: &Slot, f: &mut context::Frame<'_>) {
     }
 }
 
+/// Whether call `nr` takes six argument words: the sixth goes on the
+/// stack above the return address, in the caller's outgoing area (the
+/// callee's to use, so a restart may write it; for a call of fewer
+/// arguments that word is the caller's own and is left alone). Of the
+/// calls made again (waits, delays, a template's open), only
+/// `DkStreamOpen` has six.
+pub fn six_args(nr: u32) -> bool {
+    nr == moat_pal::nr::DK_STREAM_OPEN
+}
+
 /// Make the thread, stopped as it returned from call `r.nr`, make it
 /// again: the return address back on its stack, the arguments in their
 /// registers, the host's entry of the call next.
@@ -271,16 +284,19 @@ fn apply_restart(f: &mut context::Frame<'_>, r: Restart) {
         return;
     };
     let rsp = f.reg(libc::REG_RSP).wrapping_sub(8);
+    let six = six_args(r.nr);
     // Blocking: this thread is at guest level and holds no lock.
-    if !crate::signals::guest_writable(rsp, 8) {
+    if !crate::signals::guest_writable(rsp, if six { 16 } else { 8 }) {
         return;
     }
     sys::put(rsp, f.rip());
+    if six {
+        sys::put(rsp + 8, r.args[5]);
+    }
     f.set_reg(libc::REG_RSP, rsp);
     f.set_reg(libc::REG_RIP, entry);
     // The table's functions take its context word first, then the
-    // call's arguments (five in registers; none of the calls made again
-    // has more).
+    // call's arguments (five in registers, the sixth on the stack).
     f.set_reg(libc::REG_RDI, ctx);
     let regs = [
         libc::REG_RSI,
@@ -431,6 +447,35 @@ impl moat_layers::checkpointer::FreezeHost for Host {
             sys::signal_self(SIG_FREEZE);
         }
     }
+
+    fn take_template(&self) -> bool {
+        let Some(bell) = TEMPLATE_BELL.get() else {
+            return false;
+        };
+        // Never from an exception upcall: no thread is carried there.
+        if mine().is_none() || crate::signals::in_upcall() {
+            return false;
+        }
+        // The freeze begins here, so that this thread stops as it leaves
+        // the call; the checkpoint thread stops the others.
+        FREEZING.store(true, Ordering::Release);
+        if let Some(fd) = wake_fd() {
+            sys::eventfd_signal(fd);
+        }
+        sys::eventfd_signal(bell.as_raw_fd());
+        true
+    }
+}
+
+/// Let the checkpoint layer take a template, ringing the returned
+/// descriptor when it does (once per process).
+pub fn template_bell() -> Result<RawFd, String> {
+    let fd = sys::eventfd().map_err(|e| format!("eventfd: errno {e}"))?;
+    let raw = fd.as_raw_fd();
+    TEMPLATE_BELL
+        .set(fd)
+        .map_err(|_| "a template was asked for twice".to_string())?;
+    Ok(raw)
 }
 
 /// A thread as frozen.

@@ -78,10 +78,16 @@ pub(super) fn from_regs(g: &Regs) -> kvm_regs {
 /// registers, the call's stub next. False if its stack is not writable.
 pub(super) fn make_again(vm: &PicoVm, regs: &mut kvm_regs, r: Restart) -> bool {
     let rsp = regs.rsp.wrapping_sub(8);
-    if vm.lin.check_w(rsp, 8).is_err() || r.nr == 0 || r.nr > moat_pal::NUM_CALLS {
+    let six = freeze::six_args(r.nr);
+    let len = if six { 16 } else { 8 };
+    if vm.lin.check_w(rsp, len).is_err() || r.nr == 0 || r.nr > moat_pal::NUM_CALLS {
         return false;
     }
     sys::put(rsp, regs.rip);
+    if six {
+        // Above the return address (see `stack_arg`).
+        sys::put(rsp + 8, r.args[5]);
+    }
     regs.rsp = rsp;
     regs.rip = CALL_STUBS + 8 * (r.nr as u64 - 1);
     // The stubs' context word is 0; the arguments follow it.

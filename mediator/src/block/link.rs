@@ -2,8 +2,16 @@
 //! picoprocess, create and lay out a fresh shared section for it (a dead
 //! driver's section is never used again), and run the INFO handshake on
 //! it. The engine installs a [`Link`] only after its handshake passed.
+//!
+//! Templates: an incarnation booted from the image while a template is
+//! wanted takes one (`Sandbox::template`: at its first stream open, before
+//! it opened its file, device or section), into a memory file the
+//! mediator keeps; later incarnations are restored from it (memory
+//! mapped copy-on-write, a warm loader or VMM), and make that open again
+//! under their own grants, on their own fresh section.
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,6 +22,39 @@ use moat_service_proto::{class, op, Request, Response};
 use super::region::{wait_readable, Region};
 use super::{io_err, DriverSpec, SECTION};
 use crate::contract::INFO_LEN;
+
+/// The driver's template.
+pub(crate) enum Template {
+    /// The next incarnation booted takes one.
+    Wanted,
+    /// Taken: later incarnations start from it.
+    Have(Arc<File>),
+    /// None (not wanted, or given up: why).
+    Off(Option<String>),
+}
+
+/// How an incarnation starts.
+pub(crate) enum Boot {
+    /// From the image; taking a template into the file, if given.
+    Image(Option<File>),
+    /// From the template.
+    Template(Arc<File>),
+}
+
+impl Boot {
+    /// How the next incarnation starts, given the template's state.
+    pub(crate) fn next(t: &Template) -> std::io::Result<Boot> {
+        Ok(match t {
+            Template::Have(f) => Boot::Template(f.clone()),
+            Template::Wanted => {
+                use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+                let f = memfd_create(c"moat-driver-template", MemFdCreateFlag::MFD_CLOEXEC)?;
+                Boot::Image(Some(File::from(f)))
+            }
+            Template::Off(_) => Boot::Image(None),
+        })
+    }
+}
 
 /// A live driver incarnation: its process, its section and doorbells, and
 /// the buffers of the section no request holds.
@@ -40,6 +81,7 @@ impl Link {
         layout: Layout,
         generation: u64,
         incarnation: u64,
+        boot: Boot,
     ) -> std::io::Result<Link> {
         let mut args = spec.args.clone();
         if let Some(f) = &spec.faults {
@@ -59,8 +101,13 @@ impl Link {
         let region = Arc::new(Region::new(layout)?);
         let ring = Submitter::create(region.section(), layout)
             .map_err(|e| io_err(format!("cannot lay the section out: {e:?}")))?;
-        let mut sb = Sandbox::new(&spec.image)
-            .args(args)
+        let sb = match boot {
+            Boot::Image(None) => Sandbox::new(&spec.image).args(args),
+            Boot::Image(Some(file)) => Sandbox::new(&spec.image).args(args).template(file),
+            // The file stays open in this process: its path is ours.
+            Boot::Template(file) => Sandbox::restore(format!("/proc/self/fd/{}", file.as_raw_fd())),
+        };
+        let mut sb = sb
             .policy(spec.policy.clone())
             .host(spec.host)
             .section(SECTION, region.host())

@@ -122,6 +122,14 @@ pub struct Config {
     /// on a loaded one a shorter spin gives the core back sooner. 0 never
     /// polls (every request then costs two doorbells).
     pub spin: Duration,
+    /// Start drivers after the first from a template (a checkpoint of the
+    /// first incarnation taken at its first stream open, before it opened
+    /// its file, device or section; see `moat_monitor::Sandbox::template`)
+    /// instead of booting the image again. Off with fault injection: each
+    /// incarnation's faults are its arguments, and a template would repeat
+    /// the first one's. A template that cannot be taken or started is
+    /// given up for good (`Counters::template`), and drivers boot.
+    pub templates: bool,
 }
 
 impl Default for Config {
@@ -137,6 +145,7 @@ impl Default for Config {
             retry_after: Duration::from_secs(1),
             read_only: false,
             spin: Duration::from_micros(50),
+            templates: true,
         }
     }
 }
@@ -179,6 +188,10 @@ pub struct Counters {
     pub bells: u64,
     /// The most requests in flight to a driver at once.
     pub peak_in_flight: usize,
+    /// Drivers started from the template.
+    pub from_template: u64,
+    /// Why there is no template, if one was wanted and given up.
+    pub template: Option<String>,
     /// What the drivers' VMMs counted (kvm only): VM exits by reason and
     /// the work of the virtio-blk I/O threads, summed over incarnations (a
     /// given-up incarnation's as it stood when it was given up).
@@ -221,6 +234,8 @@ pub(crate) struct Inner {
     config: Config,
     spec: DriverSpec,
     layout: Layout,
+    /// The driver's template (see [`Config::templates`]).
+    template: Mutex<link::Template>,
 }
 
 /// Owns the supervisor: the last clone of a [`MediatedBlock`] to go shuts
@@ -319,6 +334,13 @@ impl MediatedBlock {
                 control.clone(),
             )),
             control,
+            // Faults are each incarnation's arguments: a template would
+            // repeat the first one's.
+            template: Mutex::new(if config.templates && spec.faults.is_none() {
+                link::Template::Wanted
+            } else {
+                link::Template::Off(None)
+            }),
             config,
             spec,
             layout,

@@ -10,7 +10,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::link::Link;
+use super::link::{Boot, Link, Template};
 use super::region::{wait_readable, Region};
 use super::{io_err, lock, Inner};
 use crate::contract::{Contract, Violation};
@@ -23,7 +23,20 @@ pub(crate) fn start_incarnation(inner: &Inner) -> std::io::Result<Link> {
         c.incarnations += 1;
         (c.generation, c.incarnations - 1, c.contract.info_request())
     };
-    let mut link = Link::start(&inner.spec, inner.layout, generation, incarnation)?;
+    let boot = Boot::next(&inner.template.lock().unwrap_or_else(|e| e.into_inner()))?;
+    let (taking, restored) = match &boot {
+        Boot::Image(t) => (t.as_ref().map(|f| f.try_clone()).transpose()?, false),
+        Boot::Template(_) => (None, true),
+    };
+    let started = Link::start(&inner.spec, inner.layout, generation, incarnation, boot);
+    let mut link = match started {
+        Ok(l) => l,
+        Err(e) if restored => {
+            give_up_template(inner, format!("a start from it failed: {e}"));
+            return Err(e);
+        }
+        Err(e) => return Err(e),
+    };
     let checked = link
         .handshake(info, inner.config.start_timeout)
         .and_then(|(resp, bytes)| {
@@ -33,12 +46,44 @@ pub(crate) fn start_incarnation(inner: &Inner) -> std::io::Result<Link> {
                 .map_err(|v| io_err(format!("driver handshake: {v}")))
         });
     match checked {
-        Ok(_) => Ok(link),
+        Ok(_) => {
+            if restored {
+                lock(&inner.core).counters.from_template += 1;
+            }
+            if let Some(file) = taking {
+                keep_template(inner, &link, file);
+            }
+            Ok(link)
+        }
         Err(e) => {
             end(link);
+            if restored {
+                give_up_template(inner, format!("a start from it failed: {e}"));
+            }
             Err(e)
         }
     }
+}
+
+/// The incarnation `link`, booted to take a template into `file`, has
+/// passed its handshake: its template was written before it opened its
+/// section, so its answer is there (or never comes).
+fn keep_template(inner: &Inner, link: &Link, file: std::fs::File) {
+    let t = match link.proc.template_written(Duration::from_secs(1)) {
+        Ok(Some(_)) => Template::Have(Arc::new(file)),
+        Ok(None) => Template::Off(Some("not written within 1 s of the handshake".into())),
+        Err(e) => Template::Off(Some(e.to_string())),
+    };
+    if let Template::Off(why) = &t {
+        lock(&inner.core).counters.template = why.clone();
+    }
+    *inner.template.lock().unwrap_or_else(|e| e.into_inner()) = t;
+}
+
+/// Drivers boot from now on.
+fn give_up_template(inner: &Inner, why: String) {
+    lock(&inner.core).counters.template = Some(why.clone());
+    *inner.template.lock().unwrap_or_else(|e| e.into_inner()) = Template::Off(Some(why));
 }
 
 /// Ends an incarnation: killed now, reaped off this thread.
