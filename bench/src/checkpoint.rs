@@ -2,6 +2,10 @@
 //! bytes to a file, and restoring one (to its first output) against a
 //! cold spawn of the same image (to its first output), on each host.
 //!
+//! And the mediator's recovery (a driver killed, to the next read
+//! completed) with drivers restarted from a template against booted
+//! again: `blk-file` over a 64 MiB file.
+//!
 //! The guest is `bench-ckpt MIB` (every page of MIB MiB written, then a
 //! `.` about every 50 µs). Files go to /dev/shm where there is one, so
 //! that a disk's write-back does not make the figures.
@@ -140,6 +144,41 @@ fn restore_figures(host: Host, reps: usize) -> (f64, f64) {
     (median(&mut restore), median(&mut cold))
 }
 
+/// Median recovery in ms of a `blk-file` driver on `host`, restarted
+/// from its template or booted, and how many restarts came from the
+/// template.
+fn recovery(host: Host, templates: bool, kills: usize) -> (f64, u64) {
+    use moat_mediator::block::{Config, DriverSpec, MediatedBlock, SECTION};
+    let d = dir();
+    let (path, _file) = crate::mediator::disk_file(d.path());
+    let uri = format!("file:{}", path.display());
+    let mut policy = moat_policy::Policy::default();
+    policy.limits.memory_mib = 64;
+    policy.allow(&uri, moat_policy::Access::Rw).unwrap();
+    let dev = MediatedBlock::start(
+        DriverSpec {
+            image: image("blk-file"),
+            args: vec![SECTION.into(), uri],
+            host,
+            policy,
+            faults: None,
+            console: false,
+        },
+        Config {
+            templates,
+            ..Config::default()
+        },
+    )
+    .unwrap();
+    let mut rec = crate::mediator::recoveries(&dev, kills);
+    let c = dev.counters();
+    dev.shutdown();
+    if let Some(why) = &c.template {
+        crate::note(&format!("no template: {why}"));
+    }
+    (median(&mut rec), c.from_template)
+}
+
 pub(crate) fn bench(quick: bool) {
     let mut hosts = vec![("linux", Host::Linux)];
     if crate::kvm::available() {
@@ -168,5 +207,18 @@ pub(crate) fn bench(quick: bool) {
             "µs",
             "≤ 0.3x",
         );
+        let kills = if quick { 5 } else { 100 };
+        let (t, n) = recovery(host, true, kills);
+        let (b, _) = recovery(host, false, kills);
+        row(
+            &format!("{name}: mediator recovery, driver from its template vs booted"),
+            t,
+            b,
+            "ms",
+            "median ≤ 1 ms (linux)",
+        );
+        crate::note(&format!(
+            "{name}: {n} of {kills} restarts from the template; median {t:.2} ms, booted {b:.2} ms"
+        ));
     }
 }

@@ -198,16 +198,7 @@ pub fn mediator_bench(quick: bool) {
 
     // Recovery: kill the driver, time until a read completes again.
     let kills = if quick { 5 } else { 100 };
-    let mut rec = Vec::new();
-    let mut buf = vec![0u8; 4096];
-    for _ in 0..kills {
-        dev.read_at(0, &mut buf).unwrap();
-        let t = Instant::now();
-        dev.kill_driver();
-        dev.read_at(4096, &mut buf).unwrap();
-        rec.push(t.elapsed().as_secs_f64() * 1e3);
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    let mut rec = recoveries(&dev, kills);
     let c = dev.counters();
     let med = median(&mut rec.clone());
     row(
@@ -228,6 +219,22 @@ pub fn mediator_bench(quick: bool) {
     ));
     dev.shutdown();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Kills the driver of `dev` `kills` times: ms from each kill to the
+/// next read completed.
+pub(crate) fn recoveries(dev: &MediatedBlock, kills: usize) -> Vec<f64> {
+    let mut rec = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    for _ in 0..kills {
+        dev.read_at(0, &mut buf).unwrap();
+        let t = Instant::now();
+        dev.kill_driver();
+        dev.read_at(4096, &mut buf).unwrap();
+        rec.push(t.elapsed().as_secs_f64() * 1e3);
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    rec
 }
 
 /// A 64 MiB disk file in `dir`, filled (so reads come from the page

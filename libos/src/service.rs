@@ -202,6 +202,28 @@ const CHEAP_YIELD_MICROS: u64 = 2;
 /// the guest (a VM exit on kvm, tens of µs), polling only pauses: an exit
 /// per poll would cost more than it saves.
 fn yield_cost(per_micro: u64) -> Option<u64> {
+    // Measured once: 0 unknown, u64::MAX dear, else the cost.
+    static MEASURED: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+    match MEASURED.load(core::sync::atomic::Ordering::Relaxed) {
+        0 => {}
+        u64::MAX => return None,
+        v => return Some(v),
+    }
+    let v = measure_yield(per_micro);
+    MEASURED.store(v.unwrap_or(u64::MAX), core::sync::atomic::Ordering::Relaxed);
+    v
+}
+
+/// The serving loop's start-up measurements (how fast a pause is, how
+/// dear a yield), made now and remembered. A driver calls this before it
+/// opens its file, device or section: a template of it (taken at its
+/// first open, see the mediator) then carries them, and a driver
+/// restored from it serves at once.
+pub fn prepare() {
+    let _ = yield_cost(crate::time::spins_per_micro());
+}
+
+fn measure_yield(per_micro: u64) -> Option<u64> {
     const N: u64 = 16;
     let t0 = crate::time::now_micros();
     for _ in 0..N {

@@ -16,15 +16,15 @@ pub fn elapsed_micros(start: u64) -> u64 {
     now_micros().saturating_sub(start)
 }
 
-/// Pause instructions per microsecond, measured once (200,000 of them
-/// against the clock) and remembered.
+/// Pause instructions per microsecond, measured once (50,000 of them
+/// against the clock, a few hundred microseconds) and remembered.
 pub fn spins_per_micro() -> u64 {
     static MEASURED: AtomicU64 = AtomicU64::new(0);
     let known = MEASURED.load(Ordering::Relaxed);
     if known != 0 {
         return known;
     }
-    const N: u64 = 200_000;
+    const N: u64 = 50_000;
     let t0 = now_micros();
     for _ in 0..N {
         core::hint::spin_loop();

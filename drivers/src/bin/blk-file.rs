@@ -15,7 +15,7 @@ extern crate alloc;
 
 use moat_libos::moat_pal::{access, create};
 use moat_libos::service::status;
-use moat_libos::service::{serve_block, BlockDevice, Faults};
+use moat_libos::service::{prepare, serve_block, BlockDevice, Faults};
 use moat_libos::stream::Stream;
 use moat_libos::{env, eprintln};
 
@@ -84,6 +84,8 @@ fn main() -> i32 {
         },
         None => None,
     };
+    // Before the first open: a template carries it.
+    prepare();
     let acc = if read_only {
         access::READ
     } else {

@@ -137,6 +137,10 @@ fn main() -> i32 {
         eprintln!("{USAGE}");
         return EXIT_USAGE;
     };
+    if matches!(command, Command::Serve { .. }) {
+        // Before the device is opened: a template carries it.
+        moat_libos::service::prepare();
+    }
 
     let dev = match moat_libos_virtio::open(name) {
         Ok(d) => d,
