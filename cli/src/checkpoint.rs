@@ -82,28 +82,9 @@ pub fn checkpoint(a: CheckpointArgs) -> i32 {
         sockopt::ReceiveTimeout,
         &nix::sys::time::TimeVal::new(150, 0),
     );
-    // Written beside FILE, then renamed over it: a failure leaves FILE as
-    // it was, and picoprocesses restored from the old FILE (which map it)
-    // keep the old file.
-    let tmp = {
-        let name = a.file.file_name().map(|n| n.to_string_lossy().into_owned());
-        let Some(name) = name else {
-            return bad_input(format!(
-                "cannot write {}: not a file name",
-                a.file.display()
-            ));
-        };
-        a.file
-            .with_file_name(format!(".{name}.moat-{}.tmp", std::process::id()))
-    };
-    let file = match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(&tmp)
-    {
-        Ok(f) => f,
-        Err(e) => return bad_input(format!("cannot write {}: {e}", a.file.display())),
+    let (tmp, file) = match crate::control::create_beside(&a.file) {
+        Ok(v) => v,
+        Err(msg) => return bad_input(msg),
     };
     let sent = protocol::send(
         sock.as_fd(),
@@ -165,6 +146,7 @@ pub fn restore(a: RestoreArgs) -> i32 {
         layer: None,
         checkpointable: true,
         restore: true,
+        template: None,
         image: Some(a.file.display().to_string()),
         args: Vec::new(),
     })

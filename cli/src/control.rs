@@ -72,3 +72,20 @@ fn serve_one(c: &moat_monitor::Controller, conn: &OwnedFd) {
     };
     let _ = protocol::send(conn.as_fd(), &reply, &[]);
 }
+
+/// A new, empty file beside `path` to write a checkpoint into, renamed
+/// over `path` once whole: a failure leaves `path` as it was, and
+/// picoprocesses restored from the old file (which map it) keep it.
+pub(crate) fn create_beside(path: &std::path::Path) -> Result<(std::path::PathBuf, std::fs::File), String> {
+    let Some(name) = path.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+        return Err(format!("cannot write {}: not a file name", path.display()));
+    };
+    let tmp = path.with_file_name(format!(".{name}.moat-{}.tmp", std::process::id()));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    Ok((tmp, file))
+}

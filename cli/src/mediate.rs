@@ -44,6 +44,12 @@ pub struct DriverArgs {
     /// Show the driver's console and log lines.
     #[arg(long)]
     pub driver_console: bool,
+    /// Boot every new driver from its image. By default the first driver
+    /// is checkpointed at its first open (a template) and later ones are
+    /// restored from it, which is faster; never with --faults (each
+    /// driver's faults are its arguments).
+    #[arg(long)]
+    pub no_template: bool,
 }
 
 /// The disks' block size: both drivers serve 512-byte blocks.
@@ -172,6 +178,7 @@ impl DriverArgs {
                     .max(Duration::from_secs(1)),
                 max_failed_restarts: self.max_failed_restarts,
                 read_only,
+                templates: !self.no_template,
                 ..Config::default()
             },
             lock,

@@ -83,6 +83,15 @@ pub struct RunArgs {
     /// resumes it, on either host).
     #[arg(long)]
     pub checkpointable: bool,
+    /// Take a template: the picoprocess is checkpointed to FILE at its
+    /// first stream open other than its console (before that open is
+    /// made) and goes on. `moat restore FILE` starts from there, as often
+    /// as wanted, with its own grants (the open is made under them), its
+    /// memory mapped copy-on-write from FILE. Written beside FILE and
+    /// renamed once whole; a picoprocess that never opens a stream leaves
+    /// no FILE.
+    #[arg(long, value_name = "FILE")]
+    pub template: Option<PathBuf>,
     /// IMAGE is a checkpoint to restore (`moat restore`).
     #[arg(skip)]
     pub restore: bool,
@@ -199,17 +208,57 @@ fn prepare(a: RunArgs) -> Result<Sandbox, String> {
 
 pub fn main(a: RunArgs) -> i32 {
     let checkpointable = a.checkpointable;
+    let template = a.template.clone();
     let sandbox = match prepare(a) {
         Ok(s) => s,
         Err(msg) => return bad_input(msg),
     };
+    let (sandbox, tmp) = match &template {
+        None => (sandbox, None),
+        Some(path) => match crate::control::create_beside(path) {
+            Ok((tmp, file)) => (sandbox.template(file), Some(tmp)),
+            Err(msg) => return bad_input(msg),
+        },
+    };
     let mut p = match sandbox.spawn() {
         Ok(p) => p,
         Err(e) => {
+            if let Some(t) = &tmp {
+                let _ = std::fs::remove_file(t);
+            }
             eprintln!("moat: {e}");
             return e.exit_code();
         }
     };
+    // The template comes while the picoprocess runs: kept (renamed over
+    // FILE) once whole, removed otherwise.
+    let keeper = tmp.zip(template).map(|(tmp, path)| {
+        let ctl = p.controller();
+        std::thread::spawn(move || loop {
+            match ctl.template_written(std::time::Duration::from_secs(1)) {
+                Ok(None) => continue,
+                Ok(Some(bytes)) => match std::fs::rename(&tmp, &path) {
+                    Ok(()) => {
+                        eprintln!(
+                            "moat: template written to {} ({bytes} bytes)",
+                            path.display()
+                        );
+                        return;
+                    }
+                    Err(e) => {
+                        eprintln!("moat: cannot write {}: {e}", path.display());
+                        let _ = std::fs::remove_file(&tmp);
+                        return;
+                    }
+                },
+                Err(e) => {
+                    eprintln!("moat: {e}");
+                    let _ = std::fs::remove_file(&tmp);
+                    return;
+                }
+            }
+        })
+    });
     if checkpointable {
         if let Err(e) = crate::control::listen(p.controller()) {
             eprintln!("moat: {e}");
@@ -217,7 +266,11 @@ pub fn main(a: RunArgs) -> i32 {
             return EXIT_HOST_FAILURE;
         }
     }
-    match p.wait() {
+    let waited = p.wait();
+    if let Some(k) = keeper {
+        let _ = k.join();
+    }
+    match waited {
         Ok(exit) => {
             if let Some((_, text)) = &exit.report {
                 eprintln!("moat: {}", text.trim_end());

@@ -404,6 +404,13 @@ impl Killer {
 pub struct Controller(Arc<Proc>);
 
 impl Controller {
+    /// As [`Picoprocess::template_written`].
+    pub fn template_written(&self, limit: std::time::Duration) -> Result<Option<u64>, Error> {
+        self.0.template_written(limit).map_err(|why| {
+            Error::BadInput(format!("no template: {}", crate::session::sanitize(&why)))
+        })
+    }
+
     /// As [`Picoprocess::checkpoint`].
     pub fn checkpoint(&self, file: &File, opts: CheckpointOptions) -> Result<u64, Error> {
         self.0.checkpoint(file, opts).map_err(|why| {
