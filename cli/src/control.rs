@@ -76,7 +76,9 @@ fn serve_one(c: &moat_monitor::Controller, conn: &OwnedFd) {
 /// A new, empty file beside `path` to write a checkpoint into, renamed
 /// over `path` once whole: a failure leaves `path` as it was, and
 /// picoprocesses restored from the old file (which map it) keep it.
-pub(crate) fn create_beside(path: &std::path::Path) -> Result<(std::path::PathBuf, std::fs::File), String> {
+pub(crate) fn create_beside(
+    path: &std::path::Path,
+) -> Result<(std::path::PathBuf, std::fs::File), String> {
     let Some(name) = path.file_name().map(|n| n.to_string_lossy().into_owned()) else {
         return Err(format!("cannot write {}: not a file name", path.display()));
     };

@@ -75,15 +75,13 @@ fn what_cannot_take_a_template_says_so_and_leaves_nothing() {
     }
     let d = tempfile::tempdir().unwrap();
     // A place that cannot be written: bad input, no picoprocess run.
-    let r = moat(&[
-        "run",
-        "--template",
-        "/proc/nope/t.tpl",
-        "counter",
-        "2",
-    ]);
+    let r = moat(&["run", "--template", "/proc/nope/t.tpl", "counter", "2"]);
     r.assert_code(2);
-    assert!(r.stderr.contains("cannot write /proc/nope/t.tpl"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("cannot write /proc/nope/t.tpl"),
+        "{}",
+        r.stderr
+    );
     assert!(r.stdout.is_empty());
     // A picoprocess that opens nothing but its console: it runs to its
     // end, and no template is left.

@@ -33,6 +33,24 @@ pub(crate) enum Template {
     Off(Option<String>),
 }
 
+/// Seal a template the driver has written: from now on nobody changes
+/// it, the driver that wrote it (which keeps serving, and could have kept
+/// the descriptor) included. Fails if someone maps it shared and
+/// writable.
+pub(crate) fn seal(file: &File) -> std::io::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+    fcntl(
+        file.as_raw_fd(),
+        FcntlArg::F_ADD_SEALS(
+            SealFlag::F_SEAL_WRITE
+                | SealFlag::F_SEAL_GROW
+                | SealFlag::F_SEAL_SHRINK
+                | SealFlag::F_SEAL_SEAL,
+        ),
+    )?;
+    Ok(())
+}
+
 /// How an incarnation starts.
 pub(crate) enum Boot {
     /// From the image; taking a template into the file, if given.
@@ -48,7 +66,10 @@ impl Boot {
             Template::Have(f) => Boot::Template(f.clone()),
             Template::Wanted => {
                 use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
-                let f = memfd_create(c"moat-driver-template", MemFdCreateFlag::MFD_CLOEXEC)?;
+                let f = memfd_create(
+                    c"moat-driver-template",
+                    MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING,
+                )?;
                 Boot::Image(Some(File::from(f)))
             }
             Template::Off(_) => Boot::Image(None),
