@@ -4,7 +4,8 @@
 //! checkpoint instead of booting the image, on a fresh section. Killed
 //! again and again while a client writes and reads, on both hosts and
 //! with both block drivers, the disk holds exactly what was written and
-//! every restart came from the template.
+//! every restart came from the template (through a standby driver made
+//! from it ahead of time, or restored at the restart).
 use moat_mediator::block::{Config, Counters, DriverSpec, MediatedBlock, SECTION};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
@@ -69,11 +70,12 @@ fn kill_and_check(dev: &MediatedBlock) -> (Counters, Vec<Duration>) {
     (dev.counters(), recoveries)
 }
 
-fn check(what: &str, c: &Counters, rec: &[Duration], templates: bool) {
+fn check(what: &str, c: &Counters, rec: &[Duration], templates: bool, standby: bool) {
     eprintln!(
-        "{what}: {} restarts, {} from the template, {} failed starts, median recovery {:?}; template: {:?}",
+        "{what}: {} restarts, {} from the template ({} to a standby), {} failed starts, median recovery {:?}; template: {:?}",
         c.restarts,
         c.from_template,
+        c.from_standby,
         c.failed_starts,
         {
             let mut v = rec.to_vec();
@@ -91,9 +93,15 @@ fn check(what: &str, c: &Counters, rec: &[Duration], templates: bool) {
     } else {
         assert_eq!(c.from_template, 0, "{what}");
     }
+    if templates && standby {
+        // A standby is made after each switch, well before the next kill.
+        assert!(c.from_standby >= KILLS - 1, "{what}: {c:?}");
+    } else {
+        assert_eq!(c.from_standby, 0, "{what}");
+    }
 }
 
-fn blk_file(host: moat_monitor::Host, templates: bool) {
+fn blk_file(host: moat_monitor::Host, templates: bool, standby: bool) {
     let d = tempfile::tempdir().unwrap();
     let disk = d.path().join("disk.img");
     std::fs::File::create(&disk).unwrap().set_len(SIZE).unwrap();
@@ -112,6 +120,7 @@ fn blk_file(host: moat_monitor::Host, templates: bool) {
         },
         Config {
             templates,
+            standby,
             ..Config::default()
         },
     )
@@ -119,10 +128,11 @@ fn blk_file(host: moat_monitor::Host, templates: bool) {
     let (c, rec) = kill_and_check(&dev);
     dev.shutdown();
     check(
-        &format!("blk-file on {host:?}, templates {templates}"),
+        &format!("blk-file on {host:?}, templates {templates}, standby {standby}"),
         &c,
         &rec,
         templates,
+        standby,
     );
     // What the client wrote is in the file.
     let f = std::fs::File::open(&disk).unwrap();
@@ -134,9 +144,11 @@ fn blk_file(host: moat_monitor::Host, templates: bool) {
 
 #[test]
 fn blk_file_restarts_from_its_template_on_linux() {
-    blk_file(moat_monitor::Host::Linux, true);
-    // And the same without: every restart boots.
-    blk_file(moat_monitor::Host::Linux, false);
+    blk_file(moat_monitor::Host::Linux, true, true);
+    // From the template at each restart, no standby.
+    blk_file(moat_monitor::Host::Linux, true, false);
+    // And without: every restart boots.
+    blk_file(moat_monitor::Host::Linux, false, false);
 }
 
 #[test]
@@ -145,7 +157,8 @@ fn blk_file_restarts_from_its_template_on_kvm() {
         eprintln!("skipping: no usable /dev/kvm");
         return;
     }
-    blk_file(moat_monitor::Host::Kvm, true);
+    blk_file(moat_monitor::Host::Kvm, true, true);
+    blk_file(moat_monitor::Host::Kvm, true, false);
 }
 
 #[test]
@@ -176,5 +189,5 @@ fn virtio_blk_restarts_from_its_template_before_its_device() {
     .unwrap();
     let (c, rec) = kill_and_check(&dev);
     dev.shutdown();
-    check("virtio-blk on kvm", &c, &rec, true);
+    check("virtio-blk on kvm", &c, &rec, true, true);
 }

@@ -44,6 +44,7 @@ mod core;
 mod link;
 mod parts;
 mod region;
+mod standby;
 mod supervisor;
 
 use std::collections::BTreeMap;
@@ -130,6 +131,11 @@ pub struct Config {
     /// the first one's. A template that cannot be taken or started is
     /// given up for good (`Counters::template`), and drivers boot.
     pub templates: bool,
+    /// With a template, keep the next driver restored and past its
+    /// handshake before it is needed (on its own section; a second driver
+    /// process, idle, sleeping on its doorbell): a crash then switches to
+    /// it without starting a process.
+    pub standby: bool,
 }
 
 impl Default for Config {
@@ -146,6 +152,7 @@ impl Default for Config {
             read_only: false,
             spin: Duration::from_micros(50),
             templates: true,
+            standby: true,
         }
     }
 }
@@ -188,8 +195,11 @@ pub struct Counters {
     pub bells: u64,
     /// The most requests in flight to a driver at once.
     pub peak_in_flight: usize,
-    /// Drivers started from the template.
+    /// Drivers started from the template (switches to a standby
+    /// included).
     pub from_template: u64,
+    /// Restarts that switched to a standby driver.
+    pub from_standby: u64,
     /// Why there is no template, if one was wanted and given up.
     pub template: Option<String>,
     /// What the drivers' VMMs counted (kvm only): VM exits by reason and
@@ -236,6 +246,8 @@ pub(crate) struct Inner {
     layout: Layout,
     /// The driver's template (see [`Config::templates`]).
     template: Mutex<link::Template>,
+    /// The next driver, ready (see [`Config::standby`]).
+    standby: Mutex<standby::Slot>,
 }
 
 /// Owns the supervisor: the last clone of a [`MediatedBlock`] to go shuts
@@ -341,6 +353,7 @@ impl MediatedBlock {
             } else {
                 link::Template::Off(None)
             }),
+            standby: Mutex::new(standby::Slot::default()),
             config,
             spec,
             layout,
@@ -366,6 +379,7 @@ impl MediatedBlock {
                 .geometry()
                 .ok_or_else(|| io_err("no geometry after the handshake"))?
         };
+        standby::replenish(&inner);
         let for_thread = inner.clone();
         let thread = std::thread::Builder::new()
             .name("moat-mediator".into())

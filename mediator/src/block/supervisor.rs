@@ -89,6 +89,39 @@ fn give_up_template(inner: &Inner, why: String) {
     *inner.template.lock().unwrap_or_else(|e| e.into_inner()) = Template::Off(Some(why));
 }
 
+/// Switches to the standby driver, if one is ready: installed as the
+/// next incarnation once the contract accepted its INFO answer.
+fn promote(inner: &Arc<Inner>, t0: Instant) -> bool {
+    let Some(sb) = super::standby::take(inner) else {
+        return false;
+    };
+    let mut c = lock(&inner.core);
+    if c.closing {
+        drop(c);
+        end(sb.link);
+        return false;
+    }
+    let _ = c.contract.info_request();
+    if let Err(v) = c.contract.check_info(&sb.info.0, &sb.info.1) {
+        c.counters.last_start_failure = Some(format!("standby handshake: {v}"));
+        drop(c);
+        end(sb.link);
+        return false;
+    }
+    c.generation += 1;
+    c.incarnations += 1;
+    let mut link = sb.link;
+    link.generation = c.generation;
+    c.counters.restarts += 1;
+    c.counters.from_template += 1;
+    c.counters.from_standby += 1;
+    c.install(link, Instant::now());
+    c.counters.recovery.push(t0.elapsed());
+    drop(c);
+    super::standby::replenish(inner);
+    true
+}
+
 /// Ends an incarnation: killed now, reaped off this thread.
 pub(crate) fn end(mut link: Link) {
     let _ = link.proc.kill();
@@ -192,6 +225,7 @@ pub(crate) fn run(inner: Arc<Inner>) {
         }
     }
     // Shut down: the driver is ended, what did not finish fails.
+    super::standby::discard(&inner);
     let mut c = lock(&inner.core);
     let live = c.link.take();
     let dead = std::mem::take(&mut c.dead);
@@ -207,7 +241,7 @@ pub(crate) fn run(inner: Arc<Inner>) {
 /// Replaces the driver: starts incarnations (backing off) until one passes
 /// its handshake, then re-issues on it what was in flight; opens the
 /// circuit after too many starts in a row without progress.
-fn restart(inner: &Inner, t0: Instant) {
+fn restart(inner: &Arc<Inner>, t0: Instant) {
     {
         let mut c = lock(&inner.core);
         if c.closing {
@@ -231,8 +265,11 @@ fn restart(inner: &Inner, t0: Instant) {
                 c.open_circuit(Instant::now());
                 return;
             }
-            c.counters.restarts += 1;
         }
+        if promote(inner, t0) {
+            return;
+        }
+        lock(&inner.core).counters.restarts += 1;
         let t = Instant::now();
         match start_incarnation(inner) {
             Ok(link) => {
@@ -240,6 +277,8 @@ fn restart(inner: &Inner, t0: Instant) {
                 let now = Instant::now();
                 c.install(link, now);
                 c.counters.recovery.push(t0.elapsed());
+                drop(c);
+                super::standby::replenish(inner);
                 return;
             }
             Err(e) => {
