@@ -315,8 +315,10 @@ impl Sandbox {
             args,
             None,
             false,
-            restore,
-            self.template,
+            crate::monitor::Origin {
+                restore,
+                template: self.template,
+            },
         )?;
         Ok(Picoprocess {
             stdin,

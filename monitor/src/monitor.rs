@@ -16,7 +16,9 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::{Arc, Condvar, Mutex};
 
 /// Start a loader for `image` in `session`: the root picoprocess, or (with
-/// `child`) one started by ProcessCreate, whose exit code goes to `notify`.
+/// `child`) one started by ProcessCreate, whose exit code goes to `notify`;
+/// a root from a checkpoint (`from.restore`), or taking a template
+/// (`from.template`).
 pub(crate) fn start(
     session: &Arc<Session>,
     image: File,
@@ -24,9 +26,9 @@ pub(crate) fn start(
     args: Vec<String>,
     notify: Option<OwnedFd>,
     child: bool,
-    restore: bool,
-    template: Option<File>,
+    from: Origin,
 ) -> Result<Arc<Proc>, Error> {
+    let Origin { restore, template } = from;
     let limits = session.policy().limits;
     // Devices belong to the root picoprocess; its children get none.
     if session.host() == crate::Host::Kvm && limits.memory_mib > moat_policy::KVM_MAX_MEMORY_MIB {
@@ -225,6 +227,15 @@ pub(crate) fn start(
     Ok(proc)
 }
 
+/// Where a root picoprocess starts from, beyond its image.
+#[derive(Default)]
+pub(crate) struct Origin {
+    /// The image is a checkpoint to restore.
+    pub(crate) restore: bool,
+    /// A template is to be written to this file (`Sandbox::template`).
+    pub(crate) template: Option<File>,
+}
+
 /// How the broker starts a child picoprocess (see [`Broker::with_start_child`]).
 fn start_child(
     session: &Arc<Session>,
@@ -233,9 +244,17 @@ fn start_child(
     args: Vec<String>,
     notify: OwnedFd,
 ) -> Result<(), String> {
-    start(session, image, name, args, Some(notify), true, false, None)
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+    start(
+        session,
+        image,
+        name,
+        args,
+        Some(notify),
+        true,
+        Origin::default(),
+    )
+    .map(|_| ())
+    .map_err(|e| e.to_string())
 }
 
 /// Open the backing files of the devices granted (kvm only), read-write or

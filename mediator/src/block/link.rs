@@ -23,6 +23,14 @@ use super::region::{wait_readable, Region};
 use super::{io_err, DriverSpec, SECTION};
 use crate::contract::INFO_LEN;
 
+/// Ends an incarnation: killed now, reaped off this thread.
+pub(crate) fn end(mut link: Link) {
+    let _ = link.proc.kill();
+    std::thread::spawn(move || {
+        let _ = link.proc.wait();
+    });
+}
+
 /// The driver's template.
 pub(crate) enum Template {
     /// The next incarnation booted takes one.

@@ -16,9 +16,8 @@ use std::time::Duration;
 
 use moat_service_proto::{class, op, Request, Response};
 
-use super::link::{Boot, Link, Template};
+use super::link::{end, Boot, Link, Template};
 use super::region::wait_readable;
-use super::supervisor::end;
 use super::{lock, Inner};
 
 /// The standby, and whether one is being made.

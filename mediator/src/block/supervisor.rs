@@ -10,7 +10,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::link::{Boot, Link, Template};
+use super::link::{end, Boot, Link, Template};
 use super::region::{wait_readable, Region};
 use super::{io_err, lock, Inner};
 use crate::contract::{Contract, Violation};
@@ -120,14 +120,6 @@ fn promote(inner: &Arc<Inner>, t0: Instant) -> bool {
     drop(c);
     super::standby::replenish(inner);
     true
-}
-
-/// Ends an incarnation: killed now, reaped off this thread.
-pub(crate) fn end(mut link: Link) {
-    let _ = link.proc.kill();
-    std::thread::spawn(move || {
-        let _ = link.proc.wait();
-    });
 }
 
 pub(crate) fn run(inner: Arc<Inner>) {
