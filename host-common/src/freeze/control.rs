@@ -57,6 +57,7 @@ pub fn start(
     let (Some(ctl), Some(layer)) = (ctl, layer) else {
         return Ok(());
     };
+    super::write::start_summer()?;
     let template = match template {
         Some(file) => {
             let bell = super::template_bell()?;

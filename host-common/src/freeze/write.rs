@@ -12,6 +12,8 @@ use moat_layers::checkpointer::{Checkpointer, Made};
 use moat_pal::memory::RegionKind as Kind;
 use moat_pal::{prot, stream_kind};
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Mutex, OnceLock};
 
 /// Describe the frozen picoprocess (threads from [`super::freeze_all`]),
 /// its regions as `map` has them (the caller holds the map until the
@@ -173,11 +175,10 @@ pub fn write(fd: RawFd, c: &Checkpoint) -> Result<u64, String> {
     // The front's length does not depend on the checksum.
     let data_off = moat_checkpoint::encode_front(c, data_len, 0)?.len() as u64;
     let io = |e: i32| format!("cannot write the checkpoint: errno {e}");
-    let mut crc = moat_checkpoint::DataCrc::default();
+    let mut sum = Sum::start();
     for r in &c.regions {
         let unreadable = r.prot & prot::READ == 0;
         let readable = !unreadable || sys::mprotect(r.start, r.len, prot::READ).is_ok();
-        let zeros = vec![0u8; if readable { 0 } else { CHUNK as usize }];
         let mut at = 0u64;
         let mut result = Ok(());
         while at < r.len && result.is_ok() {
@@ -192,18 +193,21 @@ pub fn write(fd: RawFd, c: &Checkpoint) -> Result<u64, String> {
                 unsafe { std::slice::from_raw_parts((r.start + at) as *const u8, n) }
             } else {
                 // Left as zeros.
-                &zeros[..n]
+                &ZEROS[..n]
             };
-            crc.update(chunk);
+            sum.update(chunk);
             result = write_runs(fd, chunk, data_off + r.data + at);
             at += n as u64;
         }
         if unreadable && readable {
+            // The summer has read it before it is closed again.
+            sum.sync();
             let _ = sys::mprotect(r.start, r.len, r.prot);
         }
         result.map_err(io)?;
     }
-    let front = moat_checkpoint::encode_front(c, data_len, crc.finish())?;
+    let crc = sum.finish().ok_or("the checksum thread ended")?;
+    let front = moat_checkpoint::encode_front(c, data_len, crc)?;
     pwrite_all(fd, &front, 0).map_err(io)?;
     sys::ftruncate(fd, data_off + data_len).map_err(io)?;
     Ok(data_off + data_len)
@@ -211,6 +215,118 @@ pub fn write(fd: RawFd, c: &Checkpoint) -> Result<u64, String> {
 
 /// Bytes checked and written at a time.
 const CHUNK: u64 = 1 << 20;
+
+/// A chunk of zeros, for what cannot be read.
+static ZEROS: [u8; CHUNK as usize] = [0; CHUNK as usize];
+
+/// What the checksum thread is asked.
+enum Job {
+    /// Bytes of guest memory (see `write` for why they stay put).
+    Bytes(&'static [u8]),
+    Sync(Sender<()>),
+    Finish,
+}
+
+/// The checksum thread: the data's CRC-32 taken beside the writes (the
+/// frozen picoprocess leaves a core idle), started once per process
+/// ([`start_summer`]) so that a checkpoint does not pay for a thread.
+struct Summer {
+    jobs: Sender<Job>,
+    done: Receiver<u32>,
+}
+
+static SUMMER: OnceLock<Mutex<Summer>> = OnceLock::new();
+
+/// Start the checksum thread (a checkpointable process, once).
+pub fn start_summer() -> Result<(), String> {
+    let (jobs, rx) = channel::<Job>();
+    let (tx, done) = channel();
+    std::thread::Builder::new()
+        .stack_size(64 << 10)
+        .spawn(move || {
+            let mut crc = moat_checkpoint::DataCrc::default();
+            for job in rx {
+                match job {
+                    Job::Bytes(b) => crc.update(b),
+                    Job::Sync(ack) => {
+                        let _ = ack.send(());
+                    }
+                    Job::Finish => {
+                        if tx.send(std::mem::take(&mut crc).finish()).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        })
+        .map_err(|e| format!("cannot start the checksum thread: {e}"))?;
+    let _ = SUMMER.set(Mutex::new(Summer { jobs, done }));
+    Ok(())
+}
+
+/// The data's checksum as one checkpoint is written: on the checksum
+/// thread where there is one, else here.
+/// Dropped unfinished (a write failed), it waits until the thread is done
+/// with what it was sent: the bytes are the guest's, which goes on.
+enum Sum {
+    There(std::sync::MutexGuard<'static, Summer>, bool),
+    Here(moat_checkpoint::DataCrc),
+}
+
+impl Sum {
+    fn start() -> Sum {
+        match SUMMER.get() {
+            Some(m) => Sum::There(m.lock().unwrap_or_else(|e| e.into_inner()), false),
+            None => Sum::Here(Default::default()),
+        }
+    }
+
+    /// Take `b` in (it must stay as it is until `sync` or `finish`).
+    fn update(&mut self, b: &[u8]) {
+        match self {
+            Sum::Here(c) => c.update(b),
+            Sum::There(s, _) => {
+                // SAFETY: (lifetime only) `b` is guest memory of a frozen
+                // picoprocess, or `ZEROS`; the writer does not change or
+                // unmap it before `finish` (or `sync`) has the thread done
+                // with it, and holds the region map until then.
+                let b: &'static [u8] = unsafe { std::mem::transmute::<&[u8], &'static [u8]>(b) };
+                let _ = s.jobs.send(Job::Bytes(b));
+            }
+        }
+    }
+
+    /// Wait until what was sent has been read.
+    fn sync(&mut self) {
+        if let Sum::There(s, _) = self {
+            let (ack, wait) = channel();
+            if s.jobs.send(Job::Sync(ack)).is_ok() {
+                let _ = wait.recv();
+            }
+        }
+    }
+
+    fn finish(mut self) -> Option<u32> {
+        match &mut self {
+            Sum::Here(c) => Some(std::mem::take(c).finish()),
+            Sum::There(s, finished) => {
+                *finished = true;
+                s.jobs.send(Job::Finish).ok()?;
+                s.done.recv().ok()
+            }
+        }
+    }
+}
+
+impl Drop for Sum {
+    fn drop(&mut self) {
+        if let Sum::There(s, finished) = self {
+            if !*finished && s.jobs.send(Job::Finish).is_ok() {
+                let _ = s.done.recv();
+            }
+        }
+    }
+}
 
 /// Write the pages of `chunk` that are not all zeros at `off` onward, a
 /// run of them at a time.
