@@ -21,6 +21,7 @@ mod kvm;
 mod mediator;
 mod mediator_kvm;
 mod trace;
+mod uring;
 
 use clap::Parser;
 use moat_monitor::{Sandbox, Stdio};

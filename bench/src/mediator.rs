@@ -154,6 +154,17 @@ pub fn mediator_bench(quick: bool) {
         "IOPS",
         "≥ 0.8",
     );
+    let mut rng = 11u64;
+    let next = || (xorshift(&mut rng) % blocks) * 4096;
+    match crate::uring::reads(&file, next, 32, n4k) {
+        Ok(ns) => crate::note(&format!(
+            "  an asynchronous back end: the floor's reads through io_uring, 32 in flight: \
+             {:.0} IOPS ({:.2}x the floor's pread one at a time)",
+            iops(ns),
+            floor / ns
+        )),
+        Err(e) => crate::note(&format!("  io_uring: not measured ({e})")),
+    }
 
     // 64 KiB sequential reads and writes, 8 in flight: throughput.
     let mut big = vec![0u8; 64 << 10];
