@@ -324,11 +324,21 @@ impl Layer for Checkpointer {
         if DEPTH.with(|d| d.get()) == 1
             && self.template.load(Ordering::Acquire)
             && !self.console(uri as u64, uri_len)
-            && self.template.swap(false, Ordering::AcqRel)
-            && self.host.take_template()
         {
-            TEMPLATE_CUT.with(|c| c.set(true));
-            return CUT;
+            if self.host.freezing() {
+                // A checkpoint under way: this open is carried as made
+                // again, and the template waits for it after the thaw.
+                TEMPLATE_CUT.with(|c| c.set(true));
+                return CUT;
+            }
+            if self.template.swap(false, Ordering::AcqRel) {
+                if self.host.take_template() {
+                    TEMPLATE_CUT.with(|c| c.set(true));
+                    return CUT;
+                }
+                // Declined here (an upcall, say): the next open tries.
+                self.template.store(true, Ordering::Release);
+            }
         }
         self.inner
             .dk_stream_open(uri, uri_len, access, create, options, stream)

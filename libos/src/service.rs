@@ -202,16 +202,12 @@ const CHEAP_YIELD_MICROS: u64 = 2;
 /// the guest (a VM exit on kvm, tens of µs), polling only pauses: an exit
 /// per poll would cost more than it saves.
 fn yield_cost(per_micro: u64) -> Option<u64> {
-    // Measured once: 0 unknown, u64::MAX dear, else the cost.
-    static MEASURED: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
-    match MEASURED.load(core::sync::atomic::Ordering::Relaxed) {
-        0 => {}
-        u64::MAX => return None,
-        v => return Some(v),
+    // Measured once per host (u64::MAX: dear).
+    static MEASURED: crate::time::PerHost = crate::time::PerHost::new();
+    match MEASURED.get(|| measure_yield(per_micro).unwrap_or(u64::MAX)) {
+        u64::MAX => None,
+        v => Some(v),
     }
-    let v = measure_yield(per_micro);
-    MEASURED.store(v.unwrap_or(u64::MAX), core::sync::atomic::Ordering::Relaxed);
-    v
 }
 
 /// The serving loop's start-up measurements (how fast a pause is, how

@@ -95,10 +95,6 @@ impl Proc {
         use moat_host_common::protocol::{self, Control, ControlReply};
         use std::os::fd::{AsFd, AsRawFd};
         let mut c = self.control.lock().unwrap_or_else(|e| e.into_inner());
-        // A template's answer comes first on the socket.
-        if *self.template.lock().unwrap_or_else(|e| e.into_inner()) == Template::Pending {
-            self.read_template(&mut c, CONTROL_TIMEOUT)?;
-        }
         let Some(sock) = c.as_ref() else {
             return Err("it was not started checkpointable (moat run --checkpointable, or the `checkpoint` layer), or its control channel was closed after a checkpoint that did not answer".into());
         };
@@ -111,8 +107,21 @@ impl Proc {
         // The confined process answers (its word is hostile input: one
         // line, escaped); one that does not answer within the socket's
         // timeout loses its control channel, so that a late answer is
-        // never taken for the next request's.
-        match protocol::recv::<ControlReply>(sock.as_fd()) {
+        // never taken for the next request's. A template's answer may
+        // come first (unasked): it is kept.
+        let reply = loop {
+            match protocol::recv::<ControlReply>(sock.as_fd()) {
+                Ok((ControlReply::Template(r), _)) => {
+                    let mut t = self.template.lock().unwrap_or_else(|e| e.into_inner());
+                    if *t != Template::Pending {
+                        break Ok((ControlReply::Template(r), Vec::new()));
+                    }
+                    *t = Template::Answered(r);
+                }
+                other => break other,
+            }
+        };
+        match reply {
             Ok((ControlReply::Done { bytes }, _)) => Ok(bytes),
             Ok((ControlReply::Failed { why }, _)) => Err(why),
             Ok((ControlReply::Template(_), _)) => {

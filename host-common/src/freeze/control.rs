@@ -88,6 +88,7 @@ fn serve(ctl: OwnedFd, mut template: Option<(OwnedFd, RawFd)>, s: Served) {
                 -1,
             );
             match ready {
+                Err(libc::EINTR) => continue,
                 Ok(r) if r[1] != 0 => {
                     sys::eventfd_drain(*bell);
                     // The layer began the freeze; the picoprocess goes on
@@ -100,12 +101,13 @@ fn serve(ctl: OwnedFd, mut template: Option<(OwnedFd, RawFd)>, s: Served) {
                 }
                 Ok(r) if r[0] != 0 => {}
                 Ok(_) => continue,
-                Err(_) => return,
+                Err(_) => return super::coordinator_gone(),
             }
         }
         let Ok((req, mut fds)) = protocol::recv::<Control>(ctl.as_fd()) else {
-            // The monitor is gone (or sent nonsense): no more checkpoints.
-            return;
+            // The monitor is gone (or sent nonsense): no more checkpoints
+            // or templates.
+            return super::coordinator_gone();
         };
         let Control::Checkpoint(opts) = req;
         let reply = match fds.pop() {

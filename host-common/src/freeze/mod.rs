@@ -80,6 +80,8 @@ static THREADS: Mutex<Vec<Arc<Slot>>> = Mutex::new(Vec::new());
 /// Rung when the checkpoint layer takes a template (the checkpoint
 /// thread waits on it; see `control`).
 static TEMPLATE_BELL: OnceLock<OwnedFd> = OnceLock::new();
+/// The checkpoint thread has ended: nobody would answer the bell.
+static NO_COORDINATOR: AtomicBool = AtomicBool::new(false);
 /// The guest's PAL table: its context word and its entry of each call,
 /// for a restart.
 static ENTRIES: OnceLock<(u64, Vec<u64>)> = OnceLock::new();
@@ -452,6 +454,9 @@ impl moat_layers::checkpointer::FreezeHost for Host {
         let Some(bell) = TEMPLATE_BELL.get() else {
             return false;
         };
+        if NO_COORDINATOR.load(Ordering::Acquire) {
+            return false;
+        }
         // Never from an exception upcall: no thread is carried there.
         if mine().is_none() || crate::signals::in_upcall() {
             return false;
@@ -465,6 +470,14 @@ impl moat_layers::checkpointer::FreezeHost for Host {
         sys::eventfd_signal(bell.as_raw_fd());
         true
     }
+}
+
+/// The checkpoint thread ends: no template is taken from now on, and a
+/// freeze a template began is let go (its stopped threads go on, a cut
+/// open is made again).
+pub(crate) fn coordinator_gone() {
+    NO_COORDINATOR.store(true, Ordering::Release);
+    thaw_all();
 }
 
 /// Let the checkpoint layer take a template, ringing the returned

@@ -35,8 +35,9 @@ pub(crate) fn end(mut link: Link) {
 pub(crate) enum Template {
     /// The next incarnation booted takes one.
     Wanted,
-    /// Taken: later incarnations start from it.
-    Have(Arc<File>),
+    /// Taken: later incarnations start from it; `failed` starts from it
+    /// in a row.
+    Have(Arc<File>, u32),
     /// None (not wanted, or given up: why).
     Off(Option<String>),
 }
@@ -71,7 +72,7 @@ impl Boot {
     /// How the next incarnation starts, given the template's state.
     pub(crate) fn next(t: &Template) -> std::io::Result<Boot> {
         Ok(match t {
-            Template::Have(f) => Boot::Template(f.clone()),
+            Template::Have(f, _) => Boot::Template(f.clone()),
             Template::Wanted => {
                 use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
                 let f = memfd_create(
@@ -130,11 +131,17 @@ impl Link {
         let region = Arc::new(Region::new(layout)?);
         let ring = Submitter::create(region.section(), layout)
             .map_err(|e| io_err(format!("cannot lay the section out: {e:?}")))?;
+        // A template is held open until the driver has started from it:
+        // its path is ours only while it is.
+        let mut _held = None;
         let sb = match boot {
             Boot::Image(None) => Sandbox::new(&spec.image).args(args),
             Boot::Image(Some(file)) => Sandbox::new(&spec.image).args(args).template(file),
-            // The file stays open in this process: its path is ours.
-            Boot::Template(file) => Sandbox::restore(format!("/proc/self/fd/{}", file.as_raw_fd())),
+            Boot::Template(file) => {
+                let sb = Sandbox::restore(format!("/proc/self/fd/{}", file.as_raw_fd()));
+                _held = Some(file);
+                sb
+            }
         };
         let mut sb = sb
             .policy(spec.policy.clone())

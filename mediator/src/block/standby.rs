@@ -25,6 +25,8 @@ use super::{lock, Inner};
 pub(crate) struct Slot {
     ready: Option<Standby>,
     making: bool,
+    /// The thread making one (joined at shutdown).
+    maker: Option<std::thread::JoinHandle<()>>,
 }
 
 pub(crate) struct Standby {
@@ -44,16 +46,16 @@ pub(crate) fn replenish(inner: &Arc<Inner>) {
         return;
     }
     let file = match &*inner.template.lock().unwrap_or_else(|e| e.into_inner()) {
-        Template::Have(f) => f.clone(),
+        Template::Have(f, _) => f.clone(),
         _ => return,
     };
-    {
-        let mut s = slot(inner);
-        if s.making || s.ready.is_some() {
-            return;
-        }
-        s.making = true;
+    // The slot stays locked until the maker is recorded (the maker locks
+    // it only at its end).
+    let mut s = slot(inner);
+    if s.making || s.ready.is_some() {
+        return;
     }
+    s.making = true;
     let own = inner.clone();
     let spawned = std::thread::Builder::new()
         .name("moat-standby".into())
@@ -66,14 +68,18 @@ pub(crate) fn replenish(inner: &Arc<Inner>) {
             let closing = lock(&own.core).closing;
             match made {
                 Ok(sb) if !closing => s.ready = Some(sb),
-                Ok(sb) => end(sb.link),
+                Ok(sb) => {
+                    drop(s);
+                    stop(sb.link);
+                }
                 Err(e) => {
                     lock(&own.core).counters.last_start_failure = Some(format!("standby: {e}"));
                 }
             }
         });
-    if spawned.is_err() {
-        slot(inner).making = false;
+    match spawned {
+        Ok(h) => s.maker = Some(h),
+        Err(_) => s.making = false,
     }
 }
 
@@ -107,11 +113,26 @@ pub(crate) fn take(inner: &Inner) -> Option<Standby> {
     Some(sb)
 }
 
-/// End the standby (shutting down).
+/// End the standby, and one being made, before returning (shutting down:
+/// the core is closing, so none is made after this).
 pub(crate) fn discard(inner: &Inner) {
-    if let Some(sb) = slot(inner).ready.take() {
-        let mut l = sb.link;
-        let _ = l.proc.kill();
-        let _ = l.proc.wait();
+    let (ready, maker) = {
+        let mut s = slot(inner);
+        (s.ready.take(), s.maker.take())
+    };
+    if let Some(sb) = ready {
+        stop(sb.link);
     }
+    if let Some(h) = maker {
+        let _ = h.join();
+    }
+    if let Some(sb) = slot(inner).ready.take() {
+        stop(sb.link);
+    }
+}
+
+/// End a driver that never served, and reap it here.
+fn stop(mut l: Link) {
+    let _ = l.proc.kill();
+    let _ = l.proc.wait();
 }

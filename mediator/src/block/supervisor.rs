@@ -32,7 +32,11 @@ pub(crate) fn start_incarnation(inner: &Inner) -> std::io::Result<Link> {
     let mut link = match started {
         Ok(l) => l,
         Err(e) if restored => {
-            give_up_template(inner, format!("a start from it failed: {e}"));
+            give_up_template(
+                inner,
+                format!("a start from it failed: {e}"),
+                TEMPLATE_TRIES,
+            );
             return Err(e);
         }
         Err(e) => return Err(e),
@@ -49,6 +53,11 @@ pub(crate) fn start_incarnation(inner: &Inner) -> std::io::Result<Link> {
         Ok(_) => {
             if restored {
                 lock(&inner.core).counters.from_template += 1;
+                if let Template::Have(_, failed) =
+                    &mut *inner.template.lock().unwrap_or_else(|e| e.into_inner())
+                {
+                    *failed = 0;
+                }
             }
             if let Some(file) = taking {
                 keep_template(inner, &link, file);
@@ -56,9 +65,20 @@ pub(crate) fn start_incarnation(inner: &Inner) -> std::io::Result<Link> {
             Ok(link)
         }
         Err(e) => {
+            // A template that failed (it stalled the driver, say) is not
+            // taken again: drivers boot from now on.
+            if taking.is_some() {
+                if let Err(why) = link.proc.template_written(Duration::ZERO) {
+                    give_up_template(inner, why.to_string(), 1);
+                }
+            }
             end(link);
             if restored {
-                give_up_template(inner, format!("a start from it failed: {e}"));
+                give_up_template(
+                    inner,
+                    format!("a start from it failed: {e}"),
+                    TEMPLATE_TRIES,
+                );
             }
             Err(e)
         }
@@ -71,7 +91,7 @@ pub(crate) fn start_incarnation(inner: &Inner) -> std::io::Result<Link> {
 fn keep_template(inner: &Inner, link: &Link, file: std::fs::File) {
     let t = match link.proc.template_written(Duration::from_secs(1)) {
         Ok(Some(_)) => match super::link::seal(&file) {
-            Ok(()) => Template::Have(Arc::new(file)),
+            Ok(()) => Template::Have(Arc::new(file), 0),
             Err(e) => Template::Off(Some(format!("cannot seal it: {e}"))),
         },
         Ok(None) => Template::Off(Some("not written within 1 s of the handshake".into())),
@@ -83,10 +103,39 @@ fn keep_template(inner: &Inner, link: &Link, file: std::fs::File) {
     *inner.template.lock().unwrap_or_else(|e| e.into_inner()) = t;
 }
 
-/// Drivers boot from now on.
-fn give_up_template(inner: &Inner, why: String) {
+/// Ends the incarnations given up on and waits (up to `limit`) until each
+/// has exited: nothing a killed driver was still doing (a write inside the
+/// kernel) may land after what is re-issued to the next one.
+fn end_and_wait(dead: Vec<Link>, limit: Duration) {
+    for l in &dead {
+        l.proc.killer().kill();
+    }
+    let until = Instant::now() + limit;
+    for l in &dead {
+        let left = until.saturating_duration_since(Instant::now());
+        let _ = wait_readable([Some(l.exit.as_fd())], left);
+    }
+    for l in dead {
+        end(l);
+    }
+}
+
+/// Starts from the template that may fail in a row (a kill during the
+/// handshake, a passing lack of memory) before it is given up.
+const TEMPLATE_TRIES: u32 = 3;
+
+/// A start from (or to take) the template failed: after `tries` in a
+/// row, drivers boot from now on.
+fn give_up_template(inner: &Inner, why: String, tries: u32) {
+    let mut t = inner.template.lock().unwrap_or_else(|e| e.into_inner());
+    if let Template::Have(_, failed) = &mut *t {
+        *failed += 1;
+        if *failed < tries {
+            return;
+        }
+    }
     lock(&inner.core).counters.template = Some(why.clone());
-    *inner.template.lock().unwrap_or_else(|e| e.into_inner()) = Template::Off(Some(why));
+    *t = Template::Off(Some(why));
 }
 
 /// Switches to the standby driver, if one is ready: installed as the
@@ -141,10 +190,9 @@ pub(crate) fn run(inner: Arc<Inner>) {
             }
             if !c.dead.is_empty() {
                 let dead = std::mem::take(&mut c.dead);
+                let limit = c.config.deadline;
                 drop(c);
-                for l in dead {
-                    end(l);
-                }
+                end_and_wait(dead, limit);
                 restart(&inner, now);
                 continue;
             }
