@@ -13,7 +13,7 @@
 //! ```text
 //! offset size  request (mediator -> driver)   answer (driver -> mediator)
 //!  0      1    op                             status
-//!  1      1    class (1 block, 2 char, 3 generic)
+//!  1      1    class (1 block, 2 char, 3 generic, 4 net)
 //!  2      2    0                              0
 //!  4      4    buf: the pool buffer of the request (index)
 //!  8      8    id                             id of the request it completes
@@ -47,6 +47,8 @@ pub mod class {
     pub const BLOCK: u8 = 1;
     pub const CHAR: u8 = 2;
     pub const GENERIC: u8 = 3;
+    /// A network interface: Ethernet frames both ways.
+    pub const NET: u8 = 4;
 }
 
 /// Block operations.
@@ -61,6 +63,12 @@ pub mod op {
     pub const CHAR_READ: u8 = 6;
     /// Generic: one opaque request, one opaque response.
     pub const CALL: u8 = 7;
+    /// Net: a frame to send (`len` bytes in the buffer; answered with
+    /// none), and a receive buffer of `len` bytes lent to the driver
+    /// (answered with the frame received into it). Net's INFO answer is 8
+    /// bytes: the MAC address (6), then the MTU (u16).
+    pub const NET_TX: u8 = 8;
+    pub const NET_RX: u8 = 9;
 }
 
 /// Response status.

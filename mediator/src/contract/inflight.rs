@@ -46,6 +46,9 @@ struct Slot<T> {
     request: T,
     issued: Instant,
     deadline: Option<Instant>,
+    /// It has a deadline (a net receive buffer has none: a quiet network
+    /// is not a fault).
+    timed: bool,
 }
 
 impl<T: Copy> InFlight<T> {
@@ -62,6 +65,16 @@ impl<T: Copy> InFlight<T> {
 
     /// Records a new request at `now` and returns its id.
     pub fn issue(&mut self, request: T, now: Instant) -> Result<u64, ClientError> {
+        self.issue_as(request, now, true)
+    }
+
+    /// Records a new request at `now` that no deadline applies to, and
+    /// returns its id.
+    pub fn issue_untimed(&mut self, request: T, now: Instant) -> Result<u64, ClientError> {
+        self.issue_as(request, now, false)
+    }
+
+    fn issue_as(&mut self, request: T, now: Instant, timed: bool) -> Result<u64, ClientError> {
         if self.slots.len() >= self.max {
             return Err(ClientError::Busy);
         }
@@ -75,7 +88,12 @@ impl<T: Copy> InFlight<T> {
             Slot {
                 request,
                 issued: now,
-                deadline: now.checked_add(self.timeout),
+                deadline: if timed {
+                    now.checked_add(self.timeout)
+                } else {
+                    None
+                },
+                timed,
             },
         );
         Ok(id)
@@ -126,8 +144,26 @@ impl<T: Copy> InFlight<T> {
     pub fn rearm(&mut self, now: Instant) {
         let deadline = now.checked_add(self.timeout);
         for s in self.slots.values_mut() {
-            s.deadline = deadline;
+            if s.timed {
+                s.deadline = deadline;
+            }
         }
+    }
+
+    /// Removes every request `drop` says to, returning their ids in issue
+    /// order. They count as completed: a later answer to one is a
+    /// duplicate.
+    pub fn drop_where(&mut self, mut drop: impl FnMut(&T) -> bool) -> Vec<u64> {
+        let ids: Vec<u64> = self
+            .slots
+            .iter()
+            .filter(|(_, s)| drop(&s.request))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &ids {
+            self.slots.remove(id);
+        }
+        ids
     }
 
     /// Every request in flight, in issue order.
@@ -234,6 +270,17 @@ impl<T: ClassOp> Requests<T> {
     pub(super) fn issue(&mut self, op: T, now: Instant) -> Result<Request, ClientError> {
         let id = self.flight.issue(op, now)?;
         Ok(op.request(id))
+    }
+
+    /// As [`Requests::issue`], for a request without a deadline.
+    pub(super) fn issue_untimed(&mut self, op: T, now: Instant) -> Result<Request, ClientError> {
+        let id = self.flight.issue_untimed(op, now)?;
+        Ok(op.request(id))
+    }
+
+    /// See [`InFlight::drop_where`].
+    pub(super) fn drop_where(&mut self, drop: impl FnMut(&T) -> bool) -> Vec<u64> {
+        self.flight.drop_where(drop)
     }
 
     /// Checks a driver's answer that arrived at `now`: first what every

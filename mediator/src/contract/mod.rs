@@ -45,7 +45,9 @@
 //!   and refused client requests ([`ClientError`]);
 //! - `inflight.rs`: [`InFlight`], [`Requests`] and the checks every class
 //!   makes of an answer;
-//! - `block.rs`, `char.rs`, `generic.rs`: one contract per class;
+//! - `block.rs`, `char.rs`, `generic.rs`, `net.rs`: one contract per
+//!   class (net: frames both ways, receive buffers without deadlines,
+//!   sends dropped rather than re-issued across a restart);
 //! - `tests/`: their tests, one file per concern, and property tests.
 //!
 //! The block contract's life:
@@ -64,6 +66,7 @@ mod char;
 mod generic;
 mod inflight;
 mod limits;
+mod net;
 mod violation;
 
 #[cfg(test)]
@@ -79,6 +82,10 @@ pub use self::generic::{CallCompletion, CallOp, GenericContract};
 pub use self::inflight::{ClassOp, InFlight, Pending, Requests};
 pub use self::limits::{
     ContractLimits, Geometry, InfoProblem, INFO_LEN, MAX_BLOCK_SIZE, MAX_CAPACITY, MIN_BLOCK_SIZE,
+};
+pub use self::net::{
+    NetCompletion, NetContract, NetInfo, NetInfoProblem, NetOp, NetRestart, ETH_HEADER,
+    FRAME_OVERHEAD, MAX_MTU, MIN_MTU, NET_INFO_LEN,
 };
 pub use self::violation::{ClientError, Violation, ViolationCounters};
 

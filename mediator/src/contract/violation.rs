@@ -8,7 +8,7 @@ use std::fmt;
 
 use moat_service_proto::{status, DecodeError, MAX_PAYLOAD};
 
-use super::{Geometry, InfoProblem};
+use super::{Geometry, InfoProblem, NetInfo, NetInfoProblem};
 
 /// A driver broke its service contract. After any of these the mediator
 /// stops trusting the driver: it restarts it and re-issues what was in
@@ -145,12 +145,40 @@ pub enum Violation {
         /// The geometry the restarted driver reported.
         got: Geometry,
     },
+    /// A net INFO answer that is not a valid interface description.
+    #[error("the driver's answer to net INFO is invalid: {0}")]
+    BadNetInfo(NetInfoProblem),
+    /// A restarted net driver reports another MAC address or MTU than the
+    /// first one did.
+    #[error(
+        "the restarted driver reports {got}, but the interface had {expected}; a restart \
+         must not change the interface"
+    )]
+    NetInfoChanged {
+        /// What the interface has had since its first handshake.
+        expected: NetInfo,
+        /// What the restarted driver reported.
+        got: NetInfo,
+    },
+    /// A received frame shorter than an Ethernet header.
+    #[error(
+        "the driver answered receive buffer {id} with a frame of {got} bytes, shorter than \
+         the {min} of an Ethernet header"
+    )]
+    ShortFrame {
+        /// The id in the answer.
+        id: u64,
+        /// The least bytes a frame has.
+        min: u32,
+        /// The length in the answer.
+        got: u32,
+    },
 }
 
 impl Violation {
     /// Every [`Violation::kind`], in a fixed order (the order of
     /// [`ViolationCounters::iter`]).
-    pub const KINDS: [&'static str; 14] = [
+    pub const KINDS: [&'static str; 17] = [
         "bad_header",
         "bad_index",
         "outside_pool",
@@ -165,6 +193,9 @@ impl Violation {
         "deadline",
         "bad_info",
         "geometry_changed",
+        "bad_net_info",
+        "net_info_changed",
+        "short_frame",
     ];
 
     fn index(&self) -> usize {
@@ -183,6 +214,9 @@ impl Violation {
             Violation::Deadline => 11,
             Violation::BadInfo(_) => 12,
             Violation::GeometryChanged { .. } => 13,
+            Violation::BadNetInfo(_) => 14,
+            Violation::NetInfoChanged { .. } => 15,
+            Violation::ShortFrame { .. } => 16,
         }
     }
 
@@ -316,6 +350,17 @@ pub enum ClientError {
     /// Every request id has been used (after 2^64 - 2 requests).
     #[error("this contract has used every request id; set the service up anew")]
     IdsExhausted,
+    /// A frame to send that is shorter than an Ethernet header or longer
+    /// than the interface's MTU allows.
+    #[error("a frame of {len} bytes cannot be sent: frames are {min} to {max} bytes")]
+    BadFrame {
+        /// The frame's length.
+        len: u32,
+        /// An Ethernet header's length.
+        min: u32,
+        /// The MTU plus the Ethernet header and a VLAN tag.
+        max: u32,
+    },
 }
 
 impl ClientError {
@@ -331,6 +376,7 @@ impl ClientError {
             ClientError::BadFlush { .. } => "bad_flush",
             ClientError::Busy => "busy",
             ClientError::IdsExhausted => "ids_exhausted",
+            ClientError::BadFrame { .. } => "bad_frame",
         }
     }
 }

@@ -15,6 +15,8 @@ mod char;
 mod generic;
 mod inflight;
 mod limits;
+mod net;
+mod net_props;
 mod props;
 mod violation;
 

@@ -45,6 +45,22 @@ fn one_of_each() -> Vec<Violation> {
                 block_size: 512,
             },
         },
+        Violation::BadNetInfo(NetInfoProblem::Mtu(9)),
+        Violation::NetInfoChanged {
+            expected: NetInfo {
+                mac: [2, 0, 0, 0, 0, 1],
+                mtu: 1500,
+            },
+            got: NetInfo {
+                mac: [2, 0, 0, 0, 0, 2],
+                mtu: 1500,
+            },
+        },
+        Violation::ShortFrame {
+            id: 9,
+            min: 14,
+            got: 3,
+        },
     ]
 }
 
@@ -67,6 +83,11 @@ fn violation_kinds_and_messages() {
     assert!(all[4].to_string().contains("request 9"));
     assert!(all[8].to_string().contains("512"));
     assert!(all[13].to_string().contains("32768 bytes"));
+    assert!(all[14].to_string().contains("MTU 9 is not"));
+    assert!(all[15]
+        .to_string()
+        .contains("MAC 02:00:00:00:00:02, MTU 1500, but the interface had MAC 02:00:00:00:00:01"));
+    assert!(all[16].to_string().contains("frame of 3 bytes"));
     assert_eq!(
         Violation::from(DecodeError::Reserved).to_string(),
         "the driver sent a malformed answer descriptor: reserved descriptor bytes are not zero"
@@ -131,6 +152,11 @@ fn client_error_kinds_are_distinct() {
         ClientError::BadFlush { offset: 1, len: 1 },
         ClientError::Busy,
         ClientError::IdsExhausted,
+        ClientError::BadFrame {
+            len: 1,
+            min: 14,
+            max: 1518,
+        },
     ];
     let kinds: HashSet<&str> = all.iter().map(ClientError::kind).collect();
     assert_eq!(kinds.len(), all.len());
