@@ -315,7 +315,11 @@ fn a_sleeping_thread_asks_for_a_notification_and_wakes_on_it() {
         let byte: u8 = g.get(DATA + 100);
         assert_eq!(u64::from(byte), i);
     }
-    assert!(g.seen.sleeps.load(Ordering::SeqCst) >= 20);
+    // Each time the thread asked for a notification; it slept on it
+    // unless the request came between its asking and its sleep (then it
+    // takes it without sleeping, as it should: on a loaded machine that
+    // happens often). It slept at least once.
+    assert!(g.seen.sleeps.load(Ordering::SeqCst) >= 1);
 }
 
 #[test]
