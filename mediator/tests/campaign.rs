@@ -7,26 +7,11 @@
 //! The long run (10,000 faults) is `moat campaign`; see BENCHMARKS.md.
 use moat_mediator::block::{Config, DriverSpec, SECTION};
 use moat_mediator::campaign::{self, Campaign};
-use std::path::PathBuf;
 use std::time::Duration;
-
-fn built(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().join(name)
-}
 
 fn hosts() -> Vec<moat_monitor::Host> {
     let mut h = vec![moat_monitor::Host::Linux];
-    let kvm = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    assert!(
-        kvm || std::env::var_os("MOAT_REQUIRE_KVM").is_none(),
-        "/dev/kvm is not usable here, and MOAT_REQUIRE_KVM is set"
-    );
-    if kvm {
+    if moat_tests::kvm_available() {
         h.push(moat_monitor::Host::Kvm);
     }
     h
@@ -47,7 +32,7 @@ fn five_hundred_faults_change_nothing_the_clients_see() {
         policy.allow(&uri, moat_policy::Access::Rw).unwrap();
         let c = Campaign {
             driver: DriverSpec {
-                image: built("blk-file"),
+                image: moat_tests::built("blk-file"),
                 args: vec![SECTION.into(), uri],
                 host,
                 policy,

@@ -271,25 +271,6 @@ fn ext4_on_a_loop_device_over_the_fuse_export() {
     );
 }
 
-/// The built images (`blk-file`) are next to the test's directory.
-fn built(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().join(name)
-}
-
-fn kvm_usable() -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    assert!(
-        ok || std::env::var_os("MOAT_REQUIRE_KVM").is_none(),
-        "/dev/kvm is not usable here, and MOAT_REQUIRE_KVM is set"
-    );
-    ok
-}
-
 /// The whole story: a file-backed driver picoprocess behind the mediator,
 /// exported through FUSE, made a loop device, formatted, mounted, filled
 /// while the driver is killed again and again, checked clean by fsck, and
@@ -307,7 +288,7 @@ fn ext4_over_a_mediated_driver_survives_its_kills() {
         return;
     }
     let mut hosts = vec![moat_monitor::Host::Linux];
-    if kvm_usable() {
+    if moat_tests::kvm_available() {
         hosts.push(moat_monitor::Host::Kvm);
     }
     for host in hosts {
@@ -325,7 +306,7 @@ fn ext4_over_a_mediated_driver_survives_its_kills() {
         policy.allow(&uri, moat_policy::Access::Rw).unwrap();
         let dev = MediatedBlock::start(
             DriverSpec {
-                image: built("blk-file"),
+                image: moat_tests::built("blk-file"),
                 args: vec![SECTION.into(), uri],
                 host,
                 policy,
@@ -434,7 +415,7 @@ fn a_mediated_export_keeps_many_reads_in_flight() {
     policy.allow(&uri, moat_policy::Access::Rw).unwrap();
     let dev = MediatedBlock::start(
         DriverSpec {
-            image: built("blk-file"),
+            image: moat_tests::built("blk-file"),
             args: vec![SECTION.into(), uri],
             host: moat_monitor::Host::Linux,
             policy,

@@ -8,25 +8,6 @@ use moat_mediator::block::{Config, DriverSpec, MediatedBlock, SECTION};
 use moat_monitor::{VmCounter, VmStats};
 use std::collections::VecDeque;
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
-
-fn built(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().join(name)
-}
-
-fn kvm() -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    assert!(
-        ok || std::env::var_os("MOAT_REQUIRE_KVM").is_none(),
-        "/dev/kvm is not usable here, and MOAT_REQUIRE_KVM is set"
-    );
-    ok
-}
 
 /// The byte at `offset` of the disk.
 fn pattern(offset: u64) -> u8 {
@@ -62,7 +43,7 @@ fn read_at_depth(dev: &MediatedBlock, blocks: u64, n: u64, rng: &mut u64) {
 
 #[test]
 fn a_busy_virtio_blk_driver_causes_almost_no_vm_exits() {
-    if !kvm() {
+    if !moat_tests::kvm_available() {
         eprintln!("skipping: no usable /dev/kvm");
         return;
     }
@@ -80,7 +61,7 @@ fn a_busy_virtio_blk_driver_causes_almost_no_vm_exits() {
     policy.add_device(spec).unwrap();
     let dev = MediatedBlock::start(
         DriverSpec {
-            image: built("virtio-blk"),
+            image: moat_tests::built("virtio-blk"),
             args: vec!["blk0".into(), "serve".into(), SECTION.into()],
             host: moat_monitor::Host::Kvm,
             policy,

@@ -8,26 +8,7 @@
 //! from it ahead of time, or restored at the restart).
 use moat_mediator::block::{Config, Counters, DriverSpec, MediatedBlock, SECTION};
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
-
-fn built(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().join(name)
-}
-
-fn kvm() -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    assert!(
-        ok || std::env::var_os("MOAT_REQUIRE_KVM").is_none(),
-        "/dev/kvm is not usable here, and MOAT_REQUIRE_KVM is set"
-    );
-    ok
-}
 
 const SIZE: u64 = 4 << 20;
 const KILLS: u64 = 8;
@@ -111,7 +92,7 @@ fn blk_file(host: moat_monitor::Host, templates: bool, standby: bool) {
     policy.allow(&uri, moat_policy::Access::Rw).unwrap();
     let dev = MediatedBlock::start(
         DriverSpec {
-            image: built("blk-file"),
+            image: moat_tests::built("blk-file"),
             args: vec![SECTION.into(), uri],
             host,
             policy,
@@ -153,7 +134,7 @@ fn blk_file_restarts_from_its_template_on_linux() {
 
 #[test]
 fn blk_file_restarts_from_its_template_on_kvm() {
-    if !kvm() {
+    if !moat_tests::kvm_available() {
         eprintln!("skipping: no usable /dev/kvm");
         return;
     }
@@ -163,7 +144,7 @@ fn blk_file_restarts_from_its_template_on_kvm() {
 
 #[test]
 fn virtio_blk_restarts_from_its_template_before_its_device() {
-    if !kvm() {
+    if !moat_tests::kvm_available() {
         eprintln!("skipping: no usable /dev/kvm");
         return;
     }
@@ -177,7 +158,7 @@ fn virtio_blk_restarts_from_its_template_before_its_device() {
     policy.add_device(spec).unwrap();
     let dev = MediatedBlock::start(
         DriverSpec {
-            image: built("virtio-blk"),
+            image: moat_tests::built("virtio-blk"),
             args: vec!["blk0".into(), "serve".into(), SECTION.into()],
             host: moat_monitor::Host::Kvm,
             policy,

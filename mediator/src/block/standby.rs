@@ -14,11 +14,12 @@ use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::Duration;
 
-use moat_service_proto::{class, op, Request, Response};
+use moat_service_proto::Response;
 
 use super::link::{end, Boot, Link, Template};
 use super::region::wait_readable;
 use super::{lock, Inner};
+use crate::contract::BlockContract;
 
 /// The standby, and whether one is being made.
 #[derive(Default)]
@@ -85,15 +86,7 @@ pub(crate) fn replenish(inner: &Arc<Inner>) {
 
 fn make(inner: &Inner, file: Arc<std::fs::File>) -> std::io::Result<Standby> {
     let mut link = Link::start(&inner.spec, inner.layout, 0, 0, Boot::Template(file))?;
-    let info = Request {
-        op: op::INFO,
-        class: class::BLOCK,
-        id: 0,
-        offset: 0,
-        len: 0,
-        buf: 0,
-    };
-    match link.handshake(info, inner.config.start_timeout) {
+    match link.handshake(BlockContract::INFO, inner.config.start_timeout) {
         Ok(info) => Ok(Standby { link, info }),
         Err(e) => {
             end(link);

@@ -126,15 +126,19 @@ impl BlockContract {
     pub fn info_request(&mut self) -> Request {
         self.phase = BlockPhase::Handshake;
         self.current = None;
-        Request {
-            op: op::INFO,
-            class: class::BLOCK,
-            id: 0,
-            offset: 0,
-            len: 0,
-            buf: 0,
-        }
+        Self::INFO
     }
+
+    /// The INFO request (id 0), as [`BlockContract::info_request`] sends
+    /// it: for a driver whose handshake is checked later (a standby).
+    pub const INFO: Request = Request {
+        op: op::INFO,
+        class: class::BLOCK,
+        id: 0,
+        offset: 0,
+        len: 0,
+        buf: 0,
+    };
 
     /// Checks the driver's answer to INFO and the `payload` bytes that
     /// followed its header. On success the contract is ready; after a
