@@ -54,6 +54,11 @@ pub trait FreezeHost: Sync {
     fn take_template(&self) -> bool {
         false
     }
+    /// Whether the calling thread can be carried as making its call again
+    /// (a registered guest thread, outside an exception upcall).
+    fn can_carry(&self) -> bool {
+        false
+    }
 }
 
 /// What a handle was made as.
@@ -325,7 +330,7 @@ impl Layer for Checkpointer {
             && self.template.load(Ordering::Acquire)
             && !self.console(uri as u64, uri_len)
         {
-            if self.host.freezing() {
+            if self.host.freezing() && self.host.can_carry() {
                 // A checkpoint under way: this open is carried as made
                 // again, and the template waits for it after the thaw.
                 TEMPLATE_CUT.with(|c| c.set(true));

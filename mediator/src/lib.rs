@@ -8,6 +8,8 @@
 //!   sends is checked against them;
 //! - [`block`]: a mediated block device ([`block::MediatedBlock`]:
 //!   `read_at`, `write_at`, `flush`), with driver restart and re-issue;
+//! - [`net`]: a mediated network interface ([`net::MediatedNet`]: frames
+//!   both ways), with driver restart;
 //! - [`campaign`]: seeded fault campaigns through the mediator;
 //! - [`export`]: the block device as a file in a FUSE mount, which
 //!   `losetup` makes a real block device.
@@ -15,3 +17,4 @@ pub mod block;
 pub mod campaign;
 pub mod contract;
 pub mod export;
+pub mod net;

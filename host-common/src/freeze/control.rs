@@ -119,6 +119,19 @@ fn serve(ctl: OwnedFd, mut template: Option<(OwnedFd, RawFd)>, s: Served) {
                 Err(why) => ControlReply::Failed { why },
             },
         };
+        // A first open that came during this checkpoint rang for the
+        // template and is carried as making that open: the picoprocess is
+        // frozen just as a template wants it, so it is written now (after
+        // the thaw the open would be made for real).
+        if let Some((file, bell)) = &template {
+            let rung = sys::poll(&[(*bell, libc::POLLIN)], 0).is_ok_and(|r| r[0] != 0);
+            if rung {
+                sys::eventfd_drain(*bell);
+                let r = write_checkpoint(&s, file.as_raw_fd(), false);
+                let _ = protocol::send(ctl.as_fd(), &ControlReply::Template(r), &[]);
+                template = None;
+            }
+        }
         let done = matches!(reply, ControlReply::Done { .. });
         let _ = protocol::send(ctl.as_fd(), &reply, &[]);
         if done && !opts.leave_running {

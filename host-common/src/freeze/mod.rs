@@ -450,20 +450,27 @@ impl moat_layers::checkpointer::FreezeHost for Host {
         }
     }
 
+    fn can_carry(&self) -> bool {
+        // Never from an exception upcall: no thread is carried there.
+        mine().is_some() && !crate::signals::in_upcall()
+    }
+
     fn take_template(&self) -> bool {
         let Some(bell) = TEMPLATE_BELL.get() else {
             return false;
         };
-        if NO_COORDINATOR.load(Ordering::Acquire) {
-            return false;
-        }
-        // Never from an exception upcall: no thread is carried there.
-        if mine().is_none() || crate::signals::in_upcall() {
+        if NO_COORDINATOR.load(Ordering::SeqCst) || !self.can_carry() {
             return false;
         }
         // The freeze begins here, so that this thread stops as it leaves
         // the call; the checkpoint thread stops the others.
-        FREEZING.store(true, Ordering::Release);
+        FREEZING.store(true, Ordering::SeqCst);
+        // A checkpoint thread that ended meanwhile thawed before this
+        // freeze began: nobody would end it.
+        if NO_COORDINATOR.load(Ordering::SeqCst) {
+            thaw_all();
+            return false;
+        }
         if let Some(fd) = wake_fd() {
             sys::eventfd_signal(fd);
         }
@@ -476,7 +483,7 @@ impl moat_layers::checkpointer::FreezeHost for Host {
 /// freeze a template began is let go (its stopped threads go on, a cut
 /// open is made again).
 pub(crate) fn coordinator_gone() {
-    NO_COORDINATOR.store(true, Ordering::Release);
+    NO_COORDINATOR.store(true, Ordering::SeqCst);
     thaw_all();
 }
 

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use moat_monitor::{Picoprocess, Sandbox, Stdio};
 use moat_service_proto::ring::{Layout, Submitter};
-use moat_service_proto::{class, op, Request, Response};
+use moat_service_proto::{op, Request, Response};
 
 use super::region::{wait_readable, Region};
 use super::{io_err, DriverSpec, SECTION};
@@ -33,8 +33,9 @@ pub(crate) fn end(mut link: Link) {
 
 /// The driver's template.
 pub(crate) enum Template {
-    /// The next incarnation booted takes one.
-    Wanted,
+    /// The next incarnation booted takes one; `failed` tries so far in a
+    /// row.
+    Wanted(u32),
     /// Taken: later incarnations start from it; `failed` starts from it
     /// in a row.
     Have(Arc<File>, u32),
@@ -73,7 +74,7 @@ impl Boot {
     pub(crate) fn next(t: &Template) -> std::io::Result<Boot> {
         Ok(match t {
             Template::Have(f, _) => Boot::Template(f.clone()),
-            Template::Wanted => {
+            Template::Wanted(_) => {
                 use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
                 let f = memfd_create(
                     c"moat-driver-template",
@@ -182,7 +183,7 @@ impl Link {
         info: Request,
         timeout: Duration,
     ) -> std::io::Result<(Response, Vec<u8>)> {
-        debug_assert_eq!((info.op, info.class), (op::INFO, class::BLOCK));
+        debug_assert_eq!(info.op, op::INFO);
         let buf = self.free.pop().expect("a fresh section has free buffers");
         self.ring.push(&Request { buf, ..info });
         if self.ring.publish() {

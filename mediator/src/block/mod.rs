@@ -41,9 +41,9 @@
 //! `region.rs` (the mapped section and the doorbells).
 
 mod core;
-mod link;
+pub(crate) mod link;
 mod parts;
-mod region;
+pub(crate) mod region;
 mod standby;
 mod supervisor;
 
@@ -349,7 +349,7 @@ impl MediatedBlock {
             // Faults are each incarnation's arguments: a template would
             // repeat the first one's.
             template: Mutex::new(if config.templates && spec.faults.is_none() {
-                link::Template::Wanted
+                link::Template::Wanted(0)
             } else {
                 link::Template::Off(None)
             }),

@@ -65,11 +65,16 @@ pub(crate) fn start_incarnation(inner: &Inner) -> std::io::Result<Link> {
             Ok(link)
         }
         Err(e) => {
-            // A template that failed (it stalled the driver, say) is not
-            // taken again: drivers boot from now on.
+            // A template that failed or did not come (it stalled the
+            // driver, say) counts against templates.
             if taking.is_some() {
-                if let Err(why) = link.proc.template_written(Duration::ZERO) {
-                    give_up_template(inner, why.to_string(), 1);
+                let why = match link.proc.template_written(Duration::ZERO) {
+                    Ok(Some(_)) => None,
+                    Ok(None) => Some("not written before the handshake failed".to_string()),
+                    Err(why) => Some(why.to_string()),
+                };
+                if let Some(why) = why {
+                    give_up_template(inner, why, TEMPLATE_TRIES);
                 }
             }
             end(link);
@@ -105,19 +110,22 @@ fn keep_template(inner: &Inner, link: &Link, file: std::fs::File) {
 
 /// Ends the incarnations given up on and waits (up to `limit`) until each
 /// has exited: nothing a killed driver was still doing (a write inside the
-/// kernel) may land after what is re-issued to the next one.
-fn end_and_wait(dead: Vec<Link>, limit: Duration) {
+/// kernel) may land after what is re-issued to the next one. Whether they
+/// all exited.
+fn end_and_wait(dead: Vec<Link>, limit: Duration) -> bool {
     for l in &dead {
         l.proc.killer().kill();
     }
     let until = Instant::now() + limit;
+    let mut all = true;
     for l in &dead {
         let left = until.saturating_duration_since(Instant::now());
-        let _ = wait_readable([Some(l.exit.as_fd())], left);
+        all &= wait_readable([Some(l.exit.as_fd())], left)[0];
     }
     for l in dead {
         end(l);
     }
+    all
 }
 
 /// Starts from the template that may fail in a row (a kill during the
@@ -128,7 +136,7 @@ const TEMPLATE_TRIES: u32 = 3;
 /// row, drivers boot from now on.
 fn give_up_template(inner: &Inner, why: String, tries: u32) {
     let mut t = inner.template.lock().unwrap_or_else(|e| e.into_inner());
-    if let Template::Have(_, failed) = &mut *t {
+    if let Template::Have(_, failed) | Template::Wanted(failed) = &mut *t {
         *failed += 1;
         if *failed < tries {
             return;
@@ -192,7 +200,13 @@ pub(crate) fn run(inner: Arc<Inner>) {
                 let dead = std::mem::take(&mut c.dead);
                 let limit = c.config.deadline;
                 drop(c);
-                end_and_wait(dead, limit);
+                if !end_and_wait(dead, limit) {
+                    // A killed driver still in the kernel: what it was
+                    // doing may yet land, so nothing is re-issued; its
+                    // clients fail, and the next driver starts later.
+                    lock(&inner.core).open_circuit(Instant::now());
+                    continue;
+                }
                 restart(&inner, now);
                 continue;
             }

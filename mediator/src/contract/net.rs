@@ -161,6 +161,9 @@ pub struct NetContract {
     expected: Option<NetInfo>,
     /// What the current driver reported (frames flow while it is set).
     current: Option<NetInfo>,
+    /// What the last accepted handshake did to the requests in flight,
+    /// until [`NetContract::restart`] hands it over.
+    restarted: Option<NetRestart>,
     requests: Requests<NetOp>,
 }
 
@@ -171,6 +174,7 @@ impl NetContract {
             handshake: false,
             expected: None,
             current: None,
+            restarted: None,
             requests: Requests::new(limits),
         }
     }
@@ -218,6 +222,10 @@ impl NetContract {
             .try_into()
             .map_err(|_| Violation::BadNetInfo(NetInfoProblem::Payload { got: payload.len() }))?;
         let got = NetInfo::parse(bytes).map_err(Violation::BadNetInfo)?;
+        if got.max_frame() > self.requests.limits().max_io {
+            // No receive buffer of this service could hold its frames.
+            return Err(Violation::BadNetInfo(NetInfoProblem::Mtu(got.mtu)));
+        }
         if let Some(expected) = self.expected {
             if expected != got {
                 return Err(Violation::NetInfoChanged { expected, got });
@@ -226,6 +234,24 @@ impl NetContract {
         self.expected = Some(got);
         self.current = Some(got);
         self.handshake = false;
+        // The old driver's sends go now, before anything new is issued:
+        // nothing sent to the new driver can be taken for one of them.
+        let dropped = self.requests.drop_where(|o| o.op == op::NET_TX);
+        let relent = self
+            .requests
+            .pending()
+            .iter()
+            .map(|p| p.request.request(p.id))
+            .collect();
+        let earlier = self.restarted.take();
+        let mut r = NetRestart { dropped, relent };
+        if let Some(e) = earlier {
+            // Two handshakes without a restart between: keep both drops.
+            let mut d = e.dropped;
+            d.extend(r.dropped);
+            r.dropped = d;
+        }
+        self.restarted = Some(r);
         Ok(got)
     }
 
@@ -261,10 +287,14 @@ impl NetContract {
     }
 
     /// Lends the driver a receive buffer of [`NetInfo::max_frame`] bytes
-    /// at `now`; no deadline applies to it.
+    /// at `now`; no deadline applies to it. The last slot in flight is
+    /// kept for sends: receive buffers never starve them.
     pub fn lend_receive(&mut self, now: Instant) -> Result<Request, ClientError> {
         let len = self.ready()?.max_frame();
         self.requests.check_max_io(len)?;
+        if self.requests.len() + 1 >= self.requests.limits().max_in_flight {
+            return Err(ClientError::Busy);
+        }
         self.requests.issue_untimed(
             NetOp {
                 op: op::NET_RX,
@@ -274,14 +304,18 @@ impl NetContract {
         )
     }
 
-    /// A new driver passed its handshake: sends in flight are dropped,
-    /// receive buffers lent again (their deadlines, none, unchanged).
-    /// Call it instead of [`Contract::reissue`], which for this class
-    /// does the same and forgets which sends were dropped.
+    /// What the accepted handshake of a new driver did: the sends in
+    /// flight it dropped (as it was accepted), and the receive buffers to
+    /// lend the new driver (same ids, their deadlines, none, unchanged).
+    /// Call it after [`NetContract::check_info`], instead of
+    /// [`Contract::reissue`], which gives the receive buffers only. Empty
+    /// if no handshake was accepted since the last call.
     pub fn restart(&mut self, now: Instant) -> NetRestart {
-        let dropped = self.requests.drop_where(|o| o.op == op::NET_TX);
-        let relent = self.requests.reissue(now);
-        NetRestart { dropped, relent }
+        self.requests.flight.rearm(now);
+        self.restarted.take().unwrap_or(NetRestart {
+            dropped: Vec::new(),
+            relent: Vec::new(),
+        })
     }
 }
 
@@ -336,5 +370,19 @@ impl Contract for NetContract {
     /// See [`NetContract::restart`].
     fn reissue(&mut self, now: Instant) -> Vec<Request> {
         self.restart(now).relent
+    }
+
+    /// Nothing is late outside the ready phase: during a handshake the
+    /// deadlines are the old driver's.
+    fn expired(&self, now: Instant) -> Option<u64> {
+        self.is_ready()
+            .then(|| self.requests.expired(now))
+            .flatten()
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        self.is_ready()
+            .then(|| self.requests.next_deadline())
+            .flatten()
     }
 }

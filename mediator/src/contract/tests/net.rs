@@ -264,28 +264,54 @@ fn a_restart_drops_sends_and_lends_the_receive_buffers_again() {
 }
 
 #[test]
-fn lent_buffers_count_against_the_limit() {
+fn lent_buffers_count_against_the_limit_and_leave_room_to_send() {
     let mut c = net_ready();
     let t = Instant::now();
-    for _ in 0..8 {
+    for _ in 0..7 {
         c.lend_receive(t).unwrap();
     }
-    assert_eq!(c.lend_receive(t), Err(ClientError::Busy));
+    assert_eq!(
+        c.lend_receive(t),
+        Err(ClientError::Busy),
+        "the last slot is for sends"
+    );
+    let tx = c.transmit(60, t).unwrap();
     assert_eq!(c.transmit(60, t), Err(ClientError::Busy));
-    // A jumbo interface whose frames are larger than max_io cannot lend.
+    c.check_response(&net_ok(tx.id, 0), t).unwrap();
+    assert!(c.transmit(60, t).is_ok());
+    // An interface whose frames are larger than the service's buffers is
+    // refused at the handshake.
     let mut small = NetContract::new(ContractLimits {
         max_io: 1024,
         ..net_limits()
     });
     small.info_request();
-    small
-        .check_info(&net_info_resp(), &info().encode())
-        .unwrap();
     assert_eq!(
-        small.lend_receive(t),
-        Err(ClientError::TooLong {
-            len: 1518,
-            max: 1024
-        })
+        small.check_info(&net_info_resp(), &info().encode()),
+        Err(Violation::BadNetInfo(NetInfoProblem::Mtu(1500)))
+    );
+    assert!(!small.is_ready());
+}
+
+#[test]
+fn nothing_is_late_during_a_handshake() {
+    let mut c = net_ready();
+    let t = Instant::now();
+    let tx = c.transmit(60, t).unwrap();
+    c.info_request();
+    let late = t + DEADLINE + ms(10);
+    assert_eq!(c.expired(late), None, "the old driver's deadline");
+    assert_eq!(c.next_deadline(), None);
+    c.check_info(&net_info_resp(), &info().encode()).unwrap();
+    // Accepting the handshake dropped the old send at once: a send made
+    // before `restart` is the new driver's, and is not dropped.
+    let tx2 = c.transmit(60, late).unwrap();
+    let r = c.restart(late);
+    assert_eq!(r.dropped, vec![tx.id]);
+    assert!(c.in_flight().iter().any(|p| p.id == tx2.id));
+    assert_eq!(
+        c.restart(late).dropped,
+        Vec::<u64>::new(),
+        "handed over once"
     );
 }

@@ -39,7 +39,7 @@ fn step() -> impl Strategy<Value = Step> {
             proptest::option::of(prop_oneof![0u64..20, any::<u64>()]),
             prop_oneof![4 => 0..=status::MAX, 1 => any::<u8>()],
             prop_oneof![6 => Just(class::NET), 1 => any::<u8>()],
-            prop_oneof![3 => 0u32..1600, 1 => any::<u32>()],
+            prop_oneof![3 => Just(0u32), 3 => 0u32..1600, 1 => any::<u32>()],
         )
             .prop_map(|(pick, raw, status, class, len)| Step::Answer { pick, raw, status, class, len }),
         1 => (0u64..300).prop_map(Step::Advance),
@@ -165,6 +165,14 @@ proptest! {
                 }
             }
             prop_assert!(c.in_flight_len() <= MAX_IN_FLIGHT);
+            for p in c.in_flight() {
+                if issued[&p.id].op == op::NET_RX {
+                    prop_assert!(p.deadline.is_none(), "a receive buffer has no deadline");
+                }
+            }
+            // Sends always find a slot unless sends fill it.
+            let rx = c.in_flight().iter().filter(|p| issued[&p.id].op == op::NET_RX).count();
+            prop_assert!(rx < MAX_IN_FLIGHT);
             prop_assert!(ids(&c).iter().all(|id| !completed.contains(id)));
         }
     }

@@ -149,6 +149,8 @@ impl Faults {
     }
 }
 
+pub mod net;
+
 /// The shared section, mapped, with its doorbell.
 struct Shared {
     section: crate::section::Section,

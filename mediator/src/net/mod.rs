@@ -1,0 +1,518 @@
+//! A mediated network interface: Ethernet frames between a client and a
+//! NIC driver picoprocess, through the net contract
+//! ([`crate::contract::NetContract`]) over the same rings and sections as
+//! block. A crashing, stalling or lying driver is replaced by a new one
+//! on a fresh section; the interface (MAC address, MTU) stays as the
+//! client knows it. Frames being sent when a driver is replaced are lost
+//! (counted), never sent twice; receive buffers are lent to the new
+//! driver.
+//!
+//! One pump thread does the work: it takes the driver's answers, checks
+//! each with the contract, hands received frames to the client's queue,
+//! lends receive buffers, sends queued frames, watches deadlines and the
+//! driver's exit, and restarts the driver. Clients only queue frames and
+//! take received ones ([`MediatedNet::send`], [`MediatedNet::recv`]).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::io;
+use std::os::fd::AsFd;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use moat_service_proto::ring::Layout;
+use moat_service_proto::{op, status, Response};
+
+use crate::block::link::{end, Boot, Link};
+use crate::block::region::{wait_readable, Bell};
+use crate::block::{DriverSpec, SECTION};
+use crate::contract::{Contract, ContractLimits, NetContract, NetInfo, Violation, MAX_MTU};
+
+/// Settings of a mediated interface.
+#[derive(Debug, Clone)]
+pub struct NetConfig {
+    /// A frame not sent within this ends the driver.
+    pub deadline: Duration,
+    /// A new driver must report its interface within this.
+    pub start_timeout: Duration,
+    /// Receive buffers lent to the driver at once.
+    pub rx_buffers: usize,
+    /// Requests in flight at once (receive buffers included): the ring's
+    /// depth, a power of two.
+    pub depth: u32,
+    /// Frames received and not yet taken by the client beyond which new
+    /// ones are dropped (counted).
+    pub rx_queue: usize,
+    /// Frames waiting to be sent beyond which new ones are dropped.
+    pub tx_queue: usize,
+    /// Restarts in a row without a frame moving before the mediator gives
+    /// up (the interface then fails every call).
+    pub max_failed_restarts: u32,
+}
+
+impl Default for NetConfig {
+    fn default() -> NetConfig {
+        NetConfig {
+            deadline: Duration::from_secs(2),
+            start_timeout: Duration::from_secs(2),
+            rx_buffers: 32,
+            depth: 64,
+            rx_queue: 1024,
+            tx_queue: 1024,
+            max_failed_restarts: 5,
+        }
+    }
+}
+
+/// What the mediator has seen of an interface.
+#[derive(Debug, Clone, Default)]
+pub struct NetCounters {
+    /// Frames the driver put on the wire.
+    pub sent: u64,
+    /// Frames the driver said it could not send.
+    pub send_failed: u64,
+    /// Frames lost to a driver's replacement (sent by the old driver, or
+    /// not: never again).
+    pub send_dropped: u64,
+    /// Frames dropped before the driver: the send queue was full.
+    pub tx_queue_drops: u64,
+    /// Frames received and accepted.
+    pub received: u64,
+    /// Frames received and dropped: the client's queue was full.
+    pub rx_queue_drops: u64,
+    /// Violations by kind (and `crash`).
+    pub violations: BTreeMap<&'static str, u64>,
+    /// Drivers started after the first.
+    pub restarts: u64,
+    /// Why the last start failed, if one did.
+    pub last_start_failure: Option<String>,
+    /// From a fault seen to a new driver ready, per restart.
+    pub recovery: Vec<Duration>,
+}
+
+struct Core {
+    contract: NetContract,
+    link: Option<Link>,
+    /// The buffer each request in flight owns, by id.
+    owners: HashMap<u64, u32>,
+    tx: VecDeque<Vec<u8>>,
+    rx: VecDeque<Vec<u8>>,
+    counters: NetCounters,
+    closing: bool,
+    /// The interface gave up (too many failed restarts).
+    failed: Option<String>,
+    generation: u64,
+}
+
+struct Inner {
+    core: Mutex<Core>,
+    /// Wakes the pump (a frame queued, a kill, shutdown).
+    wake: Bell,
+    /// Wakes clients waiting for a frame.
+    received: Condvar,
+    spec: DriverSpec,
+    layout: Layout,
+    config: NetConfig,
+}
+
+/// A network interface served by a driver picoprocess through the
+/// mediator. Cheap to clone; shut down by [`MediatedNet::shutdown`] or
+/// when the last clone goes.
+#[derive(Clone)]
+pub struct MediatedNet {
+    dev: Arc<Device>,
+}
+
+struct Device {
+    inner: Arc<Inner>,
+    info: NetInfo,
+    pump: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        shutdown(&self.inner, &self.pump);
+    }
+}
+
+fn lock(m: &Mutex<Core>) -> MutexGuard<'_, Core> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn io_err(msg: impl Into<String>) -> io::Error {
+    io::Error::other(msg.into())
+}
+
+impl MediatedNet {
+    /// Starts the driver and its handshake (it must report a valid
+    /// interface), lends it receive buffers, and starts the pump. The
+    /// driver's arguments name the section [`SECTION`].
+    pub fn start(mut spec: DriverSpec, config: NetConfig) -> io::Result<MediatedNet> {
+        let depth = config.depth.clamp(2, 1024).next_power_of_two();
+        let buf = (u32::from(MAX_MTU) + crate::contract::FRAME_OVERHEAD).next_multiple_of(4096);
+        let layout = Layout::new(depth, buf, 50_000)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{e:?}")))?;
+        spec.policy
+            .allow(&format!("shm:{SECTION}"), moat_policy::Access::Rw)
+            .map_err(|e| io_err(e.to_string()))?;
+        let limits = ContractLimits {
+            max_io: buf,
+            deadline: config.deadline,
+            max_in_flight: depth as usize,
+        };
+        let inner = Arc::new(Inner {
+            core: Mutex::new(Core {
+                contract: NetContract::new(limits),
+                link: None,
+                owners: HashMap::new(),
+                tx: VecDeque::new(),
+                rx: VecDeque::new(),
+                counters: NetCounters::default(),
+                closing: false,
+                failed: None,
+                generation: 0,
+            }),
+            wake: Bell::new()?,
+            received: Condvar::new(),
+            spec,
+            layout,
+            config,
+        });
+        {
+            let mut c = lock(&inner.core);
+            let mut tries = 0;
+            while let Err(e) = start_driver(&inner, &mut c) {
+                tries += 1;
+                if tries > inner.config.max_failed_restarts {
+                    return Err(e);
+                }
+            }
+        }
+        let info = lock(&inner.core)
+            .contract
+            .info()
+            .ok_or_else(|| io_err("no interface after the handshake"))?;
+        let own = inner.clone();
+        let pump = std::thread::Builder::new()
+            .name("moat-net".into())
+            .spawn(move || pump(own))?;
+        Ok(MediatedNet {
+            dev: Arc::new(Device {
+                inner,
+                info,
+                pump: Mutex::new(Some(pump)),
+            }),
+        })
+    }
+
+    /// The interface (MAC address and MTU) its drivers report.
+    pub fn info(&self) -> NetInfo {
+        self.dev.info
+    }
+
+    /// Queues a frame to send. A frame the interface cannot carry (shorter
+    /// than a header, longer than the MTU allows) is refused; a frame that
+    /// finds the send queue full is dropped and counted, as a NIC would.
+    pub fn send(&self, frame: &[u8]) -> io::Result<()> {
+        let inner = &self.dev.inner;
+        let mut c = lock(&inner.core);
+        if let Some(why) = &c.failed {
+            return Err(io_err(why.clone()));
+        }
+        let len = u32::try_from(frame.len()).unwrap_or(u32::MAX);
+        let max = self.dev.info.max_frame();
+        if !(crate::contract::ETH_HEADER..=max).contains(&len) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("a frame of {len} bytes cannot be sent: frames are 14 to {max} bytes"),
+            ));
+        }
+        if c.tx.len() >= inner.config.tx_queue {
+            c.counters.tx_queue_drops += 1;
+            return Ok(());
+        }
+        c.tx.push_back(frame.to_vec());
+        drop(c);
+        inner.wake.ring();
+        Ok(())
+    }
+
+    /// The next frame received, waiting up to `limit` for one.
+    pub fn recv(&self, limit: Duration) -> Option<Vec<u8>> {
+        let inner = &self.dev.inner;
+        let until = Instant::now() + limit;
+        let mut c = lock(&inner.core);
+        loop {
+            if let Some(f) = c.rx.pop_front() {
+                return Some(f);
+            }
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() || c.closing || c.failed.is_some() {
+                return None;
+            }
+            c = inner
+                .received
+                .wait_timeout(c, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Kills the current driver (fault injection): it is replaced.
+    pub fn kill_driver(&self) {
+        if let Some(l) = &lock(&self.dev.inner.core).link {
+            l.proc.killer().kill();
+        }
+    }
+
+    pub fn counters(&self) -> NetCounters {
+        lock(&self.dev.inner.core).counters.clone()
+    }
+
+    /// Ends the driver and the pump; frames not sent are lost.
+    pub fn shutdown(&self) {
+        shutdown(&self.dev.inner, &self.dev.pump);
+    }
+}
+
+fn shutdown(inner: &Inner, pump: &Mutex<Option<std::thread::JoinHandle<()>>>) {
+    lock(&inner.core).closing = true;
+    inner.wake.ring();
+    inner.received.notify_all();
+    let t = pump.lock().unwrap_or_else(|e| e.into_inner()).take();
+    if let Some(t) = t {
+        let _ = t.join();
+    }
+}
+
+/// Starts a driver on a fresh section, runs its handshake, and lends it
+/// the receive buffers (those of the last driver again, same ids, and
+/// new ones up to the configured number). Sends of the last driver are
+/// dropped.
+fn start_driver(inner: &Inner, c: &mut Core) -> io::Result<()> {
+    c.generation += 1;
+    let mut link = Link::start(
+        &inner.spec,
+        inner.layout,
+        c.generation,
+        c.generation - 1,
+        Boot::Image(None),
+    )?;
+    let info = c.contract.info_request();
+    let checked = link
+        .handshake(info, inner.config.start_timeout)
+        .and_then(|(resp, bytes)| {
+            c.contract
+                .check_info(&resp, &bytes)
+                .map_err(|v| io_err(format!("driver handshake: {v}")))
+        });
+    if let Err(e) = checked {
+        end(link);
+        c.counters.last_start_failure = Some(e.to_string());
+        return Err(e);
+    }
+    let now = Instant::now();
+    let r = c.contract.restart(now);
+    c.counters.send_dropped += r.dropped.len() as u64;
+    c.owners.clear();
+    for mut req in r.relent {
+        let Some(buf) = link.free.pop() else { break };
+        req.buf = buf;
+        c.owners.insert(req.id, buf);
+        link.ring.push(&req);
+    }
+    while c.contract.in_flight_len() < inner.config.rx_buffers {
+        let Ok(mut req) = c.contract.lend_receive(now) else {
+            break;
+        };
+        let Some(buf) = link.free.pop() else { break };
+        req.buf = buf;
+        c.owners.insert(req.id, buf);
+        link.ring.push(&req);
+    }
+    if link.ring.publish() {
+        link.region.kick();
+    }
+    c.link = Some(link);
+    Ok(())
+}
+
+/// Checks and applies one answer; a violation to restart for.
+fn answer(inner: &Inner, c: &mut Core, a: Response, now: Instant) -> Result<(), Violation> {
+    let Some(link) = c.link.as_mut() else {
+        return Ok(());
+    };
+    let depth = inner.layout.depth;
+    if a.buf >= depth {
+        return Err(Violation::OutsidePool {
+            id: a.id,
+            buf: a.buf,
+            buffers: depth,
+        });
+    }
+    if let Some(&owned) = c.owners.get(&a.id) {
+        if owned != a.buf {
+            return Err(Violation::WrongBuffer {
+                id: a.id,
+                buf: a.buf,
+                expected: owned,
+            });
+        }
+    }
+    let done = c.contract.check_response(&a, now)?;
+    let buf = c.owners.remove(&done.id).unwrap_or(a.buf);
+    if done.op == op::NET_TX {
+        link.free.push(buf);
+        if done.status == status::OK {
+            c.counters.sent += 1;
+        } else {
+            c.counters.send_failed += 1;
+        }
+        return Ok(());
+    }
+    if done.status == status::OK {
+        // Copied out once, after the contract accepted its length.
+        let mut frame = vec![0u8; done.frame as usize];
+        link.region.read_buf(buf, &mut frame);
+        if c.rx.len() < inner.config.rx_queue {
+            c.rx.push_back(frame);
+            c.counters.received += 1;
+            inner.received.notify_all();
+        } else {
+            c.counters.rx_queue_drops += 1;
+        }
+    }
+    // The buffer goes straight back to the driver.
+    match c.contract.lend_receive(now) {
+        Ok(mut req) => {
+            req.buf = buf;
+            c.owners.insert(req.id, buf);
+            link.ring.push(&req);
+        }
+        Err(_) => link.free.push(buf),
+    }
+    Ok(())
+}
+
+/// Sends what is queued while buffers are free.
+fn send_queued(c: &mut Core, now: Instant) {
+    let Some(link) = c.link.as_mut() else { return };
+    while let Some(frame) = c.tx.front() {
+        let Some(&buf) = link.free.last() else { break };
+        let Ok(mut req) = c.contract.transmit(frame.len() as u32, now) else {
+            break;
+        };
+        link.free.pop();
+        link.ring.write_buf(buf, frame);
+        req.buf = buf;
+        c.owners.insert(req.id, buf);
+        link.ring.push(&req);
+        c.tx.pop_front();
+    }
+}
+
+fn violation(c: &mut Core, kind: &'static str) {
+    *c.counters.violations.entry(kind).or_default() += 1;
+}
+
+/// Replaces the driver after a fault at `t0`; gives up after too many
+/// failed starts in a row.
+fn restart(inner: &Inner, c: &mut Core, t0: Instant) {
+    if let Some(old) = c.link.take() {
+        old.proc.killer().kill();
+        let _ = wait_readable([Some(old.exit.as_fd())], inner.config.deadline);
+        end(old);
+    }
+    c.counters.restarts += 1;
+    let mut failed = 0;
+    while let Err(e) = start_driver(inner, c) {
+        failed += 1;
+        if failed >= inner.config.max_failed_restarts || c.closing {
+            c.failed = Some(format!("the interface's driver cannot be started: {e}"));
+            inner.received.notify_all();
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10 << failed.min(6)));
+    }
+    c.counters.recovery.push(t0.elapsed());
+}
+
+fn pump(inner: Arc<Inner>) {
+    loop {
+        let now = Instant::now();
+        let (region, exit) = {
+            let mut c = lock(&inner.core);
+            if c.closing || c.failed.is_some() {
+                break;
+            }
+            let mut answers = Vec::new();
+            let mut broken = None;
+            if let Some(link) = c.link.as_mut() {
+                let took = link.ring.take(inner.layout.depth, |a| {
+                    answers.push(a);
+                    true
+                });
+                if let Err(e) = took {
+                    broken = Some(format!("{e:?}"));
+                }
+            }
+            let mut fault: Option<&'static str> = broken.map(|_| "bad_index");
+            for a in answers {
+                if fault.is_some() {
+                    break;
+                }
+                let r = match a {
+                    Ok(a) => answer(&inner, &mut c, a, now),
+                    Err(e) => Err(Violation::from(e)),
+                };
+                if let Err(v) = r {
+                    fault = Some(v.kind());
+                }
+            }
+            if fault.is_none() && c.contract.expired(now).is_some() {
+                fault = Some(Violation::Deadline.kind());
+            }
+            if let Some(kind) = fault {
+                violation(&mut c, kind);
+                restart(&inner, &mut c, now);
+                continue;
+            }
+            send_queued(&mut c, now);
+            let Some(link) = c.link.as_mut() else { break };
+            if link.ring.publish() {
+                link.region.kick();
+            }
+            if !link.ring.prepare_sleep() {
+                continue;
+            }
+            (link.region.clone(), link.exit.clone())
+        };
+        let [woke, rang, ended] = wait_readable(
+            [
+                Some(inner.wake.fd()),
+                Some(region.bell()),
+                Some(exit.as_fd()),
+            ],
+            Duration::from_millis(50),
+        );
+        let mut c = lock(&inner.core);
+        if let Some(l) = &c.link {
+            l.ring.awake();
+        }
+        if woke {
+            inner.wake.reset();
+        }
+        if rang {
+            region.reset_bell();
+        }
+        if ended && c.link.as_ref().is_some_and(|l| Arc::ptr_eq(&l.exit, &exit)) {
+            violation(&mut c, "crash");
+            restart(&inner, &mut c, Instant::now());
+        }
+    }
+    let mut c = lock(&inner.core);
+    if let Some(mut l) = c.link.take() {
+        let _ = l.proc.kill();
+        let _ = l.proc.wait();
+    }
+    inner.received.notify_all();
+}

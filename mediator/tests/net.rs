@@ -1,0 +1,252 @@
+//! A mediated network interface on host-linux: the `net-soft` driver
+//! picoprocess serving the net contract, its wire a TCP connection to a
+//! device side this test plays. Frames go both ways intact; with the
+//! driver killed again and again while frames flow through a wire that
+//! echoes them, no frame comes back twice or damaged, most come back,
+//! and every kill is recovered from; frames the interface cannot carry
+//! are refused or dropped, never delivered.
+use moat_mediator::block::{DriverSpec, SECTION};
+use moat_mediator::net::{MediatedNet, NetConfig};
+use std::collections::HashSet;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const MAC: &str = "02:6d:6f:61:74:01";
+
+/// A frame: broadcast destination, our source, an experimental type, a
+/// sequence number and a payload derived from it, padded to `len`.
+fn frame(seq: u32, len: usize) -> Vec<u8> {
+    let mut f = vec![0xffu8; 6];
+    f.extend_from_slice(&[0x02, 0x6d, 0x6f, 0x61, 0x74, 0x01]);
+    f.extend_from_slice(&[0x88, 0xb5]);
+    f.extend_from_slice(&seq.to_le_bytes());
+    while f.len() < len {
+        let i = f.len() as u32;
+        f.push((seq.wrapping_mul(31) ^ i.wrapping_mul(7)) as u8);
+    }
+    f
+}
+
+/// The sequence number of an intact frame, `None` if it is damaged.
+fn check(f: &[u8]) -> Option<u32> {
+    if f.len() < 18 {
+        return None;
+    }
+    let seq = u32::from_le_bytes(f[14..18].try_into().unwrap());
+    (frame(seq, f.len()) == f).then_some(seq)
+}
+
+fn read_frame(s: &mut TcpStream) -> Option<Vec<u8>> {
+    let mut n = [0u8; 2];
+    s.read_exact(&mut n).ok()?;
+    let mut f = vec![0u8; usize::from(u16::from_le_bytes(n))];
+    s.read_exact(&mut f).ok()?;
+    Some(f)
+}
+
+fn write_frame(s: &mut TcpStream, f: &[u8]) -> bool {
+    let mut b = (f.len() as u16).to_le_bytes().to_vec();
+    b.extend_from_slice(f);
+    s.write_all(&b).is_ok()
+}
+
+/// The device side of the wire: accepts each driver's connection in turn
+/// and runs `serve` on it; `got` collects what the drivers put on it.
+struct Wire {
+    port: u16,
+    got: Arc<Mutex<Vec<Vec<u8>>>>,
+    /// The current driver's connection, to send frames into it.
+    conn: Arc<Mutex<Option<TcpStream>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Wire {
+    fn new(echo: bool) -> Wire {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let conn: Arc<Mutex<Option<TcpStream>>> = Arc::new(Mutex::new(None));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (g, c, st) = (got.clone(), conn.clone(), stop.clone());
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                if st.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(mut s) = s else { continue };
+                *c.lock().unwrap() = s.try_clone().ok();
+                let (g, st) = (g.clone(), st.clone());
+                std::thread::spawn(move || {
+                    while let Some(f) = read_frame(&mut s) {
+                        if echo && !write_frame(&mut s, &f) {
+                            break;
+                        }
+                        g.lock().unwrap().push(f);
+                        if st.load(Ordering::SeqCst) {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        Wire {
+            port,
+            got,
+            conn,
+            stop,
+        }
+    }
+
+    fn spec(&self) -> DriverSpec {
+        let uri = format!("tcp.client:127.0.0.1:{}", self.port);
+        let mut policy = moat_policy::Policy::default();
+        policy.limits.memory_mib = 64;
+        policy.allow(&uri, moat_policy::Access::Rw).unwrap();
+        DriverSpec {
+            image: moat_tests::built("net-soft"),
+            args: vec![SECTION.into(), uri, MAC.into()],
+            host: moat_monitor::Host::Linux,
+            policy,
+            faults: None,
+            console: false,
+        }
+    }
+
+    fn inject(&self, f: &[u8]) -> bool {
+        let mut c = self.conn.lock().unwrap();
+        c.as_mut().is_some_and(|s| write_frame(s, f))
+    }
+}
+
+impl Drop for Wire {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < limit, "{what}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn frames_go_both_ways_intact() {
+    if !moat_tests::sandbox_available() {
+        return;
+    }
+    let wire = Wire::new(false);
+    let nic = MediatedNet::start(wire.spec(), NetConfig::default()).unwrap();
+    assert_eq!(nic.info().mac, [0x02, 0x6d, 0x6f, 0x61, 0x74, 0x01]);
+    assert_eq!(nic.info().mtu, 1500);
+    // Out: every size from a bare header to the largest frame.
+    let sizes = [14usize, 60, 61, 1000, 1514, 1518];
+    for (i, &n) in sizes.iter().enumerate() {
+        nic.send(&frame(i as u32, n.max(18))).unwrap();
+    }
+    wait_for(
+        "frames never reached the wire",
+        Duration::from_secs(10),
+        || wire.got.lock().unwrap().len() == sizes.len(),
+    );
+    let got = wire.got.lock().unwrap().clone();
+    for (i, f) in got.iter().enumerate() {
+        assert_eq!(check(f), Some(i as u32), "frame {i} in order and intact");
+    }
+    // In.
+    wait_for(
+        "the driver never connected",
+        Duration::from_secs(10),
+        || wire.conn.lock().unwrap().is_some(),
+    );
+    for i in 0..50u32 {
+        assert!(wire.inject(&frame(1000 + i, 60 + i as usize * 20)));
+    }
+    for i in 0..50u32 {
+        let f = nic.recv(Duration::from_secs(10)).expect("a frame");
+        assert_eq!(check(&f), Some(1000 + i));
+    }
+    // What the interface cannot carry: refused before the driver...
+    assert!(nic.send(&[0u8; 13]).is_err());
+    assert!(nic.send(&vec![0u8; 1519]).is_err());
+    // ...or dropped by the driver (longer than the MTU allows).
+    assert!(wire.inject(&frame(7, 3000)));
+    assert!(wire.inject(&frame(8, 100)));
+    let f = nic.recv(Duration::from_secs(10)).expect("a frame");
+    assert_eq!(check(&f), Some(8), "the oversized frame was dropped");
+    let c = nic.counters();
+    assert_eq!(c.sent, sizes.len() as u64);
+    assert_eq!(c.received, 51);
+    assert_eq!(c.restarts, 0);
+    assert!(c.violations.is_empty(), "{c:?}");
+    nic.shutdown();
+}
+
+#[test]
+fn killed_drivers_lose_frames_but_never_duplicate_or_damage_one() {
+    if !moat_tests::sandbox_available() {
+        return;
+    }
+    let wire = Wire::new(true);
+    let nic = MediatedNet::start(wire.spec(), NetConfig::default()).unwrap();
+    const FRAMES: u32 = 3000;
+    const KILLS: u64 = 10;
+    let seen = Arc::new(Mutex::new(HashSet::new()));
+    let done = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (nic, seen, done) = (nic.clone(), seen.clone(), done.clone());
+        std::thread::spawn(move || {
+            while !done.load(Ordering::SeqCst) {
+                if let Some(f) = nic.recv(Duration::from_millis(50)) {
+                    let seq = check(&f).expect("a damaged frame came back");
+                    assert!(
+                        seen.lock().unwrap().insert(seq),
+                        "frame {seq} came back twice"
+                    );
+                }
+            }
+        })
+    };
+    let mut kills = 0;
+    for i in 0..FRAMES {
+        nic.send(&frame(i, 64 + (i as usize % 1400))).unwrap();
+        if i % (FRAMES / (KILLS as u32 + 1)) == FRAMES / (KILLS as u32 + 1) / 2 && kills < KILLS {
+            nic.kill_driver();
+            kills += 1;
+        }
+        if i % 32 == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    // Let the last frames come back.
+    wait_for("no frames came back", Duration::from_secs(20), || {
+        seen.lock().unwrap().len() as u32 >= FRAMES / 2
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    done.store(true, Ordering::SeqCst);
+    reader.join().unwrap();
+    let c = nic.counters();
+    nic.shutdown();
+    let back = seen.lock().unwrap().len() as u32;
+    eprintln!(
+        "{back} of {FRAMES} frames came back; {} restarts, {} sends dropped, {} received, \
+         violations {:?}, recovery {:?}",
+        c.restarts, c.send_dropped, c.received, c.violations, c.recovery
+    );
+    assert!(c.restarts >= KILLS, "{c:?}");
+    assert_eq!(c.violations.get("crash").copied(), Some(KILLS), "{c:?}");
+    assert!(back >= FRAMES / 2, "only {back} of {FRAMES} came back");
+    // On the wire too, no frame twice.
+    let on_wire = wire.got.lock().unwrap().clone();
+    let mut once = HashSet::new();
+    for f in &on_wire {
+        let seq = check(f).expect("a damaged frame on the wire");
+        assert!(once.insert(seq), "frame {seq} was put on the wire twice");
+    }
+}
