@@ -14,6 +14,7 @@ mod inspect;
 mod mediate;
 mod resolve;
 mod run;
+mod serve_net;
 mod trace;
 
 #[derive(Parser, Debug)]
@@ -72,6 +73,8 @@ fn main() -> ExitCode {
         Cmd::Images(a) => images::main(a),
         Cmd::Demo(a) => mediate::demo(a),
         Cmd::Campaign(a) => mediate::campaign(a),
+        // A NIC (`--nic`) or a disk.
+        Cmd::Serve(a) if a.nic.is_some() => serve_net::serve(a),
         Cmd::Serve(a) => mediate::serve(a),
     };
     ExitCode::from((code & 0xff) as u8)

@@ -483,11 +483,26 @@ pub struct ServeArgs {
     pub driver: DriverArgs,
     /// The disk image the driver serves: an existing regular file, a whole
     /// number of 512-byte blocks. It is locked while served.
-    #[arg(long, value_name = "FILE")]
-    pub disk: PathBuf,
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "nic",
+        conflicts_with = "nic"
+    )]
+    pub disk: Option<PathBuf>,
     /// An empty directory to mount the disk on, as the file DIR/NAME.
-    #[arg(long, value_name = "DIR")]
-    pub mount: PathBuf,
+    #[arg(long, value_name = "DIR", required_unless_present = "nic")]
+    pub mount: Option<PathBuf>,
+    /// Serve a network interface instead of a disk: a TAP interface
+    /// IFNAME made in this network namespace, its frames through the
+    /// mediator to a NIC driver picoprocess (`net-soft`, host-linux),
+    /// whose wire is the interface `moat0` made in --wire-netns.
+    #[arg(long, value_name = "IFNAME", requires = "wire_netns")]
+    pub nic: Option<String>,
+    /// The network namespace (`ip netns add NS`) where the NIC's wire,
+    /// the interface `moat0`, is made: the stand-in for the network.
+    #[arg(long, value_name = "NS", requires = "nic")]
+    pub wire_netns: Option<String>,
     /// The file name in the mount.
     #[arg(long, default_value = "disk")]
     pub name: String,
@@ -514,7 +529,16 @@ fn positive_ms(s: &str) -> Result<u64, String> {
 }
 
 /// Stop signals received (SIGINT, SIGTERM).
-static SIGNALS: AtomicU32 = AtomicU32::new(0);
+pub(crate) static SIGNALS: AtomicU32 = AtomicU32::new(0);
+
+/// SIGINT and SIGTERM count in [`SIGNALS`] from now on.
+pub(crate) fn catch_stop_signals() {
+    // SAFETY: the handler only increments an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_stop as *const () as usize);
+        libc::signal(libc::SIGTERM, on_stop as *const () as usize);
+    }
+}
 
 extern "C" fn on_stop(_: libc::c_int) {
     SIGNALS.fetch_add(1, Ordering::SeqCst);
@@ -538,15 +562,38 @@ pub const EXIT_FORCED_STOP: i32 = 1;
 /// lazily, its users get I/O errors, and the exit code is
 /// [`EXIT_FORCED_STOP`].
 pub fn serve(a: ServeArgs) -> i32 {
-    let (spec, config, _lock) = match a.driver.spec(&a.disk, a.read_only) {
+    let (Some(disk), Some(mount)) = (a.disk.clone(), a.mount.clone()) else {
+        return bad_input(
+            "--disk FILE and --mount DIR are needed (or --nic IFNAME --wire-netns NS)",
+        );
+    };
+    let a = ServeDisk { a, disk, mount };
+    serve_disk(a)
+}
+
+/// `moat serve` for a disk: its arguments, the disk and the mount point
+/// given.
+struct ServeDisk {
+    a: ServeArgs,
+    disk: PathBuf,
+    mount: PathBuf,
+}
+
+fn serve_disk(d: ServeDisk) -> i32 {
+    let ServeDisk {
+        a,
+        disk,
+        mount: mount_dir,
+    } = d;
+    let (spec, config, _lock) = match a.driver.spec(&disk, a.read_only) {
         Ok(v) => v,
         Err(e) => return bad_input(e),
     };
-    match moat_mediator::export::check_mount_point(&a.mount) {
+    match moat_mediator::export::check_mount_point(&mount_dir) {
         Ok(moat_mediator::export::MountPointState::Ready) => {}
         Ok(moat_mediator::export::MountPointState::ClearedStale) => eprintln!(
             "moat: cleared the stale mount a killed moat server had left on {}",
-            a.mount.display()
+            mount_dir.display()
         ),
         Err(e) => return bad_input(e),
     }
@@ -557,22 +604,21 @@ pub fn serve(a: ServeArgs) -> i32 {
             return moat_monitor::EXIT_HOST_FAILURE;
         }
     };
-    let mut mount = match moat_mediator::export::mount(Arc::new(dev.clone()), &a.mount, &a.name) {
+    let mut mount = match moat_mediator::export::mount(Arc::new(dev.clone()), &mount_dir, &a.name) {
         Ok(m) => m,
         Err(e) => {
-            eprintln!("moat: cannot mount the disk on {}: {e}", a.mount.display());
+            eprintln!(
+                "moat: cannot mount the disk on {}: {e}",
+                mount_dir.display()
+            );
             dev.shutdown();
             return moat_monitor::EXIT_HOST_FAILURE;
         }
     };
-    // SAFETY: the handler only increments an atomic.
-    unsafe {
-        libc::signal(libc::SIGINT, on_stop as *const () as usize);
-        libc::signal(libc::SIGTERM, on_stop as *const () as usize);
-    }
+    catch_stop_signals();
     println!(
         "serving {} ({} bytes, {}-byte blocks{}) at {}; attach it with: losetup --find --show --direct-io=on {}",
-        a.disk.display(),
+        disk.display(),
         dev.capacity(),
         dev.block_size(),
         if a.read_only { ", read-only" } else { "" },
@@ -625,7 +671,7 @@ pub fn serve(a: ServeArgs) -> i32 {
                     }
                     Ok(false) => {}
                     Err(e) => {
-                        eprintln!("moat: unmounting {}: {e}", a.mount.display());
+                        eprintln!("moat: unmounting {}: {e}", mount_dir.display());
                         break true;
                     }
                 }
@@ -645,7 +691,7 @@ pub fn serve(a: ServeArgs) -> i32 {
         print_counters(&dev.counters(), &mut std::io::stdout());
         eprintln!(
             "moat: stopped by force while {} was {}: what it had in flight failed",
-            a.mount.join(&a.name).display(),
+            mount_dir.join(&a.name).display(),
             if users.is_empty() {
                 "in use".to_string()
             } else {

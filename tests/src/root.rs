@@ -14,10 +14,15 @@ use std::time::{Duration, Instant};
 /// How long one tool may run.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// Whether this process runs as root.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
 /// Why this machine cannot run root tests, if it cannot.
 pub fn missing_prerequisites() -> Option<String> {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
+    if !is_root() {
         return Some("not root".into());
     }
     for dev in ["/dev/fuse", "/dev/loop-control"] {

@@ -13,6 +13,9 @@
 //! driver's exit, and restarts the driver. Clients only queue frames and
 //! take received ones ([`MediatedNet::send`], [`MediatedNet::recv`]).
 
+pub mod export;
+pub mod tap;
+
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io;
 use std::os::fd::AsFd;

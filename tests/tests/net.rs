@@ -1,0 +1,366 @@
+//! A NIC driver picoprocess behind a real interface (`moat serve --nic
+//! IFNAME --wire-netns NS`, host-linux), in two network namespaces this
+//! test makes: the server and its interface in one (the client side),
+//! the wire's interface `moat0` in the other (the network). Ping goes
+//! both ways; 64 MiB over TCP arrive intact while the driver is killed
+//! every 40 ms, the connection never reset; bad input is refused with
+//! exit 2 and leaves no interface behind.
+use moat_tests::*;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Whether this machine can run these tests (root, `ip`, `ping`).
+fn can_run() -> bool {
+    let missing = if !root::is_root() {
+        Some("not root")
+    } else if root::find_tool("ip").is_none() {
+        Some("no ip (package iproute2)")
+    } else if root::find_tool("ping").is_none() {
+        Some("no ping (package iputils-ping)")
+    } else if !std::path::Path::new("/dev/net/tun").exists() {
+        Some("no /dev/net/tun")
+    } else {
+        None
+    };
+    match missing {
+        None => sandbox_available(),
+        Some(why) => {
+            assert!(
+                std::env::var_os("MOAT_REQUIRE_ROOT_TOOLS").is_none(),
+                "MOAT_REQUIRE_ROOT_TOOLS is set but the NIC tests cannot run: {why}"
+            );
+            eprintln!("skipping the NIC tests: {why}");
+            false
+        }
+    }
+}
+
+fn ip(args: &[&str]) {
+    let out = root::run("ip", args);
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A network namespace, deleted when dropped.
+struct Netns(String);
+
+impl Netns {
+    fn new(tag: &str) -> Netns {
+        let name = format!("moat-t{}-{tag}", std::process::id());
+        let _ = root::run("ip", &["netns", "del", &name]);
+        ip(&["netns", "add", &name]);
+        ip(&["-n", &name, "link", "set", "lo", "up"]);
+        Netns(name)
+    }
+
+    /// Runs `f` on a thread inside this namespace (its sockets stay there).
+    fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        let path = format!("/run/netns/{}", self.0);
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(&path).unwrap();
+            use std::os::fd::AsRawFd;
+            // SAFETY: setns on an open namespace descriptor changes only
+            // this thread's network namespace.
+            let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = root::run("ip", &["netns", "del", &self.0]);
+    }
+}
+
+/// `moat serve --nic` running in `client`'s namespace, its output in a
+/// file.
+struct Server {
+    child: Child,
+    out: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    fn start(client: &Netns, wire: &Netns, ifname: &str, extra: &[&str]) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        let mut args = vec![
+            "netns".to_string(),
+            "exec".into(),
+            client.0.clone(),
+            built("moat").display().to_string(),
+            "serve".into(),
+            "--nic".into(),
+            ifname.into(),
+            "--wire-netns".into(),
+            wire.0.clone(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let child = Command::new(root::find_tool("ip").unwrap())
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(std::fs::File::create(out.with_extension("err")).unwrap())
+            .spawn()
+            .unwrap();
+        let s = Server {
+            child,
+            out,
+            _dir: dir,
+        };
+        let t = Instant::now();
+        while !s.output().contains("serving a NIC") {
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "the server did not start: {}",
+                std::fs::read_to_string(s.out.with_extension("err")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        s
+    }
+
+    fn output(&self) -> String {
+        std::fs::read_to_string(&self.out).unwrap_or_default()
+    }
+
+    /// Stops it (SIGTERM); its exit code and output.
+    fn stop(mut self) -> (i32, String) {
+        // SAFETY: kill on a child's pid that has not been reaped.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let t = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return (s.code().unwrap_or(-1), self.output());
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "the server did not stop"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Two namespaces joined through `moat serve --nic`, addressed
+/// 10.N.0.1 (client side, on IFNAME) and 10.N.0.2 (the wire's moat0).
+fn link(n: u8, extra: &[&str]) -> (Netns, Netns, Server, String) {
+    let a = Netns::new(&format!("{n}a"));
+    let b = Netns::new(&format!("{n}b"));
+    let ifname = format!("mt{}x{n}", std::process::id() % 100_000);
+    let srv = Server::start(&a, &b, &ifname, extra);
+    let (ca, cb) = (format!("10.{n}.0.1/24"), format!("10.{n}.0.2/24"));
+    ip(&["-n", &a.0, "addr", "add", &ca, "dev", &ifname]);
+    ip(&["-n", &a.0, "link", "set", &ifname, "up"]);
+    ip(&["-n", &b.0, "addr", "add", &cb, "dev", "moat0"]);
+    ip(&["-n", &b.0, "link", "set", "moat0", "up"]);
+    (a, b, srv, ifname)
+}
+
+fn ping(from: &Netns, to: &str) {
+    let out = root::run(
+        "ip",
+        &[
+            "netns", "exec", &from.0, "ping", "-c", "3", "-i", "0.2", "-W", "3", to,
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "ping {to} from {}: {}{}",
+        from.0,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A 64-bit FNV-1a of the bytes.
+fn fnv(h: &mut u64, b: &[u8]) {
+    for &x in b {
+        *h ^= u64::from(x);
+        *h = h.wrapping_mul(0x100_0000_01b3);
+    }
+}
+
+#[test]
+fn ping_goes_both_ways_through_the_driver() {
+    if !can_run() {
+        return;
+    }
+    let (a, b, srv, ifname) = link(71, &[]);
+    ping(&a, "10.71.0.2");
+    ping(&b, "10.71.0.1");
+    let (code, out) = srv.stop();
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("restarts 0"), "{out}");
+    // Nothing left behind.
+    let gone = root::run("ip", &["-n", &a.0, "link", "show", &ifname]);
+    assert!(!gone.status.success(), "{ifname} is still there");
+    let gone = root::run("ip", &["-n", &b.0, "link", "show", "moat0"]);
+    assert!(!gone.status.success(), "moat0 is still there");
+}
+
+#[test]
+fn tcp_carries_64_mib_intact_while_the_driver_is_killed() {
+    if !can_run() {
+        return;
+    }
+    let (a, b, srv, _) = link(72, &["--kill-every", "40"]);
+    const SIZE: usize = 64 << 20;
+    let listener = b
+        .run(|| TcpListener::bind("10.72.0.2:5001").unwrap())
+        .join()
+        .unwrap();
+    let receiver = std::thread::spawn(move || {
+        let (mut c, _) = listener.accept().unwrap();
+        let mut h = 0xcbf2_9ce4_8422_2325u64;
+        let mut n = 0usize;
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            let k = c.read(&mut buf).expect("the connection was reset");
+            if k == 0 {
+                break;
+            }
+            fnv(&mut h, &buf[..k]);
+            n += k;
+        }
+        c.write_all(&h.to_le_bytes()).unwrap();
+        (n, h)
+    });
+    let t0 = Instant::now();
+    let sender = a.run(move || {
+        let mut c =
+            TcpStream::connect_timeout(&"10.72.0.2:5001".parse().unwrap(), Duration::from_secs(10))
+                .unwrap();
+        c.set_write_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut h = 0xcbf2_9ce4_8422_2325u64;
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut chunk = vec![0u8; 1 << 16];
+        for _ in 0..SIZE / chunk.len() {
+            for w in chunk.chunks_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                w.copy_from_slice(&x.to_le_bytes());
+            }
+            c.write_all(&chunk).expect("the connection was reset");
+            fnv(&mut h, &chunk);
+        }
+        c.shutdown(std::net::Shutdown::Write).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut back = [0u8; 8];
+        c.read_exact(&mut back).expect("no checksum came back");
+        (h, u64::from_le_bytes(back))
+    });
+    let (sent, echoed) = sender.join().unwrap();
+    let (n, got) = receiver.join().unwrap();
+    let took = t0.elapsed();
+    let (code, out) = srv.stop();
+    eprintln!("{n} bytes in {took:?}; {out}");
+    assert_eq!(n, SIZE);
+    assert_eq!(got, sent, "the receiver's checksum");
+    assert_eq!(echoed, sent, "the checksum came back");
+    assert_eq!(code, 0, "{out}");
+    let restarts: u64 = out
+        .split("restarts ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    assert!(restarts >= 10, "only {restarts} restarts: {out}");
+}
+
+#[test]
+fn bad_nic_requests_are_refused_and_leave_nothing() {
+    if !can_run() {
+        return;
+    }
+    let a = Netns::new("73a");
+    let b = Netns::new("73b");
+    let moat_in = |args: &[&str]| {
+        let mut all = vec!["netns", "exec", &a.0];
+        let m = built("moat").display().to_string();
+        let m: &'static str = Box::leak(m.into_boxed_str());
+        all.push(m);
+        all.extend_from_slice(args);
+        root::run("ip", &all)
+    };
+    let code = |o: &std::process::Output| o.status.code().unwrap_or(-1);
+    let err = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).into_owned();
+    // An interface that exists (lo), a name too long, a namespace that
+    // does not exist, a driver that is not a NIC's, the kvm host.
+    for (args, says) in [
+        (
+            vec!["serve", "--nic", "lo", "--wire-netns", &b.0],
+            "exists already",
+        ),
+        (
+            vec![
+                "serve",
+                "--nic",
+                "a-name-far-too-long",
+                "--wire-netns",
+                &b.0,
+            ],
+            "1 to 15 bytes",
+        ),
+        (
+            vec!["serve", "--nic", "mtq0", "--wire-netns", "moat-no-such-ns"],
+            "no network namespace",
+        ),
+        (
+            vec![
+                "serve",
+                "--nic",
+                "mtq0",
+                "--wire-netns",
+                &b.0,
+                "--driver",
+                "virtio-blk",
+            ],
+            "unknown NIC driver",
+        ),
+        (
+            vec![
+                "serve",
+                "--nic",
+                "mtq0",
+                "--wire-netns",
+                &b.0,
+                "--host",
+                "kvm",
+            ],
+            "--host linux",
+        ),
+    ] {
+        let o = moat_in(&args);
+        assert_eq!(code(&o), 2, "{args:?}: {}", err(&o));
+        assert!(err(&o).contains(says), "{args:?}: {}", err(&o));
+        assert_eq!(err(&o).trim().lines().count(), 1, "one line: {}", err(&o));
+    }
+    // The wire's namespace is needed (the argument parser says so).
+    let o = moat_in(&["serve", "--nic", "mtq0"]);
+    assert_eq!(code(&o), 2, "{}", err(&o));
+    assert!(err(&o).contains("--wire-netns"), "{}", err(&o));
+    // A wire interface that exists already in the network's namespace.
+    ip(&["-n", &b.0, "tuntap", "add", "dev", "moat0", "mode", "tap"]);
+    let o = moat_in(&["serve", "--nic", "mtq0", "--wire-netns", &b.0]);
+    assert_eq!(code(&o), 2, "{}", err(&o));
+    assert!(err(&o).contains("exists already"), "{}", err(&o));
+    // Nothing was made in either namespace.
+    for ns in [&a.0, &b.0] {
+        let l = root::run("ip", &["-n", ns, "-o", "link", "show"]);
+        let links = String::from_utf8_lossy(&l.stdout).into_owned();
+        assert!(!links.contains("mtq0"), "{links}");
+    }
+}
