@@ -250,3 +250,57 @@ fn killed_drivers_lose_frames_but_never_duplicate_or_damage_one() {
         assert!(once.insert(seq), "frame {seq} was put on the wire twice");
     }
 }
+
+#[test]
+fn a_lying_driver_is_caught_and_replaced_and_no_frame_is_duplicated() {
+    if !moat_tests::sandbox_available() {
+        return;
+    }
+    let wire = Wire::new(true);
+    let mut spec = wire.spec();
+    spec.faults = Some(moat_mediator::block::FaultPlan {
+        seed: 0x6e6574,
+        per_million: 6000,
+        kinds: "crash,double,wrong-id,bad-status,outside-pool,wrong-buf,flood,bad-index,hang"
+            .into(),
+    });
+    let config = NetConfig {
+        deadline: Duration::from_millis(300),
+        ..NetConfig::default()
+    };
+    let nic = MediatedNet::start(spec, config).unwrap();
+    const FRAMES: u32 = 4000;
+    let mut seen = HashSet::new();
+    for i in 0..FRAMES {
+        nic.send(&frame(i, 60 + (i as usize % 900))).unwrap();
+        while let Some(f) = nic.recv(Duration::ZERO) {
+            let seq = check(&f).expect("a damaged frame came back");
+            assert!(seen.insert(seq), "frame {seq} came back twice");
+        }
+        if i % 16 == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(3) {
+        if let Some(f) = nic.recv(Duration::from_millis(100)) {
+            let seq = check(&f).expect("a damaged frame came back");
+            assert!(seen.insert(seq), "frame {seq} came back twice");
+        }
+    }
+    let c = nic.counters();
+    nic.shutdown();
+    eprintln!(
+        "{} of {FRAMES} back; {} restarts, violations {:?}, {} sends lost",
+        seen.len(),
+        c.restarts,
+        c.violations,
+        c.send_dropped
+    );
+    let kinds = c.violations.len();
+    assert!(kinds >= 4, "only {kinds} kinds of fault seen: {:?}", c.violations);
+    assert!(c.restarts >= 10, "{c:?}");
+    // A network may lose frames: here to faults, to restarts, and to the
+    // send queue filling while a hung driver waits for its deadline.
+    assert!(seen.len() as u32 >= FRAMES / 10, "only {} came back", seen.len());
+}

@@ -364,3 +364,49 @@ fn bad_nic_requests_are_refused_and_leave_nothing() {
         assert!(!links.contains("mtq0"), "{links}");
     }
 }
+
+#[test]
+fn a_udp_flood_is_dropped_not_hung_on() {
+    if !can_run() {
+        return;
+    }
+    let (a, b, srv, _) = link(74, &[]);
+    const SENT: usize = 100_000;
+    let sock = b
+        .run(|| {
+            let s = std::net::UdpSocket::bind("10.74.0.2:5002").unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+            s
+        })
+        .join()
+        .unwrap();
+    let receiver = std::thread::spawn(move || {
+        let mut n = 0usize;
+        let mut buf = vec![0u8; 2048];
+        while sock.recv(&mut buf).is_ok() {
+            n += 1;
+        }
+        n
+    });
+    let t0 = Instant::now();
+    a.run(|| {
+        let s = std::net::UdpSocket::bind("10.74.0.1:0").unwrap();
+        let payload = vec![0x5au8; 1400];
+        for _ in 0..SENT {
+            // A full queue drops, as the kernel does; never blocks long.
+            let _ = s.send_to(&payload, "10.74.0.2:5002");
+        }
+    })
+    .join()
+    .unwrap();
+    let sent_in = t0.elapsed();
+    let got = receiver.join().unwrap();
+    eprintln!("{SENT} datagrams sent in {sent_in:?}, {got} received");
+    assert!(got > 0, "nothing got through");
+    assert!(got <= SENT);
+    // The interface still works, and the server stops cleanly.
+    ping(&a, "10.74.0.2");
+    let (code, out) = srv.stop();
+    assert_eq!(code, 0, "{out}");
+    eprintln!("{out}");
+}

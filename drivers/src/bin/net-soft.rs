@@ -1,10 +1,12 @@
-//! `net-soft SECTION WIRE_URI MAC [MTU]`: a software NIC serving the net
+//! `net-soft SECTION WIRE_URI MAC [MTU] [FAULTS]`: a software NIC serving the net
 //! contract to the safe mediator, over the rings the mediator lays out in
 //! the shared section `shm:SECTION`. Its wire is the stream WIRE_URI (a
 //! `tcp.client:` or `pipe:` the host's device side listens on), carrying
 //! each Ethernet frame as a 2-byte little-endian length and the frame.
 //! MAC is six hex bytes with `:` between them (a unicast address); MTU is
-//! 1500 by default. Runs on both hosts.
+//! 1500 by default. FAULTS (`SEED:PER_MILLION:KIND[,KIND...]`, see
+//! `moat_libos::service::Faults`) makes it misbehave on purpose. Runs on
+//! both hosts.
 //!
 //! Frames longer than the MTU allows in either direction are dropped, as
 //! a NIC drops them; so are frames that come when the mediator has lent
@@ -20,7 +22,7 @@ use alloc::vec::Vec;
 
 use moat_libos::moat_pal::{access, create, open_option};
 use moat_libos::service::net::{serve_net, NetDevice};
-use moat_libos::service::{prepare, status};
+use moat_libos::service::{prepare, status, Faults};
 use moat_libos::stream::Stream;
 use moat_libos::sync::Event;
 use moat_libos::{env, eprintln, Error};
@@ -132,10 +134,25 @@ fn parse_mac(s: &str) -> Option<[u8; 6]> {
 
 fn main() -> i32 {
     let args = env::args();
-    if !(4..=5).contains(&args.len()) {
-        eprintln!("usage: net-soft SECTION WIRE_URI MAC [MTU]");
+    if !(4..=6).contains(&args.len()) {
+        eprintln!("usage: net-soft SECTION WIRE_URI MAC [MTU] [SEED:PER_MILLION:KINDS]");
         return 2;
     }
+    // The last argument is the faults when it has their shape.
+    let mut args = args;
+    let faults = match args.last().filter(|a| args.len() > 4 && a.contains(':')) {
+        Some(s) => match Faults::parse(s) {
+            Some(f) => {
+                args.pop();
+                Some(f)
+            }
+            None => {
+                eprintln!("net-soft: bad fault spec `{s}`");
+                return 2;
+            }
+        },
+        None => None,
+    };
     let Some(mac) = parse_mac(&args[3]) else {
         eprintln!(
             "net-soft: `{}` is not a unicast MAC address (six hex bytes with `:`)",
@@ -179,7 +196,7 @@ fn main() -> i32 {
         mtu,
         pending: Vec::new(),
     };
-    match serve_net(&args[1], &mut dev) {
+    match serve_net(&args[1], &mut dev, faults) {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("net-soft: the service section failed: {}", e.name());

@@ -17,7 +17,7 @@ use alloc::collections::VecDeque;
 use moat_service_proto::ring::Server;
 use moat_service_proto::{class, op, status, Request, Response};
 
-use super::Shared;
+use super::{finish, Faults, Shared};
 use crate::{Error, Result};
 
 /// A network device a driver serves: it moves whole Ethernet frames.
@@ -38,10 +38,11 @@ pub trait NetDevice {
 /// How long one wait lasts before the loop looks again anyway.
 const WAIT_MICROS: i64 = 100_000;
 
-/// Serve `dev` on the section `shm:NAME` until the driver is ended.
-/// Returns only on an error: the section cannot be opened or mapped, or
-/// the mediator's side of it is broken.
-pub fn serve_net(name: &str, dev: &mut dyn NetDevice) -> Result<()> {
+/// Serve `dev` on the section `shm:NAME` until the driver is ended. With
+/// `faults`, misbehave as they say (as [`super::serve_block`]). Returns
+/// only on an error: the section cannot be opened or mapped, or the
+/// mediator's side of it is broken.
+pub fn serve_net(name: &str, dev: &mut dyn NetDevice, mut faults: Option<Faults>) -> Result<()> {
     let shared = Shared::open(name)?;
     let mut srv = loop {
         match Server::attach(shared.section()) {
@@ -53,6 +54,7 @@ pub fn serve_net(name: &str, dev: &mut dyn NetDevice) -> Result<()> {
         }
     };
     let (mac, mtu) = dev.info();
+    let depth = srv.layout().depth;
     let mut lent: VecDeque<Request> = VecDeque::new();
     loop {
         let mut answered = false;
@@ -67,7 +69,7 @@ pub fn serve_net(name: &str, dev: &mut dyn NetDevice) -> Result<()> {
                 op::NET_RX => lent.push_back(req),
                 _ => {
                     let (st, len) = start(&mut srv, dev, &req, mac, mtu);
-                    srv.complete(&answer(&req, st, len));
+                    finish(&mut srv, &shared, &mut faults, answer(&req, st, len), depth);
                     answered = true;
                 }
             }
@@ -78,7 +80,7 @@ pub fn serve_net(name: &str, dev: &mut dyn NetDevice) -> Result<()> {
                 None => Some((status::INVALID, 0)),
             };
             let Some((st, len)) = got else { break };
-            srv.complete(&answer(&req, st, len));
+            finish(&mut srv, &shared, &mut faults, answer(&req, st, len), depth);
             lent.pop_front();
             answered = true;
         }
