@@ -20,6 +20,7 @@ mod handoff;
 mod kvm;
 mod mediator;
 mod mediator_kvm;
+mod net;
 mod trace;
 mod uring;
 
@@ -512,7 +513,7 @@ struct Args {
     /// to its parent).
     #[arg(long, hide = true)]
     no_header: bool,
-    /// What to run: spawn, calls, pipe, kvm, mediator, export, checkpoint,
+    /// What to run: spawn, calls, pipe, kvm, mediator, export, checkpoint, net,
     /// all (the default),
     /// or one part of kvm (kvm-spawn, kvm-spawn-fresh, kvm-calls, kvm-blk,
     /// and those `kvm` lists), or mediator-kvm (the kvm rows of mediator).
@@ -540,6 +541,7 @@ fn main() {
                     "mediator",
                     "export",
                     "checkpoint",
+                    "net",
                 ],
                 quick,
             );
@@ -579,6 +581,9 @@ fn main() {
                     // Unpinned too: fio, the FUSE threads, the mediator and
                     // the driver.
                     "export" => export::export_bench(quick),
+                    // Unpinned: the client, the mediator, the driver and
+                    // the wire share both cores.
+                    "net" => net::bench(quick),
                     // The kvm rows of `mediator` alone.
                     "mediator-kvm" => {
                         if kvm::available() {
@@ -600,7 +605,7 @@ fn main() {
                     }
                     other => {
                         eprintln!(
-                            "moat-bench: unknown benchmark `{other}` (spawn, calls, pipe, kvm, mediator, mediator-kvm, export, checkpoint, all)"
+                            "moat-bench: unknown benchmark `{other}` (spawn, calls, pipe, kvm, mediator, mediator-kvm, export, checkpoint, net, all)"
                         );
                         std::process::exit(2);
                     }

@@ -298,9 +298,17 @@ fn a_lying_driver_is_caught_and_replaced_and_no_frame_is_duplicated() {
         c.send_dropped
     );
     let kinds = c.violations.len();
-    assert!(kinds >= 4, "only {kinds} kinds of fault seen: {:?}", c.violations);
+    assert!(
+        kinds >= 4,
+        "only {kinds} kinds of fault seen: {:?}",
+        c.violations
+    );
     assert!(c.restarts >= 10, "{c:?}");
     // A network may lose frames: here to faults, to restarts, and to the
     // send queue filling while a hung driver waits for its deadline.
-    assert!(seen.len() as u32 >= FRAMES / 10, "only {} came back", seen.len());
+    assert!(
+        seen.len() as u32 >= FRAMES / 10,
+        "only {} came back",
+        seen.len()
+    );
 }

@@ -36,10 +36,15 @@ fn quick_benchmarks_print_ratios() {
             .unwrap_or_else(|_| panic!("no ratio in {line}"));
         assert!(ratio > 0.0 && ratio.is_finite(), "{line}");
     }
-    // The export rows need root, FUSE, losetup and fio; where those are
-    // required, they must be there.
+    // The export and net rows need root, FUSE, losetup, fio and ip;
+    // where those are required, they must be there.
     if std::env::var_os("MOAT_REQUIRE_ROOT_TOOLS").is_some() {
-        for name in ["export.fio.randread4k.qd32", "export.fio.seq1m"] {
+        for name in [
+            "export.fio.randread4k.qd32",
+            "export.fio.seq1m",
+            "net.tcp.throughput",
+            "net.tcp.rr1",
+        ] {
             assert!(
                 out.stdout
                     .lines()

@@ -375,7 +375,8 @@ fn a_udp_flood_is_dropped_not_hung_on() {
     let sock = b
         .run(|| {
             let s = std::net::UdpSocket::bind("10.74.0.2:5002").unwrap();
-            s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(500)))
+                .unwrap();
             s
         })
         .join()

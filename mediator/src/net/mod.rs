@@ -97,6 +97,8 @@ struct Core {
     link: Option<Link>,
     /// The buffer each request in flight owns, by id.
     owners: HashMap<u64, u32>,
+    /// Receive buffers lent to the driver.
+    rx_lent: usize,
     tx: VecDeque<Vec<u8>>,
     rx: VecDeque<Vec<u8>>,
     counters: NetCounters,
@@ -167,6 +169,7 @@ impl MediatedNet {
                 contract: NetContract::new(limits),
                 link: None,
                 owners: HashMap::new(),
+                rx_lent: 0,
                 tx: VecDeque::new(),
                 rx: VecDeque::new(),
                 counters: NetCounters::default(),
@@ -317,26 +320,39 @@ fn start_driver(inner: &Inner, c: &mut Core) -> io::Result<()> {
     let r = c.contract.restart(now);
     c.counters.send_dropped += r.dropped.len() as u64;
     c.owners.clear();
+    // A fresh section has a buffer for every request in flight.
+    c.rx_lent = r.relent.len();
     for mut req in r.relent {
-        let Some(buf) = link.free.pop() else { break };
+        let buf = link.free.pop().expect("a fresh section's buffers");
         req.buf = buf;
         c.owners.insert(req.id, buf);
         link.ring.push(&req);
     }
-    while c.contract.in_flight_len() < inner.config.rx_buffers {
+    c.link = Some(link);
+    top_up_receive(inner, c, now);
+    if let Some(link) = &mut c.link {
+        if link.ring.publish() {
+            link.region.kick();
+        }
+    }
+    Ok(())
+}
+
+/// Lends receive buffers until `rx_buffers` are lent (sends never take
+/// their place: see `send_queued`).
+fn top_up_receive(inner: &Inner, c: &mut Core, now: Instant) {
+    let Some(link) = c.link.as_mut() else { return };
+    while c.rx_lent < inner.config.rx_buffers {
+        let Some(&buf) = link.free.last() else { break };
         let Ok(mut req) = c.contract.lend_receive(now) else {
             break;
         };
-        let Some(buf) = link.free.pop() else { break };
+        link.free.pop();
         req.buf = buf;
         c.owners.insert(req.id, buf);
         link.ring.push(&req);
+        c.rx_lent += 1;
     }
-    if link.ring.publish() {
-        link.region.kick();
-    }
-    c.link = Some(link);
-    Ok(())
 }
 
 /// Checks and applies one answer; a violation to restart for.
@@ -384,22 +400,22 @@ fn answer(inner: &Inner, c: &mut Core, a: Response, now: Instant) -> Result<(), 
             c.counters.rx_queue_drops += 1;
         }
     }
-    // The buffer goes straight back to the driver.
-    match c.contract.lend_receive(now) {
-        Ok(mut req) => {
-            req.buf = buf;
-            c.owners.insert(req.id, buf);
-            link.ring.push(&req);
-        }
-        Err(_) => link.free.push(buf),
-    }
+    // The buffer goes back to the pool; `top_up_receive` lends it again.
+    link.free.push(buf);
+    c.rx_lent = c.rx_lent.saturating_sub(1);
     Ok(())
 }
 
-/// Sends what is queued while buffers are free.
-fn send_queued(c: &mut Core, now: Instant) {
+/// Sends what is queued while buffers are free, leaving room for the
+/// receive buffers not lent yet: a stream of sends never starves
+/// receiving (the acknowledgements of the stream itself come that way).
+fn send_queued(inner: &Inner, c: &mut Core, now: Instant) {
     let Some(link) = c.link.as_mut() else { return };
+    let reserve = inner.config.rx_buffers.saturating_sub(c.rx_lent);
     while let Some(frame) = c.tx.front() {
+        if link.free.len() <= reserve {
+            break;
+        }
         let Some(&buf) = link.free.last() else { break };
         let Ok(mut req) = c.contract.transmit(frame.len() as u32, now) else {
             break;
@@ -479,7 +495,8 @@ fn pump(inner: Arc<Inner>) {
                 restart(&inner, &mut c, now);
                 continue;
             }
-            send_queued(&mut c, now);
+            top_up_receive(&inner, &mut c, now);
+            send_queued(&inner, &mut c, now);
             let Some(link) = c.link.as_mut() else { break };
             if link.ring.publish() {
                 link.region.kick();
