@@ -55,7 +55,14 @@ pub fn serve(a: ServeArgs) -> i32 {
         Ok(t) => t,
         Err(e) => return bad_input(e),
     };
-    let wire = match Wire::start(wire_tap) {
+    let token = match moat_mediator::net::export::new_token() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("moat: cannot make the wire's token: {e}");
+            return moat_monitor::EXIT_HOST_FAILURE;
+        }
+    };
+    let wire = match Wire::start(wire_tap, &token) {
         Ok(w) => w,
         Err(e) => {
             eprintln!("moat: cannot start the wire: {e}");
@@ -74,7 +81,7 @@ pub fn serve(a: ServeArgs) -> i32 {
     }
     let spec = DriverSpec {
         image,
-        args: vec![SECTION.into(), uri, MAC.into()],
+        args: vec![SECTION.into(), uri, MAC.into(), format!("token={token}")],
         host: moat_monitor::Host::Linux,
         policy,
         faults: None,
@@ -113,6 +120,9 @@ pub fn serve(a: ServeArgs) -> i32 {
             .is_none_or(|s| t0.elapsed() < Duration::from_secs(s))
     {
         std::thread::sleep(Duration::from_millis(10));
+        if nic.failed().is_some() {
+            break;
+        }
         if let Some(ms) = a.kill_every {
             if last_kill.elapsed() >= Duration::from_millis(ms) {
                 nic.kill_driver();
@@ -120,11 +130,19 @@ pub fn serve(a: ServeArgs) -> i32 {
             }
         }
     }
+    let refused = exported.dropped.load(Ordering::Relaxed);
     drop(exported);
     nic.shutdown();
     let host_drops = wire.running.dropped.load(Ordering::Relaxed);
     drop(wire);
     print_counters(&nic.counters(), host_drops, &mut std::io::stdout());
+    if refused > 0 {
+        println!("frames the interface could not carry (longer than its MTU allows): {refused}");
+    }
+    if let Some(why) = nic.failed() {
+        eprintln!("moat: {why}");
+        return moat_monitor::EXIT_HOST_FAILURE;
+    }
     0
 }
 

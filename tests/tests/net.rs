@@ -371,6 +371,8 @@ fn a_udp_flood_is_dropped_not_hung_on() {
         return;
     }
     let (a, b, srv, _) = link(74, &[]);
+    // Addresses resolved first: the flood starts at once.
+    ping(&a, "10.74.0.2");
     const SENT: usize = 100_000;
     let sock = b
         .run(|| {

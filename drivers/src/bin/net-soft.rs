@@ -1,8 +1,11 @@
-//! `net-soft SECTION WIRE_URI MAC [MTU] [FAULTS]`: a software NIC serving the net
+//! `net-soft SECTION WIRE_URI MAC [MTU] [FAULTS] [token=HEX]`: a software NIC serving the net
 //! contract to the safe mediator, over the rings the mediator lays out in
 //! the shared section `shm:SECTION`. Its wire is the stream WIRE_URI (a
 //! `tcp.client:` or `pipe:` the host's device side listens on), carrying
 //! each Ethernet frame as a 2-byte little-endian length and the frame.
+//! With `token=HEX` it first sends `MOATWIRE` and HEX on the wire (the
+//! device side turns away a connection that does not: anyone on the
+//! host could connect to it otherwise).
 //! MAC is six hex bytes with `:` between them (a unicast address); MTU is
 //! 1500 by default. FAULTS (`SEED:PER_MILLION:KIND[,KIND...]`, see
 //! `moat_libos::service::Faults`) makes it misbehave on purpose. Runs on
@@ -40,6 +43,8 @@ struct Soft {
     mtu: u16,
     /// Bytes read from the wire that are not a whole frame yet.
     pending: Vec<u8>,
+    /// Bytes of a frame too long to take, still to be skipped.
+    skip: usize,
 }
 
 impl Soft {
@@ -95,16 +100,25 @@ impl NetDevice for Soft {
 
     fn receive(&mut self, buf: &mut [u8]) -> Option<usize> {
         loop {
-            if self.pending.len() >= 2 {
+            if self.skip > 0 && !self.pending.is_empty() {
+                let k = self.skip.min(self.pending.len());
+                self.pending.drain(..k);
+                self.skip -= k;
+                continue;
+            }
+            if self.skip == 0 && self.pending.len() >= 2 {
                 let n = usize::from(u16::from_le_bytes([self.pending[0], self.pending[1]]));
-                if self.pending.len() >= 2 + n {
-                    let frame: Vec<u8> = self.pending.drain(..2 + n).skip(2).collect();
-                    if n <= buf.len() && n <= self.max_frame() {
-                        buf[..n].copy_from_slice(&frame);
-                        return Some(n);
-                    }
-                    // Too long: dropped; look at the next.
+                if n > self.max_frame() || n > buf.len() {
+                    // Too long to take: skipped as it comes, whatever its
+                    // length (it may not fit the reassembly buffer).
+                    self.pending.drain(..2);
+                    self.skip = n;
                     continue;
+                }
+                if self.pending.len() >= 2 + n {
+                    buf[..n].copy_from_slice(&self.pending[2..2 + n]);
+                    self.pending.drain(..2 + n);
+                    return Some(n);
                 }
             }
             let before = self.pending.len();
@@ -133,13 +147,17 @@ fn parse_mac(s: &str) -> Option<[u8; 6]> {
 }
 
 fn main() -> i32 {
-    let args = env::args();
+    let mut args = env::args();
+    // The token, wherever it is.
+    let token = args
+        .iter()
+        .position(|a| a.starts_with("token="))
+        .map(|i| alloc::string::String::from(&args.remove(i)[6..]));
     if !(4..=6).contains(&args.len()) {
         eprintln!("usage: net-soft SECTION WIRE_URI MAC [MTU] [SEED:PER_MILLION:KINDS]");
         return 2;
     }
     // The last argument is the faults when it has their shape.
-    let mut args = args;
     let faults = match args.last().filter(|a| args.len() > 4 && a.contains(':')) {
         Some(s) => match Faults::parse(s) {
             Some(f) => {
@@ -170,7 +188,7 @@ fn main() -> i32 {
     };
     // Before the first open: a template carries it.
     prepare();
-    let wire = match Stream::open(
+    let mut wire = match Stream::open(
         &args[2],
         access::READ | access::WRITE,
         create::OPEN_EXISTING,
@@ -182,6 +200,25 @@ fn main() -> i32 {
             return 3;
         }
     };
+    if let Some(t) = token {
+        let mut p = Vec::from(&b"MOATWIRE"[..]);
+        p.extend_from_slice(t.as_bytes());
+        let mut at = 0;
+        let mut tries = 0;
+        while at < p.len() {
+            match wire.write(&p[at..]) {
+                Ok(n) if n > 0 => at += n,
+                Err(Error::WouldBlock) if tries < 20_000 => {
+                    tries += 1;
+                    moat_libos::thread::sleep_micros(50);
+                }
+                _ => {
+                    eprintln!("net-soft: cannot send the wire's token");
+                    return 3;
+                }
+            }
+        }
+    }
     let readable = match wire.get_event() {
         Ok(e) => e,
         Err(e) => {
@@ -195,6 +232,7 @@ fn main() -> i32 {
         mac,
         mtu,
         pending: Vec::new(),
+        skip: 0,
     };
     match serve_net(&args[1], &mut dev, faults) {
         Ok(()) => 0,

@@ -109,8 +109,11 @@ pub struct Wire {
 }
 
 impl Wire {
-    pub fn start(tap: OwnedFd) -> io::Result<Wire> {
+    /// The wire to `tap`; each driver proves itself with `token` (the
+    /// bytes it sends first, see [`preamble`]).
+    pub fn start(tap: OwnedFd, token: &str) -> io::Result<Wire> {
         set_nonblocking(&tap)?;
+        let token = Arc::new(preamble(token));
         let tap = Arc::new(tap);
         let listener = TcpListener::bind("127.0.0.1:0")?;
         listener.set_nonblocking(true)?;
@@ -135,18 +138,30 @@ impl Wire {
                         };
                         let _ = s.set_nonblocking(false);
                         let _ = s.set_read_timeout(Some(TICK));
+                        // A driver that stops reading loses frames, not the
+                        // wire's other threads.
+                        let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
                         let _ = s.set_nodelay(true);
-                        let Ok(r) = s.try_clone() else { continue };
-                        // The last driver is gone: its connection too.
-                        if let Some(old) = conn.lock().unwrap_or_else(|e| e.into_inner()).replace(s)
-                        {
-                            let _ = old.shutdown(std::net::Shutdown::Both);
-                        }
-                        let (tap, stop) = (tap.clone(), stop.clone());
+                        let (tap, stop, conn, token) =
+                            (tap.clone(), stop.clone(), conn.clone(), token.clone());
                         readers.retain(|h| !h.is_finished());
                         if let Ok(h) = std::thread::Builder::new()
                             .name("moat-wire-conn".into())
-                            .spawn(move || from_driver(r, &tap, &stop))
+                            .spawn(move || {
+                                // Only the driver knows the token: anyone
+                                // else on 127.0.0.1 is turned away.
+                                if !authenticated(&s, &token) {
+                                    return;
+                                }
+                                let Ok(r) = s.try_clone() else { return };
+                                // The last driver is gone: its connection too.
+                                if let Some(old) =
+                                    conn.lock().unwrap_or_else(|e| e.into_inner()).replace(s)
+                                {
+                                    let _ = old.shutdown(std::net::Shutdown::Both);
+                                }
+                                from_driver(r, &tap, &stop)
+                            })
                         {
                             readers.push(h);
                         }
@@ -191,6 +206,58 @@ impl Wire {
     }
 }
 
+/// What a driver sends first on its wire: `MOATWIRE` and the token.
+pub fn preamble(token: &str) -> Vec<u8> {
+    let mut p = b"MOATWIRE".to_vec();
+    p.extend_from_slice(token.as_bytes());
+    p
+}
+
+/// A token for a wire: 32 hex digits from the kernel's random source.
+pub fn new_token() -> io::Result<String> {
+    let mut b = [0u8; 16];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+/// Whether the connection starts with `want` (within a second).
+fn authenticated(mut s: &TcpStream, want: &[u8]) -> bool {
+    let mut got = vec![0u8; want.len()];
+    let mut at = 0;
+    let until = std::time::Instant::now() + Duration::from_secs(1);
+    while at < got.len() && std::time::Instant::now() < until {
+        match s.read(&mut got[at..]) {
+            Ok(0) => return false,
+            Ok(n) => at += n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return false,
+        }
+    }
+    at == got.len() && got == want
+}
+
+/// The frames in `b` (length-prefixed), written to the TAP; frames no
+/// interface could carry are skipped without a system call. Returns the
+/// bytes used (a partial frame stays).
+fn deliver(b: &[u8], tap: &OwnedFd) -> usize {
+    let mut at = 0;
+    while b.len() - at >= 2 {
+        let n = usize::from(u16::from_le_bytes([b[at], b[at + 1]]));
+        if b.len() - at < 2 + n {
+            break;
+        }
+        if n >= 14 {
+            let _ = nix::unistd::write(tap.as_fd(), &b[at + 2..at + 2 + n]);
+        }
+        at += 2 + n;
+    }
+    at
+}
+
 /// Frames a driver sends on its connection, to the TAP, until it ends.
 fn from_driver(mut s: TcpStream, tap: &OwnedFd, stop: &AtomicBool) {
     let mut pending: Vec<u8> = Vec::new();
@@ -209,13 +276,8 @@ fn from_driver(mut s: TcpStream, tap: &OwnedFd, stop: &AtomicBool) {
             }
             Err(_) => return,
         }
-        while pending.len() >= 2 {
-            let n = usize::from(u16::from_le_bytes([pending[0], pending[1]]));
-            if pending.len() < 2 + n {
-                break;
-            }
-            let _ = nix::unistd::write(tap.as_fd(), &pending[2..2 + n]);
-            pending.drain(..2 + n);
-        }
+        // One pass per read, one move of what is left.
+        let used = deliver(&pending, tap);
+        pending.drain(..used);
     }
 }

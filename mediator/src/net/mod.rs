@@ -19,6 +19,7 @@ pub mod tap;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io;
 use std::os::fd::AsFd;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -102,14 +103,23 @@ struct Core {
     tx: VecDeque<Vec<u8>>,
     rx: VecDeque<Vec<u8>>,
     counters: NetCounters,
-    closing: bool,
-    /// The interface gave up (too many failed restarts).
+    /// The interface gave up (too many restarts in a row without a frame
+    /// moving).
     failed: Option<String>,
+    /// A frame moved (sent or received) since the last restart.
+    progress: bool,
+    /// Restarts in a row without a frame moving.
+    barren: u32,
+    /// The current driver was killed from outside (`kill_driver`): its
+    /// restart is no sign of a driver that cannot serve.
+    killed: bool,
     generation: u64,
 }
 
 struct Inner {
     core: Mutex<Core>,
+    /// Shutting down (read without the core lock, which a restart holds).
+    closing: std::sync::atomic::AtomicBool,
     /// Wakes the pump (a frame queued, a kill, shutdown).
     wake: Bell,
     /// Wakes clients waiting for a frame.
@@ -152,7 +162,10 @@ impl MediatedNet {
     /// interface), lends it receive buffers, and starts the pump. The
     /// driver's arguments name the section [`SECTION`].
     pub fn start(mut spec: DriverSpec, config: NetConfig) -> io::Result<MediatedNet> {
-        let depth = config.depth.clamp(2, 1024).next_power_of_two();
+        let depth = config.depth.clamp(4, 1024).next_power_of_two();
+        // Half the ring at most: sends always find room.
+        let mut config = config;
+        config.rx_buffers = config.rx_buffers.clamp(1, depth as usize / 2);
         let buf = (u32::from(MAX_MTU) + crate::contract::FRAME_OVERHEAD).next_multiple_of(4096);
         let layout = Layout::new(depth, buf, 50_000)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{e:?}")))?;
@@ -173,10 +186,13 @@ impl MediatedNet {
                 tx: VecDeque::new(),
                 rx: VecDeque::new(),
                 counters: NetCounters::default(),
-                closing: false,
                 failed: None,
+                progress: false,
+                barren: 0,
+                killed: false,
                 generation: 0,
             }),
+            closing: std::sync::atomic::AtomicBool::new(false),
             wake: Bell::new()?,
             received: Condvar::new(),
             spec,
@@ -252,9 +268,10 @@ impl MediatedNet {
                 return Some(f);
             }
             let left = until.saturating_duration_since(Instant::now());
-            if left.is_zero() || c.closing || c.failed.is_some() {
+            if left.is_zero() || inner.closing.load(Ordering::SeqCst) {
                 return None;
             }
+            // A failed interface receives nothing: the wait runs out.
             c = inner
                 .received
                 .wait_timeout(c, left)
@@ -265,13 +282,21 @@ impl MediatedNet {
 
     /// Kills the current driver (fault injection): it is replaced.
     pub fn kill_driver(&self) {
-        if let Some(l) = &lock(&self.dev.inner.core).link {
+        let mut c = lock(&self.dev.inner.core);
+        if let Some(l) = &c.link {
             l.proc.killer().kill();
+            c.killed = true;
         }
     }
 
     pub fn counters(&self) -> NetCounters {
         lock(&self.dev.inner.core).counters.clone()
+    }
+
+    /// Why the interface gave up, if it did (its driver failed again and
+    /// again without moving a frame): it sends and receives nothing more.
+    pub fn failed(&self) -> Option<String> {
+        lock(&self.dev.inner.core).failed.clone()
     }
 
     /// Ends the driver and the pump; frames not sent are lost.
@@ -281,7 +306,7 @@ impl MediatedNet {
 }
 
 fn shutdown(inner: &Inner, pump: &Mutex<Option<std::thread::JoinHandle<()>>>) {
-    lock(&inner.core).closing = true;
+    inner.closing.store(true, Ordering::SeqCst);
     inner.wake.ring();
     inner.received.notify_all();
     let t = pump.lock().unwrap_or_else(|e| e.into_inner()).take();
@@ -379,6 +404,7 @@ fn answer(inner: &Inner, c: &mut Core, a: Response, now: Instant) -> Result<(), 
     }
     let done = c.contract.check_response(&a, now)?;
     let buf = c.owners.remove(&done.id).unwrap_or(a.buf);
+    c.progress = true;
     if done.op == op::NET_TX {
         link.free.push(buf);
         if done.status == status::OK {
@@ -433,9 +459,24 @@ fn violation(c: &mut Core, kind: &'static str) {
     *c.counters.violations.entry(kind).or_default() += 1;
 }
 
-/// Replaces the driver after a fault at `t0`; gives up after too many
-/// failed starts in a row.
+/// Replaces the driver after a fault at `t0`; gives up after
+/// `max_failed_restarts` restarts in a row without a frame moving (starts
+/// that fail included), backing off between those.
 fn restart(inner: &Inner, c: &mut Core, t0: Instant) {
+    if std::mem::take(&mut c.progress) | std::mem::take(&mut c.killed) {
+        c.barren = 0;
+    } else {
+        c.barren += 1;
+        if c.barren >= inner.config.max_failed_restarts {
+            c.failed = Some(format!(
+                "the interface's driver failed {} times in a row without moving a frame",
+                c.barren
+            ));
+            inner.received.notify_all();
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10 << c.barren.min(6)));
+    }
     if let Some(old) = c.link.take() {
         old.proc.killer().kill();
         let _ = wait_readable([Some(old.exit.as_fd())], inner.config.deadline);
@@ -445,7 +486,7 @@ fn restart(inner: &Inner, c: &mut Core, t0: Instant) {
     let mut failed = 0;
     while let Err(e) = start_driver(inner, c) {
         failed += 1;
-        if failed >= inner.config.max_failed_restarts || c.closing {
+        if failed >= inner.config.max_failed_restarts || inner.closing.load(Ordering::SeqCst) {
             c.failed = Some(format!("the interface's driver cannot be started: {e}"));
             inner.received.notify_all();
             return;
@@ -460,7 +501,7 @@ fn pump(inner: Arc<Inner>) {
         let now = Instant::now();
         let (region, exit) = {
             let mut c = lock(&inner.core);
-            if c.closing || c.failed.is_some() {
+            if inner.closing.load(Ordering::SeqCst) || c.failed.is_some() {
                 break;
             }
             let mut answers = Vec::new();

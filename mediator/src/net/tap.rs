@@ -11,6 +11,9 @@ pub const MAX_NAME: usize = 15;
 
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
+/// Fail if the interface exists (no attaching to a persistent one made
+/// between the check and the request).
+const IFF_TUN_EXCL: libc::c_short = 0x8000u16 as libc::c_short;
 
 nix::ioctl_write_ptr_bad!(tunsetiff, 0x4004_54ca, libc::ifreq);
 
@@ -53,7 +56,7 @@ pub fn create(name: &str) -> io::Result<OwnedFd> {
     for (d, s) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
         *d = s as libc::c_char;
     }
-    ifr.ifr_ifru.ifru_flags = IFF_TAP | IFF_NO_PI;
+    ifr.ifr_ifru.ifru_flags = IFF_TAP | IFF_NO_PI | IFF_TUN_EXCL;
     // SAFETY: TUNSETIFF reads one ifreq from the pointer, which is valid
     // for the call; the descriptor is /dev/net/tun's, open.
     unsafe { tunsetiff(f.as_raw_fd(), &ifr) }.map_err(|e| {
