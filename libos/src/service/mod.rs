@@ -175,6 +175,21 @@ impl Shared {
         unsafe { Section::new(base, self.map.len() as usize) }
     }
 
+    /// The server side of the rings. The mediator writes the header
+    /// before it starts the driver, and rings once it has: this waits for
+    /// a valid one.
+    fn attach(&self) -> Result<Server> {
+        loop {
+            match Server::attach(self.section()) {
+                Ok(s) => return Ok(s),
+                Err(_) => match self.bell.wait(1_000_000) {
+                    Ok(()) | Err(Error::TimedOut) => {}
+                    Err(e) => return Err(e),
+                },
+            }
+        }
+    }
+
     /// Rings the mediator's doorbell.
     fn ring(&self) {
         let _ = self.section.ring();
@@ -250,17 +265,7 @@ pub fn serve_queued(
     mut faults: Option<Faults>,
 ) -> Result<()> {
     let shared = Shared::open(name)?;
-    // The mediator writes the header before it starts the driver, and
-    // rings once it has: wait for a valid one.
-    let mut srv = loop {
-        match Server::attach(shared.section()) {
-            Ok(s) => break s,
-            Err(_) => match shared.bell.wait(1_000_000) {
-                Ok(()) | Err(Error::TimedOut) => {}
-                Err(e) => return Err(e),
-            },
-        }
-    };
+    let mut srv = shared.attach()?;
     let geometry = dev.geometry();
     let spin = (srv.layout().spin_ns / 1000 * crate::time::spins_per_micro()).max(1);
     // With requests in flight, poll longer (see BUSY_SPIN_MICROS).

@@ -44,15 +44,7 @@ const WAIT_MICROS: i64 = 100_000;
 /// mediator's side of it is broken.
 pub fn serve_net(name: &str, dev: &mut dyn NetDevice, mut faults: Option<Faults>) -> Result<()> {
     let shared = Shared::open(name)?;
-    let mut srv = loop {
-        match Server::attach(shared.section()) {
-            Ok(s) => break s,
-            Err(_) => match shared.bell.wait(1_000_000) {
-                Ok(()) | Err(Error::TimedOut) => {}
-                Err(e) => return Err(e),
-            },
-        }
-    };
+    let mut srv = shared.attach()?;
     let (mac, mtu) = dev.info();
     let depth = srv.layout().depth;
     let mut lent: VecDeque<Request> = VecDeque::new();
