@@ -99,6 +99,12 @@ pub fn serve(a: ServeArgs) -> i32 {
             return moat_monitor::EXIT_HOST_FAILURE;
         }
     };
+    // The interface is the NIC: its address and MTU are the driver's.
+    if let Err(e) = tap::set_link(&ifname, nic.info().mac, nic.info().mtu) {
+        eprintln!("moat: {e}");
+        nic.shutdown();
+        return moat_monitor::EXIT_HOST_FAILURE;
+    }
     let exported = match export(nic.clone(), client_tap) {
         Ok(x) => x,
         Err(e) => {

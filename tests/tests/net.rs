@@ -198,6 +198,11 @@ fn ping_goes_both_ways_through_the_driver() {
         return;
     }
     let (a, b, srv, ifname) = link(71, &[]);
+    // The interface is the NIC: the driver's MAC address and MTU.
+    let l = root::run("ip", &["-n", &a.0, "link", "show", &ifname]);
+    let l = String::from_utf8_lossy(&l.stdout).into_owned();
+    assert!(l.contains("link/ether 02:6d:6f:61:74:01"), "{l}");
+    assert!(l.contains("mtu 1500"), "{l}");
     ping(&a, "10.71.0.2");
     ping(&b, "10.71.0.1");
     let (code, out) = srv.stop();

@@ -16,6 +16,46 @@ const IFF_NO_PI: libc::c_short = 0x1000;
 const IFF_TUN_EXCL: libc::c_short = 0x8000u16 as libc::c_short;
 
 nix::ioctl_write_ptr_bad!(tunsetiff, 0x4004_54ca, libc::ifreq);
+nix::ioctl_write_ptr_bad!(siocsifhwaddr, libc::SIOCSIFHWADDR, libc::ifreq);
+nix::ioctl_write_ptr_bad!(siocsifmtu, libc::SIOCSIFMTU, libc::ifreq);
+
+/// An ifreq naming `name` (checked), all else zero.
+fn ifreq(name: &str) -> io::Result<libc::ifreq> {
+    check_name(name).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: ifreq is plain data; all zeros is a valid value.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
+        *d = s as libc::c_char;
+    }
+    Ok(ifr)
+}
+
+/// Gives the interface `name` (in this thread's network namespace, and
+/// down) the NIC's MAC address and MTU, so that what the kernel sends
+/// through it is what the driver's interface carries.
+pub fn set_link(name: &str, mac: [u8; 6], mtu: u16) -> io::Result<()> {
+    let sock =
+        std::net::UdpSocket::bind("0.0.0.0:0").or_else(|_| std::net::UdpSocket::bind("[::]:0"))?;
+    let mut ifr = ifreq(name)?;
+    let mut hw = libc::sockaddr {
+        sa_family: libc::ARPHRD_ETHER,
+        sa_data: [0; 14],
+    };
+    for (d, s) in hw.sa_data.iter_mut().zip(mac) {
+        *d = s as libc::c_char;
+    }
+    ifr.ifr_ifru.ifru_hwaddr = hw;
+    // SAFETY: SIOCSIFHWADDR reads one ifreq from the pointer, valid for
+    // the call; the descriptor is an open socket.
+    unsafe { siocsifhwaddr(sock.as_raw_fd(), &ifr) }
+        .map_err(|e| io::Error::other(format!("cannot set {name}'s MAC address: {e}")))?;
+    let mut ifr = ifreq(name)?;
+    ifr.ifr_ifru.ifru_mtu = i32::from(mtu);
+    // SAFETY: as above, for SIOCSIFMTU.
+    unsafe { siocsifmtu(sock.as_raw_fd(), &ifr) }
+        .map_err(|e| io::Error::other(format!("cannot set {name}'s MTU: {e}")))?;
+    Ok(())
+}
 
 /// Whether `name` is a name an interface can have.
 pub fn check_name(name: &str) -> Result<(), String> {
@@ -51,11 +91,7 @@ pub fn create(name: &str) -> io::Result<OwnedFd> {
         .read(true)
         .write(true)
         .open("/dev/net/tun")?;
-    // SAFETY: ifreq is plain data; all zeros is a valid value.
-    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (d, s) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
-        *d = s as libc::c_char;
-    }
+    let mut ifr = ifreq(name)?;
     ifr.ifr_ifru.ifru_flags = IFF_TAP | IFF_NO_PI | IFF_TUN_EXCL;
     // SAFETY: TUNSETIFF reads one ifreq from the pointer, which is valid
     // for the call; the descriptor is /dev/net/tun's, open.
