@@ -241,6 +241,9 @@ fn killed_drivers_lose_frames_but_never_duplicate_or_damage_one() {
     );
     assert!(c.restarts >= KILLS, "{c:?}");
     assert_eq!(c.violations.get("crash").copied(), Some(KILLS), "{c:?}");
+    // Every driver after the first came from its template.
+    assert_eq!(c.template, None, "{c:?}");
+    assert_eq!(c.from_template, c.restarts, "{c:?}");
     assert!(back >= FRAMES / 2, "only {back} of {FRAMES} came back");
     // On the wire too, no frame twice.
     let on_wire = wire.got.lock().unwrap().clone();
@@ -308,6 +311,7 @@ fn a_lying_driver_is_caught_and_replaced_and_no_frame_is_duplicated() {
         c.violations
     );
     assert!(c.restarts >= 10, "{c:?}");
+    assert_eq!(c.from_template, 0, "faults: drivers boot");
     // A network may lose frames: here to faults, to restarts, and to the
     // send queue filling while a hung driver waits for its deadline (the
     // sender does not slow down). Frames still flow.

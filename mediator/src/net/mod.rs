@@ -51,6 +51,10 @@ pub struct NetConfig {
     /// Restarts in a row without a frame moving before the mediator gives
     /// up (the interface then fails every call).
     pub max_failed_restarts: u32,
+    /// Restart drivers from a template of the first one (taken at its
+    /// first open, its wire's; sealed), as block drivers are
+    /// (`crate::block::Config::templates`). Off with fault injection.
+    pub templates: bool,
 }
 
 impl Default for NetConfig {
@@ -63,6 +67,7 @@ impl Default for NetConfig {
             rx_queue: 1024,
             tx_queue: 1024,
             max_failed_restarts: 5,
+            templates: true,
         }
     }
 }
@@ -91,6 +96,10 @@ pub struct NetCounters {
     pub last_start_failure: Option<String>,
     /// From a fault seen to a new driver ready, per restart.
     pub recovery: Vec<Duration>,
+    /// Drivers started from the template.
+    pub from_template: u64,
+    /// Why there is no template, if one was wanted and given up.
+    pub template: Option<String>,
 }
 
 struct Core {
@@ -110,6 +119,10 @@ struct Core {
     progress: bool,
     /// Restarts in a row without a frame moving.
     barren: u32,
+    /// The drivers' template, once taken (`None` before, or given up).
+    template: Option<Arc<std::fs::File>>,
+    /// A template is still wanted.
+    want_template: bool,
     /// The current driver was killed from outside (`kill_driver`): its
     /// restart is no sign of a driver that cannot serve.
     killed: bool,
@@ -189,6 +202,8 @@ impl MediatedNet {
                 failed: None,
                 progress: false,
                 barren: 0,
+                template: None,
+                want_template: false,
                 killed: false,
                 generation: 0,
             }),
@@ -201,6 +216,9 @@ impl MediatedNet {
         });
         {
             let mut c = lock(&inner.core);
+            // Faults are each driver's arguments: a template would repeat
+            // the first one's.
+            c.want_template = inner.config.templates && inner.spec.faults.is_none();
             let mut tries = 0;
             while let Err(e) = start_driver(&inner, &mut c) {
                 tries += 1;
@@ -321,13 +339,39 @@ fn shutdown(inner: &Inner, pump: &Mutex<Option<std::thread::JoinHandle<()>>>) {
 /// dropped.
 fn start_driver(inner: &Inner, c: &mut Core) -> io::Result<()> {
     c.generation += 1;
-    let mut link = Link::start(
+    let boot = match (&c.template, c.want_template) {
+        (Some(f), _) => Boot::Template(f.clone()),
+        (None, true) => {
+            use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+            let f = memfd_create(
+                c"moat-nic-template",
+                MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING,
+            )?;
+            Boot::Image(Some(std::fs::File::from(f)))
+        }
+        (None, false) => Boot::Image(None),
+    };
+    let restored = matches!(boot, Boot::Template(_));
+    let taking = match &boot {
+        Boot::Image(Some(f)) => Some(f.try_clone()?),
+        _ => None,
+    };
+    let started = Link::start(
         &inner.spec,
         inner.layout,
         c.generation,
         c.generation - 1,
-        Boot::Image(None),
-    )?;
+        boot,
+    );
+    let mut link = match started {
+        Ok(l) => l,
+        Err(e) => {
+            if restored {
+                give_up_template(c, format!("a start from it failed: {e}"));
+            }
+            return Err(e);
+        }
+    };
     let info = c.contract.info_request();
     let checked = link
         .handshake(info, inner.config.start_timeout)
@@ -338,8 +382,25 @@ fn start_driver(inner: &Inner, c: &mut Core) -> io::Result<()> {
         });
     if let Err(e) = checked {
         end(link);
+        if restored || taking.is_some() {
+            give_up_template(c, format!("a start with it failed: {e}"));
+        }
         c.counters.last_start_failure = Some(e.to_string());
         return Err(e);
+    }
+    if restored {
+        c.counters.from_template += 1;
+    }
+    if let Some(file) = taking {
+        // Written before the driver opened its wire: its answer is there.
+        match link.proc.template_written(Duration::from_secs(1)) {
+            Ok(Some(_)) => match crate::block::link::seal(&file) {
+                Ok(()) => c.template = Some(Arc::new(file)),
+                Err(e) => give_up_template(c, format!("cannot seal it: {e}")),
+            },
+            Ok(None) => give_up_template(c, "not written within 1 s of the handshake".into()),
+            Err(e) => give_up_template(c, e.to_string()),
+        }
     }
     let now = Instant::now();
     let r = c.contract.restart(now);
@@ -361,6 +422,13 @@ fn start_driver(inner: &Inner, c: &mut Core) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Drivers boot from their image from now on.
+fn give_up_template(c: &mut Core, why: String) {
+    c.template = None;
+    c.want_template = false;
+    c.counters.template = Some(why);
 }
 
 /// Lends receive buffers until `rx_buffers` are lent (sends never take
