@@ -317,3 +317,60 @@ fn a_lying_driver_is_caught_and_replaced_and_no_frame_is_duplicated() {
     // sender does not slow down). Frames still flow.
     assert!(!seen.is_empty(), "nothing came back of {sent}");
 }
+
+/// The software NIC's wire answers only the driver: a connection that
+/// does not start with its token is closed, one that does is kept.
+#[test]
+fn the_wire_turns_away_a_connection_without_the_token() {
+    use moat_mediator::net::export::{new_token, preamble, Wire};
+    use moat_mediator::net::tap;
+    if !moat_tests::root::is_root() || moat_tests::root::find_tool("ip").is_none() {
+        assert!(
+            std::env::var_os("MOAT_REQUIRE_ROOT_TOOLS").is_none(),
+            "MOAT_REQUIRE_ROOT_TOOLS is set but the wire test needs root and ip"
+        );
+        return;
+    }
+    let ns = format!("moat-w{}", std::process::id());
+    let _ = moat_tests::root::run("ip", &["netns", "del", &ns]);
+    assert!(moat_tests::root::run("ip", &["netns", "add", &ns])
+        .status
+        .success());
+    struct Del(String);
+    impl Drop for Del {
+        fn drop(&mut self) {
+            let _ = moat_tests::root::run("ip", &["netns", "del", &self.0]);
+        }
+    }
+    let _del = Del(ns.clone());
+    let token = new_token().unwrap();
+    assert_eq!(token.len(), 32);
+    let wire = Wire::start(tap::create_in(&ns, "moat0").unwrap(), &token).unwrap();
+    let connect = || {
+        let s = TcpStream::connect(("127.0.0.1", wire.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        s
+    };
+    // Closed (end of file) within the wire's second, whatever it sent.
+    let closed = |mut s: TcpStream| {
+        let t = Instant::now();
+        let mut b = [0u8; 64];
+        loop {
+            match s.read(&mut b) {
+                Ok(0) => return true,
+                Ok(_) => {}
+                Err(_) if t.elapsed() < Duration::from_secs(3) => {}
+                Err(_) => return false,
+            }
+        }
+    };
+    let mut wrong = connect();
+    wrong.write_all(&preamble(&"0".repeat(32))).unwrap();
+    assert!(closed(wrong), "a wrong token was let in");
+    let silent = connect();
+    assert!(closed(silent), "a connection that says nothing was kept");
+    let mut right = connect();
+    right.write_all(&preamble(&token)).unwrap();
+    assert!(!closed(right), "the driver's token was turned away");
+}

@@ -43,6 +43,23 @@ pub(crate) enum Template {
     Off(Option<String>),
 }
 
+impl Template {
+    /// What becomes of the template that `link`, booted to take one into
+    /// `file`, was asked for, once its handshake passed: the template was
+    /// written before the driver opened anything but its console, so its
+    /// answer is there (or never comes). Sealed, or given up saying why.
+    pub(crate) fn taken(link: &Link, file: File) -> Template {
+        match link.proc.template_written(Duration::from_secs(1)) {
+            Ok(Some(_)) => match seal(&file) {
+                Ok(()) => Template::Have(Arc::new(file), 0),
+                Err(e) => Template::Off(Some(format!("cannot seal it: {e}"))),
+            },
+            Ok(None) => Template::Off(Some("not written within 1 s of the handshake".into())),
+            Err(e) => Template::Off(Some(e.to_string())),
+        }
+    }
+}
+
 /// Seal a template the driver has written: from now on nobody changes
 /// it, the driver that wrote it (which keeps serving, and could have kept
 /// the descriptor) included. Fails if someone maps it shared and

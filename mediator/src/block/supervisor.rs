@@ -94,14 +94,7 @@ pub(crate) fn start_incarnation(inner: &Inner) -> std::io::Result<Link> {
 /// passed its handshake: its template was written before it opened its
 /// section, so its answer is there (or never comes).
 fn keep_template(inner: &Inner, link: &Link, file: std::fs::File) {
-    let t = match link.proc.template_written(Duration::from_secs(1)) {
-        Ok(Some(_)) => match super::link::seal(&file) {
-            Ok(()) => Template::Have(Arc::new(file), 0),
-            Err(e) => Template::Off(Some(format!("cannot seal it: {e}"))),
-        },
-        Ok(None) => Template::Off(Some("not written within 1 s of the handshake".into())),
-        Err(e) => Template::Off(Some(e.to_string())),
-    };
+    let t = Template::taken(link, file);
     if let Template::Off(why) = &t {
         lock(&inner.core).counters.template = why.clone();
     }

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use moat_service_proto::ring::Layout;
 use moat_service_proto::{op, status, Response};
 
-use crate::block::link::{end, Boot, Link};
+use crate::block::link::{end, Boot, Link, Template};
 use crate::block::region::{wait_readable, Bell};
 use crate::block::{DriverSpec, SECTION};
 use crate::contract::{Contract, ContractLimits, NetContract, NetInfo, Violation, MAX_MTU};
@@ -119,10 +119,8 @@ struct Core {
     progress: bool,
     /// Restarts in a row without a frame moving.
     barren: u32,
-    /// The drivers' template, once taken (`None` before, or given up).
-    template: Option<Arc<std::fs::File>>,
-    /// A template is still wanted.
-    want_template: bool,
+    /// The drivers' template (see `crate::block::link`).
+    template: Template,
     /// The current driver was killed from outside (`kill_driver`): its
     /// restart is no sign of a driver that cannot serve.
     killed: bool,
@@ -202,8 +200,7 @@ impl MediatedNet {
                 failed: None,
                 progress: false,
                 barren: 0,
-                template: None,
-                want_template: false,
+                template: Template::Off(None),
                 killed: false,
                 generation: 0,
             }),
@@ -218,7 +215,9 @@ impl MediatedNet {
             let mut c = lock(&inner.core);
             // Faults are each driver's arguments: a template would repeat
             // the first one's.
-            c.want_template = inner.config.templates && inner.spec.faults.is_none();
+            if inner.config.templates && inner.spec.faults.is_none() {
+                c.template = Template::Wanted(0);
+            }
             let mut tries = 0;
             while let Err(e) = start_driver(&inner, &mut c) {
                 tries += 1;
@@ -339,18 +338,7 @@ fn shutdown(inner: &Inner, pump: &Mutex<Option<std::thread::JoinHandle<()>>>) {
 /// dropped.
 fn start_driver(inner: &Inner, c: &mut Core) -> io::Result<()> {
     c.generation += 1;
-    let boot = match (&c.template, c.want_template) {
-        (Some(f), _) => Boot::Template(f.clone()),
-        (None, true) => {
-            use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
-            let f = memfd_create(
-                c"moat-nic-template",
-                MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING,
-            )?;
-            Boot::Image(Some(std::fs::File::from(f)))
-        }
-        (None, false) => Boot::Image(None),
-    };
+    let boot = Boot::next(&c.template)?;
     let restored = matches!(boot, Boot::Template(_));
     let taking = match &boot {
         Boot::Image(Some(f)) => Some(f.try_clone()?),
@@ -392,14 +380,9 @@ fn start_driver(inner: &Inner, c: &mut Core) -> io::Result<()> {
         c.counters.from_template += 1;
     }
     if let Some(file) = taking {
-        // Written before the driver opened its wire: its answer is there.
-        match link.proc.template_written(Duration::from_secs(1)) {
-            Ok(Some(_)) => match crate::block::link::seal(&file) {
-                Ok(()) => c.template = Some(Arc::new(file)),
-                Err(e) => give_up_template(c, format!("cannot seal it: {e}")),
-            },
-            Ok(None) => give_up_template(c, "not written within 1 s of the handshake".into()),
-            Err(e) => give_up_template(c, e.to_string()),
+        match Template::taken(&link, file) {
+            Template::Off(Some(why)) => give_up_template(c, why),
+            t => c.template = t,
         }
     }
     let now = Instant::now();
@@ -426,8 +409,7 @@ fn start_driver(inner: &Inner, c: &mut Core) -> io::Result<()> {
 
 /// Drivers boot from their image from now on.
 fn give_up_template(c: &mut Core, why: String) {
-    c.template = None;
-    c.want_template = false;
+    c.template = Template::Off(Some(why.clone()));
     c.counters.template = Some(why);
 }
 
