@@ -158,6 +158,7 @@ fn recovery(host: Host, templates: bool, standby: bool, kills: usize) -> (f64, u
     policy.allow(&uri, moat_policy::Access::Rw).unwrap();
     let dev = MediatedBlock::start(
         DriverSpec {
+            files: Vec::new(),
             image: image("blk-file"),
             args: vec![SECTION.into(), uri],
             host,

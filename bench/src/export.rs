@@ -262,6 +262,7 @@ fn measure(dir: &Path, mnt: &Path) -> Result<(Figures, Figures), String> {
         .map_err(|e| format!("policy: {e}"))?;
     let block = MediatedBlock::start(
         DriverSpec {
+            files: Vec::new(),
             image: image("blk-file"),
             args: vec![SECTION.into(), uri],
             host: moat_monitor::Host::Linux,

@@ -83,6 +83,7 @@ pub fn mediator_bench(quick: bool) {
     policy.allow(&uri, Access::Rw).unwrap();
     let dev = MediatedBlock::start(
         DriverSpec {
+            files: Vec::new(),
             image: image("blk-file"),
             args: vec![SECTION.into(), uri],
             host: moat_monitor::Host::Linux,

@@ -31,6 +31,7 @@ pub fn rows(quick: bool) {
     policy.add_device(spec).unwrap();
     let dev = MediatedBlock::start(
         DriverSpec {
+            files: Vec::new(),
             image: image("virtio-blk"),
             args: vec!["blk0".into(), "serve".into(), SECTION.into()],
             host: moat_monitor::Host::Kvm,

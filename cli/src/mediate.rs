@@ -166,6 +166,7 @@ impl DriverArgs {
         };
         Ok((
             DriverSpec {
+                files: Vec::new(),
                 image,
                 args,
                 host,

@@ -80,6 +80,7 @@ pub fn serve(a: ServeArgs) -> i32 {
         return bad_input(e);
     }
     let spec = DriverSpec {
+        files: Vec::new(),
         image,
         args: vec![SECTION.into(), uri, MAC.into(), format!("token={token}")],
         host: moat_monitor::Host::Linux,

@@ -53,9 +53,12 @@ pub struct Config {
     pub layers: Vec<moat_layers::LayerName>,
     /// The policy's `[[remap]]` mappings (for the `remap` layer).
     pub remaps: Vec<moat_policy::remap::Remap>,
-    /// Devices granted (kvm only). Those with a backing file have its
+    /// Devices granted (kvm only). Those with a file (a backing file the
+    /// monitor opened, or a descriptor the embedder handed over) have its
     /// descriptor attached after the image's, in this order.
     pub devices: Vec<moat_policy::DeviceSpec>,
+    /// Parallel to `devices`: whether a descriptor is attached for it.
+    pub device_files: Vec<bool>,
     /// A statistics page is attached (kvm only; see `crate::vmstats`).
     pub stats: bool,
     /// The checkpoint layer is in the stack: a control socket is attached

@@ -72,20 +72,23 @@ pub struct DeviceSet {
 }
 
 impl DeviceSet {
-    /// Build the devices declared in `specs`. `backing` holds the opened
-    /// backing files in declaration order; `ram_end` bounds guest RAM;
-    /// `console` gives the UARTs their output and input.
+    /// Build the devices declared in `specs`. `files` is parallel to
+    /// `specs`: each device's file if it has one (a backing file; a
+    /// descriptor the embedder handed it: a UART's line, a NIC's wire);
+    /// `ram_end` bounds guest RAM. A UART without a line is the console's.
     pub fn new(
         specs: &[DeviceSpec],
-        mut backing: Vec<File>,
+        files: Vec<Option<File>>,
         ram_end: u64,
         lin: &'static LinuxPal,
     ) -> Result<DeviceSet, String> {
-        backing.reverse();
+        if files.len() != specs.len() {
+            return Err("the device descriptors do not match the devices".into());
+        }
         let mut devs = Vec::new();
         let mut coms = COM_PORTS.iter();
         let mut windows = 0u64;
-        for (i, spec) in specs.iter().enumerate() {
+        for (i, (spec, file)) in specs.iter().zip(files).enumerate() {
             let event = Arc::new(Object::Sync(
                 SyncObj::new(SyncKind::Synchronization, 0, 1)
                     .map_err(|_| "cannot create an interrupt event".to_string())?,
@@ -106,7 +109,15 @@ impl DeviceSet {
                             COM_PORTS.len()
                         )
                     })?;
-                    let (out, input) = console(lin)?;
+                    let (out, input) = match file {
+                        Some(line) => {
+                            let out = line
+                                .try_clone()
+                                .map_err(|e| format!("device `{}`: its line: {e}", spec.name))?;
+                            (out, Some(line))
+                        }
+                        None => console(lin)?,
+                    };
                     let uart = Uart::new(spec.name.clone(), irq, Box::new(out));
                     Dev {
                         name: spec.name.clone(),
@@ -122,8 +133,14 @@ impl DeviceSet {
                         io: Mutex::new(None),
                     }
                 }
+                DeviceKind::VirtioNet => {
+                    return Err(format!(
+                        "device `{}`: virtio-net is not served by this VMM yet",
+                        spec.name
+                    ))
+                }
                 DeviceKind::VirtioBlk => {
-                    let file = backing.pop().ok_or_else(|| {
+                    let file = file.ok_or_else(|| {
                         format!("device `{}`: no backing file was passed", spec.name)
                     })?;
                     let mem = guest_memory(ram_end)?;
@@ -474,10 +491,20 @@ pub fn start_inputs(set: &DeviceSet) {
     }
 }
 
+/// Feed a UART from its input. Only as many bytes are read as the
+/// receive FIFO has room for (only the guest changes the room, and only
+/// up), so nothing is held here that a VMM's end would lose beyond what
+/// the UART itself holds: a line's far end keeps the rest.
 fn pump(u: &Mutex<Uart>, mut input: File) {
-    let mut buf = [0u8; 256];
+    let mut buf = [0u8; 64];
     loop {
-        let n = match input.read(&mut buf) {
+        let room = u.lock().unwrap().fifo_capacity().min(buf.len());
+        if room == 0 {
+            // The FIFO is full: the driver has not read it yet.
+            std::thread::sleep(std::time::Duration::from_micros(200));
+            continue;
+        }
+        let n = match input.read(&mut buf[..room]) {
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
@@ -486,7 +513,6 @@ fn pump(u: &Mutex<Uart>, mut input: File) {
             let took = u.lock().unwrap().enqueue_input(&buf[at..n]).unwrap_or(0);
             at += took;
             if took == 0 {
-                // The FIFO is full: the driver has not read it yet.
                 std::thread::sleep(std::time::Duration::from_micros(200));
             }
         }

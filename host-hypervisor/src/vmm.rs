@@ -164,7 +164,19 @@ fn run(warm: Option<&moat_policy::Limits>) -> ! {
             Err(e) => fail(&format!("vmm: {e}")),
         },
     };
-    let backing: Vec<std::fs::File> = fds.into_iter().map(std::fs::File::from).collect();
+    // One descriptor per device that has a file, in declaration order.
+    let mut fds = fds.into_iter().map(std::fs::File::from);
+    let mut files: Vec<Option<std::fs::File>> = Vec::with_capacity(cfg.devices.len());
+    for i in 0..cfg.devices.len() {
+        files.push(if cfg.device_files.get(i) == Some(&true) {
+            match fds.next() {
+                Some(f) => Some(f),
+                None => fail("vmm: the monitor sent fewer device descriptors than it said"),
+            }
+        } else {
+            None
+        });
+    }
     let mem_limit = cfg.limits.memory_mib << 20;
     let ram = ram_for(cfg.limits.memory_mib);
     if ram > MAX_RAM {
@@ -193,7 +205,7 @@ fn run(warm: Option<&moat_policy::Limits>) -> ! {
             Err(e) => fail(&format!("cannot create the micro-VM: {e}")),
         },
     };
-    let devices = match crate::devices::DeviceSet::new(&cfg.devices, backing, ram, lin) {
+    let devices = match crate::devices::DeviceSet::new(&cfg.devices, files, ram, lin) {
         Ok(d) => d,
         Err(e) => fail(&format!("cannot set up the devices: {e}")),
     };

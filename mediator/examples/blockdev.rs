@@ -23,6 +23,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     policy.allow(&uri, Access::Rw)?;
     let dev = MediatedBlock::start(
         DriverSpec {
+            files: Vec::new(),
             image,
             args: vec![SECTION.into(), uri],
             host: moat_monitor::Host::Linux, // or Host::Kvm

@@ -32,6 +32,7 @@ fn five_hundred_faults_change_nothing_the_clients_see() {
         policy.allow(&uri, moat_policy::Access::Rw).unwrap();
         let c = Campaign {
             driver: DriverSpec {
+                files: Vec::new(),
                 image: moat_tests::built("blk-file"),
                 args: vec![SECTION.into(), uri],
                 host,

@@ -306,6 +306,7 @@ fn ext4_over_a_mediated_driver_survives_its_kills() {
         policy.allow(&uri, moat_policy::Access::Rw).unwrap();
         let dev = MediatedBlock::start(
             DriverSpec {
+                files: Vec::new(),
                 image: moat_tests::built("blk-file"),
                 args: vec![SECTION.into(), uri],
                 host,
@@ -415,6 +416,7 @@ fn a_mediated_export_keeps_many_reads_in_flight() {
     policy.allow(&uri, moat_policy::Access::Rw).unwrap();
     let dev = MediatedBlock::start(
         DriverSpec {
+            files: Vec::new(),
             image: moat_tests::built("blk-file"),
             args: vec![SECTION.into(), uri],
             host: moat_monitor::Host::Linux,

@@ -61,6 +61,7 @@ fn a_busy_virtio_blk_driver_causes_almost_no_vm_exits() {
     policy.add_device(spec).unwrap();
     let dev = MediatedBlock::start(
         DriverSpec {
+            files: Vec::new(),
             image: moat_tests::built("virtio-blk"),
             args: vec!["blk0".into(), "serve".into(), SECTION.into()],
             host: moat_monitor::Host::Kvm,

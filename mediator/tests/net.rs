@@ -101,11 +101,13 @@ impl Wire {
     }
 
     fn spec(&self) -> DriverSpec {
+        files: Vec::new(),
         let uri = format!("tcp.client:127.0.0.1:{}", self.port);
         let mut policy = moat_policy::Policy::default();
         policy.limits.memory_mib = 64;
         policy.allow(&uri, moat_policy::Access::Rw).unwrap();
         DriverSpec {
+            files: Vec::new(),
             image: moat_tests::built("net-soft"),
             args: vec![SECTION.into(), uri, MAC.into()],
             host: moat_monitor::Host::Linux,

@@ -92,6 +92,7 @@ fn blk_file(host: moat_monitor::Host, templates: bool, standby: bool) {
     policy.allow(&uri, moat_policy::Access::Rw).unwrap();
     let dev = MediatedBlock::start(
         DriverSpec {
+            files: Vec::new(),
             image: moat_tests::built("blk-file"),
             args: vec![SECTION.into(), uri],
             host,
@@ -158,6 +159,7 @@ fn virtio_blk_restarts_from_its_template_before_its_device() {
     policy.add_device(spec).unwrap();
     let dev = MediatedBlock::start(
         DriverSpec {
+            files: Vec::new(),
             image: moat_tests::built("virtio-blk"),
             args: vec!["blk0".into(), "serve".into(), SECTION.into()],
             host: moat_monitor::Host::Kvm,

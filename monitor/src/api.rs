@@ -70,6 +70,8 @@ pub struct Sandbox {
     restore: bool,
     /// Where to write a template ([`Sandbox::template`]).
     template: Option<File>,
+    /// Descriptors handed to devices ([`Sandbox::device_file`]).
+    device_files: Vec<(String, File)>,
 }
 
 impl Sandbox {
@@ -88,6 +90,7 @@ impl Sandbox {
             restore: false,
             sections: Vec::new(),
             template: None,
+            device_files: Vec::new(),
         }
     }
 
@@ -243,6 +246,18 @@ impl Sandbox {
         self.checkpointable()
     }
 
+    /// Hand the device `name` (declared in the policy; kvm only) an open
+    /// descriptor: a `virtio-net` device's wire (a TAP interface's, opened
+    /// without `IFF_VNET_HDR`; it needs one), or a `uart` device's line
+    /// (bytes the UART transmits are written to it, bytes read from it
+    /// are received; without one the line is the console). The
+    /// picoprocess gets its own copy; the caller may keep `file`'s other
+    /// copies, so the wire outlives the picoprocess.
+    pub fn device_file(mut self, name: &str, file: File) -> Self {
+        self.device_files.push((name.to_owned(), file));
+        self
+    }
+
     /// Check the image and start the picoprocess.
     pub fn spawn(mut self) -> Result<Picoprocess, Error> {
         if self.restore && self.template.is_some() {
@@ -318,6 +333,7 @@ impl Sandbox {
             crate::monitor::Origin {
                 restore,
                 template: self.template,
+                device_files: self.device_files,
             },
         )?;
         Ok(Picoprocess {

@@ -28,7 +28,11 @@ pub(crate) fn start(
     child: bool,
     from: Origin,
 ) -> Result<Arc<Proc>, Error> {
-    let Origin { restore, template } = from;
+    let Origin {
+        restore,
+        template,
+        device_files,
+    } = from;
     let limits = session.policy().limits;
     // Devices belong to the root picoprocess; its children get none.
     if session.host() == crate::Host::Kvm && limits.memory_mib > moat_policy::KVM_MAX_MEMORY_MIB {
@@ -43,7 +47,9 @@ pub(crate) fn start(
     } else {
         session.policy().devices.clone()
     };
-    let (backing, disks) = open_backing_files(session.host(), &devices)?;
+    let (backing, disks) = open_backing_files(session.host(), &devices, device_files)?;
+    let device_files: Vec<bool> = backing.iter().map(Option::is_some).collect();
+    let backing: Vec<File> = backing.into_iter().flatten().collect();
     // A VMM counts its exits in a page the host can read.
     let stats = match session.host() {
         crate::Host::Kvm => Some(crate::shm::HostSection::new(
@@ -140,6 +146,7 @@ pub(crate) fn start(
         layers: session.layers().to_vec(),
         remaps: session.policy().remaps.clone(),
         devices,
+        device_files,
         stats: proc.stats.is_some(),
         checkpoint: control.is_some(),
         restore,
@@ -234,6 +241,8 @@ pub(crate) struct Origin {
     pub(crate) restore: bool,
     /// A template is to be written to this file (`Sandbox::template`).
     pub(crate) template: Option<File>,
+    /// Descriptors the embedder handed devices (`Sandbox::device_file`).
+    pub(crate) device_files: Vec<(String, File)>,
 }
 
 /// How the broker starts a child picoprocess (see [`Broker::with_start_child`]).
@@ -257,15 +266,28 @@ fn start_child(
     .map_err(|e| e.to_string())
 }
 
-/// Open the backing files of the devices granted (kvm only), read-write or
-/// read-only as declared, and lock each for serving (see
-/// [`crate::disklock`]): a declared device whose file cannot be opened, or
-/// that another process serves, refuses the start, naming both.
+/// The file of each device granted (kvm only), in declaration order: a
+/// backing file opened read-write or read-only as declared, and locked
+/// for serving (see [`crate::disklock`]), or the descriptor the embedder
+/// handed it (`passed`). A declared device whose file cannot be opened,
+/// that another process serves, or that needs a descriptor it was not
+/// handed refuses the start, naming both; so does a descriptor handed to
+/// no device or to one that takes none.
 #[allow(clippy::type_complexity)]
 fn open_backing_files(
     host: crate::Host,
     devices: &[moat_policy::DeviceSpec],
-) -> Result<(Vec<File>, Vec<Arc<crate::disklock::DiskLock>>), Error> {
+    mut passed: Vec<(String, File)>,
+) -> Result<(Vec<Option<File>>, Vec<Arc<crate::disklock::DiskLock>>), Error> {
+    if let Some((name, _)) = passed.iter().find(|(n, _)| {
+        !devices
+            .iter()
+            .any(|d| &d.name == n && d.kind.takes_passed_file())
+    }) {
+        return Err(Error::BadInput(format!(
+            "a descriptor was handed to device `{name}`, which is not declared or takes none (only uart and virtio-net devices do)"
+        )));
+    }
     if let (crate::Host::Linux, Some(d)) = (host, devices.first()) {
         return Err(Error::BadInput(format!(
             "device `{}` is declared, but only the kvm host grants devices: run it with --host kvm",
@@ -282,7 +304,20 @@ fn open_backing_files(
     let mut out = Vec::new();
     let mut locks = Vec::new();
     for d in devices {
-        let Some(path) = &d.backing else { continue };
+        if let Some(i) = passed.iter().position(|(n, _)| n == &d.name) {
+            out.push(Some(passed.swap_remove(i).1));
+            continue;
+        }
+        if d.kind.needs_passed_file() {
+            return Err(Error::BadInput(format!(
+                "device `{}` ({}) needs its wire handed over as a descriptor (Sandbox::device_file); from the command line, `moat serve --nic IFNAME --wire-netns NS --host kvm` makes one",
+                d.name, d.kind
+            )));
+        }
+        let Some(path) = &d.backing else {
+            out.push(None);
+            continue;
+        };
         let f = std::fs::OpenOptions::new()
             .read(true)
             .write(!d.read_only)
@@ -308,7 +343,12 @@ fn open_backing_files(
         let lock = crate::disklock::DiskLock::acquire(path, !d.read_only)
             .map_err(|e| Error::BadInput(format!("device `{}`: {e}", d.name)))?;
         locks.push(lock);
-        out.push(f);
+        out.push(Some(f));
+    }
+    if let Some((name, _)) = passed.first() {
+        return Err(Error::BadInput(format!(
+            "more than one descriptor was handed to device `{name}`"
+        )));
     }
     Ok((out, locks))
 }

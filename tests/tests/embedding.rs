@@ -190,3 +190,96 @@ fn mediated_block_device_example_runs() {
         out.stdout
     );
 }
+
+#[test]
+fn a_uart_handed_a_line_talks_on_it_not_on_the_console() {
+    if !sandbox_available() || !kvm_available() {
+        return;
+    }
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixStream;
+    let (ours, line) = UnixStream::pair().unwrap();
+    let mut policy = moat_policy::Policy::default();
+    policy
+        .add_device(moat_policy::DeviceSpec::parse("com1=uart").unwrap())
+        .unwrap();
+    let mut p = Sandbox::new(image("uart-driver"))
+        .policy(policy.clone())
+        .host(moat_monitor::Host::Kvm)
+        .device_file(
+            "com1",
+            std::fs::File::from(std::os::fd::OwnedFd::from(line)),
+        )
+        .stdout(Stdio::Piped)
+        .spawn()
+        .unwrap();
+    ours.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    let mut reader = BufReader::new(ours.try_clone().unwrap());
+    let mut got = String::new();
+    reader.read_line(&mut got).unwrap();
+    assert_eq!(got, "uart-driver ready\n");
+    (&ours).write_all(b"over the line\n").unwrap();
+    got.clear();
+    reader.read_line(&mut got).unwrap();
+    assert_eq!(got, "echo: OVER THE LINE\n");
+    (&ours).write_all(b"quit\n").unwrap();
+    let mut console = String::new();
+    p.stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut console)
+        .unwrap();
+    assert_eq!(p.wait().unwrap().code, 0);
+    assert_eq!(console, "", "the console saw the line's bytes");
+
+    // A descriptor for a device that takes none, for no declared device,
+    // twice, and a NIC without its wire: refused before anything starts.
+    let devnull = || std::fs::File::open("/dev/null").unwrap();
+    let mut with_blk = policy.clone();
+    let d = tempfile::tempdir().unwrap();
+    let disk = d.path().join("disk.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    with_blk
+        .add_device(
+            moat_policy::DeviceSpec::parse(&format!("blk0=virtio-blk:{}", disk.display())).unwrap(),
+        )
+        .unwrap();
+    let mut with_net = moat_policy::Policy::default();
+    with_net
+        .add_device(moat_policy::DeviceSpec::parse("net0=virtio-net").unwrap())
+        .unwrap();
+    let cases: Vec<(Sandbox, &str)> = vec![
+        (
+            Sandbox::new(image("uart-driver"))
+                .policy(with_blk)
+                .device_file("blk0", devnull()),
+            "takes none",
+        ),
+        (
+            Sandbox::new(image("uart-driver"))
+                .policy(policy.clone())
+                .device_file("com2", devnull()),
+            "not declared",
+        ),
+        (
+            Sandbox::new(image("uart-driver"))
+                .policy(policy)
+                .device_file("com1", devnull())
+                .device_file("com1", devnull()),
+            "more than one",
+        ),
+        (
+            Sandbox::new(image("uart-driver")).policy(with_net),
+            "needs its wire",
+        ),
+    ];
+    for (sb, says) in cases {
+        let err = sb.host(moat_monitor::Host::Kvm).spawn().unwrap_err();
+        assert_eq!(err.exit_code(), 2, "{err}");
+        assert!(err.to_string().contains(says), "{err}");
+    }
+}

@@ -60,6 +60,7 @@ fn manifest(text: &str) {
         layers: Vec::new(),
         remaps: Vec::new(),
         devices: m.devices.clone(),
+        device_files: m.devices.iter().map(|d| d.backing.is_some()).collect(),
         stats: false,
         checkpoint: false,
         restore: false,

@@ -169,6 +169,12 @@ impl Link {
             .stdin(Stdio::Null)
             .stdout(console)
             .stderr(console);
+        for (name, file) in &spec.files {
+            let copy = file
+                .try_clone()
+                .map_err(|e| io_err(format!("device `{name}`'s descriptor: {e}")))?;
+            sb = sb.device_file(name, copy);
+        }
         if !spec.console {
             sb = sb.log(moat_monitor::LogSink::Callback(Arc::new(|_| {})));
         }

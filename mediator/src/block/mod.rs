@@ -84,6 +84,10 @@ pub struct DriverSpec {
     pub faults: Option<FaultPlan>,
     /// Where the driver's console goes (default: nowhere).
     pub console: bool,
+    /// Descriptors handed to the driver's devices, by device name (see
+    /// `moat_monitor::Sandbox::device_file`): a NIC's wire, a UART's line.
+    /// Each incarnation gets its own copy; these outlive them all.
+    pub files: Vec<(String, Arc<std::fs::File>)>,
 }
 
 /// Seeded driver faults (see `moat_libos::service::Faults`).

@@ -21,17 +21,27 @@ pub enum DeviceKind {
     Uart,
     /// A virtio-mmio block device (`virtio-blk`). Needs a backing file.
     VirtioBlk,
+    /// A virtio-mmio network device (`virtio-net`). Takes no argument: its
+    /// wire is an open TAP descriptor the embedder hands over
+    /// (`moat_monitor::Sandbox::device_file`; `moat serve --nic --host kvm`
+    /// does).
+    VirtioNet,
 }
 
 impl DeviceKind {
     /// Every kind, in the order they are listed in error messages.
-    pub const ALL: [DeviceKind; 2] = [DeviceKind::Uart, DeviceKind::VirtioBlk];
+    pub const ALL: [DeviceKind; 3] = [
+        DeviceKind::Uart,
+        DeviceKind::VirtioBlk,
+        DeviceKind::VirtioNet,
+    ];
 
     /// The kind's name as written in a declaration (`uart`, `virtio-blk`).
     pub fn as_str(self) -> &'static str {
         match self {
             DeviceKind::Uart => "uart",
             DeviceKind::VirtioBlk => "virtio-blk",
+            DeviceKind::VirtioNet => "virtio-net",
         }
     }
 
@@ -43,6 +53,19 @@ impl DeviceKind {
     /// Whether a device of this kind needs a backing file.
     pub fn needs_backing(self) -> bool {
         matches!(self, DeviceKind::VirtioBlk)
+    }
+
+    /// Whether a device of this kind needs a descriptor handed over by
+    /// the embedder (its wire), rather than a file the monitor opens.
+    pub fn needs_passed_file(self) -> bool {
+        matches!(self, DeviceKind::VirtioNet)
+    }
+
+    /// Whether a device of this kind may be handed a descriptor by the
+    /// embedder: a virtio-net device's wire, a UART's line (instead of the
+    /// console).
+    pub fn takes_passed_file(self) -> bool {
+        matches!(self, DeviceKind::VirtioNet | DeviceKind::Uart)
     }
 }
 
