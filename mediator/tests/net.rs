@@ -101,7 +101,6 @@ impl Wire {
     }
 
     fn spec(&self) -> DriverSpec {
-        files: Vec::new(),
         let uri = format!("tcp.client:127.0.0.1:{}", self.port);
         let mut policy = moat_policy::Policy::default();
         policy.limits.memory_mib = 64;
