@@ -139,7 +139,10 @@ impl DeviceSet {
                 }
                 DeviceKind::VirtioNet => {
                     let tap = file.ok_or_else(|| {
-                        format!("device `{}`: no wire (TAP descriptor) was passed", spec.name)
+                        format!(
+                            "device `{}`: no wire (TAP descriptor) was passed",
+                            spec.name
+                        )
                     })?;
                     let mem = guest_memory(ram_end)?;
                     let net = VirtioNet::new(spec.name.clone(), tap, mac_of(&spec.name), mem, irq)

@@ -44,8 +44,8 @@ pub use virtio_blk::{
     QUEUE_MAX_SIZE, QUEUE_NOTIFY_OFFSET, SECTOR_SIZE, SEG_MAX, VIRTIO_BLK_MMIO_SIZE,
 };
 pub use virtio_net::{
-    NetDevCounters, NetPrologue, NetReport, NetThread, Pass, VirtioNet, MAX_FRAME, NET_HDR_SIZE, NET_QUEUE_MAX_SIZE,
-    VIRTIO_NET_MMIO_SIZE,
+    NetDevCounters, NetPrologue, NetReport, NetThread, Pass, VirtioNet, MAX_FRAME, NET_HDR_SIZE,
+    NET_QUEUE_MAX_SIZE, VIRTIO_NET_MMIO_SIZE,
 };
 /// The `vm-memory` crate this crate's API uses (`GuestMemoryMmap`).
 pub use vm_memory;
