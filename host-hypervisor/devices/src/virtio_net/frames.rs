@@ -153,7 +153,7 @@ fn receive(
         let len = match *pending {
             Some(len) => len,
             None => match (&*tap).read(&mut frame[..]) {
-                Ok(n) if n > MAX_FRAME || n < MIN_FRAME => {
+                Ok(n) if !(MIN_FRAME..=MAX_FRAME).contains(&n) => {
                     c.rx_dropped += 1;
                     continue;
                 }

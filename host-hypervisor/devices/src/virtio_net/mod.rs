@@ -359,11 +359,9 @@ impl VirtioNet {
                     }
                 }
             }
-            VIRTIO_MMIO_QUEUE_NOTIFY => {
-                if (v as usize) < self.queues.len() {
-                    self.counters.notifications += 1;
-                    self.wake();
-                }
+            VIRTIO_MMIO_QUEUE_NOTIFY if (v as usize) < self.queues.len() => {
+                self.counters.notifications += 1;
+                self.wake();
             }
             VIRTIO_MMIO_INTERRUPT_ACK => self.interrupt_status &= !v,
             VIRTIO_MMIO_STATUS => self.write_status(v),
