@@ -236,6 +236,25 @@ fn print_counters(c: &NetCounters, wire_drops: u64, w: &mut dyn Write) {
         c.restarts,
         kinds.join(", ")
     );
+    if let Some(vm) = &c.vm {
+        use moat_monitor::VmCounter as V;
+        let frames = (c.sent + c.received).max(1);
+        let _ = writeln!(
+            w,
+            "VM exits {} for {} frames: {:.2} per frame (ABI calls {}, MMIO writes {}, MMIO reads {}, other {}); the device's thread moved {} frames",
+            vm.exits(),
+            c.sent + c.received,
+            vm.exits() as f64 / frames as f64,
+            vm.get(V::ExitHypercall),
+            vm.get(V::ExitMmioWrite),
+            vm.get(V::ExitMmioRead),
+            vm.get(V::ExitPio)
+                + vm.get(V::ExitNotifyInKernel)
+                + vm.get(V::ExitInterrupted)
+                + vm.get(V::ExitOther),
+            vm.get(V::NetFrames)
+        );
+    }
     if !c.recovery.is_empty() {
         let mut v = c.recovery.clone();
         v.sort();

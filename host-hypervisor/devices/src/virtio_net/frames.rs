@@ -75,6 +75,47 @@ impl VirtioNet {
     }
 }
 
+impl VirtioNet {
+    /// Before the serving thread sleeps: asks the driver to notify at its
+    /// next buffer on either queue (with `EVENT_IDX`, `avail_event` set),
+    /// then looks once more. True: nothing is waiting, it may sleep.
+    pub fn enable_notification(&mut self) -> bool {
+        if !self.serving() || !self.rings_ok() {
+            return true;
+        }
+        let dma = DmaMemory::new(&self.mem, self.dma_ranges.as_deref());
+        let mut idle = true;
+        let mut broken = false;
+        for q in &mut self.queues {
+            match q.enable_notification(&dma) {
+                Ok(pending) => idle &= !pending,
+                Err(_) => broken = true,
+            }
+        }
+        if broken {
+            self.needs_reset();
+            return true;
+        }
+        idle
+    }
+
+    /// After the serving thread woke: the driver need not notify while it
+    /// polls.
+    pub fn disable_notification(&mut self) {
+        if !self.serving() || !self.rings_ok() {
+            return;
+        }
+        let dma = DmaMemory::new(&self.mem, self.dma_ranges.as_deref());
+        if self
+            .queues
+            .iter_mut()
+            .any(|q| q.disable_notification(&dma).is_err())
+        {
+            self.needs_reset();
+        }
+    }
+}
+
 /// Sends every queued frame; returns how many chains were used. `Err`:
 /// the ring is broken.
 fn transmit(

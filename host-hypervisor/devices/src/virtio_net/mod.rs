@@ -35,6 +35,7 @@ use virtio_bindings::virtio_config::{
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_mmio::*;
 use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP};
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap};
 
@@ -101,10 +102,13 @@ pub struct NetDevCounters {
 
 /// A virtio-mmio network device over a TAP descriptor.
 ///
-/// Offers `VIRTIO_F_VERSION_1`, `VIRTIO_NET_F_MAC` and
-/// `VIRTIO_NET_F_STATUS` (the link is always up); two split virtqueues of
-/// at most [`NET_QUEUE_MAX_SIZE`] entries. Its queues are served by a
-/// [`NetThread`], which a `QueueNotify` write wakes ([`VirtioNet::set_kick`]).
+/// Offers `VIRTIO_F_VERSION_1`, `VIRTIO_NET_F_MAC`, `VIRTIO_NET_F_STATUS`
+/// (the link is always up) and `VIRTIO_RING_F_EVENT_IDX`; two split
+/// virtqueues of at most [`NET_QUEUE_MAX_SIZE`] entries. Its queues are
+/// served by a [`NetThread`], which a `QueueNotify` write wakes
+/// ([`VirtioNet::set_kick`]). With `EVENT_IDX` the driver notifies only a
+/// device about to sleep, and the device interrupts only a driver that
+/// asked.
 pub struct VirtioNet {
     name: String,
     irq: Irq,
@@ -193,7 +197,10 @@ impl VirtioNet {
 
     /// Feature bits offered to the driver.
     pub fn device_features(&self) -> u64 {
-        (1u64 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_NET_F_MAC) | (1 << VIRTIO_NET_F_STATUS)
+        (1u64 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_NET_F_MAC)
+            | (1 << VIRTIO_NET_F_STATUS)
+            | (1 << VIRTIO_RING_F_EVENT_IDX)
     }
 
     fn config_space(&self) -> [u8; CONFIG_SIZE] {
@@ -225,12 +232,17 @@ impl VirtioNet {
         if self.status & !v != 0 {
             return;
         }
-        if v & VIRTIO_CONFIG_S_FEATURES_OK != 0
-            && self.status & VIRTIO_CONFIG_S_FEATURES_OK == 0
-            && (self.driver_features & !self.device_features() != 0
-                || self.driver_features & (1 << VIRTIO_F_VERSION_1) == 0)
-        {
-            v &= !VIRTIO_CONFIG_S_FEATURES_OK;
+        if v & VIRTIO_CONFIG_S_FEATURES_OK != 0 && self.status & VIRTIO_CONFIG_S_FEATURES_OK == 0 {
+            if self.driver_features & !self.device_features() != 0
+                || self.driver_features & (1 << VIRTIO_F_VERSION_1) == 0
+            {
+                v &= !VIRTIO_CONFIG_S_FEATURES_OK;
+            } else {
+                let event_idx = self.driver_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+                for q in &mut self.queues {
+                    q.set_event_idx(event_idx);
+                }
+            }
         }
         let was_running = self.running();
         self.status = v;

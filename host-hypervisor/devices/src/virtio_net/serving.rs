@@ -1,10 +1,12 @@
 //! The thread that serves a [`VirtioNet`]'s queues: it makes a pass over
-//! both (frames out to the wire, frames in to the lent buffers) and, when
-//! a pass moved nothing, sleeps in `poll` on its kick eventfd (written on
-//! a `QueueNotify`, or by KVM when that register is an ioeventfd) and, if
-//! receive buffers are lent, on the wire. A frame in flight therefore
-//! costs the driver a notification to send and a wait for the interrupt
-//! to receive, and never a wait on the device's thread while it has work.
+//! both (frames out to the wire, frames in to the lent buffers), and goes
+//! on polling while passes keep finding work and for [`SPIN`] after the
+//! last (yielding the core after [`YIELD_AFTER`]: on a machine with few
+//! cores the driver's vCPU may be waiting for it). Then it asks the
+//! driver to notify (`avail_event`, with `EVENT_IDX`), looks once more,
+//! and sleeps in `poll` on its kick eventfd (written on a `QueueNotify`)
+//! and, if receive buffers are lent, on the wire. A busy driver therefore
+//! sends and lends buffers without a VM exit.
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
@@ -22,6 +24,12 @@ pub type NetReport = Arc<dyn Fn(u64) + Send + Sync>;
 
 /// How long one `poll` lasts at most (the stop flag is looked at between).
 const POLL_MILLIS: i32 = 1000;
+/// How long the thread polls the rings after the last pass that moved a
+/// frame before it sleeps.
+pub const SPIN: std::time::Duration = std::time::Duration::from_micros(200);
+/// How long it polls with pause instructions only, before it yields the
+/// core between looks.
+pub const YIELD_AFTER: std::time::Duration = std::time::Duration::from_micros(10);
 
 /// A thread serving one virtio-net device. Dropping it stops the thread
 /// and waits for it.
@@ -94,13 +102,40 @@ fn run(
     tap: std::os::fd::RawFd,
     report: Option<&(dyn Fn(u64) + Send + Sync)>,
 ) {
+    let mut idle_since: Option<std::time::Instant> = None;
     while !kicker.stop.load(Ordering::Relaxed) {
         let mut pass = super::Pass::default();
-        gate.enter(&mut |dev| pass = dev.serve());
+        let mut serving = false;
+        gate.enter(&mut |dev| {
+            pass = dev.serve();
+            serving = dev.serving();
+        });
         if pass.moved > 0 {
             if let Some(r) = report {
                 r(pass.moved as u64);
             }
+            idle_since = None;
+            continue;
+        }
+        if serving {
+            let idle = idle_since
+                .get_or_insert_with(std::time::Instant::now)
+                .elapsed();
+            if idle < SPIN {
+                if idle < YIELD_AFTER {
+                    for _ in 0..16 {
+                        std::hint::spin_loop();
+                    }
+                } else {
+                    std::thread::yield_now();
+                }
+                continue;
+            }
+        }
+        idle_since = None;
+        let mut may_sleep = true;
+        gate.enter(&mut |dev| may_sleep = dev.enable_notification());
+        if !may_sleep {
             continue;
         }
         let mut fds = [
@@ -126,5 +161,6 @@ fn run(
             // A broken wire: look again only when kicked or a while later.
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
+        gate.enter(&mut |dev| dev.disable_notification());
     }
 }
