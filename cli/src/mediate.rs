@@ -203,7 +203,7 @@ fn check_kinds(kinds: &str) -> Result<(), String> {
         })
 }
 
-fn parse_faults(s: &str) -> Result<FaultPlan, String> {
+pub(crate) fn parse_faults(s: &str) -> Result<FaultPlan, String> {
     let bad = || {
         format!("bad fault spec `{s}`: SEED:PER_MILLION:KIND[,KIND...] (e.g. 7:20000:crash,hang)")
     };
