@@ -438,6 +438,32 @@ fn bad_nic_requests_are_refused_and_leave_nothing() {
     let o = moat_in(&["serve", "--nic", "mtq0", "--wire-netns", &b.0]);
     assert_eq!(code(&o), 2, "{}", err(&o));
     assert!(err(&o).contains("exists already"), "{}", err(&o));
+    // Without the capabilities (as nobody): refused, nothing made.
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("moat");
+    std::fs::copy(built("moat"), &copy).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut cmd = Command::new(&copy);
+    cmd.args(["serve", "--nic", "mtq0", "--wire-netns", &b.0]);
+    use std::os::unix::process::CommandExt;
+    // SAFETY: between fork and exec only async-signal-safe calls, on
+    // integers: the child drops to nobody (and so every capability).
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setresgid(65534, 65534, 65534) != 0
+                || libc::setresuid(65534, 65534, 65534) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    };
+    let o = cmd.output().unwrap();
+    assert_eq!(code(&o), 2, "{}", err(&o));
+    assert!(err(&o).contains("run as root"), "{}", err(&o));
+    assert_eq!(err(&o).trim().lines().count(), 1, "one line: {}", err(&o));
     // Nothing was made in either namespace.
     for ns in [&a.0, &b.0] {
         let l = root::run("ip", &["-n", ns, "-o", "link", "show"]);
