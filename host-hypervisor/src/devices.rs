@@ -465,8 +465,17 @@ fn start_net(d: &Dev, n: &Arc<Mutex<VirtioNet>>, lin: &'static LinuxPal) {
     let report: moat_devices::NetReport = Arc::new(|frames| {
         crate::stats::add(Counter::NetFrames, frames);
     });
-    let Ok(thread) = NetThread::spawn(&d.name, gate, tap, Some(prologue), Some(report)) else {
-        return;
+    let thread = match NetThread::spawn(&d.name, gate, tap, Some(prologue), Some(report)) {
+        Ok(t) => t,
+        // Unlike virtio-blk's, its queues have no other server.
+        Err(e) => moat_host_common::signals::die(
+            moat_host_common::protocol::ReportKind::Startup,
+            format_args!(
+                "vmm: cannot start the thread of virtio-net device `{}`: {e}",
+                d.name
+            ),
+            moat_host_common::protocol::EXIT_HOST_FAILURE,
+        ),
     };
     n.lock().unwrap().set_kick(Some(thread.kick()));
     *d.net.lock().unwrap() = Some(thread);
@@ -600,8 +609,15 @@ fn pump(u: &Mutex<Uart>, mut input: File) {
             continue;
         }
         let n = match input.read(&mut buf[..room]) {
-            Ok(0) | Err(_) => return,
+            Ok(0) => return,
             Ok(n) => n,
+            // A line whose descriptor someone made non-blocking.
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+                continue;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return,
         };
         let mut at = 0;
         while at < n {

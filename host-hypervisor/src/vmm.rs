@@ -164,7 +164,13 @@ fn run(warm: Option<&moat_policy::Limits>) -> ! {
             Err(e) => fail(&format!("vmm: {e}")),
         },
     };
-    // One descriptor per device that has a file, in declaration order.
+    // One descriptor per device that has a file, in declaration order,
+    // and nothing after them.
+    if cfg.device_files.len() != cfg.devices.len()
+        || cfg.device_files.iter().filter(|&&f| f).count() != fds.len()
+    {
+        fail("vmm: the monitor's device descriptors do not match its devices");
+    }
     let mut fds = fds.into_iter().map(std::fs::File::from);
     let mut files: Vec<Option<std::fs::File>> = Vec::with_capacity(cfg.devices.len());
     for i in 0..cfg.devices.len() {

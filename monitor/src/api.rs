@@ -252,7 +252,9 @@ impl Sandbox {
     /// (bytes the UART transmits are written to it, bytes read from it
     /// are received; without one the line is the console). The
     /// picoprocess gets its own copy; the caller may keep `file`'s other
-    /// copies, so the wire outlives the picoprocess.
+    /// copies, so the wire outlives the picoprocess. The copies share one
+    /// open file description: a virtio-net device makes it non-blocking
+    /// for every holder.
     pub fn device_file(mut self, name: &str, file: File) -> Self {
         self.device_files.push((name.to_owned(), file));
         self

@@ -246,6 +246,60 @@ fn measure_yield(per_micro: u64) -> Option<u64> {
     (us <= CHEAP_YIELD_MICROS * N).then(|| (us * per_micro / N).max(1))
 }
 
+/// A serving loop's polling between requests: for the mediator's spin
+/// bound when idle (pausing first, then yielding where a yield is cheap),
+/// for [`BUSY_SPIN_MICROS`] at least while the device holds requests.
+pub(crate) struct Idle {
+    quiet: u64,
+    spin: u64,
+    busy_spin: u64,
+    pause_for: u64,
+    yield_cost: Option<u64>,
+}
+
+impl Idle {
+    pub(crate) fn new(spin_ns: u64) -> Idle {
+        let per_micro = crate::time::spins_per_micro();
+        let spin = (spin_ns / 1000 * per_micro).max(1);
+        Idle {
+            quiet: 0,
+            spin,
+            busy_spin: spin.max(BUSY_SPIN_MICROS * per_micro),
+            pause_for: PAUSE_FIRST_MICROS * per_micro,
+            yield_cost: yield_cost(per_micro),
+        }
+    }
+
+    /// Something happened: the next quiet spell polls from the start.
+    pub(crate) fn reset(&mut self) {
+        self.quiet = 0;
+    }
+
+    /// One look's worth of polling (`busy`: the device holds requests);
+    /// false once the bound ran out, when the loop should sleep (and the
+    /// next spell starts from the start).
+    pub(crate) fn poll(&mut self, busy: bool) -> bool {
+        let bound = if busy { self.busy_spin } else { self.spin };
+        if self.quiet >= bound {
+            self.quiet = 0;
+            return false;
+        }
+        match self.yield_cost {
+            // Idle and polling for a while: let the threads that make the
+            // work have the core.
+            Some(cost) if self.quiet >= self.pause_for && !busy => {
+                let _ = crate::raw::thread_yield_execution();
+                self.quiet += cost;
+            }
+            _ => {
+                core::hint::spin_loop();
+                self.quiet += 1;
+            }
+        }
+        true
+    }
+}
+
 /// How long [`QueuedBlockDevice::wait`] may sleep at a time.
 const WAIT_MICROS: u64 = 1_000_000;
 
@@ -267,11 +321,7 @@ pub fn serve_queued(
     let shared = Shared::open(name)?;
     let mut srv = shared.attach()?;
     let geometry = dev.geometry();
-    let spin = (srv.layout().spin_ns / 1000 * crate::time::spins_per_micro()).max(1);
-    // With requests in flight, poll longer (see BUSY_SPIN_MICROS).
-    let busy_spin = spin.max(BUSY_SPIN_MICROS * crate::time::spins_per_micro());
-    let pause_for = PAUSE_FIRST_MICROS * crate::time::spins_per_micro();
-    let yield_cost = yield_cost(crate::time::spins_per_micro());
+    let mut idle = Idle::new(srv.layout().spin_ns);
     let depth = srv.layout().depth;
     // The request each buffer is lent to the device for, by buffer index:
     // a buffer is lent to one request at a time.
@@ -279,7 +329,6 @@ pub fn serve_queued(
     // A request the device cannot take yet (it is full, or a flush waits
     // for what is in flight).
     let mut deferred: Option<Request> = None;
-    let mut quiet = 0u64;
     loop {
         let mut progress = false;
         let mut answered = false;
@@ -336,27 +385,13 @@ pub fn serve_queued(
             }
         }
         if progress {
-            quiet = 0;
+            idle.reset();
             continue;
         }
         // Nothing happened: poll for the spin bound, then sleep.
-        let bound = if dev.in_flight() > 0 { busy_spin } else { spin };
-        if quiet < bound {
-            match yield_cost {
-                // Idle and polling for a while: let the threads that make
-                // the work have the core.
-                Some(cost) if quiet >= pause_for && dev.in_flight() == 0 => {
-                    let _ = crate::raw::thread_yield_execution();
-                    quiet += cost;
-                }
-                _ => {
-                    core::hint::spin_loop();
-                    quiet += 1;
-                }
-            }
+        if idle.poll(dev.in_flight() > 0) {
             continue;
         }
-        quiet = 0;
         if dev.in_flight() > 0 {
             // The device completes (or the mediator sends more) soon.
             dev.wait(WAIT_MICROS);

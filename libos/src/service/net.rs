@@ -10,14 +10,15 @@
 //! frame in it). Receive buffers are filled in the order they came. A
 //! frame that comes when no buffer is lent stays with the device (which
 //! may drop it: a network may). When there is nothing to do the loop
-//! says it sleeps and waits on the section's doorbell and the device's
-//! event together.
+//! polls for the mediator's spin bound, as the block loop does (a wait is
+//! a VM exit on kvm), then says it sleeps and waits on the section's
+//! doorbell and the device's event together.
 use alloc::collections::VecDeque;
 
 use moat_service_proto::ring::Server;
 use moat_service_proto::{class, op, status, Request, Response};
 
-use super::{finish, Faults, Shared};
+use super::{finish, Faults, Idle, Shared};
 use crate::{Error, Result};
 
 /// A network device a driver serves: it moves whole Ethernet frames.
@@ -39,6 +40,12 @@ pub trait NetDevice {
     fn may_sleep(&mut self) -> bool {
         true
     }
+    /// Whether the device holds frames it has not finished sending: the
+    /// loop then polls longer before it sleeps (as the block loop does
+    /// with requests in flight).
+    fn busy(&mut self) -> bool {
+        false
+    }
 }
 
 /// How long one wait lasts before the loop looks again anyway.
@@ -53,6 +60,7 @@ pub fn serve_net(name: &str, dev: &mut dyn NetDevice, mut faults: Option<Faults>
     let mut srv = shared.attach()?;
     let (mac, mtu) = dev.info();
     let depth = srv.layout().depth;
+    let mut idle = Idle::new(srv.layout().spin_ns);
     let mut lent: VecDeque<Request> = VecDeque::new();
     loop {
         let mut answered = false;
@@ -86,10 +94,16 @@ pub fn serve_net(name: &str, dev: &mut dyn NetDevice, mut faults: Option<Faults>
             if srv.publish() {
                 shared.ring();
             }
+            idle.reset();
+            continue;
+        }
+        if idle.poll(dev.busy()) {
             continue;
         }
         if srv.prepare_sleep() {
-            if dev.may_sleep() {
+            // With no buffer lent a frame ready stays with the device: it
+            // is no reason not to sleep (the mediator rings when it lends).
+            if lent.is_empty() || dev.may_sleep() {
                 let handles = [shared.bell.handle(), dev.event()];
                 match crate::sync::wait_any(&handles, WAIT_MICROS) {
                     Ok(_) | Err(Error::TimedOut) => {}

@@ -376,6 +376,7 @@ fn start_driver(inner: &Inner, c: &mut Core) -> io::Result<()> {
                 .map_err(|v| io_err(format!("driver handshake: {v}")))
         });
     if let Err(e) = checked {
+        keep_vm_stats(c, &link);
         end(link);
         if restored || taking.is_some() {
             give_up_template(c, format!("a start with it failed: {e}"));

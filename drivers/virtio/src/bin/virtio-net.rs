@@ -1,13 +1,14 @@
 //! `virtio-net DEVICE serve SECTION [FAULTS]`: a NIC driver for the
 //! virtio-mmio network device granted as `dev:DEVICE`, built on
-//! `virtio_drivers`' `VirtIONet`, unmodified, through moat-libos-virtio's
+//! `virtio_drivers`' `VirtIONetRaw`, unmodified, through moat-libos-virtio's
 //! Hal. It serves the net contract to the safe mediator over the rings in
 //! the shared section `shm:SECTION` (see `moat_libos::service::net`):
 //! INFO answers the device's MAC address and an MTU of 1500; each frame to
-//! send goes to the device's transmit queue (`VirtIONet::send`, which
-//! waits until the device used it); received frames are copied from the
-//! driver's receive buffers into the mediator's and the buffer is given
-//! back to the device. FAULTS (`SEED:PER_MILLION:KIND[,KIND...]`) makes it
+//! send is copied into one of the driver's transmit buffers and queued to
+//! the device (answered once queued, as a NIC's transmit is: up to the
+//! queue's size in flight, a wait only when all are with the device);
+//! received frames are copied from the driver's receive buffers into the
+//! mediator's and the buffer is lent to the device again. FAULTS (`SEED:PER_MILLION:KIND[,KIND...]`) makes it
 //! misbehave on purpose.
 //!
 //! `virtio-net DEVICE info` prints `virtio-net: mac XX:XX:XX:XX:XX:XX`.
@@ -26,14 +27,15 @@
 
 extern crate alloc;
 
+use alloc::boxed::Box;
 use alloc::string::String;
 use alloc::vec::Vec;
 
 use moat_libos::device::Interrupt;
 use moat_libos::service::net::{serve_net, NetDevice};
 use moat_libos::service::{status, Faults};
-use moat_libos::{env, eprintln, println};
-use moat_libos_virtio::virtio_drivers::device::net::VirtIONet;
+use moat_libos::{env, eprintln, println, time};
+use moat_libos_virtio::virtio_drivers::device::net::VirtIONetRaw;
 use moat_libos_virtio::virtio_drivers::transport::mmio::MmioTransport;
 use moat_libos_virtio::virtio_drivers::transport::{DeviceType, Transport};
 use moat_libos_virtio::{EventIdx, MoatHal, Rings};
@@ -54,16 +56,80 @@ const MTU: u16 = 1500;
 const USAGE: &str = "usage: virtio-net DEVICE serve SECTION [SEED:PER_MILLION:KINDS]\n       \
                      virtio-net DEVICE info";
 
-type Net = VirtIONet<MoatHal, EventIdx<MmioTransport<'static>>, QUEUE>;
+type Net = VirtIONetRaw<MoatHal, EventIdx<MmioTransport<'static>>, QUEUE>;
 
 /// The receive queue's index.
 const RX_QUEUE: u16 = 0;
+/// How long a send waits for a transmit buffer to come back when all
+/// [`QUEUE`] are with the device.
+const TX_TIMEOUT_MICROS: u64 = 1_000_000;
+
+/// A buffer handed to the device: header and frame. Boxed, so it stays
+/// where the device was told it is while the device has it.
+type Buf = Box<[u8; BUF_LEN]>;
 
 struct Nic {
     net: Net,
     rings: alloc::rc::Rc<Rings>,
     mac: [u8; 6],
     irq: Interrupt,
+    /// Receive buffers with the device, by token.
+    rx: Vec<Option<Buf>>,
+    /// Transmit buffers with the device, by token, and the length handed.
+    tx: Vec<Option<(Buf, usize)>>,
+    /// Transmit buffers back from the device.
+    tx_free: Vec<Buf>,
+}
+
+impl Nic {
+    fn new(mut net: Net, rings: alloc::rc::Rc<Rings>, irq: Interrupt) -> Result<Nic, String> {
+        let mut rx: Vec<Option<Buf>> = (0..QUEUE).map(|_| None).collect();
+        for _ in 0..QUEUE {
+            let mut buf: Buf = Box::new([0; BUF_LEN]);
+            // SAFETY: the buffer is boxed and kept in `rx` under its token
+            // until the device gives it back (`receive_complete`), so it
+            // stays valid and unmoved while the device may write it.
+            let token = unsafe { net.receive_begin(&mut buf[..]) }
+                .map_err(|e| alloc::format!("cannot lend a receive buffer: {e}"))?;
+            let slot = rx
+                .get_mut(usize::from(token))
+                .ok_or_else(|| String::from("the device's queue gave a token out of range"))?;
+            *slot = Some(buf);
+        }
+        let mac = net.mac_address();
+        Ok(Nic {
+            net,
+            rings,
+            mac,
+            irq,
+            rx,
+            tx: (0..QUEUE).map(|_| None).collect(),
+            tx_free: (0..QUEUE).map(|_| -> Buf { Box::new([0; BUF_LEN]) }).collect(),
+        })
+    }
+
+    /// Takes back every transmit buffer the device is done with.
+    fn reclaim(&mut self) {
+        while let Some(token) = self.net.poll_transmit() {
+            let Some((buf, len)) = self.tx.get_mut(usize::from(token)).and_then(Option::take)
+            else {
+                fatal("the device completed a transmit buffer it was not given");
+            };
+            // SAFETY: `buf[..len]` is the slice handed to `transmit_begin`
+            // for this token.
+            if unsafe { self.net.transmit_complete(token, &buf[..len]) }.is_err() {
+                fatal("the transmit queue refused its own buffer back");
+            }
+            self.tx_free.push(buf);
+        }
+    }
+}
+
+/// End the picoprocess: a buffer may still be in the device's hands, so
+/// none may be reused.
+fn fatal(what: &str) -> ! {
+    eprintln!("virtio-net: {what}");
+    moat_libos::process::exit(EXIT_IO)
 }
 
 impl NetDevice for Nic {
@@ -71,27 +137,70 @@ impl NetDevice for Nic {
         (self.mac, MTU)
     }
 
+    /// Queues the frame to the device and answers at once (the device
+    /// owns a copy); waits only while every transmit buffer is with it.
     fn send(&mut self, frame: &[u8]) -> core::result::Result<(), u8> {
-        let mut tx = self.net.new_tx_buffer(frame.len());
-        tx.packet_mut().copy_from_slice(frame);
-        self.net.send(tx).map_err(|_| status::IO_ERROR)
+        self.reclaim();
+        if self.tx_free.is_empty() {
+            let t0 = time::now_micros();
+            while self.tx_free.is_empty() {
+                if time::elapsed_micros(t0) > TX_TIMEOUT_MICROS {
+                    return Err(status::IO_ERROR);
+                }
+                core::hint::spin_loop();
+                self.reclaim();
+            }
+        }
+        let mut buf = self.tx_free.pop().ok_or(status::IO_ERROR)?;
+        let hdr = match self.net.fill_buffer_header(&mut buf[..]) {
+            Ok(h) if h + frame.len() <= BUF_LEN => h,
+            _ => {
+                self.tx_free.push(buf);
+                return Err(status::INVALID);
+            }
+        };
+        buf[hdr..hdr + frame.len()].copy_from_slice(frame);
+        let len = hdr + frame.len();
+        // SAFETY: the buffer is boxed and kept in `tx` under its token
+        // until the device gives it back (`reclaim`).
+        match unsafe { self.net.transmit_begin(&buf[..len]) } {
+            Ok(token) => match self.tx.get_mut(usize::from(token)) {
+                Some(slot) => {
+                    *slot = Some((buf, len));
+                    Ok(())
+                }
+                None => fatal("the device's queue gave a token out of range"),
+            },
+            Err(_) => {
+                self.tx_free.push(buf);
+                Err(status::IO_ERROR)
+            }
+        }
     }
 
-    fn receive(&mut self, buf: &mut [u8]) -> Option<usize> {
+    fn receive(&mut self, out: &mut [u8]) -> Option<usize> {
         loop {
-            let rx = self.net.receive().ok()?;
-            let packet = rx.packet();
-            let n = packet.len();
-            let fits = n <= buf.len();
-            if fits {
-                buf[..n].copy_from_slice(packet);
+            let token = self.net.poll_receive()?;
+            let Some(mut buf) = self.rx.get_mut(usize::from(token)).and_then(Option::take) else {
+                fatal("the device completed a receive buffer it was not lent");
+            };
+            // SAFETY: `buf` is the buffer lent with this token.
+            let got = unsafe { self.net.receive_complete(token, &mut buf[..]) };
+            let frame = got.ok().and_then(|(hdr, len)| buf.get(hdr..hdr + len));
+            let n = frame.map(|f| {
+                let fits = f.len() <= out.len();
+                if fits {
+                    out[..f.len()].copy_from_slice(f);
+                }
+                (f.len(), fits)
+            });
+            // SAFETY: as in `Nic::new`: kept in `rx` until given back.
+            let again = unsafe { self.net.receive_begin(&mut buf[..]) };
+            match again.ok().and_then(|t| self.rx.get_mut(usize::from(t))) {
+                Some(slot) => *slot = Some(buf),
+                None => fatal("a receive buffer could not be lent again"),
             }
-            if self.net.recycle_rx_buffer(rx).is_err() {
-                // The queue refused its own buffer back: the device is
-                // broken; the mediator's deadline replaces this driver.
-                eprintln!("virtio-net: a receive buffer could not be given back");
-            }
-            if fits {
+            if let Some((n, true)) = n {
                 return Some(n);
             }
         }
@@ -101,9 +210,15 @@ impl NetDevice for Nic {
         self.irq.handle()
     }
 
+    fn busy(&mut self) -> bool {
+        self.reclaim();
+        self.tx_free.len() < QUEUE
+    }
+
     fn may_sleep(&mut self) -> bool {
+        self.reclaim();
         self.rings.want_interrupt(RX_QUEUE);
-        !self.net.can_recv()
+        self.net.poll_receive().is_none()
     }
 }
 
@@ -148,7 +263,7 @@ fn main() -> i32 {
     };
     let transport = EventIdx::new(dev.transport);
     let rings = transport.rings();
-    let net = match Net::new(transport, BUF_LEN) {
+    let net = match Net::new(transport) {
         Ok(n) => n,
         Err(e) => {
             eprintln!("virtio-net: device `{name}`: initialisation failed: {e}");
@@ -164,11 +279,12 @@ fn main() -> i32 {
         );
         return 0;
     };
-    let mut nic = Nic {
-        net,
-        rings,
-        mac,
-        irq,
+    let mut nic = match Nic::new(net, rings, irq) {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("virtio-net: device `{name}`: {e}");
+            return EXIT_DEVICE;
+        }
     };
     match serve_net(section, &mut nic, faults) {
         Ok(()) => 0,

@@ -17,6 +17,33 @@ use crate::dma::DmaMemory;
 /// Most descriptors in one chain (a frame takes one or two).
 const MAX_CHAIN_DESCRIPTORS: usize = 16;
 
+/// Whether a chain is whole and bounded: one to
+/// [`MAX_CHAIN_DESCRIPTORS`] descriptors, every one device-writable (a
+/// receive chain) or none (a transmit chain), the last without `NEXT`
+/// (a chain the iterator cut short, at a loop or an index outside the
+/// table, is not whole), none referring to an indirect table (the feature
+/// is not offered).
+fn whole(chain: &DescriptorChain<&DmaMemory>, writable: bool) -> bool {
+    let mut count = 0;
+    let mut last_has_next = true;
+    for d in chain.clone() {
+        count += 1;
+        if count > MAX_CHAIN_DESCRIPTORS
+            || d.is_write_only() != writable
+            || d.refers_to_indirect_table()
+        {
+            return false;
+        }
+        last_has_next = d.has_next();
+    }
+    count > 0 && !last_has_next
+}
+
+/// Most frames read from the wire in one pass: a pass holds the device's
+/// and the memory map's locks, so it ends even on a wire that never
+/// empties (a flood, a closed socket that reads as empty datagrams).
+const MAX_READS_PER_PASS: usize = 2 * super::NET_QUEUE_MAX_SIZE as usize;
+
 /// What one pass did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Pass {
@@ -26,6 +53,8 @@ pub struct Pass {
     /// serving thread should wake when the wire has a frame. False when
     /// no buffer is lent (a notification wakes it) or nothing runs.
     pub wire_wanted: bool,
+    /// The pass stopped at its bound with work left: look again at once.
+    pub more: bool,
 }
 
 /// Why a receive buffer did not take a frame.
@@ -55,10 +84,11 @@ impl VirtioNet {
             &mut self.pending,
             &mut self.counters,
         );
-        let (Ok(sent), Ok((received, wire_wanted))) = (sent, received) else {
+        let (Ok(sent), Ok(rx)) = (sent, received) else {
             self.needs_reset();
             return Pass::default();
         };
+        let received = rx.used;
         let mut notify = false;
         for (q, used) in [(RX, received), (TX, sent)] {
             if used > 0 {
@@ -70,7 +100,8 @@ impl VirtioNet {
         }
         Pass {
             moved: sent + received,
-            wire_wanted,
+            wire_wanted: rx.wire_wanted,
+            more: rx.more,
         }
     }
 }
@@ -79,6 +110,10 @@ impl VirtioNet {
     /// Before the serving thread sleeps: asks the driver to notify at its
     /// next buffer on either queue (with `EVENT_IDX`, `avail_event` set),
     /// then looks once more. True: nothing is waiting, it may sleep.
+    ///
+    /// Receive buffers lent are not work: they wait for frames, and the
+    /// thread waits on the wire for those. Only a frame from the wire
+    /// that waits for a buffer makes a new receive buffer work.
     pub fn enable_notification(&mut self) -> bool {
         if !self.serving() || !self.rings_ok() {
             return true;
@@ -86,9 +121,11 @@ impl VirtioNet {
         let dma = DmaMemory::new(&self.mem, self.dma_ranges.as_deref());
         let mut idle = true;
         let mut broken = false;
-        for q in &mut self.queues {
+        let frame_waits = self.pending.is_some();
+        for (i, q) in self.queues.iter_mut().enumerate() {
             match q.enable_notification(&dma) {
-                Ok(pending) => idle &= !pending,
+                Ok(pending) if i == TX || frame_waits => idle &= !pending,
+                Ok(_) => {}
                 Err(_) => broken = true,
             }
         }
@@ -155,12 +192,8 @@ fn read_frame(
     chain: DescriptorChain<&DmaMemory>,
     frame: &mut [u8; MAX_FRAME + 1],
 ) -> Option<usize> {
-    let mut count = 0;
-    for d in chain.clone() {
-        count += 1;
-        if count > MAX_CHAIN_DESCRIPTORS || d.is_write_only() {
-            return None;
-        }
+    if !whole(&chain, false) {
+        return None;
     }
     let mut r = Reader::new(dma, chain).ok()?;
     let total = r.available_bytes();
@@ -174,9 +207,17 @@ fn read_frame(
     Some(len)
 }
 
-/// Fills receive buffers from the wire; returns how many were used and
-/// whether the wire was read until empty with buffers still lent. `Err`:
-/// the ring is broken.
+/// What filling receive buffers did.
+struct Rx {
+    /// Buffers used.
+    used: usize,
+    /// The wire was read until empty with buffers still lent.
+    wire_wanted: bool,
+    /// The pass stopped at its bound with work left.
+    more: bool,
+}
+
+/// Fills receive buffers from the wire. `Err`: the ring is broken.
 fn receive(
     dma: &DmaMemory,
     q: &mut Queue,
@@ -184,31 +225,64 @@ fn receive(
     frame: &mut [u8; MAX_FRAME + 1],
     pending: &mut Option<usize>,
     c: &mut NetDevCounters,
-) -> Result<(usize, bool), ()> {
+) -> Result<Rx, ()> {
     let mut used = 0;
-    // Bounded: each round uses a buffer, drops a frame or returns; at
-    // most a ring's worth of short buffers are skipped before a frame is
-    // dropped.
+    // Bounded: each round reads a frame (at most MAX_READS_PER_PASS),
+    // uses a buffer, or returns; at most a ring's worth of short buffers
+    // are skipped before the pass ends.
     let mut short = 0;
+    let mut reads = 0;
     loop {
         let len = match *pending {
             Some(len) => len,
-            None => match (&*tap).read(&mut frame[..]) {
-                Ok(n) if !(MIN_FRAME..=MAX_FRAME).contains(&n) => {
-                    c.rx_dropped += 1;
-                    continue;
+            None => {
+                if reads == MAX_READS_PER_PASS {
+                    // More next pass (the thread looks again at once).
+                    return Ok(Rx {
+                        used,
+                        wire_wanted: false,
+                        more: true,
+                    });
                 }
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                // Empty (or failed: the thread waits for it to be readable
-                // again rather than spin).
-                Err(_) => return Ok((used, true)),
-            },
+                reads += 1;
+                match (&*tap).read(&mut frame[..]) {
+                    // No frame is empty: a wire that reads as empty is
+                    // closed (a socket whose peer is gone). The thread
+                    // waits on it, and sees it hung up.
+                    Ok(0) => {
+                        return Ok(Rx {
+                            used,
+                            wire_wanted: buffers_lent(dma, q),
+                            more: false,
+                        })
+                    }
+                    Ok(n) if !(MIN_FRAME..=MAX_FRAME).contains(&n) => {
+                        c.rx_dropped += 1;
+                        continue;
+                    }
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    // Empty (or failed: the thread waits for it to be
+                    // readable again rather than spin), with buffers lent
+                    // or not.
+                    Err(_) => {
+                        return Ok(Rx {
+                            used,
+                            wire_wanted: buffers_lent(dma, q),
+                            more: false,
+                        })
+                    }
+                }
+            }
         };
         *pending = Some(len);
         let Some(chain) = q.iter(dma).map_err(|_| ())?.next() else {
             // No buffer lent: the frame waits for one.
-            return Ok((used, false));
+            return Ok(Rx {
+                used,
+                wire_wanted: false,
+                more: false,
+            });
         };
         let head = chain.head_index();
         match write_frame(dma, chain, &frame[..len]) {
@@ -227,7 +301,13 @@ fn receive(
                 *pending = None;
                 c.rx_dropped += 1;
                 if short == usize::from(q.size()) {
-                    return Ok((used, true));
+                    // The driver lends only buffers too short: each frame
+                    // is dropped as it comes.
+                    return Ok(Rx {
+                        used,
+                        wire_wanted: true,
+                        more: false,
+                    });
                 }
             }
             Err(_) => {
@@ -241,18 +321,21 @@ fn receive(
     }
 }
 
+/// Whether the driver has receive buffers in the available ring that the
+/// device has not taken.
+fn buffers_lent(dma: &DmaMemory, q: &Queue) -> bool {
+    q.avail_idx(dma, std::sync::atomic::Ordering::Acquire)
+        .is_ok_and(|avail| avail.0 != q.next_avail())
+}
+
 /// Writes the header and `frame` into a receive chain; the used length.
 fn write_frame(
     dma: &DmaMemory,
     chain: DescriptorChain<&DmaMemory>,
     frame: &[u8],
 ) -> Result<u32, Refusal> {
-    let mut count = 0;
-    for d in chain.clone() {
-        count += 1;
-        if count > MAX_CHAIN_DESCRIPTORS || !d.is_write_only() {
-            return Err(Refusal::Bad);
-        }
+    if !whole(&chain, true) {
+        return Err(Refusal::Bad);
     }
     let mut w = Writer::new(dma, chain).map_err(|_| Refusal::Bad)?;
     if w.available_bytes() < NET_HDR_SIZE + frame.len() {

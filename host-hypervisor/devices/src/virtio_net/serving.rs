@@ -110,8 +110,8 @@ fn run(
             pass = dev.serve();
             serving = dev.serving();
         });
-        if pass.moved > 0 {
-            if let Some(r) = report {
+        if pass.moved > 0 || pass.more {
+            if let Some(r) = report.filter(|_| pass.moved > 0) {
                 r(pass.moved as u64);
             }
             idle_since = None;
@@ -157,7 +157,7 @@ fn run(
             // Readable: the read returns at once and clears it.
             kicker.wait();
         }
-        if n > 0 && fds[1].revents & (libc::POLLERR | libc::POLLNVAL) != 0 {
+        if n > 0 && fds[1].revents & (libc::POLLERR | libc::POLLNVAL | libc::POLLHUP) != 0 {
             // A broken wire: look again only when kicked or a while later.
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
