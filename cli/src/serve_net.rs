@@ -95,6 +95,8 @@ pub fn serve(a: ServeArgs) -> i32 {
         deadline: Duration::from_millis(a.driver.deadline_ms.max(1)),
         max_failed_restarts: a.driver.max_failed_restarts,
         templates,
+        // A standby virtio-net driver stays off the wire until it serves.
+        standby: virtio,
         ..NetConfig::default()
     };
     let nic = match MediatedNet::start(spec, config) {

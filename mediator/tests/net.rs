@@ -309,7 +309,12 @@ fn virtio_net_on_kvm_carries_frames_both_ways_across_kills() {
         return;
     }
     let wire = EchoDatagrams::new();
-    let nic = MediatedNet::start(wire.spec(), NetConfig::default()).unwrap();
+    // With a standby: virtio-net stays off the wire until it serves.
+    let config = NetConfig {
+        standby: true,
+        ..NetConfig::default()
+    };
+    let nic = MediatedNet::start(wire.spec(), config).unwrap();
     assert_eq!(nic.info().mac[..3], [0x02, 0x6d, 0x6f]);
     assert_eq!(nic.info().mtu, 1500);
     let mut seen = HashSet::new();
@@ -318,6 +323,8 @@ fn virtio_net_on_kvm_carries_frames_both_ways_across_kills() {
         nic.send(&frame(i, 60 + (i as usize * 7) % 1450)).unwrap();
         if i % 100 == 50 {
             nic.kill_driver();
+            // Time for the next standby to be made.
+            std::thread::sleep(Duration::from_millis(50));
         }
         while let Some(f) = nic.recv(Duration::ZERO) {
             let seq = check(&f).expect("a damaged frame came back");
@@ -340,12 +347,14 @@ fn virtio_net_on_kvm_carries_frames_both_ways_across_kills() {
     let c = nic.counters();
     nic.shutdown();
     eprintln!(
-        "{} of {FRAMES} back; {} restarts ({} from the template), recovery {:?}",
+        "{} of {FRAMES} back; {} restarts ({} from the template, {} to the standby), recovery {:?}",
         seen.len(),
         c.restarts,
         c.from_template,
+        c.from_standby,
         c.recovery
     );
+    assert!(c.from_standby * 2 >= c.restarts, "{c:?}");
     assert!(c.restarts >= 10, "{c:?}");
     assert_eq!(
         c.violations.get("crash").copied(),

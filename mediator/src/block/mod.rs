@@ -44,7 +44,7 @@ mod core;
 pub(crate) mod link;
 mod parts;
 pub(crate) mod region;
-mod standby;
+pub(crate) mod standby;
 mod supervisor;
 
 use std::collections::BTreeMap;
@@ -383,7 +383,7 @@ impl MediatedBlock {
                 .geometry()
                 .ok_or_else(|| io_err("no geometry after the handshake"))?
         };
-        standby::replenish(&inner);
+        standby::replenish(&inner, standby::template_of(&inner));
         let for_thread = inner.clone();
         let thread = std::thread::Builder::new()
             .name("moat-mediator".into())

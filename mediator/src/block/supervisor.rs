@@ -142,7 +142,7 @@ fn give_up_template(inner: &Inner, why: String, tries: u32) {
 /// Switches to the standby driver, if one is ready: installed as the
 /// next incarnation once the contract accepted its INFO answer.
 fn promote(inner: &Arc<Inner>, t0: Instant) -> bool {
-    let Some(sb) = super::standby::take(inner) else {
+    let Some(sb) = super::standby::take(&**inner) else {
         return false;
     };
     let mut c = lock(&inner.core);
@@ -168,7 +168,7 @@ fn promote(inner: &Arc<Inner>, t0: Instant) -> bool {
     c.install(link, Instant::now());
     c.counters.recovery.push(t0.elapsed());
     drop(c);
-    super::standby::replenish(inner);
+    super::standby::replenish(inner, super::standby::template_of(inner));
     true
 }
 
@@ -272,7 +272,7 @@ pub(crate) fn run(inner: Arc<Inner>) {
         }
     }
     // Shut down: the driver is ended, what did not finish fails.
-    super::standby::discard(&inner);
+    super::standby::discard(&*inner);
     let mut c = lock(&inner.core);
     let live = c.link.take();
     let dead = std::mem::take(&mut c.dead);
@@ -325,7 +325,7 @@ fn restart(inner: &Arc<Inner>, t0: Instant) {
                 c.install(link, now);
                 c.counters.recovery.push(t0.elapsed());
                 drop(c);
-                super::standby::replenish(inner);
+                super::standby::replenish(inner, super::standby::template_of(inner));
                 return;
             }
             Err(e) => {

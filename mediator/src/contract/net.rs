@@ -196,15 +196,19 @@ impl NetContract {
     pub fn info_request(&mut self) -> Request {
         self.handshake = true;
         self.current = None;
-        Request {
-            op: op::INFO,
-            class: class::NET,
-            id: 0,
-            offset: 0,
-            len: 0,
-            buf: 0,
-        }
+        Self::INFO
     }
+
+    /// The INFO request (id 0), as [`NetContract::info_request`] sends
+    /// it: for a driver whose handshake is checked later (a standby).
+    pub const INFO: Request = Request {
+        op: op::INFO,
+        class: class::NET,
+        id: 0,
+        offset: 0,
+        len: 0,
+        buf: 0,
+    };
 
     /// Checks the driver's answer to INFO and the payload bytes that came
     /// with it; the first accepted one fixes the interface for good.

@@ -28,6 +28,7 @@ use moat_service_proto::{op, status, Response};
 
 use crate::block::link::{end, Boot, Link, Template};
 use crate::block::region::{wait_readable, Bell};
+use crate::block::standby;
 use crate::block::{DriverSpec, SECTION};
 use crate::contract::{Contract, ContractLimits, NetContract, NetInfo, Violation, MAX_MTU};
 
@@ -55,6 +56,15 @@ pub struct NetConfig {
     /// first open, its wire's; sealed), as block drivers are
     /// (`crate::block::Config::templates`). Off with fault injection.
     pub templates: bool,
+    /// Keep the next driver restored from the template and past its
+    /// handshake, and switch to it at a restart (as
+    /// `crate::block::Config::standby`): a second idle driver process.
+    /// Only for drivers that stay off the wire until they are lent a
+    /// receive buffer or given a frame (`virtio-net` does: its device
+    /// reads the wire only into buffers lent; `net-soft` connects its
+    /// wire at once, which would take the wire from the driver serving).
+    /// Off by default.
+    pub standby: bool,
 }
 
 impl Default for NetConfig {
@@ -68,6 +78,7 @@ impl Default for NetConfig {
             tx_queue: 1024,
             max_failed_restarts: 5,
             templates: true,
+            standby: false,
         }
     }
 }
@@ -100,6 +111,8 @@ pub struct NetCounters {
     pub from_template: u64,
     /// Why there is no template, if one was wanted and given up.
     pub template: Option<String>,
+    /// Restarts that switched to a standby driver.
+    pub from_standby: u64,
     /// What the drivers' VMMs counted (kvm only), ended drivers' included.
     pub vm: Option<moat_monitor::VmStats>,
 }
@@ -140,6 +153,43 @@ struct Inner {
     spec: DriverSpec,
     layout: Layout,
     config: NetConfig,
+    /// The next driver, ready (see [`NetConfig::standby`]).
+    standby: Mutex<standby::Slot>,
+}
+
+impl standby::Owner for Inner {
+    fn slot(&self) -> &Mutex<standby::Slot> {
+        &self.standby
+    }
+    fn spec(&self) -> &DriverSpec {
+        &self.spec
+    }
+    fn layout(&self) -> Layout {
+        self.layout
+    }
+    fn start_timeout(&self) -> Duration {
+        self.config.start_timeout
+    }
+    fn info(&self) -> moat_service_proto::Request {
+        NetContract::INFO
+    }
+    fn wanted(&self) -> bool {
+        self.config.standby
+    }
+    fn closing(&self) -> bool {
+        self.closing.load(Ordering::SeqCst)
+    }
+    fn failed(&self, why: String) {
+        lock(&self.core).counters.last_start_failure = Some(format!("standby: {why}"));
+    }
+}
+
+/// The template to make a standby from, if there is one.
+fn template_of(c: &Core) -> Option<Arc<std::fs::File>> {
+    match &c.template {
+        Template::Have(f, _) => Some(f.clone()),
+        _ => None,
+    }
 }
 
 /// A network interface served by a driver picoprocess through the
@@ -212,6 +262,7 @@ impl MediatedNet {
             spec,
             layout,
             config,
+            standby: Mutex::new(standby::Slot::default()),
         });
         {
             let mut c = lock(&inner.core);
@@ -227,6 +278,7 @@ impl MediatedNet {
                     return Err(e);
                 }
             }
+            standby::replenish(&inner, template_of(&c));
         }
         let info = lock(&inner.core)
             .contract
@@ -393,6 +445,35 @@ fn start_driver(inner: &Inner, c: &mut Core) -> io::Result<()> {
             t => c.template = t,
         }
     }
+    install(inner, c, link);
+    Ok(())
+}
+
+/// Switches to the standby driver, if one is ready and the contract
+/// accepts its INFO answer (taken when it came up).
+fn promote(inner: &Arc<Inner>, c: &mut Core) -> bool {
+    let Some(sb) = standby::take(&**inner) else {
+        return false;
+    };
+    let _ = c.contract.info_request();
+    if let Err(v) = c.contract.check_info(&sb.info.0, &sb.info.1) {
+        c.counters.last_start_failure = Some(format!("standby handshake: {v}"));
+        end(sb.link);
+        return false;
+    }
+    c.generation += 1;
+    let mut link = sb.link;
+    link.generation = c.generation;
+    c.counters.from_template += 1;
+    c.counters.from_standby += 1;
+    install(inner, c, link);
+    standby::replenish(inner, template_of(c));
+    true
+}
+
+/// Makes `link`, whose handshake the contract accepted, the driver: the
+/// sends of the last are dropped, the receive buffers lent to it again.
+fn install(inner: &Inner, c: &mut Core, mut link: Link) {
     let now = Instant::now();
     let r = c.contract.restart(now);
     c.counters.send_dropped += r.dropped.len() as u64;
@@ -412,7 +493,6 @@ fn start_driver(inner: &Inner, c: &mut Core) -> io::Result<()> {
             link.region.kick();
         }
     }
-    Ok(())
 }
 
 /// Drivers boot from their image from now on.
@@ -520,7 +600,7 @@ fn violation(c: &mut Core, kind: &'static str) {
 /// Replaces the driver after a fault at `t0`; gives up after
 /// `max_failed_restarts` restarts in a row without a frame moving (starts
 /// that fail included), backing off between those.
-fn restart(inner: &Inner, c: &mut Core, t0: Instant) {
+fn restart(inner: &Arc<Inner>, c: &mut Core, t0: Instant) {
     if std::mem::take(&mut c.progress) | std::mem::take(&mut c.killed) {
         c.barren = 0;
     } else {
@@ -542,6 +622,10 @@ fn restart(inner: &Inner, c: &mut Core, t0: Instant) {
         end(old);
     }
     c.counters.restarts += 1;
+    if promote(inner, c) {
+        c.counters.recovery.push(t0.elapsed());
+        return;
+    }
     let mut failed = 0;
     while let Err(e) = start_driver(inner, c) {
         failed += 1;
@@ -553,6 +637,7 @@ fn restart(inner: &Inner, c: &mut Core, t0: Instant) {
         std::thread::sleep(Duration::from_millis(10 << failed.min(6)));
     }
     c.counters.recovery.push(t0.elapsed());
+    standby::replenish(inner, template_of(c));
 }
 
 fn pump(inner: Arc<Inner>) {
@@ -635,6 +720,9 @@ fn pump(inner: Arc<Inner>) {
         let _ = l.proc.wait();
         keep_vm_stats(&mut c, &l);
     }
+    drop(c);
+    // `closing` is set: none is kept after this.
+    standby::discard(&*inner);
     inner.received.notify_all();
 }
 

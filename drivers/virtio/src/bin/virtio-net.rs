@@ -8,7 +8,10 @@
 //! the device (answered once queued, as a NIC's transmit is: up to the
 //! queue's size in flight, a wait only when all are with the device);
 //! received frames are copied from the driver's receive buffers into the
-//! mediator's and the buffer is lent to the device again. FAULTS (`SEED:PER_MILLION:KIND[,KIND...]`) makes it
+//! mediator's and the buffer is lent to the device again. The driver
+//! lends the device no receive buffer before the mediator lends it one,
+//! so the device reads nothing from the wire before then: a standby
+//! driver, restored ahead of need, leaves the wire to the one serving. FAULTS (`SEED:PER_MILLION:KIND[,KIND...]`) makes it
 //! misbehave on purpose.
 //!
 //! `virtio-net DEVICE info` prints `virtio-net: mac XX:XX:XX:XX:XX:XX`.
@@ -82,30 +85,42 @@ struct Nic {
 }
 
 impl Nic {
-    fn new(mut net: Net, rings: alloc::rc::Rc<Rings>, irq: Interrupt) -> Result<Nic, String> {
-        let mut rx: Vec<Option<Buf>> = (0..QUEUE).map(|_| None).collect();
+    fn new(net: Net, rings: alloc::rc::Rc<Rings>, irq: Interrupt) -> Nic {
+        let mac = net.mac_address();
+        Nic {
+            net,
+            rings,
+            mac,
+            irq,
+            rx: Vec::new(),
+            tx: (0..QUEUE).map(|_| None).collect(),
+            tx_free: (0..QUEUE).map(|_| -> Buf { Box::new([0; BUF_LEN]) }).collect(),
+        }
+    }
+
+    /// Lends the device its receive buffers, the first time the mediator
+    /// lends the driver one: until then the device reads nothing from
+    /// the wire (a standby driver, made ahead of need, must not take
+    /// frames from the driver serving).
+    fn start_receiving(&mut self) {
+        if !self.rx.is_empty() {
+            return;
+        }
+        self.rx = (0..QUEUE).map(|_| None).collect();
         for _ in 0..QUEUE {
             let mut buf: Buf = Box::new([0; BUF_LEN]);
             // SAFETY: the buffer is boxed and kept in `rx` under its token
             // until the device gives it back (`receive_complete`), so it
             // stays valid and unmoved while the device may write it.
-            let token = unsafe { net.receive_begin(&mut buf[..]) }
-                .map_err(|e| alloc::format!("cannot lend a receive buffer: {e}"))?;
-            let slot = rx
-                .get_mut(usize::from(token))
-                .ok_or_else(|| String::from("the device's queue gave a token out of range"))?;
-            *slot = Some(buf);
+            let token = match unsafe { self.net.receive_begin(&mut buf[..]) } {
+                Ok(t) => t,
+                Err(_) => fatal("cannot lend a receive buffer"),
+            };
+            match self.rx.get_mut(usize::from(token)) {
+                Some(slot) => *slot = Some(buf),
+                None => fatal("the device's queue gave a token out of range"),
+            }
         }
-        let mac = net.mac_address();
-        Ok(Nic {
-            net,
-            rings,
-            mac,
-            irq,
-            rx,
-            tx: (0..QUEUE).map(|_| None).collect(),
-            tx_free: (0..QUEUE).map(|_| -> Buf { Box::new([0; BUF_LEN]) }).collect(),
-        })
     }
 
     /// Takes back every transmit buffer the device is done with.
@@ -179,6 +194,7 @@ impl NetDevice for Nic {
     }
 
     fn receive(&mut self, out: &mut [u8]) -> Option<usize> {
+        self.start_receiving();
         loop {
             let token = self.net.poll_receive()?;
             let Some(mut buf) = self.rx.get_mut(usize::from(token)).and_then(Option::take) else {
@@ -279,13 +295,7 @@ fn main() -> i32 {
         );
         return 0;
     };
-    let mut nic = match Nic::new(net, rings, irq) {
-        Ok(n) => n,
-        Err(e) => {
-            eprintln!("virtio-net: device `{name}`: {e}");
-            return EXIT_DEVICE;
-        }
-    };
+    let mut nic = Nic::new(net, rings, irq);
     match serve_net(section, &mut nic, faults) {
         Ok(()) => 0,
         Err(e) => {

@@ -235,6 +235,15 @@ fn receive(
     loop {
         let len = match *pending {
             Some(len) => len,
+            // No buffer to put a frame in: frames wait in the wire's own
+            // queue (a TAP's), where the next driver finds them too.
+            None if !buffers_lent(dma, q) => {
+                return Ok(Rx {
+                    used,
+                    wire_wanted: false,
+                    more: false,
+                })
+            }
             None => {
                 if reads == MAX_READS_PER_PASS {
                     // More next pass (the thread looks again at once).
