@@ -1,0 +1,256 @@
+//! A mediated serial line on kvm (the UART exists only there): the
+//! `uart-driver` picoprocess serving the char contract, its UART's line a
+//! socket pair whose far end this test holds as a loopback plug (every
+//! byte it reads is written back). Numbered lines typed one at a time come
+//! back in order while the driver is killed again and again, and while a
+//! driver lies (its lies caught as violations); a line whose echo was lost
+//! with a killed driver (bytes the driver or the UART held: the documented
+//! loss) is typed again after a timeout. Every byte written reaches the
+//! plug, none more than the re-issued ones twice.
+use moat_mediator::block::{DriverSpec, FaultPlan, SECTION};
+use moat_mediator::serial::{MediatedSerial, SerialConfig};
+use moat_tests::typing::type_lines;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn kvm() -> bool {
+    if !moat_tests::kvm_available() || !moat_tests::sandbox_available() {
+        eprintln!("skipping: no /dev/kvm (set MOAT_REQUIRE_KVM=1 to fail instead)");
+        return false;
+    }
+    true
+}
+
+/// The far end of the UART's line: echoes every byte back, counting.
+struct Plug {
+    line: Arc<File>,
+    bytes: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    ours: UnixStream,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Plug {
+    fn new() -> Plug {
+        let (ours, line) = UnixStream::pair().unwrap();
+        let bytes = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (mut r, b, st) = (ours.try_clone().unwrap(), bytes.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let mut w = r.try_clone().unwrap();
+            let mut buf = [0u8; 4096];
+            while !st.load(Ordering::SeqCst) {
+                let n = match r.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                b.fetch_add(n as u64, Ordering::SeqCst);
+                if w.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        });
+        Plug {
+            line: Arc::new(File::from(OwnedFd::from(line))),
+            bytes,
+            stop,
+            ours,
+            thread: Some(thread),
+        }
+    }
+
+    fn spec(&self, faults: Option<FaultPlan>) -> DriverSpec {
+        let mut policy = moat_policy::Policy::default();
+        policy.limits.memory_mib = 64;
+        policy
+            .add_device(moat_policy::DeviceSpec::parse("com1=uart").unwrap())
+            .unwrap();
+        DriverSpec {
+            image: moat_tests::built("uart-driver"),
+            args: vec!["com1".into(), "serve".into(), SECTION.into()],
+            host: moat_monitor::Host::Kvm,
+            policy,
+            faults,
+            console: false,
+            files: vec![("com1".into(), self.line.clone())],
+        }
+    }
+}
+
+impl Drop for Plug {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = self.ours.shutdown(std::net::Shutdown::Both);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Types `n` lines through `s`, running `between` after each echo.
+fn type_through(
+    s: &MediatedSerial,
+    n: usize,
+    between: impl FnMut(usize),
+) -> moat_tests::typing::Typed {
+    type_lines(
+        n,
+        Duration::from_secs(3),
+        5,
+        |b| assert_eq!(s.write(b).unwrap(), b.len()),
+        |buf, limit| s.read(buf, limit).unwrap(),
+        between,
+    )
+}
+
+#[test]
+fn lines_come_back_in_order() {
+    if !kvm() {
+        return;
+    }
+    let plug = Plug::new();
+    let s = MediatedSerial::start(plug.spec(None), SerialConfig::default()).unwrap();
+    let t = type_through(&s, 40, |_| {});
+    let v = t.check();
+    assert_eq!((v.whole, v.damaged, t.retyped), (40, 0, 0), "{v:?}");
+    // Nothing is silently late: quiet reads wait and return nothing.
+    let mut b = [0u8; 8];
+    assert_eq!(s.read(&mut b, Duration::from_millis(300)).unwrap(), 0);
+    assert!(s.flush(Duration::from_secs(5)));
+    let c = s.counters();
+    assert_eq!(c.written, t.bytes_typed as u64);
+    assert_eq!(c.sent, c.written, "{c:?}");
+    assert_eq!(c.received, c.written, "{c:?}");
+    assert_eq!(plug.bytes.load(Ordering::SeqCst), c.written);
+    assert_eq!(c.restarts, 0);
+    assert!(c.violations.is_empty(), "{c:?}");
+    // A silent line is no fault: reads are lent without a deadline.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(s.counters().restarts, 0);
+    assert!(s.failed().is_none());
+    s.shutdown();
+}
+
+/// Kills the driver every `period` from another thread while lines flow.
+fn typed_under_kills(templates: bool) {
+    let plug = Plug::new();
+    let config = SerialConfig {
+        templates,
+        ..SerialConfig::default()
+    };
+    let s = MediatedSerial::start(plug.spec(None), config).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let killer = {
+        let (s, stop) = (s.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut kills = 0u32;
+            while !stop.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(150));
+                s.kill_driver();
+                kills += 1;
+            }
+            kills
+        })
+    };
+    let t0 = Instant::now();
+    // At least 8 kills: keep typing until that long has passed.
+    let mut n = 0;
+    let mut typed = Vec::new();
+    while n < 40 || t0.elapsed() < Duration::from_millis(1300) {
+        let t = type_through(&s, 20, |_| {});
+        typed.push(t);
+        n += 20;
+        assert!(n <= 2000, "typing never took 1.3 s");
+    }
+    stop.store(true, Ordering::SeqCst);
+    let kills = killer.join().unwrap();
+    let mut retyped = 0;
+    let mut damaged = 0;
+    for t in &typed {
+        let v = t.check();
+        retyped += t.retyped;
+        damaged += v.damaged;
+    }
+    assert!(s.flush(Duration::from_secs(10)));
+    let c = s.counters();
+    eprintln!(
+        "{kills} kills, {n} lines, {retyped} typed again, {damaged} damaged; {c:?}, plug {}",
+        plug.bytes.load(Ordering::SeqCst)
+    );
+    assert!(c.restarts >= 5, "{c:?}");
+    let typed_bytes: usize = typed.iter().map(|t| t.bytes_typed).sum();
+    assert_eq!(c.written, typed_bytes as u64);
+    assert_eq!(c.sent, c.written, "every byte written was acknowledged");
+    // At least once toward the UART: every byte reached the plug, and
+    // only re-issued ones may have reached it twice.
+    let at_plug = plug.bytes.load(Ordering::SeqCst);
+    assert!(at_plug >= c.written, "{at_plug} < {}", c.written);
+    assert!(at_plug <= c.written + c.reissued, "{c:?}, plug {at_plug}");
+    assert_eq!(
+        c.violations.keys().copied().collect::<Vec<_>>(),
+        vec!["crash"],
+        "kills are crashes, nothing else: {c:?}"
+    );
+    if templates {
+        assert!(c.from_template > 0 || c.template.is_some(), "{c:?}");
+    }
+    s.shutdown();
+}
+
+#[test]
+fn lines_come_back_in_order_across_kills() {
+    if !kvm() {
+        return;
+    }
+    typed_under_kills(false);
+}
+
+#[test]
+fn lines_come_back_in_order_across_kills_from_a_template() {
+    if !kvm() {
+        return;
+    }
+    typed_under_kills(true);
+}
+
+#[test]
+fn a_lying_driver_is_caught_and_replaced() {
+    if !kvm() {
+        return;
+    }
+    let plug = Plug::new();
+    let faults = FaultPlan {
+        seed: 11,
+        per_million: 60_000,
+        kinds: "double,wrong-id,bad-status,outside-pool,wrong-buf,bad-index,crash".into(),
+    };
+    let config = SerialConfig {
+        max_failed_restarts: 20,
+        ..SerialConfig::default()
+    };
+    let s = MediatedSerial::start(plug.spec(Some(faults)), config).unwrap();
+    let t = type_through(&s, 80, |_| {});
+    t.check();
+    assert!(s.flush(Duration::from_secs(10)));
+    let c = s.counters();
+    eprintln!("{} typed again; {c:?}", t.retyped);
+    let caught: u64 = c.violations.values().sum();
+    assert!(caught >= 3, "the faults were not caught: {c:?}");
+    assert_eq!(
+        caught, c.restarts,
+        "every violation replaced the driver: {c:?}"
+    );
+    assert!(
+        c.violations.keys().any(|k| *k != "crash"),
+        "lies were seen, not only crashes: {c:?}"
+    );
+    assert_eq!(c.sent, c.written, "{c:?}");
+    assert!(plug.bytes.load(Ordering::SeqCst) >= c.written);
+    assert!(s.failed().is_none());
+    s.shutdown();
+}
