@@ -25,7 +25,7 @@ pub fn line(i: usize) -> String {
 /// What came back from typing.
 #[derive(Debug, Default)]
 pub struct Typed {
-    /// Lines typed (the first `lines` of [`line`]).
+    /// Lines typed (the first `lines` of [`line()`]).
     pub lines: usize,
     /// Every byte read, in order.
     pub received: Vec<u8>,
