@@ -6,7 +6,8 @@
 //! (bytes the dead driver or its UART held: the documented loss) is typed
 //! again after a timeout, and a damaged line may hold only bytes of the
 //! lines typed around it, in order. The counters at exit say every typed
-//! byte was acknowledged and reached the plug. Bad input (a PTY on linux,
+//! byte was acknowledged and reached the plug. A driver that lies
+//! (`--faults`) is caught and replaced while lines are typed. Bad input (a PTY on linux,
 //! an unknown driver) is one line and exit 2. Needs /dev/kvm (CI sets
 //! MOAT_REQUIRE_KVM, which turns a skip into a failure).
 use moat_tests::typing::type_lines;
@@ -62,17 +63,26 @@ fn number(text: &str, label: &str) -> u64 {
     text[at + label.len() + 1..]
         .split_whitespace()
         .next()
-        .and_then(|n| n.parse().ok())
+        .and_then(|n| n.trim_end_matches(':').parse().ok())
         .unwrap_or_else(|| panic!("no number after `{label}` in {text:?}"))
 }
 
-#[test]
-fn typed_lines_come_back_in_order_across_driver_kills() {
-    if !kvm() {
-        return;
-    }
+/// What a `moat serve --pty` run printed at exit.
+struct Served {
+    /// Its counters (stderr).
+    err: String,
+    /// Bytes typed into the PTY, retyping included.
+    bytes_typed: u64,
+}
+
+/// Starts `moat serve --pty --host kvm EXTRA...`, types numbered lines
+/// into its PTY for at least `typing` (40 lines at least), checks what
+/// came back, stops it with SIGTERM, and checks the counters it printed
+/// and that its driver processes ended with it.
+fn serve_and_type(extra: &[&str], typing: Duration) -> Served {
     let mut server = Command::new(built("moat"))
-        .args(["serve", "--pty", "--host", "kvm", "--kill-every", "150"])
+        .args(["serve", "--pty", "--host", "kvm"])
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -104,8 +114,7 @@ fn typed_lines_come_back_in_order_across_driver_kills() {
     let t0 = Instant::now();
     let mut typed = Vec::new();
     let mut lines = 0;
-    // Typing for 1.5 s at least: 10 kills at 150 ms.
-    while lines < 40 || t0.elapsed() < Duration::from_millis(1500) {
+    while lines < 40 || t0.elapsed() < typing {
         let t = type_lines(
             20,
             // A line's echo lost with a killed driver is typed again.
@@ -127,7 +136,7 @@ fn typed_lines_come_back_in_order_across_driver_kills() {
         );
         typed.push(t);
         lines += 20;
-        assert!(lines <= 4000, "typing never took 1.5 s");
+        assert!(lines <= 4000, "typing never took {typing:?}");
     }
     let mut retyped = 0;
     let mut damaged = 0;
@@ -151,17 +160,16 @@ fn typed_lines_come_back_in_order_across_driver_kills() {
         .read_to_string(&mut err)
         .unwrap();
     let status = server.wait().unwrap();
-    eprintln!("{lines} lines, {retyped} typed again, {damaged} damaged; {err}");
+    eprintln!("{extra:?}: {lines} lines, {retyped} typed again, {damaged} damaged; {err}");
     assert_eq!(status.code(), Some(0), "{err}");
-    let bytes_typed: usize = typed.iter().map(|t| t.bytes_typed).sum();
-    assert_eq!(number(&err, "bytes typed"), bytes_typed as u64, "{err}");
-    assert_eq!(number(&err, "acknowledged"), bytes_typed as u64, "{err}");
+    let bytes_typed = typed.iter().map(|t| t.bytes_typed as u64).sum();
+    assert_eq!(number(&err, "bytes typed"), bytes_typed, "{err}");
+    assert_eq!(number(&err, "acknowledged"), bytes_typed, "{err}");
     // Every typed byte reached the plug; only re-issued ones twice.
     let at_plug = number(&err, "at the plug");
     let reissued = number(&err, "re-issued");
-    assert!(at_plug >= bytes_typed as u64, "{err}");
-    assert!(at_plug <= bytes_typed as u64 + reissued, "{err}");
-    assert!(number(&err, "restarts") >= 5, "fewer than 5 kills: {err}");
+    assert!(at_plug >= bytes_typed, "{err}");
+    assert!(at_plug <= bytes_typed + reissued, "{err}");
     // Nothing left behind: the driver processes ended with the server.
     let t = Instant::now();
     while kids.iter().any(|&k| alive(k)) {
@@ -171,6 +179,47 @@ fn typed_lines_come_back_in_order_across_driver_kills() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    Served { err, bytes_typed }
+}
+
+#[test]
+fn typed_lines_come_back_in_order_across_driver_kills() {
+    if !kvm() {
+        return;
+    }
+    // Typing for 1.5 s at least: 10 kills at 150 ms.
+    let s = serve_and_type(&["--kill-every", "150"], Duration::from_millis(1500));
+    assert!(s.bytes_typed > 0);
+    assert!(
+        number(&s.err, "restarts") >= 5,
+        "fewer than 5 kills: {}",
+        s.err
+    );
+    assert_eq!(
+        number(&s.err, "faults seen"),
+        number(&s.err, "crash"),
+        "kills are crashes, nothing else: {}",
+        s.err
+    );
+}
+
+#[test]
+fn a_lying_driver_is_caught_while_lines_are_typed() {
+    if !kvm() {
+        return;
+    }
+    let s = serve_and_type(
+        &[
+            "--faults",
+            "5:60000:double,wrong-id,bad-status,wrong-buf",
+            "--max-failed-restarts",
+            "20",
+        ],
+        Duration::from_millis(500),
+    );
+    let seen = number(&s.err, "faults seen");
+    assert!(seen >= 3, "the lies were not caught: {}", s.err);
+    assert_eq!(number(&s.err, "restarts"), seen, "{}", s.err);
 }
 
 #[test]
