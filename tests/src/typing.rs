@@ -8,10 +8,10 @@
 //! never comes: after `per_line` the line is typed again, and counted as
 //! retyped. [`Typed::check`] then reads the whole stream back: every line
 //! came back, in order; a line that is not exactly one typed line is
-//! damaged, and a damaged line may only be what loss and at-least-once
-//! writes can make of the typed text around it (bytes of those lines, in
-//! order, each line at most twice): never a byte nobody typed, never one
-//! out of order.
+//! damaged, and a damaged line may only be what loss, at-least-once
+//! writes and retyping can make of the typed text around it (bytes of
+//! those lines, in order, each line at most three times): never a byte
+//! nobody typed, never one out of order.
 use std::time::{Duration, Instant};
 
 /// Line `i`'s text, its newline included: numbered, of varied length.
@@ -152,14 +152,16 @@ impl Typed {
             }
         }
         for (k, before) in &damaged {
-            // Bytes of the lines around it, each at most twice, in order.
+            // Bytes of the lines around it, each at most three times (a
+            // doubled write, a retyped line), in order.
             let from = before.unwrap_or(0);
             let mut around = Vec::new();
             for i in from..(from + 3).min(self.lines) {
                 let l = line(i);
                 let l = &l.as_bytes()[..l.len() - 1];
-                around.extend_from_slice(l);
-                around.extend_from_slice(l);
+                for _ in 0..3 {
+                    around.extend_from_slice(l);
+                }
             }
             assert!(
                 subsequence(parts[*k], &around),
