@@ -47,7 +47,9 @@ fn main() {
     let status = cmd.status().expect("cannot run cargo for drivers/virtio");
     assert!(status.success(), "building drivers/virtio failed");
     let built = nested_target.join(if release { "release" } else { "debug" });
-    copy(&built.join("virtio-blk"), &profile_dir.join("virtio-blk"));
+    for image in ["virtio-blk", "virtio-net"] {
+        copy(&built.join(image), &profile_dir.join(image));
+    }
 }
 
 fn copy(from: &Path, to: &Path) {

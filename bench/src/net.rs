@@ -6,7 +6,11 @@
 //! - `net.tcp.throughput`: one TCP stream, MB/s;
 //! - `net.tcp.rr1`: 1-byte request/response over TCP, µs per round trip;
 //! - `net.recovery`: the link's recovery after a kill (kill to a new
-//!   driver serving), median ms, from the mediator's counters.
+//!   driver serving), median ms, from the mediator's counters;
+//! - the same on kvm (`net.kvm.*`: the `virtio-net` driver on the VMM's
+//!   virtio-net device, whose wire is `moat0`), with
+//!   `net.kvm.exits_per_frame`: the VM exits of the driver's VMMs per
+//!   frame moved, from the VMM's statistics page.
 //!
 //! Needs root, `ip`, and `/dev/net/tun`; skips otherwise (fails with
 //! `MOAT_REQUIRE_ROOT_TOOLS`).
@@ -199,6 +203,7 @@ fn run(quick: bool) -> Result<(), String> {
     } else {
         (512 << 20, 20_000)
     };
+    let kvm = std::path::Path::new("/dev/kvm").exists();
     // The floor: a veth pair.
     let fa = Netns::new("fa")?;
     let fb = Netns::new("fb")?;
@@ -210,21 +215,77 @@ fn run(quick: bool) -> Result<(), String> {
     ip(&["-n", &fa.0, "link", "set", "va", "up"])?;
     ip(&["-n", &fb.0, "link", "set", "vb", "up"])?;
     let (floor_mbs, floor_us) = measure(&fa, &fb, "10.81.0.2", bytes, n);
-    // Through the driver picoprocess.
-    let ma = Netns::new("ma")?;
-    let mb = Netns::new("mb")?;
-    let ifname = format!("mb{}", std::process::id() % 100_000);
-    let (child, out) = serve(&ma, &mb, &ifname, &[])?;
-    ip(&["-n", &ma.0, "addr", "add", "10.82.0.1/24", "dev", &ifname])?;
+    let (ma, mb) = (Netns::new("ma")?, Netns::new("mb")?);
+    through(&ma, &mb, "", &[], bytes, n, (floor_mbs, floor_us), quick)?;
+    if kvm {
+        let (ka, kb) = (Netns::new("ka")?, Netns::new("kb")?);
+        through(
+            &ka,
+            &kb,
+            ".kvm",
+            &["--host", "kvm"],
+            bytes,
+            n,
+            (floor_mbs, floor_us),
+            quick,
+        )?;
+    } else {
+        note("net.kvm: skipped, no /dev/kvm");
+    }
+    Ok(())
+}
+
+/// The rows through a driver picoprocess (`moat serve --nic` with
+/// `host`), named `net{tag}.*`, against the floor's figures.
+#[allow(clippy::too_many_arguments)]
+fn through(
+    ma: &Netns,
+    mb: &Netns,
+    tag: &str,
+    host: &[&str],
+    bytes: usize,
+    n: u32,
+    (floor_mbs, floor_us): (f64, f64),
+    quick: bool,
+) -> Result<(), String> {
+    let subnet = if tag.is_empty() { 82 } else { 83 };
+    let ifname = format!("mb{}{}", std::process::id() % 100_000, tag.len());
+    let (child, out) = serve(ma, mb, &ifname, host)?;
+    let (ca, cb) = (format!("10.{subnet}.0.1/24"), format!("10.{subnet}.0.2/24"));
+    ip(&["-n", &ma.0, "addr", "add", &ca, "dev", &ifname])?;
     ip(&["-n", &ma.0, "link", "set", &ifname, "up"])?;
-    ip(&["-n", &mb.0, "addr", "add", "10.82.0.2/24", "dev", "moat0"])?;
+    ip(&["-n", &mb.0, "addr", "add", &cb, "dev", "moat0"])?;
     ip(&["-n", &mb.0, "link", "set", "moat0", "up"])?;
-    let (mbs, us) = measure(&ma, &mb, "10.82.0.2", bytes, n);
+    let (mbs, us) = measure(ma, mb, &format!("10.{subnet}.0.2"), bytes, n);
     let counters = stop(child, &out);
-    row("net.tcp.throughput", mbs, floor_mbs, "MB/s", "≥ 0.5");
-    row("net.tcp.rr1", us, floor_us, "µs", "≤ 3");
+    row(
+        &format!("net{tag}.tcp.throughput"),
+        mbs,
+        floor_mbs,
+        "MB/s",
+        "≥ 0.5",
+    );
+    row(&format!("net{tag}.tcp.rr1"), us, floor_us, "µs", "≤ 3");
+    // "VM exits E for F frames: X per frame (...)", kvm only.
+    if let Some(per) = counters
+        .lines()
+        .find(|l| l.starts_with("VM exits "))
+        .and_then(|l| l.split(": ").nth(1))
+        .and_then(|s| s.split(' ').next())
+        .and_then(|s| s.parse::<f64>().ok())
+    {
+        row(
+            &format!("net{tag}.exits_per_frame"),
+            per,
+            1.0,
+            "exits/frame",
+            "report",
+        );
+    }
     // Recovery: the driver killed every 200 ms for a while.
-    let (child, out) = serve(&ma, &mb, &format!("{ifname}r"), &["--kill-every", "200"])?;
+    let mut extra = vec!["--kill-every", "200"];
+    extra.extend_from_slice(host);
+    let (child, out) = serve(ma, mb, &format!("{ifname}r"), &extra)?;
     std::thread::sleep(Duration::from_millis(if quick { 1000 } else { 5000 }));
     let c = stop(child, &out);
     let median = c
@@ -233,9 +294,9 @@ fn run(quick: bool) -> Result<(), String> {
         .and_then(|s| s.split(' ').next())
         .and_then(|s| s.parse::<f64>().ok())
         .unwrap_or(f64::NAN);
-    row("net.recovery", median, 1.0, "ms", "report");
+    row(&format!("net{tag}.recovery"), median, 1.0, "ms", "report");
     note(&format!(
-        "net: {}",
+        "net{tag}: {}",
         counters.lines().skip(1).collect::<Vec<_>>().join("; ")
     ));
     Ok(())

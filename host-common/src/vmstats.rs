@@ -45,10 +45,12 @@ pub enum Counter {
     IoSleeps = 8,
     /// Interrupts the I/O threads raised (the driver asked for them).
     IoInterrupts = 9,
+    /// Frames the virtio-net threads moved, either way.
+    NetFrames = 10,
 }
 
 /// The number of counters.
-pub const COUNTERS: usize = 10;
+pub const COUNTERS: usize = 11;
 
 /// A copy of the page's counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

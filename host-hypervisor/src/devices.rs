@@ -20,8 +20,8 @@
 use crate::layout::{MMIO_BASE, MMIO_WINDOW, RAM_START};
 use moat_devices::vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 use moat_devices::{
-    Device, Gate, IoConfig, IoEvent, IoThread, Irq, Uart, VirtioBlk, QUEUE_NOTIFY_OFFSET,
-    UART_IO_PORTS, VIRTIO_BLK_MMIO_SIZE,
+    Device, Gate, IoConfig, IoEvent, IoThread, Irq, NetThread, Uart, VirtioBlk, VirtioNet,
+    QUEUE_NOTIFY_OFFSET, UART_IO_PORTS, VIRTIO_BLK_MMIO_SIZE, VIRTIO_NET_MMIO_SIZE,
 };
 use moat_host_common::objects::{Object, StreamObj, SyncKind, SyncObj};
 use moat_host_common::pal::LinuxPal;
@@ -46,6 +46,7 @@ const COM_PORTS: [u16; 4] = [0x3f8, 0x2f8, 0x3e8, 0x2e8];
 enum Model {
     Uart(Arc<Mutex<Uart>>),
     Blk(Arc<Mutex<VirtioBlk>>),
+    Net(Arc<Mutex<VirtioNet>>),
 }
 
 pub struct Dev {
@@ -63,6 +64,8 @@ pub struct Dev {
     input: Mutex<Option<File>>,
     /// A virtio-blk device's I/O thread, once started.
     io: Mutex<Option<IoThread>>,
+    /// A virtio-net device's thread, once started.
+    net: Mutex<Option<NetThread>>,
 }
 
 /// The devices of one picoprocess.
@@ -131,13 +134,35 @@ impl DeviceSet {
                         mapped: AtomicBool::new(false),
                         input: Mutex::new(input),
                         io: Mutex::new(None),
+                        net: Mutex::new(None),
                     }
                 }
                 DeviceKind::VirtioNet => {
-                    return Err(format!(
-                        "device `{}`: virtio-net is not served by this VMM yet",
-                        spec.name
-                    ))
+                    let tap = file.ok_or_else(|| {
+                        format!(
+                            "device `{}`: no wire (TAP descriptor) was passed",
+                            spec.name
+                        )
+                    })?;
+                    let mem = guest_memory(ram_end)?;
+                    let net = VirtioNet::new(spec.name.clone(), tap, mac_of(&spec.name), mem, irq)
+                        .map_err(|e| format!("device `{}`: {e}", spec.name))?;
+                    let base = MMIO_BASE + windows * MMIO_WINDOW;
+                    windows += 1;
+                    Dev {
+                        name: spec.name.clone(),
+                        io_base: 0,
+                        io_count: 0,
+                        mmio_base: base,
+                        mmio_size: VIRTIO_NET_MMIO_SIZE,
+                        irq_line,
+                        model: Model::Net(Arc::new(Mutex::new(net))),
+                        event,
+                        mapped: AtomicBool::new(false),
+                        input: Mutex::new(None),
+                        io: Mutex::new(None),
+                        net: Mutex::new(None),
+                    }
                 }
                 DeviceKind::VirtioBlk => {
                     let file = file.ok_or_else(|| {
@@ -162,6 +187,7 @@ impl DeviceSet {
                         mapped: AtomicBool::new(false),
                         input: Mutex::new(None),
                         io: Mutex::new(None),
+                        net: Mutex::new(None),
                     }
                 }
             };
@@ -319,8 +345,10 @@ impl DeviceSet {
         let Some((d, off)) = self.window(addr) else {
             return false;
         };
-        if let Model::Blk(b) = &d.model {
-            b.lock().unwrap().mmio_read(off, data);
+        match &d.model {
+            Model::Blk(b) => b.lock().unwrap().mmio_read(off, data),
+            Model::Net(n) => n.lock().unwrap().mmio_read(off, data),
+            Model::Uart(_) => {}
         }
         true
     }
@@ -331,13 +359,17 @@ impl DeviceSet {
         let Some((d, off)) = self.window(addr) else {
             return false;
         };
-        if let Model::Blk(b) = &d.model {
-            let regions = lin.regions.read().unwrap();
-            let mut b = b.lock().unwrap();
-            b.set_dma_ranges(&dma_ranges(&regions));
-            b.mmio_write(off, data);
-            drop(b);
-            drop(regions);
+        match &d.model {
+            Model::Blk(b) => {
+                let regions = lin.regions.read().unwrap();
+                let mut b = b.lock().unwrap();
+                b.set_dma_ranges(&dma_ranges(&regions));
+                b.mmio_write(off, data);
+            }
+            // Registers only: the frames move on the device's thread,
+            // which derives the DMA window itself.
+            Model::Net(n) => n.lock().unwrap().mmio_write(off, data),
+            Model::Uart(_) => {}
         }
         true
     }
@@ -353,6 +385,10 @@ impl DeviceSet {
         register: &dyn Fn(std::os::fd::BorrowedFd<'_>, u64) -> bool,
     ) {
         for d in &self.devs {
+            if let Model::Net(n) = &d.model {
+                start_net(d, n, lin);
+                continue;
+            }
             let Model::Blk(b) = &d.model else { continue };
             let gate = Box::new(VmmGate {
                 dev: b.clone(),
@@ -407,19 +443,65 @@ fn dma_ranges(regions: &moat_pal::memory::RegionMap) -> Vec<std::ops::Range<u64>
     ranges
 }
 
-/// How a virtio-blk I/O thread enters its device: the region map read-
+/// Start a virtio-net device's thread, confined to its own allow-list
+/// (before the VMM confines its main thread). Its `QueueNotify` writes
+/// reach the VMM (an exit each, counted), which kicks the thread.
+fn start_net(d: &Dev, n: &Arc<Mutex<VirtioNet>>, lin: &'static LinuxPal) {
+    let gate = Box::new(VmmGate {
+        dev: n.clone(),
+        lin,
+        seen: None,
+    });
+    let tap = n.lock().unwrap().tap_fd();
+    let prologue: moat_devices::NetPrologue = Arc::new(|| {
+        if let Err(e) = crate::confine::apply(crate::confine::net_rules()) {
+            moat_host_common::signals::die(
+                moat_host_common::protocol::ReportKind::Startup,
+                format_args!("vmm virtio-net thread: {e}"),
+                moat_host_common::protocol::EXIT_HOST_FAILURE,
+            );
+        }
+    });
+    let report: moat_devices::NetReport = Arc::new(|frames| {
+        crate::stats::add(Counter::NetFrames, frames);
+    });
+    let Ok(thread) = NetThread::spawn(&d.name, gate, tap, Some(prologue), Some(report)) else {
+        return;
+    };
+    n.lock().unwrap().set_kick(Some(thread.kick()));
+    *d.net.lock().unwrap() = Some(thread);
+}
+
+/// A device that does DMA only inside the ranges it is given.
+trait DmaDevice: Send + 'static {
+    fn set_dma_ranges(&mut self, ranges: &[std::ops::Range<u64>]);
+}
+
+impl DmaDevice for VirtioBlk {
+    fn set_dma_ranges(&mut self, ranges: &[std::ops::Range<u64>]) {
+        VirtioBlk::set_dma_ranges(self, ranges)
+    }
+}
+
+impl DmaDevice for VirtioNet {
+    fn set_dma_ranges(&mut self, ranges: &[std::ops::Range<u64>]) {
+        VirtioNet::set_dma_ranges(self, ranges)
+    }
+}
+
+/// How a device's serving thread enters its device: the region map read-
 /// locked (memory cannot be freed or re-protected under a pass), then the
 /// device; the DMA window derived again only when the map changed since
 /// the last pass. (The vCPU thread takes the same locks in the same order.)
-struct VmmGate {
-    dev: Arc<Mutex<VirtioBlk>>,
+struct VmmGate<D> {
+    dev: Arc<Mutex<D>>,
     lin: &'static LinuxPal,
     /// The region map's change count when the window was last derived.
     seen: Option<u64>,
 }
 
-impl Gate for VmmGate {
-    fn enter(&mut self, f: &mut dyn FnMut(&mut VirtioBlk)) {
+impl<D: DmaDevice> Gate<D> for VmmGate<D> {
+    fn enter(&mut self, f: &mut dyn FnMut(&mut D)) {
         let regions = self.lin.regions.read().unwrap_or_else(|e| e.into_inner());
         let mut dev = self.dev.lock().unwrap_or_else(|e| e.into_inner());
         if self.seen != Some(regions.changes()) {
@@ -428,6 +510,19 @@ impl Gate for VmmGate {
         }
         f(&mut dev);
     }
+}
+
+/// A virtio-net device's MAC address: locally administered, unicast,
+/// `02:6d:6f` (`moat`'s first letters) and three bytes of a hash of the
+/// device's name, so it is the same for every picoprocess granted it.
+fn mac_of(name: &str) -> [u8; 6] {
+    // FNV-1a.
+    let mut h: u32 = 0x811c_9dc5;
+    for b in name.bytes() {
+        h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+    }
+    let [a, b, c, _] = h.to_le_bytes();
+    [0x02, 0x6d, 0x6f, a, b, c]
 }
 
 /// Guest RAM as vm-memory sees it: the identity range at its own address.

@@ -8,7 +8,9 @@
 //! - [`Uart`]: a 16550 UART on 8 I/O ports (built on `vm-superio`);
 //! - [`VirtioBlk`]: a virtio-mmio (version 2) block device backed by a host
 //!   file, with a 0x1000-byte MMIO window (built on `virtio-queue`), served
-//!   on the vCPU thread or by an [`IoThread`] of its own.
+//!   on the vCPU thread or by an [`IoThread`] of its own;
+//! - [`VirtioNet`]: a virtio-mmio network device whose wire is a TAP
+//!   descriptor, served by a [`NetThread`] of its own.
 //!
 //! The VMM assigns the resources (base port, MMIO base address) and forwards
 //! every access that falls into a device's range to the [`Device`] methods,
@@ -29,6 +31,7 @@ mod dma;
 mod irq;
 mod uart;
 mod virtio_blk;
+mod virtio_net;
 
 pub use irq::Irq;
 pub use moat_policy::device::{
@@ -39,6 +42,10 @@ pub use uart::{Uart, UART_IO_PORTS};
 pub use virtio_blk::{
     BlkCounters, Gate, IoConfig, IoEvent, IoThread, Kick, VirtioBlk, MAX_REQUEST_BYTES,
     QUEUE_MAX_SIZE, QUEUE_NOTIFY_OFFSET, SECTOR_SIZE, SEG_MAX, VIRTIO_BLK_MMIO_SIZE,
+};
+pub use virtio_net::{
+    NetDevCounters, NetPrologue, NetReport, NetThread, Pass, VirtioNet, MAX_FRAME, NET_HDR_SIZE,
+    NET_QUEUE_MAX_SIZE, VIRTIO_NET_MMIO_SIZE,
 };
 /// The `vm-memory` crate this crate's API uses (`GuestMemoryMmap`).
 pub use vm_memory;

@@ -46,7 +46,7 @@ const SECTORS: u64 = 64;
 /// The gate of a device no one else changes the memory of.
 struct Plain(Arc<Mutex<VirtioBlk>>);
 
-impl Gate for Plain {
+impl Gate<VirtioBlk> for Plain {
     fn enter(&mut self, f: &mut dyn FnMut(&mut VirtioBlk)) {
         f(&mut self.0.lock().unwrap())
     }

@@ -33,6 +33,12 @@ pub trait NetDevice {
     /// A handle signalled while a frame may be ready (the loop waits on it
     /// with the doorbell).
     fn event(&self) -> u64;
+    /// Called before the loop waits on [`NetDevice::event`]: a device
+    /// that must ask for its interrupt does so here, then looks once
+    /// more; `false` if a frame came meanwhile (the loop does not wait).
+    fn may_sleep(&mut self) -> bool {
+        true
+    }
 }
 
 /// How long one wait lasts before the loop looks again anyway.
@@ -83,10 +89,12 @@ pub fn serve_net(name: &str, dev: &mut dyn NetDevice, mut faults: Option<Faults>
             continue;
         }
         if srv.prepare_sleep() {
-            let handles = [shared.bell.handle(), dev.event()];
-            match crate::sync::wait_any(&handles, WAIT_MICROS) {
-                Ok(_) | Err(Error::TimedOut) => {}
-                Err(e) => return Err(e),
+            if dev.may_sleep() {
+                let handles = [shared.bell.handle(), dev.event()];
+                match crate::sync::wait_any(&handles, WAIT_MICROS) {
+                    Ok(_) | Err(Error::TimedOut) => {}
+                    Err(e) => return Err(e),
+                }
             }
             srv.awake();
         }

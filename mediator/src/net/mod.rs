@@ -100,6 +100,8 @@ pub struct NetCounters {
     pub from_template: u64,
     /// Why there is no template, if one was wanted and given up.
     pub template: Option<String>,
+    /// What the drivers' VMMs counted (kvm only), ended drivers' included.
+    pub vm: Option<moat_monitor::VmStats>,
 }
 
 struct Core {
@@ -307,7 +309,12 @@ impl MediatedNet {
     }
 
     pub fn counters(&self) -> NetCounters {
-        lock(&self.dev.inner.core).counters.clone()
+        let c = lock(&self.dev.inner.core);
+        let mut counters = c.counters.clone();
+        if let Some(live) = c.link.as_ref().and_then(|l| l.proc.vm_stats()) {
+            counters.vm.get_or_insert_with(Default::default).add(&live);
+        }
+        counters
     }
 
     /// Why the interface gave up, if it did (its driver failed again and
@@ -530,6 +537,7 @@ fn restart(inner: &Inner, c: &mut Core, t0: Instant) {
     if let Some(old) = c.link.take() {
         old.proc.killer().kill();
         let _ = wait_readable([Some(old.exit.as_fd())], inner.config.deadline);
+        keep_vm_stats(c, &old);
         end(old);
     }
     c.counters.restarts += 1;
@@ -624,6 +632,14 @@ fn pump(inner: Arc<Inner>) {
     if let Some(mut l) = c.link.take() {
         let _ = l.proc.kill();
         let _ = l.proc.wait();
+        keep_vm_stats(&mut c, &l);
     }
     inner.received.notify_all();
+}
+
+/// Adds what an ended driver's VMM counted to the counters.
+fn keep_vm_stats(c: &mut Core, l: &Link) {
+    if let Some(s) = l.proc.vm_stats() {
+        c.counters.vm.get_or_insert_with(Default::default).add(&s);
+    }
 }

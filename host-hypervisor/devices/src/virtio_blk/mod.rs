@@ -40,6 +40,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap};
 
 use self::backend::Backend;
+pub(crate) use self::serving::Kicker;
 pub use self::serving::{Gate, IoConfig, IoEvent, IoThread};
 use crate::dma::{normalize, DmaMemory};
 use crate::{Device, Irq};

@@ -48,12 +48,13 @@ use super::{Kick, VirtioBlk};
 /// driver's vCPU thread may be waiting for this one).
 const YIELD_AFTER: Duration = Duration::from_micros(10);
 
-/// How an I/O thread reaches its device: `enter` runs `f` on the device
-/// with its lock held, its DMA window up to date, and the guest memory the
+/// How a serving thread reaches its device (a [`VirtioBlk`], a
+/// [`VirtioNet`](crate::VirtioNet)): `enter` runs `f` on the device with
+/// its lock held, its DMA window up to date, and the guest memory the
 /// window allows held still until `f` returns.
-pub trait Gate: Send + 'static {
+pub trait Gate<D>: Send + 'static {
     /// Runs `f` on the device.
-    fn enter(&mut self, f: &mut dyn FnMut(&mut VirtioBlk));
+    fn enter(&mut self, f: &mut dyn FnMut(&mut D));
 }
 
 /// What an I/O thread reports as it goes (for statistics).
@@ -102,15 +103,32 @@ impl std::fmt::Debug for IoConfig {
 }
 
 /// The kick eventfd and the writes made to it in this process.
-struct Kicker {
-    fd: File,
+pub(crate) struct Kicker {
+    pub(crate) fd: File,
     /// Writes made in this process (each adds 1 to the eventfd).
     ours: AtomicU64,
-    stop: AtomicBool,
+    pub(crate) stop: AtomicBool,
 }
 
 impl Kicker {
-    fn kick(&self) {
+    /// A blocking eventfd (the thread sleeps in its read, or polls it).
+    pub(crate) fn new() -> io::Result<Kicker> {
+        // SAFETY: eventfd takes no pointers; it returns a new descriptor
+        // or -1.
+        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `raw` was just created and is owned by nothing else.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        Ok(Kicker {
+            fd: File::from(fd),
+            ours: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+        })
+    }
+
+    pub(crate) fn kick(&self) {
         self.ours.fetch_add(1, Ordering::SeqCst);
         // A failure means the counter is saturated: the thread is woken
         // anyway.
@@ -119,7 +137,7 @@ impl Kicker {
 
     /// Blocks until the eventfd is non-zero; returns its value (and
     /// clears it).
-    fn wait(&self) -> u64 {
+    pub(crate) fn wait(&self) -> u64 {
         let mut buf = [0u8; 8];
         loop {
             match (&self.fd).read(&mut buf) {
@@ -154,20 +172,12 @@ impl IoThread {
     /// Starts the thread for the device behind `gate`. The caller hands
     /// the device [`IoThread::kick`] with [`VirtioBlk::set_kick`] (and may
     /// register [`IoThread::kick_fd`] as an ioeventfd).
-    pub fn spawn(name: &str, mut gate: Box<dyn Gate>, config: IoConfig) -> io::Result<IoThread> {
-        // SAFETY: eventfd takes no pointers; it returns a new descriptor
-        // or -1. Blocking: the thread sleeps in its read.
-        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `raw` was just created and is owned by nothing else.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let kicker = Arc::new(Kicker {
-            fd: File::from(fd),
-            ours: AtomicU64::new(0),
-            stop: AtomicBool::new(false),
-        });
+    pub fn spawn(
+        name: &str,
+        mut gate: Box<dyn Gate<VirtioBlk>>,
+        config: IoConfig,
+    ) -> io::Result<IoThread> {
+        let kicker = Arc::new(Kicker::new()?);
         let k = kicker.clone();
         let handle = std::thread::Builder::new()
             .name(format!("io-{name}"))
@@ -207,7 +217,7 @@ impl Drop for IoThread {
 }
 
 /// The thread's loop (see the module docs).
-fn run(gate: &mut dyn Gate, kicker: &Kicker, config: &IoConfig) {
+fn run(gate: &mut dyn Gate<VirtioBlk>, kicker: &Kicker, config: &IoConfig) {
     let report = |e: IoEvent| {
         if let Some(r) = &config.report {
             r(e);
