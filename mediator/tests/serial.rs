@@ -3,7 +3,8 @@
 //! socket pair whose far end this test holds as a loopback plug (every
 //! byte it reads is written back). Numbered lines typed one at a time come
 //! back in order while the driver is killed again and again, and while a
-//! driver lies (its lies caught as violations); a line whose echo was lost
+//! driver lies (its lies caught as violations) or hangs (caught by a
+//! write's deadline); a line whose echo was lost
 //! with a killed driver (bytes the driver or the UART held: the documented
 //! loss) is typed again after a timeout. Every byte written reaches the
 //! plug, none more than the re-issued ones twice.
@@ -251,6 +252,39 @@ fn a_lying_driver_is_caught_and_replaced() {
     );
     assert_eq!(c.sent, c.written, "{c:?}");
     assert!(plug.bytes.load(Ordering::SeqCst) >= c.written);
+    assert!(s.failed().is_none());
+    s.shutdown();
+}
+
+#[test]
+fn a_driver_that_stops_answering_writes_is_replaced() {
+    if !kvm() {
+        return;
+    }
+    let plug = Plug::new();
+    let faults = FaultPlan {
+        seed: 3,
+        per_million: 50_000,
+        kinds: "hang".into(),
+    };
+    let config = SerialConfig {
+        deadline: Duration::from_millis(300),
+        max_failed_restarts: 20,
+        ..SerialConfig::default()
+    };
+    let s = MediatedSerial::start(plug.spec(Some(faults)), config).unwrap();
+    let t = type_through(&s, 60, |_| {});
+    t.check();
+    assert!(s.flush(Duration::from_secs(10)));
+    let c = s.counters();
+    eprintln!("{} typed again; {c:?}", t.retyped);
+    // A hung driver is found out by the next write's deadline (a read
+    // has none: a silent line is no fault).
+    assert!(
+        c.violations.get("deadline").is_some_and(|&n| n > 0),
+        "{c:?}"
+    );
+    assert_eq!(c.sent, c.written, "{c:?}");
     assert!(s.failed().is_none());
     s.shutdown();
 }
