@@ -15,6 +15,8 @@
 //! wire's namespace does for a NIC's network. So what is typed into the
 //! PTY comes back out of it, through the UART twice.
 //!
+//! `--kill-every MS` kills each driver MS after it came up (a start that
+//! takes long on a busy machine does not shorten the next driver's life).
 //! Across a driver's replacement (`--kill-every`, `--faults`) the
 //! mediator's guarantees hold (see `moat_mediator::serial`): bytes typed
 //! are kept until a driver acknowledges them and may reach the UART twice
@@ -131,7 +133,10 @@ pub fn serve(a: ServeArgs) -> i32 {
         std::thread::spawn(move || line_to_pty(&master, &serial, &stop))
     };
     let t0 = Instant::now();
-    let mut last_kill = Instant::now();
+    // When the current driver came up: each one serves MS before it is
+    // killed, however long a start takes on a busy machine.
+    let mut up = Instant::now();
+    let mut restarts = 0;
     while SIGNALS.load(Ordering::SeqCst) == 0
         && a.seconds
             .is_none_or(|s| t0.elapsed() < Duration::from_secs(s))
@@ -141,9 +146,14 @@ pub fn serve(a: ServeArgs) -> i32 {
             break;
         }
         if let Some(ms) = a.kill_every {
-            if last_kill.elapsed() >= Duration::from_millis(ms) {
+            let now = serial.restarts();
+            if now != restarts {
+                restarts = now;
+                up = Instant::now();
+            }
+            if up.elapsed() >= Duration::from_millis(ms) {
                 serial.kill_driver();
-                last_kill = Instant::now();
+                up = Instant::now();
             }
         }
     }

@@ -376,6 +376,11 @@ impl MediatedSerial {
         }
     }
 
+    /// Drivers started after the first so far (as in the counters).
+    pub fn restarts(&self) -> u64 {
+        lock(&self.dev.inner.core).counters.restarts
+    }
+
     pub fn counters(&self) -> SerialCounters {
         lock(&self.dev.inner.core).counters.clone()
     }
