@@ -59,9 +59,14 @@ pub fn serve(a: ServeArgs) -> i32 {
             ))
         }
     };
-    if a.driver.faults.is_some() || a.read_only {
-        return bad_input("--faults and --read-only are for disks");
+    if a.read_only {
+        return bad_input("--read-only is for disks");
     }
+    let faults = match a.driver.faults.as_deref().map(crate::mediate::parse_faults) {
+        None => None,
+        Some(Ok(f)) => Some(f),
+        Some(Err(e)) => return bad_input(e),
+    };
     // The wire first: a namespace that does not exist makes nothing.
     let wire_tap = match tap::create_in(&netns, WIRE_IF) {
         Ok(t) => t,
@@ -71,7 +76,7 @@ pub fn serve(a: ServeArgs) -> i32 {
         Ok(t) => t,
         Err(e) => return bad_input(e),
     };
-    let (spec, wire) = if virtio {
+    let (mut spec, wire) = if virtio {
         match virtio_spec(wire_tap, &a) {
             Ok(spec) => (spec, None),
             Err(code) => return code,
@@ -82,9 +87,14 @@ pub fn serve(a: ServeArgs) -> i32 {
             Err(code) => return code,
         }
     };
+    // Each incarnation gets its own seed; a faulty driver boots each time
+    // (a template would carry the first one's faults).
+    let templates = faults.is_none() && !a.driver.no_template;
+    spec.faults = faults;
     let config = NetConfig {
         deadline: Duration::from_millis(a.driver.deadline_ms.max(1)),
         max_failed_restarts: a.driver.max_failed_restarts,
+        templates,
         ..NetConfig::default()
     };
     let nic = match MediatedNet::start(spec, config) {

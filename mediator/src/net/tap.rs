@@ -129,7 +129,9 @@ pub fn create_in(netns: &str, name: &str) -> io::Result<OwnedFd> {
         nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
             io::Error::new(
                 io::Error::from(e).kind(),
-                format!("cannot enter network namespace `{netns}`: {e}"),
+                format!(
+                    "cannot enter network namespace `{netns}`: {e} (entering it needs CAP_SYS_ADMIN, and making interfaces CAP_NET_ADMIN: run as root)"
+                ),
             )
         })?;
         create(&name)
