@@ -17,9 +17,11 @@
 //! the rings the mediator lays out in the shared section `shm:SECTION`;
 //! see `moat_libos::service::char`). After the same initialisation
 //! (without the greeting) it sends the bytes of each write to THR one by
-//! one, each after THRE, and answers once all are sent; it reads RBR only while the mediator has lent it a read buffer,
-//! and answers that read as soon as it has drained what LSR says is
-//! ready, so a killed driver loses at most the bytes of one answer. FAULTS
+//! one, each after THRE, and answers once all are sent; it reads RBR only
+//! while the mediator has lent it a read buffer, and answers that read as
+//! soon as it has drained what LSR says is ready, so a killed driver loses
+//! at most the bytes of one answer besides what the UART's FIFO holds
+//! (which dies with its VMM). FAULTS
 //! (`SEED:PER_MILLION:KIND[,KIND...]`, see `moat_libos::service::Faults`)
 //! makes it misbehave on purpose. It serves until the mediator ends it.
 //!
