@@ -15,6 +15,7 @@ mod mediate;
 mod resolve;
 mod run;
 mod serve_net;
+mod serve_pty;
 mod trace;
 
 #[derive(Parser, Debug)]
@@ -44,7 +45,8 @@ enum Cmd {
     /// A seeded fault campaign through the mediator.
     Campaign(mediate::CampaignArgs),
     /// Serve a disk through a driver picoprocess and the mediator, as a
-    /// file in a FUSE mount (attach it with `losetup`).
+    /// file in a FUSE mount (attach it with `losetup`); or a NIC as a TAP
+    /// interface (`--nic`), or a serial line as a PTY (`--pty`).
     Serve(mediate::ServeArgs),
     /// Decode a binary trace saved by `moat run --trace=FILE`.
     Trace(trace::TraceArgs),
@@ -73,8 +75,9 @@ fn main() -> ExitCode {
         Cmd::Images(a) => images::main(a),
         Cmd::Demo(a) => mediate::demo(a),
         Cmd::Campaign(a) => mediate::campaign(a),
-        // A NIC (`--nic`) or a disk.
+        // A NIC (`--nic`), a serial line (`--pty`) or a disk.
         Cmd::Serve(a) if a.nic.is_some() => serve_net::serve(a),
+        Cmd::Serve(a) if a.pty => serve_pty::serve(a),
         Cmd::Serve(a) => mediate::serve(a),
     };
     ExitCode::from((code & 0xff) as u8)

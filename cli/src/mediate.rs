@@ -487,13 +487,20 @@ pub struct ServeArgs {
     #[arg(
         long,
         value_name = "FILE",
-        required_unless_present = "nic",
-        conflicts_with = "nic"
+        required_unless_present_any = ["nic", "pty"],
+        conflicts_with_all = ["nic", "pty"]
     )]
     pub disk: Option<PathBuf>,
     /// An empty directory to mount the disk on, as the file DIR/NAME.
-    #[arg(long, value_name = "DIR", required_unless_present = "nic")]
+    #[arg(long, value_name = "DIR", required_unless_present_any = ["nic", "pty"])]
     pub mount: Option<PathBuf>,
+    /// Serve a serial line instead of a disk, as a PTY whose path is
+    /// printed: its bytes go through the mediator to the UART driver
+    /// picoprocess (`uart-driver`, --host kvm only), whose UART's line
+    /// ends in a loopback plug held by this process (every byte sent
+    /// comes back).
+    #[arg(long, conflicts_with_all = ["nic", "mount"])]
+    pub pty: bool,
     /// Serve a network interface instead of a disk: a TAP interface
     /// IFNAME made in this network namespace, its frames through the
     /// mediator to a NIC driver picoprocess (`net-soft`, host-linux),
@@ -565,7 +572,7 @@ pub const EXIT_FORCED_STOP: i32 = 1;
 pub fn serve(a: ServeArgs) -> i32 {
     let (Some(disk), Some(mount)) = (a.disk.clone(), a.mount.clone()) else {
         return bad_input(
-            "--disk FILE and --mount DIR are needed (or --nic IFNAME --wire-netns NS)",
+            "--disk FILE and --mount DIR are needed (or --nic IFNAME --wire-netns NS, or --pty)",
         );
     };
     let a = ServeDisk { a, disk, mount };

@@ -10,6 +10,9 @@
 //!   `read_at`, `write_at`, `flush`), with driver restart and re-issue;
 //! - [`net`]: a mediated network interface ([`net::MediatedNet`]: frames
 //!   both ways), with driver restart;
+//! - [`serial`]: a mediated serial line ([`serial::MediatedSerial`]:
+//!   bytes both ways through a UART driver), with driver restart and
+//!   writes re-issued;
 //! - [`campaign`]: seeded fault campaigns through the mediator;
 //! - [`export`]: the block device as a file in a FUSE mount, which
 //!   `losetup` makes a real block device.
@@ -18,3 +21,4 @@ pub mod campaign;
 pub mod contract;
 pub mod export;
 pub mod net;
+pub mod serial;

@@ -168,6 +168,7 @@ pub fn run_on(host: &str, args: &[&str]) -> Output {
 }
 
 pub mod root;
+pub mod typing;
 
 pub fn file_uri(p: &Path) -> String {
     format!("file:{}", p.display())

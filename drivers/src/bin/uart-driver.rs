@@ -12,14 +12,28 @@
 //!    `quit`, which ends the driver. Every byte written waits for LSR's
 //!    "transmitter holding register empty".
 //!
-//! Output goes only to the UART (which the host wires to the console);
-//! errors go to stderr. Before exiting after initialisation it turns the
-//! UART's interrupts off again.
+//! `uart-driver [DEVICE] serve SECTION [FAULTS]`: serves the UART to the
+//! safe mediator instead, as a character device (the char contract, over
+//! the rings the mediator lays out in the shared section `shm:SECTION`;
+//! see `moat_libos::service::char`). After the same initialisation
+//! (without the greeting) it sends the bytes of each write to THR one by
+//! one, each after THRE, and answers once all are sent; it reads RBR only
+//! while the mediator has lent it a read buffer, and answers that read as
+//! soon as it has drained what LSR says is ready, so a killed driver loses
+//! at most the bytes of one answer besides what the UART's FIFO holds
+//! (which dies with its VMM). FAULTS
+//! (`SEED:PER_MILLION:KIND[,KIND...]`, see `moat_libos::service::Faults`)
+//! makes it misbehave on purpose. It serves until the mediator ends it.
+//!
+//! Output goes only to the UART (which the host wires to the console, or
+//! to the line an embedder handed the device); errors go to stderr. Before
+//! exiting after initialisation it turns the UART's interrupts off again.
 //!
 //! Exit codes: 0 after `quit`; 1 bad arguments; 2 the device cannot be
 //! opened or has no usable 16550 (fewer than 8 ports, no interrupt, LSR
-//! reads 0xff); 3 no interrupt within 10 s; 4 the host or the UART failed
-//! (waiting on the interrupt failed, the transmitter stays busy for 1 s).
+//! reads 0xff); 3 no interrupt within 10 s (echo mode); 4 the host or the
+//! UART failed (waiting on the interrupt failed, the transmitter stays
+//! busy for 1 s), or the service section cannot be opened or is broken.
 #![no_std]
 #![no_main]
 
@@ -28,6 +42,8 @@ extern crate alloc;
 use alloc::vec::Vec;
 
 use moat_libos::device::{Device, Interrupt, Ports};
+use moat_libos::service::char::{serve_char, CharDevice};
+use moat_libos::service::{prepare, status, Faults};
 use moat_libos::{env, eprintln, time};
 
 moat_libos::entry!(main);
@@ -62,13 +78,46 @@ const EXIT_NO_DEVICE: i32 = 2;
 const EXIT_IDLE: i32 = 3;
 const EXIT_FAILED: i32 = 4;
 
+/// What the arguments ask for.
+enum Mode<'a> {
+    Echo,
+    /// Serve the section, with these faults.
+    Serve(&'a str, Option<Faults>),
+}
+
+const USAGE: &str = "usage: uart-driver [DEVICE] [serve SECTION [SEED:PER_MILLION:KINDS]]";
+
+/// The device's name and the mode, or why the arguments are wrong.
+fn parse(args: &[alloc::string::String]) -> Result<(&str, Mode<'_>), &'static str> {
+    let rest = &args[1.min(args.len())..];
+    let (name, rest) = match rest.first().map(|s| s.as_str()) {
+        Some(first) if first != "serve" => (first, &rest[1..]),
+        _ => ("com1", rest),
+    };
+    match rest {
+        [] => Ok((name, Mode::Echo)),
+        [serve, section] if serve == "serve" => Ok((name, Mode::Serve(section, None))),
+        [serve, section, spec] if serve == "serve" => match Faults::parse(spec) {
+            Some(f) => Ok((name, Mode::Serve(section, Some(f)))),
+            None => Err("uart-driver: bad fault spec (SEED:PER_MILLION:KIND[,KIND...])"),
+        },
+        _ => Err(USAGE),
+    }
+}
+
 fn main() -> i32 {
     let args = env::args();
-    if args.len() > 2 {
-        eprintln!("usage: uart-driver [DEVICE]");
-        return EXIT_BAD_ARGS;
+    let (name, mode) = match parse(&args) {
+        Ok(v) => v,
+        Err(why) => {
+            eprintln!("{why}");
+            return EXIT_BAD_ARGS;
+        }
+    };
+    if matches!(mode, Mode::Serve(..)) {
+        // Before the first open: a template carries it.
+        prepare();
     }
-    let name = args.get(1).map_or("com1", |s| s.as_str());
 
     let device = match Device::open(name) {
         Ok(d) => d,
@@ -99,6 +148,21 @@ fn main() -> i32 {
     if !uart.init() {
         eprintln!("uart-driver: no 16550 answers at port {:#x}", ports.base());
         return EXIT_NO_DEVICE;
+    }
+    if let Mode::Serve(section, faults) = mode {
+        let mut dev = Served {
+            uart: &uart,
+            irq: &irq,
+        };
+        let code = match serve_char(section, &mut dev, faults) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("uart-driver: the service section failed: {}", e.name());
+                EXIT_FAILED
+            }
+        };
+        uart.ports.outb(IER, 0);
+        return code;
     }
     let code = match run(&uart, &irq) {
         Ok(()) => 0,
@@ -206,5 +270,30 @@ fn run(uart: &Uart, irq: &Interrupt) -> Result<(), Stop> {
             Ok(false) => return Err(Stop::Idle),
             Err(e) => return Err(Stop::WaitFailed(e)),
         }
+    }
+}
+
+/// The UART as the mediator's character device.
+struct Served<'a> {
+    uart: &'a Uart,
+    irq: &'a Interrupt,
+}
+
+impl CharDevice for Served<'_> {
+    fn write(&mut self, bytes: &[u8]) -> Result<(), u8> {
+        self.uart.write_all(bytes).map_err(|_| status::IO_ERROR)
+    }
+
+    fn read(&mut self, buf: &mut [u8]) -> usize {
+        let mut n = 0;
+        while n < buf.len() && self.uart.ports.inb(LSR) & LSR_DR != 0 {
+            buf[n] = self.uart.ports.inb(RBR);
+            n += 1;
+        }
+        n
+    }
+
+    fn event(&self) -> u64 {
+        self.irq.handle()
     }
 }

@@ -17,6 +17,9 @@
 //! (one request at a time) is served as a queue of one ([`serve_block`]),
 //! a [`QueuedBlockDevice`] with [`serve_queued`].
 //!
+//! [`net::serve_net`] and [`char::serve_char`] serve the network and
+//! character classes over the same rings.
+//!
 //! [`Faults`] makes a driver misbehave on purpose, for the mediator's
 //! tests and fault campaigns: a seeded, reproducible choice, per request,
 //! of crashing, hanging, lying, flooding or breaking the ring.
@@ -149,6 +152,7 @@ impl Faults {
     }
 }
 
+pub mod char;
 pub mod net;
 
 /// The shared section, mapped, with its doorbell.

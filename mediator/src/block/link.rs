@@ -237,7 +237,9 @@ impl Link {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(io_err("the driver did not report its geometry in time"));
+                return Err(io_err(
+                    "the driver did not answer INFO (its geometry, interface or readiness) in time",
+                ));
             }
             if !self.ring.prepare_sleep() {
                 continue;
@@ -249,7 +251,7 @@ impl Link {
                 self.region.reset_bell();
             }
             if ended {
-                return Err(io_err("the driver ended before reporting its geometry"));
+                return Err(io_err("the driver ended before answering INFO"));
             }
         }
     }

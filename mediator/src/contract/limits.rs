@@ -127,8 +127,9 @@ impl fmt::Display for Geometry {
 /// What is wrong with a block driver's answer to INFO.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum InfoProblem {
-    /// The driver answered INFO with a failure status.
-    #[error("the driver reports failure (status {0}) instead of the device's geometry")]
+    /// The driver answered INFO with a failure status (block: instead of
+    /// the device's geometry; char: instead of saying it is up).
+    #[error("the driver answers INFO with failure (status {0}) instead of describing its device")]
     Failed(u8),
     /// The payload handed over does not have the 16 bytes the header
     /// announced (the driver's stream ended early).

@@ -131,7 +131,8 @@ pub enum Violation {
     /// [`Contract::expired`]: super::Contract::expired
     #[error("the driver did not answer a request before its deadline")]
     Deadline,
-    /// An INFO answer that is not a valid geometry.
+    /// An INFO answer that is not valid (block: a geometry; char:
+    /// success without bytes).
     #[error("the driver's answer to INFO is invalid: {0}")]
     BadInfo(InfoProblem),
     /// A restarted driver reports another geometry than the first one did.

@@ -123,7 +123,7 @@ fn char_driver_side() {
         }
     );
     assert_eq!(
-        char_err(&mut c, &char_ok(r.id, 5), t + DEADLINE + ms(1)),
+        char_err(&mut c, &char_ok(w.id, 0), t + DEADLINE + ms(1)),
         Violation::Deadline
     );
     assert_eq!(c.expired(t + DEADLINE + ms(1)), Some(w.id));
@@ -181,5 +181,94 @@ fn char_reissue_and_fail_all() {
     assert_eq!(
         char_err(&mut c, &char_ok(a.id, 0), t),
         Violation::Duplicate { id: a.id }
+    );
+}
+
+#[test]
+fn char_reads_have_no_deadline() {
+    let t = Instant::now();
+    let mut c = CharContract::new(limits());
+    let r = c.issue(op::CHAR_READ, 10, t).unwrap();
+    assert_eq!(c.next_deadline(), None, "a lent read is not awaited");
+    let late = t + DEADLINE * 1000;
+    assert_eq!(c.expired(late), None);
+    let w = c.issue(op::CHAR_WRITE, 1, t).unwrap();
+    assert_eq!(c.next_deadline(), Some(t + DEADLINE));
+    assert_eq!(c.expired(late), Some(w.id));
+    // A read answered long after it was lent is no fault.
+    assert_eq!(
+        c.check_response(&char_ok(r.id, 3), late).map(|x| x.payload),
+        Ok(3)
+    );
+    // Re-issued, a read stays untimed and a write gets a new deadline.
+    let r2 = c.issue(op::CHAR_READ, 10, t).unwrap();
+    assert_eq!(c.reissue(late), vec![w, r2]);
+    assert_eq!(c.next_deadline(), Some(late + DEADLINE));
+}
+
+#[test]
+fn char_handshake() {
+    let t = Instant::now();
+    let mut c = CharContract::with_handshake(limits());
+    assert!(!c.is_ready());
+    assert_eq!(
+        c.issue(op::CHAR_WRITE, 1, t),
+        Err(ClientError::NotReady),
+        "nothing is issued before a driver is up"
+    );
+    // An INFO answer nobody asked for.
+    assert_eq!(
+        c.check_info(&char_ok(0, 0)),
+        Err(Violation::Unsolicited { id: 0 })
+    );
+    let info = c.info_request();
+    assert_eq!((info.op, info.class, info.id), (op::INFO, class::CHAR, 0));
+    // Wrong answers: another id, another class, a failure, bytes.
+    assert_eq!(
+        c.check_info(&char_ok(3, 0)),
+        Err(Violation::Unsolicited { id: 3 })
+    );
+    assert!(matches!(
+        c.check_info(&resp(0, status::OK, class::BLOCK, 0)),
+        Err(Violation::WrongClass { .. })
+    ));
+    assert_eq!(
+        c.check_info(&resp(0, status::IO_ERROR, class::CHAR, 0)),
+        Err(Violation::BadInfo(InfoProblem::Failed(status::IO_ERROR)))
+    );
+    assert_eq!(
+        c.check_info(&char_ok(0, 4)),
+        Err(Violation::WrongLength {
+            id: 0,
+            expected: 0,
+            got: 4
+        })
+    );
+    assert!(!c.is_ready(), "a rejected answer changes nothing");
+    c.check_info(&char_ok(0, 0)).unwrap();
+    assert!(c.is_ready());
+    let w = c.issue(op::CHAR_WRITE, 5, t).unwrap();
+    let r = c.issue(op::CHAR_READ, 5, t).unwrap();
+    // A restart: during the new handshake nothing is answered or late.
+    c.info_request();
+    assert_eq!(
+        char_err(&mut c, &char_ok(w.id, 0), t),
+        Violation::Unsolicited { id: w.id }
+    );
+    assert_eq!(c.expired(t + DEADLINE * 10), None);
+    assert_eq!(c.next_deadline(), None);
+    assert_eq!(c.issue(op::CHAR_WRITE, 1, t), Err(ClientError::NotReady));
+    c.check_info(&char_ok(0, 0)).unwrap();
+    // Then what was in flight goes again, same ids, in issue order.
+    assert_eq!(c.reissue(t + ms(5)), vec![w, r]);
+    assert_eq!(
+        c.check_response(&char_ok(r.id, 5), t + ms(6))
+            .map(|x| x.payload),
+        Ok(5)
+    );
+    // A second INFO answer is unsolicited.
+    assert_eq!(
+        c.check_info(&char_ok(0, 0)),
+        Err(Violation::Unsolicited { id: 0 })
     );
 }
