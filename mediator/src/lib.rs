@@ -13,6 +13,8 @@
 //! - [`serial`]: a mediated serial line ([`serial::MediatedSerial`]:
 //!   bytes both ways through a UART driver), with driver restart and
 //!   writes re-issued;
+//! - `pump`: what the net and serial engines share (their pump thread,
+//!   the start of a driver with its template and handshake);
 //! - [`campaign`]: seeded fault campaigns through the mediator;
 //! - [`export`]: the block device as a file in a FUSE mount, which
 //!   `losetup` makes a real block device.
@@ -21,4 +23,5 @@ pub mod campaign;
 pub mod contract;
 pub mod export;
 pub mod net;
+mod pump;
 pub mod serial;

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use moat_service_proto::ring::Layout;
 use moat_service_proto::{op, status, Response};
 
-use crate::block::link::{end, Boot, Link, Template};
+use crate::block::link::{end, Link, Template};
 use crate::block::region::{wait_readable, Bell};
 use crate::block::standby;
 use crate::block::{DriverSpec, SECTION};
@@ -287,7 +287,7 @@ impl MediatedNet {
         let own = inner.clone();
         let pump = std::thread::Builder::new()
             .name("moat-net".into())
-            .spawn(move || pump(own))?;
+            .spawn(move || crate::pump::run(own))?;
         Ok(MediatedNet {
             dev: Arc::new(Device {
                 inner,
@@ -397,53 +397,38 @@ fn shutdown(inner: &Inner, pump: &Mutex<Option<std::thread::JoinHandle<()>>>) {
 /// dropped.
 fn start_driver(inner: &Inner, c: &mut Core) -> io::Result<()> {
     c.generation += 1;
-    let boot = Boot::next(&c.template)?;
-    let restored = matches!(boot, Boot::Template(_));
-    let taking = match &boot {
-        Boot::Image(Some(f)) => Some(f.try_clone()?),
-        _ => None,
-    };
-    let started = Link::start(
-        &inner.spec,
-        inner.layout,
-        c.generation,
-        c.generation - 1,
-        boot,
+    let info = c.contract.info_request();
+    let started = crate::pump::start(
+        crate::pump::Start {
+            spec: &inner.spec,
+            layout: inner.layout,
+            generation: c.generation,
+            info,
+            timeout: inner.config.start_timeout,
+        },
+        &mut c.template,
+        &mut c.counters.template,
+        |resp, bytes| {
+            c.contract
+                .check_info(resp, bytes)
+                .map(|_| ())
+                .map_err(|v| v.to_string())
+        },
+        |link| {
+            if let Some(s) = link.proc.vm_stats() {
+                c.counters.vm.get_or_insert_with(Default::default).add(&s);
+            }
+        },
     );
-    let mut link = match started {
+    let (link, restored) = match started {
         Ok(l) => l,
         Err(e) => {
-            if restored {
-                give_up_template(c, format!("a start from it failed: {e}"));
-            }
+            c.counters.last_start_failure = Some(e.to_string());
             return Err(e);
         }
     };
-    let info = c.contract.info_request();
-    let checked = link
-        .handshake(info, inner.config.start_timeout)
-        .and_then(|(resp, bytes)| {
-            c.contract
-                .check_info(&resp, &bytes)
-                .map_err(|v| io_err(format!("driver handshake: {v}")))
-        });
-    if let Err(e) = checked {
-        keep_vm_stats(c, &link);
-        end(link);
-        if restored || taking.is_some() {
-            give_up_template(c, format!("a start with it failed: {e}"));
-        }
-        c.counters.last_start_failure = Some(e.to_string());
-        return Err(e);
-    }
     if restored {
         c.counters.from_template += 1;
-    }
-    if let Some(file) = taking {
-        match Template::taken(&link, file) {
-            Template::Off(Some(why)) => give_up_template(c, why),
-            t => c.template = t,
-        }
     }
     install(inner, c, link);
     Ok(())
@@ -493,12 +478,6 @@ fn install(inner: &Inner, c: &mut Core, mut link: Link) {
             link.region.kick();
         }
     }
-}
-
-/// Drivers boot from their image from now on.
-fn give_up_template(c: &mut Core, why: String) {
-    c.template = Template::Off(Some(why.clone()));
-    c.counters.template = Some(why);
 }
 
 /// Lends receive buffers until `rx_buffers` are lent (sends never take
@@ -640,90 +619,54 @@ fn restart(inner: &Arc<Inner>, c: &mut Core, t0: Instant) {
     standby::replenish(inner, template_of(c));
 }
 
-fn pump(inner: Arc<Inner>) {
-    loop {
-        let now = Instant::now();
-        let (region, exit) = {
-            let mut c = lock(&inner.core);
-            if inner.closing.load(Ordering::SeqCst) || c.failed.is_some() {
-                break;
-            }
-            let mut answers = Vec::new();
-            let mut broken = None;
-            if let Some(link) = c.link.as_mut() {
-                let took = link.ring.take(inner.layout.depth, |a| {
-                    answers.push(a);
-                    true
-                });
-                if let Err(e) = took {
-                    broken = Some(format!("{e:?}"));
-                }
-            }
-            let mut fault: Option<&'static str> = broken.map(|_| "bad_index");
-            for a in answers {
-                if fault.is_some() {
-                    break;
-                }
-                let r = match a {
-                    Ok(a) => answer(&inner, &mut c, a, now),
-                    Err(e) => Err(Violation::from(e)),
-                };
-                if let Err(v) = r {
-                    fault = Some(v.kind());
-                }
-            }
-            if fault.is_none() && c.contract.expired(now).is_some() {
-                fault = Some(Violation::Deadline.kind());
-            }
-            if let Some(kind) = fault {
-                violation(&mut c, kind);
-                restart(&inner, &mut c, now);
-                continue;
-            }
-            top_up_receive(&inner, &mut c, now);
-            send_queued(&inner, &mut c, now);
-            let Some(link) = c.link.as_mut() else { break };
-            if link.ring.publish() {
-                link.region.kick();
-            }
-            if !link.ring.prepare_sleep() {
-                continue;
-            }
-            (link.region.clone(), link.exit.clone())
-        };
-        let [woke, rang, ended] = wait_readable(
-            [
-                Some(inner.wake.fd()),
-                Some(region.bell()),
-                Some(exit.as_fd()),
-            ],
-            Duration::from_millis(50),
-        );
-        let mut c = lock(&inner.core);
-        if let Some(l) = &c.link {
-            l.ring.awake();
-        }
-        if woke {
-            inner.wake.reset();
-        }
-        if rang {
-            region.reset_bell();
-        }
-        if ended && c.link.as_ref().is_some_and(|l| Arc::ptr_eq(&l.exit, &exit)) {
-            violation(&mut c, "crash");
-            restart(&inner, &mut c, Instant::now());
-        }
+impl crate::pump::Pumped for Inner {
+    type Core = Core;
+
+    fn core(&self) -> MutexGuard<'_, Core> {
+        lock(&self.core)
     }
-    let mut c = lock(&inner.core);
-    if let Some(mut l) = c.link.take() {
-        let _ = l.proc.kill();
-        let _ = l.proc.wait();
-        keep_vm_stats(&mut c, &l);
+    fn wake(&self) -> &Bell {
+        &self.wake
     }
-    drop(c);
-    // `closing` is set: none is kept after this.
-    standby::discard(&*inner);
-    inner.received.notify_all();
+    fn closing(&self) -> bool {
+        self.closing.load(Ordering::SeqCst)
+    }
+    fn depth(&self) -> u32 {
+        self.layout.depth
+    }
+    fn link(c: &mut Core) -> &mut Option<Link> {
+        &mut c.link
+    }
+    fn stopped(c: &Core) -> bool {
+        c.failed.is_some()
+    }
+    fn answer(&self, c: &mut Core, a: Response, now: Instant) -> Result<(), Violation> {
+        answer(self, c, a, now)
+    }
+    fn expired(c: &mut Core, now: Instant) -> bool {
+        c.contract.expired(now).is_some()
+    }
+    fn violation(c: &mut Core, kind: &'static str) {
+        violation(c, kind)
+    }
+    fn restart(self: &Arc<Self>, c: &mut Core, t0: Instant) {
+        restart(self, c, t0)
+    }
+    fn refill(&self, c: &mut Core, now: Instant) {
+        top_up_receive(self, c, now);
+        send_queued(self, c, now);
+    }
+    fn finish(&self, c: &mut Core) {
+        if let Some(mut l) = c.link.take() {
+            let _ = l.proc.kill();
+            let _ = l.proc.wait();
+            keep_vm_stats(c, &l);
+        }
+        // `closing` is set, or the interface gave up: no standby is kept
+        // after this.
+        standby::discard(self);
+        self.received.notify_all();
+    }
 }
 
 /// Adds what an ended driver's VMM counted to the counters.

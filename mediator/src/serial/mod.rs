@@ -47,7 +47,7 @@ use std::time::{Duration, Instant};
 use moat_service_proto::ring::Layout;
 use moat_service_proto::{op, status, Response};
 
-use crate::block::link::{end, Boot, Link, Template};
+use crate::block::link::{end, Link, Template};
 use crate::block::region::{wait_readable, Bell};
 use crate::block::{DriverSpec, SECTION};
 use crate::contract::{CharContract, Contract, ContractLimits, Violation};
@@ -260,7 +260,7 @@ impl MediatedSerial {
         let own = inner.clone();
         let pump = std::thread::Builder::new()
             .name("moat-serial".into())
-            .spawn(move || pump(own))?;
+            .spawn(move || crate::pump::run(own))?;
         Ok(MediatedSerial {
             dev: Arc::new(Device {
                 inner,
@@ -413,52 +413,29 @@ fn shutdown(inner: &Inner, pump: &Mutex<Option<std::thread::JoinHandle<()>>>) {
 /// number.
 fn start_driver(inner: &Inner, c: &mut Core) -> io::Result<()> {
     c.generation += 1;
-    let boot = Boot::next(&c.template)?;
-    let restored = matches!(boot, Boot::Template(_));
-    let taking = match &boot {
-        Boot::Image(Some(f)) => Some(f.try_clone()?),
-        _ => None,
-    };
-    let started = Link::start(
-        &inner.spec,
-        inner.layout,
-        c.generation,
-        c.generation - 1,
-        boot,
+    let info = c.contract.info_request();
+    let started = crate::pump::start(
+        crate::pump::Start {
+            spec: &inner.spec,
+            layout: inner.layout,
+            generation: c.generation,
+            info,
+            timeout: inner.config.start_timeout,
+        },
+        &mut c.template,
+        &mut c.counters.template,
+        |resp, _| c.contract.check_info(resp).map_err(|v| v.to_string()),
+        |_| {},
     );
-    let mut link = match started {
+    let (mut link, restored) = match started {
         Ok(l) => l,
         Err(e) => {
-            if restored {
-                give_up_template(c, format!("a start from it failed: {e}"));
-            }
+            c.counters.last_start_failure = Some(e.to_string());
             return Err(e);
         }
     };
-    let info = c.contract.info_request();
-    let checked = link
-        .handshake(info, inner.config.start_timeout)
-        .and_then(|(resp, _)| {
-            c.contract
-                .check_info(&resp)
-                .map_err(|v| io_err(format!("driver handshake: {v}")))
-        });
-    if let Err(e) = checked {
-        end(link);
-        if restored || taking.is_some() {
-            give_up_template(c, format!("a start with it failed: {e}"));
-        }
-        c.counters.last_start_failure = Some(e.to_string());
-        return Err(e);
-    }
     if restored {
         c.counters.from_template += 1;
-    }
-    if let Some(file) = taking {
-        match Template::taken(&link, file) {
-            Template::Off(Some(why)) => give_up_template(c, why),
-            t => c.template = t,
-        }
     }
     let now = Instant::now();
     c.owners.clear();
@@ -485,12 +462,6 @@ fn start_driver(inner: &Inner, c: &mut Core) -> io::Result<()> {
         }
     }
     Ok(())
-}
-
-/// Drivers boot from their image from now on.
-fn give_up_template(c: &mut Core, why: String) {
-    c.template = Template::Off(Some(why.clone()));
-    c.counters.template = Some(why);
 }
 
 /// Lends reads until `read_buffers` are lent, while the client's queue
@@ -630,83 +601,48 @@ fn restart(inner: &Inner, c: &mut Core, t0: Instant) {
     c.counters.recovery.push(t0.elapsed());
 }
 
-fn pump(inner: Arc<Inner>) {
-    loop {
-        let now = Instant::now();
-        let (region, exit) = {
-            let mut c = lock(&inner.core);
-            if inner.closing.load(Ordering::SeqCst) || c.failed.is_some() {
-                break;
-            }
-            let mut answers = Vec::new();
-            let mut fault: Option<&'static str> = None;
-            if let Some(link) = c.link.as_mut() {
-                let took = link.ring.take(inner.layout.depth, |a| {
-                    answers.push(a);
-                    true
-                });
-                if took.is_err() {
-                    fault = Some("bad_index");
-                }
-            }
-            for a in answers {
-                if fault.is_some() {
-                    break;
-                }
-                let r = match a {
-                    Ok(a) => answer(&inner, &mut c, a, now),
-                    Err(e) => Err(Violation::from(e)),
-                };
-                if let Err(v) = r {
-                    fault = Some(v.kind());
-                }
-            }
-            if fault.is_none() && c.contract.expired(now).is_some() {
-                fault = Some(Violation::Deadline.kind());
-            }
-            if let Some(kind) = fault {
-                violation(&mut c, kind);
-                restart(&inner, &mut c, now);
-                continue;
-            }
-            top_up_reads(&inner, &mut c, now);
-            send_queued(&inner, &mut c, now);
-            let Some(link) = c.link.as_mut() else { break };
-            if link.ring.publish() {
-                link.region.kick();
-            }
-            if !link.ring.prepare_sleep() {
-                continue;
-            }
-            (link.region.clone(), link.exit.clone())
-        };
-        let [woke, rang, ended] = wait_readable(
-            [
-                Some(inner.wake.fd()),
-                Some(region.bell()),
-                Some(exit.as_fd()),
-            ],
-            Duration::from_millis(50),
-        );
-        let mut c = lock(&inner.core);
-        if let Some(l) = &c.link {
-            l.ring.awake();
-        }
-        if woke {
-            inner.wake.reset();
-        }
-        if rang {
-            region.reset_bell();
-        }
-        if ended && c.link.as_ref().is_some_and(|l| Arc::ptr_eq(&l.exit, &exit)) {
-            violation(&mut c, "crash");
-            restart(&inner, &mut c, Instant::now());
-        }
+impl crate::pump::Pumped for Inner {
+    type Core = Core;
+
+    fn core(&self) -> MutexGuard<'_, Core> {
+        lock(&self.core)
     }
-    let mut c = lock(&inner.core);
-    if let Some(mut l) = c.link.take() {
-        let _ = l.proc.kill();
-        let _ = l.proc.wait();
+    fn wake(&self) -> &Bell {
+        &self.wake
     }
-    inner.changed.notify_all();
+    fn closing(&self) -> bool {
+        self.closing.load(Ordering::SeqCst)
+    }
+    fn depth(&self) -> u32 {
+        self.layout.depth
+    }
+    fn link(c: &mut Core) -> &mut Option<Link> {
+        &mut c.link
+    }
+    fn stopped(c: &Core) -> bool {
+        c.failed.is_some()
+    }
+    fn answer(&self, c: &mut Core, a: Response, now: Instant) -> Result<(), Violation> {
+        answer(self, c, a, now)
+    }
+    fn expired(c: &mut Core, now: Instant) -> bool {
+        c.contract.expired(now).is_some()
+    }
+    fn violation(c: &mut Core, kind: &'static str) {
+        violation(c, kind)
+    }
+    fn restart(self: &Arc<Self>, c: &mut Core, t0: Instant) {
+        restart(self, c, t0)
+    }
+    fn refill(&self, c: &mut Core, now: Instant) {
+        top_up_reads(self, c, now);
+        send_queued(self, c, now);
+    }
+    fn finish(&self, c: &mut Core) {
+        if let Some(mut l) = c.link.take() {
+            let _ = l.proc.kill();
+            let _ = l.proc.wait();
+        }
+        self.changed.notify_all();
+    }
 }

@@ -533,11 +533,11 @@ mod tests {
         let e = err("com1=serial");
         assert_eq!(
             e,
-            "device `com1` has unknown kind `serial`; known kinds: `uart`, `virtio-blk`"
+            "device `com1` has unknown kind `serial`; known kinds: `uart`, `virtio-blk`, `virtio-net`"
         );
         let e = err("com1=");
         assert!(e.contains("has no kind"), "{e}");
-        assert!(e.contains("`uart`, `virtio-blk`"), "{e}");
+        assert!(e.contains("`uart`, `virtio-blk`, `virtio-net`"), "{e}");
         // Kinds are case-sensitive.
         assert!(err("com1=UART").contains("unknown kind `UART`"));
     }
@@ -653,11 +653,22 @@ mod tests {
 
         let kind = r#"
             [[device]]
-            name = "net0"
-            kind = "virtio-net"
+            name = "nic0"
+            kind = "e1000"
         "#;
         let e = toml::from_str::<Manifest>(kind).unwrap_err().to_string();
-        assert!(e.contains("known kinds: `uart`, `virtio-blk`"), "{e}");
+        assert!(
+            e.contains("known kinds: `uart`, `virtio-blk`, `virtio-net`"),
+            "{e}"
+        );
+        // A virtio-net device takes no file: its wire is handed over.
+        let net = r#"
+            [[device]]
+            name = "net0"
+            kind = "virtio-net"
+            file = "disk.img"
+        "#;
+        assert!(toml::from_str::<Manifest>(net).is_err());
     }
 
     #[test]
