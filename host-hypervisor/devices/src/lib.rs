@@ -31,6 +31,7 @@ mod dma;
 mod irq;
 mod uart;
 mod virtio_blk;
+mod virtio_mmio;
 mod virtio_net;
 
 pub use irq::Irq;

@@ -29,10 +29,7 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX,
     VIRTIO_BLK_ID_BYTES,
 };
-use virtio_bindings::virtio_config::{
-    VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FAILED,
-    VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET, VIRTIO_F_VERSION_1,
-};
+use virtio_bindings::virtio_config::{VIRTIO_CONFIG_S_NEEDS_RESET, VIRTIO_F_VERSION_1};
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_bindings::virtio_mmio::*;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
@@ -43,6 +40,7 @@ use self::backend::Backend;
 pub(crate) use self::serving::Kicker;
 pub use self::serving::{Gate, IoConfig, IoEvent, IoThread};
 use crate::dma::{normalize, DmaMemory};
+use crate::virtio_mmio::{self, MmioDevice, Regs};
 use crate::{Device, Irq};
 
 /// Offset of the `QueueNotify` register in the MMIO window (a VMM may
@@ -65,9 +63,6 @@ pub const MAX_REQUEST_BYTES: usize = 1 << 20;
 pub const SEG_MAX: u32 = 128;
 
 const MAX_CHAIN_DESCRIPTORS: usize = SEG_MAX as usize + 2;
-const MMIO_MAGIC: u32 = 0x7472_6976; // "virt"
-const MMIO_VERSION: u32 = 2;
-const VENDOR_ID: u32 = u32::from_le_bytes(*b"moat");
 const CONFIG_SIZE: usize = 0x40;
 const REQUEST_HEADER_SIZE: usize = 16;
 const ID_BYTES: usize = VIRTIO_BLK_ID_BYTES as usize;
@@ -140,12 +135,7 @@ pub struct VirtioBlk {
     dma_ranges: Option<Vec<Range<u64>>>,
     queue: Queue,
     backend: Backend,
-    device_features_sel: u32,
-    driver_features_sel: u32,
-    driver_features: u64,
-    queue_sel: u32,
-    status: u32,
-    interrupt_status: u32,
+    regs: Regs,
     /// Offer `VIRTIO_RING_F_EVENT_IDX`.
     offer_event_idx: bool,
     /// Set when an I/O thread serves the queue: called instead of serving
@@ -191,12 +181,7 @@ impl VirtioBlk {
                 counters: BlkCounters::default(),
                 buf: Vec::new(),
             },
-            device_features_sel: 0,
-            driver_features_sel: 0,
-            driver_features: 0,
-            queue_sel: 0,
-            status: 0,
-            interrupt_status: 0,
+            regs: Regs::default(),
             offer_event_idx: false,
             kick: None,
         })
@@ -277,13 +262,13 @@ impl VirtioBlk {
 
     /// The device status register (`VIRTIO_CONFIG_S_*` bits).
     pub fn device_status(&self) -> u32 {
-        self.status
+        self.regs.status
     }
 
     /// The `InterruptStatus` register: bit 0 used buffers, bit 1
     /// configuration change (here: the device needs a reset).
     pub fn interrupt_status(&self) -> u32 {
-        self.interrupt_status
+        self.regs.interrupt_status
     }
 
     /// Feature bits offered to the driver.
@@ -303,7 +288,7 @@ impl VirtioBlk {
 
     /// Feature bits the driver accepted (final once `FEATURES_OK` is set).
     pub fn driver_features(&self) -> u64 {
-        self.driver_features
+        self.regs.driver_features
     }
 
     /// `struct virtio_blk_config`, as far as this device fills it.
@@ -317,69 +302,11 @@ impl VirtioBlk {
         c
     }
 
-    fn reset(&mut self) {
-        self.queue.reset();
-        self.device_features_sel = 0;
-        self.driver_features_sel = 0;
-        self.driver_features = 0;
-        self.queue_sel = 0;
-        self.status = 0;
-        self.interrupt_status = 0;
-    }
-
-    fn write_status(&mut self, v: u32) {
-        if v == 0 {
-            self.reset();
-            return;
-        }
-        // The driver only ever adds bits (clearing them takes a reset), and
-        // DEVICE_NEEDS_RESET is the device's to set.
-        let mut v =
-            (v & !VIRTIO_CONFIG_S_NEEDS_RESET) | (self.status & VIRTIO_CONFIG_S_NEEDS_RESET);
-        if self.status & !v != 0 {
-            return;
-        }
-        if v & VIRTIO_CONFIG_S_FEATURES_OK != 0 && self.status & VIRTIO_CONFIG_S_FEATURES_OK == 0 {
-            let acceptable = self.driver_features & !self.device_features() == 0
-                && self.driver_features & (1 << VIRTIO_F_VERSION_1) != 0;
-            if !acceptable {
-                // The driver reads Status back and sees FEATURES_OK missing.
-                v &= !VIRTIO_CONFIG_S_FEATURES_OK;
-            } else {
-                let event_idx = self.driver_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
-                self.queue.set_event_idx(event_idx);
-            }
-        }
-        let was_running = self.running();
-        self.status = v;
-        if !was_running && self.running() {
-            self.wake();
-        }
-    }
-
-    /// Wakes the serving thread, if another thread serves the queue.
-    fn wake(&self) {
-        if let Some(k) = &self.kick {
-            k();
-        }
-    }
-
-    fn running(&self) -> bool {
-        let need = VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK;
-        let stop = VIRTIO_CONFIG_S_NEEDS_RESET | VIRTIO_CONFIG_S_FAILED;
-        self.status & need == need && self.status & stop == 0
-    }
-
-    /// Whether the selected queue's configuration may be written.
-    fn queue_configurable(&self) -> bool {
-        self.queue_sel == 0 && !self.queue.ready()
-    }
-
     fn signal(&mut self, bits: u32) {
         if bits & VIRTIO_MMIO_INT_VRING != 0 {
             self.backend.counters.interrupts += 1;
         }
-        self.interrupt_status |= bits;
+        self.regs.interrupt_status |= bits;
         if self.irq.trigger().is_err() {
             self.backend.counters.irq_errors += 1;
         }
@@ -387,7 +314,7 @@ impl VirtioBlk {
 
     fn needs_reset(&mut self) {
         self.backend.counters.queue_errors += 1;
-        self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
+        self.regs.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
         self.signal(VIRTIO_MMIO_INT_CONFIG);
     }
 
@@ -405,7 +332,7 @@ impl VirtioBlk {
     /// Whether the device runs with its queue ready: there is something to
     /// serve.
     pub fn serving(&self) -> bool {
-        self.running() && self.queue.ready()
+        self.regs.running() && self.queue.ready()
     }
 
     /// The DMA view of guest memory, if the queue's rings lie inside it;
@@ -504,88 +431,6 @@ impl VirtioBlk {
             self.needs_reset();
         }
     }
-
-    fn mmio_read_reg(&self, offset: u32) -> u32 {
-        let sel0 = self.queue_sel == 0;
-        match offset {
-            VIRTIO_MMIO_MAGIC_VALUE => MMIO_MAGIC,
-            VIRTIO_MMIO_VERSION => MMIO_VERSION,
-            VIRTIO_MMIO_DEVICE_ID => VIRTIO_ID_BLOCK,
-            VIRTIO_MMIO_VENDOR_ID => VENDOR_ID,
-            VIRTIO_MMIO_DEVICE_FEATURES => match self.device_features_sel {
-                0 => self.device_features() as u32,
-                1 => (self.device_features() >> 32) as u32,
-                _ => 0,
-            },
-            VIRTIO_MMIO_QUEUE_NUM_MAX if sel0 => u32::from(self.queue.max_size()),
-            VIRTIO_MMIO_QUEUE_READY if sel0 => u32::from(self.queue.ready()),
-            VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt_status,
-            VIRTIO_MMIO_STATUS => self.status,
-            // The configuration never changes.
-            VIRTIO_MMIO_CONFIG_GENERATION => 0,
-            _ => 0,
-        }
-    }
-
-    fn mmio_write_reg(&mut self, offset: u32, v: u32) {
-        match offset {
-            VIRTIO_MMIO_DEVICE_FEATURES_SEL => self.device_features_sel = v,
-            VIRTIO_MMIO_DRIVER_FEATURES_SEL => self.driver_features_sel = v,
-            VIRTIO_MMIO_DRIVER_FEATURES => {
-                let negotiating = self.status & VIRTIO_CONFIG_S_DRIVER != 0
-                    && self.status & VIRTIO_CONFIG_S_FEATURES_OK == 0;
-                if negotiating {
-                    let v = u64::from(v);
-                    match self.driver_features_sel {
-                        0 => self.driver_features = (self.driver_features & !0xffff_ffff) | v,
-                        1 => {
-                            self.driver_features = (self.driver_features & 0xffff_ffff) | (v << 32)
-                        }
-                        _ => {}
-                    }
-                }
-            }
-            VIRTIO_MMIO_QUEUE_SEL => self.queue_sel = v,
-            VIRTIO_MMIO_QUEUE_NUM if self.queue_configurable() => {
-                if let Ok(size) = u16::try_from(v) {
-                    // Sizes that are 0, over the maximum or not a power of
-                    // two are ignored.
-                    self.queue.set_size(size);
-                }
-            }
-            VIRTIO_MMIO_QUEUE_READY if self.queue_sel == 0 => match v {
-                0 => self.queue.set_ready(false),
-                1 => {
-                    self.queue.set_ready(true);
-                    self.wake();
-                }
-                _ => {}
-            },
-            VIRTIO_MMIO_QUEUE_NOTIFY if v == 0 => self.notify(),
-            VIRTIO_MMIO_INTERRUPT_ACK => self.interrupt_status &= !v,
-            VIRTIO_MMIO_STATUS => self.write_status(v),
-            // Misaligned ring addresses are ignored by the queue.
-            VIRTIO_MMIO_QUEUE_DESC_LOW if self.queue_configurable() => {
-                self.queue.set_desc_table_address(Some(v), None)
-            }
-            VIRTIO_MMIO_QUEUE_DESC_HIGH if self.queue_configurable() => {
-                self.queue.set_desc_table_address(None, Some(v))
-            }
-            VIRTIO_MMIO_QUEUE_AVAIL_LOW if self.queue_configurable() => {
-                self.queue.set_avail_ring_address(Some(v), None)
-            }
-            VIRTIO_MMIO_QUEUE_AVAIL_HIGH if self.queue_configurable() => {
-                self.queue.set_avail_ring_address(None, Some(v))
-            }
-            VIRTIO_MMIO_QUEUE_USED_LOW if self.queue_configurable() => {
-                self.queue.set_used_ring_address(Some(v), None)
-            }
-            VIRTIO_MMIO_QUEUE_USED_HIGH if self.queue_configurable() => {
-                self.queue.set_used_ring_address(None, Some(v))
-            }
-            _ => {}
-        }
-    }
 }
 
 impl Device for VirtioBlk {
@@ -608,35 +453,41 @@ impl Device for VirtioBlk {
     fn pio_write(&mut self, _offset: u16, _data: &[u8]) {}
 
     fn mmio_read(&mut self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let config = u64::from(VIRTIO_MMIO_CONFIG);
-        if offset >= config {
-            // Config space: any natural width, within the structure.
-            let start = offset - config;
-            let len = data.len();
-            if matches!(len, 1 | 2 | 4 | 8)
-                && start
-                    .checked_add(len as u64)
-                    .is_some_and(|end| end <= CONFIG_SIZE as u64)
-            {
-                let start = start as usize;
-                data.copy_from_slice(&self.config_space()[start..start + len]);
-            }
-            return;
-        }
-        // Registers: 32-bit aligned accesses only.
-        if let (Ok(bytes), 0) = (<&mut [u8; 4]>::try_from(data), offset % 4) {
-            *bytes = self.mmio_read_reg(offset as u32).to_le_bytes();
-        }
+        virtio_mmio::mmio_read(self, offset, data);
     }
 
     fn mmio_write(&mut self, offset: u64, data: &[u8]) {
-        // Config space is read-only; registers take 32-bit aligned writes.
-        if offset >= u64::from(VIRTIO_MMIO_CONFIG) || !offset.is_multiple_of(4) {
-            return;
-        }
-        if let Ok(bytes) = <[u8; 4]>::try_from(data) {
-            self.mmio_write_reg(offset as u32, u32::from_le_bytes(bytes));
+        virtio_mmio::mmio_write(self, offset, data);
+    }
+}
+
+impl MmioDevice for VirtioBlk {
+    const DEVICE_ID: u32 = VIRTIO_ID_BLOCK;
+
+    fn regs(&self) -> &Regs {
+        &self.regs
+    }
+    fn regs_mut(&mut self) -> &mut Regs {
+        &mut self.regs
+    }
+    fn device_features(&self) -> u64 {
+        VirtioBlk::device_features(self)
+    }
+    fn queues(&self) -> &[Queue] {
+        std::slice::from_ref(&self.queue)
+    }
+    fn queues_mut(&mut self) -> &mut [Queue] {
+        std::slice::from_mut(&mut self.queue)
+    }
+    fn config_space(&self) -> Vec<u8> {
+        VirtioBlk::config_space(self).to_vec()
+    }
+    fn notify(&mut self, _queue: usize) {
+        self.notify();
+    }
+    fn wake(&self) {
+        if let Some(k) = &self.kick {
+            k();
         }
     }
 }

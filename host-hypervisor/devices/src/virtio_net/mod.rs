@@ -28,10 +28,7 @@ use std::io;
 use std::ops::Range;
 use std::os::fd::AsRawFd;
 
-use virtio_bindings::virtio_config::{
-    VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FAILED,
-    VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET, VIRTIO_F_VERSION_1,
-};
+use virtio_bindings::virtio_config::{VIRTIO_CONFIG_S_NEEDS_RESET, VIRTIO_F_VERSION_1};
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_mmio::*;
 use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP};
@@ -43,6 +40,7 @@ pub use self::frames::Pass;
 pub use self::serving::{NetPrologue, NetReport, NetThread};
 use crate::dma::{normalize, DmaMemory};
 use crate::virtio_blk::Kick;
+use crate::virtio_mmio::{self, MmioDevice, Regs};
 use crate::{Device, Irq};
 
 /// Size of a [`VirtioNet`]'s MMIO window.
@@ -61,9 +59,6 @@ pub const MIN_FRAME: usize = 14;
 const RX: usize = 0;
 /// The transmit queue's index.
 const TX: usize = 1;
-const MMIO_MAGIC: u32 = 0x7472_6976; // "virt"
-const MMIO_VERSION: u32 = 2;
-const VENDOR_ID: u32 = u32::from_le_bytes(*b"moat");
 /// `struct virtio_net_config` as far as offered: mac, status.
 const CONFIG_SIZE: usize = 8;
 
@@ -118,12 +113,7 @@ pub struct VirtioNet {
     queues: [Queue; 2],
     tap: File,
     mac: [u8; 6],
-    device_features_sel: u32,
-    driver_features_sel: u32,
-    driver_features: u64,
-    queue_sel: u32,
-    status: u32,
-    interrupt_status: u32,
+    regs: Regs,
     kick: Option<Kick>,
     counters: NetDevCounters,
     /// A frame read from the wire that waits for a receive buffer.
@@ -154,12 +144,7 @@ impl VirtioNet {
             queues: [queue()?, queue()?],
             tap,
             mac,
-            device_features_sel: 0,
-            driver_features_sel: 0,
-            driver_features: 0,
-            queue_sel: 0,
-            status: 0,
-            interrupt_status: 0,
+            regs: Regs::default(),
             kick: None,
             counters: NetDevCounters::default(),
             pending: None,
@@ -192,7 +177,7 @@ impl VirtioNet {
 
     /// The device status register (`VIRTIO_CONFIG_S_*` bits).
     pub fn device_status(&self) -> u32 {
-        self.status
+        self.regs.status
     }
 
     /// Feature bits offered to the driver.
@@ -203,85 +188,11 @@ impl VirtioNet {
             | (1 << VIRTIO_RING_F_EVENT_IDX)
     }
 
-    fn config_space(&self) -> [u8; CONFIG_SIZE] {
-        let mut c = [0u8; CONFIG_SIZE];
-        c[..6].copy_from_slice(&self.mac);
-        c[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
-        c
-    }
-
-    fn reset(&mut self) {
-        for q in &mut self.queues {
-            q.reset();
-        }
-        self.device_features_sel = 0;
-        self.driver_features_sel = 0;
-        self.driver_features = 0;
-        self.queue_sel = 0;
-        self.status = 0;
-        self.interrupt_status = 0;
-    }
-
-    fn write_status(&mut self, v: u32) {
-        if v == 0 {
-            self.reset();
-            return;
-        }
-        let mut v =
-            (v & !VIRTIO_CONFIG_S_NEEDS_RESET) | (self.status & VIRTIO_CONFIG_S_NEEDS_RESET);
-        if self.status & !v != 0 {
-            return;
-        }
-        if v & VIRTIO_CONFIG_S_FEATURES_OK != 0 && self.status & VIRTIO_CONFIG_S_FEATURES_OK == 0 {
-            if self.driver_features & !self.device_features() != 0
-                || self.driver_features & (1 << VIRTIO_F_VERSION_1) == 0
-            {
-                v &= !VIRTIO_CONFIG_S_FEATURES_OK;
-            } else {
-                let event_idx = self.driver_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
-                for q in &mut self.queues {
-                    q.set_event_idx(event_idx);
-                }
-            }
-        }
-        let was_running = self.running();
-        self.status = v;
-        if !was_running && self.running() {
-            self.wake();
-        }
-    }
-
-    fn wake(&self) {
-        if let Some(k) = &self.kick {
-            k();
-        }
-    }
-
-    fn running(&self) -> bool {
-        let need = VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK;
-        let stop = VIRTIO_CONFIG_S_NEEDS_RESET | VIRTIO_CONFIG_S_FAILED;
-        self.status & need == need && self.status & stop == 0
-    }
-
-    /// The selected queue, if there is one.
-    fn selected(&self) -> Option<usize> {
-        usize::try_from(self.queue_sel)
-            .ok()
-            .filter(|&q| q < self.queues.len())
-    }
-
-    /// The selected queue, if its configuration may be written.
-    fn configurable(&mut self) -> Option<&mut Queue> {
-        let q = self.selected()?;
-        let queue = &mut self.queues[q];
-        (!queue.ready()).then_some(queue)
-    }
-
     fn signal(&mut self, bits: u32) {
         if bits & VIRTIO_MMIO_INT_VRING != 0 {
             self.counters.interrupts += 1;
         }
-        self.interrupt_status |= bits;
+        self.regs.interrupt_status |= bits;
         if self.irq.trigger().is_err() {
             self.counters.irq_errors += 1;
         }
@@ -289,13 +200,13 @@ impl VirtioNet {
 
     fn needs_reset(&mut self) {
         self.counters.queue_errors += 1;
-        self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
+        self.regs.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
         self.signal(VIRTIO_MMIO_INT_CONFIG);
     }
 
     /// Whether the device runs with both queues ready.
     pub fn serving(&self) -> bool {
-        self.running() && self.queues.iter().all(|q| q.ready())
+        self.regs.running() && self.queues.iter().all(|q| q.ready())
     }
 
     /// Whether both queues' rings lie in the DMA view; otherwise the
@@ -312,103 +223,6 @@ impl VirtioNet {
             self.needs_reset();
         }
         ok
-    }
-
-    fn mmio_read_reg(&self, offset: u32) -> u32 {
-        let q = self.selected().map(|i| &self.queues[i]);
-        match offset {
-            VIRTIO_MMIO_MAGIC_VALUE => MMIO_MAGIC,
-            VIRTIO_MMIO_VERSION => MMIO_VERSION,
-            VIRTIO_MMIO_DEVICE_ID => VIRTIO_ID_NET,
-            VIRTIO_MMIO_VENDOR_ID => VENDOR_ID,
-            VIRTIO_MMIO_DEVICE_FEATURES => match self.device_features_sel {
-                0 => self.device_features() as u32,
-                1 => (self.device_features() >> 32) as u32,
-                _ => 0,
-            },
-            VIRTIO_MMIO_QUEUE_NUM_MAX => q.map_or(0, |q| u32::from(q.max_size())),
-            VIRTIO_MMIO_QUEUE_READY => q.map_or(0, |q| u32::from(q.ready())),
-            VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt_status,
-            VIRTIO_MMIO_STATUS => self.status,
-            VIRTIO_MMIO_CONFIG_GENERATION => 0,
-            _ => 0,
-        }
-    }
-
-    fn mmio_write_reg(&mut self, offset: u32, v: u32) {
-        match offset {
-            VIRTIO_MMIO_DEVICE_FEATURES_SEL => self.device_features_sel = v,
-            VIRTIO_MMIO_DRIVER_FEATURES_SEL => self.driver_features_sel = v,
-            VIRTIO_MMIO_DRIVER_FEATURES => {
-                let negotiating = self.status & VIRTIO_CONFIG_S_DRIVER != 0
-                    && self.status & VIRTIO_CONFIG_S_FEATURES_OK == 0;
-                if negotiating {
-                    let v = u64::from(v);
-                    match self.driver_features_sel {
-                        0 => self.driver_features = (self.driver_features & !0xffff_ffff) | v,
-                        1 => {
-                            self.driver_features = (self.driver_features & 0xffff_ffff) | (v << 32)
-                        }
-                        _ => {}
-                    }
-                }
-            }
-            VIRTIO_MMIO_QUEUE_SEL => self.queue_sel = v,
-            VIRTIO_MMIO_QUEUE_NUM => {
-                if let (Some(q), Ok(size)) = (self.configurable(), u16::try_from(v)) {
-                    q.set_size(size);
-                }
-            }
-            VIRTIO_MMIO_QUEUE_READY => {
-                if let Some(i) = self.selected() {
-                    match v {
-                        0 => self.queues[i].set_ready(false),
-                        1 => {
-                            self.queues[i].set_ready(true);
-                            self.wake();
-                        }
-                        _ => {}
-                    }
-                }
-            }
-            VIRTIO_MMIO_QUEUE_NOTIFY if (v as usize) < self.queues.len() => {
-                self.counters.notifications += 1;
-                self.wake();
-            }
-            VIRTIO_MMIO_INTERRUPT_ACK => self.interrupt_status &= !v,
-            VIRTIO_MMIO_STATUS => self.write_status(v),
-            VIRTIO_MMIO_QUEUE_DESC_LOW => {
-                if let Some(q) = self.configurable() {
-                    q.set_desc_table_address(Some(v), None)
-                }
-            }
-            VIRTIO_MMIO_QUEUE_DESC_HIGH => {
-                if let Some(q) = self.configurable() {
-                    q.set_desc_table_address(None, Some(v))
-                }
-            }
-            VIRTIO_MMIO_QUEUE_AVAIL_LOW => {
-                if let Some(q) = self.configurable() {
-                    q.set_avail_ring_address(Some(v), None)
-                }
-            }
-            VIRTIO_MMIO_QUEUE_AVAIL_HIGH => {
-                if let Some(q) = self.configurable() {
-                    q.set_avail_ring_address(None, Some(v))
-                }
-            }
-            VIRTIO_MMIO_QUEUE_USED_LOW => {
-                if let Some(q) = self.configurable() {
-                    q.set_used_ring_address(Some(v), None)
-                }
-            }
-            VIRTIO_MMIO_QUEUE_USED_HIGH => {
-                if let Some(q) = self.configurable() {
-                    q.set_used_ring_address(None, Some(v))
-                }
-            }
-            _ => {}
-        }
     }
 }
 
@@ -448,32 +262,45 @@ impl Device for VirtioNet {
     fn pio_write(&mut self, _offset: u16, _data: &[u8]) {}
 
     fn mmio_read(&mut self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let config = u64::from(VIRTIO_MMIO_CONFIG);
-        if offset >= config {
-            let start = offset - config;
-            let len = data.len();
-            if matches!(len, 1 | 2 | 4 | 8)
-                && start
-                    .checked_add(len as u64)
-                    .is_some_and(|end| end <= CONFIG_SIZE as u64)
-            {
-                let start = start as usize;
-                data.copy_from_slice(&self.config_space()[start..start + len]);
-            }
-            return;
-        }
-        if let (Ok(bytes), 0) = (<&mut [u8; 4]>::try_from(data), offset % 4) {
-            *bytes = self.mmio_read_reg(offset as u32).to_le_bytes();
-        }
+        virtio_mmio::mmio_read(self, offset, data);
     }
 
     fn mmio_write(&mut self, offset: u64, data: &[u8]) {
-        if offset >= u64::from(VIRTIO_MMIO_CONFIG) || !offset.is_multiple_of(4) {
-            return;
-        }
-        if let Ok(bytes) = <[u8; 4]>::try_from(data) {
-            self.mmio_write_reg(offset as u32, u32::from_le_bytes(bytes));
+        virtio_mmio::mmio_write(self, offset, data);
+    }
+}
+
+impl MmioDevice for VirtioNet {
+    const DEVICE_ID: u32 = VIRTIO_ID_NET;
+
+    fn regs(&self) -> &Regs {
+        &self.regs
+    }
+    fn regs_mut(&mut self) -> &mut Regs {
+        &mut self.regs
+    }
+    fn device_features(&self) -> u64 {
+        VirtioNet::device_features(self)
+    }
+    fn queues(&self) -> &[Queue] {
+        &self.queues
+    }
+    fn queues_mut(&mut self) -> &mut [Queue] {
+        &mut self.queues
+    }
+    fn config_space(&self) -> Vec<u8> {
+        let mut c = vec![0u8; CONFIG_SIZE];
+        c[..6].copy_from_slice(&self.mac);
+        c[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+        c
+    }
+    fn notify(&mut self, _queue: usize) {
+        self.counters.notifications += 1;
+        self.wake();
+    }
+    fn wake(&self) {
+        if let Some(k) = &self.kick {
+            k();
         }
     }
 }
