@@ -104,6 +104,8 @@ pub fn serve(a: ServeArgs) -> i32 {
         templates,
         ..SerialConfig::default()
     };
+    // Before the first driver starts (a slow start may be interrupted).
+    crate::mediate::catch_stop_signals();
     let serial = match MediatedSerial::start(spec, config) {
         Ok(s) => s,
         Err(e) => {
@@ -119,7 +121,6 @@ pub fn serve(a: ServeArgs) -> i32 {
             return moat_monitor::EXIT_HOST_FAILURE;
         }
     };
-    crate::mediate::catch_stop_signals();
     println!("{}", pty.path);
     let _ = std::io::stdout().flush();
 
@@ -145,6 +146,7 @@ pub fn serve(a: ServeArgs) -> i32 {
         if serial.failed().is_some() {
             break;
         }
+        pty.keep_raw();
         if let Some(ms) = a.kill_every {
             let now = serial.restarts();
             if now != restarts {
@@ -158,11 +160,13 @@ pub fn serve(a: ServeArgs) -> i32 {
         }
     }
     stop.store(true, Ordering::SeqCst);
-    let _ = typed.join();
-    let _ = shown.join();
-    // What was typed gets a moment to reach the UART.
+    // What was typed gets a moment to reach the UART; then the line is
+    // shut down, which also ends a write waiting for room (the client may
+    // have stopped reading, so the line may never drain).
     let flushed = serial.flush(Duration::from_secs(2));
     serial.shutdown();
+    let _ = typed.join();
+    let _ = shown.join();
     let at_plug = plug.stop();
     print_counters(&serial.counters(), at_plug, &mut std::io::stderr());
     if let Some(why) = serial.failed() {
@@ -179,7 +183,8 @@ pub fn serve(a: ServeArgs) -> i32 {
 /// slave stays open here too, so the PTY lives while clients come and go.
 struct Pty {
     master: Arc<OwnedFd>,
-    _slave: OwnedFd,
+    /// Held open, so a client may close the PTY and open it again.
+    slave: OwnedFd,
     path: String,
 }
 
@@ -197,9 +202,28 @@ impl Pty {
         let path = std::fs::read_link(format!("/proc/self/fd/{}", p.slave.as_raw_fd()))?;
         Ok(Pty {
             master: Arc::new(p.master),
-            _slave: p.slave,
+            slave: p.slave,
             path: path.display().to_string(),
         })
+    }
+
+    /// Puts the slave back in raw mode if a client changed it (`stty
+    /// sane`, a program that exits without restoring its settings): with
+    /// echo on, what the server writes would come back and go round.
+    fn keep_raw(&self) {
+        use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
+        let Ok(now) = tcgetattr(self.slave.as_fd()) else {
+            return;
+        };
+        let mut raw = now.clone();
+        cfmakeraw(&mut raw);
+        let same = now.input_flags == raw.input_flags
+            && now.output_flags == raw.output_flags
+            && now.local_flags == raw.local_flags
+            && now.control_flags == raw.control_flags;
+        if !same {
+            let _ = tcsetattr(self.slave.as_fd(), SetArg::TCSANOW, &raw);
+        }
     }
 }
 

@@ -256,6 +256,19 @@ pub fn poll(fds: &[(RawFd, i16)], timeout_ms: i32) -> Result<Vec<i16>, i32> {
     Ok(p.iter().map(|x| x.revents).collect())
 }
 
+/// Makes the open file description of `fd` non-blocking (for every
+/// descriptor that shares it).
+pub fn set_nonblocking(fd: RawFd) -> Result<(), i32> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    let flags = fcntl(fd, FcntlArg::F_GETFL).map_err(|e| e as i32)?;
+    fcntl(
+        fd,
+        FcntlArg::F_SETFL(OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK),
+    )
+    .map_err(|e| e as i32)?;
+    Ok(())
+}
+
 pub fn accept(fd: RawFd, nonblock: bool) -> Result<OwnedFd, i32> {
     let mut flags = libc::SOCK_CLOEXEC;
     if nonblock {

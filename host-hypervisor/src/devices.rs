@@ -114,6 +114,13 @@ impl DeviceSet {
                     })?;
                     let (out, input) = match file {
                         Some(line) => {
+                            // Never block the vCPU on a line whose far end
+                            // stops reading: a byte it cannot take is lost
+                            // (counted), as on a line without flow control.
+                            use std::os::fd::AsRawFd;
+                            moat_host_common::sys::set_nonblocking(line.as_raw_fd()).map_err(
+                                |e| format!("device `{}`: its line: errno {e}", spec.name),
+                            )?;
                             let out = line
                                 .try_clone()
                                 .map_err(|e| format!("device `{}`: its line: {e}", spec.name))?;
@@ -611,9 +618,10 @@ fn pump(u: &Mutex<Uart>, mut input: File) {
         let n = match input.read(&mut buf[..room]) {
             Ok(0) => return,
             Ok(n) => n,
-            // A line whose descriptor someone made non-blocking.
+            // A handed line is non-blocking: wait until it has bytes.
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(std::time::Duration::from_millis(1));
+                use std::os::fd::AsRawFd;
+                let _ = moat_host_common::sys::poll(&[(input.as_raw_fd(), libc::POLLIN)], 1000);
                 continue;
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,

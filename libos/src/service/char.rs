@@ -78,6 +78,11 @@ pub fn serve_char(name: &str, dev: &mut dyn CharDevice, mut faults: Option<Fault
             finish(&mut srv, &shared, &mut faults, answer(&req, st, len), depth);
             lent.pop_front();
             answered = true;
+            // Published at once: bytes taken from the device and not yet
+            // published are what a kill loses.
+            if srv.publish() {
+                shared.ring();
+            }
         }
         if answered {
             if srv.publish() {

@@ -198,6 +198,14 @@ impl Contract for CharContract {
         self.requests.answer(resp, now, |p, st| {
             let c = p.request;
             if st == status::OK && c.op == op::CHAR_READ {
+                // A read answers when bytes came: at least one.
+                if resp.len == 0 {
+                    return Err(Violation::WrongLength {
+                        id: p.id,
+                        expected: 1,
+                        got: 0,
+                    });
+                }
                 at_most_len(p.id, c.len, resp.len)?;
             } else {
                 exact_len(p.id, 0, resp.len)?;

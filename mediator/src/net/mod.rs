@@ -32,6 +32,9 @@ use crate::block::standby;
 use crate::block::{DriverSpec, SECTION};
 use crate::contract::{Contract, ContractLimits, NetContract, NetInfo, Violation, MAX_MTU};
 
+/// How long after a receive buffer came back failed none is lent.
+const RX_PAUSE: Duration = Duration::from_millis(10);
+
 /// Settings of a mediated interface.
 #[derive(Debug, Clone)]
 pub struct NetConfig {
@@ -113,6 +116,9 @@ pub struct NetCounters {
     pub template: Option<String>,
     /// Restarts that switched to a standby driver.
     pub from_standby: u64,
+    /// Receive buffers a driver answered with a failure (lent again after
+    /// a pause, so a driver failing every one cannot keep the pump busy).
+    pub receive_failed: u64,
     /// What the drivers' VMMs counted (kvm only), ended drivers' included.
     pub vm: Option<moat_monitor::VmStats>,
 }
@@ -140,6 +146,8 @@ struct Core {
     /// restart is no sign of a driver that cannot serve.
     killed: bool,
     generation: u64,
+    /// No receive buffer is lent before this (one came back failed).
+    rx_paused: Option<Instant>,
 }
 
 struct Inner {
@@ -255,6 +263,7 @@ impl MediatedNet {
                 template: Template::Off(None),
                 killed: false,
                 generation: 0,
+                rx_paused: None,
             }),
             closing: std::sync::atomic::AtomicBool::new(false),
             wake: Bell::new()?,
@@ -483,6 +492,11 @@ fn install(inner: &Inner, c: &mut Core, mut link: Link) {
 /// Lends receive buffers until `rx_buffers` are lent (sends never take
 /// their place: see `send_queued`).
 fn top_up_receive(inner: &Inner, c: &mut Core, now: Instant) {
+    if c.rx_paused.is_some_and(|until| now < until) {
+        // The pump sleeps 50 ms at most: it comes back to lend them.
+        return;
+    }
+    c.rx_paused = None;
     let Some(link) = c.link.as_mut() else { return };
     while c.rx_lent < inner.config.rx_buffers {
         let Some(&buf) = link.free.last() else { break };
@@ -521,7 +535,9 @@ fn answer(inner: &Inner, c: &mut Core, a: Response, now: Instant) -> Result<(), 
     }
     let done = c.contract.check_response(&a, now)?;
     let buf = c.owners.remove(&done.id).unwrap_or(a.buf);
-    c.progress = true;
+    // Only a frame moved is progress: a driver failing everything is
+    // not spared the give-up.
+    c.progress |= done.status == status::OK;
     if done.op == op::NET_TX {
         link.free.push(buf);
         if done.status == status::OK {
@@ -531,7 +547,10 @@ fn answer(inner: &Inner, c: &mut Core, a: Response, now: Instant) -> Result<(), 
         }
         return Ok(());
     }
-    if done.status == status::OK {
+    if done.status != status::OK {
+        c.counters.receive_failed += 1;
+        c.rx_paused = Some(now + RX_PAUSE);
+    } else {
         // Copied out once, after the contract accepted its length.
         let mut frame = vec![0u8; done.frame as usize];
         link.region.read_buf(buf, &mut frame);
@@ -608,7 +627,11 @@ fn restart(inner: &Arc<Inner>, c: &mut Core, t0: Instant) {
     let mut failed = 0;
     while let Err(e) = start_driver(inner, c) {
         failed += 1;
-        if failed >= inner.config.max_failed_restarts || inner.closing.load(Ordering::SeqCst) {
+        if inner.closing.load(Ordering::SeqCst) {
+            // Shutting down: a start cut short is no failure of the NIC.
+            return;
+        }
+        if failed >= inner.config.max_failed_restarts {
             c.failed = Some(format!("the interface's driver cannot be started: {e}"));
             inner.received.notify_all();
             return;

@@ -104,6 +104,10 @@ impl Default for SerialConfig {
     }
 }
 
+/// How long after a read the driver answered with a failure no read is
+/// lent.
+const READ_PAUSE: Duration = Duration::from_millis(10);
+
 /// What the mediator has seen of a serial line.
 #[derive(Debug, Clone, Default)]
 pub struct SerialCounters {
@@ -113,6 +117,9 @@ pub struct SerialCounters {
     pub sent: u64,
     /// Bytes in writes a driver answered with a failure (not sent again).
     pub write_failed: u64,
+    /// Reads a driver answered with a failure (lent again after a pause,
+    /// so a driver failing every read cannot keep the pump busy).
+    pub read_failed: u64,
     /// Bytes sent again to a new driver because the old one had not
     /// acknowledged them: each may have reached the UART twice.
     pub reissued: u64,
@@ -155,6 +162,8 @@ struct Core {
     /// The current driver was killed from outside (`kill_driver`).
     killed: bool,
     generation: u64,
+    /// No read is lent before this (a read failed).
+    reads_paused: Option<Instant>,
 }
 
 struct Inner {
@@ -233,6 +242,7 @@ impl MediatedSerial {
                 barren: 0,
                 template: Template::Off(None),
                 killed: false,
+                reads_paused: None,
                 generation: 0,
             }),
             closing: AtomicBool::new(false),
@@ -467,6 +477,11 @@ fn start_driver(inner: &Inner, c: &mut Core) -> io::Result<()> {
 /// Lends reads until `read_buffers` are lent, while the client's queue
 /// has room for all they could bring.
 fn top_up_reads(inner: &Inner, c: &mut Core, now: Instant) {
+    if c.reads_paused.is_some_and(|until| now < until) {
+        // The pump sleeps 50 ms at most: it comes back to lend them.
+        return;
+    }
+    c.reads_paused = None;
     let Some(link) = c.link.as_mut() else { return };
     let len = inner.config.read_len;
     while c.reads_lent < inner.config.read_buffers {
@@ -548,6 +563,10 @@ fn answer(inner: &Inner, c: &mut Core, a: Response, now: Instant) -> Result<(), 
         return Ok(());
     }
     c.reads_lent = c.reads_lent.saturating_sub(1);
+    if done.status != status::OK {
+        c.counters.read_failed += 1;
+        c.reads_paused = Some(now + READ_PAUSE);
+    }
     if done.status == status::OK && done.payload > 0 {
         // Copied out once, after the contract accepted its length.
         let mut bytes = vec![0u8; done.payload as usize];
@@ -591,7 +610,11 @@ fn restart(inner: &Inner, c: &mut Core, t0: Instant) {
     let mut failed = 0;
     while let Err(e) = start_driver(inner, c) {
         failed += 1;
-        if failed >= inner.config.max_failed_restarts || inner.closing.load(Ordering::SeqCst) {
+        if inner.closing.load(Ordering::SeqCst) {
+            // Shutting down: a start cut short is no failure of the line.
+            return;
+        }
+        if failed >= inner.config.max_failed_restarts {
             c.failed = Some(format!("the serial line's driver cannot be started: {e}"));
             inner.changed.notify_all();
             return;

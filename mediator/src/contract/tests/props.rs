@@ -118,7 +118,7 @@ fn right_len(req: &Request, st: u8, max_response: u32) -> u32 {
     let ok = st == status::OK;
     match req.op {
         op::READ if ok => req.len,
-        op::CHAR_READ if ok => req.len / 2,
+        op::CHAR_READ if ok => (req.len / 2).max(1),
         op::CALL if ok => max_response,
         _ => 0,
     }
@@ -458,7 +458,7 @@ proptest! {
             step += 1;
             let p = flight[pick % flight.len()];
             let ok = st == status::OK;
-            let char_len = if ok && p.request.op == op::CHAR_READ { n % (p.request.len + 1) } else { 0 };
+            let char_len = if ok && p.request.op == op::CHAR_READ { 1 + n % p.request.len } else { 0 };
             let call_len = if ok { n % 1001 } else { 0 };
             let a = ch.check_response(&Response { status: st, class: class::CHAR, buf: 0, id: p.id, len: char_len }, t);
             let b = g.check_response(&Response { status: st, class: class::GENERIC, buf: 0, id: p.id, len: call_len }, t);
