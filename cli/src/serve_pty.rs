@@ -22,7 +22,10 @@
 //! are kept until a driver acknowledges them and may reach the UART twice
 //! (counted as re-issued); bytes come back in order; bytes a dead driver
 //! or its UART held are lost, as an overrun loses them. Bytes that come
-//! back while nobody reads the PTY wait in it.
+//! back while nobody reads the PTY wait in it, then in the mediator's
+//! queue and the UART's FIFO; past that the plug drops the echo it
+//! cannot send back (counted at exit), and keeps taking what the UART
+//! sends.
 //!
 //! The UART exists only on the kvm host: on `--host linux` this is bad
 //! input. SIGINT or SIGTERM (or the end of `--seconds`) stops it: what was
@@ -167,8 +170,11 @@ pub fn serve(a: ServeArgs) -> i32 {
     serial.shutdown();
     let _ = typed.join();
     let _ = shown.join();
-    let at_plug = plug.stop();
+    let (at_plug, plug_dropped) = plug.stop();
     print_counters(&serial.counters(), at_plug, &mut std::io::stderr());
+    if plug_dropped > 0 {
+        eprintln!("echo dropped at the plug (the UART took no more): {plug_dropped}");
+    }
     if let Some(why) = serial.failed() {
         eprintln!("moat: {why}");
         return moat_monitor::EXIT_HOST_FAILURE;
@@ -275,24 +281,43 @@ fn line_to_pty(master: &OwnedFd, serial: &MediatedSerial, stop: &AtomicBool) {
 }
 
 /// The far end of the UART's line: every byte read is written back.
+/// The socket buffer of the plug's line toward the UART (the kernel
+/// doubles and rounds it): a cable holds a few bytes in flight.
+const LINE_BUFFER: usize = 4096;
+
 struct Plug {
     /// The end handed to the drivers' UARTs.
     line: Arc<File>,
     ours: UnixStream,
     bytes: Arc<AtomicU64>,
+    /// Bytes the plug could not send back (the UART's side full).
+    dropped: Arc<AtomicU64>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Plug {
     fn start() -> std::io::Result<Plug> {
         let (ours, line) = UnixStream::pair()?;
+        // Toward the UART a cable holds a few bytes, not a socket's 200
+        // KiB: when the UART takes no more (its driver lends no reads, its
+        // client does not read), the plug's echo backs up at once and is
+        // dropped there, counted, as a device on a line without flow
+        // control drops it. The plug never stops reading: what the UART
+        // sends is always taken, so its driver never stalls on the line.
+        {
+            use nix::sys::socket::{setsockopt, sockopt};
+            setsockopt(&ours, sockopt::SndBuf, &LINE_BUFFER)?;
+            setsockopt(&line, sockopt::RcvBuf, &LINE_BUFFER)?;
+        }
         let bytes = Arc::new(AtomicU64::new(0));
+        let dropped = Arc::new(AtomicU64::new(0));
         let mut r = ours.try_clone()?;
-        let mut w = ours.try_clone()?;
-        let b = bytes.clone();
+        let w = ours.try_clone()?;
+        let (b, d) = (bytes.clone(), dropped.clone());
         let thread = std::thread::Builder::new()
             .name("moat-plug".into())
             .spawn(move || {
+                use nix::sys::socket::{send, MsgFlags};
                 let mut buf = [0u8; 4096];
                 loop {
                     let n = match r.read(&mut buf) {
@@ -300,8 +325,18 @@ impl Plug {
                         Ok(n) => n,
                     };
                     b.fetch_add(n as u64, Ordering::SeqCst);
-                    if w.write_all(&buf[..n]).is_err() {
-                        return;
+                    let mut at = 0;
+                    while at < n {
+                        let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
+                        match send(w.as_raw_fd(), &buf[at..n], flags) {
+                            Ok(k) => at += k,
+                            Err(nix::errno::Errno::EINTR) => {}
+                            Err(nix::errno::Errno::EAGAIN) => {
+                                d.fetch_add((n - at) as u64, Ordering::SeqCst);
+                                break;
+                            }
+                            Err(_) => return,
+                        }
                     }
                 }
             })?;
@@ -309,17 +344,22 @@ impl Plug {
             line: Arc::new(File::from(OwnedFd::from(line))),
             ours,
             bytes,
+            dropped,
             thread: Some(thread),
         })
     }
 
-    /// Stops echoing; the bytes that reached the plug.
-    fn stop(mut self) -> u64 {
+    /// Stops echoing; the bytes that reached the plug, and those it
+    /// dropped.
+    fn stop(mut self) -> (u64, u64) {
         let _ = self.ours.shutdown(std::net::Shutdown::Both);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        self.bytes.load(Ordering::SeqCst)
+        (
+            self.bytes.load(Ordering::SeqCst),
+            self.dropped.load(Ordering::SeqCst),
+        )
     }
 }
 

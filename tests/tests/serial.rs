@@ -256,3 +256,100 @@ fn bad_input_is_one_line_and_exit_2() {
         assert!(out.stderr.contains(says), "{args:?}: {out:?}");
     }
 }
+
+/// A client that writes and does not read: the echo backs up through the
+/// PTY, the mediator and the UART to the plug, whose line then drops what
+/// the UART sends (as a line without flow control does) instead of
+/// blocking the driver's vCPU. No driver is taken for stalled, the server
+/// stays up, and once the client reads again a typed line comes back.
+#[test]
+fn a_client_that_stops_reading_does_not_bring_the_line_down() {
+    if !kvm() {
+        return;
+    }
+    let mut server = Command::new(built("moat"))
+        .args(["serve", "--pty", "--host", "kvm"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(server.stdout.take().unwrap());
+    let mut path = String::new();
+    out.read_line(&mut path).unwrap();
+    let pty = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY | libc::O_NONBLOCK)
+        .open(path.trim())
+        .unwrap();
+    // 6 s of writing, never reading: far more than the PTY, the queues
+    // and the socket hold.
+    let chunk = [b'x'; 4096];
+    let t0 = Instant::now();
+    let mut written = 0usize;
+    while t0.elapsed() < Duration::from_secs(6) {
+        match (&pty).write(&chunk) {
+            Ok(n) => written += n,
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
+    }
+    // More than the PTY, the client queue (64 KiB) and the line hold.
+    assert!(written > 80 << 10, "only {written} bytes went in");
+    assert!(
+        server.try_wait().unwrap().is_none(),
+        "moat serve ended while its client did not read"
+    );
+    // Read again: drain the backlog, then a line typed comes back.
+    let mut buf = vec![0u8; 1 << 16];
+    let drain_until = Instant::now() + Duration::from_secs(20);
+    let mut quiet_since = Instant::now();
+    while Instant::now() < drain_until && quiet_since.elapsed() < Duration::from_millis(1500) {
+        match (&pty).read(&mut buf) {
+            Ok(n) if n > 0 => quiet_since = Instant::now(),
+            _ => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+    (&pty).write_all(b"still here\n").unwrap();
+    let mut got = Vec::new();
+    let t = Instant::now();
+    // Behind what was typed and not yet sent: the UART sends about
+    // 16 KiB a second here.
+    while !got.windows(11).any(|w| w == b"still here\n") {
+        assert!(
+            t.elapsed() < Duration::from_secs(40),
+            "the line did not come back: {:?}",
+            String::from_utf8_lossy(&got[got.len().saturating_sub(200)..])
+        );
+        match (&pty).read(&mut buf) {
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+    let kill = Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let mut err = String::new();
+    server
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    let status = server.wait().unwrap();
+    eprintln!("{written} bytes written unread; {err}");
+    assert_eq!(status.code(), Some(0), "{err}");
+    assert_eq!(
+        number(&err, "restarts"),
+        0,
+        "a driver was taken for stalled: {err}"
+    );
+    // The echo backed up to the plug, which dropped what the UART could
+    // not take.
+    assert!(
+        err.contains("echo dropped at the plug"),
+        "the line never backed up: {err}"
+    );
+}

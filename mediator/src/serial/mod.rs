@@ -27,8 +27,8 @@
 //! A read has no deadline (a serial line may be silent forever); a write
 //! does. The mediator lends reads only while the client's queue has room
 //! for what they could bring, so a client that stops reading holds the
-//! line back (the UART's FIFO fills, then the line's far end) rather than
-//! losing bytes.
+//! line back: the UART's FIFO fills, then the line's far end, which drops
+//! what it cannot deliver (the VMM never blocks on a line).
 //!
 //! One pump thread does the work, as for a NIC (`crate::net`): it takes
 //! the driver's answers, checks each with the contract, hands bytes read
