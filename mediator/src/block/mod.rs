@@ -183,6 +183,7 @@ pub struct Counters {
     /// Requests re-issued to a new driver.
     pub reissued: u64,
     /// Time from detecting a fault to a new driver ready, per recovery.
+    /// (The last [`crate::block::MAX_RECOVERIES`] at most.)
     pub recovery: Vec<Duration>,
     /// Times the circuit opened.
     pub circuit_opened: u64,
@@ -236,6 +237,18 @@ fn io_err(msg: impl Into<String>) -> io::Error {
 /// Locks the engine state; a client thread that panicked while holding it
 /// left it consistent (no method panics between two related updates), so
 /// the poison is ignored.
+/// Recovery times kept at most: a driver that fails forever (and moves
+/// something each time) does not grow the counters without bound.
+pub const MAX_RECOVERIES: usize = 4096;
+
+/// Records a recovery time, keeping the last [`MAX_RECOVERIES`].
+pub(crate) fn record_recovery(v: &mut Vec<Duration>, d: Duration) {
+    if v.len() >= MAX_RECOVERIES {
+        v.drain(..MAX_RECOVERIES / 2);
+    }
+    v.push(d);
+}
+
 fn lock(m: &Mutex<Core>) -> MutexGuard<'_, Core> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }

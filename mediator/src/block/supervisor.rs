@@ -166,7 +166,7 @@ fn promote(inner: &Arc<Inner>, t0: Instant) -> bool {
     c.counters.from_template += 1;
     c.counters.from_standby += 1;
     c.install(link, Instant::now());
-    c.counters.recovery.push(t0.elapsed());
+    super::record_recovery(&mut c.counters.recovery, t0.elapsed());
     drop(c);
     super::standby::replenish(inner, super::standby::template_of(inner));
     true
@@ -323,7 +323,7 @@ fn restart(inner: &Arc<Inner>, t0: Instant) {
                 let mut c = lock(&inner.core);
                 let now = Instant::now();
                 c.install(link, now);
-                c.counters.recovery.push(t0.elapsed());
+                super::record_recovery(&mut c.counters.recovery, t0.elapsed());
                 drop(c);
                 super::standby::replenish(inner, super::standby::template_of(inner));
                 return;

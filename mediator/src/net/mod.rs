@@ -109,6 +109,7 @@ pub struct NetCounters {
     /// Why the last start failed, if one did.
     pub last_start_failure: Option<String>,
     /// From a fault seen to a new driver ready, per restart.
+    /// (The last [`crate::block::MAX_RECOVERIES`] at most.)
     pub recovery: Vec<Duration>,
     /// Drivers started from the template.
     pub from_template: u64,
@@ -621,7 +622,7 @@ fn restart(inner: &Arc<Inner>, c: &mut Core, t0: Instant) {
     }
     c.counters.restarts += 1;
     if promote(inner, c) {
-        c.counters.recovery.push(t0.elapsed());
+        crate::block::record_recovery(&mut c.counters.recovery, t0.elapsed());
         return;
     }
     let mut failed = 0;
@@ -638,7 +639,7 @@ fn restart(inner: &Arc<Inner>, c: &mut Core, t0: Instant) {
         }
         std::thread::sleep(Duration::from_millis(10 << failed.min(6)));
     }
-    c.counters.recovery.push(t0.elapsed());
+    crate::block::record_recovery(&mut c.counters.recovery, t0.elapsed());
     standby::replenish(inner, template_of(c));
 }
 

@@ -132,6 +132,7 @@ pub struct SerialCounters {
     /// Why the last start failed, if one did.
     pub last_start_failure: Option<String>,
     /// From a fault seen to a new driver ready, per restart.
+    /// (The last [`crate::block::MAX_RECOVERIES`] at most.)
     pub recovery: Vec<Duration>,
     /// Drivers started from the template.
     pub from_template: u64,
@@ -621,7 +622,7 @@ fn restart(inner: &Inner, c: &mut Core, t0: Instant) {
         }
         std::thread::sleep(Duration::from_millis(10 << failed.min(6)));
     }
-    c.counters.recovery.push(t0.elapsed());
+    crate::block::record_recovery(&mut c.counters.recovery, t0.elapsed());
 }
 
 impl crate::pump::Pumped for Inner {
