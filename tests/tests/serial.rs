@@ -312,10 +312,10 @@ fn a_client_that_stops_reading_does_not_bring_the_line_down() {
             "the line did not come back: {:?}",
             String::from_utf8_lossy(&tail)
         );
-        if typed_at.is_none_or(|at| at.elapsed() > Duration::from_secs(5)) {
-            if (&pty).write(b"still here\n").ok() == Some(11) {
-                typed_at = Some(Instant::now());
-            }
+        if typed_at.is_none_or(|at| at.elapsed() > Duration::from_secs(5))
+            && (&pty).write(b"still here\n").ok() == Some(11)
+        {
+            typed_at = Some(Instant::now());
         }
         match (&pty).read(&mut buf) {
             Ok(n) => {
