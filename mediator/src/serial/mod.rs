@@ -69,6 +69,12 @@ pub struct SerialConfig {
     pub read_len: u32,
     /// The most bytes one write carries (at most 4096).
     pub write_len: u32,
+    /// Writes in flight at once. A UART sends one byte after another, so
+    /// queuing more in the driver gains nothing, and each write's
+    /// deadline runs from when it is issued: with `writes_in_flight`
+    /// writes of `write_len` bytes the last must be sent within the
+    /// deadline even on a busy machine, where a VM exit per byte is slow.
+    pub writes_in_flight: usize,
     /// Requests in flight at once (reads included): the ring's depth, a
     /// power of two.
     pub depth: u32,
@@ -94,7 +100,8 @@ impl Default for SerialConfig {
             start_timeout: Duration::from_secs(5),
             read_buffers: 2,
             read_len: 1024,
-            write_len: 1024,
+            write_len: 256,
+            writes_in_flight: 2,
             depth: 16,
             rx_queue: 64 << 10,
             tx_queue: 64 << 10,
@@ -508,7 +515,7 @@ fn send_queued(inner: &Inner, c: &mut Core, now: Instant) {
     let Some(link) = c.link.as_mut() else { return };
     let reserve = inner.config.read_buffers.saturating_sub(c.reads_lent);
     while !c.tx.is_empty() {
-        if link.free.len() <= reserve {
+        if link.free.len() <= reserve || c.writes.len() >= inner.config.writes_in_flight.max(1) {
             break;
         }
         let Some(&buf) = link.free.last() else { break };
