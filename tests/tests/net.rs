@@ -12,7 +12,7 @@ use moat_tests::*;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Whether this machine can run these tests (root, `ip`, `ping`).
@@ -89,7 +89,8 @@ impl Drop for Netns {
 /// `moat serve --nic` running in `client`'s namespace, its output in a
 /// file.
 struct Server {
-    child: Child,
+    /// Ended if it still runs when the test fails half-way.
+    child: Reaped,
     out: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -118,7 +119,7 @@ impl Server {
             .spawn()
             .unwrap();
         let s = Server {
-            child,
+            child: Reaped(child),
             out,
             _dir: dir,
         };

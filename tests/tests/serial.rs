@@ -80,14 +80,16 @@ struct Served {
 /// came back, stops it with SIGTERM, and checks the counters it printed
 /// and that its driver processes ended with it.
 fn serve_and_type(extra: &[&str], typing: Duration) -> Served {
-    let mut server = Command::new(built("moat"))
-        .args(["serve", "--pty", "--host", "kvm"])
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut server = Reaped(
+        Command::new(built("moat"))
+            .args(["serve", "--pty", "--host", "kvm"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let mut out = BufReader::new(server.stdout.take().unwrap());
     let mut path = String::new();
     out.read_line(&mut path).unwrap();
@@ -267,13 +269,15 @@ fn a_client_that_stops_reading_does_not_bring_the_line_down() {
     if !kvm() {
         return;
     }
-    let mut server = Command::new(built("moat"))
-        .args(["serve", "--pty", "--host", "kvm"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut server = Reaped(
+        Command::new(built("moat"))
+            .args(["serve", "--pty", "--host", "kvm"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let mut out = BufReader::new(server.stdout.take().unwrap());
     let mut path = String::new();
     out.read_line(&mut path).unwrap();
