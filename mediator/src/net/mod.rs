@@ -239,7 +239,7 @@ impl MediatedNet {
         let mut config = config;
         config.rx_buffers = config.rx_buffers.clamp(1, depth as usize / 2);
         let buf = (u32::from(MAX_MTU) + crate::contract::FRAME_OVERHEAD).next_multiple_of(4096);
-        let layout = Layout::new(depth, buf, 200_000)
+        let layout = Layout::new(depth, buf, 50_000)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{e:?}")))?;
         spec.policy
             .allow(&format!("shm:{SECTION}"), moat_policy::Access::Rw)
