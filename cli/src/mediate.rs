@@ -203,6 +203,15 @@ fn check_kinds(kinds: &str) -> Result<(), String> {
         })
 }
 
+/// The faults of a NIC's or a serial line's drivers (`--faults`), after
+/// refusing what is only for disks.
+pub(crate) fn stream_faults(a: &ServeArgs) -> Result<Option<FaultPlan>, String> {
+    if a.read_only {
+        return Err("--read-only is for disks".into());
+    }
+    a.driver.faults.as_deref().map(parse_faults).transpose()
+}
+
 pub(crate) fn parse_faults(s: &str) -> Result<FaultPlan, String> {
     let bad = || {
         format!("bad fault spec `{s}`: SEED:PER_MILLION:KIND[,KIND...] (e.g. 7:20000:crash,hang)")

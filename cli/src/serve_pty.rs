@@ -64,13 +64,9 @@ pub fn serve(a: ServeArgs) -> i32 {
             ))
         }
     }
-    if a.read_only {
-        return bad_input("--read-only is for disks");
-    }
-    let faults = match a.driver.faults.as_deref().map(crate::mediate::parse_faults) {
-        None => None,
-        Some(Ok(f)) => Some(f),
-        Some(Err(e)) => return bad_input(e),
+    let faults = match crate::mediate::stream_faults(&a) {
+        Ok(f) => f,
+        Err(e) => return bad_input(e),
     };
     let image = match crate::resolve::resolve("uart-driver") {
         Ok(i) => i,

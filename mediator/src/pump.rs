@@ -195,3 +195,46 @@ pub(crate) fn start(
     }
     Ok((link, restored))
 }
+
+/// The back-off before a restart. `moved`: the driver moved something
+/// (or was killed from outside) since the last restart, which resets the
+/// count of restarts in a row without progress; otherwise the count grows
+/// and the restart waits 10 ms doubling (640 ms at most). `Err(n)`: `n`
+/// restarts in a row moved nothing, `max` or more: give up.
+pub(crate) fn back_off(barren: &mut u32, moved: bool, max: u32) -> Result<(), u32> {
+    if moved {
+        *barren = 0;
+        return Ok(());
+    }
+    *barren += 1;
+    if *barren >= max {
+        return Err(*barren);
+    }
+    std::thread::sleep(Duration::from_millis(10 << (*barren).min(6)));
+    Ok(())
+}
+
+/// Runs `start` until a driver comes up, backing off between failures as
+/// [`back_off`] does. `Ok(true)`: started; `Ok(false)`: `closing` cut it
+/// short (no failure of the device); `Err`: `max` starts failed, the last
+/// one's error.
+pub(crate) fn start_retrying(
+    max: u32,
+    closing: impl Fn() -> bool,
+    mut start: impl FnMut() -> std::io::Result<()>,
+) -> std::io::Result<bool> {
+    let mut failed = 0u32;
+    loop {
+        let Err(e) = start() else {
+            return Ok(true);
+        };
+        failed += 1;
+        if closing() {
+            return Ok(false);
+        }
+        if failed >= max {
+            return Err(e);
+        }
+        std::thread::sleep(Duration::from_millis(10 << failed.min(6)));
+    }
+}

@@ -600,19 +600,14 @@ fn violation(c: &mut Core, kind: &'static str) {
 /// `max_failed_restarts` restarts in a row without a frame moving (starts
 /// that fail included), backing off between those.
 fn restart(inner: &Arc<Inner>, c: &mut Core, t0: Instant) {
-    if std::mem::take(&mut c.progress) | std::mem::take(&mut c.killed) {
-        c.barren = 0;
-    } else {
-        c.barren += 1;
-        if c.barren >= inner.config.max_failed_restarts {
-            c.failed = Some(format!(
-                "the interface's driver failed {} times in a row without moving a frame",
-                c.barren
-            ));
-            inner.received.notify_all();
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(10 << c.barren.min(6)));
+    let moved = std::mem::take(&mut c.progress) | std::mem::take(&mut c.killed);
+    let max = inner.config.max_failed_restarts;
+    if let Err(n) = crate::pump::back_off(&mut c.barren, moved, max) {
+        c.failed = Some(format!(
+            "the interface's driver failed {n} times in a row without moving a frame"
+        ));
+        inner.received.notify_all();
+        return;
     }
     if let Some(old) = c.link.take() {
         old.proc.killer().kill();
@@ -625,19 +620,15 @@ fn restart(inner: &Arc<Inner>, c: &mut Core, t0: Instant) {
         crate::block::record_recovery(&mut c.counters.recovery, t0.elapsed());
         return;
     }
-    let mut failed = 0;
-    while let Err(e) = start_driver(inner, c) {
-        failed += 1;
-        if inner.closing.load(Ordering::SeqCst) {
-            // Shutting down: a start cut short is no failure of the NIC.
-            return;
-        }
-        if failed >= inner.config.max_failed_restarts {
+    let closing = || inner.closing.load(Ordering::SeqCst);
+    match crate::pump::start_retrying(max, closing, || start_driver(inner, c)) {
+        Ok(true) => {}
+        Ok(false) => return,
+        Err(e) => {
             c.failed = Some(format!("the interface's driver cannot be started: {e}"));
             inner.received.notify_all();
             return;
         }
-        std::thread::sleep(Duration::from_millis(10 << failed.min(6)));
     }
     crate::block::record_recovery(&mut c.counters.recovery, t0.elapsed());
     standby::replenish(inner, template_of(c));

@@ -595,19 +595,14 @@ fn violation(c: &mut Core, kind: &'static str) {
 /// `max_failed_restarts` restarts in a row without a byte moving (starts
 /// that fail included), backing off between those.
 fn restart(inner: &Inner, c: &mut Core, t0: Instant) {
-    if std::mem::take(&mut c.progress) | std::mem::take(&mut c.killed) {
-        c.barren = 0;
-    } else {
-        c.barren += 1;
-        if c.barren >= inner.config.max_failed_restarts {
-            c.failed = Some(format!(
-                "the serial line's driver failed {} times in a row without moving a byte",
-                c.barren
-            ));
-            inner.changed.notify_all();
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(10 << c.barren.min(6)));
+    let moved = std::mem::take(&mut c.progress) | std::mem::take(&mut c.killed);
+    let max = inner.config.max_failed_restarts;
+    if let Err(n) = crate::pump::back_off(&mut c.barren, moved, max) {
+        c.failed = Some(format!(
+            "the serial line's driver failed {n} times in a row without moving a byte"
+        ));
+        inner.changed.notify_all();
+        return;
     }
     if let Some(old) = c.link.take() {
         old.proc.killer().kill();
@@ -615,19 +610,15 @@ fn restart(inner: &Inner, c: &mut Core, t0: Instant) {
         end(old);
     }
     c.counters.restarts += 1;
-    let mut failed = 0;
-    while let Err(e) = start_driver(inner, c) {
-        failed += 1;
-        if inner.closing.load(Ordering::SeqCst) {
-            // Shutting down: a start cut short is no failure of the line.
-            return;
-        }
-        if failed >= inner.config.max_failed_restarts {
+    let closing = || inner.closing.load(Ordering::SeqCst);
+    match crate::pump::start_retrying(max, closing, || start_driver(inner, c)) {
+        Ok(true) => {}
+        Ok(false) => return,
+        Err(e) => {
             c.failed = Some(format!("the serial line's driver cannot be started: {e}"));
             inner.changed.notify_all();
             return;
         }
-        std::thread::sleep(Duration::from_millis(10 << failed.min(6)));
     }
     crate::block::record_recovery(&mut c.counters.recovery, t0.elapsed());
 }
