@@ -121,7 +121,8 @@ fn serve_and_type(extra: &[&str], typing: Duration) -> Served {
             20,
             // A line's echo lost with a killed driver is typed again.
             Duration::from_secs(3),
-            5,
+            // A lying driver may cut several tries' echoes short in a row.
+            10,
             |b| pty.write_all(b).unwrap(),
             |buf, limit| {
                 if pending.is_empty() {
